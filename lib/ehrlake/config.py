@@ -1,0 +1,133 @@
+"""Typed configuration loaded from YAML and validated at start-up.
+
+Precedence: an explicit ``--conf FILE``, else ``$EHRLAKE_CONF``, else ``conf/default.yaml`` in the
+current directory, else the built-in defaults below (which mirror ``conf/default.yaml``; a test keeps
+them equal). A bad or unknown key stops the job with a :class:`ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ehrlake.errors import ConfigError
+
+ENGINES = ("auto", "delta-rs", "native")
+
+
+@dataclass(frozen=True)
+class LakeConfig:
+    root: str = "./lake"
+    engine: str = "auto"
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"lake.engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    app_name: str = "ehrlake"
+    conf: dict[str, str] = field(
+        default_factory=lambda: {
+            "spark.sql.session.timeZone": "UTC",
+            "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+            "spark.sql.shuffle.partitions": "8",
+            "spark.sql.adaptive.enabled": "true",
+            "spark.sql.execution.arrow.pyspark.enabled": "true",
+            "spark.ui.enabled": "false",
+            "spark.driver.memory": "2g",
+        }
+    )
+
+    def validate(self) -> None:
+        for key, value in self.conf.items():
+            if not str(key).startswith("spark."):
+                raise ConfigError(f"spark.conf key {key!r} must start with 'spark.'")
+            if isinstance(value, (dict, list)):
+                raise ConfigError(f"spark.conf.{key} must be a scalar, not {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    source_system: str = "local"
+    lines_per_batch: int = 5000
+
+    def validate(self) -> None:
+        if not self.source_system or "|" in self.source_system:
+            raise ConfigError("ingest.source_system must be a non-empty name without '|'")
+        if self.lines_per_batch < 1:
+            raise ConfigError("ingest.lines_per_batch must be a positive integer")
+
+
+@dataclass(frozen=True)
+class Config:
+    lake: LakeConfig = field(default_factory=LakeConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+
+    def with_lake_root(self, root: str | os.PathLike | None) -> Config:
+        """The same configuration with the lake root replaced (the ``--lake`` argument)."""
+        if root is None:
+            return self
+        return dataclasses.replace(self, lake=dataclasses.replace(self.lake, root=str(root)))
+
+
+def _build(cls: type, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong scalar types."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, not {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"unknown configuration key {where}.{key} (known: {', '.join(known)})")
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value, f"{where}.{key}")
+        elif isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}.{key} must be a mapping")
+            kwargs[key] = {str(k): str(v) for k, v in value.items()}
+        elif isinstance(default, bool) or not isinstance(value, type(default)):
+            if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+                kwargs[key] = value
+            else:
+                raise ConfigError(
+                    f"{where}.{key} must be {type(default).__name__}, not {type(value).__name__} ({value!r})"
+                )
+        else:
+            kwargs[key] = value
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate()
+    return obj
+
+
+def load(path: str | os.PathLike | None = None) -> Config:
+    """Load and validate configuration (see module docstring for where it is looked for)."""
+    if path is None:
+        path = os.environ.get("EHRLAKE_CONF")
+    if path is None and Path("conf/default.yaml").is_file():
+        path = "conf/default.yaml"
+    if path is None:
+        return Config()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
+    config = _build(Config, data, "config")
+    for section in (config.lake, config.spark, config.ingest):
+        section.validate()
+    return config

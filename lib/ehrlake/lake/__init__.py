@@ -1,0 +1,187 @@
+"""One obvious entry to storage: read, write, merge, history and vacuum of Delta tables by logical name.
+
+::
+
+    from ehrlake import lake
+    lk = lake.open("./lake")
+    lk.write(df, "bronze.fhir_patient", mode=lake.WriteMode.APPEND)
+    lk.merge(df, "bronze.fhir_patient", keys=["source_system", "id"])
+    lk.read("bronze.fhir_patient", version=3)
+
+Two commit engines sit behind this API (see ``_delta_rs`` and ``_native``); both produce standard
+Delta tables readable by any Delta reader.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from dataclasses import dataclass
+from datetime import datetime
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from ehrlake.errors import ConfigError, EnvironmentProblem
+from ehrlake.lake.catalog import LAYERS, TableName, list_tables, table_path
+from ehrlake.lake.modes import CommitResult, WriteMode
+
+__all__ = ["Lake", "open", "WriteMode", "CommitResult", "TableName", "TableInfo", "LAYERS"]
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One line of ``ehrlake lake show``."""
+
+    name: str
+    layer: str
+    path: str
+    version: int
+    rows: int
+    last_operation: str
+    last_commit: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class Lake:
+    """A lake root plus the commit engine that writes to it."""
+
+    def __init__(self, root: str, spark: SparkSession, engine: str = "auto"):
+        self.root = os.path.abspath(root)
+        self.spark = spark
+        self.engine = _choose_engine(spark, engine)
+
+    # --------------------------------------------------------------- paths
+    def path(self, table: str | TableName) -> str:
+        return table_path(self.root, table)
+
+    def exists(self, table: str | TableName) -> bool:
+        return self.engine.exists(self.path(table))
+
+    # --------------------------------------------------------------- reads
+    def read(self, table: str, version: int | None = None, timestamp: datetime | str | None = None) -> DataFrame:
+        """The table at its latest version, or as of a version number or a timestamp (time travel)."""
+        if version is not None and timestamp is not None:
+            raise ConfigError("give version or timestamp, not both")
+        if isinstance(timestamp, str):
+            timestamp = datetime.fromisoformat(timestamp)
+        return self.engine.read(self.path(table), version if version is not None else timestamp)
+
+    def schema(self, table: str) -> T.StructType:
+        return self.engine.schema(self.path(table))
+
+    def version(self, table: str) -> int:
+        return self.engine.version(self.path(table))
+
+    def history(self, table: str, limit: int | None = None) -> list[dict]:
+        """Commits, newest first, as the Delta log records them."""
+        return self.engine.history(self.path(table), limit)
+
+    def row_count(self, table: str) -> int:
+        return self.engine.row_count(self.path(table))
+
+    def tables(self) -> list[TableInfo]:
+        """Every table under the root with version, rows and last operation (from the log, not data)."""
+        infos = []
+        for name in list_tables(self.root):
+            path = self.path(name)
+            last = (self.history(str(name), 1) or [{}])[0]
+            ts = last.get("timestamp")
+            when = datetime.fromtimestamp(ts / 1000).isoformat(timespec="seconds") if isinstance(ts, (int, float)) else str(ts or "")
+            infos.append(
+                TableInfo(
+                    name=str(name),
+                    layer=name.layer,
+                    path=path,
+                    version=self.version(str(name)),
+                    rows=self.row_count(str(name)),
+                    last_operation=str(last.get("ehrlakeOperation") or last.get("operation") or ""),
+                    last_commit=when,
+                )
+            )
+        return infos
+
+    # --------------------------------------------------------------- writes
+    def create(self, table: str, schema: T.StructType, partition_by: list[str] | None = None,
+               description: str | None = None) -> None:
+        """Create an empty table with this schema; a no-op if it exists."""
+        self.engine.create(self.path(table), schema, list(partition_by or []), description)
+
+    def write(
+        self,
+        df: DataFrame,
+        table: str,
+        mode: WriteMode = WriteMode.APPEND,
+        partition_by: list[str] | None = None,
+        where: dict[str, str] | None = None,
+        evolve_schema: bool = False,
+        commit_info: dict | None = None,
+    ) -> CommitResult:
+        """Append or overwrite (the whole table, or the partition ``where={col: value}``) in one commit."""
+        if not isinstance(mode, WriteMode):
+            raise ConfigError(f"mode must be a WriteMode, not {mode!r}")
+        name = str(TableName.parse(table))
+        return self.engine.write(
+            df, self.path(name), name, mode, partition_by, where, evolve_schema, _commit_info(commit_info)
+        )
+
+    def merge(
+        self,
+        df: DataFrame,
+        table: str,
+        keys: list[str],
+        update_when: str | None = None,
+        evolve_schema: bool = False,
+        commit_info: dict | None = None,
+    ) -> CommitResult:
+        """Upsert ``df`` by ``keys``: update matched rows (where ``update_when`` over ``t``/``s`` holds),
+        insert the rest. ``df`` must hold at most one row per key."""
+        name = str(TableName.parse(table))
+        return self.engine.merge(
+            df, self.path(name), name, list(keys), update_when, evolve_schema, _commit_info(commit_info)
+        )
+
+    def vacuum(self, table: str, retention_hours: int = 168, dry_run: bool = False) -> list[str]:
+        """Delete unreferenced files (removed by later commits, or orphans of crashed writers)."""
+        return self.engine.vacuum(self.path(table), retention_hours, dry_run)
+
+
+def _commit_info(extra: dict | None) -> dict:
+    info = {"ehrlakeUser": _os_user()}
+    info.update(extra or {})
+    return info
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def _choose_engine(spark: SparkSession, engine: str):
+    from ehrlake.lake import _native
+
+    if engine not in ("auto", "delta-rs", "native"):
+        raise ConfigError(f"lake.engine must be auto, delta-rs or native, not {engine!r}")
+    if engine == "native" or (engine == "auto" and _native.available(spark)):
+        try:
+            return _native.NativeDeltaEngine(spark)
+        except ImportError as exc:
+            if engine == "native":
+                raise EnvironmentProblem("lake.engine is native but the delta-spark package is not installed") from exc
+    from ehrlake.lake._delta_rs import DeltaRsEngine
+
+    return DeltaRsEngine(spark)
+
+
+def open(root: str | None = None, spark: SparkSession | None = None, config=None) -> Lake:  # noqa: A001
+    """Open the lake at ``root`` (default: the configured root), building a session if needed."""
+    from ehrlake import config as config_module
+    from ehrlake.session import get_spark
+
+    config = config or config_module.load()
+    spark = spark or get_spark(config)
+    return Lake(root or config.lake.root, spark, config.lake.engine)

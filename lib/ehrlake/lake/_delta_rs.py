@@ -1,0 +1,356 @@
+"""The delta-rs commit engine: Spark writes Parquet, the driver commits it to the Delta log.
+
+Why: the Delta Lake JARs cannot be fetched on every machine, but ``deltalake`` (delta-rs) can commit
+files that Spark wrote. A write goes in two phases:
+
+1. **stage**: Spark writes the rows as Parquet under ``<table>/_staging/<txn>/``, then the driver
+   moves each file to its final place (``<table>/<col>=<value>/part-...``) and reads its footer for
+   Delta statistics. Files placed but not yet committed are invisible orphans; ``vacuum`` removes them.
+2. **commit**: one Delta transaction with the AddActions (and RemoveActions for overwrite/merge),
+   based on the snapshot version the write was planned against. If another writer committed a
+   conflicting change meanwhile, delta-rs refuses and we raise :class:`CommitConflict`.
+
+The driver handles file names and footers only, never rows, so its memory stays flat as data grows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.parse
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, Field, Schema
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ehrlake.errors import CommitConflict, SchemaMismatch, TableNotFound
+from ehrlake.lake import _schema
+from ehrlake.lake.modes import CommitResult, WriteMode
+from ehrlake.lake.stats import stats_json
+
+_HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+_FILE_COL = "_ehrlake_source_file"
+
+
+class DeltaRsEngine:
+    """Standard Delta tables written by Spark and committed with delta-rs."""
+
+    name = "delta-rs"
+
+    def __init__(self, spark: SparkSession):
+        self.spark = spark
+
+    # ----------------------------------------------------------------- table state
+    def exists(self, path: str) -> bool:
+        return DeltaTable.is_deltatable(path)
+
+    def _open(self, path: str, version: int | datetime | None = None) -> DeltaTable:
+        try:
+            table = DeltaTable(path)
+        except TableNotFoundError as exc:
+            raise TableNotFound(f"no Delta table at {path}") from exc
+        if version is not None:
+            table.load_as_version(version)
+        return table
+
+    def schema(self, path: str) -> T.StructType:
+        return _schema.from_delta_json(self._open(path).schema().to_json())
+
+    def version(self, path: str) -> int:
+        return self._open(path).version()
+
+    def history(self, path: str, limit: int | None = None) -> list[dict]:
+        return self._open(path).history(limit)
+
+    def row_count(self, path: str) -> int:
+        """Rows in the current snapshot, summed from file statistics (no data is read)."""
+        return sum(int(a["num_records"] or 0) for a in _add_actions(self._open(path)))
+
+    # ----------------------------------------------------------------- reads
+    def read(self, path: str, version: int | datetime | None = None) -> DataFrame:
+        table = self._open(path, version)
+        schema = _schema.from_delta_json(table.schema().to_json())
+        files = table.file_uris()
+        if not files:
+            return self.spark.createDataFrame([], schema)
+        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
+        return df.select(*[F.col(f"`{n}`") for n in schema.fieldNames()])
+
+    def _read_with_file(self, table: DeltaTable, path: str) -> tuple[DataFrame, dict[str, dict]]:
+        """The snapshot's rows tagged with their data file, plus each file's add-action facts."""
+        schema = _schema.from_delta_json(table.schema().to_json())
+        by_abs = {}
+        for action in _add_actions(table):
+            rel = action["path"]
+            by_abs[_norm(os.path.join(path, urllib.parse.unquote(rel)))] = action
+        files = table.file_uris()
+        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
+        df = df.select(*[F.col(f"`{n}`") for n in schema.fieldNames()], F.col("_metadata.file_path").alias(_FILE_COL))
+        return df, by_abs
+
+    # ----------------------------------------------------------------- writes
+    def create(self, path: str, schema: T.StructType, partition_by: list[str], description: str | None = None) -> None:
+        """Create an empty table; a no-op when it exists already (so jobs can call it every run)."""
+        missing = [c for c in partition_by if c not in schema.fieldNames()]
+        if missing:
+            raise SchemaMismatch(f"partition columns {missing} are not in the schema of {path}")
+        DeltaTable.create(
+            path,
+            Schema.from_json(_schema.to_delta_json(schema)),
+            partition_by=partition_by or None,
+            mode="ignore",
+            description=description,
+        )
+
+    def write(
+        self,
+        df: DataFrame,
+        path: str,
+        table: str,
+        mode: WriteMode,
+        partition_by: list[str] | None,
+        where: dict[str, str] | None,
+        evolve: bool,
+        commit_info: dict,
+    ) -> CommitResult:
+        if not self.exists(path):
+            self.create(path, df.schema, list(partition_by or []))
+        dt, df = self._prepare(df, path, table, evolve)
+        parts = dt.metadata().partition_columns
+        if partition_by and list(partition_by) != parts:
+            raise SchemaMismatch(f"{table} is partitioned by {parts}, not {list(partition_by)}")
+        if where and mode is not WriteMode.OVERWRITE:
+            raise SchemaMismatch("where= selects partitions to replace; it needs mode=OVERWRITE")
+        if where and set(where) - set(parts):
+            raise SchemaMismatch(f"where= may name only partition columns of {table}: {parts}")
+        adds = self._stage(df, path, parts)
+        if where:
+            stray = [a.path for a in adds if any(a.partition_values.get(k) != str(v) for k, v in where.items())]
+            if stray:
+                self._discard(path, adds)
+                raise SchemaMismatch(f"rows outside the partition {where} were given to overwrite {table}")
+        filters = [(k, "=", str(v)) for k, v in where.items()] if where else None
+        operation = "OVERWRITE" if mode is WriteMode.OVERWRITE else "APPEND"
+        version = self._commit(dt, path, table, adds, [], mode.value, filters, operation, commit_info)
+        return CommitResult(
+            table=table,
+            version=version,
+            operation=operation,
+            files_added=len(adds),
+            rows_written=_rows(adds),
+        )
+
+    def merge(
+        self,
+        df: DataFrame,
+        path: str,
+        table: str,
+        keys: list[str],
+        update_when: str | None,
+        evolve: bool,
+        commit_info: dict,
+    ) -> CommitResult:
+        """Upsert by key with copy-on-write: only files holding rows to update are rewritten.
+
+        Contract: ``df`` has at most one row per key (callers deduplicate first). ``update_when`` is
+        a SQL condition over aliases ``t`` (target) and ``s`` (source); matched rows where it is
+        false stay as they are, unmatched source rows are inserted.
+        """
+        if not self.exists(path):
+            result = self.write(df, path, table, WriteMode.APPEND, None, None, evolve, commit_info)
+            metrics = {"inserted": result.rows_written, "updated": 0, "unchanged": 0}
+            return CommitResult(table, result.version, "MERGE", result.files_added, 0, result.rows_written, metrics)
+        dt, source = self._prepare(df, path, table, evolve)
+        parts = dt.metadata().partition_columns
+        source = source.persist()
+        try:
+            source_rows = source.count()
+            if not dt.file_uris():
+                adds = self._stage(source, path, parts)
+                version = self._commit(dt, path, table, adds, [], "append", None, "MERGE", commit_info)
+                metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0}
+                return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
+            target, by_abs = self._read_with_file(dt, path)
+            t, s = target.alias("t"), source.alias("s")
+            on = [F.col(f"t.`{k}`").eqNullSafe(F.col(f"s.`{k}`")) for k in keys]
+            matched = t.join(s, on, "inner")
+            to_update = matched.where(F.expr(update_when)) if update_when else matched
+            to_update = to_update.select(
+                F.col(f"t.{_FILE_COL}").alias(_FILE_COL), *[F.col(f"s.`{n}`").alias(n) for n in source.columns]
+            ).persist()
+            # One row per touched data file: bounded by the file count, never by rows.
+            touched_raw = {r[_FILE_COL]: r["count"] for r in to_update.groupBy(_FILE_COL).count().collect()}
+            touched = {_norm(raw): n for raw, n in touched_raw.items()}
+            unknown = [f for f in touched if f not in by_abs]
+            if unknown:
+                raise CommitConflict(f"{table}: data files {unknown[:3]} are not in snapshot {dt.version()}")
+            inserts = s.join(t, on, "left_anti").select(*[F.col(f"s.`{n}`") for n in source.columns])
+            keep = (
+                target.where(F.col(_FILE_COL).isin(list(touched_raw)))
+                .alias("t")
+                .join(to_update.alias("u"), [F.col(f"t.`{k}`").eqNullSafe(F.col(f"u.`{k}`")) for k in keys], "left_anti")
+                .select(*[F.col(f"t.`{n}`") for n in source.columns])
+            ) if touched else None
+            out = inserts.unionByName(to_update.drop(_FILE_COL))
+            if keep is not None:
+                out = out.unionByName(keep)
+            adds = self._stage(out, path, parts)
+            now = int(time.time() * 1000)
+            removes = [
+                RemoveAction(
+                    path=by_abs[f]["path"],
+                    data_change=True,
+                    deletion_timestamp=now,
+                    size=by_abs[f]["size_bytes"],
+                    partition_values={k: by_abs[f].get(f"partition.{k}") for k in parts} or None,
+                )
+                for f in touched
+            ]
+            version = self._commit(dt, path, table, adds, removes, "append", None, "MERGE", commit_info)
+            updated = sum(touched.values())
+            rewritten = sum(int(by_abs[f]["num_records"] or 0) for f in touched)
+            inserted = _rows(adds) - rewritten
+            metrics = {"inserted": inserted, "updated": updated, "unchanged": source_rows - inserted - updated}
+            to_update.unpersist()
+            return CommitResult(table, version, "MERGE", len(adds), len(removes), _rows(adds), metrics)
+        finally:
+            source.unpersist()
+
+    def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """Delete files not in the current snapshot and older than the retention (orphans included)."""
+        table = self._open(path)
+        removed = table.vacuum(
+            retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True
+        )
+        staging = os.path.join(path, "_staging")
+        if os.path.isdir(staging):
+            cutoff = time.time() - retention_hours * 3600
+            for entry in os.listdir(staging):
+                full = os.path.join(staging, entry)
+                if os.path.getmtime(full) <= cutoff:
+                    removed.append(os.path.join("_staging", entry))
+                    if not dry_run:
+                        self._hadoop_fs(full).delete(self._jpath(full), True)
+        return removed
+
+    # ----------------------------------------------------------------- internals
+    def _prepare(self, df: DataFrame, path: str, table: str, evolve: bool) -> tuple[DeltaTable, DataFrame]:
+        dt = self._open(path)
+        table_schema = _schema.from_delta_json(dt.schema().to_json())
+        aligned, new_fields = _schema.align(df, table_schema, table, evolve)
+        if new_fields:
+            dt.alter.add_columns([Field.from_json(json.dumps(f.jsonValue())) for f in new_fields])
+            dt = self._open(path)
+        return dt, aligned
+
+    def _stage(self, df: DataFrame, path: str, partition_by: list[str]) -> list[AddAction]:
+        """Phase 1: write Parquet with Spark, move files into the table, return their AddActions."""
+        staging = os.path.join(path, "_staging", uuid.uuid4().hex)
+        writer = df.write.mode("overwrite")
+        if partition_by:
+            writer = writer.partitionBy(*partition_by)
+        writer.parquet(staging)
+        fs = self._hadoop_fs(staging)
+        files = []
+        iterator = fs.listFiles(self._jpath(staging), True)
+        while iterator.hasNext():
+            status = iterator.next()
+            name = status.getPath().getName()
+            if name.endswith(".parquet") and not name.startswith(("_", ".")):
+                full = _norm(status.getPath().toUri().getPath())
+                files.append((full, os.path.relpath(full, staging), status.getLen()))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            metas = list(pool.map(lambda f: _footer(f[0]), files))
+        adds = []
+        now = int(time.time() * 1000)
+        for (full, rel, size), meta in zip(files, metas):
+            if meta.num_rows == 0:
+                continue
+            target = os.path.join(path, rel)
+            fs.mkdirs(self._jpath(os.path.dirname(target)))
+            if not fs.rename(self._jpath(full), self._jpath(target)):
+                raise CommitConflict(f"could not move staged file {full} into {path}")
+            adds.append(
+                AddAction(
+                    path=urllib.parse.quote(rel, safe="/="),
+                    size=size,
+                    partition_values=_partition_values(rel, partition_by),
+                    modification_time=now,
+                    data_change=True,
+                    stats=stats_json(meta),
+                )
+            )
+        fs.delete(self._jpath(staging), True)
+        return adds
+
+    def _commit(self, dt, path, table, adds, removes, mode, filters, operation, commit_info) -> int:
+        """Phase 2: one Delta transaction; a conflict discards our staged files and raises."""
+        info = {"ehrlakeOperation": operation, **{k: str(v) for k, v in commit_info.items()}}
+        try:
+            dt.create_write_transaction(
+                adds + removes,
+                mode=mode,
+                schema=dt.schema(),
+                partition_by=dt.metadata().partition_columns or None,
+                partition_filters=filters,
+                commit_properties=CommitProperties(custom_metadata=info, max_commit_retries=5),
+            )
+        except CommitFailedError as exc:
+            self._discard(path, adds)
+            raise CommitConflict(
+                f"{table}: another writer committed a conflicting change first; this {operation} was not "
+                f"committed and can be retried ({exc})"
+            ) from exc
+        return self._open(path).version()
+
+    def _discard(self, path: str, adds: list[AddAction]) -> None:
+        for add in adds:
+            full = os.path.join(path, urllib.parse.unquote(add.path))
+            self._hadoop_fs(full).delete(self._jpath(full), False)
+
+    def _jpath(self, path: str):
+        return self.spark._jvm.org.apache.hadoop.fs.Path(path)
+
+    def _hadoop_fs(self, path: str):
+        conf = self.spark._jsc.hadoopConfiguration()
+        return self._jpath(path).getFileSystem(conf)
+
+
+def _norm(uri: str) -> str:
+    """Comparable local path for a URI or path Spark or delta-rs printed."""
+    parsed = urllib.parse.urlparse(uri)
+    return os.path.normpath(urllib.parse.unquote(parsed.path if parsed.scheme else uri))
+
+
+def _add_actions(table: DeltaTable) -> list[dict]:
+    """The snapshot's add actions (one dict per data file: path, size_bytes, num_records, partition.*)."""
+    return pa.table(table.get_add_actions(flatten=True)).to_pylist()
+
+
+def _footer(path: str) -> pq.FileMetaData:
+    fs, inner = pafs.FileSystem.from_uri(path if "://" in path else "file://" + os.path.abspath(path))
+    with fs.open_input_file(inner) as handle:
+        return pq.ParquetFile(handle).metadata
+
+
+def _partition_values(rel: str, partition_by: list[str]) -> dict[str, str | None]:
+    values: dict[str, str | None] = {}
+    for part in rel.split("/")[:-1]:
+        key, _, value = part.partition("=")
+        value = urllib.parse.unquote(value)
+        values[key] = None if value == _HIVE_NULL else value
+    return {k: values.get(k) for k in partition_by}
+
+
+def _rows(adds: list[AddAction]) -> int:
+    return sum(json.loads(a.stats)["numRecords"] for a in adds)

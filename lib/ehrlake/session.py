@@ -1,0 +1,55 @@
+"""Building the SparkSession from configuration.
+
+Under ``spark-submit`` the master and resources come from the submit command, so configuration only
+fills in what the submitter did not set. Run directly (``ehrlake ...``), the embedded default is
+``local[*]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from ehrlake.config import Config
+from ehrlake.errors import EnvironmentProblem
+
+
+def require_java() -> None:
+    """Fail with one clear sentence when no Java runtime is reachable (Spark needs one)."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.path.exists(os.path.join(java_home, "bin", "java")):
+        return
+    if shutil.which("java"):
+        return
+    raise EnvironmentProblem(
+        "no Java runtime found: install one (Debian: apt-get install openjdk-17-jre-headless) "
+        "or set JAVA_HOME"
+    )
+
+
+def get_spark(config: Config):
+    """Return the active SparkSession or build one from ``config.spark``.
+
+    Settings already present (from ``spark-submit`` or an existing session) win over configuration,
+    so the same job runs unchanged on the embedded default and on a cluster.
+    """
+    from pyspark import SparkConf
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    require_java()
+    # Executors must run the same Python as the driver (our library is installed there).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    submitted = SparkConf()
+    builder = SparkSession.builder.appName(config.spark.app_name)
+    if not submitted.contains("spark.master"):
+        builder = builder.master(config.spark.master)
+    for key, value in config.spark.conf.items():
+        if not submitted.contains(key):
+            builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark

@@ -1,0 +1,36 @@
+"""ehrlake: an EHR lakehouse on Apache Spark and Delta Lake."""
+
+from setuptools import find_packages, setup
+
+# Pinned to versions that install together on Python 3.11 (checked with `pip index versions`).
+# pyspark 4.3 needs pyarrow >= 18 for its Arrow paths; deltalake 1.6 is the delta-rs commit engine.
+INSTALL_REQUIRES = [
+    "pyspark==4.3.0",
+    "deltalake==1.6.6",
+    "pyarrow==22.0.0",
+    "pandas==2.3.3",
+    "numpy==2.3.5",
+    "cryptography==46.0.3",
+    "xgboost==3.2.0",
+    "scikit-learn==1.8.0",
+    "pyyaml==6.0.3",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.0.3", "ruff==0.17.6"],
+    # The deep-learning runtime has conflicting pins (petastorm needs pyarrow < 15), so it lives in
+    # its own virtualenv; see docs/architecture.md. These are its top-level pins.
+    "dl": ["tensorflow-cpu==2.21.0", "petastorm==0.13.1", "pyarrow==14.0.2"],
+}
+
+setup(
+    name="ehrlake",
+    version="0.1.0",
+    description="EHR lakehouse on Apache Spark: ingest, clean, analyse and model health records in Delta tables",
+    package_dir={"": "lib"},
+    packages=find_packages("lib"),
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["ehrlake = ehrlake.cli:main"]},
+)
