@@ -205,17 +205,7 @@ class DeltaRsEngine:
             if keep is not None:
                 out = out.unionByName(keep)
             adds = self._stage(out, path, parts)
-            now = int(time.time() * 1000)
-            removes = [
-                RemoveAction(
-                    path=by_abs[f]["path"],
-                    data_change=True,
-                    deletion_timestamp=now,
-                    size=by_abs[f]["size_bytes"],
-                    partition_values={k: by_abs[f].get(f"partition.{k}") for k in parts} or None,
-                )
-                for f in touched
-            ]
+            removes = self._removes_for(dt, [by_abs[f] for f in touched])
             version = self._commit(dt, path, table, adds, removes, "append", None, "MERGE", commit_info)
             updated = sum(touched.values())
             rewritten = sum(int(by_abs[f]["num_records"] or 0) for f in touched)
@@ -312,6 +302,22 @@ class DeltaRsEngine:
                 f"committed and can be retried ({exc})"
             ) from exc
         return self._open(path).version()
+
+    @staticmethod
+    def _removes_for(dt: DeltaTable, actions: list[dict]) -> list[RemoveAction]:
+        """RemoveActions for snapshot files (dicts as :func:`_add_actions` returns them)."""
+        parts = dt.metadata().partition_columns
+        now = int(time.time() * 1000)
+        return [
+            RemoveAction(
+                path=a["path"],
+                data_change=True,
+                deletion_timestamp=now,
+                size=a["size_bytes"],
+                partition_values={k: a.get(f"partition.{k}") for k in parts} or None,
+            )
+            for a in actions
+        ]
 
     def _discard(self, path: str, adds: list[AddAction]) -> None:
         for add in adds:
