@@ -42,6 +42,7 @@ class SparkConfig:
             "spark.sql.adaptive.enabled": "true",
             "spark.sql.execution.arrow.pyspark.enabled": "true",
             "spark.ui.enabled": "false",
+            "spark.ui.showConsoleProgress": "false",
             "spark.driver.memory": "2g",
         }
     )

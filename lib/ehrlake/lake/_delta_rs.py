@@ -172,14 +172,14 @@ class DeltaRsEngine:
             return CommitResult(table, result.version, "MERGE", result.files_added, 0, result.rows_written, metrics)
         dt, source = self._prepare(df, path, table, evolve)
         parts = dt.metadata().partition_columns
+        if not dt.file_uris():  # empty table: every row is an insert, counted from file stats
+            adds = self._stage(source, path, parts)
+            version = self._commit(dt, path, table, adds, [], "append", None, "MERGE", commit_info)
+            metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0}
+            return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
         source = source.persist()
         try:
             source_rows = source.count()
-            if not dt.file_uris():
-                adds = self._stage(source, path, parts)
-                version = self._commit(dt, path, table, adds, [], "append", None, "MERGE", commit_info)
-                metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0}
-                return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
             target, by_abs = self._read_with_file(dt, path)
             t, s = target.alias("t"), source.alias("s")
             on = [F.col(f"t.`{k}`").eqNullSafe(F.col(f"s.`{k}`")) for k in keys]
@@ -285,6 +285,8 @@ class DeltaRsEngine:
 
     def _commit(self, dt, path, table, adds, removes, mode, filters, operation, commit_info) -> int:
         """Phase 2: one Delta transaction; a conflict discards our staged files and raises."""
+        if not adds and not removes and mode == "append":
+            return dt.version()  # nothing to commit: no empty versions in the log
         info = {"ehrlakeOperation": operation, **{k: str(v) for k, v in commit_info.items()}}
         try:
             dt.create_write_transaction(

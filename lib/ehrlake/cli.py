@@ -1,0 +1,127 @@
+"""The ``ehrlake`` command line; ``spark-submit jobs/<job>.py`` takes the same arguments.
+
+Every command: ``--help``; exit 0 on success; on failure one clear line on stderr and exit 1
+(2 for bad arguments, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ehrlake.errors import EhrlakeError
+
+EXIT_FAILURE = 1
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lake", help="lake root directory (default: lake.root of the configuration, ./lake)")
+    parser.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ehrlake", description="EHR lakehouse on Apache Spark and Delta Lake.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ingest = sub.add_parser("ingest", help="load EHR dumps into bronze Delta tables",
+                            description="Load new files of one source kind into bronze tables; bad records go "
+                                        "to ops.quarantine with a reason. Re-running adds nothing.")
+    ingest.add_argument("--source", required=True, choices=["fhir-ndjson", "fhir-bundles", "synthea-csv"],
+                        help="format of the input files")
+    ingest.add_argument("--input", required=True, help="a file or a directory (searched recursively)")
+    ingest.add_argument("--source-system", help="name of the hospital/system the dump came from "
+                                                "(default: ingest.source_system of the configuration)")
+    ingest.add_argument("--json", action="store_true", help="print the run report as JSON")
+    _common(ingest)
+
+    lake_cmd = sub.add_parser("lake", help="inspect the lake", description="Inspect the tables of the lake.")
+    lake_sub = lake_cmd.add_subparsers(dest="lake_command", required=True, metavar="SUBCOMMAND")
+    show = lake_sub.add_parser("show", help="every table with layer, Delta version, rows and last operation",
+                               description="List every Delta table under the lake root.")
+    show.add_argument("--json", action="store_true", help="machine-readable output for scripts")
+    _common(show)
+    return parser
+
+
+def _open_lake(args):
+    from ehrlake import config as config_module
+    from ehrlake.lake import Lake
+    from ehrlake.session import get_spark
+
+    config = config_module.load(args.conf).with_lake_root(args.lake)
+    root = config.lake.root
+    parent = os.path.dirname(os.path.abspath(root))
+    if os.path.exists(root) and not (os.path.isdir(root) and os.access(root, os.R_OK | os.W_OK | os.X_OK)):
+        raise EhrlakeError(f"lake root {root} is not a readable and writable directory")
+    if not os.path.exists(root) and not os.access(parent, os.W_OK):
+        raise EhrlakeError(f"cannot create the lake root {root}: {parent} is not writable")
+    spark = get_spark(config)
+    return Lake(root, spark, config.lake.engine), config
+
+
+def cmd_ingest(args) -> int:
+    from ehrlake import ingest
+
+    lake, config = _open_lake(args)
+    report = ingest.run(
+        lake,
+        ingest.SourceKind(args.source),
+        args.input,
+        source_system=args.source_system or config.ingest.source_system,
+        batch_lines=config.ingest.lines_per_batch,
+    )
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
+    if not report.balanced:
+        print("ehrlake: error: ingest counts do not add up; see the report above", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def cmd_lake_show(args) -> int:
+    if args.lake and not os.path.isdir(args.lake):
+        raise EhrlakeError(f"lake root {args.lake} does not exist")
+    lake, _ = _open_lake(args)
+    tables = lake.tables()
+    if args.json:
+        print(json.dumps({"lake": lake.root, "tables": [t.as_dict() for t in tables]}, indent=2))
+        return 0
+    print(format_tables(lake.root, tables))
+    return 0
+
+
+def format_tables(root: str, tables) -> str:
+    if not tables:
+        return f"lake {root}: no tables yet"
+    width = max(len(t.name) for t in tables)
+    lines = [f"lake {root}", f"{'table':<{width}}  {'layer':<6} {'version':>7} {'rows':>10}  {'last operation':<15} last commit"]
+    for t in tables:
+        lines.append(f"{t.name:<{width}}  {t.layer:<6} {t.version:>7} {t.rows:>10,}  {t.last_operation:<15} {t.last_commit}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"ingest": cmd_ingest, ("lake", "show"): cmd_lake_show}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    key = args.command if args.command != "lake" else ("lake", args.lake_command)
+    try:
+        return COMMANDS[key](args)
+    except EhrlakeError as exc:
+        print(f"ehrlake: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("ehrlake: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: still one clear line, with the type for a bug report
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"ehrlake: error: {type(exc).__name__}: {first[:500]}", file=sys.stderr)
+        if os.environ.get("EHRLAKE_DEBUG"):
+            raise
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Ingest EHR dumps into bronze Delta tables; every bad record lands in ``ops.quarantine``.
+
+``run(lake, SourceKind.FHIR_NDJSON, "dump/")`` reads only files not ingested before, types and
+validates every record, merges the newest version of each record into its bronze table, and
+returns an :class:`IngestReport` whose counts add up. Re-running after a crash gives the same tables:
+every write is a keyed merge, and a file is marked as ingested only after all its tables committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.ingest import fhir, quarantine, synthea
+from ehrlake.ingest import fhir_model as model
+from ehrlake.ingest.report import UNPARSED, EntityCounts, IngestReport
+from ehrlake.ingest.synthea import table_for
+from ehrlake.ingest.sources import (
+    FILE_LOG,
+    FILE_LOG_KEYS,
+    FILE_LOG_SCHEMA,
+    SourceKind,
+    discover,
+    first_line,
+    new_files,
+    read_records,
+    table_stem,
+)
+
+__all__ = ["run", "SourceKind", "IngestReport", "EntityCounts"]
+
+RUNS_TABLE = "ops.ingest_runs"
+PARTITION_BY = ["source_system"]  # merges and re-ingests of one hospital touch only its partition
+
+
+@dataclass
+class _Output:
+    """Typed rows for one bronze table (with ``_reason``/``_message``) and how to merge them."""
+
+    table: str
+    rows: DataFrame
+    keys: list[str]
+    update_when: str
+    dedupe: callable
+
+
+def run(lake, kind: SourceKind, input_path: str, source_system: str = "local", batch_lines: int = 5000,
+        run_id: str | None = None) -> IngestReport:
+    """Ingest every new file of ``kind`` under ``input_path`` into the lake (see module docstring)."""
+    kind = SourceKind(kind)
+    started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    files = discover(input_path, kind)
+    todo = new_files(lake, kind, source_system, files)
+    report = IngestReport(run_id, kind.value, source_system, input_path, lake.root, len(files), len(todo))
+    if not todo:
+        return report
+    spark = lake.spark
+    now = F.lit(started).cast("timestamp")
+    if kind is SourceKind.SYNTHEA_CSV:
+        records = read_records(spark, todo, whole_file=False, batch_lines=batch_lines)
+        records = records.where("record_index > 1").persist(StorageLevel.MEMORY_AND_DISK)  # line 1: header
+        outputs, early_bad = _synthea_outputs(records, todo, source_system, run_id, now), None
+    else:
+        records = read_records(spark, todo, whole_file=kind is SourceKind.FHIR_BUNDLES, batch_lines=batch_lines)
+        if kind is SourceKind.FHIR_BUNDLES:
+            records = fhir.explode_bundles(records)
+        records = fhir.classify(records, source_system).persist(StorageLevel.MEMORY_AND_DISK)
+        outputs = _fhir_outputs(records, run_id, now)
+        early_bad = quarantine.rows(records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now)
+    census = _census(records, kind, todo)
+    report.records_read = census.total
+    outputs = [out for out in outputs if out.table in census.valid]
+    commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
+    bad_parts = [early_bad] if census.envelope_bad else []
+    merged: dict[str, dict] = {}
+    for out in outputs:
+        # Cached by the merge's own write job, then re-read (not re-parsed) for the quarantine.
+        typed = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
+        good = out.dedupe(typed.where("_reason IS NULL").drop("_reason", "_message"))
+        lake.create(out.table, good.schema, PARTITION_BY)
+        result = lake.merge(good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info)
+        merged[out.table] = result.metrics
+        bad_parts.append(quarantine.rows(typed.where("_reason IS NOT NULL"), kind.value, F.lit(out.table), run_id, now))
+        out.rows = typed
+    quarantined = _quarantine(lake, bad_parts, commit_info)
+    _fill_report(report, census, merged, quarantined)
+    _mark_ingested(lake, kind, source_system, todo, run_id, now, commit_info)
+    _record_run(lake, report, started, commit_info)
+    records.unpersist()
+    for out in outputs:
+        out.rows.unpersist()
+    return report
+
+
+@dataclass
+class _Census:
+    """Counted once, up front: records read, valid records per target table, envelope failures."""
+
+    total: int
+    valid: dict[str, int]
+    envelope_bad: dict[str, int]
+
+
+def _census(records: DataFrame, kind: SourceKind, files) -> _Census:
+    if kind is SourceKind.SYNTHEA_CSV:  # every line goes to its file's table; failures come later
+        per_file = {r["source_file"]: r["count"] for r in records.groupBy("source_file").count().collect()}
+        valid: dict[str, int] = defaultdict(int)
+        for path, count in per_file.items():
+            valid[table_for(table_stem(path))] += count
+        return _Census(sum(per_file.values()), dict(valid), {})
+    rows = records.groupBy("entity", F.col("_reason").isNull().alias("ok")).count().collect()
+    return _Census(
+        total=sum(r["count"] for r in rows),
+        valid={r["entity"]: r["count"] for r in rows if r["ok"]},
+        envelope_bad={r["entity"] or UNPARSED: r["count"] for r in rows if not r["ok"]},
+    )
+
+
+def _fill_report(report: IngestReport, census: _Census, merged: dict[str, dict], quarantined: dict[str, int]) -> None:
+    """records_in = valid + envelope failures; what was valid but failed typing is quarantined too."""
+    for table in set(census.valid) | set(census.envelope_bad) | set(quarantined):
+        counts = report.entity(table)
+        counts.records_in = census.valid.get(table, 0) + census.envelope_bad.get(table, 0)
+        counts.quarantined = quarantined.get(table, 0)
+        metrics = merged.get(table, {"inserted": 0, "updated": 0, "unchanged": 0})
+        counts.inserted, counts.updated, counts.unchanged = metrics["inserted"], metrics["updated"], metrics["unchanged"]
+        counts.duplicate = counts.records_in - counts.quarantined - sum(metrics.values())
+
+
+def _fhir_outputs(classified: DataFrame, run_id: str, now) -> list[_Output]:
+    outputs = []
+    for entity in model.ENTITIES:
+        valid = classified.where((F.col("entity") == entity.table) & F.col("_reason").isNull())
+        outputs.append(_Output(entity.table, fhir.type_entity(valid, entity, run_id, now), fhir.ENTITY_KEYS,
+                               fhir.UPDATE_WHEN, lambda df: fhir.dedupe(df, fhir.ENTITY_KEYS)))
+    other = classified.where((F.col("entity") == model.OTHER_TABLE) & F.col("_reason").isNull())
+    outputs.append(_Output(model.OTHER_TABLE, fhir.type_other(other, run_id, now), fhir.OTHER_KEYS,
+                           fhir.UPDATE_WHEN, lambda df: fhir.dedupe(df, fhir.OTHER_KEYS)))
+    return outputs
+
+
+def _synthea_outputs(records: DataFrame, files, source_system: str, run_id: str, now) -> list[_Output]:
+    """Group files by (table, header) so each group parses with its own column layout."""
+    groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
+    for f in files:
+        groups[(table_stem(f.path), tuple(synthea.parse_header(first_line(f.path))))].append(f.path)
+    by_table: dict[str, list[DataFrame]] = defaultdict(list)
+    for (stem, header), paths in sorted(groups.items()):
+        spec = synthea.TABLES.get(stem)
+        rows = records.where(F.col("source_file").isin(paths))
+        typed = synthea.type_rows(rows, spec, list(header), run_id, now, source_system)
+        by_table[table_for(stem)].append(typed)
+    outputs = []
+    for table, parts in sorted(by_table.items()):
+        frame = parts[0]
+        for part in parts[1:]:
+            frame = frame.unionByName(part)
+        spec = synthea.TABLES.get(table.removeprefix("bronze.synthea_"))
+        if spec is None:  # unknown table: every row is quarantined with its reason
+            outputs.append(_Output(table, frame, ["source_system", "row_key"], synthea.UPDATE_WHEN, lambda d: d))
+        else:
+            outputs.append(_Output(table, frame, spec.keys, synthea.UPDATE_WHEN,
+                                   lambda df, spec=spec: synthea.dedupe(df, spec)))
+    return outputs
+
+
+def _quarantine(lake, parts: list[DataFrame], commit_info: dict) -> dict[str, int]:
+    """Merge every failed record into ops.quarantine; returns how many per target table."""
+    if not parts:
+        return {}
+    frame = parts[0]
+    for part in parts[1:]:
+        frame = frame.unionByName(part)
+    frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
+    per_entity = {r["entity"] or UNPARSED: r["count"] for r in frame.groupBy("entity").count().collect()}
+    if per_entity:
+        lake.create(quarantine.TABLE, quarantine.SCHEMA, ["source_system"])
+        lake.merge(frame, quarantine.TABLE, quarantine.KEYS, "s.reason <> t.reason", commit_info=commit_info)
+    frame.unpersist()
+    return per_entity
+
+
+def _mark_ingested(lake, kind, source_system, files, run_id, now, commit_info) -> None:
+    """Last step: only now are these files skipped by later runs (a crash before this re-reads them)."""
+    rows = [(kind.value, source_system, f.path, f.size, f.modified_ns, run_id) for f in files]
+    frame = lake.spark.createDataFrame(rows, "source_kind string, source_system string, path string, size long, "
+                                             "modified_ns long, ingest_run_id string").withColumn("ingested_at", now)
+    lake.create(FILE_LOG, FILE_LOG_SCHEMA)
+    lake.merge(frame.select(*FILE_LOG_SCHEMA.fieldNames()), FILE_LOG, FILE_LOG_KEYS, "false", commit_info=commit_info)
+
+
+def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: dict) -> None:
+    import json
+
+    frame = lake.spark.createDataFrame(
+        [(report.run_id, report.source_kind, report.source_system, report.input, started,
+          dt.datetime.now(dt.timezone.utc), report.files_new, report.records_read, report.balanced, json.dumps(report.as_dict()))],
+        "run_id string, source_kind string, source_system string, input string, started_at timestamp, "
+        "finished_at timestamp, files int, records_read long, balanced boolean, report string",
+    )
+    lake.write(frame, RUNS_TABLE, commit_info=commit_info)

@@ -1,0 +1,177 @@
+"""FHIR R4 (bulk NDJSON and Bundles) into typed bronze rows: pure DataFrame -> DataFrame transforms.
+
+Flow: records (one JSON text each) -> :func:`classify` (envelope: resourceType, id, meta; the first
+failing check gives the quarantine reason) -> :func:`type_entity` per bronze table (parse once with
+the entity's schema, derive typed columns, check dates) -> :func:`keep_newest` per key.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.ingest import fhir_model as model
+from ehrlake.ingest.lineage import keep_newest, lineage
+from ehrlake.ingest.quarantine import Reason, first_failure
+
+CORRUPT = "_corrupt"
+JSON_OPTIONS = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
+ENVELOPE = f"struct<resourceType:string,id:string,meta:struct<versionId:string,lastUpdated:string>,{CORRUPT}:string>"
+BUNDLE = f"struct<resourceType:string,entry:array<struct<fullUrl:string,resource:string>>,{CORRUPT}:string>"
+
+ENTITY_KEYS = ["source_system", "id"]
+OTHER_KEYS = ["source_system", "resource_type", "id"]
+
+# A stored row is replaced only by a newer version of the same resource: later meta.lastUpdated, then
+# a higher numeric meta.versionId; the same version with different content counts as a correction.
+UPDATE_WHEN = (
+    "coalesce(s.last_updated > t.last_updated, s.last_updated IS NOT NULL AND t.last_updated IS NULL) "
+    "OR ((s.last_updated <=> t.last_updated) AND ("
+    "coalesce(try_cast(s.version_id AS BIGINT) > try_cast(t.version_id AS BIGINT), "
+    "s.version_id IS NOT NULL AND t.version_id IS NULL) "
+    "OR ((s.version_id <=> t.version_id) AND s.record_hash <> t.record_hash)))"
+)
+
+
+def _newest_first() -> list[Column]:
+    return [F.col("last_updated").desc_nulls_last(), F.expr("try_cast(version_id AS BIGINT)").desc_nulls_last()]
+
+
+def explode_bundles(docs: DataFrame) -> DataFrame:
+    """Whole-file documents -> one record per bundle entry (``record_index`` = 1-based entry number).
+
+    A document that is not a Bundle (a single resource, or malformed JSON) stays one record with
+    ``record_index`` 0, so :func:`classify` can load or quarantine it like any other record.
+    """
+    parsed = docs.withColumn("_b", F.from_json("text", BUNDLE, JSON_OPTIONS))
+    is_bundle = (F.col("_b.resourceType") == "Bundle") & F.col(f"_b.{CORRUPT}").isNull()
+    entries = (
+        parsed.where(is_bundle)
+        .select("source_file", "bad_utf8", F.posexplode("_b.entry").alias("pos", "entry"))
+        .select(
+            "source_file",
+            (F.col("pos") + 1).cast("long").alias("record_index"),
+            F.col("entry.resource").alias("text"),
+            "bad_utf8",
+            F.to_json(F.struct(F.col("entry.fullUrl").alias("fullUrl"))).alias("_entry_stub"),
+        )
+    )
+    singles = parsed.where(~is_bundle | is_bundle.isNull()).select(
+        "source_file", "record_index", "text", "bad_utf8", F.lit(None).cast("string").alias("_entry_stub")
+    )
+    return entries.unionByName(singles)
+
+
+def classify(records: DataFrame, source_system: str) -> DataFrame:
+    """Add the envelope (resource_type, id, version_id, last_updated), the target ``entity`` table and,
+    for records that cannot be loaded, ``_reason``/``_message``. Keeps ``raw`` = the record text."""
+    if "_entry_stub" not in records.columns:
+        records = records.withColumn("_entry_stub", F.lit(None).cast("string"))
+    env = F.from_json("text", ENVELOPE, JSON_OPTIONS)
+    df = records.select(
+        F.lit(source_system).alias("source_system"),
+        "source_file",
+        "record_index",
+        "bad_utf8",
+        F.coalesce("text", "_entry_stub").alias("raw"),
+        F.col("text").isNull().alias("_no_resource"),
+        env.alias("_env"),
+    )
+    rtype, rid = F.col("_env.resourceType"), F.col("_env.id")
+    last_updated_raw = F.col("_env.meta.lastUpdated")
+    known = rtype.isin(list(model.R4_RESOURCE_TYPES))
+    checks = [
+        (F.col("bad_utf8"), Reason.INVALID_UTF8, F.lit("record is not valid UTF-8")),
+        (F.col("_no_resource"), Reason.MISSING_RESOURCE, F.lit("bundle entry has no resource")),
+        (F.col(f"_env.{CORRUPT}").isNotNull(), Reason.MALFORMED_JSON, F.lit("not a parseable JSON object")),
+        (rtype.isNull(), Reason.MISSING_RESOURCE_TYPE, F.lit("resourceType is missing")),
+        (~known, Reason.UNKNOWN_RESOURCE_TYPE, F.concat(F.lit("not a FHIR R4 resource type: "), rtype)),
+        (rid.isNull() | (F.trim(rid) == ""), Reason.MISSING_ID, F.concat(rtype, F.lit(" without id"))),
+        (
+            last_updated_raw.isNotNull() & F.expr("try_cast(_env.meta.lastUpdated AS TIMESTAMP)").isNull(),
+            Reason.UNPARSEABLE_DATE,
+            F.concat(F.lit("meta.lastUpdated: "), last_updated_raw),
+        ),
+    ]
+    reason, message = first_failure(checks)
+    entity = F.lit(model.OTHER_TABLE)
+    for e in model.ENTITIES:
+        entity = F.when(rtype == e.resource_type, F.lit(e.table)).otherwise(entity)
+    return df.select(
+        "source_system",
+        "source_file",
+        "record_index",
+        "raw",
+        rtype.alias("resource_type"),
+        rid.alias("id"),
+        F.col("_env.meta.versionId").alias("version_id"),
+        F.expr("try_cast(_env.meta.lastUpdated AS TIMESTAMP)").alias("last_updated"),
+        F.when(known, entity).alias("entity"),
+        reason.alias("_reason"),
+        message.alias("_message"),
+    )
+
+
+def _temporal_check(column: model.Column) -> tuple[Column, Reason, Column]:
+    parsed = F.expr(f"try_cast({column.sql} AS {column.type.upper()})")
+    raw = F.expr(f"CAST({column.sql} AS STRING)")
+    return (
+        raw.isNotNull() & parsed.isNull(),
+        Reason.UNPARSEABLE_DATE,
+        F.concat(F.lit(f"{column.fhir_path}: '"), raw, F.lit("'")),
+    )
+
+
+def type_entity(valid: DataFrame, entity: model.FhirEntity, run_id: str, ingested_at: Column) -> DataFrame:
+    """Records of one resource type -> bronze rows with typed columns, plus ``_reason``/``_message``
+    for rows whose fields are of the wrong JSON type or whose dates do not parse."""
+    parse_schema = entity.parse_schema[:-1] + f",{CORRUPT}:string>"
+    df = valid.withColumn("r", F.from_json("raw", parse_schema, JSON_OPTIONS))
+    checks = [(F.col(f"r.{CORRUPT}").isNotNull(), Reason.INVALID_FIELD_TYPE,
+               F.lit(f"a field of this {entity.resource_type} has the wrong JSON type"))]
+    checks += [_temporal_check(c) for c in entity.columns if c.is_temporal]
+    reason, message = first_failure(checks)
+    typed = [
+        (F.expr(f"try_cast({c.sql} AS {c.ddl})") if c.is_temporal else F.expr(f"CAST({c.sql} AS {c.ddl})")).alias(c.name)
+        for c in entity.columns
+    ]
+    return df.select(
+        "source_system",
+        "id",
+        "version_id",
+        "last_updated",
+        *typed,
+        "raw",
+        F.sha2("raw", 256).alias("record_hash"),
+        *lineage(run_id, ingested_at),
+        reason.alias("_reason"),
+        message.alias("_message"),
+    )
+
+
+def type_other(valid: DataFrame, run_id: str, ingested_at: Column) -> DataFrame:
+    """Valid FHIR R4 resources of types not modelled above: kept whole, keyed by type and id."""
+    patient_ref = F.expr(
+        "from_json(raw, 'struct<subject:struct<reference:string>,patient:struct<reference:string>>')"
+    )
+    ref = F.coalesce(patient_ref["subject"]["reference"], patient_ref["patient"]["reference"])
+    return valid.select(
+        "source_system",
+        "resource_type",
+        "id",
+        "version_id",
+        "last_updated",
+        F.when(ref.like("%Patient/%") | ref.startswith("urn:uuid:"), F.regexp_extract(ref, r"([^/:]+)$", 1)).alias(
+            "patient_id"
+        ),
+        "raw",
+        F.sha2("raw", 256).alias("record_hash"),
+        *lineage(run_id, ingested_at),
+        F.lit(None).cast("string").alias("_reason"),
+        F.lit(None).cast("string").alias("_message"),
+    )
+
+
+def dedupe(rows: DataFrame, keys: list[str]) -> DataFrame:
+    """Newest version per resource within one batch (see :data:`UPDATE_WHEN` for across batches)."""
+    return keep_newest(rows, keys, _newest_first())

@@ -1,0 +1,180 @@
+"""Finding input files, streaming them into Spark, and remembering which ones were ingested.
+
+Files are read by Python tasks on the executors (``mapInArrow``), one task per file, streaming
+lines in bounded Arrow batches: memory per task stays flat whatever the file size, gzip is handled,
+and every record keeps its exact line number for lineage and quarantine.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from ehrlake.errors import EnvironmentProblem
+
+FILE_LOG = "ops.ingest_files"
+
+
+class SourceKind(enum.Enum):
+    FHIR_NDJSON = "fhir-ndjson"
+    """FHIR R4 bulk export: one resource per line, ``.ndjson``/``.jsonl``, optionally gzipped."""
+    FHIR_BUNDLES = "fhir-bundles"
+    """FHIR R4 Bundles (transaction, collection, searchset, batch, document), ``.json``/``.json.gz``."""
+    SYNTHEA_CSV = "synthea-csv"
+    """Synthea CSV export: one file per table (``patients.csv``, ...), optionally gzipped."""
+
+
+_SUFFIXES = {
+    SourceKind.FHIR_NDJSON: (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz"),
+    SourceKind.FHIR_BUNDLES: (".json", ".json.gz"),
+    SourceKind.SYNTHEA_CSV: (".csv", ".csv.gz"),
+}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    modified_ns: int
+
+
+def discover(input_path: str, kind: SourceKind) -> list[InputFile]:
+    """Every file of this kind under ``input_path`` (a file or a directory), sorted by path."""
+    if not os.path.exists(input_path):
+        raise EnvironmentProblem(f"input path {input_path} does not exist")
+    if os.path.isfile(input_path):
+        candidates = [input_path]
+    else:
+        candidates = [
+            os.path.join(d, f) for d, _, files in os.walk(input_path) for f in files if not f.startswith((".", "_"))
+        ]
+    found = []
+    for path in sorted(candidates):
+        if path.lower().endswith(_SUFFIXES[kind]):
+            st = os.stat(path)
+            found.append(InputFile(os.path.abspath(path), st.st_size, st.st_mtime_ns))
+    if not found:
+        raise EnvironmentProblem(
+            f"no {kind.value} files ({', '.join(_SUFFIXES[kind])}) under {input_path}"
+        )
+    return found
+
+
+def table_stem(path: str) -> str:
+    """``/x/patients.csv.gz`` -> ``patients``."""
+    name = os.path.basename(path).lower()
+    for suffix in (".gz", ".csv", ".ndjson", ".jsonl", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+LINES_SCHEMA = T.StructType(
+    [
+        T.StructField("source_file", T.StringType()),
+        T.StructField("record_index", T.LongType()),
+        T.StructField("text", T.StringType()),
+        T.StructField("bad_utf8", T.BooleanType()),
+    ]
+)
+_ARROW_LINES = pa.schema(
+    [("source_file", pa.string()), ("record_index", pa.int64()), ("text", pa.large_string()), ("bad_utf8", pa.bool_())]
+)
+
+
+def _open(path: str) -> io.BufferedIOBase:
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller through the returned wrapper
+    return gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
+
+
+def _stream(batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: int) -> Iterator[pa.RecordBatch]:
+    """Executor side: turn batches of file paths into batches of (file, index, text) records."""
+    for batch in batches:
+        for path in batch.column("path").to_pylist():
+            files, indexes, texts, bad = [], [], [], []
+
+            def flush():
+                out = pa.RecordBatch.from_arrays(
+                    [pa.array(files, pa.string()), pa.array(indexes, pa.int64()),
+                     pa.array(texts, pa.large_string()), pa.array(bad, pa.bool_())],
+                    schema=_ARROW_LINES,
+                )
+                files.clear(), indexes.clear(), texts.clear(), bad.clear()
+                return out
+
+            with _open(path) as handle:
+                if whole_file:
+                    text, was_bad = _decode(handle.read())
+                    files.append(path), indexes.append(0), texts.append(text), bad.append(was_bad)
+                else:
+                    for number, line in enumerate(handle, start=1):
+                        line = line.rstrip(b"\r\n")
+                        if not line.strip():
+                            continue  # blank lines are not records
+                        text, was_bad = _decode(line)
+                        files.append(path), indexes.append(number), texts.append(text), bad.append(was_bad)
+                        if len(files) >= batch_lines:
+                            yield flush()
+            if files:
+                yield flush()
+
+
+def read_records(spark: SparkSession, files: list[InputFile], whole_file: bool, batch_lines: int) -> DataFrame:
+    """One row per line (or per file with ``whole_file``): source_file, record_index, text, bad_utf8."""
+    # A few tasks per core, each streaming several files: one task per file would make every later
+    # stage schedule thousands of tiny tasks. Largest files first, dealt round-robin, to balance bytes.
+    slots = max(1, min(len(files), spark.sparkContext.defaultParallelism * 2))
+    ordered = sorted(files, key=lambda f: -f.size)
+    rows = [(i % slots, f.path) for i, f in enumerate(ordered)]
+    frame = spark.createDataFrame(rows, "slot int, path string").repartition(slots, "slot").select("path")
+    return frame.mapInArrow(lambda it: _stream(it, whole_file, batch_lines), LINES_SCHEMA)
+
+
+def first_line(path: str) -> str:
+    """The header line of a CSV file (read on the driver: one line per file, not per row)."""
+    with _open(path) as handle:
+        line, _ = _decode(handle.readline().rstrip(b"\r\n"))
+    return line.lstrip("\ufeff")
+
+
+FILE_LOG_SCHEMA = T.StructType(
+    [
+        T.StructField("source_kind", T.StringType()),
+        T.StructField("source_system", T.StringType()),
+        T.StructField("path", T.StringType()),
+        T.StructField("size", T.LongType()),
+        T.StructField("modified_ns", T.LongType()),
+        T.StructField("ingest_run_id", T.StringType()),
+        T.StructField("ingested_at", T.TimestampType()),
+    ]
+)
+FILE_LOG_KEYS = ["source_kind", "source_system", "path", "size", "modified_ns"]
+
+
+def new_files(lake, kind: SourceKind, system: str, files: list[InputFile]) -> list[InputFile]:
+    """The files not yet recorded as ingested (same path, size and modification time)."""
+    if not lake.exists(FILE_LOG):
+        return files
+    done = {
+        (r.path, r.size, r.modified_ns)
+        for r in lake.read(FILE_LOG)
+        .where(f"source_kind = '{kind.value}' AND source_system = '{system}'")
+        .select("path", "size", "modified_ns")
+        .toLocalIterator()
+    }
+    return [f for f in files if (f.path, f.size, f.modified_ns) not in done]
