@@ -48,6 +48,7 @@ class _Output:
     keys: list[str]
     update_when: str
     dedupe: callable
+    quarantine_only: bool = False  # rows of an unknown CSV table: every one fails, nothing to load
 
 
 def run(lake, kind: SourceKind, input_path: str, source_system: str = "local", batch_lines: int = 5000,
@@ -83,10 +84,12 @@ def run(lake, kind: SourceKind, input_path: str, source_system: str = "local", b
     for out in outputs:
         # Cached by the merge's own write job, then re-read (not re-parsed) for the quarantine.
         typed = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
-        good = out.dedupe(typed.where("_reason IS NULL").drop("_reason", "_message"))
-        lake.create(out.table, good.schema, PARTITION_BY)
-        result = lake.merge(good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info)
-        merged[out.table] = result.metrics
+        if not out.quarantine_only:
+            good = out.dedupe(typed.where("_reason IS NULL").drop("_reason", "_message"))
+            lake.create(out.table, good.schema, PARTITION_BY)
+            result = lake.merge(good, out.table, out.keys, out.update_when, evolve_schema=True,
+                                commit_info=commit_info)
+            merged[out.table] = result.metrics
         bad_parts.append(quarantine.rows(typed.where("_reason IS NOT NULL"), kind.value, F.lit(out.table), run_id, now))
         out.rows = typed
     quarantined = _quarantine(lake, bad_parts, commit_info)
@@ -164,7 +167,7 @@ def _synthea_outputs(records: DataFrame, files, source_system: str, run_id: str,
             frame = frame.unionByName(part)
         spec = synthea.TABLES.get(table.removeprefix("bronze.synthea_"))
         if spec is None:  # unknown table: every row is quarantined with its reason
-            outputs.append(_Output(table, frame, ["source_system", "row_key"], synthea.UPDATE_WHEN, lambda d: d))
+            outputs.append(_Output(table, frame, [], "", lambda d: d, quarantine_only=True))
         else:
             outputs.append(_Output(table, frame, spec.keys, synthea.UPDATE_WHEN,
                                    lambda df, spec=spec: synthea.dedupe(df, spec)))

@@ -1,0 +1,141 @@
+"""FHIR ingest: NDJSON and bundles into bronze, quarantine with reasons, idempotence, increments."""
+
+from __future__ import annotations
+
+import pytest
+from fhir_fixtures import bundle, condition, observation, patient, write_json, write_ndjson
+
+from ehrlake import ingest
+from ehrlake.errors import EnvironmentProblem
+from ehrlake.ingest import SourceKind
+
+
+def quarantine_reasons(lake) -> dict[tuple[str, int], str]:
+    return {
+        (r.source_file.rsplit("/", 1)[-1], r.record_index): r.reason
+        for r in lake.read("ops.quarantine").collect()
+    }
+
+
+def test_ndjson_plain_and_gzip_many_files_per_type(lake, tmp_path):
+    dump = tmp_path / "dump"
+    write_ndjson(dump / "Patient.ndjson", [patient("p1"), patient("p2")])
+    write_ndjson(dump / "Patient.2.ndjson.gz", [patient("p3")])
+    write_ndjson(dump / "Condition.ndjson.gz", [condition("c1", "p1"), condition("c2", "p3")])
+    write_ndjson(dump / "Observation.ndjson", [observation("o1", "p2")])
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert report.balanced and report.records_read == 6
+    assert report.entities["bronze.fhir_patient"].inserted == 3
+    patients = {r.id: r for r in lake.read("bronze.fhir_patient").collect()}
+    assert set(patients) == {"p1", "p2", "p3"}
+    p1 = patients["p1"]
+    assert (p1.family_name, p1.given_names, p1.city, str(p1.birth_date)) == ("Rao", ["Asha"], "Pune", "1970-05-01")
+    assert p1.record_index == 1 and p1.source_file.endswith("Patient.ndjson") and p1.ingest_run_id == report.run_id
+    assert '"family": "Rao"' in p1.raw  # the full resource is kept
+    cond = {r.id: r for r in lake.read("bronze.fhir_condition").collect()}
+    assert cond["c2"].patient_id == "p3" and cond["c2"].code == "44054006" and cond["c2"].code_system.endswith("sct")
+    obs = lake.read("bronze.fhir_observation").first()
+    assert obs.patient_id == "p2" and obs.value_quantity == 7.1 and obs.value_unit == "%"
+    assert str(obs.effective_at) == "2021-01-01 04:30:00"  # +05:30 normalised to UTC
+
+
+@pytest.mark.parametrize("kind", ["transaction", "collection", "searchset"])
+def test_bundles_of_each_type_json_and_gzip(lake, tmp_path, kind):
+    src = tmp_path / "bundles"
+    write_json(src / "one.json", bundle([patient("p1"), condition("c1", "p1")], kind))
+    write_json(src / "many.json.gz", bundle([patient("p2"), patient("p3"), observation("o1", "p2")], kind))
+    report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(src))
+    assert report.balanced and report.records_read == 5
+    assert sorted(r.id for r in lake.read("bronze.fhir_patient").collect()) == ["p1", "p2", "p3"]
+    entries = {r.id: r.record_index for r in lake.read("bronze.fhir_patient").collect()}
+    assert entries == {"p1": 1, "p2": 1, "p3": 2}  # 1-based entry number within its bundle
+    assert lake.row_count("bronze.fhir_condition") == 1 and lake.row_count("bronze.fhir_observation") == 1
+
+
+def test_valid_but_unmodelled_resource_types_land_in_fhir_other(lake, tmp_path):
+    goal = {"resourceType": "Goal", "id": "g1", "subject": {"reference": "Patient/p1"}}
+    write_json(tmp_path / "b.json", bundle([patient("p1"), goal]))
+    ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b.json"))
+    other = lake.read("bronze.fhir_other").collect()
+    assert [(r.resource_type, r.id, r.patient_id) for r in other] == [("Goal", "g1", "p1")]
+
+
+def test_each_bad_record_is_quarantined_with_its_reason_and_the_rest_loads(lake, tmp_path):
+    dump = tmp_path / "dump"
+    write_ndjson(
+        dump / "mixed.ndjson",
+        [
+            patient("good1"),                                        # line 1
+            '{"resourceType": "Patient", "id": "broken"',            # line 2: malformed JSON
+            {"id": "x1", "gender": "male"},                          # line 3: no resourceType
+            {"resourceType": "Patient", "gender": "male"},           # line 4: no id
+            {"resourceType": "Spaceship", "id": "s1"},               # line 5: not a FHIR R4 type
+            patient("baddate", birth="31/12/1970"),                  # line 6: unparseable date
+            condition("c1", "good1", onset="2020-13-45"),            # line 7: unparseable dateTime
+            observation("o1", "good1"),                              # line 8
+            "[1, 2, 3]",                                             # line 9: JSON but not an object
+        ],
+    )
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert report.balanced and report.records_read == 9
+    assert quarantine_reasons(lake) == {
+        ("mixed.ndjson", 2): "malformed_json",
+        ("mixed.ndjson", 3): "missing_resource_type",
+        ("mixed.ndjson", 4): "missing_id",
+        ("mixed.ndjson", 5): "unknown_resource_type",
+        ("mixed.ndjson", 6): "unparseable_date",
+        ("mixed.ndjson", 7): "unparseable_date",
+        ("mixed.ndjson", 9): "malformed_json",
+    }
+    assert [r.id for r in lake.read("bronze.fhir_patient").collect()] == ["good1"]
+    assert lake.row_count("bronze.fhir_observation") == 1
+    q = {r.record_index: r for r in lake.read("ops.quarantine").collect()}
+    assert "birthDate: '31/12/1970'" in q[6].message and q[6].entity == "bronze.fhir_patient"
+    assert q[2].raw == '{"resourceType": "Patient", "id": "broken"' and q[2].source_kind == "fhir-ndjson"
+    assert report.entities["bronze.fhir_patient"].quarantined == 2  # no id, bad birthDate
+    assert report.entities["(unparsed)"].quarantined == 4  # two malformed, no resourceType, unknown type
+    assert report.total.quarantined == 7
+
+
+def test_malformed_bundle_file_is_quarantined_whole(lake, tmp_path):
+    write_json(tmp_path / "b" / "bad.json", '{"resourceType": "Bundle", "entry": [')
+    write_json(tmp_path / "b" / "good.json", bundle([patient("p1")]))
+    report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b"))
+    assert report.balanced and quarantine_reasons(lake) == {("bad.json", 0): "malformed_json"}
+    assert lake.row_count("bronze.fhir_patient") == 1
+
+
+def test_rerun_adds_nothing_and_a_new_file_is_ingested_alone(lake, tmp_path):
+    dump = tmp_path / "dump"
+    write_ndjson(dump / "Patient.ndjson", [patient("p1"), patient("p2")])
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    version = lake.version("bronze.fhir_patient")
+    again = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert again.files_new == 0 and again.records_read == 0
+    assert lake.version("bronze.fhir_patient") == version and lake.row_count("bronze.fhir_patient") == 2
+    write_ndjson(dump / "Patient.later.ndjson", [patient("p3"), patient("p1", version="2", family="Iyer"),
+                                                 patient("p2", version="1")])
+    third = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert third.files_new == 1 and third.records_read == 3
+    counts = third.entities["bronze.fhir_patient"]
+    assert (counts.inserted, counts.updated, counts.unchanged) == (1, 1, 1)
+    got = {r.id: (r.version_id, r.family_name) for r in lake.read("bronze.fhir_patient").collect()}
+    assert got == {"p1": ("2", "Iyer"), "p2": ("1", "Rao"), "p3": ("1", "Rao")}
+
+
+def test_older_version_never_replaces_newer_and_duplicates_in_one_batch_keep_newest(lake, tmp_path):
+    dump = tmp_path / "dump"
+    write_ndjson(dump / "a.ndjson", [patient("p1", version="3", family="New"), patient("p1", version="2", family="Old")])
+    first = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert first.entities["bronze.fhir_patient"].duplicate == 1
+    write_ndjson(dump / "b.ndjson", [patient("p1", version="1", family="Oldest")])
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert [(r.version_id, r.family_name) for r in lake.read("bronze.fhir_patient").collect()] == [("3", "New")]
+
+
+def test_missing_input_is_a_clear_error(lake, tmp_path):
+    with pytest.raises(EnvironmentProblem, match="does not exist"):
+        ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EnvironmentProblem, match="no fhir-ndjson files"):
+        ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "empty"))

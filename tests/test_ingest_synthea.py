@@ -1,0 +1,79 @@
+"""Synthea CSV ingest: version drift between exports, typing, quarantine of bad rows."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+from conftest import shared
+
+from ehrlake import ingest
+from ehrlake.ingest import SourceKind
+
+V3_PATIENTS = (
+    "Id,BIRTHDATE,DEATHDATE,SSN,DRIVERS,PASSPORT,PREFIX,FIRST,MIDDLE,LAST,SUFFIX,MAIDEN,MARITAL,RACE,ETHNICITY,"
+    "GENDER,BIRTHPLACE,ADDRESS,CITY,STATE,COUNTY,FIPS,ZIP,LAT,LON,HEALTHCARE_EXPENSES,HEALTHCARE_COVERAGE,INCOME"
+)
+
+
+def test_all_shared_synthea_versions_load_with_expected_counts(lake):
+    root = shared("synthea_csv")
+    report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(root))
+    assert report.balanced and report.total.quarantined == 0
+    # independent count: data lines of every patients file (header excluded)
+    expected = sum(
+        len([ln for ln in gzip.open(p, "rt").read().splitlines()[1:] if ln.strip()]) for p in root.glob("*/patients.csv.gz")
+    )
+    assert expected == 215 and lake.row_count("bronze.synthea_patients") == 215
+    incomes = lake.read("bronze.synthea_patients").where("income IS NOT NULL").count()
+    assert incomes == 107  # only the ablack3 export has INCOME
+    enc = lake.read("bronze.synthea_encounters").first()
+    assert enc.start is not None and isinstance(enc.base_encounter_cost, float)
+
+
+def test_newer_and_older_headers_map_by_name_and_bad_rows_are_quarantined(lake, tmp_path):
+    src = tmp_path / "export"
+    src.mkdir()
+    (src / "patients.csv").write_text(
+        V3_PATIENTS + "\n"
+        "p1,1980-02-03,,999-1,,,Mr.,Ravi,K,Kumar,,,M,asian,nonhispanic,M,Pune,1 MG Rd,Pune,MH,,27001,411001,18.5,73.8,100.5,20,50000\n"
+        "p2,03/02/1980,,999-2,,,Mr.,Amit,,Shah,,,M,asian,nonhispanic,M,Pune,2 MG Rd,Pune,MH,,27001,411001,18.5,73.8,1,2,3\n"
+        "p3,1990-01-01,,999-3\n"
+        ",1990-01-01,,999-4,,,,A,,B,,,,,,F,,,,,,,,,,1,2,3\n"
+    )
+    # Synthea 2.x procedures: DATE instead of START/STOP, no SYSTEM column
+    (src / "procedures.csv").write_text(
+        "DATE,PATIENT,ENCOUNTER,CODE,DESCRIPTION,BASE_COST,REASONCODE,REASONDESCRIPTION\n"
+        "2019-02-17T05:07:38Z,p1,e1,430193006,Medication Reconciliation,451.0,,\n"
+        "2019-02-17T05:07:38Z,p1,e1,430193006,Medication Reconciliation,not-a-number,,\n"
+    )
+    (src / "mystery.csv").write_text("A,B\n1,2\n")
+    report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(src))
+    assert report.balanced and report.records_read == 7
+    p1 = lake.read("bronze.synthea_patients").first()
+    assert (p1.id, p1.middle, p1.fips, p1.income, str(p1.birthdate)) == ("p1", "K", "27001", 50000.0, "1980-02-03")
+    proc = lake.read("bronze.synthea_procedures").first()
+    assert str(proc.start) == "2019-02-17 05:07:38" and proc.system is None and proc.base_cost == 451.0
+    reasons = {(r.source_file.rsplit("/", 1)[-1], r.record_index): r.reason for r in lake.read("ops.quarantine").collect()}
+    assert reasons == {
+        ("patients.csv", 3): "unparseable_date",
+        ("patients.csv", 4): "wrong_field_count",
+        ("patients.csv", 5): "missing_id",
+        ("procedures.csv", 3): "unparseable_number",
+        ("mystery.csv", 2): "unknown_table",
+    }
+
+
+def test_identical_rows_without_id_are_kept_apart_and_rerun_under_new_name_adds_nothing(lake, tmp_path):
+    src = tmp_path / "export"
+    src.mkdir()
+    line = "2020-01-01,p1,e1,123,Thing\n"
+    (src / "conditions.csv").write_text("START,PATIENT,ENCOUNTER,CODE,DESCRIPTION\n" + line + line)
+    ingest.run(lake, SourceKind.SYNTHEA_CSV, str(src))
+    assert lake.row_count("bronze.synthea_conditions") == 2  # two real events, not duplicates
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(src / "conditions.csv", copy / "conditions.csv")
+    report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(copy))
+    assert report.entities["bronze.synthea_conditions"].unchanged == 2
+    assert lake.row_count("bronze.synthea_conditions") == 2
