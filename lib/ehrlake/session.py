@@ -34,7 +34,7 @@ def get_spark(config: Config):
     Settings already present (from ``spark-submit`` or an existing session) win over configuration,
     so the same job runs unchanged on the embedded default and on a cluster.
     """
-    from pyspark import SparkConf
+    from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
@@ -43,6 +43,8 @@ def get_spark(config: Config):
     require_java()
     # Executors must run the same Python as the driver (our library is installed there).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Attach to (or start) the JVM first: only a JVM-backed SparkConf sees what spark-submit set.
+    SparkContext._ensure_initialized()
     submitted = SparkConf()
     builder = SparkSession.builder.appName(config.spark.app_name)
     if not submitted.contains("spark.master"):
