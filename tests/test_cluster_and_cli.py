@@ -20,13 +20,29 @@ BIN = Path(PYTHON).parent
 
 
 def env(**extra) -> dict:
-    return {**os.environ, "PYSPARK_PYTHON": PYTHON, "PYSPARK_DRIVER_PYTHON": PYTHON,
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+    return {
+        **os.environ,
+        "PYSPARK_PYTHON": PYTHON,
+        "PYSPARK_DRIVER_PYTHON": PYTHON,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        **extra,
+    }
 
 
 def ehrlake(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "ehrlake"), *args], capture_output=True, text=True, env=env(), cwd=REPO,
-                          timeout=kw.get("timeout", 600))
+    return subprocess.run(
+        [str(BIN / "ehrlake"), *args],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=kw.get("timeout", 600),
+    )
+
+
+def ndjson_ingest_args(lake: Path) -> list[str]:
+    """The ingest arguments every end-to-end test here uses: the Pathling NDJSON sample into ``lake``."""
+    return ["--source", "fhir-ndjson", "--input", str(shared("fhir_ndjson_pathling")), "--lake", str(lake)]
 
 
 def rows_by_table(lake_root: Path) -> dict[str, set]:
@@ -37,7 +53,9 @@ def rows_by_table(lake_root: Path) -> dict[str, set]:
         if name == "ops.ingest_runs":
             continue
         df = DeltaTable(str(log.parent)).to_pandas()
-        df = df.drop(columns=[c for c in ("ingest_run_id", "ingested_at", "quarantined_at") if c in df.columns])
+        df = df.drop(
+            columns=[c for c in ("ingest_run_id", "ingested_at", "quarantined_at") if c in df.columns]
+        )
         out[name] = set(df.astype(str).itertuples(index=False, name=None))
     return out
 
@@ -46,9 +64,14 @@ def test_help_everywhere_and_one_line_errors(tmp_path):
     for args in (["--help"], ["ingest", "--help"], ["lake", "show", "--help"]):
         result = ehrlake(*args)
         assert result.returncode == 0 and "usage:" in result.stdout
-    missing = ehrlake("ingest", "--source", "fhir-ndjson", "--input", str(tmp_path / "nope"), "--lake", str(tmp_path / "l"))
+    missing = ehrlake(
+        "ingest", "--source", "fhir-ndjson", "--input", str(tmp_path / "nope"), "--lake", str(tmp_path / "l")
+    )
     assert missing.returncode == 1
-    assert missing.stderr.strip().splitlines()[-1] == f"ehrlake: error: input path {tmp_path / 'nope'} does not exist"
+    assert (
+        missing.stderr.strip().splitlines()[-1]
+        == f"ehrlake: error: input path {tmp_path / 'nope'} does not exist"
+    )
     bad_lake = tmp_path / "file-not-dir"
     bad_lake.write_text("x")
     result = ehrlake("lake", "show", "--lake", str(bad_lake))
@@ -56,33 +79,60 @@ def test_help_everywhere_and_one_line_errors(tmp_path):
 
 
 def test_no_java_is_a_clear_one_line_error(tmp_path):
-    result = subprocess.run([str(BIN / "ehrlake"), "lake", "show", "--lake", str(tmp_path)], capture_output=True,
-                            text=True, env={**env(), "PATH": str(BIN), "JAVA_HOME": ""}, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "ehrlake"), "lake", "show", "--lake", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**env(), "PATH": str(BIN), "JAVA_HOME": ""},
+        timeout=60,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == ("ehrlake: error: no Java runtime found: install one (Debian: apt-get install "
-                                     "openjdk-17-jre-headless) or set JAVA_HOME")
+    assert result.stderr.strip() == (
+        "ehrlake: error: no Java runtime found: install one (Debian: apt-get install "
+        "openjdk-17-jre-headless) or set JAVA_HOME"
+    )
 
 
 @pytest.mark.slow
 def test_cli_ingest_then_lake_show_json(tmp_path):
     lake = tmp_path / "lake"
-    result = ehrlake("ingest", "--source", "fhir-ndjson", "--input", str(shared("fhir_ndjson_pathling")), "--lake", str(lake))
+    result = ehrlake("ingest", *ndjson_ingest_args(lake))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "check: 6,021 records read" in result.stdout and ": OK" in result.stdout
     shown = ehrlake("lake", "show", "--json", "--lake", str(lake))
     tables = {t["name"]: t for t in json.loads(shown.stdout)["tables"]}
     assert tables["bronze.fhir_patient"]["rows"] == 109 and tables["bronze.fhir_patient"]["layer"] == "bronze"
-    assert tables["bronze.fhir_encounter"]["last_operation"] == "MERGE" and tables["ops.ingest_files"]["rows"] == 7
+    assert (
+        tables["bronze.fhir_encounter"]["last_operation"] == "MERGE"
+        and tables["ops.ingest_files"]["rows"] == 7
+    )
 
 
 @pytest.mark.slow
 def test_ingest_killed_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
     source = shared("fhir_ndjson_pathling")
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    assert ehrlake("ingest", "--source", "fhir-ndjson", "--input", str(source), "--lake", str(clean)).returncode == 0
-    proc = subprocess.Popen([str(BIN / "ehrlake"), "ingest", "--source", "fhir-ndjson", "--input", str(source),
-                             "--lake", str(crashed)], env=env(), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert (
+        ehrlake("ingest", "--source", "fhir-ndjson", "--input", str(source), "--lake", str(clean)).returncode
+        == 0
+    )
+    proc = subprocess.Popen(
+        [
+            str(BIN / "ehrlake"),
+            "ingest",
+            "--source",
+            "fhir-ndjson",
+            "--input",
+            str(source),
+            "--lake",
+            str(crashed),
+        ],
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # kill as soon as the first bronze table has a data commit, while others are still to come
     deadline = time.time() + 300
     while time.time() < deadline and not list(crashed.glob("bronze/*/_delta_log/00000000000000000001.json")):
@@ -105,21 +155,44 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_spark_submit_ingest_on_a_standalone_cluster_with_two_workers(tmp_path):
-    cluster = {"EHRLAKE_CLUSTER_DIR": str(tmp_path / "cluster"), "PYTHON": PYTHON,
-               "SPARK_MASTER_PORT": str(_free_port()), "SPARK_MASTER_WEBUI_PORT": str(_free_port()),
-               "SPARK_WORKER_MEMORY": "1g"}
-    start = subprocess.run(["bash", "infra/standalone/start.sh", "2"], capture_output=True, text=True,
-                           env=env(**cluster), cwd=REPO, timeout=240)
+    cluster = {
+        "EHRLAKE_CLUSTER_DIR": str(tmp_path / "cluster"),
+        "PYTHON": PYTHON,
+        "SPARK_MASTER_PORT": str(_free_port()),
+        "SPARK_MASTER_WEBUI_PORT": str(_free_port()),
+        "SPARK_WORKER_MEMORY": "1g",
+    }
+    start = subprocess.run(
+        ["bash", "infra/standalone/start.sh", "2"],
+        capture_output=True,
+        text=True,
+        env=env(**cluster),
+        cwd=REPO,
+        timeout=240,
+    )
     try:
         assert start.returncode == 0, start.stderr + start.stdout
         master = start.stdout.strip().splitlines()[-1]
         lake = tmp_path / "lake"
         submit = subprocess.run(
-            [str(BIN / "spark-submit"), "--master", master, "--conf", f"spark.pyspark.python={PYTHON}",
-             "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.executor.memory=768m",
-             "jobs/ingest.py", "--source", "fhir-ndjson", "--input", str(shared("fhir_ndjson_pathling")),
-             "--lake", str(lake)],
-            capture_output=True, text=True, env=env(), cwd=REPO, timeout=600,
+            [
+                str(BIN / "spark-submit"),
+                "--master",
+                master,
+                "--conf",
+                f"spark.pyspark.python={PYTHON}",
+                "--conf",
+                "spark.driver.host=127.0.0.1",
+                "--conf",
+                "spark.executor.memory=768m",
+                "jobs/ingest.py",
+                *ndjson_ingest_args(lake),
+            ],
+            capture_output=True,
+            text=True,
+            env=env(),
+            cwd=REPO,
+            timeout=600,
         )
         assert submit.returncode == 0, submit.stderr[-3000:]
         assert ": OK" in submit.stdout

@@ -29,11 +29,24 @@ def test_ndjson_plain_and_gzip_many_files_per_type(lake, tmp_path):
     patients = {r.id: r for r in lake.read("bronze.fhir_patient").collect()}
     assert set(patients) == {"p1", "p2", "p3"}
     p1 = patients["p1"]
-    assert (p1.family_name, p1.given_names, p1.city, str(p1.birth_date)) == ("Rao", ["Asha"], "Pune", "1970-05-01")
-    assert p1.record_index == 1 and p1.source_file.endswith("Patient.ndjson") and p1.ingest_run_id == report.run_id
+    assert (p1.family_name, p1.given_names, p1.city, str(p1.birth_date)) == (
+        "Rao",
+        ["Asha"],
+        "Pune",
+        "1970-05-01",
+    )
+    assert (
+        p1.record_index == 1
+        and p1.source_file.endswith("Patient.ndjson")
+        and p1.ingest_run_id == report.run_id
+    )
     assert '"family": "Rao"' in p1.raw  # the full resource is kept
     cond = {r.id: r for r in lake.read("bronze.fhir_condition").collect()}
-    assert cond["c2"].patient_id == "p3" and cond["c2"].code == "44054006" and cond["c2"].code_system.endswith("sct")
+    assert (
+        cond["c2"].patient_id == "p3"
+        and cond["c2"].code == "44054006"
+        and cond["c2"].code_system.endswith("sct")
+    )
     obs = lake.read("bronze.fhir_observation").first()
     assert obs.patient_id == "p2" and obs.value_quantity == 7.1 and obs.value_unit == "%"
     assert str(obs.effective_at) == "2021-01-01 04:30:00"  # +05:30 normalised to UTC
@@ -65,15 +78,15 @@ def test_each_bad_record_is_quarantined_with_its_reason_and_the_rest_loads(lake,
     write_ndjson(
         dump / "mixed.ndjson",
         [
-            patient("good1"),                                        # line 1
-            '{"resourceType": "Patient", "id": "broken"',            # line 2: malformed JSON
-            {"id": "x1", "gender": "male"},                          # line 3: no resourceType
-            {"resourceType": "Patient", "gender": "male"},           # line 4: no id
-            {"resourceType": "Spaceship", "id": "s1"},               # line 5: not a FHIR R4 type
-            patient("baddate", birth="31/12/1970"),                  # line 6: unparseable date
-            condition("c1", "good1", onset="2020-13-45"),            # line 7: unparseable dateTime
-            observation("o1", "good1"),                              # line 8
-            "[1, 2, 3]",                                             # line 9: JSON but not an object
+            patient("good1"),  # line 1
+            '{"resourceType": "Patient", "id": "broken"',  # line 2: malformed JSON
+            {"id": "x1", "gender": "male"},  # line 3: no resourceType
+            {"resourceType": "Patient", "gender": "male"},  # line 4: no id
+            {"resourceType": "Spaceship", "id": "s1"},  # line 5: not a FHIR R4 type
+            patient("baddate", birth="31/12/1970"),  # line 6: unparseable date
+            condition("c1", "good1", onset="2020-13-45"),  # line 7: unparseable dateTime
+            observation("o1", "good1"),  # line 8
+            "[1, 2, 3]",  # line 9: JSON but not an object
         ],
     )
     report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
@@ -113,8 +126,10 @@ def test_rerun_adds_nothing_and_a_new_file_is_ingested_alone(lake, tmp_path):
     again = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
     assert again.files_new == 0 and again.records_read == 0
     assert lake.version("bronze.fhir_patient") == version and lake.row_count("bronze.fhir_patient") == 2
-    write_ndjson(dump / "Patient.later.ndjson", [patient("p3"), patient("p1", version="2", family="Iyer"),
-                                                 patient("p2", version="1")])
+    write_ndjson(
+        dump / "Patient.later.ndjson",
+        [patient("p3"), patient("p1", version="2", family="Iyer"), patient("p2", version="1")],
+    )
     third = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
     assert third.files_new == 1 and third.records_read == 3
     counts = third.entities["bronze.fhir_patient"]
@@ -125,12 +140,17 @@ def test_rerun_adds_nothing_and_a_new_file_is_ingested_alone(lake, tmp_path):
 
 def test_older_version_never_replaces_newer_and_duplicates_in_one_batch_keep_newest(lake, tmp_path):
     dump = tmp_path / "dump"
-    write_ndjson(dump / "a.ndjson", [patient("p1", version="3", family="New"), patient("p1", version="2", family="Old")])
+    write_ndjson(
+        dump / "a.ndjson",
+        [patient("p1", version="3", family="New"), patient("p1", version="2", family="Old")],
+    )
     first = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
     assert first.entities["bronze.fhir_patient"].duplicate == 1
     write_ndjson(dump / "b.ndjson", [patient("p1", version="1", family="Oldest")])
     ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
-    assert [(r.version_id, r.family_name) for r in lake.read("bronze.fhir_patient").collect()] == [("3", "New")]
+    assert [(r.version_id, r.family_name) for r in lake.read("bronze.fhir_patient").collect()] == [
+        ("3", "New")
+    ]
 
 
 def test_missing_input_is_a_clear_error(lake, tmp_path):

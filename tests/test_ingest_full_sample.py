@@ -27,5 +27,8 @@ def test_smart_625_patients_bronze_rows_equal_resources_in_bundles(lake):
     for rtype, ids in distinct.items():
         if rtype in BY_TYPE:
             assert lake.row_count(BY_TYPE[rtype].table) == len(ids), rtype
-    other = {r["resource_type"]: r["count"] for r in lake.read(OTHER_TABLE).groupBy("resource_type").count().collect()}
+    other = {
+        r["resource_type"]: r["count"]
+        for r in lake.read(OTHER_TABLE).groupBy("resource_type").count().collect()
+    }
     assert other == {t: len(ids) for t, ids in distinct.items() if t not in BY_TYPE}

@@ -22,7 +22,8 @@ def test_all_shared_synthea_versions_load_with_expected_counts(lake):
     assert report.balanced and report.total.quarantined == 0
     # independent count: data lines of every patients file (header excluded)
     expected = sum(
-        len([ln for ln in gzip.open(p, "rt").read().splitlines()[1:] if ln.strip()]) for p in root.glob("*/patients.csv.gz")
+        len([ln for ln in gzip.open(p, "rt").read().splitlines()[1:] if ln.strip()])
+        for p in root.glob("*/patients.csv.gz")
     )
     assert expected == 215 and lake.row_count("bronze.synthea_patients") == 215
     incomes = lake.read("bronze.synthea_patients").where("income IS NOT NULL").count()
@@ -51,10 +52,19 @@ def test_newer_and_older_headers_map_by_name_and_bad_rows_are_quarantined(lake, 
     report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(src))
     assert report.balanced and report.records_read == 7
     p1 = lake.read("bronze.synthea_patients").first()
-    assert (p1.id, p1.middle, p1.fips, p1.income, str(p1.birthdate)) == ("p1", "K", "27001", 50000.0, "1980-02-03")
+    assert (p1.id, p1.middle, p1.fips, p1.income, str(p1.birthdate)) == (
+        "p1",
+        "K",
+        "27001",
+        50000.0,
+        "1980-02-03",
+    )
     proc = lake.read("bronze.synthea_procedures").first()
     assert str(proc.start) == "2019-02-17 05:07:38" and proc.system is None and proc.base_cost == 451.0
-    reasons = {(r.source_file.rsplit("/", 1)[-1], r.record_index): r.reason for r in lake.read("ops.quarantine").collect()}
+    reasons = {
+        (r.source_file.rsplit("/", 1)[-1], r.record_index): r.reason
+        for r in lake.read("ops.quarantine").collect()
+    }
     assert reasons == {
         ("patients.csv", 3): "unparseable_date",
         ("patients.csv", 4): "wrong_field_count",

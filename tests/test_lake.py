@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.errors import CommitConflict, ConfigError, SchemaMismatch, TableNotFound
-from ehrlake.lake import Lake, WriteMode
+from ehrlake.lake import WriteMode
 from ehrlake.lake._delta_rs import _add_actions
 
 SCHEMA = T.StructType(
@@ -101,9 +101,15 @@ def test_overwrite_whole_table_and_time_travel(lake, spark):
 def test_overwrite_one_partition_keeps_the_others(lake, spark):
     lake.write(sample(spark), "bronze.things", partition_by=["region"])
     lake.write(
-        rows(spark, [("k", "KA", 7, None, None)]), "bronze.things", mode=WriteMode.OVERWRITE, where={"region": "KA"}
+        rows(spark, [("k", "KA", 7, None, None)]),
+        "bronze.things",
+        mode=WriteMode.OVERWRITE,
+        where={"region": "KA"},
     )
-    assert sorted((r.id, r.region) for r in lake.read("bronze.things").collect()) == [("b", "MH"), ("k", "KA")]
+    assert sorted((r.id, r.region) for r in lake.read("bronze.things").collect()) == [
+        ("b", "MH"),
+        ("k", "KA"),
+    ]
 
 
 def test_partition_overwrite_refuses_rows_of_other_partitions(lake, spark):
@@ -115,7 +121,9 @@ def test_partition_overwrite_refuses_rows_of_other_partitions(lake, spark):
 
 def test_merge_updates_matched_inserts_new_and_counts(lake, spark):
     lake.write(sample(spark), "bronze.things", partition_by=["region"])
-    update = rows(spark, [("a", "KA", 10, None, ["y"]), ("b", "MH", 1, None, None), ("d", "MH", 4, None, None)])
+    update = rows(
+        spark, [("a", "KA", 10, None, ["y"]), ("b", "MH", 1, None, None), ("d", "MH", 4, None, None)]
+    )
     result = lake.merge(update, "bronze.things", keys=["id"], update_when="s.n > t.n")
     assert result.metrics == {"inserted": 1, "updated": 1, "unchanged": 1}
     got = {r.id: r.n for r in lake.read("bronze.things").collect()}
@@ -190,7 +198,10 @@ def test_writer_killed_after_writing_files_before_commit_leaves_table_unchanged(
     version, before = lake.version("bronze.things"), as_set(lake.read("bronze.things"))
     files_before = set(Path(lake.path("bronze.things")).rglob("*.parquet"))
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_WRITER, lake.root], capture_output=True, text=True, timeout=180,
+        [sys.executable, "-c", KILLED_WRITER, lake.root],
+        capture_output=True,
+        text=True,
+        timeout=180,
         env={**os.environ, "PYSPARK_PYTHON": sys.executable},
     )
     assert proc.returncode == -9 and "STAGED 1" in proc.stdout, proc.stderr[-2000:]

@@ -17,29 +17,46 @@ EXIT_FAILURE = 1
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lake", help="lake root directory (default: lake.root of the configuration, ./lake)")
+    parser.add_argument(
+        "--lake", help="lake root directory (default: lake.root of the configuration, ./lake)"
+    )
     parser.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ehrlake", description="EHR lakehouse on Apache Spark and Delta Lake.")
+    parser = argparse.ArgumentParser(
+        prog="ehrlake", description="EHR lakehouse on Apache Spark and Delta Lake."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ingest = sub.add_parser("ingest", help="load EHR dumps into bronze Delta tables",
-                            description="Load new files of one source kind into bronze tables; bad records go "
-                                        "to ops.quarantine with a reason. Re-running adds nothing.")
-    ingest.add_argument("--source", required=True, choices=["fhir-ndjson", "fhir-bundles", "synthea-csv"],
-                        help="format of the input files")
+    ingest = sub.add_parser(
+        "ingest",
+        help="load EHR dumps into bronze Delta tables",
+        description="Load new files of one source kind into bronze tables; bad records go "
+        "to ops.quarantine with a reason. Re-running adds nothing.",
+    )
+    ingest.add_argument(
+        "--source",
+        required=True,
+        choices=["fhir-ndjson", "fhir-bundles", "synthea-csv"],
+        help="format of the input files",
+    )
     ingest.add_argument("--input", required=True, help="a file or a directory (searched recursively)")
-    ingest.add_argument("--source-system", help="name of the hospital/system the dump came from "
-                                                "(default: ingest.source_system of the configuration)")
+    ingest.add_argument(
+        "--source-system",
+        help="name of the hospital/system the dump came from "
+        "(default: ingest.source_system of the configuration)",
+    )
     ingest.add_argument("--json", action="store_true", help="print the run report as JSON")
     _common(ingest)
 
     lake_cmd = sub.add_parser("lake", help="inspect the lake", description="Inspect the tables of the lake.")
     lake_sub = lake_cmd.add_subparsers(dest="lake_command", required=True, metavar="SUBCOMMAND")
-    show = lake_sub.add_parser("show", help="every table with layer, Delta version, rows and last operation",
-                               description="List every Delta table under the lake root.")
+    show = lake_sub.add_parser(
+        "show",
+        help="every table with layer, Delta version, rows and last operation",
+        description="List every Delta table under the lake root.",
+    )
     show.add_argument("--json", action="store_true", help="machine-readable output for scripts")
     _common(show)
     return parser
@@ -95,9 +112,15 @@ def format_tables(root: str, tables) -> str:
     if not tables:
         return f"lake {root}: no tables yet"
     width = max(len(t.name) for t in tables)
-    lines = [f"lake {root}", f"{'table':<{width}}  {'layer':<6} {'version':>7} {'rows':>10}  {'last operation':<15} last commit"]
+    lines = [
+        f"lake {root}",
+        f"{'table':<{width}}  {'layer':<6} {'version':>7} {'rows':>10}  {'last operation':<15} last commit",
+    ]
     for t in tables:
-        lines.append(f"{t.name:<{width}}  {t.layer:<6} {t.version:>7} {t.rows:>10,}  {t.last_operation:<15} {t.last_commit}")
+        lines.append(
+            f"{t.name:<{width}}  {t.layer:<6} {t.version:>7} {t.rows:>10,}  "
+            f"{t.last_operation:<15} {t.last_commit}"
+        )
     return "\n".join(lines)
 
 

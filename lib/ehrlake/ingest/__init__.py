@@ -20,7 +20,6 @@ from pyspark.sql import functions as F
 from ehrlake.ingest import fhir, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.report import UNPARSED, EntityCounts, IngestReport
-from ehrlake.ingest.synthea import table_for
 from ehrlake.ingest.sources import (
     FILE_LOG,
     FILE_LOG_KEYS,
@@ -32,6 +31,7 @@ from ehrlake.ingest.sources import (
     read_records,
     table_stem,
 )
+from ehrlake.ingest.synthea import table_for
 
 __all__ = ["run", "SourceKind", "IngestReport", "EntityCounts"]
 
@@ -51,11 +51,17 @@ class _Output:
     quarantine_only: bool = False  # rows of an unknown CSV table: every one fails, nothing to load
 
 
-def run(lake, kind: SourceKind, input_path: str, source_system: str = "local", batch_lines: int = 5000,
-        run_id: str | None = None) -> IngestReport:
+def run(
+    lake,
+    kind: SourceKind,
+    input_path: str,
+    source_system: str = "local",
+    batch_lines: int = 5000,
+    run_id: str | None = None,
+) -> IngestReport:
     """Ingest every new file of ``kind`` under ``input_path`` into the lake (see module docstring)."""
     kind = SourceKind(kind)
-    started = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    started = dt.datetime.now(dt.UTC).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     files = discover(input_path, kind)
     todo = new_files(lake, kind, source_system, files)
@@ -69,12 +75,16 @@ def run(lake, kind: SourceKind, input_path: str, source_system: str = "local", b
         records = records.where("record_index > 1").persist(StorageLevel.MEMORY_AND_DISK)  # line 1: header
         outputs, early_bad = _synthea_outputs(records, todo, source_system, run_id, now), None
     else:
-        records = read_records(spark, todo, whole_file=kind is SourceKind.FHIR_BUNDLES, batch_lines=batch_lines)
+        records = read_records(
+            spark, todo, whole_file=kind is SourceKind.FHIR_BUNDLES, batch_lines=batch_lines
+        )
         if kind is SourceKind.FHIR_BUNDLES:
             records = fhir.explode_bundles(records)
         records = fhir.classify(records, source_system).persist(StorageLevel.MEMORY_AND_DISK)
         outputs = _fhir_outputs(records, run_id, now)
-        early_bad = quarantine.rows(records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now)
+        early_bad = quarantine.rows(
+            records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
+        )
     census = _census(records, kind, todo)
     report.records_read = census.total
     outputs = [out for out in outputs if out.table in census.valid]
@@ -83,15 +93,16 @@ def run(lake, kind: SourceKind, input_path: str, source_system: str = "local", b
     merged: dict[str, dict] = {}
     for out in outputs:
         # Cached by the merge's own write job, then re-read (not re-parsed) for the quarantine.
-        typed = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
+        out.rows = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
         if not out.quarantine_only:
-            good = out.dedupe(typed.where("_reason IS NULL").drop("_reason", "_message"))
+            good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
             lake.create(out.table, good.schema, PARTITION_BY)
-            result = lake.merge(good, out.table, out.keys, out.update_when, evolve_schema=True,
-                                commit_info=commit_info)
+            result = lake.merge(
+                good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info
+            )
             merged[out.table] = result.metrics
-        bad_parts.append(quarantine.rows(typed.where("_reason IS NOT NULL"), kind.value, F.lit(out.table), run_id, now))
-        out.rows = typed
+        bad = out.rows.where("_reason IS NOT NULL")
+        bad_parts.append(quarantine.rows(bad, kind.value, F.lit(out.table), run_id, now))
     quarantined = _quarantine(lake, bad_parts, commit_info)
     _fill_report(report, census, merged, quarantined)
     _mark_ingested(lake, kind, source_system, todo, run_id, now, commit_info)
@@ -126,14 +137,20 @@ def _census(records: DataFrame, kind: SourceKind, files) -> _Census:
     )
 
 
-def _fill_report(report: IngestReport, census: _Census, merged: dict[str, dict], quarantined: dict[str, int]) -> None:
+def _fill_report(
+    report: IngestReport, census: _Census, merged: dict[str, dict], quarantined: dict[str, int]
+) -> None:
     """records_in = valid + envelope failures; what was valid but failed typing is quarantined too."""
     for table in set(census.valid) | set(census.envelope_bad) | set(quarantined):
         counts = report.entity(table)
         counts.records_in = census.valid.get(table, 0) + census.envelope_bad.get(table, 0)
         counts.quarantined = quarantined.get(table, 0)
         metrics = merged.get(table, {"inserted": 0, "updated": 0, "unchanged": 0})
-        counts.inserted, counts.updated, counts.unchanged = metrics["inserted"], metrics["updated"], metrics["unchanged"]
+        counts.inserted, counts.updated, counts.unchanged = (
+            metrics["inserted"],
+            metrics["updated"],
+            metrics["unchanged"],
+        )
         counts.duplicate = counts.records_in - counts.quarantined - sum(metrics.values())
 
 
@@ -141,11 +158,25 @@ def _fhir_outputs(classified: DataFrame, run_id: str, now) -> list[_Output]:
     outputs = []
     for entity in model.ENTITIES:
         valid = classified.where((F.col("entity") == entity.table) & F.col("_reason").isNull())
-        outputs.append(_Output(entity.table, fhir.type_entity(valid, entity, run_id, now), fhir.ENTITY_KEYS,
-                               fhir.UPDATE_WHEN, lambda df: fhir.dedupe(df, fhir.ENTITY_KEYS)))
+        outputs.append(
+            _Output(
+                entity.table,
+                fhir.type_entity(valid, entity, run_id, now),
+                fhir.ENTITY_KEYS,
+                fhir.UPDATE_WHEN,
+                lambda df: fhir.dedupe(df, fhir.ENTITY_KEYS),
+            )
+        )
     other = classified.where((F.col("entity") == model.OTHER_TABLE) & F.col("_reason").isNull())
-    outputs.append(_Output(model.OTHER_TABLE, fhir.type_other(other, run_id, now), fhir.OTHER_KEYS,
-                           fhir.UPDATE_WHEN, lambda df: fhir.dedupe(df, fhir.OTHER_KEYS)))
+    outputs.append(
+        _Output(
+            model.OTHER_TABLE,
+            fhir.type_other(other, run_id, now),
+            fhir.OTHER_KEYS,
+            fhir.UPDATE_WHEN,
+            lambda df: fhir.dedupe(df, fhir.OTHER_KEYS),
+        )
+    )
     return outputs
 
 
@@ -169,8 +200,15 @@ def _synthea_outputs(records: DataFrame, files, source_system: str, run_id: str,
         if spec is None:  # unknown table: every row is quarantined with its reason
             outputs.append(_Output(table, frame, [], "", lambda d: d, quarantine_only=True))
         else:
-            outputs.append(_Output(table, frame, spec.keys, synthea.UPDATE_WHEN,
-                                   lambda df, spec=spec: synthea.dedupe(df, spec)))
+            outputs.append(
+                _Output(
+                    table,
+                    frame,
+                    spec.keys,
+                    synthea.UPDATE_WHEN,
+                    lambda df, spec=spec: synthea.dedupe(df, spec),
+                )
+            )
     return outputs
 
 
@@ -193,18 +231,35 @@ def _quarantine(lake, parts: list[DataFrame], commit_info: dict) -> dict[str, in
 def _mark_ingested(lake, kind, source_system, files, run_id, now, commit_info) -> None:
     """Last step: only now are these files skipped by later runs (a crash before this re-reads them)."""
     rows = [(kind.value, source_system, f.path, f.size, f.modified_ns, run_id) for f in files]
-    frame = lake.spark.createDataFrame(rows, "source_kind string, source_system string, path string, size long, "
-                                             "modified_ns long, ingest_run_id string").withColumn("ingested_at", now)
+    frame = lake.spark.createDataFrame(
+        rows,
+        "source_kind string, source_system string, path string, size long, "
+        "modified_ns long, ingest_run_id string",
+    ).withColumn("ingested_at", now)
     lake.create(FILE_LOG, FILE_LOG_SCHEMA)
-    lake.merge(frame.select(*FILE_LOG_SCHEMA.fieldNames()), FILE_LOG, FILE_LOG_KEYS, "false", commit_info=commit_info)
+    lake.merge(
+        frame.select(*FILE_LOG_SCHEMA.fieldNames()), FILE_LOG, FILE_LOG_KEYS, "false", commit_info=commit_info
+    )
 
 
 def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: dict) -> None:
     import json
 
     frame = lake.spark.createDataFrame(
-        [(report.run_id, report.source_kind, report.source_system, report.input, started,
-          dt.datetime.now(dt.timezone.utc), report.files_new, report.records_read, report.balanced, json.dumps(report.as_dict()))],
+        [
+            (
+                report.run_id,
+                report.source_kind,
+                report.source_system,
+                report.input,
+                started,
+                dt.datetime.now(dt.UTC),
+                report.files_new,
+                report.records_read,
+                report.balanced,
+                json.dumps(report.as_dict()),
+            )
+        ],
         "run_id string, source_kind string, source_system string, input string, started_at timestamp, "
         "finished_at timestamp, files int, records_read long, balanced boolean, report string",
     )

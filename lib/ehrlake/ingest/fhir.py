@@ -16,7 +16,9 @@ from ehrlake.ingest.quarantine import Reason, first_failure
 
 CORRUPT = "_corrupt"
 JSON_OPTIONS = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
-ENVELOPE = f"struct<resourceType:string,id:string,meta:struct<versionId:string,lastUpdated:string>,{CORRUPT}:string>"
+ENVELOPE = (
+    f"struct<resourceType:string,id:string,meta:struct<versionId:string,lastUpdated:string>,{CORRUPT}:string>"
+)
 BUNDLE = f"struct<resourceType:string,entry:array<struct<fullUrl:string,resource:string>>,{CORRUPT}:string>"
 
 ENTITY_KEYS = ["source_system", "id"]
@@ -34,7 +36,10 @@ UPDATE_WHEN = (
 
 
 def _newest_first() -> list[Column]:
-    return [F.col("last_updated").desc_nulls_last(), F.expr("try_cast(version_id AS BIGINT)").desc_nulls_last()]
+    return [
+        F.col("last_updated").desc_nulls_last(),
+        F.expr("try_cast(version_id AS BIGINT)").desc_nulls_last(),
+    ]
 
 
 def explode_bundles(docs: DataFrame) -> DataFrame:
@@ -127,12 +132,19 @@ def type_entity(valid: DataFrame, entity: model.FhirEntity, run_id: str, ingeste
     for rows whose fields are of the wrong JSON type or whose dates do not parse."""
     parse_schema = entity.parse_schema[:-1] + f",{CORRUPT}:string>"
     df = valid.withColumn("r", F.from_json("raw", parse_schema, JSON_OPTIONS))
-    checks = [(F.col(f"r.{CORRUPT}").isNotNull(), Reason.INVALID_FIELD_TYPE,
-               F.lit(f"a field of this {entity.resource_type} has the wrong JSON type"))]
+    checks = [
+        (
+            F.col(f"r.{CORRUPT}").isNotNull(),
+            Reason.INVALID_FIELD_TYPE,
+            F.lit(f"a field of this {entity.resource_type} has the wrong JSON type"),
+        )
+    ]
     checks += [_temporal_check(c) for c in entity.columns if c.is_temporal]
     reason, message = first_failure(checks)
     typed = [
-        (F.expr(f"try_cast({c.sql} AS {c.ddl})") if c.is_temporal else F.expr(f"CAST({c.sql} AS {c.ddl})")).alias(c.name)
+        (
+            F.expr(f"try_cast({c.sql} AS {c.ddl})") if c.is_temporal else F.expr(f"CAST({c.sql} AS {c.ddl})")
+        ).alias(c.name)
         for c in entity.columns
     ]
     return df.select(
@@ -161,9 +173,9 @@ def type_other(valid: DataFrame, run_id: str, ingested_at: Column) -> DataFrame:
         "id",
         "version_id",
         "last_updated",
-        F.when(ref.like("%Patient/%") | ref.startswith("urn:uuid:"), F.regexp_extract(ref, r"([^/:]+)$", 1)).alias(
-            "patient_id"
-        ),
+        F.when(
+            ref.like("%Patient/%") | ref.startswith("urn:uuid:"), F.regexp_extract(ref, r"([^/:]+)$", 1)
+        ).alias("patient_id"),
         "raw",
         F.sha2("raw", 256).alias("record_hash"),
         *lineage(run_id, ingested_at),

@@ -20,7 +20,9 @@ PERIOD = "struct<start:string,end:string>"
 QUANTITY = "struct<value:double,unit:string,system:string,code:string>"
 IDENTIFIER = f"struct<system:string,value:string,type:{CONCEPT}>"
 NAME = "struct<use:string,text:string,family:string,given:array<string>,prefix:array<string>>"
-ADDRESS = "struct<line:array<string>,city:string,district:string,state:string,postalCode:string,country:string>"
+ADDRESS = (
+    "struct<line:array<string>,city:string,district:string,state:string,postalCode:string,country:string>"
+)
 TELECOM = "struct<system:string,value:string,use:string>"
 EXTENSION = (
     f"struct<url:string,valueString:string,valueCode:string,valueCoding:{CODING},"
@@ -62,7 +64,8 @@ def first_coding(concept: str, part: str) -> str:
 
 
 def identifiers(expr: str) -> str:
-    return f"transform({expr}, i -> named_struct('system', i.system, 'value', i.value, 'type_code', i.type.coding[0].code))"
+    fields = "'system', i.system, 'value', i.value, 'type_code', i.type.coding[0].code"
+    return f"transform({expr}, i -> named_struct({fields}))"
 
 
 def extension_coding(url_suffix: str) -> str:
@@ -124,8 +127,12 @@ def _code(prefix: str, concept: str, path: str) -> tuple[Column, ...]:
     return (
         Column(f"{prefix}_system", "string", first_coding(concept, "system"), f"{path}.coding[0].system"),
         Column(f"{prefix}", "string", first_coding(concept, "code"), f"{path}.coding[0].code"),
-        Column(f"{prefix}_display", "string", f"coalesce({first_coding(concept, 'display')}, {concept}.text)",
-               f"{path}.coding[0].display | {path}.text"),
+        Column(
+            f"{prefix}_display",
+            "string",
+            f"coalesce({first_coding(concept, 'display')}, {concept}.text)",
+            f"{path}.coding[0].display | {path}.text",
+        ),
     )
 
 
@@ -140,8 +147,12 @@ ENTITIES: tuple[FhirEntity, ...] = (
         (
             Column("gender", "string", "r.gender", "gender"),
             _date("birth_date", "r.birthDate", "date"),
-            Column("deceased", "boolean", "coalesce(r.deceasedBoolean, r.deceasedDateTime IS NOT NULL)",
-                   "deceasedBoolean | deceasedDateTime"),
+            Column(
+                "deceased",
+                "boolean",
+                "coalesce(r.deceasedBoolean, r.deceasedDateTime IS NOT NULL)",
+                "deceasedBoolean | deceasedDateTime",
+            ),
             _date("deceased_at", "r.deceasedDateTime"),
             Column("family_name", "string", "r.name[0].family", "name[0].family"),
             Column("given_names", "strings", "r.name[0].given", "name[0].given"),
@@ -152,16 +163,36 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("state", "string", "r.address[0].state", "address[0].state"),
             Column("postal_code", "string", "r.address[0].postalCode", "address[0].postalCode"),
             Column("country", "string", "r.address[0].country", "address[0].country"),
-            Column("phone", "string", "filter(r.telecom, t -> t.system = 'phone')[0].value", "telecom[system=phone]"),
-            Column("email", "string", "filter(r.telecom, t -> t.system = 'email')[0].value", "telecom[system=email]"),
+            Column(
+                "phone",
+                "string",
+                "filter(r.telecom, t -> t.system = 'phone')[0].value",
+                "telecom[system=phone]",
+            ),
+            Column(
+                "email",
+                "string",
+                "filter(r.telecom, t -> t.system = 'email')[0].value",
+                "telecom[system=email]",
+            ),
             Column("identifiers", "identifiers", identifiers("r.identifier"), "identifier[]"),
             Column("marital_status", "string", first_coding("r.maritalStatus", "code"), "maritalStatus"),
             Column("race", "string", extension_coding("us-core-race"), "extension[us-core-race]"),
-            Column("ethnicity", "string", extension_coding("us-core-ethnicity"), "extension[us-core-ethnicity]"),
-            Column("managing_organization_id", "string", ref_id("r.managingOrganization.reference"),
-                   "managingOrganization"),
-            Column("general_practitioner_id", "string", ref_id("r.generalPractitioner[0].reference"),
-                   "generalPractitioner[0]"),
+            Column(
+                "ethnicity", "string", extension_coding("us-core-ethnicity"), "extension[us-core-ethnicity]"
+            ),
+            Column(
+                "managing_organization_id",
+                "string",
+                ref_id("r.managingOrganization.reference"),
+                "managingOrganization",
+            ),
+            Column(
+                "general_practitioner_id",
+                "string",
+                ref_id("r.generalPractitioner[0].reference"),
+                "generalPractitioner[0]",
+            ),
         ),
         "Demographics and direct identifiers of a person receiving care.",
     ),
@@ -180,14 +211,28 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _date("period_start", "r.period.start"),
             _date("period_end", "r.period.end"),
             Column("service_provider_id", "string", ref_id("r.serviceProvider.reference"), "serviceProvider"),
-            Column("practitioner_id", "string", ref_id("r.participant[0].individual.reference"),
-                   "participant[0].individual"),
-            Column("location_id", "string", ref_id("r.location[0].location.reference"), "location[0].location"),
+            Column(
+                "practitioner_id",
+                "string",
+                ref_id("r.participant[0].individual.reference"),
+                "participant[0].individual",
+            ),
+            Column(
+                "location_id", "string", ref_id("r.location[0].location.reference"), "location[0].location"
+            ),
             *_code("reason_code", "r.reasonCode[0]", "reasonCode[0]"),
-            Column("admit_source", "string", first_coding("r.hospitalization.admitSource", "code"),
-                   "hospitalization.admitSource"),
-            Column("discharge_disposition", "string", first_coding("r.hospitalization.dischargeDisposition", "code"),
-                   "hospitalization.dischargeDisposition"),
+            Column(
+                "admit_source",
+                "string",
+                first_coding("r.hospitalization.admitSource", "code"),
+                "hospitalization.admitSource",
+            ),
+            Column(
+                "discharge_disposition",
+                "string",
+                first_coding("r.hospitalization.dischargeDisposition", "code"),
+                "hospitalization.dischargeDisposition",
+            ),
         ),
         "A contact between a patient and a provider (visit, admission, emergency, ...).",
     ),
@@ -200,8 +245,12 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _subject(),
             _encounter(),
             Column("clinical_status", "string", first_coding("r.clinicalStatus", "code"), "clinicalStatus"),
-            Column("verification_status", "string", first_coding("r.verificationStatus", "code"),
-                   "verificationStatus"),
+            Column(
+                "verification_status",
+                "string",
+                first_coding("r.verificationStatus", "code"),
+                "verificationStatus",
+            ),
             Column("category", "string", first_coding("r.category[0]", "code"), "category[0]"),
             *_code("code", "r.code", "code"),
             _date("onset_at", "r.onsetDateTime"),
@@ -226,8 +275,12 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _date("effective_at", "coalesce(r.effectiveDateTime, r.effectivePeriod.start)"),
             _date("issued_at", "r.issued"),
             Column("value_quantity", "double", "r.valueQuantity.value", "valueQuantity.value"),
-            Column("value_unit", "string", "coalesce(r.valueQuantity.code, r.valueQuantity.unit)",
-                   "valueQuantity.code | valueQuantity.unit"),
+            Column(
+                "value_unit",
+                "string",
+                "coalesce(r.valueQuantity.code, r.valueQuantity.unit)",
+                "valueQuantity.code | valueQuantity.unit",
+            ),
             *_code("value_code", "r.valueCodeableConcept", "valueCodeableConcept"),
             Column("value_string", "string", "r.valueString", "valueString"),
             Column("value_boolean", "boolean", "r.valueBoolean", "valueBoolean"),
@@ -236,7 +289,8 @@ ENTITIES: tuple[FhirEntity, ...] = (
                 "array<struct<code_system:string,code:string,display:string,value_quantity:double,value_unit:string>>",
                 "transform(r.component, c -> named_struct('code_system', c.code.coding[0].system, "
                 "'code', c.code.coding[0].code, 'display', c.code.coding[0].display, "
-                "'value_quantity', c.valueQuantity.value, 'value_unit', coalesce(c.valueQuantity.code, c.valueQuantity.unit)))",
+                "'value_quantity', c.valueQuantity.value, "
+                "'value_unit', coalesce(c.valueQuantity.code, c.valueQuantity.unit)))",
                 "component[]",
             ),
         ),
@@ -254,7 +308,9 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("status", "string", "r.status", "status"),
             Column("intent", "string", "r.intent", "intent"),
             *_code("medication_code", "r.medicationCodeableConcept", "medicationCodeableConcept"),
-            Column("medication_ref", "string", ref_id("r.medicationReference.reference"), "medicationReference"),
+            Column(
+                "medication_ref", "string", ref_id("r.medicationReference.reference"), "medicationReference"
+            ),
             _date("authored_at", "r.authoredOn"),
             Column("requester_id", "string", ref_id("r.requester.reference"), "requester"),
             *_code("reason_code", "r.reasonCode[0]", "reasonCode[0]"),
@@ -302,8 +358,12 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _subject("patient"),
             _encounter(),
             Column("clinical_status", "string", first_coding("r.clinicalStatus", "code"), "clinicalStatus"),
-            Column("verification_status", "string", first_coding("r.verificationStatus", "code"),
-                   "verificationStatus"),
+            Column(
+                "verification_status",
+                "string",
+                first_coding("r.verificationStatus", "code"),
+                "verificationStatus",
+            ),
             Column("allergy_type", "string", "r.type", "type"),
             Column("category", "string", "r.category[0]", "category[0]"),
             Column("criticality", "string", "r.criticality", "criticality"),
@@ -328,7 +388,12 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("state", "string", "r.address[0].state", "address[0].state"),
             Column("postal_code", "string", "r.address[0].postalCode", "address[0].postalCode"),
             Column("country", "string", "r.address[0].country", "address[0].country"),
-            Column("phone", "string", "filter(r.telecom, t -> t.system = 'phone')[0].value", "telecom[system=phone]"),
+            Column(
+                "phone",
+                "string",
+                "filter(r.telecom, t -> t.system = 'phone')[0].value",
+                "telecom[system=phone]",
+            ),
             Column("part_of_id", "string", ref_id("r.partOf.reference"), "partOf"),
         ),
         "A hospital, clinic, payer or other organisation.",
@@ -345,7 +410,12 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("identifiers", "identifiers", identifiers("r.identifier"), "identifier[]"),
             Column("city", "string", "r.address[0].city", "address[0].city"),
             Column("state", "string", "r.address[0].state", "address[0].state"),
-            Column("email", "string", "filter(r.telecom, t -> t.system = 'email')[0].value", "telecom[system=email]"),
+            Column(
+                "email",
+                "string",
+                "filter(r.telecom, t -> t.system = 'email')[0].value",
+                "telecom[system=email]",
+            ),
         ),
         "A clinician or other health professional.",
     ),
@@ -363,7 +433,9 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _date("billable_end", "r.billablePeriod.end"),
             _date("created_at", "r.created"),
             Column("provider_id", "string", ref_id("r.provider.reference"), "provider"),
-            Column("encounter_id", "string", ref_id("r.item[0].encounter[0].reference"), "item[0].encounter[0]"),
+            Column(
+                "encounter_id", "string", ref_id("r.item[0].encounter[0].reference"), "item[0].encounter[0]"
+            ),
             Column("total_value", "double", "r.total.value", "total.value"),
             Column("total_currency", "string", "r.total.currency", "total.currency"),
         ),
@@ -396,28 +468,152 @@ BY_TYPE = {e.resource_type: e for e in ENTITIES}
 
 # Every resource type of FHIR R4 (4.0.1). A resourceType outside this list is quarantined.
 R4_RESOURCE_TYPES = frozenset(
-    """Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse AuditEvent
-    Basic Binary BiologicallyDerivedProduct BodyStructure Bundle CapabilityStatement CarePlan CareTeam
-    CatalogEntry ChargeItem ChargeItemDefinition Claim ClaimResponse ClinicalImpression CodeSystem
-    Communication CommunicationRequest CompartmentDefinition Composition ConceptMap Condition Consent Contract
-    Coverage CoverageEligibilityRequest CoverageEligibilityResponse DetectedIssue Device DeviceDefinition
-    DeviceMetric DeviceRequest DeviceUseStatement DiagnosticReport DocumentManifest DocumentReference
-    EffectEvidenceSynthesis Encounter Endpoint EnrollmentRequest EnrollmentResponse EpisodeOfCare
-    EventDefinition Evidence EvidenceVariable ExampleScenario ExplanationOfBenefit FamilyMemberHistory Flag
-    Goal GraphDefinition Group GuidanceResponse HealthcareService ImagingStudy Immunization
-    ImmunizationEvaluation ImmunizationRecommendation ImplementationGuide InsurancePlan Invoice Library
-    Linkage List Location Measure MeasureReport Media Medication MedicationAdministration MedicationDispense
-    MedicationKnowledge MedicationRequest MedicationStatement MedicinalProduct MedicinalProductAuthorization
-    MedicinalProductContraindication MedicinalProductIndication MedicinalProductIngredient
-    MedicinalProductInteraction MedicinalProductManufactured MedicinalProductPackaged
-    MedicinalProductPharmaceutical MedicinalProductUndesirableEffect MessageDefinition MessageHeader
-    MolecularSequence NamingSystem NutritionOrder Observation ObservationDefinition OperationDefinition
-    OperationOutcome Organization OrganizationAffiliation Parameters Patient PaymentNotice
-    PaymentReconciliation Person PlanDefinition Practitioner PractitionerRole Procedure Provenance
-    Questionnaire QuestionnaireResponse RelatedPerson RequestGroup ResearchDefinition
-    ResearchElementDefinition ResearchStudy ResearchSubject RiskAssessment RiskEvidenceSynthesis Schedule
-    SearchParameter ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition StructureMap
-    Subscription Substance SubstanceNucleicAcid SubstancePolymer SubstanceProtein
-    SubstanceReferenceInformation SubstanceSourceMaterial SubstanceSpecification SupplyDelivery SupplyRequest
-    Task TerminologyCapabilities TestReport TestScript ValueSet VerificationResult VisionPrescription""".split()
+    [
+        "Account",
+        "ActivityDefinition",
+        "AdverseEvent",
+        "AllergyIntolerance",
+        "Appointment",
+        "AppointmentResponse",
+        "AuditEvent",
+        "Basic",
+        "Binary",
+        "BiologicallyDerivedProduct",
+        "BodyStructure",
+        "Bundle",
+        "CapabilityStatement",
+        "CarePlan",
+        "CareTeam",
+        "CatalogEntry",
+        "ChargeItem",
+        "ChargeItemDefinition",
+        "Claim",
+        "ClaimResponse",
+        "ClinicalImpression",
+        "CodeSystem",
+        "Communication",
+        "CommunicationRequest",
+        "CompartmentDefinition",
+        "Composition",
+        "ConceptMap",
+        "Condition",
+        "Consent",
+        "Contract",
+        "Coverage",
+        "CoverageEligibilityRequest",
+        "CoverageEligibilityResponse",
+        "DetectedIssue",
+        "Device",
+        "DeviceDefinition",
+        "DeviceMetric",
+        "DeviceRequest",
+        "DeviceUseStatement",
+        "DiagnosticReport",
+        "DocumentManifest",
+        "DocumentReference",
+        "EffectEvidenceSynthesis",
+        "Encounter",
+        "Endpoint",
+        "EnrollmentRequest",
+        "EnrollmentResponse",
+        "EpisodeOfCare",
+        "EventDefinition",
+        "Evidence",
+        "EvidenceVariable",
+        "ExampleScenario",
+        "ExplanationOfBenefit",
+        "FamilyMemberHistory",
+        "Flag",
+        "Goal",
+        "GraphDefinition",
+        "Group",
+        "GuidanceResponse",
+        "HealthcareService",
+        "ImagingStudy",
+        "Immunization",
+        "ImmunizationEvaluation",
+        "ImmunizationRecommendation",
+        "ImplementationGuide",
+        "InsurancePlan",
+        "Invoice",
+        "Library",
+        "Linkage",
+        "List",
+        "Location",
+        "Measure",
+        "MeasureReport",
+        "Media",
+        "Medication",
+        "MedicationAdministration",
+        "MedicationDispense",
+        "MedicationKnowledge",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicinalProduct",
+        "MedicinalProductAuthorization",
+        "MedicinalProductContraindication",
+        "MedicinalProductIndication",
+        "MedicinalProductIngredient",
+        "MedicinalProductInteraction",
+        "MedicinalProductManufactured",
+        "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical",
+        "MedicinalProductUndesirableEffect",
+        "MessageDefinition",
+        "MessageHeader",
+        "MolecularSequence",
+        "NamingSystem",
+        "NutritionOrder",
+        "Observation",
+        "ObservationDefinition",
+        "OperationDefinition",
+        "OperationOutcome",
+        "Organization",
+        "OrganizationAffiliation",
+        "Parameters",
+        "Patient",
+        "PaymentNotice",
+        "PaymentReconciliation",
+        "Person",
+        "PlanDefinition",
+        "Practitioner",
+        "PractitionerRole",
+        "Procedure",
+        "Provenance",
+        "Questionnaire",
+        "QuestionnaireResponse",
+        "RelatedPerson",
+        "RequestGroup",
+        "ResearchDefinition",
+        "ResearchElementDefinition",
+        "ResearchStudy",
+        "ResearchSubject",
+        "RiskAssessment",
+        "RiskEvidenceSynthesis",
+        "Schedule",
+        "SearchParameter",
+        "ServiceRequest",
+        "Slot",
+        "Specimen",
+        "SpecimenDefinition",
+        "StructureDefinition",
+        "StructureMap",
+        "Subscription",
+        "Substance",
+        "SubstanceNucleicAcid",
+        "SubstancePolymer",
+        "SubstanceProtein",
+        "SubstanceReferenceInformation",
+        "SubstanceSourceMaterial",
+        "SubstanceSpecification",
+        "SupplyDelivery",
+        "SupplyRequest",
+        "Task",
+        "TerminologyCapabilities",
+        "TestReport",
+        "TestScript",
+        "ValueSet",
+        "VerificationResult",
+        "VisionPrescription",
+    ]
 )

@@ -24,7 +24,10 @@ class EntityCounts:
 
     @property
     def balanced(self) -> bool:
-        return self.records_in == self.inserted + self.updated + self.unchanged + self.duplicate + self.quarantined
+        return (
+            self.records_in
+            == self.inserted + self.updated + self.unchanged + self.duplicate + self.quarantined
+        )
 
 
 @dataclass

@@ -54,7 +54,10 @@ def discover(input_path: str, kind: SourceKind) -> list[InputFile]:
         candidates = [input_path]
     else:
         candidates = [
-            os.path.join(d, f) for d, _, files in os.walk(input_path) for f in files if not f.startswith((".", "_"))
+            os.path.join(d, f)
+            for d, _, files in os.walk(input_path)
+            for f in files
+            if not f.startswith((".", "_"))
         ]
     found = []
     for path in sorted(candidates):
@@ -62,9 +65,7 @@ def discover(input_path: str, kind: SourceKind) -> list[InputFile]:
             st = os.stat(path)
             found.append(InputFile(os.path.abspath(path), st.st_size, st.st_mtime_ns))
     if not found:
-        raise EnvironmentProblem(
-            f"no {kind.value} files ({', '.join(_SUFFIXES[kind])}) under {input_path}"
-        )
+        raise EnvironmentProblem(f"no {kind.value} files ({', '.join(_SUFFIXES[kind])}) under {input_path}")
     return found
 
 
@@ -86,7 +87,12 @@ LINES_SCHEMA = T.StructType(
     ]
 )
 _ARROW_LINES = pa.schema(
-    [("source_file", pa.string()), ("record_index", pa.int64()), ("text", pa.large_string()), ("bad_utf8", pa.bool_())]
+    [
+        ("source_file", pa.string()),
+        ("record_index", pa.int64()),
+        ("text", pa.large_string()),
+        ("bad_utf8", pa.bool_()),
+    ]
 )
 
 
@@ -102,7 +108,9 @@ def _decode(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-def _stream(batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: int) -> Iterator[pa.RecordBatch]:
+def _stream(
+    batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: int
+) -> Iterator[pa.RecordBatch]:
     """Executor side: turn batches of file paths into batches of (file, index, text) records."""
     for batch in batches:
         for path in batch.column("path").to_pylist():
@@ -110,8 +118,12 @@ def _stream(batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: in
 
             def flush():
                 out = pa.RecordBatch.from_arrays(
-                    [pa.array(files, pa.string()), pa.array(indexes, pa.int64()),
-                     pa.array(texts, pa.large_string()), pa.array(bad, pa.bool_())],
+                    [
+                        pa.array(files, pa.string()),
+                        pa.array(indexes, pa.int64()),
+                        pa.array(texts, pa.large_string()),
+                        pa.array(bad, pa.bool_()),
+                    ],
                     schema=_ARROW_LINES,
                 )
                 files.clear(), indexes.clear(), texts.clear(), bad.clear()
@@ -134,7 +146,9 @@ def _stream(batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: in
                 yield flush()
 
 
-def read_records(spark: SparkSession, files: list[InputFile], whole_file: bool, batch_lines: int) -> DataFrame:
+def read_records(
+    spark: SparkSession, files: list[InputFile], whole_file: bool, batch_lines: int
+) -> DataFrame:
     """One row per line (or per file with ``whole_file``): source_file, record_index, text, bad_utf8."""
     # A few tasks per core, each streaming several files: one task per file would make every later
     # stage schedule thousands of tiny tasks. Largest files first, dealt round-robin, to balance bytes.

@@ -61,7 +61,9 @@ class Lake:
         return self.engine.exists(self.path(table))
 
     # --------------------------------------------------------------- reads
-    def read(self, table: str, version: int | None = None, timestamp: datetime | str | None = None) -> DataFrame:
+    def read(
+        self, table: str, version: int | None = None, timestamp: datetime | str | None = None
+    ) -> DataFrame:
         """The table at its latest version, or as of a version number or a timestamp (time travel)."""
         if version is not None and timestamp is not None:
             raise ConfigError("give version or timestamp, not both")
@@ -89,7 +91,11 @@ class Lake:
             path = self.path(name)
             last = (self.history(str(name), 1) or [{}])[0]
             ts = last.get("timestamp")
-            when = datetime.fromtimestamp(ts / 1000).isoformat(timespec="seconds") if isinstance(ts, (int, float)) else str(ts or "")
+            when = (
+                datetime.fromtimestamp(ts / 1000).isoformat(timespec="seconds")
+                if isinstance(ts, (int, float))
+                else str(ts or "")
+            )
             infos.append(
                 TableInfo(
                     name=str(name),
@@ -104,8 +110,13 @@ class Lake:
         return infos
 
     # --------------------------------------------------------------- writes
-    def create(self, table: str, schema: T.StructType, partition_by: list[str] | None = None,
-               description: str | None = None) -> None:
+    def create(
+        self,
+        table: str,
+        schema: T.StructType,
+        partition_by: list[str] | None = None,
+        description: str | None = None,
+    ) -> None:
         """Create an empty table with this schema; a no-op if it exists."""
         self.engine.create(self.path(table), schema, list(partition_by or []), description)
 
@@ -171,7 +182,9 @@ def _choose_engine(spark: SparkSession, engine: str):
             return _native.NativeDeltaEngine(spark)
         except ImportError as exc:
             if engine == "native":
-                raise EnvironmentProblem("lake.engine is native but the delta-spark package is not installed") from exc
+                raise EnvironmentProblem(
+                    "lake.engine is native but the delta-spark package is not installed"
+                ) from exc
     from ehrlake.lake._delta_rs import DeltaRsEngine
 
     return DeltaRsEngine(spark)

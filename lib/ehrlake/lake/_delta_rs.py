@@ -95,11 +95,15 @@ class DeltaRsEngine:
             by_abs[_norm(os.path.join(path, urllib.parse.unquote(rel)))] = action
         files = table.file_uris()
         df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
-        df = df.select(*[F.col(f"`{n}`") for n in schema.fieldNames()], F.col("_metadata.file_path").alias(_FILE_COL))
+        df = df.select(
+            *[F.col(f"`{n}`") for n in schema.fieldNames()], F.col("_metadata.file_path").alias(_FILE_COL)
+        )
         return df, by_abs
 
     # ----------------------------------------------------------------- writes
-    def create(self, path: str, schema: T.StructType, partition_by: list[str], description: str | None = None) -> None:
+    def create(
+        self, path: str, schema: T.StructType, partition_by: list[str], description: str | None = None
+    ) -> None:
         """Create an empty table; a no-op when it exists already (so jobs can call it every run)."""
         missing = [c for c in partition_by if c not in schema.fieldNames()]
         if missing:
@@ -135,7 +139,9 @@ class DeltaRsEngine:
             raise SchemaMismatch(f"where= may name only partition columns of {table}: {parts}")
         adds = self._stage(df, path, parts)
         if where:
-            stray = [a.path for a in adds if any(a.partition_values.get(k) != str(v) for k, v in where.items())]
+            stray = [
+                a.path for a in adds if any(a.partition_values.get(k) != str(v) for k, v in where.items())
+            ]
             if stray:
                 self._discard(path, adds)
                 raise SchemaMismatch(f"rows outside the partition {where} were given to overwrite {table}")
@@ -169,7 +175,9 @@ class DeltaRsEngine:
         if not self.exists(path):
             result = self.write(df, path, table, WriteMode.APPEND, None, None, evolve, commit_info)
             metrics = {"inserted": result.rows_written, "updated": 0, "unchanged": 0}
-            return CommitResult(table, result.version, "MERGE", result.files_added, 0, result.rows_written, metrics)
+            return CommitResult(
+                table, result.version, "MERGE", result.files_added, 0, result.rows_written, metrics
+            )
         dt, source = self._prepare(df, path, table, evolve)
         parts = dt.metadata().partition_columns
         if not dt.file_uris():  # empty table: every row is an insert, counted from file stats
@@ -186,7 +194,8 @@ class DeltaRsEngine:
             matched = t.join(s, on, "inner")
             to_update = matched.where(F.expr(update_when)) if update_when else matched
             to_update = to_update.select(
-                F.col(f"t.{_FILE_COL}").alias(_FILE_COL), *[F.col(f"s.`{n}`").alias(n) for n in source.columns]
+                F.col(f"t.{_FILE_COL}").alias(_FILE_COL),
+                *[F.col(f"s.`{n}`").alias(n) for n in source.columns],
             ).persist()
             # One row per touched data file: bounded by the file count, never by rows.
             touched_raw = {r[_FILE_COL]: r["count"] for r in to_update.groupBy(_FILE_COL).count().collect()}
@@ -196,11 +205,19 @@ class DeltaRsEngine:
                 raise CommitConflict(f"{table}: data files {unknown[:3]} are not in snapshot {dt.version()}")
             inserts = s.join(t, on, "left_anti").select(*[F.col(f"s.`{n}`") for n in source.columns])
             keep = (
-                target.where(F.col(_FILE_COL).isin(list(touched_raw)))
-                .alias("t")
-                .join(to_update.alias("u"), [F.col(f"t.`{k}`").eqNullSafe(F.col(f"u.`{k}`")) for k in keys], "left_anti")
-                .select(*[F.col(f"t.`{n}`") for n in source.columns])
-            ) if touched else None
+                (
+                    target.where(F.col(_FILE_COL).isin(list(touched_raw)))
+                    .alias("t")
+                    .join(
+                        to_update.alias("u"),
+                        [F.col(f"t.`{k}`").eqNullSafe(F.col(f"u.`{k}`")) for k in keys],
+                        "left_anti",
+                    )
+                    .select(*[F.col(f"t.`{n}`") for n in source.columns])
+                )
+                if touched
+                else None
+            )
             out = inserts.unionByName(to_update.drop(_FILE_COL))
             if keep is not None:
                 out = out.unionByName(keep)
@@ -210,7 +227,11 @@ class DeltaRsEngine:
             updated = sum(touched.values())
             rewritten = sum(int(by_abs[f]["num_records"] or 0) for f in touched)
             inserted = _rows(adds) - rewritten
-            metrics = {"inserted": inserted, "updated": updated, "unchanged": source_rows - inserted - updated}
+            metrics = {
+                "inserted": inserted,
+                "updated": updated,
+                "unchanged": source_rows - inserted - updated,
+            }
             to_update.unpersist()
             return CommitResult(table, version, "MERGE", len(adds), len(removes), _rows(adds), metrics)
         finally:
@@ -263,7 +284,7 @@ class DeltaRsEngine:
             metas = list(pool.map(lambda f: _footer(f[0]), files))
         adds = []
         now = int(time.time() * 1000)
-        for (full, rel, size), meta in zip(files, metas):
+        for (full, rel, size), meta in zip(files, metas, strict=True):
             if meta.num_rows == 0:
                 continue
             target = os.path.join(path, rel)

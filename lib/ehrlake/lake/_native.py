@@ -93,13 +93,22 @@ class NativeDeltaEngine:
     def merge(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
         if not self.exists(path):
             result = self.write(df, path, table, WriteMode.APPEND, None, None, evolve, commit_info)
-            return CommitResult(table, result.version, "MERGE", rows_written=result.rows_written,
-                                metrics={"inserted": result.rows_written, "updated": 0, "unchanged": 0})
+            return CommitResult(
+                table,
+                result.version,
+                "MERGE",
+                rows_written=result.rows_written,
+                metrics={"inserted": result.rows_written, "updated": 0, "unchanged": 0},
+            )
         if evolve:
             self.spark.conf.set("spark.databricks.delta.schema.autoMerge.enabled", "true")
         on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         builder = self._table(path).alias("t").merge(df.alias("s"), on)
-        builder = builder.whenMatchedUpdateAll(condition=update_when) if update_when else builder.whenMatchedUpdateAll()
+        builder = (
+            builder.whenMatchedUpdateAll(condition=update_when)
+            if update_when
+            else builder.whenMatchedUpdateAll()
+        )
         try:
             builder.whenNotMatchedInsertAll().execute()
         except Exception as exc:
@@ -109,8 +118,13 @@ class NativeDeltaEngine:
         m = last.get("operationMetrics") or {}
         inserted, updated = int(m.get("numTargetRowsInserted", 0)), int(m.get("numTargetRowsUpdated", 0))
         total = int(m.get("numSourceRows", inserted + updated))
-        return CommitResult(table, int(last["version"]), "MERGE", rows_written=int(m.get("numOutputRows", 0)),
-                            metrics={"inserted": inserted, "updated": updated, "unchanged": total - inserted - updated})
+        return CommitResult(
+            table,
+            int(last["version"]),
+            "MERGE",
+            rows_written=int(m.get("numOutputRows", 0)),
+            metrics={"inserted": inserted, "updated": updated, "unchanged": total - inserted - updated},
+        )
 
     def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
         self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
@@ -124,7 +138,9 @@ class NativeDeltaEngine:
 def _raise_known(exc: Exception, table: str) -> None:
     text = str(exc)
     if "ConcurrentAppendException" in text or "ConcurrentDeleteReadException" in text or "Concurrent" in text:
-        raise CommitConflict(f"{table}: another writer committed a conflicting change first ({text[:200]})") from exc
+        raise CommitConflict(
+            f"{table}: another writer committed a conflicting change first ({text[:200]})"
+        ) from exc
     if "AnalysisException" in text and "schema" in text.lower():
         raise SchemaMismatch(f"cannot write to {table}: {text[:300]}") from exc
 

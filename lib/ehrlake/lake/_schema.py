@@ -19,7 +19,9 @@ from ehrlake.errors import SchemaMismatch
 def nullable(dtype: T.DataType) -> T.DataType:
     """The same type with every nested field and element nullable."""
     if isinstance(dtype, T.StructType):
-        return T.StructType([T.StructField(f.name, nullable(f.dataType), True, f.metadata) for f in dtype.fields])
+        return T.StructType(
+            [T.StructField(f.name, nullable(f.dataType), True, f.metadata) for f in dtype.fields]
+        )
     if isinstance(dtype, T.ArrayType):
         return T.ArrayType(nullable(dtype.elementType), True)
     if isinstance(dtype, T.MapType):
@@ -53,7 +55,9 @@ def _same_type(a: T.DataType, b: T.DataType) -> bool:
     return nullable(a).simpleString() == nullable(b).simpleString()
 
 
-def align(df: DataFrame, table_schema: T.StructType, table: str, evolve: bool) -> tuple[DataFrame, list[T.StructField]]:
+def align(
+    df: DataFrame, table_schema: T.StructType, table: str, evolve: bool
+) -> tuple[DataFrame, list[T.StructField]]:
     """Shape ``df`` to the table's columns and order.
 
     Returns the aligned frame and the new columns to add to the table (only when ``evolve``).

@@ -25,7 +25,7 @@ def _json_value(value):
         return None  # Delta records no min/max for booleans
     if isinstance(value, dt.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value.isoformat(timespec="microseconds") + "Z"
     if isinstance(value, dt.date):
         return value.isoformat()
@@ -46,7 +46,9 @@ def _leaf_paths(arrow_type: pa.DataType, prefix: tuple[str, ...]):
         for i in range(arrow_type.num_fields):
             child = arrow_type.field(i)
             yield from _leaf_paths(child.type, prefix + (child.name,))
-    elif not (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_map(arrow_type)):
+    elif not (
+        pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_map(arrow_type)
+    ):
         yield prefix
 
 

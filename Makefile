@@ -1,0 +1,42 @@
+# Two commands for a newcomer: `make demo` (pipeline end to end on bundled data) and `make test`.
+# Both set up everything first: a Java runtime if missing (apt), a virtualenv, the package.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LAKE ?= ./lake
+
+.PHONY: demo test test-fast bench lint setup java clean
+
+setup: java $(VENV)/.installed
+
+java:
+	@if ! command -v java >/dev/null 2>&1 && [ -z "$${JAVA_HOME:-}" ]; then \
+	  echo "Java runtime not found: installing openjdk-17-jre-headless with apt-get (Spark needs Java 17+)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq openjdk-17-jre-headless; fi; \
+	fi
+
+$(VENV)/.installed: setup.py
+	@command -v python3.11 >/dev/null && PYBIN=python3.11 || PYBIN=python3; \
+	  $$PYBIN -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+demo: setup
+	bash scripts/demo.sh $(LAKE)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/ingest.py
+
+lint: setup
+	$(VENV)/bin/ruff check lib jobs tests bench
+
+clean:
+	rm -rf $(LAKE) .cluster spark-warehouse
