@@ -1,0 +1,94 @@
+"""Key hierarchy, value encryption and patient keys with real cryptography (no Spark needed)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+
+import pytest
+
+from ehrlake.errors import KeyAccessError
+from ehrlake.security.crypto import decrypt_value, encrypt_value, key_id_of
+from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
+from ehrlake.security.pseudonym import patient_key
+
+
+@pytest.fixture
+def store(tmp_path):
+    provider = FileKeyProvider(str(tmp_path / "secrets" / "master.key"))
+    provider.create()
+    return KeyStore(str(tmp_path / "keystore"), provider)
+
+
+def test_master_key_file_is_created_0600_and_refused_when_readable_by_others(tmp_path):
+    provider = FileKeyProvider(str(tmp_path / "m.key"))
+    provider.create()
+    assert oct(os.stat(tmp_path / "m.key").st_mode & 0o777) == "0o600"
+    assert len(provider.master_key()) == 32
+    os.chmod(tmp_path / "m.key", 0o644)
+    with pytest.raises(KeyAccessError, match="readable by others"):
+        provider.master_key()
+    with pytest.raises(FileExistsError):
+        provider.create()
+
+
+def test_values_round_trip_and_carry_their_key_id(store):
+    key = store.current("bronze.fhir_patient")
+    sealed = encrypt_value(key, "Asha Rao", "local|p1", "family_name")
+    assert key_id_of(sealed) == "bronze.fhir_patient#v1" and "Asha" not in sealed
+    assert decrypt_value(key, sealed, "local|p1", "family_name") == "Asha Rao"
+    assert encrypt_value(key, None, "local|p1", "family_name") is None
+
+
+def test_ciphertext_moved_to_another_row_or_column_fails_authentication(store):
+    key = store.current("bronze.fhir_patient")
+    sealed = encrypt_value(key, "Asha Rao", "local|p1", "family_name")
+    with pytest.raises(KeyAccessError, match="row local\\|p2"):
+        decrypt_value(key, sealed, "local|p2", "family_name")
+    with pytest.raises(KeyAccessError, match="authentication failed"):
+        decrypt_value(key, sealed, "local|p1", "city")
+
+
+def test_rotation_keeps_old_versions_readable_and_new_writes_use_the_newest(store):
+    old = store.current("bronze.fhir_patient")
+    sealed_old = encrypt_value(old, "x", "r", "c")
+    assert store.rotate("bronze.fhir_patient") == "bronze.fhir_patient#v2"
+    new = store.current("bronze.fhir_patient")
+    assert new.key_id.endswith("#v2") and new.material != old.material
+    assert decrypt_value(store.get(key_id_of(sealed_old)), sealed_old, "r", "c") == "x"
+    assert [v["key_id"] for v in store.versions("bronze.fhir_patient")] == [
+        "bronze.fhir_patient#v1",
+        "bronze.fhir_patient#v2",
+    ]
+
+
+def test_wrong_master_key_or_missing_version_is_a_clear_error_naming_table_and_key(
+    store, tmp_path, monkeypatch
+):
+    store.current("bronze.fhir_patient")
+    monkeypatch.setenv("EHRLAKE_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    wrong = KeyStore(str(store.directory), EnvKeyProvider())
+    with pytest.raises(
+        KeyAccessError, match=r"bronze.fhir_patient: data key bronze.fhir_patient#v1 cannot be unwrapped"
+    ):
+        wrong.get("bronze.fhir_patient#v1")
+    with pytest.raises(KeyAccessError, match="#v9 is not in the key store"):
+        store.get("bronze.fhir_patient#v9")
+
+
+def test_key_store_holds_only_wrapped_keys(store):
+    key = store.current("bronze.fhir_patient")
+    text = (store.directory / "bronze.fhir_patient.keys.json").read_text()
+    assert key.material.hex() not in text and base64.b64encode(key.material).decode() not in text
+    assert repr(key) == "DataKey('bronze.fhir_patient#v1')"
+
+
+def test_patient_key_is_hmac_of_system_and_id_and_links_across_files():
+    secret = b"s" * 32
+    expected = hmac.new(secret, b"hospital-a|123", hashlib.sha256).hexdigest()
+    assert patient_key(secret, "hospital-a", "123") == expected
+    assert patient_key(secret, "hospital-a", "123") == patient_key(secret, "hospital-a", "123")
+    assert patient_key(secret, "hospital-b", "123") != expected
+    assert patient_key(b"t" * 32, "hospital-a", "123") != expected
