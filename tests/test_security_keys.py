@@ -92,3 +92,32 @@ def test_patient_key_is_hmac_of_system_and_id_and_links_across_files():
     assert patient_key(secret, "hospital-a", "123") == patient_key(secret, "hospital-a", "123")
     assert patient_key(secret, "hospital-b", "123") != expected
     assert patient_key(b"t" * 32, "hospital-a", "123") != expected
+
+
+def test_keys_cli_init_rotate_show_without_spark(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n")
+    cli = [str(Path(sys.executable).parent / "ehrlake"), "keys"]
+
+    def run(*args):
+        return subprocess.run([*cli, *args, "--conf", str(conf)], capture_output=True, text=True, timeout=60)
+
+    assert run("init").returncode == 0
+    again = run("init")
+    assert again.returncode == 1 and "exists already" in again.stderr
+    assert run("rotate", "--table", "bronze.fhir_patient").returncode == 0
+    assert run("rotate", "--table", "bronze.fhir_patient").returncode == 0
+    shown = json.loads(run("show", "--json").stdout)
+    assert [v["key_id"] for v in shown["tables"]["bronze.fhir_patient"]] == [
+        "bronze.fhir_patient#v1",
+        "bronze.fhir_patient#v2",
+    ]
+    master = (tmp_path / "s" / "master.key").read_text()
+    assert master not in run("show").stdout
+    bad = run("rotate", "--table", "nolayer")
+    assert bad.returncode == 1 and "<layer>.<table>" in bad.stderr

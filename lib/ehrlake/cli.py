@@ -50,6 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--json", action="store_true", help="print the run report as JSON")
     _common(ingest)
 
+    keys = sub.add_parser(
+        "keys",
+        help="manage encryption keys",
+        description="Envelope-encryption keys: "
+        "a master key wraps versioned per-table data keys (docs/security.md).",
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="SUBCOMMAND")
+    init = keys_sub.add_parser("init", help="create the master key file (mode 0600); refuses to overwrite")
+    rotate = keys_sub.add_parser("rotate", help="add a new data-key version for a table; new writes use it")
+    rotate.add_argument("--table", required=True, help="logical table name, e.g. bronze.fhir_patient")
+    show_keys = keys_sub.add_parser("show", help="key ids and creation times per table (never key material)")
+    show_keys.add_argument("--json", action="store_true", help="machine-readable output")
+    for p in (init, rotate, show_keys):
+        p.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
+
     lake_cmd = sub.add_parser("lake", help="inspect the lake", description="Inspect the tables of the lake.")
     lake_sub = lake_cmd.add_subparsers(dest="lake_command", required=True, metavar="SUBCOMMAND")
     show = lake_sub.add_parser(
@@ -124,12 +139,68 @@ def format_tables(root: str, tables) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"ingest": cmd_ingest, ("lake", "show"): cmd_lake_show}
+def _key_store(args):
+    from ehrlake import config as config_module
+    from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
+
+    security = config_module.load(args.conf).security
+    provider = (
+        EnvKeyProvider()
+        if os.environ.get("EHRLAKE_MASTER_KEY")
+        else FileKeyProvider(security.master_key_file)
+    )
+    return KeyStore(security.key_store, provider), security
+
+
+def cmd_keys_init(args) -> int:
+    from ehrlake.security.keys import FileKeyProvider
+
+    _, security = _key_store(args)
+    if os.path.exists(security.master_key_file):
+        raise EhrlakeError(f"master key file {security.master_key_file} exists already; not overwriting it")
+    FileKeyProvider(security.master_key_file).create()
+    print(
+        f"created master key {security.master_key_file} (mode 0600); back it up: without it nothing decrypts"
+    )
+    return 0
+
+
+def cmd_keys_rotate(args) -> int:
+    from ehrlake.lake.catalog import TableName
+
+    store, _ = _key_store(args)
+    key_id = store.rotate(str(TableName.parse(args.table)))
+    print(f"{key_id} created; new writes to {args.table} use it, older versions stay readable")
+    return 0
+
+
+def cmd_keys_show(args) -> int:
+    store, security = _key_store(args)
+    tables = sorted(p.name.removesuffix(".keys.json") for p in store.directory.glob("*.keys.json"))
+    data = {t: store.versions(t) for t in tables}
+    if args.json:
+        print(json.dumps({"key_store": str(store.directory), "tables": data}, indent=2))
+    elif not data:
+        print(f"key store {store.directory}: no data keys yet")
+    else:
+        for table, versions in data.items():
+            print(f"{table}: " + ", ".join(f"{v['key_id']} ({v['created_at']})" for v in versions))
+    return 0
+
+
+COMMANDS = {
+    "ingest": cmd_ingest,
+    ("lake", "show"): cmd_lake_show,
+    ("keys", "init"): cmd_keys_init,
+    ("keys", "rotate"): cmd_keys_rotate,
+    ("keys", "show"): cmd_keys_show,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    key = args.command if args.command != "lake" else ("lake", args.lake_command)
+    sub = {"lake": "lake_command", "keys": "keys_command"}.get(args.command)
+    key = (args.command, getattr(args, sub)) if sub else args.command
     try:
         return COMMANDS[key](args)
     except EhrlakeError as exc:

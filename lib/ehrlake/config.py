@@ -68,10 +68,22 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    # Both live outside the lake: a copy of the lake directory carries no usable key.
+    master_key_file: str = "./secrets/master.key"
+    key_store: str = "./secrets/keystore"
+
+    def validate(self) -> None:
+        if not self.master_key_file or not self.key_store:
+            raise ConfigError("security.master_key_file and security.key_store must be set")
+
+
+@dataclass(frozen=True)
 class Config:
     lake: LakeConfig = field(default_factory=LakeConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def with_lake_root(self, root: str | os.PathLike | None) -> Config:
         """The same configuration with the lake root replaced (the ``--lake`` argument)."""
@@ -129,6 +141,6 @@ def load(path: str | os.PathLike | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
     config = _build(Config, data, "config")
-    for section in (config.lake, config.spark, config.ingest):
+    for section in (config.lake, config.spark, config.ingest, config.security):
         section.validate()
     return config
