@@ -123,6 +123,28 @@ def _encounter() -> Column:
     return Column("encounter_id", "string", ref_id("r.encounter.reference"), "encounter.reference")
 
 
+def _address() -> tuple[Column, ...]:
+    """The first address, in clear columns (place names analysts group by)."""
+    parts = (
+        ("city", "city"),
+        ("district", "district"),
+        ("state", "state"),
+        ("postal_code", "postalCode"),
+        ("country", "country"),
+    )
+    return tuple(Column(name, "string", f"r.address[0].{fhir}", f"address[0].{fhir}") for name, fhir in parts)
+
+
+def _telecom(system: str) -> Column:
+    """The first contact point of one kind (phone, email)."""
+    return Column(
+        system,
+        "string",
+        f"filter(r.telecom, t -> t.system = '{system}')[0].value",
+        f"telecom[system={system}]",
+    )
+
+
 def _code(prefix: str, concept: str, path: str) -> tuple[Column, ...]:
     return (
         Column(f"{prefix}_system", "string", first_coding(concept, "system"), f"{path}.coding[0].system"),
@@ -158,23 +180,9 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("given_names", "strings", "r.name[0].given", "name[0].given"),
             Column("name_prefix", "strings", "r.name[0].prefix", "name[0].prefix"),
             Column("address_line", "strings", "r.address[0].line", "address[0].line"),
-            Column("city", "string", "r.address[0].city", "address[0].city"),
-            Column("district", "string", "r.address[0].district", "address[0].district"),
-            Column("state", "string", "r.address[0].state", "address[0].state"),
-            Column("postal_code", "string", "r.address[0].postalCode", "address[0].postalCode"),
-            Column("country", "string", "r.address[0].country", "address[0].country"),
-            Column(
-                "phone",
-                "string",
-                "filter(r.telecom, t -> t.system = 'phone')[0].value",
-                "telecom[system=phone]",
-            ),
-            Column(
-                "email",
-                "string",
-                "filter(r.telecom, t -> t.system = 'email')[0].value",
-                "telecom[system=email]",
-            ),
+            *_address(),
+            _telecom("phone"),
+            _telecom("email"),
             Column("identifiers", "identifiers", identifiers("r.identifier"), "identifier[]"),
             Column("marital_status", "string", first_coding("r.maritalStatus", "code"), "maritalStatus"),
             Column("race", "string", extension_coding("us-core-race"), "extension[us-core-race]"),
@@ -383,17 +391,8 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("active", "boolean", "r.active", "active"),
             *_code("type_code", "r.type[0]", "type[0]"),
             Column("identifiers", "identifiers", identifiers("r.identifier"), "identifier[]"),
-            Column("city", "string", "r.address[0].city", "address[0].city"),
-            Column("district", "string", "r.address[0].district", "address[0].district"),
-            Column("state", "string", "r.address[0].state", "address[0].state"),
-            Column("postal_code", "string", "r.address[0].postalCode", "address[0].postalCode"),
-            Column("country", "string", "r.address[0].country", "address[0].country"),
-            Column(
-                "phone",
-                "string",
-                "filter(r.telecom, t -> t.system = 'phone')[0].value",
-                "telecom[system=phone]",
-            ),
+            *_address(),
+            _telecom("phone"),
             Column("part_of_id", "string", ref_id("r.partOf.reference"), "partOf"),
         ),
         "A hospital, clinic, payer or other organisation.",
@@ -408,14 +407,8 @@ ENTITIES: tuple[FhirEntity, ...] = (
             Column("family_name", "string", "r.name[0].family", "name[0].family"),
             Column("given_names", "strings", "r.name[0].given", "name[0].given"),
             Column("identifiers", "identifiers", identifiers("r.identifier"), "identifier[]"),
-            Column("city", "string", "r.address[0].city", "address[0].city"),
-            Column("state", "string", "r.address[0].state", "address[0].state"),
-            Column(
-                "email",
-                "string",
-                "filter(r.telecom, t -> t.system = 'email')[0].value",
-                "telecom[system=email]",
-            ),
+            *_address(),
+            _telecom("email"),
         ),
         "A clinician or other health professional.",
     ),
