@@ -18,9 +18,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "test": ["pytest==9.0.3", "ruff==0.17.6"],
-    # The deep-learning runtime has conflicting pins (petastorm needs pyarrow < 15), so it lives in
-    # its own virtualenv; see docs/architecture.md. These are its top-level pins.
-    "dl": ["tensorflow-cpu==2.21.0", "petastorm==0.13.1", "pyarrow==14.0.2"],
+    # TensorFlow installs beside the base pins (checked with pip --dry-run), enough for the Arrow-native
+    # dataset backend. Petastorm 0.13.1 needs pyarrow < 15 and Horovod a patched build, which conflict
+    # with pyspark 4.3's pyarrow >= 18, so those get their own runtime (issue 8), not an extra here.
+    "dl": ["tensorflow-cpu==2.21.0"],
 }
 
 setup(
