@@ -9,9 +9,10 @@ every write is a keyed merge, and a file is marked as ingested only after all it
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
@@ -19,6 +20,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.ingest import fhir, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
+from ehrlake.ingest.lineage import keep_newest
 from ehrlake.ingest.report import UNPARSED, EntityCounts, IngestReport
 from ehrlake.ingest.sources import (
     FILE_LOG,
@@ -47,8 +49,11 @@ class _Output:
     rows: DataFrame
     keys: list[str]
     update_when: str
-    dedupe: callable
+    newest_first: list = field(default_factory=list)  # order among rows of one key; ties: later file/line
     quarantine_only: bool = False  # rows of an unknown CSV table: every one fails, nothing to load
+
+    def dedupe(self, rows: DataFrame) -> DataFrame:
+        return keep_newest(rows, self.keys, self.newest_first)
 
 
 def run(
@@ -85,7 +90,7 @@ def run(
         early_bad = quarantine.rows(
             records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
         )
-    census = _census(records, kind, todo)
+    census = _census(records, kind)
     report.records_read = census.total
     outputs = [out for out in outputs if out.table in census.valid]
     commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
@@ -122,7 +127,7 @@ class _Census:
     envelope_bad: dict[str, int]
 
 
-def _census(records: DataFrame, kind: SourceKind, files) -> _Census:
+def _census(records: DataFrame, kind: SourceKind) -> _Census:
     if kind is SourceKind.SYNTHEA_CSV:  # every line goes to its file's table; failures come later
         per_file = {r["source_file"]: r["count"] for r in records.groupBy("source_file").count().collect()}
         valid: dict[str, int] = defaultdict(int)
@@ -164,7 +169,7 @@ def _fhir_outputs(classified: DataFrame, run_id: str, now) -> list[_Output]:
                 fhir.type_entity(valid, entity, run_id, now),
                 fhir.ENTITY_KEYS,
                 fhir.UPDATE_WHEN,
-                lambda df: fhir.dedupe(df, fhir.ENTITY_KEYS),
+                fhir.newest_first(),
             )
         )
     other = classified.where((F.col("entity") == model.OTHER_TABLE) & F.col("_reason").isNull())
@@ -174,7 +179,7 @@ def _fhir_outputs(classified: DataFrame, run_id: str, now) -> list[_Output]:
             fhir.type_other(other, run_id, now),
             fhir.OTHER_KEYS,
             fhir.UPDATE_WHEN,
-            lambda df: fhir.dedupe(df, fhir.OTHER_KEYS),
+            fhir.newest_first(),
         )
     )
     return outputs
@@ -193,36 +198,27 @@ def _synthea_outputs(records: DataFrame, files, source_system: str, run_id: str,
         by_table[table_for(stem)].append(typed)
     outputs = []
     for table, parts in sorted(by_table.items()):
-        frame = parts[0]
-        for part in parts[1:]:
-            frame = frame.unionByName(part)
+        frame = _union(parts)
         spec = synthea.TABLES.get(table.removeprefix("bronze.synthea_"))
         if spec is None:  # unknown table: every row is quarantined with its reason
-            outputs.append(_Output(table, frame, [], "", lambda d: d, quarantine_only=True))
+            outputs.append(_Output(table, frame, [], "", quarantine_only=True))
         else:
-            outputs.append(
-                _Output(
-                    table,
-                    frame,
-                    spec.keys,
-                    synthea.UPDATE_WHEN,
-                    lambda df, spec=spec: synthea.dedupe(df, spec),
-                )
-            )
+            outputs.append(_Output(table, frame, spec.keys, synthea.UPDATE_WHEN))
     return outputs
+
+
+def _union(parts: list[DataFrame]) -> DataFrame:
+    return functools.reduce(DataFrame.unionByName, parts)
 
 
 def _quarantine(lake, parts: list[DataFrame], commit_info: dict) -> dict[str, int]:
     """Merge every failed record into ops.quarantine; returns how many per target table."""
     if not parts:
         return {}
-    frame = parts[0]
-    for part in parts[1:]:
-        frame = frame.unionByName(part)
-    frame = frame.persist(StorageLevel.MEMORY_AND_DISK)
+    frame = _union(parts).persist(StorageLevel.MEMORY_AND_DISK)
     per_entity = {r["entity"] or UNPARSED: r["count"] for r in frame.groupBy("entity").count().collect()}
     if per_entity:
-        lake.create(quarantine.TABLE, quarantine.SCHEMA, ["source_system"])
+        lake.create(quarantine.TABLE, quarantine.SCHEMA, PARTITION_BY)
         lake.merge(frame, quarantine.TABLE, quarantine.KEYS, "s.reason <> t.reason", commit_info=commit_info)
     frame.unpersist()
     return per_entity

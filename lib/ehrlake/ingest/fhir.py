@@ -2,7 +2,7 @@
 
 Flow: records (one JSON text each) -> :func:`classify` (envelope: resourceType, id, meta; the first
 failing check gives the quarantine reason) -> :func:`type_entity` per bronze table (parse once with
-the entity's schema, derive typed columns, check dates) -> :func:`keep_newest` per key.
+the entity's schema, derive typed columns, check dates) -> newest version per key (``lineage.keep_newest``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.ingest import fhir_model as model
-from ehrlake.ingest.lineage import keep_newest, lineage
+from ehrlake.ingest.lineage import lineage
 from ehrlake.ingest.quarantine import Reason, first_failure
 
 CORRUPT = "_corrupt"
@@ -35,7 +35,8 @@ UPDATE_WHEN = (
 )
 
 
-def _newest_first() -> list[Column]:
+def newest_first() -> list[Column]:
+    """Newest version first within a batch (see :data:`UPDATE_WHEN` for across batches)."""
     return [
         F.col("last_updated").desc_nulls_last(),
         F.expr("try_cast(version_id AS BIGINT)").desc_nulls_last(),
@@ -182,8 +183,3 @@ def type_other(valid: DataFrame, run_id: str, ingested_at: Column) -> DataFrame:
         F.lit(None).cast("string").alias("_reason"),
         F.lit(None).cast("string").alias("_message"),
     )
-
-
-def dedupe(rows: DataFrame, keys: list[str]) -> DataFrame:
-    """Newest version per resource within one batch (see :data:`UPDATE_WHEN` for across batches)."""
-    return keep_newest(rows, keys, _newest_first())

@@ -145,6 +145,11 @@ def _telecom(system: str) -> Column:
     )
 
 
+def _coded(name: str, field: str) -> Column:
+    """The code of a CodeableConcept's first coding (statuses, categories, dispositions)."""
+    return Column(name, "string", first_coding(f"r.{field}", "code"), field)
+
+
 def _code(prefix: str, concept: str, path: str) -> tuple[Column, ...]:
     return (
         Column(f"{prefix}_system", "string", first_coding(concept, "system"), f"{path}.coding[0].system"),
@@ -184,7 +189,7 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _telecom("phone"),
             _telecom("email"),
             Column("identifiers", "identifiers", identifiers("r.identifier"), "identifier[]"),
-            Column("marital_status", "string", first_coding("r.maritalStatus", "code"), "maritalStatus"),
+            _coded("marital_status", "maritalStatus"),
             Column("race", "string", extension_coding("us-core-race"), "extension[us-core-race]"),
             Column(
                 "ethnicity", "string", extension_coding("us-core-ethnicity"), "extension[us-core-ethnicity]"
@@ -229,18 +234,8 @@ ENTITIES: tuple[FhirEntity, ...] = (
                 "location_id", "string", ref_id("r.location[0].location.reference"), "location[0].location"
             ),
             *_code("reason_code", "r.reasonCode[0]", "reasonCode[0]"),
-            Column(
-                "admit_source",
-                "string",
-                first_coding("r.hospitalization.admitSource", "code"),
-                "hospitalization.admitSource",
-            ),
-            Column(
-                "discharge_disposition",
-                "string",
-                first_coding("r.hospitalization.dischargeDisposition", "code"),
-                "hospitalization.dischargeDisposition",
-            ),
+            _coded("admit_source", "hospitalization.admitSource"),
+            _coded("discharge_disposition", "hospitalization.dischargeDisposition"),
         ),
         "A contact between a patient and a provider (visit, admission, emergency, ...).",
     ),
@@ -252,14 +247,9 @@ ENTITIES: tuple[FhirEntity, ...] = (
         (
             _subject(),
             _encounter(),
-            Column("clinical_status", "string", first_coding("r.clinicalStatus", "code"), "clinicalStatus"),
-            Column(
-                "verification_status",
-                "string",
-                first_coding("r.verificationStatus", "code"),
-                "verificationStatus",
-            ),
-            Column("category", "string", first_coding("r.category[0]", "code"), "category[0]"),
+            _coded("clinical_status", "clinicalStatus"),
+            _coded("verification_status", "verificationStatus"),
+            _coded("category", "category[0]"),
             *_code("code", "r.code", "code"),
             _date("onset_at", "r.onsetDateTime"),
             _date("abatement_at", "r.abatementDateTime"),
@@ -278,7 +268,7 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _subject(),
             _encounter(),
             Column("status", "string", "r.status", "status"),
-            Column("category", "string", first_coding("r.category[0]", "code"), "category[0]"),
+            _coded("category", "category[0]"),
             *_code("code", "r.code", "code"),
             _date("effective_at", "coalesce(r.effectiveDateTime, r.effectivePeriod.start)"),
             _date("issued_at", "r.issued"),
@@ -365,13 +355,8 @@ ENTITIES: tuple[FhirEntity, ...] = (
         (
             _subject("patient"),
             _encounter(),
-            Column("clinical_status", "string", first_coding("r.clinicalStatus", "code"), "clinicalStatus"),
-            Column(
-                "verification_status",
-                "string",
-                first_coding("r.verificationStatus", "code"),
-                "verificationStatus",
-            ),
+            _coded("clinical_status", "clinicalStatus"),
+            _coded("verification_status", "verificationStatus"),
             Column("allergy_type", "string", "r.type", "type"),
             Column("category", "string", "r.category[0]", "category[0]"),
             Column("criticality", "string", "r.criticality", "criticality"),
@@ -421,7 +406,7 @@ ENTITIES: tuple[FhirEntity, ...] = (
             _subject("patient"),
             Column("status", "string", "r.status", "status"),
             Column("claim_use", "string", "r.use", "use"),
-            Column("type_code", "string", first_coding("r.type", "code"), "type"),
+            _coded("type_code", "type"),
             _date("billable_start", "r.billablePeriod.start"),
             _date("billable_end", "r.billablePeriod.end"),
             _date("created_at", "r.created"),
@@ -443,7 +428,7 @@ ENTITIES: tuple[FhirEntity, ...] = (
         (
             _subject("patient"),
             Column("status", "string", "r.status", "status"),
-            Column("type_code", "string", first_coding("r.type", "code"), "type"),
+            _coded("type_code", "type"),
             _date("billable_start", "r.billablePeriod.start"),
             _date("billable_end", "r.billablePeriod.end"),
             _date("created_at", "r.created"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from ehrlake.ingest.lineage import keep_newest, lineage
+from ehrlake.ingest.lineage import lineage
 from ehrlake.ingest.quarantine import Reason, first_failure
 
 CORRUPT = "_corrupt"
@@ -181,6 +181,7 @@ TABLES = {
 # imaging_studies rows repeat one Id per instance in Synthea, so the Id is not a key there.
 
 # The same row content, re-read, must replace nothing; a changed row under the same Id replaces it.
+# CSV rows carry no version, so within a batch the later file / line wins (no ordering columns).
 UPDATE_WHEN = "s.record_hash <> t.record_hash"
 
 
@@ -264,8 +265,3 @@ def type_rows(
         reason.alias("_reason"),
         message.alias("_message"),
     )
-
-
-def dedupe(rows: DataFrame, spec: CsvTable) -> DataFrame:
-    """One row per key: for Id tables the later file / line wins (CSV rows carry no version)."""
-    return keep_newest(rows, spec.keys, [])

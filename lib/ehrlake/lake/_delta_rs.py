@@ -78,27 +78,24 @@ class DeltaRsEngine:
 
     # ----------------------------------------------------------------- reads
     def read(self, path: str, version: int | datetime | None = None) -> DataFrame:
-        table = self._open(path, version)
+        return self._scan(self._open(path, version), path)
+
+    def _scan(self, table: DeltaTable, path: str, with_file: bool = False) -> DataFrame:
+        """The snapshot's rows in table column order, optionally tagged with their data file."""
         schema = _schema.from_delta_json(table.schema().to_json())
         files = table.file_uris()
         if not files:
             return self.spark.createDataFrame([], schema)
         df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
-        return df.select(*[F.col(f"`{n}`") for n in schema.fieldNames()])
+        columns = [F.col(f"`{n}`") for n in schema.fieldNames()]
+        if with_file:
+            columns.append(F.col("_metadata.file_path").alias(_FILE_COL))
+        return df.select(*columns)
 
     def _read_with_file(self, table: DeltaTable, path: str) -> tuple[DataFrame, dict[str, dict]]:
         """The snapshot's rows tagged with their data file, plus each file's add-action facts."""
-        schema = _schema.from_delta_json(table.schema().to_json())
-        by_abs = {}
-        for action in _add_actions(table):
-            rel = action["path"]
-            by_abs[_norm(os.path.join(path, urllib.parse.unquote(rel)))] = action
-        files = table.file_uris()
-        df = self.spark.read.schema(schema).option("basePath", path).parquet(*files)
-        df = df.select(
-            *[F.col(f"`{n}`") for n in schema.fieldNames()], F.col("_metadata.file_path").alias(_FILE_COL)
-        )
-        return df, by_abs
+        by_abs = {_norm(os.path.join(path, urllib.parse.unquote(a["path"]))): a for a in _add_actions(table)}
+        return self._scan(table, path, with_file=True), by_abs
 
     # ----------------------------------------------------------------- writes
     def create(
