@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.errors import EnvironmentProblem
@@ -187,7 +188,7 @@ def new_files(lake, kind: SourceKind, system: str, files: list[InputFile]) -> li
     done = {
         (r.path, r.size, r.modified_ns)
         for r in lake.read(FILE_LOG)
-        .where(f"source_kind = '{kind.value}' AND source_system = '{system}'")
+        .where((F.col("source_kind") == kind.value) & (F.col("source_system") == system))
         .select("path", "size", "modified_ns")
         .toLocalIterator()
     }

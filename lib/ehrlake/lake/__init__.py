@@ -89,7 +89,7 @@ class Lake:
         infos = []
         for name in list_tables(self.root):
             path = self.path(name)
-            last = (self.history(str(name), 1) or [{}])[0]
+            last = self.history(str(name), 1)[0]  # a listed table has at least its create commit
             ts = last.get("timestamp")
             when = (
                 datetime.fromtimestamp(ts / 1000).isoformat(timespec="seconds")
@@ -101,7 +101,7 @@ class Lake:
                     name=str(name),
                     layer=name.layer,
                     path=path,
-                    version=self.version(str(name)),
+                    version=int(last["version"]),
                     rows=self.row_count(str(name)),
                     last_operation=str(last.get("ehrlakeOperation") or last.get("operation") or ""),
                     last_commit=when,
