@@ -13,6 +13,30 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "data" / "sample"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def security_conf(tmp_path_factory):
+    """One master key and key store for the session, outside every lake (as in production), and a
+    configuration pointing at them that CLI and spark-submit subprocesses pick up via $EHRLAKE_CONF."""
+    from ehrlake.security.keys import FileKeyProvider
+
+    secrets = tmp_path_factory.mktemp("secrets")
+    FileKeyProvider(str(secrets / "master.key")).create()
+    conf = secrets / "ehrlake-test.yaml"
+    conf.write_text(
+        "security:\n"
+        f"  master_key_file: {secrets / 'master.key'}\n"
+        f"  key_store: {secrets / 'keystore'}\n"
+        f"  access_policy: {REPO / 'conf' / 'access_policy.yaml'}\n"
+    )
+    previous = os.environ.get("EHRLAKE_CONF")
+    os.environ["EHRLAKE_CONF"] = str(conf)
+    yield conf
+    if previous is None:
+        os.environ.pop("EHRLAKE_CONF", None)
+    else:
+        os.environ["EHRLAKE_CONF"] = previous
+
+
 @pytest.fixture(scope="session")
 def spark():
     from ehrlake.config import Config, SparkConfig
@@ -28,10 +52,14 @@ def spark():
 
 
 @pytest.fixture
-def lake(spark, tmp_path):
+def lake(spark, tmp_path, security_conf):
+    """A lake with the session's keys, the repository's access policy and its own audit log."""
+    from ehrlake import config
     from ehrlake.lake import Lake
+    from ehrlake.security import Security
 
-    return Lake(str(tmp_path / "lake"), spark)
+    root = str(tmp_path / "lake")
+    return Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
 
 
 def shared(*parts: str) -> Path:
@@ -40,3 +68,15 @@ def shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"shared data {path} not available")
     return path
+
+
+def opened(lake, table: str):
+    """``table`` with its sealed columns opened, for tests that check what was stored round-trips.
+
+    Internal API on purpose: users reveal one patient at a time through ``lake.reveal`` (audited).
+    """
+    from ehrlake.security.protection import Sealing
+
+    df = lake.read(table)
+    sealing = Sealing.of(df.schema)
+    return lake.security.protector.open(df, table, sealing) if sealing else df

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import opened
 from fhir_fixtures import bundle, condition, observation, patient, write_json, write_ndjson
 
 from ehrlake import ingest
@@ -13,7 +14,7 @@ from ehrlake.ingest import SourceKind
 def quarantine_reasons(lake) -> dict[tuple[str, int], str]:
     return {
         (r.source_file.rsplit("/", 1)[-1], r.record_index): r.reason
-        for r in lake.read("ops.quarantine").collect()
+        for r in opened(lake, "ops.quarantine").collect()
     }
 
 
@@ -26,7 +27,7 @@ def test_ndjson_plain_and_gzip_many_files_per_type(lake, tmp_path):
     report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
     assert report.balanced and report.records_read == 6
     assert report.entities["bronze.fhir_patient"].inserted == 3
-    patients = {r.id: r for r in lake.read("bronze.fhir_patient").collect()}
+    patients = {r.id: r for r in opened(lake, "bronze.fhir_patient").collect()}
     assert set(patients) == {"p1", "p2", "p3"}
     p1 = patients["p1"]
     assert (p1.family_name, p1.given_names, p1.city, str(p1.birth_date)) == (
@@ -59,8 +60,8 @@ def test_bundles_of_each_type_json_and_gzip(lake, tmp_path, kind):
     write_json(src / "many.json.gz", bundle([patient("p2"), patient("p3"), observation("o1", "p2")], kind))
     report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(src))
     assert report.balanced and report.records_read == 5
-    assert sorted(r.id for r in lake.read("bronze.fhir_patient").collect()) == ["p1", "p2", "p3"]
-    entries = {r.id: r.record_index for r in lake.read("bronze.fhir_patient").collect()}
+    assert sorted(r.id for r in opened(lake, "bronze.fhir_patient").collect()) == ["p1", "p2", "p3"]
+    entries = {r.id: r.record_index for r in opened(lake, "bronze.fhir_patient").collect()}
     assert entries == {"p1": 1, "p2": 1, "p3": 2}  # 1-based entry number within its bundle
     assert lake.row_count("bronze.fhir_condition") == 1 and lake.row_count("bronze.fhir_observation") == 1
 
@@ -100,10 +101,11 @@ def test_each_bad_record_is_quarantined_with_its_reason_and_the_rest_loads(lake,
         ("mixed.ndjson", 7): "unparseable_date",
         ("mixed.ndjson", 9): "malformed_json",
     }
-    assert [r.id for r in lake.read("bronze.fhir_patient").collect()] == ["good1"]
+    assert [r.id for r in opened(lake, "bronze.fhir_patient").collect()] == ["good1"]
     assert lake.row_count("bronze.fhir_observation") == 1
-    q = {r.record_index: r for r in lake.read("ops.quarantine").collect()}
-    assert "birthDate: '31/12/1970'" in q[6].message and q[6].entity == "bronze.fhir_patient"
+    q = {r.record_index: r for r in opened(lake, "ops.quarantine").collect()}
+    assert q[6].message == "birthDate: not a valid date (value kept sealed in raw)"  # no identifier in clear
+    assert q[6].entity == "bronze.fhir_patient" and '"birthDate": "31/12/1970"' in q[6].raw
     assert q[2].raw == '{"resourceType": "Patient", "id": "broken"' and q[2].source_kind == "fhir-ndjson"
     assert report.entities["bronze.fhir_patient"].quarantined == 2  # no id, bad birthDate
     assert report.entities["(unparsed)"].quarantined == 4  # two malformed, no resourceType, unknown type
@@ -134,7 +136,7 @@ def test_rerun_adds_nothing_and_a_new_file_is_ingested_alone(lake, tmp_path):
     assert third.files_new == 1 and third.records_read == 3
     counts = third.entities["bronze.fhir_patient"]
     assert (counts.inserted, counts.updated, counts.unchanged) == (1, 1, 1)
-    got = {r.id: (r.version_id, r.family_name) for r in lake.read("bronze.fhir_patient").collect()}
+    got = {r.id: (r.version_id, r.family_name) for r in opened(lake, "bronze.fhir_patient").collect()}
     assert got == {"p1": ("2", "Iyer"), "p2": ("1", "Rao"), "p3": ("1", "Rao")}
 
 
@@ -148,7 +150,7 @@ def test_older_version_never_replaces_newer_and_duplicates_in_one_batch_keep_new
     assert first.entities["bronze.fhir_patient"].duplicate == 1
     write_ndjson(dump / "b.ndjson", [patient("p1", version="1", family="Oldest")])
     ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
-    assert [(r.version_id, r.family_name) for r in lake.read("bronze.fhir_patient").collect()] == [
+    assert [(r.version_id, r.family_name) for r in opened(lake, "bronze.fhir_patient").collect()] == [
         ("3", "New")
     ]
 

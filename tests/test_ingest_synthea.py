@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 
-from conftest import shared
+from conftest import opened, shared
 
 from ehrlake import ingest
 from ehrlake.ingest import SourceKind
@@ -26,7 +26,7 @@ def test_all_shared_synthea_versions_load_with_expected_counts(lake):
         for p in root.glob("*/patients.csv.gz")
     )
     assert expected == 215 and lake.row_count("bronze.synthea_patients") == 215
-    incomes = lake.read("bronze.synthea_patients").where("income IS NOT NULL").count()
+    incomes = opened(lake, "bronze.synthea_patients").where("income IS NOT NULL").count()
     assert incomes == 107  # only the ablack3 export has INCOME
     enc = lake.read("bronze.synthea_encounters").first()
     assert enc.start is not None and isinstance(enc.base_encounter_cost, float)
@@ -51,7 +51,7 @@ def test_newer_and_older_headers_map_by_name_and_bad_rows_are_quarantined(lake, 
     (src / "mystery.csv").write_text("A,B\n1,2\n")
     report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(src))
     assert report.balanced and report.records_read == 7
-    p1 = lake.read("bronze.synthea_patients").first()
+    p1 = opened(lake, "bronze.synthea_patients").first()
     assert (p1.id, p1.middle, p1.fips, p1.income, str(p1.birthdate)) == (
         "p1",
         "K",
@@ -63,7 +63,7 @@ def test_newer_and_older_headers_map_by_name_and_bad_rows_are_quarantined(lake, 
     assert str(proc.start) == "2019-02-17 05:07:38" and proc.system is None and proc.base_cost == 451.0
     reasons = {
         (r.source_file.rsplit("/", 1)[-1], r.record_index): r.reason
-        for r in lake.read("ops.quarantine").collect()
+        for r in opened(lake, "ops.quarantine").collect()
     }
     assert reasons == {
         ("patients.csv", 3): "unparseable_date",

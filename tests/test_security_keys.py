@@ -45,7 +45,7 @@ def test_values_round_trip_and_carry_their_key_id(store):
 def test_ciphertext_moved_to_another_row_or_column_fails_authentication(store):
     key = store.current("bronze.fhir_patient")
     sealed = encrypt_value(key, "Asha Rao", "local|p1", "family_name")
-    with pytest.raises(KeyAccessError, match="row local\\|p2"):
+    with pytest.raises(KeyAccessError, match="row 'local\\|p2'"):
         decrypt_value(key, sealed, "local|p2", "family_name")
     with pytest.raises(KeyAccessError, match="authentication failed"):
         decrypt_value(key, sealed, "local|p1", "city")

@@ -23,6 +23,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
 
 
+def _role(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--role",
+        help="act as this role of the access policy (default: $EHRLAKE_ROLE, else security.role of the "
+        "configuration)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrlake", description="EHR lakehouse on Apache Spark and Delta Lake."
@@ -49,6 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.add_argument("--json", action="store_true", help="print the run report as JSON")
     _common(ingest)
+    _role(ingest)
+
+    read = sub.add_parser(
+        "read",
+        help="print rows of a table as a role may see them",
+        description="Read a table through the access policy: tables the role may not read are refused, "
+        "hidden columns are dropped, sealed identifiers are never opened; the read is audited.",
+    )
+    read.add_argument("--table", required=True, help="logical table name, e.g. silver.condition")
+    read.add_argument("--limit", type=int, default=20, help="at most this many rows (default 20)")
+    read.add_argument("--json", action="store_true", help="one JSON object per row")
+    _common(read)
+    _role(read)
+
+    reveal = sub.add_parser(
+        "reveal",
+        help="open one patient's identifiers (roles allowed to reveal only; audited)",
+        description="Show one patient's rows of a table with sealed identifiers opened. Only roles "
+        "with reveal: true may; every reveal, allowed or denied, is written to the audit log.",
+    )
+    reveal.add_argument("--table", required=True, help="logical table name, e.g. bronze.fhir_patient")
+    reveal.add_argument("--patient-key", required=True, help="the pseudonymous patient_key")
+    reveal.add_argument("--purpose", required=True, help="why (recorded in the audit log)")
+    _common(reveal)
+    _role(reveal)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log", description="The audit log.")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="check the hash chain, signed checkpoints and witness; exit 1 at the first broken link",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(verify)
 
     keys = sub.add_parser(
         "keys",
@@ -60,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     init = keys_sub.add_parser("init", help="create the master key file (mode 0600); refuses to overwrite")
     rotate = keys_sub.add_parser("rotate", help="add a new data-key version for a table; new writes use it")
     rotate.add_argument("--table", required=True, help="logical table name, e.g. bronze.fhir_patient")
+    rotate.add_argument(
+        "--reencrypt",
+        action="store_true",
+        help="also rewrite the table's sealed columns under the new key, as one new Delta version",
+    )
+    rotate.add_argument(
+        "--lake", help="lake root, with --reencrypt (default: lake.root of the configuration)"
+    )
     show_keys = keys_sub.add_parser("show", help="key ids and creation times per table (never key material)")
     show_keys.add_argument("--json", action="store_true", help="machine-readable output")
     for p in (init, rotate, show_keys):
@@ -80,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_lake(args):
     from ehrlake import config as config_module
     from ehrlake.lake import Lake
+    from ehrlake.security import Security
     from ehrlake.session import get_spark
 
     config = config_module.load(args.conf).with_lake_root(args.lake)
@@ -90,7 +141,7 @@ def _open_lake(args):
     if not os.path.exists(root) and not os.access(parent, os.W_OK):
         raise EhrlakeError(f"cannot create the lake root {root}: {parent} is not writable")
     spark = get_spark(config)
-    return Lake(root, spark, config.lake.engine), config
+    return Lake(root, spark, config.lake.engine, Security.from_config(config.security, root)), config
 
 
 def cmd_ingest(args) -> int:
@@ -103,12 +154,50 @@ def cmd_ingest(args) -> int:
         args.input,
         source_system=args.source_system or config.ingest.source_system,
         batch_lines=config.ingest.lines_per_batch,
+        role=args.role,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if not report.balanced:
         print("ehrlake: error: ingest counts do not add up; see the report above", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def cmd_read(args) -> int:
+    lake, _ = _open_lake(args)
+    df = lake.read(args.table, role=args.role or lake.security.default_role)
+    rows = df.limit(max(args.limit, 0)).collect()  # bounded: --limit rows reach the driver
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.asDict(recursive=True), default=str))
+    else:
+        print(f"{args.table}: {', '.join(df.columns)}")
+        for row in rows:
+            print(" | ".join("" if v is None else str(v) for v in row))
+    return 0
+
+
+def cmd_reveal(args) -> int:
+    lake, _ = _open_lake(args)
+    role = args.role or lake.security.default_role
+    rows = lake.reveal(args.table, args.patient_key, role, args.purpose).collect()
+    for row in rows:
+        print(json.dumps(row.asDict(recursive=True), default=str))
+    print(
+        f"{len(rows)} row(s) of {args.table} revealed to role {role}; recorded in audit.events",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_audit_verify(args) -> int:
+    lake, _ = _open_lake(args)
+    report = lake.security.audit.verify(lake.spark)
+    if args.json:
+        print(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
+    else:
+        print(report.format())
+    return 0 if report.ok else EXIT_FAILURE
 
 
 def cmd_lake_show(args) -> int:
@@ -141,15 +230,10 @@ def format_tables(root: str, tables) -> str:
 
 def _key_store(args):
     from ehrlake import config as config_module
-    from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
+    from ehrlake.security.columns import KeyRef
 
     security = config_module.load(args.conf).security
-    provider = (
-        EnvKeyProvider()
-        if os.environ.get("EHRLAKE_MASTER_KEY")
-        else FileKeyProvider(security.master_key_file)
-    )
-    return KeyStore(security.key_store, provider), security
+    return KeyRef.from_config(security).store(), security
 
 
 def cmd_keys_init(args) -> int:
@@ -159,6 +243,8 @@ def cmd_keys_init(args) -> int:
     if os.path.exists(security.master_key_file):
         raise EhrlakeError(f"master key file {security.master_key_file} exists already; not overwriting it")
     FileKeyProvider(security.master_key_file).create()
+    store, _ = _key_store(args)
+    store.linkage_id()  # the linkage secret exists from the start, so concurrent first jobs share it
     print(
         f"created master key {security.master_key_file} (mode 0600); back it up: without it nothing decrypts"
     )
@@ -168,16 +254,28 @@ def cmd_keys_init(args) -> int:
 def cmd_keys_rotate(args) -> int:
     from ehrlake.lake.catalog import TableName
 
+    table = str(TableName.parse(args.table))
     store, _ = _key_store(args)
-    key_id = store.rotate(str(TableName.parse(args.table)))
-    print(f"{key_id} created; new writes to {args.table} use it, older versions stay readable")
+    key_id = store.rotate(table)
+    print(f"{key_id} created; new writes to {table} use it, older versions stay readable")
+    if args.reencrypt:
+        from ehrlake.security.audit import Event
+
+        lake, _ = _open_lake(args)
+        result = lake.security.protector.reencrypt(lake, table)
+        lake.security.audit.record(
+            Event(
+                "keys.reencrypt", role=lake.security.default_role, job="keys", table_name=table, detail=key_id
+            ),
+            checkpoint=True,
+        )
+        print(f"{table}: sealed columns rewritten under {key_id} as Delta version {result.version}")
     return 0
 
 
 def cmd_keys_show(args) -> int:
     store, security = _key_store(args)
-    tables = sorted(p.name.removesuffix(".keys.json") for p in store.directory.glob("*.keys.json"))
-    data = {t: store.versions(t) for t in tables}
+    data = {t: store.versions(t) for t in store.tables()}
     if args.json:
         print(json.dumps({"key_store": str(store.directory), "tables": data}, indent=2))
     elif not data:
@@ -194,12 +292,15 @@ COMMANDS = {
     ("keys", "init"): cmd_keys_init,
     ("keys", "rotate"): cmd_keys_rotate,
     ("keys", "show"): cmd_keys_show,
+    "read": cmd_read,
+    "reveal": cmd_reveal,
+    ("audit", "verify"): cmd_audit_verify,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sub = {"lake": "lake_command", "keys": "keys_command"}.get(args.command)
+    sub = {"lake": "lake_command", "keys": "keys_command", "audit": "audit_command"}.get(args.command)
     key = (args.command, getattr(args, sub)) if sub else args.command
     try:
         return COMMANDS[key](args)

@@ -72,10 +72,15 @@ class SecurityConfig:
     # Both live outside the lake: a copy of the lake directory carries no usable key.
     master_key_file: str = "./secrets/master.key"
     key_store: str = "./secrets/keystore"
+    access_policy: str = "conf/access_policy.yaml"
+    role: str = "engineer"  # the role jobs act as unless --role (or $EHRLAKE_ROLE) says otherwise
+    audit_checkpoint_every: int = 1000
 
     def validate(self) -> None:
         if not self.master_key_file or not self.key_store:
             raise ConfigError("security.master_key_file and security.key_store must be set")
+        if self.audit_checkpoint_every < 1:
+            raise ConfigError("security.audit_checkpoint_every must be a positive integer")
 
 
 @dataclass(frozen=True)

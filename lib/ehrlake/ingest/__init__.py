@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.errors import ConfigError
 from ehrlake.ingest import fhir, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.lineage import keep_newest
@@ -34,6 +36,9 @@ from ehrlake.ingest.sources import (
     table_stem,
 )
 from ehrlake.ingest.synthea import table_for
+from ehrlake.lake.catalog import list_tables
+from ehrlake.security.audit import ERROR, Event
+from ehrlake.security.protection import Sealing
 
 __all__ = ["run", "SourceKind", "IngestReport", "EntityCounts"]
 
@@ -63,11 +68,53 @@ def run(
     source_system: str = "local",
     batch_lines: int = 5000,
     run_id: str | None = None,
+    encrypt: bool = True,
+    role: str | None = None,
 ) -> IngestReport:
-    """Ingest every new file of ``kind`` under ``input_path`` into the lake (see module docstring)."""
+    """Ingest every new file of ``kind`` under ``input_path`` into the lake (see module docstring).
+
+    Identifiers and raw records are sealed with the lake's keys (``lake.security``), the ``role``
+    (default: the configured one) must be allowed to write bronze and ops, and every table written
+    is recorded in the audit log. ``encrypt=False`` exists only to measure what encryption costs
+    (``bench/crypto.py``) and is refused on a lake that already holds sealed tables.
+    """
     kind = SourceKind(kind)
+    protector = _protector(lake, encrypt)
     started = dt.datetime.now(dt.UTC).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    security = lake.security if encrypt else None
+    if security is None:
+        return _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector)
+    role = role or security.default_role
+    security.access.require_write(role, ["bronze", "ops"], "ingest", run_id)
+    try:
+        report = _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector)
+    except Exception as exc:
+        failed = Event(
+            "ingest", ERROR, role, "ingest", detail=f"{type(exc).__name__} on {input_path}", run_id=run_id
+        )
+        security.audit.record(failed, checkpoint=True)
+        raise
+    events = [
+        Event(
+            "write",
+            role=role,
+            job="ingest",
+            table_name=name,
+            run_id=run_id,
+            detail=json.dumps(asdict(counts)),
+        )
+        for name, counts in sorted(report.entities.items())
+    ]
+    security.audit.record(
+        *events,
+        Event("ingest", role=role, job="ingest", detail=f"{report.files_new} new files", run_id=run_id),
+        checkpoint=True,
+    )
+    return report
+
+
+def _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector) -> IngestReport:
     files = discover(input_path, kind)
     todo = new_files(lake, kind, source_system, files)
     report = IngestReport(run_id, kind.value, source_system, input_path, lake.root, len(files), len(todo))
@@ -101,6 +148,7 @@ def run(
         out.rows = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
         if not out.quarantine_only:
             good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
+            good = _protect(protector, good, out.table, out.keys)
             lake.create(out.table, good.schema, PARTITION_BY)
             result = lake.merge(
                 good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info
@@ -108,7 +156,7 @@ def run(
             merged[out.table] = result.metrics
         bad = out.rows.where("_reason IS NOT NULL")
         bad_parts.append(quarantine.rows(bad, kind.value, F.lit(out.table), run_id, now))
-    quarantined = _quarantine(lake, bad_parts, commit_info)
+    quarantined = _quarantine(lake, protector, bad_parts, commit_info)
     _fill_report(report, census, merged, quarantined)
     _mark_ingested(lake, kind, source_system, todo, run_id, now, commit_info)
     _record_run(lake, report, started, commit_info)
@@ -211,15 +259,35 @@ def _union(parts: list[DataFrame]) -> DataFrame:
     return functools.reduce(DataFrame.unionByName, parts)
 
 
-def _quarantine(lake, parts: list[DataFrame], commit_info: dict) -> dict[str, int]:
-    """Merge every failed record into ops.quarantine; returns how many per target table."""
+def _protector(lake, encrypt: bool):
+    security = getattr(lake, "security", None)
+    if not encrypt:
+        if any(Sealing.of(lake.schema(str(t))) for t in list_tables(lake.root)):
+            raise ConfigError(f"lake {lake.root} holds encrypted tables; refusing to add plaintext to it")
+        return None
+    if security is None:
+        raise ConfigError(
+            "this lake was opened without keys (Lake(..., security=...)); ingest writes identifiers "
+            "only encrypted"
+        )
+    return security.protector
+
+
+def _protect(protector, df: DataFrame, table: str, keys: list[str]) -> DataFrame:
+    """``df`` sealed for ``table``, sealed columns marked in the schema (unchanged without a protector)."""
+    return df if protector is None else protector.protect(df, table, keys)[0]
+
+
+def _quarantine(lake, protector, parts: list[DataFrame], commit_info: dict) -> dict[str, int]:
+    """Merge every failed record into ops.quarantine (raw payloads sealed); returns counts per table."""
     if not parts:
         return {}
     frame = _union(parts).persist(StorageLevel.MEMORY_AND_DISK)
     per_entity = {r["entity"] or UNPARSED: r["count"] for r in frame.groupBy("entity").count().collect()}
     if per_entity:
-        lake.create(quarantine.TABLE, quarantine.SCHEMA, PARTITION_BY)
-        lake.merge(frame, quarantine.TABLE, quarantine.KEYS, "s.reason <> t.reason", commit_info=commit_info)
+        sealed = _protect(protector, frame, quarantine.TABLE, quarantine.KEYS)
+        lake.create(quarantine.TABLE, sealed.schema, PARTITION_BY)
+        lake.merge(sealed, quarantine.TABLE, quarantine.KEYS, "s.reason <> t.reason", commit_info=commit_info)
     frame.unpersist()
     return per_entity
 
@@ -239,8 +307,6 @@ def _mark_ingested(lake, kind, source_system, files, run_id, now, commit_info) -
 
 
 def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: dict) -> None:
-    import json
-
     frame = lake.spark.createDataFrame(
         [
             (

@@ -13,6 +13,7 @@ from pyspark.sql import functions as F
 from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.lineage import lineage
 from ehrlake.ingest.quarantine import Reason, first_failure
+from ehrlake.security.protection import declared
 
 CORRUPT = "_corrupt"
 JSON_OPTIONS = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
@@ -118,14 +119,17 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
     )
 
 
-def _temporal_check(column: model.Column) -> tuple[Column, Reason, Column]:
+def _temporal_check(column: model.Column, identifying: bool) -> tuple[Column, Reason, Column]:
+    """An unparseable date fails the record; the message quotes the value unless it identifies
+    someone (a birth date), whose value stays only in the sealed ``raw``."""
     parsed = F.expr(f"try_cast({column.sql} AS {column.type.upper()})")
     raw = F.expr(f"CAST({column.sql} AS STRING)")
-    return (
-        raw.isNotNull() & parsed.isNull(),
-        Reason.UNPARSEABLE_DATE,
-        F.concat(F.lit(f"{column.fhir_path}: '"), raw, F.lit("'")),
+    message = (
+        F.lit(f"{column.fhir_path}: not a valid date (value kept sealed in raw)")
+        if identifying
+        else F.concat(F.lit(f"{column.fhir_path}: '"), raw, F.lit("'"))
     )
+    return raw.isNotNull() & parsed.isNull(), Reason.UNPARSEABLE_DATE, message
 
 
 def type_entity(valid: DataFrame, entity: model.FhirEntity, run_id: str, ingested_at: Column) -> DataFrame:
@@ -140,7 +144,8 @@ def type_entity(valid: DataFrame, entity: model.FhirEntity, run_id: str, ingeste
             F.lit(f"a field of this {entity.resource_type} has the wrong JSON type"),
         )
     ]
-    checks += [_temporal_check(c) for c in entity.columns if c.is_temporal]
+    identifiers = declared(entity.table).identifiers
+    checks += [_temporal_check(c, c.name in identifiers) for c in entity.columns if c.is_temporal]
     reason, message = first_failure(checks)
     typed = [
         (

@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.ingest.lineage import lineage
 from ehrlake.ingest.quarantine import Reason, first_failure
+from ehrlake.security.protection import declared
 
 CORRUPT = "_corrupt"
 
@@ -241,7 +242,12 @@ def type_rows(
             if kind != "string" and col in by_canonical:
                 bad = raw(col).isNotNull() & F.expr(f"try_cast(r.`{by_canonical[col]}` AS {kind})").isNull()
                 reason = Reason.UNPARSEABLE_NUMBER if kind == "double" else Reason.UNPARSEABLE_DATE
-                checks.append((bad, reason, F.concat(F.lit(f"{by_canonical[col]}: '"), raw(col), F.lit("'"))))
+                message = (
+                    F.lit(f"{by_canonical[col]}: not a valid {kind} (value kept sealed in raw)")
+                    if col in declared(spec.table).identifiers
+                    else F.concat(F.lit(f"{by_canonical[col]}: '"), raw(col), F.lit("'"))
+                )
+                checks.append((bad, reason, message))
         typed = [
             (
                 raw(c)

@@ -46,12 +46,14 @@ class TableInfo:
 
 
 class Lake:
-    """A lake root plus the commit engine that writes to it."""
+    """A lake root, the commit engine that writes to it and, optionally, its keys, policy and audit
+    log (:class:`ehrlake.security.Security`; without it nothing can be sealed, opened or read by role)."""
 
-    def __init__(self, root: str, spark: SparkSession, engine: str = "auto"):
+    def __init__(self, root: str, spark: SparkSession, engine: str = "auto", security=None):
         self.root = os.path.abspath(root)
         self.spark = spark
         self.engine = _choose_engine(spark, engine)
+        self.security = security
 
     # --------------------------------------------------------------- paths
     def path(self, table: str | TableName) -> str:
@@ -62,14 +64,34 @@ class Lake:
 
     # --------------------------------------------------------------- reads
     def read(
-        self, table: str, version: int | None = None, timestamp: datetime | str | None = None
+        self,
+        table: str,
+        version: int | None = None,
+        timestamp: datetime | str | None = None,
+        role: str | None = None,
     ) -> DataFrame:
-        """The table at its latest version, or as of a version number or a timestamp (time travel)."""
+        """The table at its latest version, or as of a version number or a timestamp (time travel).
+
+        With ``role``, the access policy applies: a table the role may not read raises
+        :class:`~ehrlake.errors.AccessDenied`, hidden columns are dropped, and the read is audited.
+        Sealed identifier columns are never opened by a read (see :meth:`reveal`).
+        """
+        if role is not None:
+            return self._guard().access.read(self, table, role, version=version, timestamp=timestamp)
         if version is not None and timestamp is not None:
             raise ConfigError("give version or timestamp, not both")
         if isinstance(timestamp, str):
             timestamp = datetime.fromisoformat(timestamp)
         return self.engine.read(self.path(table), version if version is not None else timestamp)
+
+    def reveal(self, table: str, patient_key: str, role: str, purpose: str) -> DataFrame:
+        """One patient's rows with identifiers opened, for a role allowed to reveal; always audited."""
+        return self._guard().access.reveal(self, table, role, patient_key, purpose)
+
+    def _guard(self):
+        if self.security is None:
+            raise ConfigError("this lake was opened without security (keys, access policy, audit log)")
+        return self.security
 
     def schema(self, table: str) -> T.StructType:
         return self.engine.schema(self.path(table))
@@ -117,7 +139,7 @@ class Lake:
         partition_by: list[str] | None = None,
         description: str | None = None,
     ) -> None:
-        """Create an empty table with this schema; a no-op if it exists."""
+        """Create an empty table with this schema (field metadata included); a no-op if it exists."""
         self.engine.create(self.path(table), schema, list(partition_by or []), description)
 
     def write(
@@ -193,8 +215,10 @@ def _choose_engine(spark: SparkSession, engine: str):
 def open(root: str | None = None, spark: SparkSession | None = None, config=None) -> Lake:  # noqa: A001
     """Open the lake at ``root`` (default: the configured root), building a session if needed."""
     from ehrlake import config as config_module
+    from ehrlake.security import Security
     from ehrlake.session import get_spark
 
     config = config or config_module.load()
     spark = spark or get_spark(config)
-    return Lake(root or config.lake.root, spark, config.lake.engine)
+    root = root or config.lake.root
+    return Lake(root, spark, config.lake.engine, Security.from_config(config.security, root))

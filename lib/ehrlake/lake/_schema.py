@@ -83,4 +83,4 @@ def align(
         F.col(f"`{f.name}`") if f.name in incoming else F.lit(None).cast(f.dataType).alias(f.name)
         for f in table_schema.fields
     ] + [F.col(f"`{f.name}`") for f in new]
-    return df.select(*columns), [T.StructField(f.name, nullable(f.dataType), True) for f in new]
+    return df.select(*columns), [T.StructField(f.name, nullable(f.dataType), True, f.metadata) for f in new]

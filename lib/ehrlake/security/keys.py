@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ehrlake.errors import KeyAccessError
 
 KEY_BYTES = 32  # AES-256
+LINKAGE = "_linkage"  # the patient-linkage secret: one version, never rotated (keys would stop linking)
 
 
 class KeyProvider(Protocol):
@@ -110,26 +111,31 @@ class KeyStore:
         self.directory = Path(directory)
         self.provider = provider
 
-    def _file(self, table: str) -> Path:
+    def key_file(self, table: str) -> Path:
         return self.directory / f"{table}.keys.json"
 
     def _load(self, table: str) -> dict:
-        path = self._file(table)
+        path = self.key_file(table)
         if not path.is_file():
             return {"table": table, "versions": []}
         return json.loads(path.read_text())
 
     def _save(self, table: str, data: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self._file(table).with_suffix(".tmp")
+        tmp = self.key_file(table).with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2)
-        os.replace(tmp, self._file(table))
+        os.replace(tmp, self.key_file(table))
 
     def rotate(self, table: str) -> str:
         """Add a new data-key version for ``table`` (the first one on first use); returns its key id."""
         data = self._load(table)
+        if table == LINKAGE and data["versions"]:
+            raise KeyAccessError(
+                "the linkage secret is never rotated: every patient_key in the lake would change and "
+                "stop linking to earlier records"
+            )
         version = len(data["versions"]) + 1
         key_id = f"{table}#v{version}"
         material = secrets.token_bytes(KEY_BYTES)
@@ -142,8 +148,36 @@ class KeyStore:
                 "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             }
         )
-        self._save(table, data)
+        if version == 1:
+            if not self._create_first(table, data):  # another process created it first: use theirs
+                return self._load(table)["versions"][0]["key_id"]
+        else:
+            self._save(table, data)
         return key_id
+
+    def _create_first(self, table: str, data: dict) -> bool:
+        """Write a table's first key file only if none exists (O_EXCL), so racing first writers agree."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(self.key_file(table), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+        return True
+
+    def current_id(self, table: str) -> str:
+        """Id of the newest data key of ``table`` (created on first use), without unwrapping it."""
+        data = self._load(table)
+        return data["versions"][-1]["key_id"] if data["versions"] else self.rotate(table)
+
+    def linkage_id(self) -> str:
+        """Key id of the secret behind pseudonymous patient keys (created on first use, then fixed)."""
+        data = self._load(LINKAGE)
+        return data["versions"][0]["key_id"] if data["versions"] else self.rotate(LINKAGE)
+
+    def tables(self) -> list[str]:
+        return sorted(p.name.removesuffix(".keys.json") for p in self.directory.glob("*.keys.json"))
 
     def current(self, table: str) -> DataKey:
         """The newest data key of ``table``, created on first use."""

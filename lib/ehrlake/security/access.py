@@ -1,0 +1,154 @@
+"""Role-based access: which tables and columns a role reads, whether it may reveal identities.
+
+The policy (``conf/access_policy.yaml``) is enforced by the library for reads made with a role;
+every decision is audited. It is the guard rail for honest clients (notebooks, jobs, analysts'
+scripts). What keeps identifiers from a role that bypasses the library is the encryption itself:
+only processes given the master key can open a sealed column (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.errors import AccessDenied, ConfigError
+from ehrlake.lake.catalog import TableName
+from ehrlake.security.audit import DENIED, ERROR, AuditLog, Event
+from ehrlake.security.protection import Protector, Sealing
+
+SEALED_MODES = ("drop", "ciphertext")
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    description: str
+    read: tuple[str, ...]
+    write: tuple[str, ...]
+    sealed: str
+    deny_columns: tuple[str, ...]
+    reveal: bool
+
+    def may_read(self, table: str) -> bool:
+        return any(fnmatch.fnmatchcase(table, pattern) for pattern in self.read)
+
+    def may_write(self, layer: str) -> bool:
+        return layer in self.write
+
+    def hidden(self, column: str, sealed: set[str]) -> bool:
+        if column in sealed and self.sealed == "drop":
+            return True
+        return any(fnmatch.fnmatchcase(column, pattern) for pattern in self.deny_columns)
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    roles: dict[str, Role]
+
+    @classmethod
+    def load(cls, path: str) -> AccessPolicy:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"access policy {path} does not exist (security.access_policy)")
+        data = yaml.safe_load(file.read_text()) or {}
+        roles = {}
+        for name, spec in (data.get("roles") or {}).items():
+            unknown = set(spec) - {"description", "read", "write", "sealed", "deny_columns", "reveal"}
+            if unknown:
+                raise ConfigError(f"access policy {path}: role {name} has unknown keys {sorted(unknown)}")
+            sealed = spec.get("sealed", "drop")
+            if sealed not in SEALED_MODES:
+                raise ConfigError(f"access policy {path}: role {name}: sealed must be drop or ciphertext")
+            roles[name] = Role(
+                name,
+                str(spec.get("description", "")),
+                tuple(spec.get("read") or ()),
+                tuple(spec.get("write") or ()),
+                sealed,
+                tuple(spec.get("deny_columns") or ()),
+                bool(spec.get("reveal", False)),
+            )
+        if not roles:
+            raise ConfigError(f"access policy {path} defines no roles")
+        return cls(roles)
+
+
+class Access:
+    """Applies the policy to reads, reveals and job writes, and audits every decision."""
+
+    def __init__(self, policy: AccessPolicy, audit: AuditLog, protector: Protector):
+        self.policy = policy
+        self.audit = audit
+        self.protector = protector
+
+    def role(self, name: str | None, action: str, table: str | None = None, job: str | None = None) -> Role:
+        role = self.policy.roles.get(name or "")
+        if role is None:
+            self._deny(Event(action, role=name, table_name=table, job=job, detail="unknown role"))
+            raise AccessDenied(f"unknown role {name!r} (roles: {', '.join(sorted(self.policy.roles))})")
+        return role
+
+    def _deny(self, event: Event) -> None:
+        event.outcome = DENIED
+        self.audit.record(event, checkpoint=True)
+
+    def require_write(
+        self, role_name: str | None, layers: list[str], job: str, run_id: str | None = None
+    ) -> Role:
+        """A job may write these layers under this role, or :class:`AccessDenied` (audited)."""
+        role = self.role(role_name, "write", job=job)
+        refused = [layer for layer in layers if not role.may_write(layer)]
+        if refused:
+            self._deny(Event("write", role=role.name, job=job, detail=f"layers {refused}", run_id=run_id))
+            raise AccessDenied(f"role {role.name} may not write the {', '.join(refused)} layer(s) ({job})")
+        return role
+
+    def read(self, lake, table: str, role_name: str | None, **at) -> DataFrame:
+        """``table`` as ``role_name`` may see it: hidden columns dropped, identifiers never opened."""
+        table = str(TableName.parse(table))
+        role = self.role(role_name, "read", table)
+        if not role.may_read(table):
+            self._deny(Event("read", role=role.name, table_name=table))
+            raise AccessDenied(f"role {role.name} may not read {table}")
+        df = lake.read(table, **at)
+        sealing = Sealing.of(lake.schema(table))
+        sealed = set(sealing.columns) if sealing else set()
+        df = df.drop(*[c for c in df.columns if role.hidden(c, sealed)])
+        self.audit.record(Event("read", role=role.name, table_name=table, columns=df.columns))
+        return df
+
+    def reveal(self, lake, table: str, role_name: str | None, patient_key: str, purpose: str) -> DataFrame:
+        """One patient's rows of ``table`` with identifiers opened, for a role allowed to reveal.
+
+        Bounded (one patient), collected once so the audit event records what actually happened.
+        """
+        table = str(TableName.parse(table))
+        role = self.role(role_name, "reveal", table)
+        event = Event("reveal", role=role.name, table_name=table, patient_key=patient_key, detail=purpose)
+        if not role.reveal or not role.may_read(table):
+            self._deny(event)
+            raise AccessDenied(f"role {role.name} may not reveal identities in {table}")
+        if not (purpose or "").strip():
+            self._deny(event)
+            raise AccessDenied("a reveal needs a stated purpose (it is written to the audit log)")
+        sealing = Sealing.of(lake.schema(table))
+        df = lake.read(table)
+        if "patient_key" not in df.columns:
+            raise ConfigError(f"{table} has no patient_key column; nothing to reveal by patient")
+        df = df.where(F.col("patient_key") == patient_key)
+        if sealing:
+            df = self.protector.open(df, table, sealing)
+            event.columns = sorted(sealing.columns)
+        try:
+            rows = df.collect()
+        except Exception as exc:
+            event.outcome, event.detail = ERROR, f"{purpose} | {type(exc).__name__}"
+            self.audit.record(event, checkpoint=True)
+            raise
+        self.audit.record(event, checkpoint=True)
+        return lake.spark.createDataFrame(rows, df.schema)

@@ -1,0 +1,186 @@
+"""What is protected in which table, and the one step that protects a DataFrame before it is written.
+
+Direct identifiers (names, addresses, telecom, identifiers such as MRN/SSN/ABHA/passport/driver's
+licence, exact birth date, home coordinates, free-text notes) and the whole source record (``raw``,
+which contains all of them) are sealed with the table's current data key. Birth year and region
+(city, district, state, country) stay in clear for analysis. Every row that refers to a patient gets
+``patient_key``, the pseudonymous linkage key.
+
+Each sealed column describes itself in the table's Delta schema (field metadata ``ehrlake.sealed``:
+its original type and the key columns its ciphertext is bound to), so readers, the access policy
+and re-encryption need no knowledge of how a table was produced, and any Spark reader sees which
+columns are ciphertext.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.errors import SchemaMismatch
+from ehrlake.lake.modes import WriteMode
+from ehrlake.security.columns import KeyRef, open_columns, row_id, seal_columns, with_patient_key
+
+SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns]}
+RAW = "raw"
+
+
+@dataclass(frozen=True)
+class TableProtection:
+    """Sealed columns of one table (``raw`` is always sealed where present) and its patient reference."""
+
+    identifiers: tuple[str, ...] = ()
+    patient_id: str | None = None  # column holding the source patient id; None: no patient link
+    birth_date: str | None = None  # sealed, with ``birth_year`` kept in clear
+    # column -> SQL condition under which its value is free text (moved to sealed ``<column>_text``);
+    # e.g. survey answers such as "What address do you live at?" stored beside numeric results
+    free_text: tuple[tuple[str, str], ...] = ()
+
+
+_PERSON_NAME = ("family_name", "given_names", "name_prefix")
+_FHIR_PATIENT_REF = TableProtection(patient_id="patient_id")
+
+TABLES: dict[str, TableProtection] = {
+    "bronze.fhir_patient": TableProtection(
+        (*_PERSON_NAME, "address_line", "postal_code", "phone", "email", "identifiers", "birth_date"),
+        patient_id="id",
+        birth_date="birth_date",
+    ),
+    "bronze.fhir_practitioner": TableProtection(("family_name", "given_names", "identifiers", "email")),
+    "bronze.fhir_encounter": _FHIR_PATIENT_REF,
+    "bronze.fhir_condition": _FHIR_PATIENT_REF,
+    "bronze.fhir_observation": TableProtection(("value_string",), patient_id="patient_id"),
+    "bronze.fhir_medication_request": _FHIR_PATIENT_REF,
+    "bronze.fhir_procedure": _FHIR_PATIENT_REF,
+    "bronze.fhir_immunization": _FHIR_PATIENT_REF,
+    "bronze.fhir_allergy": _FHIR_PATIENT_REF,
+    "bronze.fhir_claim": _FHIR_PATIENT_REF,
+    "bronze.fhir_explanation_of_benefit": _FHIR_PATIENT_REF,
+    "bronze.fhir_other": _FHIR_PATIENT_REF,
+    "bronze.synthea_patients": TableProtection(
+        (
+            "ssn",
+            "drivers",
+            "passport",
+            "prefix",
+            "first",
+            "middle",
+            "last",
+            "suffix",
+            "maiden",
+            "birthdate",
+            "birthplace",
+            "address",
+            "zip",
+            "lat",
+            "lon",
+        ),  # fmt: skip
+        patient_id="id",
+        birth_date="birthdate",
+    ),
+    "bronze.synthea_providers": TableProtection(("name",)),
+    "bronze.synthea_claims": TableProtection(patient_id="patientid"),
+    "bronze.synthea_claims_transactions": TableProtection(("notes", "linenote"), patient_id="patientid"),
+    "bronze.synthea_payer_transitions": TableProtection(("memberid", "ownername"), patient_id="patient"),
+}
+TABLES["bronze.synthea_observations"] = TableProtection(
+    ("value_text",), patient_id="patient", free_text=(("value", "lower(type) = 'text'"),)
+)
+for _name in (
+    "encounters", "conditions", "medications", "procedures", "immunizations",
+    "allergies", "careplans", "imaging_studies", "devices", "supplies",
+):  # fmt: skip
+    TABLES[f"bronze.synthea_{_name}"] = TableProtection(patient_id="patient")
+
+
+def declared(table: str) -> TableProtection:
+    """The declaration for ``table``; tables not listed still get ``raw`` sealed."""
+    return TABLES.get(table, TableProtection())
+
+
+@dataclass(frozen=True)
+class Sealing:
+    """A table's sealed columns (name -> original Spark type) and the key columns they are bound to."""
+
+    columns: dict[str, str]
+    keys: tuple[str, ...]
+
+    def mark(self, df: DataFrame) -> DataFrame:
+        """Record the sealing in the schema's field metadata (it travels into the Delta schema)."""
+        for name, ddl in self.columns.items():
+            df = df.withMetadata(name, {SEALED: {"type": ddl, "bound_to": list(self.keys)}})
+        return df
+
+    @classmethod
+    def of(cls, schema) -> Sealing | None:
+        """The sealing recorded in a table's schema; None when no column is sealed."""
+        marked = {f.name: f.metadata[SEALED] for f in schema.fields if SEALED in (f.metadata or {})}
+        if not marked:
+            return None
+        keys = {tuple(m["bound_to"]) for m in marked.values()}
+        if len(keys) != 1:
+            raise SchemaMismatch(f"sealed columns are bound to different key columns: {sorted(keys)}")
+        return cls({n: m["type"] for n, m in marked.items()}, keys.pop())
+
+
+class Protector:
+    """Seals rows on their way into a table and opens them for roles allowed to read identifiers."""
+
+    def __init__(self, ref: KeyRef):
+        self.ref = ref
+        self.store = ref.store()
+
+    @staticmethod
+    def sealing(spec: TableProtection, schema, keys: list[str]) -> Sealing:
+        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw``)."""
+        types = {f.name: f.dataType.simpleString() for f in schema.fields}
+        wanted = [*spec.identifiers, RAW]
+        return Sealing({c: types[c] for c in wanted if c in types}, tuple(keys))
+
+    def protect(
+        self, df: DataFrame, table: str, keys: list[str], spec: TableProtection | None = None
+    ) -> tuple[DataFrame, Sealing]:
+        """``df`` with ``birth_year``/``patient_key`` added and identifiers sealed under the table's
+        current data key; returns the frame (sealing marked in its schema) and the :class:`Sealing`."""
+        spec = spec or declared(table)
+        for column, is_text in spec.free_text:
+            if column in df.columns:
+                text = F.coalesce(F.expr(is_text), F.lit(False))
+                df = df.withColumn(f"{column}_text", F.when(text, F.col(column))).withColumn(
+                    column, F.when(~text, F.col(column))
+                )
+        if spec.birth_date and spec.birth_date in df.columns:
+            df = df.withColumn("birth_year", F.year(F.col(spec.birth_date).cast("date")))
+        if spec.patient_id and spec.patient_id in df.columns:
+            df = with_patient_key(df, self.ref, self.store.linkage_id(), spec.patient_id)
+        sealing = self.sealing(spec, df.schema, keys)
+        return self.seal(df, table, sealing), sealing
+
+    def seal(self, df: DataFrame, table: str, sealing: Sealing) -> DataFrame:
+        """Seal the columns of an existing sealing (re-encryption under the table's current key)."""
+        sealed = seal_columns(
+            df, self.ref, self.store.current_id(table), sealing.columns, row_id(table, list(sealing.keys))
+        )
+        return sealing.mark(sealed)
+
+    def open(self, df: DataFrame, table: str, sealing: Sealing) -> DataFrame:
+        """Plaintext of every sealed column, typed as before sealing."""
+        return open_columns(df, self.ref, sealing.columns, row_id(table, list(sealing.keys)))
+
+    def reencrypt(self, lake, table: str, commit_info: dict | None = None):
+        """Rewrite every sealed column of ``table`` under its current data key, as one new Delta
+        version (run after ``keys rotate``). Earlier versions keep their ciphertext and stay readable
+        by time travel for as long as their key version is in the key store."""
+        df = lake.read(table)
+        sealing = Sealing.of(df.schema)
+        if sealing is None:
+            raise SchemaMismatch(f"{table} has no sealed columns; nothing to re-encrypt")
+        resealed = self.seal(self.open(df, table, sealing), table, sealing)
+        info = {
+            "ehrlakeJob": "keys.reencrypt",
+            "ehrlakeKeyId": self.store.current_id(table),
+            **(commit_info or {}),
+        }
+        return lake.write(resealed, table, mode=WriteMode.OVERWRITE, commit_info=info)

@@ -1,0 +1,139 @@
+"""Role-based access on real tables: what each role sees, who may reveal, and that it is all audited."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import opened
+from fhir_fixtures import condition, patient, write_ndjson
+from pyspark.sql import functions as F
+
+from ehrlake import ingest
+from ehrlake.errors import AccessDenied
+from ehrlake.ingest import SourceKind
+from ehrlake.lake import WriteMode
+from ehrlake.security.audit import TABLE as AUDIT
+from ehrlake.security.protection import Sealing, TableProtection
+
+
+@pytest.fixture
+def loaded(lake, tmp_path):
+    """Two patients in bronze, and a silver table holding sealed contact details beside analysis columns."""
+    write_ndjson(
+        tmp_path / "in" / "Patient.ndjson",
+        [
+            patient("p1", family="Raghunathan", telecom=[{"system": "phone", "value": "+91-98450-11111"}]),
+            patient("p2"),
+        ],
+    )
+    write_ndjson(tmp_path / "in" / "Condition.ndjson", [condition("c1", "p1")])
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
+    contacts = opened(lake, "bronze.fhir_patient").select(
+        "patient_key", "birth_year", "gender", "city", "family_name", "phone"
+    )
+    protector = lake.security.protector
+    spec = TableProtection(("family_name", "phone"))
+    sealed, _ = protector.protect(contacts, "silver.patient_contact", ["patient_key"], spec)
+    # the test builds this silver table by hand; the clean stage will build the real ones
+    sealed = sealed.select(*contacts.columns)
+    lake.write(sealed, "silver.patient_contact", mode=WriteMode.OVERWRITE)
+    return lake
+
+
+def _audit(lake, action: str):
+    return [r.asDict() for r in lake.read(AUDIT).where(F.col("action") == action).orderBy("seq").collect()]
+
+
+def test_analyst_sees_no_identifier_column_in_silver_and_cannot_read_bronze_or_reveal(loaded):
+    lake = loaded
+    silver = lake.read("silver.patient_contact", role="analyst")
+    assert set(silver.columns) == {"patient_key", "birth_year", "gender", "city"}  # sealed ones dropped
+    assert silver.count() == 2
+    with pytest.raises(AccessDenied, match="may not read bronze.fhir_patient"):
+        lake.read("bronze.fhir_patient", role="analyst")
+    key = silver.first().patient_key
+    with pytest.raises(AccessDenied, match="may not reveal"):
+        lake.reveal("silver.patient_contact", key, role="analyst", purpose="curious")
+    outcomes = [(e["action"], e["role"], e["table_name"], e["outcome"]) for e in _audit(lake, "read")]
+    assert ("read", "analyst", "silver.patient_contact", "allowed") in outcomes
+    assert ("read", "analyst", "bronze.fhir_patient", "denied") in outcomes
+    assert _audit(lake, "reveal")[-1]["outcome"] == "denied"
+
+
+def test_engineer_sees_identifiers_only_as_ciphertext(loaded):
+    rows = loaded.read("bronze.fhir_patient", role="engineer").collect()
+    assert all(r.family_name.startswith("ek1:bronze.fhir_patient#") for r in rows)
+    assert all(r.raw.startswith("ek1:") for r in rows)
+
+
+def test_clinician_reveals_one_patient_and_the_reveal_is_audited(loaded):
+    lake = loaded
+    key = lake.read("bronze.fhir_condition", role="clinician").where("id = 'c1'").first().patient_key
+    shown = lake.reveal("bronze.fhir_patient", key, role="clinician", purpose="ward round, bed 12").collect()
+    assert len(shown) == 1 and shown[0].id == "p1"
+    assert (shown[0].family_name, shown[0].phone, str(shown[0].birth_date)) == (
+        "Raghunathan",
+        "+91-98450-11111",
+        "1970-05-01",
+    )
+    assert '"family": "Raghunathan"' in shown[0].raw
+    event = _audit(lake, "reveal")[-1]
+    assert (event["role"], event["patient_key"], event["outcome"], event["detail"]) == (
+        "clinician",
+        key,
+        "allowed",
+        "ward round, bed 12",
+    )
+    assert "family_name" in event["columns"] and event["os_user"]
+    # a bulk read by the clinician still opens nothing
+    bulk = lake.read("bronze.fhir_patient", role="clinician")
+    assert "family_name" not in bulk.columns and "raw" not in bulk.columns
+    assert lake.security.audit.verify(lake.spark).ok
+
+
+def test_unknown_role_is_denied_and_audited(loaded):
+    with pytest.raises(AccessDenied, match="unknown role 'intern'"):
+        loaded.read("silver.patient_contact", role="intern")
+    event = _audit(loaded, "read")[-1]
+    assert (event["role"], event["outcome"]) == ("intern", "denied")
+
+
+def test_auditor_reads_the_audit_log_but_no_clinical_table(loaded):
+    assert loaded.read(AUDIT, role="auditor").count() > 0
+    with pytest.raises(AccessDenied):
+        loaded.read("silver.patient_contact", role="auditor")
+
+
+def test_ingest_as_a_role_without_write_access_is_refused_before_reading_anything(lake, tmp_path):
+    write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient("p1")])
+    with pytest.raises(AccessDenied, match="analyst may not write the bronze"):
+        ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"), role="analyst")
+    assert not lake.exists("bronze.fhir_patient")
+
+
+def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_key(lake, tmp_path):
+    write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient("p1", family="Venkataraman"), patient("p2")])
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
+    table = "bronze.fhir_patient"
+    before = lake.version(table)
+    store = lake.security.protector.store
+    assert store.rotate(table) == f"{table}#v2"
+    result = lake.security.protector.reencrypt(lake, table)
+    assert result.version == before + 1
+    now = lake.read(table).collect()
+    assert all(r.family_name.startswith(f"ek1:{table}#v2:") for r in now)
+    assert {r.family_name for r in opened(lake, table).collect()} == {"Venkataraman", "Rao"}
+    old = lake.read(table, version=before)
+    assert all(r.family_name.startswith(f"ek1:{table}#v1:") for r in old.collect())
+    reopened = lake.security.protector.open(old, table, Sealing.of(old.schema))
+    assert {r.family_name for r in reopened.collect()} == {"Venkataraman", "Rao"}  # time travel still opens
+    # once v1 is destroyed, the old version cannot be opened: a clear error naming table and key id
+    path = store.key_file(table)
+    data = __import__("json").loads(path.read_text())
+    data["versions"] = [v for v in data["versions"] if v["key_id"] != f"{table}#v1"]
+    path.write_text(__import__("json").dumps(data))
+    with pytest.raises(
+        Exception, match=rf"KeyAccessError: table {table}: data key {table}#v1 is not in the key store"
+    ):
+        lake.security.protector.open(
+            lake.read(table, version=before), table, Sealing.of(old.schema)
+        ).collect()

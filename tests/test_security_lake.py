@@ -1,0 +1,233 @@
+"""Encryption at ingest, end to end on the bundled sample data: no identifier and no key in clear."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import hashlib
+import hmac
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from conftest import REPO, SAMPLE, opened
+from fhir_fixtures import bundle, condition, patient, write_json, write_ndjson
+
+from ehrlake import ingest
+from ehrlake.ingest import SourceKind
+from ehrlake.security.keys import LINKAGE, FileKeyProvider
+
+MIN_NEEDLE = 7  # shorter strings occur by chance in megabytes of base64 ciphertext
+PATIENT_CSV_IDENTIFIERS = ("SSN", "DRIVERS", "PASSPORT", "FIRST", "LAST", "MAIDEN", "ADDRESS")
+
+
+def _fhir_resources():
+    for path in sorted((SAMPLE / "fhir_bundles").rglob("*.json")):
+        for entry in json.loads(path.read_text()).get("entry", []):
+            yield entry.get("resource") or {}
+    for path in sorted((SAMPLE / "fhir_ndjson").rglob("*.ndjson*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+
+
+def sample_identifiers() -> set[str]:
+    """Names, street lines, phone numbers and identifiers (SSN, MRN, licence, passport) of every
+    patient in the sample inputs, read straight from the files. A name that is also a place kept in
+    clear (a surname like a county's) is left out: finding the county is not finding the name."""
+    found: set[str] = set()
+    places: set[str] = set()
+    for resource in _fhir_resources():
+        for address in resource.get("address", []):
+            places.update(address.get(k) or "" for k in ("city", "district", "state", "country"))
+        if resource.get("resourceType") != "Patient":
+            continue
+        for name in resource.get("name", []):
+            found.update([name.get("family") or "", *name.get("given", [])])
+        for address in resource.get("address", []):
+            found.update(address.get("line", []))
+        found.update(t.get("value") or "" for t in resource.get("telecom", []))
+        found.update(
+            i.get("value") or "" for i in resource.get("identifier", []) if i.get("value") != resource["id"]
+        )
+    for path in sorted((SAMPLE / "synthea_csv").rglob("patients.csv")):
+        with open(path, newline="") as fh:
+            for row in csv.DictReader(fh):
+                found.update(row.get(c) or "" for c in PATIENT_CSV_IDENTIFIERS)
+                places.update(row.get(c) or "" for c in ("CITY", "COUNTY", "STATE"))
+    place_text = "\n".join(places)
+    return {s for s in found if len(s) >= MIN_NEEDLE and s not in place_text}
+
+
+CIPHERTEXT = re.compile(rb"ek1:[^:\s\"]{1,80}:[A-Za-z0-9+/=]+")
+
+
+def _plaintext_hits(data: bytes, needles: list[bytes]) -> list[bytes]:
+    """Needles found as whole tokens (not inside a longer word) once ciphertext is cut out."""
+    data = CIPHERTEXT.sub(b" ", data)
+    hits = []
+    for needle in needles:
+        at = data.find(needle)
+        while at >= 0:
+            before = data[at - 1 : at] if at else b" "
+            after = data[at + len(needle) : at + len(needle) + 1] or b" "
+            if not (before.isalnum() or after.isalnum()):
+                hits.append(needle)
+                break
+            at = data.find(needle, at + 1)
+    return hits
+
+
+@pytest.mark.slow
+def test_sample_ingest_leaves_no_patient_identifier_in_clear_in_any_lake_file(lake, tmp_path):
+    needles = sorted(sample_identifiers())
+    assert len(needles) > 500  # names, SSNs, streets and phones of hundreds of patients
+    bad = tmp_path / "bad"  # identifiers in records that fail: their payloads are quarantined, sealed
+    write_ndjson(bad / "Patient.ndjson", [patient("q1", family="Quarantinova", birth="31/12/1970")])
+    for kind, folder in (
+        (SourceKind.FHIR_BUNDLES, SAMPLE / "fhir_bundles"),
+        (SourceKind.FHIR_NDJSON, SAMPLE / "fhir_ndjson"),
+        (SourceKind.SYNTHEA_CSV, SAMPLE / "synthea_csv"),
+        (SourceKind.FHIR_NDJSON, bad),
+    ):
+        assert ingest.run(lake, kind, str(folder)).balanced
+    raw_needles = [n.encode() for n in [*needles, "Quarantinova"]]
+
+    files = [p for p in Path(lake.root).rglob("*") if p.is_file()]
+    assert any("_delta_log" in str(p) for p in files) and any(p.suffix == ".parquet" for p in files)
+    for path in files:  # every byte: data files, Delta logs (with column stats), staging, quarantine
+        assert not _plaintext_hits(path.read_bytes(), raw_needles), path
+        if path.suffix == ".parquet":  # and every decoded value, since pages may be compressed
+            table = pq.read_table(path)
+            text = "\n".join(
+                str(v) for column in table.columns for v in column.to_pylist() if v is not None
+            ).encode()
+            assert not _plaintext_hits(text, raw_needles), path
+
+    # the values are there, sealed: opening them gives the sample's identifiers back
+    names = {r.family_name for r in opened(lake, "bronze.fhir_patient").select("family_name").collect()}
+    first_family = {
+        (r.get("name") or [{}])[0].get("family")
+        for r in _fhir_resources()
+        if r.get("resourceType") == "Patient"
+    }
+    assert first_family - {None} <= names and len(names & set(needles)) > 40
+    quarantined = opened(lake, "ops.quarantine").where("source_file LIKE '%bad%'").first()
+    assert "Quarantinova" in quarantined.raw and "31/12/1970" not in quarantined.message
+    patients = lake.read("bronze.fhir_patient")
+    assert {"birth_year", "city", "state", "patient_key"} <= set(patients.columns)
+    assert patients.where("birth_year IS NULL OR patient_key IS NULL").count() == 0
+
+
+def test_patient_key_links_one_patient_across_files_and_source_kinds_and_is_an_hmac(lake, tmp_path):
+    write_ndjson(tmp_path / "a" / "Patient.ndjson", [patient("p1")])
+    write_ndjson(tmp_path / "a" / "Condition.ndjson", [condition("c1", "p1")])
+    write_json(tmp_path / "b" / "b.json", bundle([condition("c2", "p1"), condition("c3", "p2")]))
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "a"))
+    ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b"))
+    write_ndjson(tmp_path / "h" / "Condition.ndjson", [condition("c9", "p1")])
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "h"), source_system="hospital-b")
+
+    store = lake.security.protector.store
+    secret = store.get(store.linkage_id()).material
+    expected = hmac.new(secret, b"local|p1", hashlib.sha256).hexdigest()
+    keys = {r.id: r.patient_key for r in lake.read("bronze.fhir_condition").collect()}
+    assert lake.read("bronze.fhir_patient").first().patient_key == expected
+    assert keys["c1"] == keys["c2"] == expected  # two files, two source kinds, one patient
+    assert keys["c3"] != expected and keys["c9"] != expected  # another patient; another hospital's p1
+    assert expected != hashlib.sha256(b"local|p1").hexdigest()  # keyed: not recomputable without the secret
+    with pytest.raises(Exception, match="never rotated"):
+        store.rotate(LINKAGE)
+
+
+def _key_material(secrets: Path, store_dir: Path) -> dict[str, bytes]:
+    from ehrlake.security.keys import KeyStore
+
+    provider = FileKeyProvider(str(secrets / "master.key"))
+    store = KeyStore(str(store_dir), provider)
+    material = {"master": provider.master_key()}
+    for table in store.tables():
+        for version in store.versions(table):
+            material[version["key_id"]] = store.get(version["key_id"]).material
+    return material
+
+
+@pytest.mark.slow
+def test_no_key_material_in_event_logs_logs_plans_delta_log_or_data(tmp_path, security_conf):
+    """An ingest with Spark event logging on (every plan and task is logged): searched byte by byte
+    for every key it used (master, data keys, linkage secret) raw, in hex and in base64."""
+    security = yaml.safe_load(security_conf.read_text())["security"]
+    events = tmp_path / "events"
+    events.mkdir()
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "security": security,
+                "spark": {
+                    "master": "local[2]",
+                    "conf": {
+                        "spark.sql.session.timeZone": "UTC",
+                        "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+                        "spark.sql.shuffle.partitions": "4",
+                        "spark.eventLog.enabled": "true",
+                        "spark.eventLog.dir": str(events),
+                        "spark.eventLog.compress": "false",  # searchable bytes
+                        "spark.ui.enabled": "false",
+                    },
+                },
+            }
+        )
+    )
+    lake = tmp_path / "lake"
+    bin_dir = Path(sys.executable).parent
+    result = subprocess.run(
+        [
+            str(bin_dir / "ehrlake"),
+            "ingest",
+            "--source",
+            "synthea-csv",
+            "--input",
+            str(SAMPLE / "synthea_csv"),
+            "--lake",
+            str(lake),
+            "--conf",
+            str(conf),
+        ],  # fmt: skip
+        capture_output=True,
+        env={**__import__("os").environ, "PYSPARK_PYTHON": sys.executable},
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = [p for p in events.rglob("*") if p.is_file()]
+    assert any(b"ArrowEvalPython" in p.read_bytes() for p in logs)  # the sealing step's plan was logged
+
+    material = _key_material(Path(security["master_key_file"]).parent, Path(security["key_store"]))
+    assert {"master", f"{LINKAGE}#v1", "bronze.synthea_patients#v1"} <= set(material)
+    forms = {
+        f"{name} {form}": encoded
+        for name, key in material.items()
+        for form, encoded in (
+            ("raw", key),
+            ("hex", key.hex().encode()),
+            ("HEX", key.hex().upper().encode()),
+            ("base64", base64.b64encode(key)),
+            ("base64url", base64.urlsafe_b64encode(key).rstrip(b"=")),
+        )
+    }
+    searched = [*logs, *(p for p in lake.rglob("*") if p.is_file()), *Path(security["key_store"]).iterdir()]
+    blobs = [(str(p), p.read_bytes()) for p in searched] + [
+        ("stdout", result.stdout),
+        ("stderr", result.stderr),
+    ]
+    leaks = [(where, what) for where, blob in blobs for what, encoded in forms.items() if encoded in blob]
+    assert not leaks
