@@ -2,7 +2,7 @@
 
 Baseline: ``spark.read.json(files)`` + ``write.parquet`` (schema inference, no validation, no lineage,
 no dedupe, no Delta commit). Ingest: ``ehrlake.ingest.run`` (parse, type, validate, quarantine, lineage,
-dedupe, merge into Delta). The baseline runs before and after ingest; the ratio uses their median so a
+dedupe, seal identifiers, merge into Delta, audit). The baseline runs before and after ingest; the ratio uses their median so a
 noisy moment does not decide it. Results go to ``bench/results/ingest-<date>.json``.
 
 Input: the SMART 625-patient bundles flattened to bulk NDJSON (one file per resource type) when the
@@ -29,8 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
+from _lake import secured_lake  # noqa: E402
+
 from ehrlake import config, ingest  # noqa: E402
-from ehrlake.lake import Lake  # noqa: E402
 from ehrlake.session import get_spark  # noqa: E402
 
 
@@ -77,7 +78,8 @@ def main() -> int:
 
         base = [baseline("before")]
         start = time.perf_counter()
-        report = ingest.run(Lake(str(work / "lake"), spark), ingest.SourceKind.FHIR_NDJSON, files)
+        lake = secured_lake(work / "lake", spark, work / "secrets")
+        report = ingest.run(lake, ingest.SourceKind.FHIR_NDJSON, files)
         ingest_s = time.perf_counter() - start
         base.append(baseline("after"))
         base_s = statistics.median(base)

@@ -6,17 +6,25 @@ lake="${1:-./lake}"
 bin="$(dirname "$0")/../.venv/bin"
 run() { echo; echo "\$ ehrlake $*"; "$bin/ehrlake" "$@" --lake "$lake"; }
 
+# Identifiers are sealed under a master key kept outside the lake (conf/default.yaml: ./secrets).
+if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/master.key ]; then
+  echo "\$ ehrlake keys init"; "$bin/ehrlake" keys init
+fi
 run ingest --source fhir-bundles --input data/sample/fhir_bundles
 run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
 run ingest --source synthea-csv --input data/sample/synthea_csv
 run lake show
+run read --table bronze.fhir_patient --limit 3 --role engineer
+run audit verify
 
 cat <<EOT
 
 Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records with lineage,
-ops.quarantine = every record that could not be loaded, with its reason).
+identifiers sealed (ek1:...) and a pseudonymous patient_key; ops.quarantine = every record that could
+not be loaded, with its reason; audit.events = who read or wrote what, hash-chained).
 Look at them with:
   .venv/bin/ehrlake lake show --json --lake $lake
-  .venv/bin/python -c "from ehrlake import lake; lake.open('$lake').read('bronze.fhir_patient').show(5)"
+  .venv/bin/python -c "from ehrlake import lake; lake.open('$lake').read('bronze.fhir_condition', role='engineer').show(5)"
+  .venv/bin/ehrlake reveal --table bronze.fhir_patient --patient-key KEY --purpose "..." --role clinician --lake $lake
   .venv/bin/python -c "import deltalake; print(deltalake.DeltaTable('$lake/bronze/fhir_patient').to_pandas().head())"
 EOT

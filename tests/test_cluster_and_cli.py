@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, shared
 from deltalake import DeltaTable
 
+from ehrlake.security.crypto import decrypt_value, key_id_of
+
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent
 
@@ -45,14 +47,39 @@ def ndjson_ingest_args(lake: Path) -> list[str]:
     return ["--source", "fhir-ndjson", "--input", str(shared("fhir_ndjson_pathling")), "--lake", str(lake)]
 
 
+def _opened(name: str, table: DeltaTable, store):
+    """The table's rows as pandas with sealed columns decrypted (ciphertexts differ run to run,
+    their plaintext must not)."""
+    df = table.to_pandas()
+    for field in table.schema().fields:
+        sealed = (field.metadata or {}).get("ehrlake.sealed")
+        if not sealed:
+            continue
+        sealed = json.loads(sealed) if isinstance(sealed, str) else sealed
+        keys = sealed["bound_to"]
+        rows = [
+            "\x1f".join([name, *("" if v is None else str(v) for v in values)])
+            for values in df[keys].itertuples(index=False)
+        ]
+        df[field.name] = [
+            None if v is None else decrypt_value(store.get(key_id_of(v)), v, r, field.name)
+            for v, r in zip(df[field.name], rows, strict=True)
+        ]
+    return df
+
+
 def rows_by_table(lake_root: Path) -> dict[str, set]:
-    """Every bronze/ops table's rows minus the run-specific columns, read with delta-rs."""
+    """Every bronze/ops table's rows (sealed columns opened) minus the run-specific columns."""
+    from ehrlake import config
+    from ehrlake.security.columns import KeyRef
+
+    store = KeyRef.from_config(config.load().security).store()
     out = {}
     for log in sorted(lake_root.glob("*/*/_delta_log")):
         name = f"{log.parent.parent.name}.{log.parent.name}"
-        if name == "ops.ingest_runs":
+        if name == "ops.ingest_runs" or name.startswith("audit."):
             continue
-        df = DeltaTable(str(log.parent)).to_pandas()
+        df = _opened(name, DeltaTable(str(log.parent)), store)
         df = df.drop(
             columns=[c for c in ("ingest_run_id", "ingested_at", "quarantined_at") if c in df.columns]
         )
@@ -61,7 +88,14 @@ def rows_by_table(lake_root: Path) -> dict[str, set]:
 
 
 def test_help_everywhere_and_one_line_errors(tmp_path):
-    for args in (["--help"], ["ingest", "--help"], ["lake", "show", "--help"]):
+    for args in (
+        ["--help"],
+        ["ingest", "--help"],
+        ["lake", "show", "--help"],
+        ["read", "--help"],
+        ["reveal", "--help"],
+        ["audit", "verify", "--help"],
+    ):
         result = ehrlake(*args)
         assert result.returncode == 0 and "usage:" in result.stdout
     missing = ehrlake(
@@ -106,6 +140,19 @@ def test_cli_ingest_then_lake_show_json(tmp_path):
         tables["bronze.fhir_encounter"]["last_operation"] == "MERGE"
         and tables["ops.ingest_files"]["rows"] == 7
     )
+    verified = ehrlake("audit", "verify", "--lake", str(lake))
+    assert verified.returncode == 0 and "audit log OK" in verified.stdout, verified.stdout + verified.stderr
+    denied = ehrlake("read", "--table", "bronze.fhir_patient", "--role", "analyst", "--lake", str(lake))
+    assert denied.returncode == 1
+    assert (
+        denied.stderr.strip().splitlines()[-1]
+        == "ehrlake: error: role analyst may not read bronze.fhir_patient"
+    )
+    rows = ehrlake("read", "--table", "bronze.fhir_patient", "--limit", "2", "--json", "--lake", str(lake))
+    shown = [json.loads(line) for line in rows.stdout.splitlines()]
+    assert len(shown) == 2 and all(r["family_name"].startswith("ek1:") and r["patient_key"] for r in shown)
+    rotated = ehrlake("keys", "rotate", "--table", "bronze.fhir_patient", "--reencrypt", "--lake", str(lake))
+    assert rotated.returncode == 0 and "as Delta version" in rotated.stdout, rotated.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -173,8 +173,18 @@ def cmd_read(args) -> int:
     else:
         print(f"{args.table}: {', '.join(df.columns)}")
         for row in rows:
-            print(" | ".join("" if v is None else str(v) for v in row))
+            print(" | ".join(_cell(v) for v in row))
     return 0
+
+
+def _cell(value, width: int = 40) -> str:
+    """A value for the terminal: ciphertext shown as its key id, long text cut (--json prints all)."""
+    if value is None:
+        return ""
+    text = str(value)
+    if text.startswith("ek1:"):
+        return f"<sealed {text.split(':', 2)[1]}>"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def cmd_reveal(args) -> int:

@@ -1,0 +1,26 @@
+"""Shared by the benchmarks: a lake with its own throwaway keys, as a job would open it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ehrlake import config
+from ehrlake.config import SecurityConfig
+from ehrlake.lake import Lake
+from ehrlake.security import Security
+from ehrlake.security.keys import FileKeyProvider
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def secured_lake(root: Path, spark, secrets: Path) -> Lake:
+    """A lake whose keys live in ``secrets`` (created on first use), with the repository's policy."""
+    key = secrets / "master.key"
+    if not key.exists():
+        FileKeyProvider(str(key)).create()
+    security = SecurityConfig(
+        master_key_file=str(key),
+        key_store=str(secrets / "keystore"),
+        access_policy=str(REPO / "conf" / "access_policy.yaml"),
+    )
+    return Lake(str(root), spark, config.Config().lake.engine, Security.from_config(security, str(root)))
