@@ -2,8 +2,9 @@
 
 Baseline: ``spark.read.json(files)`` + ``write.parquet`` (schema inference, no validation, no lineage,
 no dedupe, no Delta commit). Ingest: ``ehrlake.ingest.run`` (parse, type, validate, quarantine, lineage,
-dedupe, seal identifiers, merge into Delta, audit). The baseline runs before and after ingest; the ratio uses their median so a
-noisy moment does not decide it. Results go to ``bench/results/ingest-<date>.json``.
+dedupe, seal identifiers, merge into Delta, audit). The baseline runs before and after ingest; the
+ratio uses their median so a noisy moment does not decide it.
+Results go to ``bench/results/ingest-<date>.json``.
 
 Input: the SMART 625-patient bundles flattened to bulk NDJSON (one file per resource type) when the
 developer data set is beside the checkout, else the bundled sample.
