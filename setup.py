@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "xgboost==3.2.0",
     "scikit-learn==1.8.0",
     "pyyaml==6.0.3",
+    # zstd with a trained dictionary compresses each raw record ~5x before it is sealed (docs/security.md)
+    "zstandard==0.25.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -30,6 +32,7 @@ setup(
     description="EHR lakehouse on Apache Spark: ingest, clean, analyse and model health records in Delta tables",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
+    package_data={"ehrlake.security": ["*.zdict"]},
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -121,3 +121,20 @@ def test_keys_cli_init_rotate_show_without_spark(tmp_path):
     assert master not in run("show").stdout
     bad = run("rotate", "--table", "nolayer")
     assert bad.returncode == 1 and "<layer>.<table>" in bad.stderr
+
+
+def test_large_values_are_compressed_before_sealing_and_round_trip(store):
+    from ehrlake.security.crypto import decrypt_batch, encrypt_batch
+
+    key = store.current("bronze.fhir_observation")
+    record = (
+        '{"resourceType":"Observation","id":"o1","status":"final","code":{"coding":[{"system":'
+        '"http://loinc.org","code":"8302-2","display":"Body Height"}]},"subject":{"reference":'
+        '"urn:uuid:p1"},"valueQuantity":{"value":172.3,"unit":"cm","system":"http://unitsofmeasure.org"}}'
+    )
+    plain, packed = (encrypt_batch(key, [record], ["r1"], "raw", compress=c)[0] for c in (False, True))
+    assert plain.startswith("ek1:") and packed.startswith("ek1z:bronze.fhir_observation#v1:")
+    assert len(packed) < 0.6 * len(plain)  # the shipped dictionary knows FHIR's shape
+    assert decrypt_batch({key.key_id: key}, [packed, plain], ["r1", "r1"], "raw") == [record, record]
+    with pytest.raises(KeyAccessError, match="authentication failed"):
+        decrypt_batch({key.key_id: key}, [packed], ["r2"], "raw")

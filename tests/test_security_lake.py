@@ -67,7 +67,7 @@ def sample_identifiers() -> set[str]:
     return {s for s in found if len(s) >= MIN_NEEDLE and s not in place_text}
 
 
-CIPHERTEXT = re.compile(rb"ek1:[^:\s\"]{1,80}:[A-Za-z0-9+/=]+")
+CIPHERTEXT = re.compile(rb"ek1z?:[^:\s\"]{1,80}:[A-Za-z0-9+/=]+")
 
 
 def _plaintext_hits(data: bytes, needles: list[bytes]) -> list[bytes]:

@@ -59,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ingest)
     _role(ingest)
 
+    clean_cmd = sub.add_parser(
+        "clean",
+        help="bronze -> silver: every source onto the common clinical model",
+        description="Rebuild the silver tables (docs/data_model.md) from bronze: map every source, "
+        "normalise codes and units, derive ages, flag inconsistencies. Re-running gives the same tables.",
+    )
+    clean_cmd.add_argument(
+        "--sources",
+        default="fhir,synthea",
+        help="comma-separated mappings from conf/mappings/ to apply (default: fhir,synthea)",
+    )
+    _common(clean_cmd)
+    _role(clean_cmd)
+
     read = sub.add_parser(
         "read",
         help="print rows of a table as a role may see them",
@@ -160,6 +174,19 @@ def cmd_ingest(args) -> int:
     if not report.balanced:
         print("ehrlake: error: ingest counts do not add up; see the report above", file=sys.stderr)
         return EXIT_FAILURE
+    return 0
+
+
+def cmd_clean(args) -> int:
+    from ehrlake import clean
+
+    lake, _ = _open_lake(args)
+    names = [s.strip() for s in args.sources.split(",") if s.strip()]
+    missing = [p for p in clean.mapping_files(names) if not p.is_file()]
+    if missing:
+        raise EhrlakeError(f"no mapping {missing[0]} (sources are files in conf/mappings/)")
+    mappings = [m for p in clean.mapping_files(names) for m in clean.load_mappings(p)]
+    print(clean.run(lake, mappings, role=args.role).format())
     return 0
 
 
@@ -302,6 +329,7 @@ COMMANDS = {
     ("keys", "init"): cmd_keys_init,
     ("keys", "rotate"): cmd_keys_rotate,
     ("keys", "show"): cmd_keys_show,
+    "clean": cmd_clean,
     "read": cmd_read,
     "reveal": cmd_reveal,
     ("audit", "verify"): cmd_audit_verify,

@@ -37,7 +37,6 @@ from ehrlake.ingest.sources import (
 )
 from ehrlake.ingest.synthea import table_for
 from ehrlake.lake.catalog import list_tables
-from ehrlake.security.audit import ERROR, Event
 from ehrlake.security.protection import Sealing
 
 __all__ = ["run", "SourceKind", "IngestReport", "EntityCounts"]
@@ -85,32 +84,9 @@ def run(
     security = lake.security if encrypt else None
     if security is None:
         return _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector)
-    role = role or security.default_role
-    security.access.require_write(role, ["bronze", "ops"], "ingest", run_id)
-    try:
+    with security.job("ingest", ["bronze", "ops"], role, run_id) as (_, written):
         report = _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector)
-    except Exception as exc:
-        failed = Event(
-            "ingest", ERROR, role, "ingest", detail=f"{type(exc).__name__} on {input_path}", run_id=run_id
-        )
-        security.audit.record(failed, checkpoint=True)
-        raise
-    events = [
-        Event(
-            "write",
-            role=role,
-            job="ingest",
-            table_name=name,
-            run_id=run_id,
-            detail=json.dumps(asdict(counts)),
-        )
-        for name, counts in sorted(report.entities.items())
-    ]
-    security.audit.record(
-        *events,
-        Event("ingest", role=role, job="ingest", detail=f"{report.files_new} new files", run_id=run_id),
-        checkpoint=True,
-    )
+        written += [(name, json.dumps(asdict(c))) for name, c in sorted(report.entities.items())]
     return report
 
 

@@ -3,11 +3,13 @@ tamper-evident audit log (docs/security.md). :class:`Security` bundles them for 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ehrlake.security.access import Access, AccessPolicy
-from ehrlake.security.audit import AuditLog
+from ehrlake.security.audit import ERROR, AuditLog, Event
 from ehrlake.security.columns import KeyRef
 from ehrlake.security.protection import Protector
 
@@ -21,9 +23,37 @@ class Security:
     audit: AuditLog
     default_role: str
 
+    @contextlib.contextmanager
+    def job(self, job: str, layers: list[str], role: str | None = None, run_id: str | None = None):
+        """Run a writing job under ``role``: refused up front unless the role may write ``layers``;
+        the job adds ``(table, detail)`` pairs to the yielded list, and they are audited at the end
+        (or the failure is). Yields the role actually used."""
+        role = role or self.default_role
+        self.access.require_write(role, layers, job, run_id)
+        written: list[tuple[str, str]] = []
+        try:
+            yield role, written
+        except Exception as exc:
+            failed = Event(job, ERROR, role, job, detail=type(exc).__name__, run_id=run_id)
+            self.audit.record(failed, checkpoint=True)
+            raise
+        events = [
+            Event("write", role=role, job=job, table_name=t, detail=d, run_id=run_id) for t, d in written
+        ]
+        self.audit.record(*events, Event(job, role=role, job=job, run_id=run_id), checkpoint=True)
+
     @classmethod
     def from_config(cls, security, lake_root: str) -> Security:
         protector = Protector(KeyRef.from_config(security))
         audit = AuditLog(lake_root, protector.store, security.audit_checkpoint_every)
-        access = Access(AccessPolicy.load(security.access_policy), audit, protector)
+        access = Access(AccessPolicy.load(_policy_path(security.access_policy)), audit, protector)
         return cls(protector, access, audit, os.environ.get("EHRLAKE_ROLE") or security.role)
+
+
+def _policy_path(path: str) -> str:
+    """A relative policy path is looked up from the working directory, then from the checkout
+    (so ``spark-submit`` from another directory still finds ``conf/access_policy.yaml``)."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    beside_checkout = Path(__file__).resolve().parents[3] / path
+    return str(beside_checkout) if beside_checkout.exists() else path

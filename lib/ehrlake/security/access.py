@@ -19,6 +19,7 @@ from pyspark.sql import functions as F
 from ehrlake.errors import AccessDenied, ConfigError
 from ehrlake.lake.catalog import TableName
 from ehrlake.security.audit import DENIED, ERROR, AuditLog, Event
+from ehrlake.security.columns import key_errors
 from ehrlake.security.protection import Protector, Sealing
 
 SEALED_MODES = ("drop", "ciphertext")
@@ -145,7 +146,8 @@ class Access:
             df = self.protector.open(df, table, sealing)
             event.columns = sorted(sealing.columns)
         try:
-            rows = df.collect()
+            with key_errors():
+                rows = df.collect()
         except Exception as exc:
             event.outcome, event.detail = ERROR, f"{purpose} | {type(exc).__name__}"
             self.audit.record(event, checkpoint=True)

@@ -2,7 +2,7 @@
 
 The key never enters the query plan: the plan carries only the key store location and key ids, and
 each executor process unwraps the data key itself through the configured provider (as a KMS client
-would). All sealed columns of a row go through one pandas UDF call, so a table pays one Python
+would). All sealed columns of a row go through one Arrow UDF call, so a table pays one Python
 round trip per batch however many identifiers it has.
 
 A sealed value is bound (AES-GCM associated data) to its *row id*: the table's logical name and
@@ -12,19 +12,22 @@ their string (scalars) or JSON (arrays, structs) form and restored to their type
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
 
-import pandas as pd
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.errors import KeyAccessError
 from ehrlake.security import crypto
 from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
 from ehrlake.security.pseudonym import patient_key
 
 SEPARATOR = "\x1f"
+COMPRESSED = frozenset({"raw"})  # whole records: compressed before sealing (see crypto)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,22 @@ def _unwrapped(ref: KeyRef, key_id: str, stamp: int):
     return ref.store().get(key_id)
 
 
+@contextlib.contextmanager
+def key_errors():
+    """Surface a task that failed on a key (wrong, missing, or a value moved between rows) as the
+    :class:`KeyAccessError` it raised on the executor, instead of a page of Spark traceback."""
+    marker = "KeyAccessError: "
+    try:
+        yield
+    except KeyAccessError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if marker not in text:
+            raise
+        raise KeyAccessError(text.split(marker, 1)[1].splitlines()[0].strip()) from exc
+
+
 def row_id(table: str, keys: list[str]) -> Column:
     """The identity a sealed value is bound to: table name and key values."""
     return F.concat_ws(
@@ -91,64 +110,80 @@ def _struct_type(names) -> str:
     return "struct<" + ",".join(f"`{n}`:string" for n in names) + ">"
 
 
-def _sealer(ref: KeyRef, key_id: str, names: tuple[str, ...]):
-    @F.pandas_udf(_struct_type(names))
-    def seal(row_ids: pd.Series, values: pd.DataFrame) -> pd.DataFrame:
-        key = _key(ref, key_id)
-        ids = row_ids.tolist()
-        return pd.DataFrame(
-            {
-                n: crypto.encrypt_batch(
-                    key, values[n].astype(object).where(values[n].notna(), None).tolist(), ids, n
+def _sealer(ref: KeyRef, key_id: str, names: tuple[str, ...], linkage_id: str | None):
+    """One Arrow UDF that seals ``names`` and, given a linkage key id, also computes patient_key:
+    one Python round trip per batch for everything a table needs."""
+    fields = [*names, *(["patient_key"] if linkage_id else [])]
+
+    @F.arrow_udf(_struct_type(fields))
+    def seal(row_ids: pa.Array, values: pa.Array, systems: pa.Array, patients: pa.Array) -> pa.Array:
+        out = []
+        if names:
+            key = _key(ref, key_id)
+            ids = row_ids.cast(pa.binary()).to_pylist()
+            for n in names:
+                plain = values.field(n).cast(pa.binary()).to_pylist()  # UTF-8 bytes, no str decoding
+                sealed = crypto.seal_many(key, plain, ids, n, n in COMPRESSED)
+                out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
+        if linkage_id:
+            secret = _key(ref, linkage_id).material
+            out.append(
+                pa.array(
+                    [
+                        None if p is None else patient_key(secret, s, p)
+                        for s, p in zip(systems.to_pylist(), patients.to_pylist(), strict=True)
+                    ],
+                    pa.string(),
                 )
-                for n in names
-            }
-        )
+            )
+        return pa.StructArray.from_arrays(out, names=fields)
 
     return seal
 
 
 def _opener(ref: KeyRef, names: tuple[str, ...]):
-    @F.pandas_udf(_struct_type(names))
-    def unseal(row_ids: pd.Series, values: pd.DataFrame) -> pd.DataFrame:
-        ids = row_ids.tolist()
-        out = {}
+    @F.arrow_udf(_struct_type(names))
+    def unseal(row_ids: pa.Array, values: pa.Array) -> pa.Array:
+        ids = row_ids.to_pylist()
+        opened = []
         for n in names:
-            column = values[n].astype(object).where(values[n].notna(), None).tolist()
-            key_ids = {crypto.key_id_of(v) for v in column if v is not None}
-            out[n] = crypto.decrypt_batch({k: _key(ref, k) for k in key_ids}, column, ids, n)
-        return pd.DataFrame(out)
+            column = values.field(n).to_pylist()
+            keys = {k: _key(ref, k) for k in {crypto.key_id_of(v) for v in column if v is not None}}
+            opened.append(pa.array(crypto.decrypt_batch(keys, column, ids, n), pa.string()))
+        return pa.StructArray.from_arrays(opened, names=list(names))
 
     return unseal
 
 
-def _patient_keyer(ref: KeyRef, linkage_id: str):
-    @F.pandas_udf("string")
-    def key(systems: pd.Series, patient_ids: pd.Series) -> pd.Series:
-        secret = _key(ref, linkage_id).material
-        return pd.Series(
-            [
-                None if p is None or pd.isna(p) else patient_key(secret, s, p)
-                for s, p in zip(systems, patient_ids, strict=True)
-            ],
-            dtype=object,
-        )
-
-    return key
-
-
-def seal_columns(df: DataFrame, ref: KeyRef, key_id: str, columns: dict[str, str], row: Column) -> DataFrame:
+def seal_columns(
+    df: DataFrame,
+    ref: KeyRef,
+    key_id: str,
+    columns: dict[str, str],
+    row: Column,
+    patient: tuple[str, str] | None = None,
+) -> DataFrame:
     """Replace each column of ``columns`` (name -> Spark type DDL) by its ciphertext under ``key_id``,
-    bound to ``row`` (see :func:`row_id`). Every other column passes through unchanged."""
-    if not columns:
+    bound to ``row`` (see :func:`row_id`); with ``patient`` = (linkage key id, patient id column), also
+    add ``patient_key`` = HMAC-SHA256(linkage secret, source_system | patient id). Every other column
+    passes through unchanged."""
+    if not columns and patient is None:
         return df
     names = tuple(columns)
-    sealed = _sealer(ref, key_id, names)(
-        row, F.struct(*[_as_text(n, t).alias(n) for n, t in columns.items()])
+    linkage_id, patient_column = patient or (None, None)
+    values = (
+        F.struct(*[_as_text(n, t).alias(n) for n, t in columns.items()]) if names else F.struct(F.lit(None))
     )
-    return df.withColumn("_ehrlake_sealed", sealed).select(
-        *[F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`") for c in df.columns]
+    sealed = _sealer(ref, key_id, names, linkage_id)(
+        row,
+        values,
+        F.col("source_system") if patient else F.lit(None).cast("string"),
+        F.col(patient_column).cast("string") if patient else F.lit(None).cast("string"),
     )
+    kept = [F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`") for c in df.columns]
+    if patient:
+        kept.append(F.col("_ehrlake_sealed.patient_key").alias("patient_key"))
+    return df.withColumn("_ehrlake_sealed", sealed).select(*kept)
 
 
 def open_columns(df: DataFrame, ref: KeyRef, columns: dict[str, str], row: Column) -> DataFrame:
@@ -166,11 +201,4 @@ def open_columns(df: DataFrame, ref: KeyRef, columns: dict[str, str], row: Colum
             for c in df.columns
             if c != "_ehrlake_opened"
         ]
-    )
-
-
-def with_patient_key(df: DataFrame, ref: KeyRef, linkage_id: str, patient_id: str) -> DataFrame:
-    """Add ``patient_key`` = HMAC-SHA256(linkage secret, source_system | ``patient_id``)."""
-    return df.withColumn(
-        "patient_key", _patient_keyer(ref, linkage_id)(F.col("source_system"), F.col(patient_id))
     )

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import SchemaMismatch
 from ehrlake.lake.modes import WriteMode
-from ehrlake.security.columns import KeyRef, open_columns, row_id, seal_columns, with_patient_key
+from ehrlake.security.columns import KeyRef, key_errors, open_columns, row_id, seal_columns
 
 SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns]}
 RAW = "raw"
@@ -153,10 +153,12 @@ class Protector:
                 )
         if spec.birth_date and spec.birth_date in df.columns:
             df = df.withColumn("birth_year", F.year(F.col(spec.birth_date).cast("date")))
-        if spec.patient_id and spec.patient_id in df.columns:
-            df = with_patient_key(df, self.ref, self.store.linkage_id(), spec.patient_id)
+        patient = (self.store.linkage_id(), spec.patient_id) if spec.patient_id in df.columns else None
         sealing = self.sealing(spec, df.schema, keys)
-        return self.seal(df, table, sealing), sealing
+        sealed = seal_columns(
+            df, self.ref, self.store.current_id(table), sealing.columns, row_id(table, keys), patient
+        )
+        return sealing.mark(sealed), sealing
 
     def seal(self, df: DataFrame, table: str, sealing: Sealing) -> DataFrame:
         """Seal the columns of an existing sealing (re-encryption under the table's current key)."""
@@ -183,4 +185,5 @@ class Protector:
             "ehrlakeKeyId": self.store.current_id(table),
             **(commit_info or {}),
         }
-        return lake.write(resealed, table, mode=WriteMode.OVERWRITE, commit_info=info)
+        with key_errors():
+            return lake.write(resealed, table, mode=WriteMode.OVERWRITE, commit_info=info)

@@ -1,0 +1,287 @@
+"""Clean: bronze -> silver, every source onto one common clinical model (``clean/model.py``).
+
+For each entity, each source's mapping (``conf/mappings/<source>.yaml``: a Spark SQL expression per
+silver column over its bronze table) is applied, cast to the declared types, and the sources are
+unioned. Then, in Spark: code systems and encounter classes are normalised (``codes.py``), lab and
+vital units converted to UCUM (``units.py``), patients deduplicated by ``patient_key`` and events by
+their keys, age at event derived from the exact birth date (opened here, in the job, and never
+written), and inconsistencies flagged in ``quality_flags`` (kept, not dropped).
+
+Each run rebuilds every silver table as one new Delta version (overwrite), so re-running after a
+crash gives the same tables. Identifiers never reach silver: it carries ``patient_key`` and
+``birth_year``, not names or exact birth dates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from ehrlake.clean import codes, units
+from ehrlake.clean.model import ENTITIES, Entity
+from ehrlake.errors import ConfigError
+from ehrlake.lake import WriteMode
+from ehrlake.security.protection import Sealing
+
+MAPPINGS_DIR = Path(__file__).resolve().parents[3] / "conf" / "mappings"
+DEFAULT_SOURCES = ("fhir", "synthea")
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One source's mapping of one entity: bronze table, optional filter, column expressions."""
+
+    source: str
+    entity: str
+    table: str
+    columns: dict[str, str]
+    where: str | None = None
+
+
+def load_mappings(path: str | Path) -> list[Mapping]:
+    """Read and check a mapping file: known entities, known columns, a source name."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    source = data.get("source")
+    if not source:
+        raise ConfigError(f"mapping {path} names no source")
+    out = []
+    for name, spec in (data.get("entities") or {}).items():
+        entity = ENTITIES.get(name)
+        if entity is None:
+            raise ConfigError(f"mapping {path}: unknown entity {name!r} (known: {', '.join(ENTITIES)})")
+        known = {f.name for f in entity.mapped}
+        unknown = set(spec.get("columns", {})) - known
+        if unknown:
+            raise ConfigError(f"mapping {path}: {name} has no column(s) {sorted(unknown)}")
+        out.append(
+            Mapping(
+                source, name, spec["from"], {k: str(v) for k, v in spec["columns"].items()}, spec.get("where")
+            )
+        )
+    return out
+
+
+def mapping_files(sources=DEFAULT_SOURCES) -> list[Path]:
+    return [MAPPINGS_DIR / f"{s}.yaml" for s in sources]
+
+
+@dataclass
+class CleanReport:
+    run_id: str
+    rows: dict[str, int] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)  # entity -> sources that fed it
+
+    def format(self) -> str:
+        lines = [f"clean run {self.run_id}", f"{'table':<20} {'rows':>10} {'flagged':>9}  sources"]
+        for name in self.rows:
+            lines.append(
+                f"silver.{name:<13} {self.rows[name]:>10,} {self.flagged.get(name, 0):>9,}  "
+                + ", ".join(self.sources.get(name, []))
+            )
+        return "\n".join(lines)
+
+
+def run(
+    lake,
+    mappings: list[Mapping] | None = None,
+    run_id: str | None = None,
+    today: dt.date | None = None,
+    role: str | None = None,
+) -> CleanReport:
+    """Rebuild every silver table from the bronze tables that exist (see module docstring), as
+    ``role`` (it must be allowed to write silver; the tables written are audited)."""
+    mappings = mappings if mappings is not None else [m for p in mapping_files() for m in load_mappings(p)]
+    run_id = run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    if lake.security is None:
+        raise ConfigError("clean opens sealed birth dates to compute ages: open the lake with its security")
+    with lake.security.job("clean", ["silver"], role, run_id) as (_, written):
+        report = _clean(lake, mappings, run_id, today or dt.date.today())
+        written += [(f"silver.{name}", f"{rows} rows") for name, rows in report.rows.items()]
+    return report
+
+
+def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanReport:
+    report = CleanReport(run_id)
+    frames: dict[str, DataFrame] = {}
+    for name, entity in ENTITIES.items():
+        parts = [
+            (m.source, _mapped(lake, m, entity))
+            for m in mappings
+            if m.entity == name and lake.exists(m.table)
+        ]
+        if not parts:
+            continue
+        report.sources[name] = [s for s, _ in parts]
+        union = parts[0][1]
+        for _, frame in parts[1:]:
+            union = union.unionByName(frame)
+        frames[name] = union
+    if "patient" not in frames:
+        return report
+    births = _birth_dates(lake, mappings)
+    patients = _patients(frames["patient"], births, today)
+    tables = {"patient": patients}
+    regions = None
+    if "organization" in frames:
+        tables["organization"] = _dedupe(frames["organization"], ENTITIES["organization"])
+        regions = tables["organization"].select(
+            "source_system", "organization_id", F.col("state").alias("_org_state")
+        )
+    for name, frame in frames.items():
+        if name in tables:
+            continue
+        tables[name] = _events(frame, ENTITIES[name], patients, births, regions, today)
+    commit = {"ehrlakeJob": "clean", "ehrlakeRunId": run_id}
+    for name, frame in tables.items():
+        entity = ENTITIES[name]
+        out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
+        lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
+        counts = (
+            lake.read(entity.table)
+            .agg(
+                F.count("*").alias("rows"),
+                F.sum(F.when(F.size("quality_flags") > 0, 1).otherwise(0)).alias("flagged")
+                if "quality_flags" in out.columns
+                else F.lit(0).alias("flagged"),
+            )
+            .first()
+        )
+        report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
+    return report
+
+
+def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:
+    """The bronze table through one mapping, cast to the silver types; unmapped columns are null."""
+    df = lake.read(mapping.table)
+    if mapping.where:
+        df = df.where(mapping.where)
+    columns = []
+    for f in entity.mapped:
+        expr = mapping.columns.get(f.name)
+        if f.name == "source":
+            value = F.lit(mapping.source)
+        elif expr is None:
+            value = F.lit(None)
+        else:
+            try:
+                value = F.expr(expr)
+            except Exception as exc:  # a syntax error names the mapping, not a Spark internal
+                raise ConfigError(
+                    f"mapping {mapping.source}.{mapping.entity}.{f.name}: {expr!r}: {exc}"
+                ) from exc
+        columns.append(value.cast(f.type).alias(f.name))
+    return df.select(*columns)
+
+
+def _birth_dates(lake, mappings: list[Mapping]) -> DataFrame | None:
+    """patient_key -> exact birth date, opened from the sealed bronze column for computing ages
+    inside this job only (it is never written to silver)."""
+    tables = {"bronze.fhir_patient": "birth_date", "bronze.synthea_patients": "birthdate"}
+    parts = []
+    for table, column in tables.items():
+        if not lake.exists(table):
+            continue
+        df = lake.read(table)
+        sealing = Sealing.of(df.schema)
+        keys = list(sealing.keys) if sealing else []
+        df = df.select(*{*keys, "patient_key", column})
+        if sealing and column in sealing.columns:
+            only = Sealing({column: sealing.columns[column]}, sealing.keys)
+            df = lake.security.protector.open(df, table, only)
+        parts.append(df.select("patient_key", F.col(column).cast("date").alias("_birth_date")))
+    if not parts:
+        return None
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.unionByName(p)
+    return union.groupBy("patient_key").agg(F.min("_birth_date").alias("_birth_date"))
+
+
+def _dedupe(df: DataFrame, entity: Entity) -> DataFrame:
+    """One row per key, deterministically: the most complete row, ties broken by content."""
+    completeness = sum(F.col(c).isNotNull().cast("int") for c in df.columns)
+    order = [completeness.desc(), *[F.col(c).asc_nulls_last() for c in df.columns if c not in entity.keys]]
+    window = Window.partitionBy(*entity.keys).orderBy(*order)
+    return df.withColumn("_rank", F.row_number().over(window)).where("_rank = 1").drop("_rank")
+
+
+def _flags(*conditions: tuple[str, Column]) -> Column:
+    """array of the names whose condition holds (nulls count as not holding)."""
+    return F.filter(
+        F.array(*[F.when(F.coalesce(cond, F.lit(False)), F.lit(name)) for name, cond in conditions]),
+        lambda x: x.isNotNull(),
+    )
+
+
+def _patients(df: DataFrame, births: DataFrame | None, today: dt.date) -> DataFrame:
+    df = df.withColumn("gender", codes.normalise_gender(F.col("gender")))
+    df = _dedupe(df, ENTITIES["patient"])
+    if births is not None:
+        df = df.join(births, "patient_key", "left")
+    else:
+        df = df.withColumn("_birth_date", F.lit(None).cast("date"))
+    future = F.lit(today)
+    flags = _flags(
+        ("future_date", (F.col("death_date") > future) | (F.col("birth_year") > F.year(future))),
+        ("after_death", F.col("death_date") < F.col("_birth_date")),
+    )
+    return df.withColumn("quality_flags", flags)
+
+
+def _events(df, entity: Entity, patients, births, regions, today: dt.date) -> DataFrame:
+    """Normalise codes/units, dedupe, derive age and length of stay, flag inconsistencies."""
+    if "code_system" in df.columns:
+        df = df.withColumn("code_system", codes.normalise_system(F.col("code_system")))
+    implausible = F.lit(False)
+    if entity.name == "observation":
+        value, unit, implausible = units.normalise(F.col("code"), F.col("source_value"), F.col("source_unit"))
+        df = (
+            df.withColumn("value_number", value)
+            .withColumn("unit", unit)
+            .withColumn("_implausible", implausible)
+        )
+        implausible = F.col("_implausible")
+    if entity.name == "encounter":
+        df = df.withColumn("encounter_class", codes.normalise_encounter_class(F.col("encounter_class")))
+    df = _dedupe(df, entity)
+    people = patients.select(
+        "patient_key",
+        F.col("_birth_date"),
+        F.col("death_date").alias("_death_date"),
+        F.col("state").alias("_patient_state"),
+        F.lit(True).alias("_known"),
+    )
+    df = df.join(people, "patient_key", "left")
+    start = F.col(entity.event_time)
+    age_field = next(f.name for f in entity.fields if f.name.startswith("age_at_"))
+    df = df.withColumn(age_field, F.floor(F.months_between(start, F.col("_birth_date")) / 12).cast("int"))
+    end_before_start = F.lit(False)
+    if entity.end_time:
+        end_before_start = F.col(entity.end_time) < start
+    if entity.name == "encounter":
+        df = df.withColumn(
+            "length_of_stay_days",
+            (F.unix_timestamp(entity.end_time) - F.unix_timestamp(entity.event_time)) / 86400.0,
+        )
+        if regions is not None:
+            df = df.join(regions, ["source_system", "organization_id"], "left")
+        else:
+            df = df.withColumn("_org_state", F.lit(None).cast("string"))
+        df = df.withColumn("state", F.coalesce("_org_state", "_patient_state"))
+    tomorrow = F.date_add(F.lit(today), 1).cast("timestamp")
+    flags = _flags(
+        ("before_birth", F.to_date(start) < F.col("_birth_date")),
+        ("after_death", F.to_date(start) > F.col("_death_date")),
+        ("end_before_start", end_before_start),
+        ("future_date", start >= tomorrow),
+        ("implausible_value", implausible),
+        ("unknown_patient", F.col("_known").isNull()),
+    )
+    return df.withColumn("quality_flags", flags)

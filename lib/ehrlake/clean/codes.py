@@ -1,0 +1,86 @@
+"""Code systems under one set of names, whatever the source called them.
+
+FHIR names systems by URI (``http://snomed.info/sct``), Synthea by short names or not at all, MIMIC
+by an ICD version number. Silver uses one short name per system so analysts can filter by it.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
+# lower-cased spelling as found in sources -> silver name
+SYSTEMS: dict[str, str] = {
+    "http://snomed.info/sct": "SNOMED",
+    "snomed": "SNOMED",
+    "snomed-ct": "SNOMED",
+    "snomed ct": "SNOMED",
+    "sct": "SNOMED",
+    "http://loinc.org": "LOINC",
+    "loinc": "LOINC",
+    "http://hl7.org/fhir/sid/icd-10-cm": "ICD10CM",
+    "icd10cm": "ICD10CM",
+    "icd-10-cm": "ICD10CM",
+    "http://hl7.org/fhir/sid/icd-10": "ICD10",
+    "icd10": "ICD10",
+    "icd-10": "ICD10",
+    "http://hl7.org/fhir/sid/icd-9-cm": "ICD9CM",
+    "icd9cm": "ICD9CM",
+    "icd-9-cm": "ICD9CM",
+    "icd9": "ICD9CM",
+    "http://www.nlm.nih.gov/research/umls/rxnorm": "RxNorm",
+    "rxnorm": "RxNorm",
+    "http://hl7.org/fhir/sid/cvx": "CVX",
+    "cvx": "CVX",
+    "http://hl7.org/fhir/sid/ndc": "NDC",
+    "ndc": "NDC",
+    "http://www.ama-assn.org/go/cpt": "CPT",
+    "cpt": "CPT",
+    "http://unitsofmeasure.org": "UCUM",
+}
+
+
+def normalise_system(system: Column) -> Column:
+    """The silver name of a code system; an unknown system is kept as given (never lost)."""
+    mapping = F.create_map(*[F.lit(x) for pair in SYSTEMS.items() for x in pair])
+    key = F.lower(F.trim(system))
+    return F.when(system.isNull(), F.lit(None)).otherwise(F.coalesce(mapping[key], F.trim(system)))
+
+
+ENCOUNTER_CLASSES: dict[str, str] = {
+    # FHIR v3 ActCode and Synthea's classes
+    "imp": "inpatient",
+    "inpatient": "inpatient",
+    "acute": "inpatient",
+    "nonac": "inpatient",
+    "emer": "emergency",
+    "emergency": "emergency",
+    "amb": "ambulatory",
+    "ambulatory": "ambulatory",
+    "outpatient": "outpatient",
+    "wellness": "wellness",
+    "urgentcare": "urgentcare",
+    "hh": "home",
+    "home": "home",
+    "vr": "virtual",
+    "virtual": "virtual",
+    "obsenc": "outpatient",
+    "prenc": "ambulatory",
+}
+
+
+def normalise_encounter_class(value: Column) -> Column:
+    mapping = F.create_map(*[F.lit(x) for pair in ENCOUNTER_CLASSES.items() for x in pair])
+    return F.when(value.isNull(), F.lit(None)).otherwise(
+        F.coalesce(mapping[F.lower(F.trim(value))], F.lit("other"))
+    )
+
+
+def normalise_gender(value: Column) -> Column:
+    v = F.lower(F.trim(value))
+    return (
+        F.when(v.isin("female", "f"), "female")
+        .when(v.isin("male", "m"), "male")
+        .when(v.isin("other", "o"), "other")
+        .otherwise("unknown")
+    )

@@ -1,0 +1,138 @@
+"""Small-cell suppression for every aggregate that leaves the platform, with complementary suppression.
+
+*Primary*: a count from 1 to k-1 (k = 11 by default, the CMS rule) is hidden. Hiding it alone is not
+enough: whoever knows a row or column total (published elsewhere, or a census figure) gets it back by
+subtraction. *Complementary*, in two steps:
+
+1. along every dimension, each line (the cells sharing all other dimensions) must hide none or at
+   least two cells; a line with one hidden cell also hides its smallest visible non-zero cell, and
+   this repeats until every line of every dimension is settled (a new hidden cell can leave a lone
+   hidden cell in a crossing line);
+2. that rule is necessary, not sufficient (in 3-D, or with a "bridge" between two blocks of hidden
+   cells, a value can still be solved for), so an audit then plays the attacker: knowing every true
+   marginal total along every dimension, it bounds each hidden cell by linear programming, and any
+   cell whose range collapses to one value gets a further complement, until none does.
+
+A published aggregate is small by nature (the product of its dimensions' cardinalities), so it is
+brought to the driver for this, with a hard limit (``max_cells``) rather than an unbounded collect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+from scipy.optimize import linprog
+from scipy.sparse import csr_matrix
+
+PRIMARY, COMPLEMENTARY = "primary", "complementary"
+MAX_CELLS = 200_000
+
+
+def suppress(
+    df: DataFrame,
+    dims: list[str],
+    count: str = "n",
+    k: int = 11,
+    derived: list[str] | None = None,
+    max_cells: int = MAX_CELLS,
+) -> DataFrame:
+    """``df`` (one row per combination of ``dims``) with ``count`` nulled where it must be hidden,
+    ``suppressed`` (null, ``primary`` or ``complementary``) added, and every column of ``derived``
+    (rates and percentages computed from the count) nulled with it.
+
+    Zero counts stay visible unless a line has nothing else left to hide beside a small cell.
+    """
+    if k < 2:
+        raise ValueError("k must be at least 2")
+    cells = df.limit(max_cells + 1).toPandas()
+    if len(cells) > max_cells:
+        raise ValueError(
+            f"an aggregate of more than {max_cells} cells is not publishable: coarsen its dimensions"
+        )
+    status = suppress_frame(cells, dims, count, k)
+    hidden = status.notna()
+    cells["suppressed"] = status
+    for column in [count, *(derived or [])]:
+        cells[column] = cells[column].astype(object).where(~hidden, None)
+    schema = T.StructType([*df.schema.fields, T.StructField("suppressed", T.StringType())])
+    return df.sparkSession.createDataFrame(cells.astype(object).where(cells.notna(), None), schema)
+
+
+def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> pd.Series:
+    """Per cell: None, ``primary`` or ``complementary`` (the algorithm of the module docstring)."""
+    n = cells[count].fillna(0).to_numpy(dtype=float)
+    status = np.where((n >= 1) & (n < k), PRIMARY, None).astype(object)
+    lines = _lines(cells, dims)
+    for _ in range(len(n) + 1):
+        _settle_lines(n, status, lines)
+        pinned = _pinned(n, status, lines)
+        if not pinned:
+            return pd.Series(status, index=cells.index)
+        _complement(pinned[0], n, status, lines)
+    raise RuntimeError("suppression did not settle")  # unreachable: every round hides one more cell
+
+
+def _lines(cells: pd.DataFrame, dims: list[str]) -> list[np.ndarray]:
+    """Index arrays of every line: for each dimension, the cells sharing all the other dimensions."""
+    out = []
+    for dim in dims:
+        others = [d for d in dims if d != dim]
+        groups = cells.groupby(others, dropna=False).indices if others else {(): np.arange(len(cells))}
+        out += [np.asarray(ix) for ix in groups.values() if len(ix) > 1]
+    return out
+
+
+def _settle_lines(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> None:
+    changed = True
+    while changed:
+        changed = False
+        for line in lines:
+            hidden = [i for i in line if status[i] is not None]
+            if len(hidden) == 1:
+                changed |= _hide_smallest(line, n, status)
+
+
+def _hide_smallest(candidates, n: np.ndarray, status: np.ndarray) -> bool:
+    """Hide the smallest visible non-zero cell; failing that, a visible zero (a hidden zero might be
+    anything, so a lone small cell beside zeros is no longer pinned by its total)."""
+    visible = [i for i in candidates if status[i] is None]
+    if not visible:
+        return False
+    status[min(visible, key=lambda i: (n[i] == 0, n[i], i))] = COMPLEMENTARY
+    return True
+
+
+def _complement(cell: int, n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> None:
+    """Hide the smallest visible non-zero cell in any line through a pinned cell."""
+    through = np.unique(np.concatenate([line for line in lines if cell in line]))
+    if not _hide_smallest(through, n, status):
+        _hide_smallest(np.arange(len(n)), n, status)
+
+
+def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[int]:
+    """Hidden cells whose value the marginal totals and the visible cells determine exactly."""
+    hidden = [i for i in range(len(n)) if status[i] is not None]
+    if not hidden:
+        return []
+    column = {cell: j for j, cell in enumerate(hidden)}
+    rows, cols, rhs = [], [], []
+    for line in lines:
+        unknown = [i for i in line if status[i] is not None]
+        if not unknown:
+            continue
+        r = len(rhs)
+        rows += [r] * len(unknown)
+        cols += [column[i] for i in unknown]
+        rhs.append(float(sum(n[i] for i in unknown)))  # the true total minus the visible cells
+    a_eq = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(rhs), len(hidden)))
+    pinned = []
+    for cell, j in column.items():
+        objective = np.zeros(len(hidden))
+        objective[j] = 1.0
+        low = linprog(objective, A_eq=a_eq, b_eq=rhs, bounds=(0, None), method="highs")
+        high = linprog(-objective, A_eq=a_eq, b_eq=rhs, bounds=(0, None), method="highs")
+        if low.status == 0 and high.status == 0 and (-high.fun) - low.fun < 1 - 1e-9:
+            pinned.append(cell)
+    return pinned

@@ -1,0 +1,175 @@
+"""Bronze -> silver on hand-made records whose right answers are known: mappings, normalisation,
+derived columns, inconsistency flags, cross-source deduplication and idempotency."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from fhir_fixtures import condition, observation, patient, write_ndjson
+
+from ehrlake import clean, ingest
+from ehrlake.ingest import SourceKind
+
+TODAY = dt.date(2026, 11, 24)
+
+
+def encounter(eid, pid, start, end, cls="IMP", org="o1"):
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"code": cls},
+        "subject": {"reference": f"Patient/{pid}"},
+        "period": {"start": start, "end": end},
+        "serviceProvider": {"reference": f"Organization/{org}"},
+    }
+
+
+def quantity(oid, pid, loinc, value, unit, when="2021-01-01T10:00:00Z"):
+    obs = observation(oid, pid, value)
+    obs["code"] = {"coding": [{"system": "http://loinc.org", "code": loinc}]}
+    obs["valueQuantity"] = {"value": value, "unit": unit, "code": unit}
+    obs["effectiveDateTime"] = when
+    return obs
+
+
+@pytest.fixture
+def silver(lake, tmp_path):
+    org = {
+        "resourceType": "Organization",
+        "id": "o1",
+        "name": "District Hospital",
+        "address": [{"state": "KA"}],
+    }
+    write_ndjson(
+        tmp_path / "in" / "all.ndjson",
+        [
+            patient("p1"),
+            org,
+            encounter("e1", "p1", "2020-03-01T08:00:00Z", "2020-03-05T08:00:00Z"),
+            encounter("e2", "p1", "2020-03-09T08:00:00Z", "2020-03-08T08:00:00Z", cls="AMB"),
+            condition("c1", "p1", onset="2020-03-01"),
+            condition("c2", "p1", onset="1960-01-01"),  # before birth (1970-05-01)
+            condition("c3", "p9"),  # no such patient
+            condition("c4", "p1", onset="2030-01-01"),  # in the future
+            quantity("w1", "p1", "29463-7", 154.0, "[lb_av]"),  # weight in pounds
+            quantity("h1", "p1", "8867-4", 400.0, "/min"),  # heart rate of 400: implausible
+            quantity("g1", "p1", "2339-0", 5.5, "mmol/L"),  # glucose in mmol/L
+        ],
+    )
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
+    report = clean.run(lake, today=TODAY)
+    return lake, report
+
+
+def rows(lake, table, key):
+    return {r[key]: r for r in lake.read(table).collect()}
+
+
+def test_fhir_records_map_onto_the_common_model_with_derived_columns(silver):
+    lake, report = silver
+    people = lake.read("silver.patient").collect()
+    assert len(people) == 1 and report.rows["patient"] == 1
+    p = people[0]
+    assert (p.gender, p.birth_year, p.city, p.state, p.source) == ("female", 1970, "Pune", "MH", "fhir")
+    assert not {"family_name", "birth_date", "raw", "phone"} & set(lake.read("silver.patient").columns)
+    enc = rows(lake, "silver.encounter", "encounter_id")
+    e1 = enc["e1"]
+    assert (e1.encounter_class, e1.length_of_stay_days, e1.age_at_start, e1.state) == (
+        "inpatient",
+        4.0,
+        49,
+        "KA",
+    )
+    assert e1.patient_key == p.patient_key and e1.quality_flags == []
+    assert enc["e2"].encounter_class == "ambulatory" and enc["e2"].quality_flags == ["end_before_start"]
+
+
+def test_codes_and_units_are_normalised(silver):
+    lake, _ = silver
+    cond = rows(lake, "silver.condition", "condition_id")
+    assert (cond["c1"].code_system, cond["c1"].code, cond["c1"].age_at_onset) == ("SNOMED", "44054006", 49)
+    obs = rows(lake, "silver.observation", "observation_id")
+    weight, glucose = obs["w1"], obs["g1"]
+    assert (weight.unit, round(weight.value_number, 2), weight.source_value, weight.source_unit) == (
+        "kg",
+        69.85,
+        154.0,
+        "[lb_av]",
+    )
+    assert (glucose.unit, round(glucose.value_number, 1)) == ("mg/dL", 99.1)
+    assert weight.code_system == "LOINC"
+
+
+def test_inconsistencies_are_flagged_not_dropped(silver):
+    lake, report = silver
+    cond = rows(lake, "silver.condition", "condition_id")
+    assert set(cond) == {"c1", "c2", "c3", "c4"}  # nothing dropped
+    assert cond["c2"].quality_flags == ["before_birth"]
+    assert cond["c3"].quality_flags == ["unknown_patient"]
+    assert cond["c4"].quality_flags == ["future_date"]
+    assert rows(lake, "silver.observation", "observation_id")["h1"].quality_flags == ["implausible_value"]
+    assert report.flagged["condition"] == 3 and report.flagged["observation"] == 1
+
+
+def test_clean_is_idempotent(silver):
+    lake, _ = silver
+    before = {
+        t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in ("patient", "encounter", "condition")
+    }
+    clean.run(lake, today=TODAY)
+    after = {
+        t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in ("patient", "encounter", "condition")
+    }
+    assert before == after
+
+
+def test_one_patient_from_fhir_and_synthea_is_one_silver_patient(lake, tmp_path):
+    write_ndjson(tmp_path / "fhir" / "Patient.ndjson", [patient("p1")])
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    (csv_dir / "patients.csv").write_text(
+        "Id,BIRTHDATE,DEATHDATE,SSN,FIRST,LAST,GENDER,CITY,STATE,COUNTY\n"
+        "p1,1970-05-01,,999-11-2222,Asha,Rao,F,Pune,MH,Pune District\n"
+        "p2,1985-01-02,2020-01-01,999-33-4444,Ravi,Kumar,M,Mysuru,KA,Mysuru\n"
+    )
+    (csv_dir / "encounters.csv").write_text(
+        "Id,START,STOP,PATIENT,ORGANIZATION,ENCOUNTERCLASS,CODE,DESCRIPTION\n"
+        "s1,2019-06-01T10:00:00Z,2019-06-01T11:00:00Z,p1,org9,wellness,410620009,Well child visit\n"
+        "s2,2021-06-01T10:00:00Z,2021-06-01T11:00:00Z,p2,org9,emergency,50849002,Emergency visit\n"
+    )
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "fhir"))
+    ingest.run(lake, SourceKind.SYNTHEA_CSV, str(csv_dir))
+    report = clean.run(lake, today=TODAY)
+    people = rows(lake, "silver.patient", "patient_key")
+    assert report.rows["patient"] == 2 and len(people) == 2
+    genders = sorted((p.gender, p.birth_year, p.deceased) for p in people.values())
+    assert genders == [("female", 1970, False), ("male", 1985, True)]
+    enc = rows(lake, "silver.encounter", "encounter_id")
+    assert (enc["s1"].encounter_class, enc["s1"].code_system, enc["s1"].source) == (
+        "wellness",
+        "SNOMED",
+        "synthea",
+    )
+    assert enc["s2"].quality_flags == ["after_death"]
+    assert report.sources["patient"] == ["fhir", "synthea"]
+
+
+def test_data_model_doc_is_rendered_from_the_declarations_and_mappings():
+    from conftest import REPO
+
+    from ehrlake.clean.docs import render
+
+    assert (REPO / "docs" / "data_model.md").read_text() == render(), "run: python -m ehrlake.clean.docs"
+
+
+def test_a_mapping_naming_an_unknown_column_is_a_clear_error(tmp_path):
+    from ehrlake.errors import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "source: x\nentities:\n  patient:\n    from: bronze.t\n    columns:\n      shoe_size: size\n"
+    )
+    with pytest.raises(ConfigError, match=r"patient has no column\(s\) \['shoe_size'\]"):
+        clean.load_mappings(bad)

@@ -1,0 +1,94 @@
+"""Small-cell suppression: naive hiding leaks through totals, complementary suppression does not.
+
+The attacker here knows every true marginal total along every dimension (the strongest position a
+published table plus census figures can give) and solves for each hidden cell by linear programming:
+a cell leaks when its feasible range collapses to one value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+from scipy.optimize import linprog
+
+from ehrlake.eda.suppression import COMPLEMENTARY, PRIMARY, suppress
+
+
+def _feasible_ranges(cells: dict[tuple, int], hidden: set[tuple], ndim: int) -> dict[tuple, tuple[float, float]]:
+    """For each hidden cell, the min and max value consistent with visible cells and all true
+    marginal totals (every line along every dimension), counts >= 0."""
+    order = sorted(hidden)
+    index = {c: i for i, c in enumerate(order)}
+    rows, rhs = [], []
+    for dim in range(ndim):
+        lines: dict[tuple, list[tuple]] = {}
+        for cell in cells:
+            lines.setdefault(cell[:dim] + cell[dim + 1 :], []).append(cell)
+        for members in lines.values():
+            unknown = [c for c in members if c in hidden]
+            if not unknown:
+                continue
+            row = np.zeros(len(order))
+            for c in unknown:
+                row[index[c]] = 1
+            rows.append(row)
+            rhs.append(sum(cells[c] for c in members) - sum(cells[c] for c in members if c not in hidden))
+    ranges = {}
+    for cell in order:
+        objective = np.zeros(len(order))
+        objective[index[cell]] = 1
+        low = linprog(objective, A_eq=np.array(rows), b_eq=rhs, bounds=(0, None)).fun
+        high = -linprog(-objective, A_eq=np.array(rows), b_eq=rhs, bounds=(0, None)).fun
+        ranges[cell] = (low, high)
+    return ranges
+
+
+def _run(spark, cells: dict[tuple, int], dims: list[str], k: int = 11):
+    df = spark.createDataFrame([(*c, n) for c, n in cells.items()], [*dims, "n"])
+    out = suppress(df, dims, "n", k).collect()
+    return {tuple(r[d] for d in dims): r for r in out}
+
+
+def test_naive_suppression_leaks_through_a_row_total_and_complementary_suppression_does_not(spark):
+    cells = {("A", "F"): 5, ("A", "M"): 40, ("B", "F"): 30, ("B", "M"): 25, ("C", "F"): 12, ("C", "M"): 60}
+    naive_hidden = {c for c, n in cells.items() if 1 <= n < 11}
+    naive = _feasible_ranges(cells, naive_hidden, 2)
+    assert naive[("A", "F")] == (5, 5)  # 45 (row total) - 40: recovered exactly
+
+    result = _run(spark, cells, ["region", "sex"])
+    hidden = {c for c, r in result.items() if r.suppressed}
+    assert result[("A", "F")].suppressed == PRIMARY and result[("A", "F")].n is None
+    assert any(result[c].suppressed == COMPLEMENTARY for c in hidden)
+    for cell, (low, high) in _feasible_ranges(cells, hidden, 2).items():
+        assert high - low >= 1, f"{cell} is pinned to {low}"
+    visible = {c: r.n for c, r in result.items() if not r.suppressed}
+    assert all(visible[c] == cells[c] for c in visible)  # visible cells are unchanged
+
+
+def test_three_dimensional_table_with_many_small_cells_leaks_nothing(spark):
+    rng = random.Random(7)
+    dims = ["age_band", "sex", "region"]
+    cells = {
+        c: rng.choice([0, 1, 2, 3, 5, 8, 12, 20, 35, 60, 150])
+        for c in itertools.product(["0-17", "18-44", "45-64", "65+"], ["F", "M"], ["KA", "MH", "TN"])
+    }
+    result = _run(spark, cells, dims)
+    hidden = {c for c, r in result.items() if r.suppressed}
+    assert {c for c, n in cells.items() if 1 <= n < 11} <= hidden  # every small cell is hidden
+    assert all(cells[c] > 0 for c in hidden if result[c].suppressed == PRIMARY)
+    for cell, (low, high) in _feasible_ranges(cells, hidden, 3).items():
+        assert high - low >= 1, f"{cell} ({cells[cell]}) is pinned"
+
+
+def test_derived_columns_are_hidden_with_their_count_and_k_is_configurable(spark):
+    df = spark.createDataFrame(
+        [("A", "F", 12, 12 / 40), ("A", "M", 28, 28 / 40), ("B", "F", 15, 0.5), ("B", "M", 15, 0.5)],
+        "region string, sex string, n long, pct double",
+    )
+    strict = {(r.region, r.sex): r for r in suppress(df, ["region", "sex"], k=13, derived=["pct"]).collect()}
+    assert strict[("A", "F")].n is None and strict[("A", "F")].pct is None
+    assert strict[("A", "M")].suppressed == COMPLEMENTARY and strict[("A", "M")].pct is None
+    default = suppress(df, ["region", "sex"]).where("suppressed IS NOT NULL").count()
+    assert default == 0  # nothing under the default k = 11
