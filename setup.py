@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "cryptography==46.0.3",
     "xgboost==3.2.0",
     "scikit-learn==1.8.0",
+    "scipy==1.17.1",  # linear programming audit of small-cell suppression
     "pyyaml==6.0.3",
     # zstd with a trained dictionary compresses each raw record ~5x before it is sealed (docs/security.md)
     "zstandard==0.25.0",

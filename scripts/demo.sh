@@ -13,15 +13,18 @@ fi
 run ingest --source fhir-bundles --input data/sample/fhir_bundles
 run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
 run ingest --source synthea-csv --input data/sample/synthea_csv
+run clean
 run lake show
 run read --table bronze.fhir_patient --limit 3 --role engineer
+run read --table silver.condition --limit 5 --role analyst
 run audit verify
 
 cat <<EOT
 
 Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records with lineage,
 identifiers sealed (ek1:...) and a pseudonymous patient_key; ops.quarantine = every record that could
-not be loaded, with its reason; audit.events = who read or wrote what, hash-chained).
+not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
+audit.events = who read or wrote what, hash-chained).
 Look at them with:
   .venv/bin/ehrlake lake show --json --lake $lake
   .venv/bin/python -c "from ehrlake import lake; lake.open('$lake').read('bronze.fhir_condition', role='engineer').show(5)"

@@ -38,7 +38,8 @@ def samples(rng: random.Random) -> list[bytes]:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt") as fh:
             fhir += [json.dumps(e["resource"], separators=(",", ":")) for e in json.load(fh).get("entry", [])]
-    csv_rows = [line for p in sorted((SAMPLE / "synthea_csv").rglob("*.csv*")) for line in list(_lines(p))[1:]]
+    csv_files = sorted((SAMPLE / "synthea_csv").rglob("*.csv*"))
+    csv_rows = [line for p in csv_files for line in list(_lines(p))[1:]]  # without headers
     picked = rng.sample(fhir, min(PER_KIND, len(fhir))) + rng.sample(csv_rows, min(PER_KIND, len(csv_rows)))
     return [s.encode() for s in picked]
 
@@ -49,7 +50,8 @@ def main() -> None:
     OUT.write_bytes(dictionary.as_bytes())
     compressor = zstandard.ZstdCompressor(level=1, dict_data=dictionary)
     ratio = sum(map(len, data)) / sum(len(compressor.compress(d)) for d in data)
-    print(f"wrote {OUT.relative_to(REPO)} ({OUT.stat().st_size} bytes) from {len(data)} records; ratio {ratio:.2f}x")
+    size = OUT.stat().st_size
+    print(f"wrote {OUT.relative_to(REPO)} ({size} bytes) from {len(data)} records; ratio {ratio:.2f}x")
 
 
 if __name__ == "__main__":

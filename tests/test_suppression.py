@@ -16,7 +16,9 @@ from scipy.optimize import linprog
 from ehrlake.eda.suppression import COMPLEMENTARY, PRIMARY, suppress
 
 
-def _feasible_ranges(cells: dict[tuple, int], hidden: set[tuple], ndim: int) -> dict[tuple, tuple[float, float]]:
+def _feasible_ranges(
+    cells: dict[tuple, int], hidden: set[tuple], ndim: int
+) -> dict[tuple, tuple[float, float]]:
     """For each hidden cell, the min and max value consistent with visible cells and all true
     marginal totals (every line along every dimension), counts >= 0."""
     order = sorted(hidden)
