@@ -30,7 +30,7 @@ def _feasible_ranges(
             lines.setdefault(cell[:dim] + cell[dim + 1 :], []).append(cell)
         for members in lines.values():
             unknown = [c for c in members if c in hidden]
-            if not unknown:
+            if not unknown or len(members) == 1:  # a one-cell "total" is the cell itself, not a margin
                 continue
             row = np.zeros(len(order))
             for c in unknown:

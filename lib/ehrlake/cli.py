@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(clean_cmd)
     _role(clean_cmd)
 
+    eda = sub.add_parser(
+        "eda",
+        help="silver -> gold: demographics, condition prevalence, utilisation; small cells suppressed",
+        description="Build the gold EDA tables from silver. Counts under --k are hidden, with "
+        "complementary cells so no hidden count can be recovered from totals.",
+    )
+    eda.add_argument("--k", type=int, default=11, help="smallest count shown (default 11)")
+    eda.add_argument("--years", type=int, default=10, help="years of trends (default 10)")
+    eda.add_argument("--top", type=int, default=20, help="conditions in the prevalence table (default 20)")
+    _common(eda)
+    _role(eda)
+
     read = sub.add_parser(
         "read",
         help="print rows of a table as a role may see them",
@@ -187,6 +199,18 @@ def cmd_clean(args) -> int:
         raise EhrlakeError(f"no mapping {missing[0]} (sources are files in conf/mappings/)")
     mappings = [m for p in clean.mapping_files(names) for m in clean.load_mappings(p)]
     print(clean.run(lake, mappings, role=args.role).format())
+    return 0
+
+
+def cmd_eda(args) -> int:
+    from ehrlake.eda import aggregates
+
+    lake, _ = _open_lake(args)
+    if not lake.exists("silver.patient"):
+        raise EhrlakeError("no silver tables yet: run ehrlake clean first")
+    summary = aggregates.run(lake, k=args.k, years=args.years, top=args.top, role=args.role)
+    for name, counts in summary.items():
+        print(f"{name:<30} {counts['cells']:>7,} cells {counts['hidden']:>6,} suppressed (k={args.k})")
     return 0
 
 
@@ -330,6 +354,7 @@ COMMANDS = {
     ("keys", "rotate"): cmd_keys_rotate,
     ("keys", "show"): cmd_keys_show,
     "clean": cmd_clean,
+    "eda": cmd_eda,
     "read": cmd_read,
     "reveal": cmd_reveal,
     ("audit", "verify"): cmd_audit_verify,

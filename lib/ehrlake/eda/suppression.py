@@ -56,7 +56,8 @@ def suppress(
     cells["suppressed"] = status
     for column in [count, *(derived or [])]:
         cells[column] = cells[column].astype(object).where(~hidden, None)
-    schema = T.StructType([*df.schema.fields, T.StructField("suppressed", T.StringType())])
+    fields = [T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema.fields]  # hidden = null
+    schema = T.StructType([*fields, T.StructField("suppressed", T.StringType())])
     return df.sparkSession.createDataFrame(cells.astype(object).where(cells.notna(), None), schema)
 
 
@@ -70,7 +71,8 @@ def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> 
         pinned = _pinned(n, status, lines)
         if not pinned:
             return pd.Series(status, index=cells.index)
-        _complement(pinned[0], n, status, lines)
+        for cell in pinned:  # one complement per pinned cell, then settle and audit again
+            _complement(cell, n, status, lines)
     raise RuntimeError("suppression did not settle")  # unreachable: every round hides one more cell
 
 

@@ -1,0 +1,184 @@
+"""Gold aggregates for public-health analysts, computed in Spark from silver and suppressed.
+
+Every table is one row per cell of its dimensions, with the count of *persons* (not records) in the
+cell, derived rates, and ``suppressed`` (``primary`` / ``complementary`` / null): counts under k are
+hidden together with enough other cells that no hidden count can be recovered from totals
+(``suppression.py``). Region is the state; ``(unknown)`` where a record carries none.
+
+- ``gold.eda_demographics``: persons by age band x sex x state (age on the reference date);
+- ``gold.eda_condition_prevalence``: persons with each of the top conditions, by year x state, and
+  per 1,000 persons seen that year in that state;
+- ``gold.eda_utilisation``: encounters per 1,000 persons by class x year x state, mean length of
+  stay, and the 30-day readmission rate of inpatient stays.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from ehrlake.eda.suppression import suppress
+from ehrlake.lake import WriteMode
+
+AGE_BANDS = ((0, 4), (5, 14), (15, 24), (25, 44), (45, 64), (65, 74), (75, 84), (85, 200))
+UNKNOWN = "(unknown)"
+
+
+def age_band(age) -> F.Column:
+    band = F.lit(None).cast("string")
+    for low, high in reversed(AGE_BANDS):
+        label = f"{low}+" if high >= 200 else f"{low}-{high}"
+        band = F.when((age >= low) & (age <= high), F.lit(label)).otherwise(band)
+    return F.coalesce(band, F.lit(UNKNOWN))
+
+
+def _region(column: str = "state") -> F.Column:
+    return F.coalesce(F.col(column), F.lit(UNKNOWN))
+
+
+def demographics(lake, reference: dt.date) -> DataFrame:
+    people = lake.read("silver.patient").where("NOT coalesce(deceased, false)")
+    age = F.lit(reference.year) - F.col("birth_year")
+    counts = (
+        people.select(age_band(age).alias("age_band"), F.col("gender").alias("sex"), _region().alias("state"))
+        .groupBy("age_band", "sex", "state")
+        .agg(F.count("*").alias("persons"))
+    )
+    return _full_grid(counts, ["age_band", "sex", "state"], "persons")
+
+
+def _full_grid(df: DataFrame, dims: list[str], count: str) -> DataFrame:
+    """Every combination of the dimensions' values, zero where absent: suppression must see the
+    zeros a published table would show (a small cell beside zeros is otherwise easy to solve)."""
+    grid = df.select(dims[0]).distinct()
+    for d in dims[1:]:
+        grid = grid.crossJoin(df.select(d).distinct())
+    return grid.join(df, dims, "left").fillna({count: 0})
+
+
+def condition_prevalence(lake, years: int, top: int, last_year: int) -> DataFrame:
+    """Persons with each of the ``top`` most frequent conditions, per year and state, last ``years`` years."""
+    cond = lake.read("silver.condition").where(F.col("onset_at").isNotNull())
+    cond = cond.withColumn("year", F.year("onset_at")).where(
+        F.col("year").between(last_year - years + 1, last_year)
+    )
+    people = lake.read("silver.patient").select("patient_key", _region().alias("state"))
+    cond = cond.join(people, "patient_key", "left").fillna({"state": UNKNOWN})
+    top_codes = (
+        cond.groupBy("code_system", "code").agg(F.countDistinct("patient_key").alias("_n"))
+        .orderBy(F.desc("_n"), "code").limit(top).select("code_system", "code")
+    )  # fmt: skip
+    names = cond.groupBy("code_system", "code").agg(F.min("display").alias("display"))
+    counts = (
+        cond.join(top_codes, ["code_system", "code"])
+        .groupBy("year", "state", "code_system", "code")
+        .agg(F.countDistinct("patient_key").alias("persons"))
+    )
+    condition = F.concat_ws(":", "code_system", "code")
+    counts = counts.withColumn("condition", condition).drop("code_system", "code")
+    grid = _full_grid(counts, ["year", "state", "condition"], "persons")
+    seen = _persons_seen(lake).withColumnRenamed("persons", "population")
+    per_1000 = F.round(F.col("persons") * 1000 / F.col("population"), 2)
+    out = grid.join(seen, ["year", "state"], "left").withColumn("per_1000_seen", per_1000)
+    return out.join(names.select(condition.alias("condition"), "display"), "condition", "left")
+
+
+def _persons_seen(lake) -> DataFrame:
+    """Distinct persons with any encounter, per year and state: the denominator of rates."""
+    enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
+    enc = enc.select("patient_key", F.year("start_at").alias("year"), _region().alias("state"))
+    return enc.groupBy("year", "state").agg(F.countDistinct("patient_key").alias("persons"))
+
+
+def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
+    enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
+    enc = enc.withColumn("year", F.year("start_at")).where(
+        F.col("year").between(last_year - years + 1, last_year)
+    )
+    enc = enc.withColumn("state", _region()).withColumn(
+        "class", F.coalesce("encounter_class", F.lit(UNKNOWN))
+    )
+    inpatient = enc.where("class = 'inpatient'")
+    nxt = Window.partitionBy("patient_key").orderBy("start_at")
+    readmit = inpatient.withColumn("_next", F.lead("start_at").over(nxt)).withColumn(
+        "_readmitted",
+        (F.col("_next").isNotNull() & (F.col("_next") <= F.col("end_at") + F.expr("INTERVAL 30 DAYS"))).cast(
+            "int"
+        ),
+    )
+    per_class = enc.groupBy("year", "state", "class").agg(
+        F.count("*").alias("encounters"),
+        F.countDistinct("patient_key").alias("persons"),
+        F.round(F.avg(F.when(F.col("class") == "inpatient", F.col("length_of_stay_days"))), 2).alias(
+            "mean_length_of_stay_days"
+        ),
+    )
+    rates = readmit.groupBy("year", "state").agg(
+        F.round(F.avg("_readmitted"), 4).alias("readmission_30d_rate"),
+        F.count("*").alias("inpatient_stays"),
+        F.sum("_readmitted").alias("_readmissions"),
+    )
+    grid = _full_grid(per_class, ["year", "state", "class"], "persons").fillna({"encounters": 0})
+    seen = _persons_seen(lake).withColumnRenamed("persons", "population")
+    out = grid.join(seen, ["year", "state"], "left").withColumn(
+        "encounters_per_1000", F.round(F.col("encounters") * 1000 / F.col("population"), 1)
+    )
+    # a rate whose numerator is a small count discloses it (rate x stays): hidden like a small cell
+    small = (F.col("_readmissions") >= 1) & (F.col("_readmissions") < k)
+    inpatient_row = F.col("class") == "inpatient"
+    return (
+        out.join(rates, ["year", "state"], "left")
+        .withColumn("readmission_30d_rate", F.when(inpatient_row & ~small, F.col("readmission_30d_rate")))
+        .withColumn("inpatient_stays", F.when(inpatient_row, F.col("inpatient_stays")))
+        .drop("_readmissions")
+    )
+
+
+def run(
+    lake, k: int = 11, years: int = 10, top: int = 20, reference: dt.date | None = None, role=None
+) -> dict:
+    """Build and write every gold EDA table, suppressed; returns rows and hidden cells per table."""
+    reference = reference or dt.date.today()
+    last = lake.read("silver.encounter").agg(F.max(F.year("start_at"))).first()[0] or reference.year
+    last = min(last, reference.year)
+    tables = {
+        "gold.eda_demographics": (demographics(lake, reference), ["age_band", "sex", "state"], "persons", []),
+        "gold.eda_condition_prevalence": (
+            condition_prevalence(lake, years, top, last),
+            ["year", "state", "condition"],
+            "persons",
+            ["per_1000_seen"],
+        ),
+        "gold.eda_utilisation": (
+            utilisation(lake, years, last, k),
+            ["year", "state", "class"],
+            "persons",
+            [
+                "encounters",
+                "encounters_per_1000",
+                "mean_length_of_stay_days",
+                "readmission_30d_rate",
+                "inpatient_stays",
+            ],
+        ),
+    }
+    summary = {}
+    with lake.security.job("eda", ["gold"], role) as (_, written):
+        for name, (frame, dims, count, derived) in tables.items():
+            safe = suppress(frame, dims, count, k, derived=derived)
+            lake.write(safe, name, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "eda"})
+            stats = (
+                lake.read(name)
+                .agg(
+                    F.count("*").alias("cells"),
+                    F.sum(F.col("suppressed").isNotNull().cast("int")).alias("hidden"),
+                )
+                .first()
+            )
+            summary[name] = {"cells": int(stats["cells"]), "hidden": int(stats["hidden"] or 0)}
+            written.append(
+                (name, f"{summary[name]['cells']} cells, {summary[name]['hidden']} suppressed (k={k})")
+            )
+    return summary

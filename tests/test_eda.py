@@ -1,0 +1,73 @@
+"""Gold EDA tables on the bundled NDJSON sample: right counts where shown, nothing recoverable where hidden."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from conftest import SAMPLE
+from test_suppression import _feasible_ranges
+
+from ehrlake import clean, ingest
+from ehrlake.eda import aggregates
+from ehrlake.ingest import SourceKind
+
+REFERENCE = dt.date(2026, 11, 24)
+
+
+@pytest.fixture(scope="module")
+def gold(spark, tmp_path_factory, security_conf):
+    from ehrlake import config
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+
+    root = str(tmp_path_factory.mktemp("eda") / "lake")
+    lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(SAMPLE / "fhir_ndjson"))
+    clean.run(lake, today=REFERENCE)
+    summary = aggregates.run(lake, k=11, years=5, top=5, reference=REFERENCE)
+    return lake, summary
+
+
+def test_demographics_show_true_counts_and_hide_small_ones_safely(gold):
+    lake, summary = gold
+    truth = {
+        (r.age_band, r.sex, r.state): r.persons
+        for r in aggregates.demographics(lake, REFERENCE).collect()  # unsuppressed, never written
+    }
+    shown = {(r.age_band, r.sex, r.state): r for r in lake.read("gold.eda_demographics").collect()}
+    assert set(shown) == set(truth) and summary["gold.eda_demographics"]["cells"] == len(truth)
+    assert sum(truth.values()) == lake.read("silver.patient").where("NOT coalesce(deceased, false)").count()
+    for cell, row in shown.items():
+        if row.suppressed is None:
+            assert row.persons == truth[cell] and (row.persons == 0 or row.persons >= 11)
+        else:
+            assert row.persons is None
+    assert {c for c, n in truth.items() if 1 <= n < 11} <= {c for c, r in shown.items() if r.suppressed}
+    hidden = {c for c, r in shown.items() if r.suppressed}
+    for cell, (low, high) in _feasible_ranges(truth, hidden, 3).items():
+        assert high - low >= 1, f"{cell} can be solved for"
+
+
+def test_prevalence_and_utilisation_rates_are_hidden_with_their_counts(gold):
+    lake, summary = gold
+    for table in ("gold.eda_condition_prevalence", "gold.eda_utilisation"):
+        rows = lake.read(table).collect()
+        assert rows and summary[table]["cells"] == len(rows)
+        for r in rows:
+            if r.suppressed:
+                assert r.persons is None
+            else:
+                assert r.persons == 0 or r.persons >= 11
+    for r in lake.read("gold.eda_condition_prevalence").where("suppressed IS NOT NULL").collect():
+        assert r.per_1000_seen is None
+    util = lake.read("gold.eda_utilisation").collect()
+    assert {r["class"] for r in util} >= {"ambulatory"} and all(
+        r.encounters_per_1000 is None for r in util if r.suppressed
+    )
+
+
+def test_analysts_read_gold_and_the_reads_are_audited(gold):
+    lake, _ = gold
+    assert lake.read("gold.eda_demographics", role="analyst").count() > 0
+    assert lake.security.audit.verify(lake.spark).ok
