@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(clean_cmd)
     _role(clean_cmd)
 
+    quality = sub.add_parser(
+        "quality",
+        help="data-quality checks over silver and the readiness scorecard",
+        description="Run the checks of conf/quality_checks.yaml over silver into gold.dq_results and "
+        "rebuild gold.readiness (0-100 per source and per region).",
+    )
+    quality.add_argument("--checks", help="checks YAML (default: conf/quality_checks.yaml)")
+    _common(quality)
+    _role(quality)
+
     eda = sub.add_parser(
         "eda",
         help="silver -> gold: demographics, condition prevalence, utilisation; small cells suppressed",
@@ -199,6 +209,24 @@ def cmd_clean(args) -> int:
         raise EhrlakeError(f"no mapping {missing[0]} (sources are files in conf/mappings/)")
     mappings = [m for p in clean.mapping_files(names) for m in clean.load_mappings(p)]
     print(clean.run(lake, mappings, role=args.role).format())
+    return 0
+
+
+def cmd_quality(args) -> int:
+    from ehrlake import quality
+    from ehrlake.quality import checks
+
+    lake, _ = _open_lake(args)
+    if not lake.exists("silver.patient"):
+        raise EhrlakeError("no silver tables yet: run ehrlake clean first")
+    loaded = checks.load(args.checks) if args.checks else checks.load()
+    summary = quality.run(lake, loaded, role=args.role)
+    print(
+        f"quality run {summary['run_id']}: {summary['checks']} checks, {summary['results']} results "
+        f"(check x source), {summary['failed']} over threshold -> gold.dq_results, gold.readiness"
+    )
+    for row in lake.read("gold.readiness").orderBy("level", "name").collect():
+        print(f"  readiness {row.level:<6} {row.name:<24} {row.score:>5}")
     return 0
 
 
@@ -355,6 +383,7 @@ COMMANDS = {
     ("keys", "show"): cmd_keys_show,
     "clean": cmd_clean,
     "eda": cmd_eda,
+    "quality": cmd_quality,
     "read": cmd_read,
     "reveal": cmd_reveal,
     ("audit", "verify"): cmd_audit_verify,

@@ -1,0 +1,139 @@
+"""Declarative data-quality checks over silver (``conf/quality_checks.yaml``), run in Spark.
+
+Each check turns into one boolean "row fails" expression over its table; all checks of a table are
+counted in a single aggregation per source system (one pass over the table, not one per check).
+Results: one row per (check, source system) with rows checked, rows failed, the failing share and
+pass/fail against the threshold, appended to ``gold.dq_results`` under the run id.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.clean.model import ENTITIES
+from ehrlake.errors import ConfigError
+
+CHECKS_FILE = Path(__file__).resolve().parents[3] / "conf" / "quality_checks.yaml"
+TYPES = ("not_null", "in_set", "pattern", "references", "range", "not_future", "no_flag", "unique")
+CATEGORIES = ("completeness", "conformance", "plausibility")
+RESULTS = "gold.dq_results"
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    table: str
+    field: str
+    type: str
+    category: str
+    threshold: float
+    params: dict = field(default_factory=dict)
+    where: str | None = None
+
+    def fails(self, today: dt.date, references: DataFrame | None = None) -> Column:
+        """True where a row fails (false where it passes, null where it is not applicable)."""
+        v = F.col(self.field)
+        kind, p = self.type, self.params
+        if kind == "not_null":
+            return v.isNull()
+        if kind == "in_set":
+            return F.when(v.isNotNull(), ~v.isin(*p["values"]))
+        if kind == "pattern":
+            return F.when(v.isNotNull(), ~v.cast("string").rlike(p["regex"]))
+        if kind == "range":
+            return F.when(v.isNotNull(), (v < p["min"]) | (v > p["max"]))
+        if kind == "not_future":
+            return F.when(v.isNotNull(), F.to_date(v) > F.lit(today))
+        if kind == "no_flag":
+            return F.array_contains(F.coalesce(v, F.array().cast("array<string>")), p["flag"])
+        if kind == "references":
+            return F.col(f"_ref_{self.id}").isNull() & v.isNotNull()
+        if kind == "unique":
+            return F.col(f"_dup_{self.id}") > 1
+        raise ConfigError(f"check {self.id}: unknown type {kind}")
+
+
+def load(path: str | Path = CHECKS_FILE) -> list[Check]:
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    checks, seen = [], set()
+    for spec in data.get("checks", []):
+        spec = dict(spec)
+        check_id = spec.pop("id", None)
+        where = f"check {check_id or '?'} in {path}"
+        if not check_id or check_id in seen:
+            raise ConfigError(f"{where}: every check needs a unique id")
+        seen.add(check_id)
+        table, column, kind = spec.pop("table", None), spec.pop("field", None), spec.pop("type", None)
+        entity = ENTITIES.get(table)
+        if entity is None or column not in {f.name for f in entity.fields}:
+            raise ConfigError(f"{where}: {table}.{column} is not a silver field")
+        if kind not in TYPES:
+            raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}")
+        category = spec.pop("category", None)
+        if category not in CATEGORIES:
+            raise ConfigError(f"{where}: category must be one of {', '.join(CATEGORIES)}")
+        threshold = float(spec.pop("threshold", 0))
+        where_sql = spec.pop("where", None)
+        checks.append(Check(check_id, table, column, kind, category, threshold, spec, where_sql))
+    return checks
+
+
+def run(lake, checks: list[Check], run_id: str, today: dt.date) -> DataFrame:
+    """Evaluate every check; returns the result rows (one per check and source system)."""
+    results = []
+    by_table: dict[str, list[Check]] = {}
+    for check in checks:
+        by_table.setdefault(check.table, []).append(check)
+    for table, table_checks in by_table.items():
+        name = ENTITIES[table].table
+        if not lake.exists(name):
+            continue
+        df = lake.read(name)
+        for check in table_checks:
+            df = _prepare(lake, df, check)
+        aggregations = []
+        for check in table_checks:
+            applies = F.expr(check.where) if check.where else F.lit(True)
+            fails = check.fails(today)
+            aggregations += [
+                F.sum(F.when(applies & fails.isNotNull(), 1).otherwise(0)).alias(f"{check.id}__checked"),
+                F.sum(F.when(applies & F.coalesce(fails, F.lit(False)), 1).otherwise(0)).alias(
+                    f"{check.id}__failed"
+                ),
+            ]
+        for row in df.groupBy("source_system").agg(*aggregations).collect():  # one row per source system
+            for check in table_checks:
+                checked, failed = int(row[f"{check.id}__checked"] or 0), int(row[f"{check.id}__failed"] or 0)
+                share = failed / checked if checked else 0.0
+                results.append(
+                    (run_id, check.id, check.category, check.type, row["source_system"], name, check.field,
+                     checked, failed, round(share, 6), check.threshold, share <= check.threshold)
+                )  # fmt: skip
+    schema = (
+        "run_id string, check_id string, category string, check_type string, source_system string, "
+        "table_name string, field string, rows_checked long, rows_failed long, failed_share double, "
+        "threshold double, passed boolean"
+    )
+    return lake.spark.createDataFrame(results, schema).withColumn(
+        "checked_at", F.lit(dt.datetime.now(dt.UTC))
+    )
+
+
+def _prepare(lake, df: DataFrame, check: Check) -> DataFrame:
+    """Columns that references/unique checks need, joined once per check."""
+    if check.type == "references":
+        target = ENTITIES[check.params["to"]["table"]].table
+        key = check.params["to"]["field"]
+        ref = lake.read(target).select(F.col(key).alias(check.field)).distinct()
+        return df.join(ref.withColumn(f"_ref_{check.id}", F.lit(True)), check.field, "left")
+    if check.type == "unique":
+        fields = check.params["fields"]
+        counts = df.groupBy(*fields).agg(F.count("*").alias(f"_dup_{check.id}"))
+        return df.join(counts, fields, "left")
+    return df

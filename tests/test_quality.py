@@ -1,0 +1,81 @@
+"""Data-quality checks and the readiness scorecard on hand-made silver data with known answers."""
+
+from __future__ import annotations
+
+import pytest
+from test_clean import TODAY, silver  # noqa: F401 - the fixture
+
+from ehrlake import quality
+from ehrlake.errors import ConfigError
+from ehrlake.quality import checks, readiness
+
+
+def test_at_least_thirty_checks_in_every_category():
+    loaded = checks.load()
+    assert len(loaded) >= 30
+    assert {c.category for c in loaded} == {"completeness", "conformance", "plausibility"}
+
+
+def test_check_results_count_the_rows_that_fail(silver):  # noqa: F811
+    lake, _ = silver
+    summary = quality.run(lake, today=TODAY, run_id="r1")
+    results = {r.check_id: r for r in lake.read("gold.dq_results").where("run_id = 'r1'").collect()}
+    assert summary["results"] == len(results)
+    before_birth = results["condition_not_before_birth"]
+    assert (before_birth.rows_checked, before_birth.rows_failed, before_birth.passed) == (4, 1, False)
+    assert (results["condition_patient_linked"].rows_failed, results["condition_not_future"].rows_failed) == (
+        1,
+        1,
+    )
+    assert (
+        results["observation_value_plausible"].rows_checked,
+        results["observation_value_plausible"].rows_failed,
+    ) == (3, 1)
+    assert results["encounter_end_after_start"].rows_failed == 1 and results["patient_key_unique"].passed
+    assert (
+        results["condition_snomed_code_format"].rows_checked == 4
+        and results["condition_snomed_code_format"].passed
+    )
+    quality.run(lake, today=TODAY, run_id="r1")  # re-running a run replaces its rows
+    assert lake.read("gold.dq_results").where("run_id = 'r1'").count() == len(results)
+
+
+def test_readiness_score_is_the_documented_weighted_mean(silver):  # noqa: F811
+    lake, _ = silver
+    quality.run(lake, today=TODAY, run_id="r2")
+    results = lake.read("gold.dq_results").where("run_id = 'r2'").collect()
+    row = lake.read("gold.readiness").where("level = 'source' AND name = 'local'").first()
+
+    def mean(rows):
+        return sum(1 - r.failed_share for r in rows) / len(rows)
+
+    expected = {
+        "completeness": mean([r for r in results if r.category == "completeness"]),
+        "conformance": mean(
+            [
+                r
+                for r in results
+                if r.category == "conformance" and r.check_type not in ("references", "unique")
+            ]
+        ),
+        "plausibility": mean([r for r in results if r.category == "plausibility"]),
+        "duplication": mean([r for r in results if r.check_type == "unique"]),
+        "linkage": mean([r for r in results if r.check_type == "references"]),
+        "timeliness": 0.0,  # newest encounter 2020-03-09: more than five years before the run date
+    }
+    for part, value in expected.items():
+        assert row[part] == pytest.approx(value), part
+    score = 100 * sum(expected[p] * w for p, w in readiness.WEIGHTS.items())
+    assert row.score == pytest.approx(round(score, 1))
+    assert 0 <= row.score <= 100 and row.linkage < 1  # one event points at an unknown patient
+    region = lake.read("gold.readiness").where("level = 'region'").collect()
+    assert {r.name for r in region} == {"KA"} and region[0].duplication is None
+
+
+def test_a_check_on_an_unknown_field_is_a_clear_error(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(
+        "checks:\n  - {id: x, table: patient, field: shoe_size, type: not_null, category: completeness}\n"
+    )
+    with pytest.raises(ConfigError, match="patient.shoe_size is not a silver field"):
+        checks.load(bad)
