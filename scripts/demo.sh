@@ -14,6 +14,9 @@ run ingest --source fhir-bundles --input data/sample/fhir_bundles
 run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
 run ingest --source synthea-csv --input data/sample/synthea_csv
 run clean
+run quality
+run eda
+run report --out "$lake/report.html"
 run lake show
 run read --table bronze.fhir_patient --limit 3 --role engineer
 run read --table silver.condition --limit 5 --role analyst
@@ -24,6 +27,8 @@ cat <<EOT
 Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records with lineage,
 identifiers sealed (ek1:...) and a pseudonymous patient_key; ops.quarantine = every record that could
 not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
+gold = data-quality results, readiness scorecard and suppressed EDA aggregates; the HTML report
+is $lake/report.html and the analyst notebook notebooks/analyst.ipynb;
 audit.events = who read or wrote what, hash-chained).
 Look at them with:
   .venv/bin/ehrlake lake show --json --lake $lake

@@ -80,3 +80,22 @@ def opened(lake, table: str):
     df = lake.read(table)
     sealing = Sealing.of(df.schema)
     return lake.security.protector.open(df, table, sealing) if sealing else df
+
+
+@pytest.fixture
+def isolated_lake(spark, tmp_path):
+    """A lake with its own master key and key store, for tests that rotate or destroy keys."""
+    from ehrlake.config import SecurityConfig
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+    from ehrlake.security.keys import FileKeyProvider
+
+    secrets = tmp_path / "own-secrets"
+    FileKeyProvider(str(secrets / "master.key")).create()
+    security = SecurityConfig(
+        master_key_file=str(secrets / "master.key"),
+        key_store=str(secrets / "keystore"),
+        access_policy=str(REPO / "conf" / "access_policy.yaml"),
+    )
+    root = str(tmp_path / "lake")
+    return Lake(root, spark, security=Security.from_config(security, root))

@@ -71,3 +71,44 @@ def test_analysts_read_gold_and_the_reads_are_audited(gold):
     lake, _ = gold
     assert lake.read("gold.eda_demographics", role="analyst").count() > 0
     assert lake.security.audit.verify(lake.spark).ok
+
+
+def test_report_is_one_html_file_with_every_plot_rendered(gold, tmp_path):
+    import base64
+    import re
+
+    from ehrlake import quality
+    from ehrlake.eda import report
+
+    lake, _ = gold
+    quality.run(lake, today=REFERENCE)
+    page = report.render(lake)
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 5 and "not built yet" not in page
+    for image in images:
+        png = base64.b64decode(image)
+        assert png.startswith(b"\x89PNG") and len(png) > 5_000  # a drawn plot, not an empty canvas
+    assert "small cells hidden" in page and "<script" not in page  # self-contained, no scripts
+
+
+@pytest.mark.slow
+def test_analyst_notebook_runs_headless_against_the_lake(gold, tmp_path):
+    import os
+
+    import nbformat
+    from conftest import REPO
+    from nbclient import NotebookClient
+
+    lake, _ = gold
+    notebook = nbformat.read(REPO / "notebooks" / "analyst.ipynb", as_version=4)
+    plot = tmp_path / "trend.png"
+    os.environ.update(EHRLAKE_LAKE=lake.root, EHRLAKE_PLOT=str(plot))
+    try:
+        NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        os.environ.pop("EHRLAKE_LAKE"), os.environ.pop("EHRLAKE_PLOT")
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
+    assert "patient_key" in text and "family_name" not in text and "cells suppressed" in text
+    assert plot.stat().st_size > 5_000

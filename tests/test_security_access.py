@@ -113,7 +113,8 @@ def test_ingest_as_a_role_without_write_access_is_refused_before_reading_anythin
     assert not lake.exists("bronze.fhir_patient")
 
 
-def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_key(lake, tmp_path):
+def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_key(isolated_lake, tmp_path):
+    lake = isolated_lake
     write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient("p1", family="Venkataraman"), patient("p2")])
     ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
     table = "bronze.fhir_patient"

@@ -95,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(eda)
     _role(eda)
 
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report from the gold tables",
+        description="Plots (population pyramid, condition trends, utilisation, readiness heat map, "
+        "missingness) from the suppressed gold tables, in one HTML file.",
+    )
+    report.add_argument("--out", default="report.html", help="output file (default report.html)")
+    _common(report)
+
     read = sub.add_parser(
         "read",
         help="print rows of a table as a role may see them",
@@ -242,6 +251,17 @@ def cmd_eda(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from ehrlake.eda import report
+
+    lake, _ = _open_lake(args)
+    text = report.render(lake)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    print(f"wrote {args.out} ({len(text) / 1e3:.0f} kB, {text.count('<img')} plots)")
+    return 0
+
+
 def cmd_read(args) -> int:
     lake, _ = _open_lake(args)
     df = lake.read(args.table, role=args.role or lake.security.default_role)
@@ -384,6 +404,7 @@ COMMANDS = {
     "clean": cmd_clean,
     "eda": cmd_eda,
     "quality": cmd_quality,
+    "report": cmd_report,
     "read": cmd_read,
     "reveal": cmd_reveal,
     ("audit", "verify"): cmd_audit_verify,

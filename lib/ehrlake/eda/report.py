@@ -1,0 +1,127 @@
+"""``ehrlake report``: one self-contained HTML file (plots inlined as PNG) from the gold tables.
+
+Only gold (already suppressed) tables are read, so the report can leave the platform as it is;
+hidden cells are drawn as zero and counted in each plot's caption. The gold tables are small by
+construction (bounded by their dimensions), so they are brought to the driver as pandas.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ehrlake.eda.aggregates import AGE_BANDS  # noqa: E402
+
+AGE_ORDER = [f"{lo}+" if hi >= 200 else f"{lo}-{hi}" for lo, hi in AGE_BANDS]
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _hidden(df: pd.DataFrame) -> int:
+    return int(df["suppressed"].notna().sum()) if "suppressed" in df else 0
+
+
+def pyramid(demo: pd.DataFrame):
+    table = demo.fillna({"persons": 0}).pivot_table(
+        index="age_band", columns="sex", values="persons", aggfunc="sum"
+    )
+    table = table.reindex([a for a in AGE_ORDER if a in table.index]).fillna(0)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(table.index, -table.get("male", 0), color="#4c72b0", label="male")
+    ax.barh(table.index, table.get("female", 0), color="#dd8452", label="female")
+    ax.set_xlabel("persons (male left, female right)")
+    ax.legend()
+    return fig, f"Population pyramid, all regions ({_hidden(demo)} small cells hidden)"
+
+
+def trends(prev: pd.DataFrame):
+    data = prev.fillna({"persons": 0}).groupby(["year", "display"])["persons"].sum().reset_index()
+    top = data.groupby("display")["persons"].sum().nlargest(6).index
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name in top:
+        series = data[data["display"] == name].sort_values("year")
+        ax.plot(series["year"], series["persons"], marker="o", label=str(name)[:40])
+    ax.set_xlabel("year")
+    ax.set_ylabel("persons with the condition")
+    ax.legend(fontsize=7)
+    return fig, f"Top conditions by year, all regions ({_hidden(prev)} small cells hidden)"
+
+
+def utilisation(util: pd.DataFrame):
+    data = (
+        util.fillna({"encounters_per_1000": 0}).groupby("class")["encounters_per_1000"].mean().sort_values()
+    )
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.barh(data.index, data.values, color="#55a868")
+    ax.set_xlabel("encounters per 1,000 persons seen (mean over years and regions)")
+    return fig, f"Utilisation by encounter class ({_hidden(util)} small cells hidden)"
+
+
+def readiness_heatmap(ready: pd.DataFrame):
+    parts = ["completeness", "conformance", "plausibility", "timeliness", "duplication", "linkage"]
+    labels = [f"{r.level}: {r.name}" for r in ready.itertuples()]
+    values = ready[parts].astype(float).to_numpy()
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * max(len(labels), 1)))
+    image = ax.imshow(values, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(parts)), parts, rotation=30)
+    ax.set_yticks(range(len(labels)), labels)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "n/a" if pd.isna(v) else f"{v:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=ax)
+    return fig, "Readiness components per source and region (score = weighted mean x 100)"
+
+
+def missingness(dq: pd.DataFrame):
+    data = dq[dq["category"] == "completeness"].groupby("check_id")["failed_share"].max().sort_values()
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.3 * max(len(data), 1)))
+    ax.barh(data.index, data.values * 100, color="#c44e52")
+    ax.set_xlabel("% of rows missing the field (worst source)")
+    return fig, "Missingness of key fields (completeness checks)"
+
+
+def render(lake, title: str = "ehrlake population health report") -> str:
+    """The report as one HTML string (see module docstring)."""
+    sections = []
+    inputs = {
+        "gold.eda_demographics": pyramid,
+        "gold.eda_condition_prevalence": trends,
+        "gold.eda_utilisation": utilisation,
+        "gold.readiness": readiness_heatmap,
+        "gold.dq_results": missingness,
+    }
+    for table, plot in inputs.items():
+        if not lake.exists(table):
+            sections.append(f"<h2>{html.escape(table)}</h2><p>not built yet</p>")
+            continue
+        frame = lake.read(table).toPandas()
+        if table == "gold.dq_results" and not frame.empty:
+            frame = frame[frame["run_id"] == frame["run_id"].max()]
+        fig, caption = plot(frame)
+        sections.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{_png(fig)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;max-width:60em;margin:auto}}"
+        "figure{margin:2em 0}figcaption{color:#555}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><p>Lake {html.escape(lake.root)}, {stamp}. Counts under the "
+        "suppression threshold are hidden together with complementary cells (docs/security.md).</p>"
+        + "".join(sections)
+        + "</body></html>"
+    )
