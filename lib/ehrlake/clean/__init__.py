@@ -130,7 +130,10 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
     tables = {"patient": patients}
     regions = None
     if "organization" in frames:
-        tables["organization"] = _dedupe(frames["organization"], ENTITIES["organization"])
+        orgs = frames["organization"].withColumn(
+            "state", codes.normalise_state(F.col("state"), F.col("country"))
+        )
+        tables["organization"] = _dedupe(orgs, ENTITIES["organization"])
         regions = tables["organization"].select(
             "source_system", "organization_id", F.col("state").alias("_org_state")
         )
@@ -222,6 +225,7 @@ def _flags(*conditions: tuple[str, Column]) -> Column:
 
 def _patients(df: DataFrame, births: DataFrame | None, today: dt.date) -> DataFrame:
     df = df.withColumn("gender", codes.normalise_gender(F.col("gender")))
+    df = df.withColumn("state", codes.normalise_state(F.col("state"), F.col("country")))
     df = _dedupe(df, ENTITIES["patient"])
     if births is not None:
         df = df.join(births, "patient_key", "left")

@@ -84,3 +84,28 @@ def normalise_gender(value: Column) -> Column:
         .when(v.isin("other", "o"), "other")
         .otherwise("unknown")
     )
+
+
+US_STATES = {
+    "AL": "Alabama", "AK": "Alaska", "AZ": "Arizona", "AR": "Arkansas", "CA": "California", "CO": "Colorado",
+    "CT": "Connecticut", "DE": "Delaware", "DC": "District of Columbia", "FL": "Florida", "GA": "Georgia",
+    "HI": "Hawaii", "ID": "Idaho", "IL": "Illinois", "IN": "Indiana", "IA": "Iowa", "KS": "Kansas",
+    "KY": "Kentucky", "LA": "Louisiana", "ME": "Maine", "MD": "Maryland", "MA": "Massachusetts",
+    "MI": "Michigan", "MN": "Minnesota", "MS": "Mississippi", "MO": "Missouri", "MT": "Montana",
+    "NE": "Nebraska", "NV": "Nevada", "NH": "New Hampshire", "NJ": "New Jersey", "NM": "New Mexico",
+    "NY": "New York", "NC": "North Carolina", "ND": "North Dakota", "OH": "Ohio", "OK": "Oklahoma",
+    "OR": "Oregon", "PA": "Pennsylvania", "RI": "Rhode Island", "SC": "South Carolina", "SD": "South Dakota",
+    "TN": "Tennessee", "TX": "Texas", "UT": "Utah", "VT": "Vermont", "VA": "Virginia", "WA": "Washington",
+    "WV": "West Virginia", "WI": "Wisconsin", "WY": "Wyoming",
+}  # fmt: skip
+
+
+def normalise_state(state: Column, country: Column) -> Column:
+    """One spelling per region: in US records (country US), postal codes become state names, as
+    Indian sources and NFHS-5 name states; everything else is kept as recorded, trimmed."""
+    mapping = F.create_map(*[F.lit(x) for pair in US_STATES.items() for x in pair])
+    code = F.upper(F.trim(state))
+    is_us = F.coalesce(F.upper(country).isin("US", "USA", "UNITED STATES"), F.lit(False))
+    return F.when(state.isNull(), F.lit(None)).otherwise(
+        F.when(is_us & mapping[code].isNotNull(), mapping[code]).otherwise(F.trim(state))
+    )

@@ -69,11 +69,10 @@ def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> 
     for _ in range(len(n) + 1):
         _settle_lines(n, status, lines)
         pinned = _pinned(n, status, lines)
-        if not pinned:
+        # one complement per pinned cell, then settle and audit again; nothing left to hide: done
+        if not pinned or not any([_complement(cell, n, status, lines) for cell in pinned]):
             return pd.Series(status, index=cells.index)
-        for cell in pinned:  # one complement per pinned cell, then settle and audit again
-            _complement(cell, n, status, lines)
-    raise RuntimeError("suppression did not settle")  # unreachable: every round hides one more cell
+    return pd.Series(status, index=cells.index)
 
 
 def _lines(cells: pd.DataFrame, dims: list[str]) -> list[np.ndarray]:
@@ -106,11 +105,12 @@ def _hide_smallest(candidates, n: np.ndarray, status: np.ndarray) -> bool:
     return True
 
 
-def _complement(cell: int, n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> None:
-    """Hide the smallest visible non-zero cell in any line through a pinned cell."""
-    through = np.unique(np.concatenate([line for line in lines if cell in line]))
-    if not _hide_smallest(through, n, status):
-        _hide_smallest(np.arange(len(n)), n, status)
+def _complement(cell: int, n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> bool:
+    """Hide the smallest visible cell in a line through a pinned cell (else anywhere); False when
+    every cell is hidden already."""
+    crossing = [line for line in lines if cell in line]
+    through = np.unique(np.concatenate(crossing)) if crossing else np.arange(0)
+    return _hide_smallest(through, n, status) or _hide_smallest(np.arange(len(n)), n, status)
 
 
 def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[int]:
