@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import CommitProperties
 from pyspark.sql import functions as F
 
@@ -146,9 +146,12 @@ class AuditLog:
     def record(self, *events: Event, checkpoint: bool = False) -> int:
         """Append ``events`` (and a signed checkpoint if due or asked for) in one commit; returns the
         last seq. Retries when another writer committed first, so seq and links stay unique."""
-        DeltaTable.create(self.path, SCHEMA, mode="ignore")
         for _attempt in range(50):
-            table = DeltaTable(self.path)
+            try:
+                table = self._table()
+            except (CommitFailedError, TableNotFoundError):  # another writer is creating it right now
+                time.sleep(0.02)
+                continue
             seq, prev = self._tail(table)
             rows, last = self._chain(events, seq, prev, checkpoint)
             try:
@@ -170,6 +173,12 @@ class AuditLog:
             self._witness(*last)
             return last[0]
         raise EhrlakeError(f"could not append to {TABLE}: 50 concurrent writers in a row got there first")
+
+    def _table(self) -> DeltaTable:
+        """The events table, created on first use (a concurrent creator winning is fine)."""
+        if not DeltaTable.is_deltatable(self.path):
+            DeltaTable.create(self.path, SCHEMA, mode="ignore")
+        return DeltaTable(self.path)
 
     def _chain(self, events, seq: int, prev: str, checkpoint: bool) -> tuple[list[dict], tuple[int, str]]:
         rows = []
