@@ -112,3 +112,22 @@ def test_analyst_notebook_runs_headless_against_the_lake(gold, tmp_path):
     text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "") for o in outputs)
     assert "patient_key" in text and "family_name" not in text and "cells suppressed" in text
     assert plot.stat().st_size > 5_000
+
+
+def test_indian_population_is_compared_with_nfhs5_state_indicators(lake, tmp_path):
+    from fhir_fixtures import patient, write_ndjson
+    from test_clean import quantity
+
+    home = [{"city": "Mysuru", "state": "Karnataka", "country": "IN"}]
+    women = [patient(f"w{i}", address=home) for i in range(24)]  # born 1970
+    bmi = [quantity(f"b{i}", f"w{i}", "39156-5", 27.0 if i < 12 else 22.0, "kg/m2") for i in range(24)]
+    write_ndjson(tmp_path / "in" / "all.ndjson", [*women, *bmi])
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
+    clean.run(lake, today=REFERENCE)
+    summary = aggregates.run(lake, reference=REFERENCE)
+    rows = lake.read("gold.eda_nfhs5_comparison").collect()
+    assert summary["gold.eda_nfhs5_comparison"]["cells"] == len(rows) == 1
+    row = rows[0]
+    assert (row.state, row.sex, row.indicator) == ("Karnataka", "female", "overweight_or_obese")
+    assert (row.persons_measured, row.persons_meeting, row.lake_percent) == (24, 12, 50.0)
+    assert (row.nfhs5_percent, row.difference) == (30.1, 19.9)  # NFHS-5 Karnataka, women, indicator 88

@@ -9,7 +9,8 @@ hidden together with enough other cells that no hidden count can be recovered fr
 - ``gold.eda_condition_prevalence``: persons with each of the top conditions, by year x state, and
   per 1,000 persons seen that year in that state;
 - ``gold.eda_utilisation``: encounters per 1,000 persons by class x year x state, mean length of
-  stay, and the 30-day readmission rate of inpatient stays.
+  stay, and the 30-day readmission rate of inpatient stays;
+- ``gold.eda_nfhs5_comparison``: the population against NFHS-5 state indicators (``nfhs.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime as dt
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from ehrlake.eda import nfhs
 from ehrlake.eda.suppression import suppress
 from ehrlake.lake import WriteMode
 
@@ -141,28 +143,52 @@ def run(
 ) -> dict:
     """Build and write every gold EDA table, suppressed; returns rows and hidden cells per table."""
     reference = reference or dt.date.today()
-    last = lake.read("silver.encounter").agg(F.max(F.year("start_at"))).first()[0] or reference.year
-    last = min(last, reference.year)
-    tables = {
-        "gold.eda_demographics": (demographics(lake, reference), ["age_band", "sex", "state"], "persons", []),
+    has = {t: lake.exists(f"silver.{t}") for t in ("patient", "encounter", "condition", "observation")}
+    last = reference.year
+    if has["encounter"]:
+        last = min(lake.read("silver.encounter").agg(F.max(F.year("start_at"))).first()[0] or last, last)
+    utilisation_derived = [
+        "encounters",
+        "encounters_per_1000",
+        "mean_length_of_stay_days",
+        "readmission_30d_rate",
+        "inpatient_stays",
+    ]
+    # table -> (silver inputs, frame builder, dimensions, count, columns derived from the count)
+    specs = {
+        "gold.eda_demographics": (
+            ["patient"],
+            lambda: demographics(lake, reference),
+            ["age_band", "sex", "state"],
+            "persons",
+            [],
+        ),
         "gold.eda_condition_prevalence": (
-            condition_prevalence(lake, years, top, last),
+            ["patient", "condition", "encounter"],
+            lambda: condition_prevalence(lake, years, top, last),
             ["year", "state", "condition"],
             "persons",
             ["per_1000_seen"],
         ),
         "gold.eda_utilisation": (
-            utilisation(lake, years, last, k),
+            ["encounter"],
+            lambda: utilisation(lake, years, last, k),
             ["year", "state", "class"],
             "persons",
-            [
-                "encounters",
-                "encounters_per_1000",
-                "mean_length_of_stay_days",
-                "readmission_30d_rate",
-                "inpatient_stays",
-            ],
+            utilisation_derived,
         ),
+        "gold.eda_nfhs5_comparison": (
+            ["patient", "observation"],
+            lambda: nfhs.comparison(lake, nfhs.survey(lake.spark)),
+            ["state", "sex", "indicator"],
+            "persons_meeting",
+            ["lake_percent", "difference"],
+        ),
+    }
+    tables = {  # a table whose silver inputs do not exist yet is skipped, not failed
+        name: (build(), dims, count, derived)
+        for name, (inputs, build, dims, count, derived) in specs.items()
+        if all(has[t] for t in inputs)
     }
     summary = {}
     with lake.security.job("eda", ["gold"], role) as (_, written):
