@@ -131,3 +131,19 @@ def test_indian_population_is_compared_with_nfhs5_state_indicators(lake, tmp_pat
     assert (row.state, row.sex, row.indicator) == ("Karnataka", "female", "overweight_or_obese")
     assert (row.persons_measured, row.persons_meeting, row.lake_percent) == (24, 12, 50.0)
     assert (row.nfhs5_percent, row.difference) == (30.1, 19.9)  # NFHS-5 Karnataka, women, indicator 88
+
+
+def test_readmission_by_facility_hides_small_stays_and_small_numerators(gold):
+    lake, summary = gold
+    rows = lake.read("gold.eda_readmission_by_facility").collect()
+    assert rows and summary["gold.eda_readmission_by_facility"]["cells"] == len(rows)
+    stays = lake.read("silver.encounter").where("encounter_class = 'inpatient'").count()
+    assert stays > 0
+    for r in rows:
+        if r.suppressed:
+            assert r.stays is None and r.readmission_30d_rate is None
+        else:
+            assert r.stays == 0 or r.stays >= 11
+            if r.readmission_30d_rate is not None and r.stays:
+                readmissions = round(r.readmission_30d_rate * r.stays)
+                assert readmissions == 0 or readmissions >= 11

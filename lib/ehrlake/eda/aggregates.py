@@ -10,6 +10,8 @@ hidden together with enough other cells that no hidden count can be recovered fr
   per 1,000 persons seen that year in that state;
 - ``gold.eda_utilisation``: encounters per 1,000 persons by class x year x state, mean length of
   stay, and the 30-day readmission rate of inpatient stays;
+- ``gold.eda_readmission_by_facility``: inpatient stays and 30-day readmission rate per facility
+  and year (a rate whose numerator is under k is hidden);
 - ``gold.eda_nfhs5_comparison``: the population against NFHS-5 state indicators (``nfhs.py``).
 """
 
@@ -138,6 +140,45 @@ def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
     )
 
 
+def readmission_by_facility(lake, years: int, last_year: int, k: int) -> DataFrame:
+    """Inpatient stays per facility and year, and the share followed by another inpatient stay of
+    the same person within 30 days of discharge (at any facility)."""
+    stays = lake.read("silver.encounter").where("encounter_class = 'inpatient' AND start_at IS NOT NULL")
+    nxt = Window.partitionBy("patient_key").orderBy("start_at")
+    stays = stays.withColumn("_next", F.lead("start_at").over(nxt)).withColumn(
+        "_readmitted",
+        (F.col("_next").isNotNull() & (F.col("_next") <= F.col("end_at") + F.expr("INTERVAL 30 DAYS"))).cast(
+            "int"
+        ),
+    )
+    stays = stays.withColumn("year", F.year("start_at")).where(
+        F.col("year").between(last_year - years + 1, last_year)
+    )
+    stays = stays.withColumn("facility", F.coalesce("organization_id", F.lit(UNKNOWN)))
+    per = stays.groupBy("year", "facility").agg(
+        F.count("*").alias("stays"),
+        F.sum("_readmitted").alias("_readmissions"),
+        F.first("state").alias("state"),
+    )
+    small = (F.col("_readmissions") >= 1) & (F.col("_readmissions") < k)
+    rate = F.round(F.col("_readmissions") / F.col("stays"), 4)
+    grid = _full_grid(per.drop("state"), ["year", "facility"], "stays")
+    places = per.groupBy("facility").agg(F.first("state", ignorenulls=True).alias("state"))
+    names = (
+        lake.read("silver.organization")
+        .select(F.col("organization_id").alias("facility"), F.col("name").alias("facility_name"))
+        .dropDuplicates(["facility"])
+        if lake.exists("silver.organization")
+        else None
+    )
+    out = (
+        grid.join(places, "facility", "left")
+        .withColumn("readmission_30d_rate", F.when(~F.coalesce(small, F.lit(False)), rate))
+        .drop("_readmissions")
+    )
+    return out.join(names, "facility", "left") if names is not None else out
+
+
 def run(
     lake, k: int = 11, years: int = 10, top: int = 20, reference: dt.date | None = None, role=None
 ) -> dict:
@@ -176,6 +217,13 @@ def run(
             ["year", "state", "class"],
             "persons",
             utilisation_derived,
+        ),
+        "gold.eda_readmission_by_facility": (
+            ["encounter"],
+            lambda: readmission_by_facility(lake, years, last, k),
+            ["year", "facility"],
+            "stays",
+            ["readmission_30d_rate"],
         ),
         "gold.eda_nfhs5_comparison": (
             ["patient", "observation"],
