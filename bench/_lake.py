@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
+import platform
 from pathlib import Path
 
 from ehrlake import config
@@ -24,3 +28,15 @@ def secured_lake(root: Path, spark, secrets: Path) -> Lake:
         access_policy=str(REPO / "conf" / "access_policy.yaml"),
     )
     return Lake(str(root), spark, config.Config().lake.engine, Security.from_config(security, str(root)))
+
+
+def machine(spark) -> dict:
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "spark": spark.version}
+
+
+def save_result(out_dir: Path, name: str, result: dict) -> Path:
+    """Write ``bench/results/<name>-<date>.json`` (one result per benchmark and day)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}-{dt.date.today().isoformat()}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

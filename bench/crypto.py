@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -27,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-from _lake import secured_lake  # noqa: E402
+from _lake import machine, save_result, secured_lake  # noqa: E402
 from ingest import bundles_to_ndjson  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
@@ -98,7 +96,7 @@ def main() -> int:
         result = {
             "benchmark": "crypto-ingest-fhir-ndjson",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "spark": spark.version},
+            "machine": machine(spark),
             "input": {"bundles": str(args.bundles), "resources": resources, "bytes": nbytes},
             "plain_seconds": [round(t, 2) for t in times["plain"]],
             "sealed_seconds": [round(t, 2) for t in times["sealed"]],
@@ -110,9 +108,7 @@ def main() -> int:
             "kernel_mb_per_s_one_core": round(kernel_mb_per_s(plain_lake), 1),
             "aim": "extra_percent < 30",
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"crypto-{dt.date.today().isoformat()}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = save_result(args.out, "crypto", result)
         print(f"resources: {resources:,} ({nbytes / 1e6:.0f} MB NDJSON)")
         print(f"plain ingest:  {', '.join(f'{t:.1f}s' for t in times['plain'])} (median {plain_s:.1f}s)")
         print(f"sealed ingest: {', '.join(f'{t:.1f}s' for t in times['sealed'])} (median {sealed_s:.1f}s)")

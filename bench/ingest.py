@@ -19,7 +19,6 @@ import datetime as dt
 import gzip
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-from _lake import secured_lake  # noqa: E402
+from _lake import machine, save_result, secured_lake  # noqa: E402
 
 from ehrlake import config, ingest  # noqa: E402
 from ehrlake.session import get_spark  # noqa: E402
@@ -87,7 +86,7 @@ def main() -> int:
         result = {
             "benchmark": "ingest-fhir-ndjson",
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "spark": spark.version},
+            "machine": machine(spark),
             "input": {"bundles": str(args.bundles), "resources": resources, "bytes": nbytes},
             "baseline_seconds": [round(b, 2) for b in base],
             "ingest_seconds": round(ingest_s, 2),
@@ -98,9 +97,7 @@ def main() -> int:
             "report_balanced": report.balanced,
             "quarantined": report.total.quarantined,
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"ingest-{dt.date.today().isoformat()}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = save_result(args.out, "ingest", result)
         print(f"resources: {resources:,} ({nbytes / 1e6:.0f} MB NDJSON)")
         print(
             f"baseline read.json+write.parquet: {', '.join(f'{b:.1f}s' for b in base)} (median {base_s:.1f}s)"

@@ -40,11 +40,15 @@ SYSTEMS: dict[str, str] = {
 }
 
 
+def lookup(table: dict[str, str], key: Column) -> Column:
+    """``table[key]`` as a Spark map lookup (null where the key is not in the table)."""
+    return F.create_map(*[F.lit(x) for pair in table.items() for x in pair])[key]
+
+
 def normalise_system(system: Column) -> Column:
     """The silver name of a code system; an unknown system is kept as given (never lost)."""
-    mapping = F.create_map(*[F.lit(x) for pair in SYSTEMS.items() for x in pair])
-    key = F.lower(F.trim(system))
-    return F.when(system.isNull(), F.lit(None)).otherwise(F.coalesce(mapping[key], F.trim(system)))
+    known = lookup(SYSTEMS, F.lower(F.trim(system)))
+    return F.when(system.isNull(), F.lit(None)).otherwise(F.coalesce(known, F.trim(system)))
 
 
 ENCOUNTER_CLASSES: dict[str, str] = {
@@ -103,9 +107,8 @@ US_STATES = {
 def normalise_state(state: Column, country: Column) -> Column:
     """One spelling per region: in US records (country US), postal codes become state names, as
     Indian sources and NFHS-5 name states; everything else is kept as recorded, trimmed."""
-    mapping = F.create_map(*[F.lit(x) for pair in US_STATES.items() for x in pair])
-    code = F.upper(F.trim(state))
+    name = lookup(US_STATES, F.upper(F.trim(state)))
     is_us = F.coalesce(F.upper(country).isin("US", "USA", "UNITED STATES"), F.lit(False))
     return F.when(state.isNull(), F.lit(None)).otherwise(
-        F.when(is_us & mapping[code].isNotNull(), mapping[code]).otherwise(F.trim(state))
+        F.when(is_us & name.isNotNull(), name).otherwise(F.trim(state))
     )

@@ -236,17 +236,16 @@ def _union(parts: list[DataFrame]) -> DataFrame:
 
 
 def _protector(lake, encrypt: bool):
-    security = getattr(lake, "security", None)
     if not encrypt:
         if any(Sealing.of(lake.schema(str(t))) for t in list_tables(lake.root)):
             raise ConfigError(f"lake {lake.root} holds encrypted tables; refusing to add plaintext to it")
         return None
-    if security is None:
+    if lake.security is None:
         raise ConfigError(
             "this lake was opened without keys (Lake(..., security=...)); ingest writes identifiers "
             "only encrypted"
         )
-    return security.protector
+    return lake.security.protector
 
 
 def _protect(protector, df: DataFrame, table: str, keys: list[str]) -> DataFrame:
