@@ -1,5 +1,5 @@
-"""spark-submit jobs/ingest.py --source fhir-ndjson|fhir-bundles|synthea-csv --input PATH
-                             [--lake PATH] [--conf FILE]
+"""spark-submit jobs/ingest.py --source fhir-ndjson|fhir-bundles|synthea-csv|csv-extract --input PATH
+                             [--extract NAME] [--lake PATH] [--conf FILE]
 
 Load EHR dumps into bronze Delta tables (same arguments as ``ehrlake ingest``).
 """

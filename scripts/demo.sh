@@ -13,6 +13,8 @@ fi
 run ingest --source fhir-bundles --input data/sample/fhir_bundles
 run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
 run ingest --source synthea-csv --input data/sample/synthea_csv
+run ingest --source csv-extract --extract mimic --input data/sample/mimic_iv_demo
+run ingest --source csv-extract --extract diabetes130 --input data/sample/diabetes_130_us
 run clean
 run quality
 run eda

@@ -46,8 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--source",
         required=True,
-        choices=["fhir-ndjson", "fhir-bundles", "synthea-csv"],
+        choices=["fhir-ndjson", "fhir-bundles", "synthea-csv", "csv-extract"],
         help="format of the input files",
+    )
+    ingest.add_argument(
+        "--extract",
+        help="with csv-extract: the extract's declaration, conf/extracts/NAME.yaml (e.g. mimic, "
+        "diabetes130) or a YAML path",
     )
     ingest.add_argument("--input", required=True, help="a file or a directory (searched recursively)")
     ingest.add_argument(
@@ -67,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean_cmd.add_argument(
         "--sources",
-        default="fhir,synthea",
-        help="comma-separated mappings from conf/mappings/ to apply (default: fhir,synthea)",
+        default="fhir,synthea,mimic,diabetes130",
+        help="comma-separated mappings from conf/mappings/ to apply; a mapping whose bronze tables do "
+        "not exist is skipped (default: fhir,synthea,mimic,diabetes130)",
     )
     _common(clean_cmd)
     _role(clean_cmd)
@@ -169,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="machine-readable output for scripts")
     _common(show)
+
+    synth = sub.add_parser(
+        "synth",
+        help="generate a population of N patients from the bundled sample records",
+        description="Amplify the bundled Synthea records into N distinct patients (ids rewritten, dates "
+        "shifted, region re-sampled; optional damaged rows), written as input for ingest.",
+    )
+    synth.add_argument("--patients", type=int, required=True, help="how many patients to generate")
+    synth.add_argument("--out", required=True, help="output directory (replaced)")
+    synth.add_argument("--format", default="synthea-csv", choices=["synthea-csv"], help="output format")
+    synth.add_argument("--seed", type=int, default=1, help="the same seed gives the same files")
+    synth.add_argument("--fault-rate", type=float, default=0.0, help="share of rows damaged (0-1)")
+    synth.add_argument("--regions", help="region distribution YAML (default: conf/synth/india.yaml)")
+    synth.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
     return parser
 
 
@@ -197,9 +217,11 @@ def cmd_ingest(args) -> int:
         lake,
         ingest.SourceKind(args.source),
         args.input,
-        source_system=args.source_system or config.ingest.source_system,
+        # an extract comes from one hospital / data set: its declaration names the default system
+        source_system=args.source_system or (None if args.extract else config.ingest.source_system),
         batch_lines=config.ingest.lines_per_batch,
         role=args.role,
+        extract=args.extract,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if not report.balanced:
@@ -395,8 +417,28 @@ def cmd_keys_show(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    from ehrlake import config as config_module
+    from ehrlake import synth
+    from ehrlake.session import get_spark
+
+    spark = get_spark(config_module.load(args.conf))
+    report = synth.run(
+        spark,
+        args.patients,
+        args.out,
+        seed=args.seed,
+        fault_rate=args.fault_rate,
+        fmt=args.format,
+        regions=args.regions or synth.DEFAULT_REGIONS,
+    )
+    print(report.format())
+    return 0
+
+
 COMMANDS = {
     "ingest": cmd_ingest,
+    "synth": cmd_synth,
     ("lake", "show"): cmd_lake_show,
     ("keys", "init"): cmd_keys_init,
     ("keys", "rotate"): cmd_keys_rotate,

@@ -1,11 +1,14 @@
 """Clean: bronze -> silver, every source onto one common clinical model (``clean/model.py``).
 
 For each entity, each source's mapping (``conf/mappings/<source>.yaml``: a Spark SQL expression per
-silver column over its bronze table) is applied, cast to the declared types, and the sources are
-unioned. Then, in Spark: code systems and encounter classes are normalised (``codes.py``), lab and
-vital units converted to UCUM (``units.py``), patients deduplicated by ``patient_key`` and events by
-their keys, age at event derived from the exact birth date (opened here, in the job, and never
-written), and inconsistencies flagged in ``quality_flags`` (kept, not dropped).
+silver column over its bronze table, optionally after left joins to other bronze tables and a
+generator that turns one wide row into several, e.g. three diagnosis columns into three condition
+rows) is applied, cast to the declared types, and the sources are unioned. Then, in Spark: code
+systems, ICD spellings and encounter classes are normalised (``codes.py``), lab and vital units
+converted to UCUM (``units.py``), patients deduplicated by ``patient_key`` and events by their keys,
+age at event derived from the exact birth date (opened here, in the job, and never written; from
+mid-year where a source gives only the year), and inconsistencies flagged in ``quality_flags``
+(kept, not dropped).
 
 Each run rebuilds every silver table as one new Delta version (overwrite), so re-running after a
 crash gives the same tables. Identifiers never reach silver: it carries ``patient_key`` and
@@ -15,6 +18,7 @@ crash gives the same tables. Identifiers never reach silver: it carries ``patien
 from __future__ import annotations
 
 import datetime as dt
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,42 +33,92 @@ from ehrlake.lake import WriteMode
 from ehrlake.security.protection import Sealing
 
 MAPPINGS_DIR = Path(__file__).resolve().parents[3] / "conf" / "mappings"
-DEFAULT_SOURCES = ("fhir", "synthea")
+DEFAULT_SOURCES = ("fhir", "synthea", "mimic", "diabetes130")
+_MAPPING_KEYS = {"from", "join", "lateral", "where", "columns"}
+
+
+@dataclass(frozen=True)
+class Join:
+    """A left join of another bronze table, bringing ``columns`` (e.g. a lab item's name)."""
+
+    table: str
+    using: tuple[str, ...]  # key columns present in both (YAML reads a bare `on` as true)
+    columns: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Mapping:
-    """One source's mapping of one entity: bronze table, optional filter, column expressions."""
+    """One source's mapping of one entity: bronze table, joins, generator, filter, column expressions."""
 
     source: str
     entity: str
     table: str
     columns: dict[str, str]
     where: str | None = None
+    joins: tuple[Join, ...] = ()
+    lateral: str | None = None  # a SQL generator with named outputs: "stack(2, a, b) AS (x)"
+    written: dict[str, str] = field(default_factory=dict)  # columns as written, {{lookups}} unexpanded
 
 
 def load_mappings(path: str | Path) -> list[Mapping]:
-    """Read and check a mapping file: known entities, known columns, a source name."""
+    """Read and check a mapping file: known entities, known columns, a source name.
+
+    ``lookups:`` declares code tables (name -> {code: text}); ``{{name}}`` in any expression is
+    replaced by the Spark SQL map literal, so ``element_at({{admission_type}}, admission_type_id)``
+    reads a code's text. An entity holds one mapping or a list of them (one per bronze table).
+    """
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
     source = data.get("source")
     if not source:
         raise ConfigError(f"mapping {path} names no source")
+    lookups = {name: _map_literal(table) for name, table in (data.get("lookups") or {}).items()}
+
+    def expand(expr) -> str:
+        def one(match: re.Match) -> str:
+            if match.group(1) not in lookups:
+                raise ConfigError(f"mapping {path}: unknown lookup {{{{{match.group(1)}}}}}")
+            return lookups[match.group(1)]
+
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", one, str(expr))
+
     out = []
-    for name, spec in (data.get("entities") or {}).items():
+    for name, specs in (data.get("entities") or {}).items():
         entity = ENTITIES.get(name)
         if entity is None:
             raise ConfigError(f"mapping {path}: unknown entity {name!r} (known: {', '.join(ENTITIES)})")
         known = {f.name for f in entity.mapped}
-        unknown = set(spec.get("columns", {})) - known
-        if unknown:
-            raise ConfigError(f"mapping {path}: {name} has no column(s) {sorted(unknown)}")
-        out.append(
-            Mapping(
-                source, name, spec["from"], {k: str(v) for k, v in spec["columns"].items()}, spec.get("where")
+        for spec in specs if isinstance(specs, list) else [specs]:
+            extra = set(spec) - _MAPPING_KEYS
+            if extra:
+                raise ConfigError(f"mapping {path}: {name} has unknown key(s) {sorted(extra)}")
+            unknown = set(spec.get("columns", {})) - known
+            if unknown:
+                raise ConfigError(f"mapping {path}: {name} has no column(s) {sorted(unknown)}")
+            joins = tuple(
+                Join(j["table"], tuple(j["using"]), tuple(j.get("columns") or ()))
+                for j in spec.get("join") or ()
             )
-        )
+            out.append(
+                Mapping(
+                    source,
+                    name,
+                    spec["from"],
+                    {k: expand(v) for k, v in spec["columns"].items()},
+                    expand(spec["where"]) if spec.get("where") else None,
+                    joins,
+                    expand(spec["lateral"]) if spec.get("lateral") else None,
+                    {k: str(v) for k, v in spec["columns"].items()},
+                )
+            )
     return out
+
+
+def _map_literal(table: dict) -> str:
+    def quote(v) -> str:
+        return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    return "map(" + ", ".join(f"{quote(k)}, {quote(v)}" for k, v in table.items()) + ")"
 
 
 def mapping_files(sources=DEFAULT_SOURCES) -> list[Path]:
@@ -118,7 +172,7 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
         ]
         if not parts:
             continue
-        report.sources[name] = [s for s, _ in parts]
+        report.sources[name] = list(dict.fromkeys(s for s, _ in parts))
         union = parts[0][1]
         for _, frame in parts[1:]:
             union = union.unionByName(frame)
@@ -163,6 +217,15 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
 def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:
     """The bronze table through one mapping, cast to the silver types; unmapped columns are null."""
     df = lake.read(mapping.table)
+    for join in mapping.joins:
+        if not lake.exists(join.table):
+            raise ConfigError(
+                f"mapping {mapping.source}.{mapping.entity}: joined table {join.table} does not exist"
+            )
+        other = lake.read(join.table).select(*join.using, *join.columns).dropDuplicates(list(join.using))
+        df = df.join(other, list(join.using), "left")
+    if mapping.lateral:
+        df = df.selectExpr("*", mapping.lateral)
     if mapping.where:
         df = df.where(mapping.where)
     columns = []
@@ -243,6 +306,7 @@ def _events(df, entity: Entity, patients, births, regions, today: dt.date) -> Da
     """Normalise codes/units, dedupe, derive age and length of stay, flag inconsistencies."""
     if "code_system" in df.columns:
         df = df.withColumn("code_system", codes.normalise_system(F.col("code_system")))
+        df = df.withColumn("code", codes.normalise_code(F.col("code_system"), F.col("code")))
     implausible = F.lit(False)
     if entity.name == "observation":
         value, unit, implausible = units.normalise(F.col("code"), F.col("source_value"), F.col("source_unit"))
@@ -258,6 +322,7 @@ def _events(df, entity: Entity, patients, births, regions, today: dt.date) -> Da
     people = patients.select(
         "patient_key",
         F.col("_birth_date"),
+        F.coalesce("_birth_date", F.make_date("birth_year", F.lit(7), F.lit(1))).alias("_age_from"),
         F.col("death_date").alias("_death_date"),
         F.col("state").alias("_patient_state"),
         F.lit(True).alias("_known"),
@@ -265,14 +330,17 @@ def _events(df, entity: Entity, patients, births, regions, today: dt.date) -> Da
     df = df.join(people, "patient_key", "left")
     start = F.col(entity.event_time)
     age_field = next(f.name for f in entity.fields if f.name.startswith("age_at_"))
-    df = df.withColumn(age_field, F.floor(F.months_between(start, F.col("_birth_date")) / 12).cast("int"))
+    df = df.withColumn(age_field, F.floor(F.months_between(start, F.col("_age_from")) / 12).cast("int"))
     end_before_start = F.lit(False)
     if entity.end_time:
         end_before_start = F.col(entity.end_time) < start
     if entity.name == "encounter":
         df = df.withColumn(
             "length_of_stay_days",
-            (F.unix_timestamp(entity.end_time) - F.unix_timestamp(entity.event_time)) / 86400.0,
+            F.coalesce(
+                F.col("length_of_stay_days"),
+                (F.unix_timestamp(entity.end_time) - F.unix_timestamp(entity.event_time)) / 86400.0,
+            ),
         )
         if regions is not None:
             df = df.join(regions, ["source_system", "organization_id"], "left")

@@ -45,6 +45,19 @@ def lookup(table: dict[str, str], key: Column) -> Column:
     return F.create_map(*[F.lit(x) for pair in table.items() for x in pair])[key]
 
 
+def normalise_code(system: Column, code: Column) -> Column:
+    """ICD codes in their dotted form whatever the source wrote (MIMIC ``4139``, Diabetes 130-US
+    ``250.83``, FHIR ``E11.9``): upper case, a dot after the category (3 characters; 4 for ICD-9-CM
+    E codes), so one condition has one spelling across sources. Other systems are kept as given."""
+    bare = F.upper(F.regexp_replace(F.trim(code), r"\.", ""))
+    category = F.when(system.isin("ICD9CM") & bare.startswith("E"), 4).otherwise(3)
+    dotted = F.when(
+        F.length(bare) > category,
+        F.concat(bare.substr(F.lit(1), category), F.lit("."), bare.substr(category + 1, F.lit(100))),
+    ).otherwise(bare)
+    return F.when(system.isin("ICD9CM", "ICD10CM", "ICD10"), dotted).otherwise(F.trim(code))
+
+
 def normalise_system(system: Column) -> Column:
     """The silver name of a code system; an unknown system is kept as given (never lost)."""
     known = lookup(SYSTEMS, F.lower(F.trim(system)))

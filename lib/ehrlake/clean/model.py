@@ -70,7 +70,13 @@ def _code(what: str) -> tuple[Field, ...]:
 
 
 def _age(column: str) -> Field:
-    return Field(f"age_at_{column}", "int", f"age in whole years at {column.replace('_', ' ')}", derived=True)
+    return Field(
+        f"age_at_{column}",
+        "int",
+        f"age in whole years at {column.replace('_', ' ')} (from the exact birth date; where a source "
+        "gives only the year, from 1 July of it, so within a year)",
+        derived=True,
+    )
 
 
 ENTITIES: dict[str, Entity] = {
@@ -115,7 +121,12 @@ ENTITIES: dict[str, Entity] = {
                 Field("start_at", "timestamp", "start of the encounter"),
                 Field("end_at", "timestamp", "end of the encounter"),
                 Field("organization_id", "string", "facility (joins silver.organization)"),
-                Field("length_of_stay_days", "double", "end - start in days", derived=True),
+                Field("discharge_disposition", "string", "where the patient went at discharge, as recorded"),
+                Field(
+                    "length_of_stay_days",
+                    "double",
+                    "as recorded where the source gives it without times, else end - start in days",
+                ),
                 _age("start"),
                 Field("state", "string", "state of the facility, else of the patient", derived=True),
                 FLAGS,

@@ -20,8 +20,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.errors import ConfigError
+from ehrlake.ingest import extract as extracts
 from ehrlake.ingest import fhir, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
+from ehrlake.ingest.csv_tables import UPDATE_WHEN as CSV_UPDATE_WHEN
+from ehrlake.ingest.csv_tables import CsvCatalog, parse_header, type_rows
 from ehrlake.ingest.lineage import keep_newest
 from ehrlake.ingest.report import UNPARSED, EntityCounts, IngestReport
 from ehrlake.ingest.sources import (
@@ -35,9 +38,8 @@ from ehrlake.ingest.sources import (
     read_records,
     table_stem,
 )
-from ehrlake.ingest.synthea import table_for
 from ehrlake.lake.catalog import list_tables
-from ehrlake.security.protection import Sealing
+from ehrlake.security.protection import Sealing, TableProtection
 
 __all__ = ["run", "SourceKind", "IngestReport", "EntityCounts"]
 
@@ -55,6 +57,7 @@ class _Output:
     update_when: str
     newest_first: list = field(default_factory=list)  # order among rows of one key; ties: later file/line
     quarantine_only: bool = False  # rows of an unknown CSV table: every one fails, nothing to load
+    protection: TableProtection | None = None  # default: the declaration in security/protection.py
 
     def dedupe(self, rows: DataFrame) -> DataFrame:
         return keep_newest(rows, self.keys, self.newest_first)
@@ -64,13 +67,17 @@ def run(
     lake,
     kind: SourceKind,
     input_path: str,
-    source_system: str = "local",
+    source_system: str | None = None,
     batch_lines: int = 5000,
     run_id: str | None = None,
     encrypt: bool = True,
     role: str | None = None,
+    extract: str | None = None,
 ) -> IngestReport:
     """Ingest every new file of ``kind`` under ``input_path`` into the lake (see module docstring).
+
+    ``extract`` names the declaration of a ``csv-extract`` source (``conf/extracts/<name>.yaml``, or
+    a YAML path); its ``source_system`` is the default one. Otherwise the default is ``local``.
 
     Identifiers and raw records are sealed with the lake's keys (``lake.security``), the ``role``
     (default: the configured one) must be allowed to write bronze and ops, and every table written
@@ -78,30 +85,52 @@ def run(
     (``bench/crypto.py``) and is refused on a lake that already holds sealed tables.
     """
     kind = SourceKind(kind)
+    catalog = _catalog(kind, extract)
+    if source_system is None:
+        source_system = extracts.load(extract).source_system if extract else "local"
     protector = _protector(lake, encrypt)
     started = dt.datetime.now(dt.UTC).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     security = lake.security if encrypt else None
     if security is None:
-        return _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector)
+        return _ingest(
+            lake, kind, catalog, input_path, source_system, batch_lines, run_id, started, protector
+        )
     with security.job("ingest", ["bronze", "ops"], role, run_id) as (_, written):
-        report = _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector)
+        report = _ingest(
+            lake, kind, catalog, input_path, source_system, batch_lines, run_id, started, protector
+        )
         written += [(name, json.dumps(asdict(c))) for name, c in sorted(report.entities.items())]
     return report
 
 
-def _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started, protector) -> IngestReport:
+def _catalog(kind: SourceKind, extract: str | None) -> CsvCatalog | None:
+    if kind is SourceKind.CSV_EXTRACT:
+        if not extract:
+            known = ", ".join(extracts.available())
+            raise ConfigError(f"a csv-extract source needs its declaration (--extract NAME; known: {known})")
+        return extracts.load(extract).catalog
+    if extract:
+        raise ConfigError(f"--extract applies to csv-extract sources, not {kind.value}")
+    return synthea.CATALOG if kind is SourceKind.SYNTHEA_CSV else None
+
+
+def _ingest(
+    lake, kind, catalog, input_path, source_system, batch_lines, run_id, started, protector
+) -> IngestReport:
     files = discover(input_path, kind)
+    if catalog is not None:
+        files = [f for f in files if not catalog.is_ignored(table_stem(f.path))]
     todo = new_files(lake, kind, source_system, files)
     report = IngestReport(run_id, kind.value, source_system, input_path, lake.root, len(files), len(todo))
     if not todo:
         return report
     spark = lake.spark
     now = F.lit(started).cast("timestamp")
-    if kind is SourceKind.SYNTHEA_CSV:
+    if catalog is not None:
         records = read_records(spark, todo, whole_file=False, batch_lines=batch_lines)
         records = records.where("record_index > 1").persist(StorageLevel.MEMORY_AND_DISK)  # line 1: header
-        outputs, early_bad = _synthea_outputs(records, todo, source_system, run_id, now), None
+        outputs, early_bad = _csv_outputs(catalog, records, todo, source_system, run_id, now), None
     else:
         records = read_records(
             spark, todo, whole_file=kind is SourceKind.FHIR_BUNDLES, batch_lines=batch_lines
@@ -113,7 +142,7 @@ def _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started,
         early_bad = quarantine.rows(
             records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
         )
-    census = _census(records, kind)
+    census = _census(records, catalog)
     report.records_read = census.total
     outputs = [out for out in outputs if out.table in census.valid]
     commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
@@ -124,7 +153,7 @@ def _ingest(lake, kind, input_path, source_system, batch_lines, run_id, started,
         out.rows = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
         if not out.quarantine_only:
             good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
-            good = _protect(protector, good, out.table, out.keys)
+            good = _protect(protector, good, out.table, out.keys, out.protection)
             lake.create(out.table, good.schema, PARTITION_BY)
             result = lake.merge(
                 good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info
@@ -151,12 +180,12 @@ class _Census:
     envelope_bad: dict[str, int]
 
 
-def _census(records: DataFrame, kind: SourceKind) -> _Census:
-    if kind is SourceKind.SYNTHEA_CSV:  # every line goes to its file's table; failures come later
+def _census(records: DataFrame, catalog: CsvCatalog | None) -> _Census:
+    if catalog is not None:  # CSV: every line goes to its file's table; failures come later
         per_file = {r["source_file"]: r["count"] for r in records.groupBy("source_file").count().collect()}
         valid: dict[str, int] = defaultdict(int)
         for path, count in per_file.items():
-            valid[table_for(table_stem(path))] += count
+            valid[catalog.table_for(table_stem(path))] += count
         return _Census(sum(per_file.values()), dict(valid), {})
     rows = records.groupBy("entity", F.col("_reason").isNull().alias("ok")).count().collect()
     return _Census(
@@ -209,25 +238,28 @@ def _fhir_outputs(classified: DataFrame, run_id: str, now) -> list[_Output]:
     return outputs
 
 
-def _synthea_outputs(records: DataFrame, files, source_system: str, run_id: str, now) -> list[_Output]:
+def _csv_outputs(
+    catalog: CsvCatalog, records: DataFrame, files, source_system: str, run_id: str, now
+) -> list[_Output]:
     """Group files by (table, header) so each group parses with its own column layout."""
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
     for f in files:
-        groups[(table_stem(f.path), tuple(synthea.parse_header(first_line(f.path))))].append(f.path)
+        groups[(table_stem(f.path), tuple(parse_header(first_line(f.path))))].append(f.path)
     by_table: dict[str, list[DataFrame]] = defaultdict(list)
     for (stem, header), paths in sorted(groups.items()):
-        spec = synthea.TABLES.get(stem)
         rows = records.where(F.col("source_file").isin(paths))
-        typed = synthea.type_rows(rows, spec, list(header), run_id, now, source_system)
-        by_table[table_for(stem)].append(typed)
+        typed = type_rows(
+            rows, catalog.spec_for(stem), list(header), run_id, now, source_system, catalog.name
+        )
+        by_table[catalog.table_for(stem)].append(typed)
     outputs = []
     for table, parts in sorted(by_table.items()):
         frame = _union(parts)
-        spec = synthea.TABLES.get(table.removeprefix("bronze.synthea_"))
+        spec = catalog.by_table(table)
         if spec is None:  # unknown table: every row is quarantined with its reason
             outputs.append(_Output(table, frame, [], "", quarantine_only=True))
         else:
-            outputs.append(_Output(table, frame, spec.keys, synthea.UPDATE_WHEN))
+            outputs.append(_Output(table, frame, spec.keys, CSV_UPDATE_WHEN, protection=spec.protected))
     return outputs
 
 
@@ -248,9 +280,9 @@ def _protector(lake, encrypt: bool):
     return lake.security.protector
 
 
-def _protect(protector, df: DataFrame, table: str, keys: list[str]) -> DataFrame:
+def _protect(protector, df: DataFrame, table: str, keys: list[str], spec=None) -> DataFrame:
     """``df`` sealed for ``table``, sealed columns marked in the schema (unchanged without a protector)."""
-    return df if protector is None else protector.protect(df, table, keys)[0]
+    return df if protector is None else protector.protect(df, table, keys, spec)[0]
 
 
 def _quarantine(lake, protector, parts: list[DataFrame], commit_info: dict) -> dict[str, int]:

@@ -31,12 +31,15 @@ class SourceKind(enum.Enum):
     """FHIR R4 Bundles (transaction, collection, searchset, batch, document), ``.json``/``.json.gz``."""
     SYNTHEA_CSV = "synthea-csv"
     """Synthea CSV export: one file per table (``patients.csv``, ...), optionally gzipped."""
+    CSV_EXTRACT = "csv-extract"
+    """A hospital's CSV extract with its own shapes, declared in ``conf/extracts/<name>.yaml``."""
 
 
 _SUFFIXES = {
     SourceKind.FHIR_NDJSON: (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz"),
     SourceKind.FHIR_BUNDLES: (".json", ".json.gz"),
     SourceKind.SYNTHEA_CSV: (".csv", ".csv.gz"),
+    SourceKind.CSV_EXTRACT: (".csv", ".csv.gz"),
 }
 
 

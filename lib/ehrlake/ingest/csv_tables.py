@@ -1,0 +1,190 @@
+"""CSV sources into bronze: the parsing, typing and validation every CSV table shares.
+
+A :class:`CsvCatalog` names a source's tables and which files feed each; a :class:`CsvTable` says how
+one table is keyed and typed. Each file's header is read on the driver (one line per file), rows
+are parsed in the JVM with ``from_csv`` against that header, so files of one table may differ in
+column order and in which columns they have. A row that cannot be typed is quarantined with its
+reason; the whole original line is kept (sealed) in ``raw``.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from ehrlake.ingest.lineage import lineage
+from ehrlake.ingest.quarantine import Reason, first_failure
+from ehrlake.security.protection import TableProtection, declared
+
+CORRUPT = "_corrupt"
+# The same row content, re-read, must replace nothing; a changed row under the same key replaces it.
+# CSV rows carry no version, so within a batch the later file / line wins (no ordering columns).
+UPDATE_WHEN = "s.record_hash <> t.record_hash"
+
+
+@dataclass(frozen=True)
+class CsvTable:
+    """One bronze table fed by CSV files: its columns (canonical lower-case names) and types.
+
+    ``columns=None`` takes every column of each file's header, named by :func:`canonical` (hospital
+    extracts, whose columns the platform does not fix); a declared tuple keeps only those (Synthea,
+    whose schema it knows), and other header columns survive only in ``raw``.
+    """
+
+    table: str
+    columns: tuple[str, ...] | None = None
+    key_columns: tuple[str, ...] = ()  # unique per source system; none: the row content is the key
+    dates: tuple[str, ...] = ()
+    timestamps: tuple[str, ...] = ()
+    numbers: tuple[str, ...] = ()
+    aliases: dict[str, str] = field(default_factory=dict)  # header name (lower) -> canonical name
+    missing: tuple[str, ...] = ()  # values meaning "no value" besides the empty field (e.g. "?")
+    protection: TableProtection | None = None  # default: the declaration in security/protection.py
+
+    @property
+    def keys(self) -> list[str]:
+        return ["source_system", *(self.key_columns or ("row_key",))]
+
+    @property
+    def protected(self) -> TableProtection:
+        return self.protection or declared(self.table)
+
+    def type_of(self, column: str) -> str:
+        if column in self.dates:
+            return "date"
+        if column in self.timestamps:
+            return "timestamp"
+        if column in self.numbers:
+            return "double"
+        return "string"
+
+
+@dataclass(frozen=True)
+class CsvCatalog:
+    """The tables of one CSV source and which file names feed each (globs over the file stem)."""
+
+    name: str
+    tables: dict[str, CsvTable]  # file stem (or table short name) -> table
+    patterns: dict[str, tuple[str, ...]] = field(default_factory=dict)  # short name -> stem globs
+    ignored: tuple[str, ...] = ()  # stem globs of files that are not data (lookups, readmes)
+
+    def spec_for(self, stem: str) -> CsvTable | None:
+        if stem in self.tables and stem not in self.patterns:
+            return self.tables[stem]
+        for name, globs in self.patterns.items():
+            if any(fnmatch.fnmatch(stem, g) for g in globs):
+                return self.tables[name]
+        return None
+
+    def table_for(self, stem: str) -> str:
+        """Bronze table of a CSV file stem; unknown stems get a name that only the quarantine uses."""
+        spec = self.spec_for(stem)
+        return spec.table if spec else f"(unknown:{stem})"
+
+    def is_ignored(self, stem: str) -> bool:
+        return any(fnmatch.fnmatch(stem, g) for g in self.ignored)
+
+    def by_table(self, table: str) -> CsvTable | None:
+        return next((t for t in self.tables.values() if t.table == table), None)
+
+
+def parse_header(line: str) -> list[str]:
+    return next(csv.reader([line]))
+
+
+def canonical(name: str) -> str:
+    """A header name as a column name any SQL reads without quoting: ``A1Cresult`` -> ``a1cresult``,
+    ``glyburide-metformin`` -> ``glyburide_metformin``."""
+    return re.sub(r"[^0-9a-z_]+", "_", name.strip().lower()).strip("_") or "column"
+
+
+def _csv_schema(header: list[str]) -> str:
+    fields = ",".join(f"`{h.replace('`', '')}` STRING" for h in header)
+    return f"{fields}, {CORRUPT} STRING"
+
+
+def type_rows(
+    rows: DataFrame,
+    spec: CsvTable | None,
+    header: list[str],
+    run_id: str,
+    ingested_at: Column,
+    source_system: str,
+    source_name: str = "CSV",
+) -> DataFrame:
+    """Data lines of files sharing one header -> typed bronze rows with ``_reason``/``_message``."""
+    by_canonical: dict[str, str] = {}
+    for h in header:
+        low = h.strip().lower() if spec is None or spec.columns is not None else canonical(h)
+        by_canonical.setdefault(spec.aliases.get(low, low) if spec else low, h.replace("`", ""))
+    parsed = rows.withColumn(
+        "r",
+        F.from_csv("text", _csv_schema(header), {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}),
+    )
+
+    def raw(col: str) -> Column:
+        if col not in by_canonical:
+            return F.lit(None).cast("string")
+        value = F.col(f"r.`{by_canonical[col]}`")
+        if spec and spec.missing:
+            value = F.when(~value.isin(*spec.missing), value)
+        return value
+
+    checks = [
+        (F.col("bad_utf8"), Reason.INVALID_UTF8, F.lit("record is not valid UTF-8")),
+        (F.lit(spec is None), Reason.UNKNOWN_TABLE, F.lit(f"not a known {source_name} table (file name)")),
+        (
+            F.col(f"r.{CORRUPT}").isNotNull(),
+            Reason.WRONG_FIELD_COUNT,
+            F.lit(f"expected {len(header)} fields as in the header"),
+        ),
+    ]
+    if spec is None:
+        typed: list[Column] = []
+    else:
+        columns = spec.columns if spec.columns is not None else tuple(by_canonical)
+        for key in spec.key_columns:
+            checks.append(
+                (raw(key).isNull() | (F.trim(raw(key)) == ""), Reason.MISSING_ID, F.lit(f"{key} is empty"))
+            )
+        sealed = set(spec.protected.identifiers)
+        for col in columns:
+            kind = spec.type_of(col)
+            if kind != "string" and col in by_canonical:
+                bad = raw(col).isNotNull() & _cast(raw(col), kind).isNull()
+                reason = Reason.UNPARSEABLE_NUMBER if kind == "double" else Reason.UNPARSEABLE_DATE
+                message = (
+                    F.lit(f"{by_canonical[col]}: not a valid {kind} (value kept sealed in raw)")
+                    if col in sealed
+                    else F.concat(F.lit(f"{by_canonical[col]}: '"), raw(col), F.lit("'"))
+                )
+                checks.append((bad, reason, message))
+        typed = [
+            (
+                _cast(raw(c), spec.type_of(c)) if c in by_canonical else F.lit(None).cast(spec.type_of(c))
+            ).alias(c)
+            for c in columns
+        ]
+    reason, message = first_failure(checks)
+    hashed = F.sha2("text", 256)
+    occurrence = F.row_number().over(Window.partitionBy("source_file", hashed).orderBy("record_index"))
+    return parsed.select(
+        F.lit(source_system).alias("source_system"),
+        F.concat(hashed, F.lit("#"), occurrence.cast("string")).alias("row_key"),
+        *typed,
+        F.col("text").alias("raw"),
+        hashed.alias("record_hash"),
+        *lineage(run_id, ingested_at),
+        reason.alias("_reason"),
+        message.alias("_message"),
+    )
+
+
+def _cast(value: Column, kind: str) -> Column:
+    """``value`` as ``kind``; null where it does not parse (the checks quarantine those rows)."""
+    return value if kind == "string" else value.try_cast(kind)
