@@ -94,3 +94,27 @@ def test_derived_columns_are_hidden_with_their_count_and_k_is_configurable(spark
     assert strict[("A", "M")].suppressed == COMPLEMENTARY and strict[("A", "M")].pct is None
     default = suppress(df, ["region", "sex"]).where("suppressed IS NOT NULL").count()
     assert default == 0  # nothing under the default k = 11
+
+
+def test_an_unprotectable_cell_does_not_blank_the_table():
+    """A territory where everyone is female aged 25-44 (5 people): its male cell is 0 and the male
+    line of that territory totals 0, so 5 follows from the totals however much is hidden. The search
+    must stop rather than hide every cell, and leave the large cells of other states visible."""
+    import pandas as pd
+
+    from ehrlake.eda.suppression import suppress_frame
+
+    bands, states = ["0-24", "25-44", "45-64", "65+"], [f"S{i}" for i in range(6)]
+    rows = []
+    for s, band, sex in itertools.product(states, bands, ["female", "male"]):
+        rows.append((band, sex, s, 40 + 7 * len(rows) % 50))
+    rows += [
+        (band, sex, "Tiny", 5 if (band, sex) == ("25-44", "female") else 0)
+        for band in bands
+        for sex in ("female", "male")
+    ]
+    cells = pd.DataFrame(rows, columns=["age_band", "sex", "state", "n"])
+    status = suppress_frame(cells, ["age_band", "sex", "state"], "n", 11)
+    tiny = (cells.state == "Tiny") & (cells.n == 5)
+    assert status[tiny].tolist() == [PRIMARY]
+    assert status.isna().sum() >= 20  # much of the table is still published (without the stop: none)

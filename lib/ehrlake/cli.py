@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=1, help="the same seed gives the same files")
     synth.add_argument("--fault-rate", type=float, default=0.0, help="share of rows damaged (0-1)")
     synth.add_argument("--regions", help="region distribution YAML (default: conf/synth/india.yaml)")
+    synth.add_argument(
+        "--tables",
+        help="comma-separated event tables to write (default: all; patients and facilities always)",
+    )
     synth.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
     return parser
 
@@ -431,6 +435,7 @@ def cmd_synth(args) -> int:
         fault_rate=args.fault_rate,
         fmt=args.format,
         regions=args.regions or synth.DEFAULT_REGIONS,
+        tables=tuple(t.strip() for t in args.tables.split(",")) if args.tables else synth.PATIENT_TABLES,
     )
     print(report.format())
     return 0

@@ -43,6 +43,11 @@ def get_spark(config: Config):
     require_java()
     # Executors must run the same Python as the driver (our library is installed there).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Driver memory is a JVM launch option: set it before the JVM starts, unless spark-submit (which
+    # started the JVM already and passes PYSPARK_GATEWAY_PORT) or the caller decided it.
+    memory = config.spark.conf.get("spark.driver.memory")
+    if memory and "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
+        os.environ["PYSPARK_SUBMIT_ARGS"] = f"--driver-memory {memory} pyspark-shell"
     # Attach to (or start) the JVM first: only a JVM-backed SparkConf sees what spark-submit set.
     SparkContext._ensure_initialized()
     submitted = SparkConf()

@@ -10,8 +10,10 @@ subtraction. *Complementary*, in two steps:
    hidden cell in a crossing line);
 2. that rule is necessary, not sufficient (in 3-D, or with a "bridge" between two blocks of hidden
    cells, a value can still be solved for), so an audit then plays the attacker: knowing every true
-   marginal total along every dimension, it bounds each hidden cell by linear programming, and any
-   cell whose range collapses to one value gets a further complement, until none does.
+   marginal total along every dimension, it bounds each small (primary) cell by linear programming,
+   and any whose range collapses to one value gets a further complement, until none does. Only the
+   small cells are protected: learning that a complementary cell holds 0, or 250, discloses nobody
+   (auditing those too made sparse tables hide every cell).
 
 A published aggregate is small by nature (the product of its dimensions' cardinalities), so it is
 brought to the driver for this, with a hard limit (``max_cells``) rather than an unbounded collect.
@@ -25,6 +27,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 from scipy.optimize import linprog
 from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
 
 PRIMARY, COMPLEMENTARY = "primary", "complementary"
 MAX_CELLS = 200_000
@@ -66,11 +69,24 @@ def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> 
     n = cells[count].fillna(0).to_numpy(dtype=float)
     status = np.where((n >= 1) & (n < k), PRIMARY, None).astype(object)
     lines = _lines(cells, dims)
+    through: list[list[int]] = [[] for _ in range(len(n))]  # cell -> the lines crossing it
+    for number, line in enumerate(lines):
+        for cell in line:
+            through[cell].append(number)
+    previous: list[int] = []
+    unchanged = 0
     for _ in range(len(n) + 1):
         _settle_lines(n, status, lines)
         pinned = _pinned(n, status, lines)
+        # Cells still pinned after three rounds of complements through them are determined by the
+        # true totals alone (e.g. a line of two cells whose partner's own line totals 0): hiding
+        # more cannot protect them, only blank the table. Stop there.
+        unchanged = unchanged + 1 if pinned == previous else 0
+        if pinned and unchanged >= 3:
+            break
+        previous = pinned
         # one complement per pinned cell, then settle and audit again; nothing left to hide: done
-        if not pinned or not any([_complement(cell, n, status, lines) for cell in pinned]):
+        if not pinned or not any([_complement(cell, n, status, lines, through) for cell in pinned]):
             return pd.Series(status, index=cells.index)
     return pd.Series(status, index=cells.index)
 
@@ -90,8 +106,7 @@ def _settle_lines(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) ->
     while changed:
         changed = False
         for line in lines:
-            hidden = [i for i in line if status[i] is not None]
-            if len(hidden) == 1:
+            if np.count_nonzero(status[line] != None) == 1:  # noqa: E711 - elementwise on objects
                 changed |= _hide_smallest(line, n, status)
 
 
@@ -105,16 +120,18 @@ def _hide_smallest(candidates, n: np.ndarray, status: np.ndarray) -> bool:
     return True
 
 
-def _complement(cell: int, n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> bool:
+def _complement(
+    cell: int, n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], through: list[list[int]]
+) -> bool:
     """Hide the smallest visible cell in a line through a pinned cell (else anywhere); False when
     every cell is hidden already."""
-    crossing = [line for line in lines if cell in line]
+    crossing = [lines[i] for i in through[cell]]
     through = np.unique(np.concatenate(crossing)) if crossing else np.arange(0)
     return _hide_smallest(through, n, status) or _hide_smallest(np.arange(len(n)), n, status)
 
 
 def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[int]:
-    """Hidden cells whose value the marginal totals and the visible cells determine exactly."""
+    """Small (primary) cells whose value the marginal totals and the visible cells determine exactly."""
     hidden = [i for i in range(len(n)) if status[i] is not None]
     if not hidden:
         return []
@@ -129,12 +146,44 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[
         cols += [column[i] for i in unknown]
         rhs.append(float(sum(n[i] for i in unknown)))  # the true total minus the visible cells
     a_eq = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(rhs), len(hidden)))
+    x = np.array([n[i] for i in hidden])
+    # The constraints split into independent blocks (hidden cells linked through shared lines); each
+    # is audited alone. In a block, a few LPs with random objectives reach vertices of the feasible
+    # set: a cell whose value differs there from its true value is proven not pinned. Only the cells
+    # left unproven get their own min/max LPs, so the audit's cost follows the pinned cells, not
+    # every hidden cell.
+    blocks, label = connected_components(a_eq.T @ a_eq, directed=False)
+    rng = np.random.default_rng(0)
     pinned = []
-    for cell, j in column.items():
-        objective = np.zeros(len(hidden))
-        objective[j] = 1.0
-        low = linprog(objective, A_eq=a_eq, b_eq=rhs, bounds=(0, None), method="highs")
-        high = linprog(-objective, A_eq=a_eq, b_eq=rhs, bounds=(0, None), method="highs")
-        if low.status == 0 and high.status == 0 and (-high.fun) - low.fun < 1 - 1e-9:
-            pinned.append(cell)
-    return pinned
+    for block in range(blocks):
+        members = np.flatnonzero(label == block)
+        used = np.unique(a_eq[:, members].nonzero()[0])
+        sub, b = a_eq[used][:, members], np.asarray(rhs)[used]
+        # only small cells need protecting; the others stay in the constraints
+        unproven = np.array([status[hidden[m]] == PRIMARY for m in members], dtype=bool)
+        for _ in range(3):
+            _prove_free(sub, b, x[members], unproven, lambda m: rng.random(m))
+            if not unproven.any():
+                break
+        # then push all still unproven cells together, down and up, while that proves more of them
+        while unproven.any() and _prove_free(sub, b, x[members], unproven, lambda m: unproven.astype(float)):
+            pass
+        for j in np.flatnonzero(unproven):
+            objective = np.zeros(len(members))
+            objective[j] = 1.0
+            low = linprog(objective, A_eq=sub, b_eq=b, bounds=(0, None), method="highs")
+            high = linprog(-objective, A_eq=sub, b_eq=b, bounds=(0, None), method="highs")
+            if low.status == 0 and high.status == 0 and (-high.fun) - low.fun < 1 - 1e-9:
+                pinned.append(hidden[members[j]])
+    return sorted(pinned)
+
+
+def _prove_free(sub, b, x: np.ndarray, unproven: np.ndarray, weights) -> bool:
+    """Minimise and maximise ``weights`` over the feasible values; cells found at another value
+    (by at least 1) are not pinned: clear them in ``unproven``. True when any was cleared."""
+    before = int(unproven.sum())
+    for sign in (1.0, -1.0):
+        result = linprog(sign * weights(len(x)), A_eq=sub, b_eq=b, bounds=(0, None), method="highs")
+        if result.status == 0:
+            unproven &= np.abs(result.x - x) < 1 - 1e-9  # the same range test as the per-cell LPs
+    return int(unproven.sum()) < before

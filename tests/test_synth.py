@@ -1,0 +1,110 @@
+"""The population generator: references stay valid across tables, a seed gives the same files,
+damage comes at the configured rate and is quarantined exactly, and the output ingests."""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import gzip
+import hashlib
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from ehrlake import ingest, synth
+from ehrlake.errors import ConfigError
+from ehrlake.ingest import SourceKind
+
+
+def table(out, name) -> pd.DataFrame:
+    files = sorted(glob.glob(os.path.join(out, f"{name}.part-*.csv.gz")))
+    return pd.concat([pd.read_csv(f, dtype=str) for f in files], ignore_index=True)
+
+
+def digest(out) -> dict[str, str]:
+    return {
+        os.path.basename(f): hashlib.sha256(gzip.open(f).read()).hexdigest()
+        for f in sorted(glob.glob(os.path.join(out, "*.csv.gz")))
+    }
+
+
+@pytest.fixture(scope="module")
+def generated(spark, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("synth") / "pop")
+    report = synth.run(spark, 300, out, seed=7)
+    return out, report
+
+
+def test_references_stay_valid_across_tables(generated):
+    out, report = generated
+    patients = table(out, "patients")
+    assert len(patients) == 300 == patients["id"].nunique() == report.rows["patients"]
+    encounters = table(out, "encounters")
+    assert set(encounters["patient"]) <= set(patients["id"])
+    assert encounters["id"].is_unique
+    orgs = table(out, "organizations")
+    assert orgs["id"].is_unique and set(encounters["organization"]) <= set(orgs["id"])
+    # an encounter's facility is in its patient's state
+    org_state = orgs.set_index("id")["state"]
+    pat_state = patients.set_index("id")["state"]
+    assert (encounters["organization"].map(org_state) == encounters["patient"].map(pat_state)).all()
+    for name in ("conditions", "observations", "medications", "procedures", "immunizations"):
+        rows = table(out, name)
+        assert len(rows) == report.rows[name] > 0
+        assert set(rows["patient"]) <= set(patients["id"]), name
+        referenced = set(rows["encounter"].dropna())
+        assert referenced <= set(encounters["id"]), name
+        by_encounter = encounters.set_index("id")["patient"]
+        linked = rows[rows["encounter"].notna()]
+        assert (linked["encounter"].map(by_encounter) == linked["patient"]).all(), name
+
+
+def test_demographics_are_resampled_and_nothing_moves_into_the_future(generated):
+    out, _ = generated
+    patients = table(out, "patients")
+    counts = patients["state"].value_counts()
+    assert counts.index[0] == "Uttar Pradesh" and len(counts) > 15  # population-weighted
+    assert set(patients["country"]) == {"IN"}
+    assert patients["ssn"].str.startswith("999-").all()  # made up (999 is never issued), not copied
+    assert set(patients["first"]) <= set(synth._regions(synth.DEFAULT_REGIONS).given)
+    today = dt.date.today().isoformat()
+    assert patients["birthdate"].max() <= today
+    assert table(out, "encounters")["start"].str[:10].max() <= today
+
+
+def test_same_seed_same_files_other_seed_other_patients(spark, generated, tmp_path):
+    out, _ = generated
+    again = str(tmp_path / "again")
+    synth.run(spark, 300, again, seed=7)
+    assert digest(again) == digest(out)
+    other = str(tmp_path / "other")
+    synth.run(spark, 300, other, seed=8)
+    assert not set(table(other, "patients")["id"]) & set(table(out, "patients")["id"])
+
+
+def test_damage_at_the_configured_rate_is_quarantined_exactly(spark, lake, tmp_path):
+    out = str(tmp_path / "faulty")
+    report = synth.run(spark, 200, out, seed=3, fault_rate=0.05)
+    manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
+    assert manifest["faults"] == report.faults
+    for name in ("encounters", "observations", "immunizations", "providers"):
+        share = sum(report.faults[name].values()) / report.rows[name]
+        assert 0.035 < share < 0.065, (name, share)
+    result = ingest.run(lake, SourceKind.SYNTHEA_CSV, out, source_system="gen")
+    assert result.balanced
+    for name, faults in report.faults.items():
+        counts = result.entities[f"bronze.synthea_{name}"]
+        assert counts.records_in == report.rows[name]
+        assert counts.quarantined == sum(faults.values()), name
+        assert counts.duplicate == 0, name
+    reasons = {r.reason for r in lake.read("ops.quarantine").select("reason").distinct().collect()}
+    assert reasons == {"missing_id", "unparseable_date"}
+
+
+def test_bad_arguments_are_refused(spark, tmp_path):
+    with pytest.raises(ConfigError, match="fhir-ndjson is not implemented"):
+        synth.run(spark, 10, str(tmp_path / "x"), fmt="fhir-ndjson")
+    with pytest.raises(ConfigError, match="fault-rate"):
+        synth.run(spark, 10, str(tmp_path / "x"), fault_rate=1.5)
