@@ -34,9 +34,11 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/ingest.py
+	$(PY) bench/eda.py
+	$(PY) bench/models.py
 
 lint: setup
-	$(VENV)/bin/ruff check lib jobs tests bench
+	$(VENV)/bin/ruff check lib jobs tests bench scripts
 
 clean:
 	rm -rf $(LAKE) .cluster spark-warehouse

@@ -18,6 +18,9 @@ run ingest --source csv-extract --extract diabetes130 --input data/sample/diabet
 run clean
 run quality
 run eda
+run features
+run train --task diabetes130_readmission_30d --grid tiny --promote
+run models list
 run report --out "$lake/report.html"
 run lake show
 run read --table bronze.fhir_patient --limit 3 --role engineer
@@ -29,7 +32,8 @@ cat <<EOT
 Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records with lineage,
 identifiers sealed (ek1:...) and a pseudonymous patient_key; ops.quarantine = every record that could
 not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
-gold = data-quality results, readiness scorecard and suppressed EDA aggregates; the HTML report
+gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
+the model registry and evaluation tables (docs/features.md); the HTML report
 is $lake/report.html and the analyst notebook notebooks/analyst.ipynb;
 audit.events = who read or wrote what, hash-chained).
 Look at them with:

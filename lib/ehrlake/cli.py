@@ -193,6 +193,83 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated event tables to write (default: all; patients and facilities always)",
     )
     synth.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
+
+    features = sub.add_parser(
+        "features",
+        help="point-in-time feature tables and labels for the prediction tasks",
+        description="Rebuild gold.features_patient (per patient x as-of date), gold.features_encounter "
+        "(per inpatient stay at discharge), gold.features_diabetes130 and gold.labels (docs/features.md).",
+    )
+    features.add_argument(
+        "--as-of",
+        help="comma-separated index dates YYYY-MM-DD (default: 1 January of the 5 latest years whose "
+        "12-month follow-up lies inside the data)",
+    )
+    _common(features)
+    _role(features)
+
+    train_cmd = sub.add_parser(
+        "train",
+        help="train models for a task; each registered as a candidate in gold.model_registry",
+        description="Patient-grouped split and cross-validated search, fit, held-out evaluation with "
+        "bootstrap intervals, subgroup metrics; every model version registered with its data versions.",
+    )
+    train_cmd.add_argument("--task", required=True, help="prediction task (docs/features.md)")
+    train_cmd.add_argument(
+        "--algorithms",
+        default="xgboost,logreg,rf",
+        help="comma-separated: xgboost, logreg, rf (default: all)",
+    )
+    train_cmd.add_argument("--grid", default="small", choices=["tiny", "small", "full"], help="search grid")
+    train_cmd.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
+    train_cmd.add_argument("--seed", type=int, default=42, help="split, folds and learners' seed")
+    train_cmd.add_argument("--workers", type=int, default=2, help="xgboost.spark workers (default 2)")
+    train_cmd.add_argument(
+        "--promote",
+        action="store_true",
+        help="promote the version with the best held-out AUROC to production",
+    )
+    _common(train_cmd)
+    _role(train_cmd)
+
+    evaluate_cmd = sub.add_parser(
+        "evaluate",
+        help="evaluate a registered model on new data without retraining",
+        description="Metrics with 95%% bootstrap intervals, calibration, subgroup gaps and error cells "
+        "of a model version, on a new extract file (--input) or its held-out patients.",
+    )
+    evaluate_cmd.add_argument(
+        "--model", required=True, help="model id, e.g. diabetes130_readmission_30d.xgboost"
+    )
+    evaluate_cmd.add_argument("--version", type=int, help="model version (default: latest)")
+    evaluate_cmd.add_argument("--input", help="a file of the format the model was trained on")
+    evaluate_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    _common(evaluate_cmd)
+    _role(evaluate_cmd)
+
+    score_cmd = sub.add_parser(
+        "score",
+        help="score the eligible population as of a date with the task's production model",
+        description="Risk score, band, top reasons and model version for every eligible patient, merged "
+        "into gold.risk_scores (re-scoring the same date replaces those rows).",
+    )
+    score_cmd.add_argument("--task", required=True, help="patient-level task, e.g. mortality_12m")
+    score_cmd.add_argument("--as-of", default="today", help="index date YYYY-MM-DD or 'today' (default)")
+    score_cmd.add_argument("--model", help="model id to use instead of the task's production model")
+    score_cmd.add_argument("--version", type=int, help="with --model: the version (default: latest)")
+    _common(score_cmd)
+    _role(score_cmd)
+
+    models_cmd = sub.add_parser("models", help="the model registry", description="The model registry.")
+    models_sub = models_cmd.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    models_list = models_sub.add_parser("list", help="model versions with task, status and test AUROC")
+    models_list.add_argument("--task", help="only this task")
+    models_list.add_argument("--json", action="store_true", help="machine-readable output")
+    promote = models_sub.add_parser("promote", help="make a model version its task's production model")
+    promote.add_argument("--model", required=True, help="model id")
+    promote.add_argument("--version", type=int, required=True, help="version")
+    for p in (models_list, promote):
+        _common(p)
     return parser
 
 
@@ -441,6 +518,111 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def _dates(text: str):
+    import datetime as dt
+
+    try:
+        return [dt.date.fromisoformat(d.strip()) for d in text.split(",") if d.strip()]
+    except ValueError as exc:
+        raise EhrlakeError(f"dates must be YYYY-MM-DD: {exc}") from None
+
+
+def cmd_features(args) -> int:
+    from ehrlake import features
+
+    lake, _ = _open_lake(args)
+    summary = features.run(lake, _dates(args.as_of) if args.as_of else None, role=args.role)
+    if summary["as_of"]:
+        print(f"index dates {', '.join(summary['as_of'])} (data end {summary['data_end']})")
+    for table in sorted(k for k in summary if k.startswith("gold.")):
+        print(f"{table:<28} {summary[table]:>10,} rows")
+    for name, c in sorted(summary["tasks"].items()):
+        rate = c["positive"] / c["labelled"] if c["labelled"] else 0.0
+        print(
+            f"  {name:<30} {c['labelled']:>8,} labelled, {c['positive']:>6,} positive ({rate:.1%}), "
+            f"{c['excluded']:>8,} excluded"
+        )
+    return 0
+
+
+def cmd_train(args) -> int:
+    from ehrlake.models import registry, train
+
+    lake, _ = _open_lake(args)
+    algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
+    trained = train(
+        lake, args.task, algorithms, grid=args.grid, folds=args.folds, seed=args.seed,
+        num_workers=args.workers, role=args.role,
+    )  # fmt: skip
+    print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'CV AUROC':>8}")
+    for mv in trained:
+        m = mv.metrics
+        auroc = m["auroc"]
+        print(
+            f"{mv.label:<44} {auroc['value']:.3f} ({auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
+            f"   {m['auprc']['value']:>6.3f} {m['brier']['value']:>6.3f} {m['cv_auroc']['value']:>8.3f}"
+        )
+    if args.promote and trained:
+        best = max(trained, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
+        registry.promote(lake, best.model_id, best.version)
+        print(f"promoted {best.label} to production for {args.task}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ehrlake.models import evaluate_model
+
+    lake, _ = _open_lake(args)
+    result = evaluate_model(lake, args.model, args.version, args.input, role=args.role)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']} on {result['dataset']}:")
+    for name, m in result["metrics"].items():
+        print(f"  {name:<10} {m['value']:.3f}  (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f}, n={m['n']:,})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import datetime as dt
+
+    from ehrlake import scoring
+
+    lake, _ = _open_lake(args)
+    as_of = dt.date.today() if args.as_of == "today" else _dates(args.as_of)[0]
+    run = scoring.score(lake, args.task, as_of, role=args.role, model_id=args.model, version=args.version)
+    print(run.format())
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from ehrlake.models import registry
+
+    lake, _ = _open_lake(args)
+    rows = registry.versions(lake, args.task)
+    if args.json:
+        print(
+            json.dumps([{**r.__dict__, "created_at": str(r.created_at)} for r in rows], indent=2, default=str)
+        )
+        return 0
+    if not rows:
+        print("no models yet: run ehrlake train --task TASK")
+    for r in rows:
+        auroc = r.metrics.get("auroc", {})
+        ci = f"{auroc.get('value', 0):.3f} ({auroc.get('ci_low', 0):.3f}-{auroc.get('ci_high', 0):.3f})"
+        print(f"{r.label:<44} {r.status:<10} test AUROC {ci}  {r.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from ehrlake.models import registry
+
+    lake, _ = _open_lake(args)
+    mv = registry.promote(lake, args.model, args.version)
+    print(f"{mv.label} is now the production model of {mv.task}")
+    return 0
+
+
 COMMANDS = {
     "ingest": cmd_ingest,
     "synth": cmd_synth,
@@ -455,12 +637,23 @@ COMMANDS = {
     "read": cmd_read,
     "reveal": cmd_reveal,
     ("audit", "verify"): cmd_audit_verify,
+    "features": cmd_features,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "score": cmd_score,
+    ("models", "list"): cmd_models_list,
+    ("models", "promote"): cmd_models_promote,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    sub = {"lake": "lake_command", "keys": "keys_command", "audit": "audit_command"}.get(args.command)
+    sub = {
+        "lake": "lake_command",
+        "keys": "keys_command",
+        "audit": "audit_command",
+        "models": "models_command",
+    }.get(args.command)
     key = (args.command, getattr(args, sub)) if sub else args.command
     try:
         return COMMANDS[key](args)

@@ -115,6 +115,9 @@ def render(lake, title: str = "ehrlake population health report") -> str:
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{_png(fig)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
+    from ehrlake.models import report as models_report
+
+    sections.append(models_report.section(lake, _png))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"

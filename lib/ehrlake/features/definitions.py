@@ -1,0 +1,88 @@
+"""What the point-in-time features are made of: windows, condition groups and labs, from
+``conf/features.yaml`` (declared, so a clinician can review and extend them without reading Spark)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
+from ehrlake.errors import ConfigError
+
+FEATURES_FILE = Path(__file__).resolve().parents[3] / "conf" / "features.yaml"
+PREFIX_SYSTEMS = ("ICD9CM", "ICD10CM", "ICD10")  # matched by prefix of the dotted code
+EXACT_SYSTEMS = ("SNOMED", "LOINC")
+
+
+@dataclass(frozen=True)
+class CodeSet:
+    """A named set of codes across systems (exact for SNOMED / LOINC, prefixes for ICD)."""
+
+    name: str
+    description: str
+    codes: dict[str, tuple[str, ...]]  # system -> codes or prefixes
+
+    def matches(self, system: Column, code: Column) -> Column:
+        terms = []
+        for sys_name, values in self.codes.items():
+            if sys_name in PREFIX_SYSTEMS:
+                hit = None
+                for prefix in values:
+                    one = code.startswith(prefix)
+                    hit = one if hit is None else hit | one
+            else:
+                hit = code.isin(*values)
+            terms.append((system == sys_name) & hit)
+        out = F.lit(False)
+        for term in terms:
+            out = out | term
+        return out
+
+
+@dataclass(frozen=True)
+class Windows:
+    recent_days: int = 365
+    long_days: int = 1825
+    labs_days: int = 730
+    observed_days: int = 730
+
+
+@dataclass(frozen=True)
+class Definitions:
+    windows: Windows
+    condition_groups: dict[str, CodeSet]
+    labs: dict[str, CodeSet]
+
+    def group(self, name: str) -> CodeSet:
+        if name not in self.condition_groups:
+            raise ConfigError(f"no condition group {name!r} in conf/features.yaml")
+        return self.condition_groups[name]
+
+
+def _code_sets(data: dict, where: str) -> dict[str, CodeSet]:
+    out = {}
+    for name, spec in (data or {}).items():
+        spec = dict(spec or {})
+        description = str(spec.pop("description", name))
+        unknown = set(spec) - set(PREFIX_SYSTEMS) - set(EXACT_SYSTEMS)
+        if unknown:
+            raise ConfigError(f"{where}.{name}: unknown code system(s) {sorted(unknown)}")
+        out[name] = CodeSet(name, description, {s: tuple(str(c) for c in v) for s, v in spec.items()})
+    return out
+
+
+def load(path: str | Path | None = None) -> Definitions:
+    path = Path(path or FEATURES_FILE)
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = set(data) - {"windows", "condition_groups", "labs"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
+    windows = Windows(**{k: int(v) for k, v in (data.get("windows") or {}).items()})
+    return Definitions(
+        windows,
+        _code_sets(data.get("condition_groups"), "condition_groups"),
+        _code_sets(data.get("labs"), "labs"),
+    )

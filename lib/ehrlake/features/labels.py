@@ -1,0 +1,242 @@
+"""Prediction tasks and their labels, each with its exact definition (docs/features.md).
+
+A label row is an *index* (a patient as of a date, or an inpatient stay at discharge) with the
+outcome in the horizon after it. Indexes that cannot be labelled are kept with ``label`` null and an
+``excluded`` reason (nothing is silently dropped): the follow-up runs past the end of the data, the
+patient died before the index, already has the disease, or was not seen recently enough to be
+"under observation" (a patient never seen cannot be at risk in the data).
+
+The end of the data (``data_end``) is the latest encounter start in silver that is not flagged
+``future_date``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.errors import EhrlakeError
+from ehrlake.features import pointintime
+from ehrlake.features.definitions import Definitions
+
+LABEL_COLUMNS = ["task", "patient_key", "index_id", "index_time", "label", "excluded"]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    level: str  # patient (as of a date) | encounter (inpatient stay at discharge) | diabetes130 (extract row)
+    definition: str
+    horizon_days: int = 365
+    group: str | None = None  # condition group of an onset task
+
+    @property
+    def feature_table(self) -> str:
+        return f"gold.features_{self.level}"
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task(
+            "readmission_30d",
+            "encounter",
+            "Index: every inpatient stay with a discharge time (silver.encounter, class inpatient), at "
+            "discharge. Label 1 if the same patient starts another inpatient stay within 30 days after "
+            "discharge (all-cause, planned or not: sources do not mark planned stays). Excluded: no "
+            "discharge time; died on or before the discharge day; discharge less than 30 days before "
+            "the end of the data.",
+            horizon_days=30,
+        ),
+        Task(
+            "type2_diabetes_onset_12m",
+            "patient",
+            "Index: a patient as of a date (00:00 UTC), alive, born before it, with an encounter ended "
+            "in the previous 730 days. Label 1 if a type 2 diabetes diagnosis (conf/features.yaml "
+            "type2_diabetes) has its first onset within 365 days from the index. Excluded: the "
+            "diagnosis before the index; follow-up past the end of the data.",
+            group="type2_diabetes",
+        ),
+        Task(
+            "hypertension_onset_12m",
+            "patient",
+            "As type2_diabetes_onset_12m, for hypertension (conf/features.yaml hypertension).",
+            group="hypertension",
+        ),
+        Task(
+            "ckd_onset_12m",
+            "patient",
+            "As type2_diabetes_onset_12m, for chronic kidney disease (conf/features.yaml ckd).",
+            group="ckd",
+        ),
+        Task(
+            "mortality_12m",
+            "patient",
+            "Index: a patient as of a date, alive, born before it, with an encounter ended in the "
+            "previous 730 days. Label 1 if the recorded death date falls within 365 days from the "
+            "index. Excluded: follow-up past the end of the data.",
+        ),
+        Task(
+            "diabetes130_readmission_30d",
+            "diabetes130",
+            "Diabetes 130-US's own label: one row per inpatient encounter of the extract, label 1 if "
+            "readmitted == '<30' (readmitted within 30 days), 0 for '>30' and 'NO'. Excluded, as in "
+            "Strack et al. 2014: discharges to hospice or death (discharge_disposition_id 11, 13, 14, "
+            "19, 20, 21).",
+            horizon_days=30,
+        ),
+    )
+}
+
+
+def task(name: str) -> Task:
+    if name not in TASKS:
+        raise EhrlakeError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    return TASKS[name]
+
+
+def data_end(lake) -> dt.datetime | None:
+    """The latest encounter start in silver that is not flagged as lying in the future."""
+    row = (
+        lake.read("silver.encounter")
+        .where(~F.array_contains(F.coalesce("quality_flags", F.array()), "future_date"))
+        .agg(F.max("start_at"))
+        .first()
+    )
+    return row[0]
+
+
+def _days(days: int) -> Column:
+    return F.expr(f"INTERVAL {int(days)} DAYS")
+
+
+def _label(excluded: Column, outcome: Column) -> tuple[Column, Column]:
+    """(label, excluded): the first exclusion that applies wins; label null where excluded."""
+    return F.when(excluded.isNull(), outcome.cast("int")), excluded
+
+
+def readmission(lake, end: dt.datetime) -> DataFrame:
+    """Index rows of ``readmission_30d``: inpatient stays, with ``source_system`` / ``encounter_id``."""
+    stays = (
+        lake.read("silver.encounter")
+        .where(F.lower("encounter_class") == "inpatient")
+        .select("source_system", "encounter_id", "patient_key", "start_at", "end_at")
+    )
+    later = stays.select(
+        "patient_key", F.col("start_at").alias("next_start"), F.col("encounter_id").alias("next_id")
+    )
+    readmitted = (
+        stays.join(later, "patient_key")
+        .where(
+            (F.col("next_id") != F.col("encounter_id"))
+            & (F.col("next_start") > F.col("end_at"))
+            & (F.col("next_start") <= F.col("end_at") + _days(30))
+        )
+        .select("source_system", "encounter_id")
+        .distinct()
+        .withColumn("_readmitted", F.lit(True))
+    )
+    deaths = lake.read("silver.patient").select("patient_key", "death_date")
+    df = stays.join(readmitted, ["source_system", "encounter_id"], "left").join(deaths, "patient_key", "left")
+    excluded = (
+        F.when(F.col("end_at").isNull(), F.lit("no discharge time"))
+        .when(F.col("death_date") <= F.to_date("end_at"), F.lit("died on or before discharge"))
+        .when(F.col("end_at") + _days(30) > F.lit(end), F.lit("follow-up past the end of the data"))
+    )
+    label, excluded = _label(excluded, F.coalesce("_readmitted", F.lit(False)))
+    return df.select(
+        F.lit("readmission_30d").alias("task"),
+        "patient_key",
+        F.concat_ws("/", "source_system", "encounter_id").alias("index_id"),
+        F.col("end_at").alias("index_time"),
+        label.alias("label"),
+        excluded.alias("excluded"),
+        "source_system",
+        "encounter_id",
+    )
+
+
+def patient_index(lake, as_of: list[dt.date], defs: Definitions) -> DataFrame:
+    """Every patient with a dated encounter x as-of date, with the exclusion common to all patient
+    tasks (or null)."""
+    dates = lake.spark.createDataFrame([(d,) for d in sorted(set(as_of))], "as_of date")
+    people = lake.read("silver.patient").select("patient_key", "birth_year", "death_date")
+    seen = lake.read("silver.encounter").select(
+        "patient_key", F.coalesce("end_at", "start_at").alias("ended_at")
+    )
+    # only patients with a dated encounter can be placed in time (Diabetes 130-US has no dates)
+    dated = seen.where(F.col("ended_at").isNotNull()).select("patient_key").distinct()
+    index = (
+        people.join(dated, "patient_key")
+        .crossJoin(dates)
+        .withColumn("index_time", F.col("as_of").cast("timestamp"))
+    )
+    observed = (
+        index.select("patient_key", "as_of", "index_time")
+        .join(seen, "patient_key")
+        .where(
+            (F.col("ended_at") < F.col("index_time"))
+            & (F.col("ended_at") >= F.col("index_time") - _days(defs.windows.observed_days))
+        )
+        .select("patient_key", "as_of")
+        .distinct()
+        .withColumn("_observed", F.lit(True))
+    )
+    index = index.join(observed, ["patient_key", "as_of"], "left")
+    excluded = (
+        F.when(
+            F.col("birth_year").isNull() | (F.col("birth_year") > F.year("as_of")),
+            F.lit("no birth year, or born after the index"),
+        )
+        .when(F.col("death_date") < F.col("as_of"), F.lit("died before the index"))
+        .when(F.col("_observed").isNull(), F.lit("not under observation"))
+    )
+    return index.select(
+        "patient_key",
+        F.date_format("as_of", "yyyy-MM-dd").alias("index_id"),
+        "index_time",
+        "as_of",
+        "death_date",
+        excluded.alias("_base_excluded"),
+    )
+
+
+def patient_labels(lake, index: DataFrame, t: Task, end: dt.datetime, defs: Definitions) -> DataFrame:
+    """Labels of one patient-level task over :func:`patient_index` rows."""
+    horizon_end = F.col("index_time") + _days(t.horizon_days)
+    past_end = horizon_end > F.lit(end)
+    if t.group is None:  # mortality
+        outcome = (F.col("death_date") >= F.col("as_of")) & (
+            F.col("death_date").cast("timestamp") < horizon_end
+        )
+        excluded = F.when(F.col("_base_excluded").isNotNull(), F.col("_base_excluded")).when(
+            past_end, F.lit("follow-up past the end of the data")
+        )
+        df = index
+    else:
+        group = defs.group(t.group)
+        first = (
+            pointintime.silver(lake, "condition")
+            .where(group.matches(F.col("code_system"), F.col("code")) & F.col("onset_at").isNotNull())
+            .groupBy("patient_key")
+            .agg(F.min("onset_at").alias("_first_onset"))
+        )
+        df = index.join(first, "patient_key", "left")
+        outcome = (F.col("_first_onset") >= F.col("index_time")) & (F.col("_first_onset") < horizon_end)
+        excluded = (
+            F.when(F.col("_base_excluded").isNotNull(), F.col("_base_excluded"))
+            .when(F.col("_first_onset") < F.col("index_time"), F.lit(f"already has {group.description}"))
+            .when(past_end, F.lit("follow-up past the end of the data"))
+        )
+    label, excluded = _label(excluded, F.coalesce(outcome, F.lit(False)))
+    return df.select(
+        F.lit(t.name).alias("task"),
+        "patient_key",
+        "index_id",
+        "index_time",
+        label.alias("label"),
+        excluded.alias("excluded"),
+    )

@@ -1,0 +1,59 @@
+"""Models on the feature tables: training (``train.py``), the three learners (``algorithms.py``),
+the registry (``registry.py``), evaluation (``evaluate.py``) and explanations (``explain.py``).
+
+::
+
+    ehrlake train --task diabetes130_readmission_30d          # xgboost, logreg, rf -> candidates
+    ehrlake models list
+    ehrlake models promote --model diabetes130_readmission_30d.xgboost --version 1
+    ehrlake evaluate --model diabetes130_readmission_30d.xgboost --input new_extract.csv.gz
+"""
+
+from __future__ import annotations
+
+import os
+
+from pyspark.sql import functions as F
+
+from ehrlake import features as feats
+from ehrlake.errors import EhrlakeError
+from ehrlake.features import diabetes130
+from ehrlake.models import registry
+from ehrlake.models.train import DEFAULT_SEED, record, score_column, split, train
+
+__all__ = ["train", "evaluate_model", "registry"]
+
+
+def evaluate_model(
+    lake, model_id: str, version: int | None = None, input_path: str | None = None, role=None
+) -> dict:
+    """Evaluate a registered model without retraining: on a new extract file of the format it was
+    trained on (``input_path``), or else on its held-out patients in the current feature tables.
+    Results go to the gold model tables under the evaluation id ``<model>.v<N>.<dataset>``."""
+    mv = registry.get(lake, model_id, version)
+    t = feats.task(mv.task)
+    if input_path:
+        if t.level != "diabetes130":
+            raise EhrlakeError(
+                f"--input evaluates extract-format models; {mv.label} is trained on silver features "
+                "(load new data with ehrlake ingest + clean + features, then evaluate without --input)"
+            )
+        if not os.path.exists(input_path):
+            raise EhrlakeError(f"no file {input_path}")
+        rows = diabetes130.build(diabetes130.read_file(lake.spark, input_path))
+        data = rows.where(F.col("label").isNotNull())
+        dataset = os.path.basename(input_path.rstrip("/")).split(".")[0]
+    else:
+        seed = int(mv.params.get("seed", DEFAULT_SEED))
+        _, data = split(feats.training_frame(lake, t), seed, int(mv.params.get("test_percent", 20)))
+        dataset = "test"
+    if data.limit(1).count() == 0:
+        raise EhrlakeError(f"no labelled rows to evaluate {mv.label} on")
+    model = mv.load(lake)
+    pred = model.transform(data).withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
+    with lake.security.job("evaluate", ["gold"], role) as (_, audit):
+        overall = record(lake, mv, pred, dataset)
+        audit.append(
+            ("gold.model_metrics", f"{mv.label} on {dataset}: AUROC {overall['auroc']['value']:.3f}")
+        )
+    return {"model": mv.label, "dataset": dataset, "metrics": overall}

@@ -1,0 +1,194 @@
+"""Model evaluation with bootstrap confidence intervals, calibration, subgroup gaps and error cells.
+
+Scale: predictions stay in Spark. Only a *histogram* reaches the driver: per score bin (1/1000 wide)
+and label, the row count and the summed squared error, so the driver's memory does not grow with
+the number of predictions. Every metric is computed from that histogram (AUROC and AUPRC exact up
+to ties inside a bin; threshold metrics exact at 0.5, a bin edge; Brier exact). Resampling rows
+with replacement is, for these metrics, the same as drawing the histogram's cells from a
+multinomial with the observed proportions, so the bootstrap runs on the histogram too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+BINS = 1000
+THRESHOLD = 0.5
+BOOTSTRAP = 1000
+METRICS = ("auroc", "auprc", "accuracy", "precision", "recall", "f1", "brier")
+SUBGROUPS = ("sex", "age_band", "state", "race")
+MIN_SUBGROUP = 30  # fewer rows (or no positive / negative) in a subgroup: metrics not reported
+
+
+def histogram(pred: DataFrame, by: list[str] | None = None) -> pd.DataFrame:
+    """(by..., bin, label) -> n, sq (sum of squared errors), ssum (sum of scores); bounded size."""
+    by = by or []
+    b = F.least(F.floor(F.col("score") * BINS), F.lit(BINS - 1)).cast("int")
+    return (
+        pred.select(*by, b.alias("bin"), F.col("label").cast("int").alias("label"), "score")
+        .groupBy(*by, "bin", "label")
+        .agg(
+            F.count("*").alias("n"),
+            F.sum((F.col("score") - F.col("label")) ** 2).alias("sq"),
+            F.sum("score").alias("ssum"),
+        )
+        .toPandas()
+    )
+
+
+def _cells(h: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts as a (2, BINS) array [negatives, positives], and mean squared error per cell."""
+    counts = np.zeros((2, BINS))
+    sq = np.zeros((2, BINS))
+    for label in (0, 1):
+        part = h[h["label"] == label]
+        counts[label, part["bin"].to_numpy()] = part["n"].to_numpy()
+        sq[label, part["bin"].to_numpy()] = part["sq"].to_numpy()
+    mean_sq = np.divide(sq, counts, out=np.zeros_like(sq), where=counts > 0)
+    return counts, mean_sq, sq
+
+
+def _metrics(neg: np.ndarray, pos: np.ndarray, mean_sq: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics for a batch of histograms: ``neg``/``pos`` are (B, BINS) counts."""
+    P = pos.sum(axis=1)
+    N = neg.sum(axis=1)
+    n = P + N
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pos_d, neg_d = pos[:, ::-1], neg[:, ::-1]  # highest scores first
+        above = np.cumsum(pos_d, axis=1) - pos_d  # positives scoring strictly higher
+        auroc = (neg_d * (above + 0.5 * pos_d)).sum(axis=1) / (P * N)
+        tp_cum = np.cumsum(pos_d, axis=1)
+        fp_cum = np.cumsum(neg_d, axis=1)
+        precision_at = tp_cum / np.maximum(tp_cum + fp_cum, 1)
+        auprc = (pos_d / P[:, None] * precision_at).sum(axis=1)
+        cut = int(THRESHOLD * BINS)
+        tp = pos[:, cut:].sum(axis=1)
+        fp = neg[:, cut:].sum(axis=1)
+        tn = N - fp
+        precision = tp / (tp + fp)
+        recall = tp / P
+        f1 = 2 * precision * recall / (precision + recall)
+        brier = ((neg * mean_sq[0]).sum(axis=1) + (pos * mean_sq[1]).sum(axis=1)) / n
+    return {
+        "auroc": auroc,
+        "auprc": auprc,
+        "accuracy": (tp + tn) / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "brier": brier,
+    }
+
+
+def summarise(h: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> dict[str, dict]:
+    """Point estimate and 95% percentile-bootstrap interval of every metric of one histogram."""
+    counts, mean_sq, _ = _cells(h)
+    n = int(counts.sum())
+    P = int(counts[1].sum())
+    out: dict[str, dict] = {}
+    if n == 0:
+        return out
+    point = _metrics(counts[0][None], counts[1][None], mean_sq)
+    draws = (
+        np.random.default_rng(seed)
+        .multinomial(n, counts.ravel() / n, size=bootstrap)
+        .reshape(bootstrap, 2, BINS)
+    )
+    boot = _metrics(draws[:, 0], draws[:, 1], mean_sq)
+    for m in METRICS:
+        values = boot[m][np.isfinite(boot[m])]
+        low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
+        out[m] = {
+            "value": _num(point[m][0]),
+            "ci_low": _num(low),
+            "ci_high": _num(high),
+            "n": n,
+            "positives": P,
+        }
+    return out
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def calibration(h: pd.DataFrame, bins: int = 10) -> list[dict]:
+    """Reliability curve: per tenth of the score range, mean predicted score and observed rate."""
+    if h.empty:
+        return []
+    decile = (h["bin"] * bins // BINS).clip(upper=bins - 1)
+    rows = []
+    for d, part in h.groupby(decile):
+        n = part["n"].sum()
+        rows.append(
+            {
+                "bin": int(d),
+                "mean_predicted": float(part["ssum"].sum() / n),
+                "observed_rate": float(part.loc[part["label"] == 1, "n"].sum() / n),
+                "n": int(n),
+            }
+        )
+    return rows
+
+
+def subgroup_metrics(pred: DataFrame, bootstrap: int = 200) -> list[dict]:
+    """Metrics per value of each subgroup column present, with the gap to the overall figure."""
+    kinds = [k for k in SUBGROUPS if k in pred.columns]
+    if not kinds:
+        return []
+    stacked = pred.select(
+        "score",
+        "label",
+        F.explode(
+            F.array(
+                *[F.struct(F.lit(k).alias("kind"), F.col(k).cast("string").alias("value")) for k in kinds]
+            )
+        ).alias("g"),
+    ).select("score", "label", "g.kind", "g.value")
+    h = histogram(stacked, ["kind", "value"])
+    rows = []
+    for (kind, value), part in h.groupby(["kind", "value"]):
+        n = int(part["n"].sum())
+        positives = int(part.loc[part["label"] == 1, "n"].sum())
+        if n < MIN_SUBGROUP or positives == 0 or positives == n:
+            rows.append({"kind": kind, "value": value, "n": n, "positives": positives, "metrics": {}})
+            continue
+        rows.append(
+            {
+                "kind": kind,
+                "value": value,
+                "n": n,
+                "positives": positives,
+                "metrics": summarise(part, bootstrap),
+            }
+        )
+    return rows
+
+
+def error_cells(pred: DataFrame, k: int = 11, top: int = 15) -> DataFrame:
+    """Where the model is most wrong: age band x sex cells ranked by Brier score (cells under k rows
+    are left out, as in the EDA tables), with miss rates at the 0.5 threshold."""
+    flagged = F.col("score") >= THRESHOLD
+    return (
+        pred.groupBy("age_band", "sex")
+        .agg(
+            F.count("*").alias("n"),
+            F.sum("label").alias("positives"),
+            F.avg("score").alias("mean_score"),
+            F.avg("label").alias("observed_rate"),
+            F.avg((F.col("score") - F.col("label")) ** 2).alias("brier"),
+            F.try_divide(F.sum(((F.col("label") == 1) & ~flagged).cast("int")), F.sum("label")).alias(
+                "false_negative_rate"
+            ),
+            F.try_divide(
+                F.sum(((F.col("label") == 0) & flagged).cast("int")), F.sum(1 - F.col("label"))
+            ).alias("false_positive_rate"),
+        )
+        .where(F.col("n") >= k)
+        .orderBy(F.desc("brier"), "age_band", "sex")
+        .limit(top)
+    )

@@ -1,0 +1,171 @@
+"""The model registry: ``gold.model_registry`` (one row per model version) plus artifacts in the lake.
+
+A model id names what is trained (``<task>.<algorithm>``); each training run adds a version. A row
+records the parameters, the feature list, the Delta version of every table it was trained from (so
+any model traces to the exact data: ``lake.read(table, version=...)``), test metrics with their
+confidence intervals, the risk-band thresholds, and where the fitted pipeline is saved
+(``<lake>/models/<model_id>/v<version>``, Spark ML format). Status: ``candidate`` when trained,
+``production`` once promoted (one per task: promoting demotes the previous one to ``retired``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ehrlake.errors import EhrlakeError
+
+TABLE = "gold.model_registry"
+STATUSES = ("candidate", "production", "retired")
+SCHEMA = T.StructType(
+    [
+        T.StructField("model_id", T.StringType(), False),
+        T.StructField("version", T.IntegerType(), False),
+        T.StructField("task", T.StringType(), False),
+        T.StructField("algorithm", T.StringType(), False),
+        T.StructField("params", T.StringType()),  # JSON
+        T.StructField("features", T.ArrayType(T.StringType())),
+        T.StructField("training_data", T.StringType()),  # JSON {table: delta version}
+        T.StructField("metrics", T.StringType()),  # JSON {metric: {value, ci_low, ci_high, n, positives}}
+        T.StructField("bands", T.StringType()),  # JSON {"medium": score, "high": score}
+        T.StructField("artifact", T.StringType()),  # relative to the lake root
+        T.StructField("created_at", T.TimestampType()),
+        T.StructField("status", T.StringType()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    model_id: str
+    version: int
+    task: str
+    algorithm: str
+    params: dict
+    features: list[str]
+    training_data: dict
+    metrics: dict
+    bands: dict
+    artifact: str
+    created_at: dt.datetime
+    status: str
+
+    @classmethod
+    def from_row(cls, row) -> ModelVersion:
+        d = row.asDict()
+        for key in ("params", "training_data", "metrics", "bands"):
+            d[key] = json.loads(d[key] or "{}")
+        d["features"] = list(d["features"] or [])
+        return cls(**d)
+
+    def artifact_path(self, lake) -> str:
+        return os.path.join(lake.root, self.artifact)
+
+    def load(self, lake):
+        """The fitted Spark ML pipeline."""
+        from pyspark.ml import PipelineModel
+
+        return PipelineModel.load(self.artifact_path(lake))
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_id} v{self.version}"
+
+
+def _table(lake):
+    lake.create(TABLE, SCHEMA, description="model versions: parameters, data versions, metrics, status")
+    return lake.read(TABLE)
+
+
+def next_version(lake, model_id: str) -> int:
+    latest = _table(lake).where(F.col("model_id") == model_id).agg(F.max("version")).first()[0]
+    return int(latest or 0) + 1
+
+
+def artifact_dir(model_id: str, version: int) -> str:
+    return os.path.join("models", model_id, f"v{version}")
+
+
+def register(lake, mv: ModelVersion) -> None:
+    row = (
+        mv.model_id,
+        mv.version,
+        mv.task,
+        mv.algorithm,
+        json.dumps(mv.params, sort_keys=True, default=str),
+        mv.features,
+        json.dumps(mv.training_data, sort_keys=True),
+        json.dumps(mv.metrics, sort_keys=True),
+        json.dumps(mv.bands, sort_keys=True),
+        mv.artifact,
+        mv.created_at,
+        mv.status,
+    )
+    _table(lake)
+    lake.merge(
+        lake.spark.createDataFrame([row], SCHEMA),
+        TABLE,
+        keys=["model_id", "version"],
+        commit_info={"ehrlakeJob": "train"},
+    )
+
+
+def versions(lake, task: str | None = None) -> list[ModelVersion]:
+    df = _table(lake)
+    if task:
+        df = df.where(F.col("task") == task)
+    return [ModelVersion.from_row(r) for r in df.orderBy("task", "model_id", "version").collect()]
+
+
+def get(lake, model_id: str, version: int | None = None) -> ModelVersion:
+    """A model version (``version=None``: the latest) of the registry."""
+    df = _table(lake).where(F.col("model_id") == model_id)
+    if version is not None:
+        df = df.where(F.col("version") == version)
+    row = df.orderBy(F.desc("version")).first()
+    if row is None:
+        known = sorted({m.model_id for m in versions(lake)})
+        raise EhrlakeError(
+            f"no model {model_id}" + (f" v{version}" if version else "") + f" in {TABLE} "
+            f"(known: {', '.join(known) or 'none; run ehrlake train first'})"
+        )
+    return ModelVersion.from_row(row)
+
+
+def production(lake, task: str) -> ModelVersion:
+    rows = [m for m in versions(lake, task) if m.status == "production"]
+    if not rows:
+        raise EhrlakeError(
+            f"no production model for task {task}: promote one with "
+            "ehrlake models promote --model ID --version N (ehrlake models list shows candidates)"
+        )
+    return rows[-1]
+
+
+def promote(lake, model_id: str, version: int) -> ModelVersion:
+    """Make this version the task's production model; the previous one becomes ``retired``."""
+    chosen = get(lake, model_id, version)
+    changed = []
+    for m in versions(lake, chosen.task):
+        status = m.status
+        if (m.model_id, m.version) == (chosen.model_id, chosen.version):
+            status = "production"
+        elif m.status == "production":
+            status = "retired"
+        if status != m.status:
+            changed.append((m.model_id, m.version, status))
+    if changed:
+        updates = lake.spark.createDataFrame(changed, "model_id string, version int, status string")
+        current = _table(lake).drop("status").join(updates, ["model_id", "version"])
+        lake.merge(
+            current.select(*SCHEMA.fieldNames()),
+            TABLE,
+            keys=["model_id", "version"],
+            commit_info={"ehrlakeJob": "promote"},
+        )
+    return get(lake, model_id, version)

@@ -1,0 +1,100 @@
+"""The models part of ``ehrlake report``: comparison table, calibration curves and subgroup gaps.
+
+Reads only the gold model tables (bounded by the number of model versions, not by patients).
+"""
+
+from __future__ import annotations
+
+import html
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+from ehrlake.models import registry  # noqa: E402
+
+
+def _latest(lake) -> list[registry.ModelVersion]:
+    latest: dict[str, registry.ModelVersion] = {}
+    for mv in registry.versions(lake):
+        latest[mv.model_id] = mv  # versions come in ascending order
+    return list(latest.values())
+
+
+def comparison_table(models: list[registry.ModelVersion]) -> str:
+    def cell(m: dict, name: str) -> str:
+        v = m.get(name) or {}
+        if v.get("value") is None:
+            return "<td></td>"
+        ci = f" ({v['ci_low']:.3f}–{v['ci_high']:.3f})" if v.get("ci_low") is not None else ""
+        return f"<td>{v['value']:.3f}{ci}</td>"
+
+    rows = "".join(
+        f"<tr><td>{html.escape(m.task)}</td><td>{html.escape(m.algorithm)}</td><td>v{m.version}</td>"
+        f"<td>{html.escape(m.status)}</td>{cell(m.metrics, 'auroc')}{cell(m.metrics, 'auprc')}"
+        f"{cell(m.metrics, 'brier')}{cell(m.metrics, 'recall')}</tr>"
+        for m in sorted(models, key=lambda m: (m.task, -(m.metrics.get("auroc", {}).get("value") or 0)))
+    )
+    return (
+        "<h2>Model comparison (held-out patients, 95% bootstrap intervals)</h2><table border='1' "
+        "cellpadding='4' style='border-collapse:collapse'><tr><th>task</th><th>algorithm</th><th>version</th>"
+        "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>recall@0.5</th></tr>"
+        + rows
+        + "</table>"
+    )
+
+
+def figures(lake, png) -> list[tuple[str, str]]:
+    """(png base64, caption) per task: calibration of the latest versions, subgroup AUROC gaps."""
+    models = _latest(lake)
+    out = []
+    if not models or not lake.exists("gold.model_calibration"):
+        return out
+    evaluations = {f"{m.model_id}.v{m.version}.test": m for m in models}
+    calib = lake.read("gold.model_calibration").where(F.col("evaluation").isin(list(evaluations))).toPandas()
+    metrics = (
+        lake.read("gold.model_metrics")
+        .where(F.col("evaluation").isin(list(evaluations)) & (F.col("metric") == "auroc"))
+        .toPandas()
+    )
+    for task in sorted({m.task for m in models}):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot([0, 1], [0, 1], color="#999", linestyle=":")
+        for ev, m in evaluations.items():
+            part = calib[calib["evaluation"] == ev].sort_values("bin")
+            if m.task == task and not part.empty:
+                ax.plot(part["mean_predicted"], part["observed_rate"], marker="o", label=m.algorithm)
+        ax.set_xlabel("mean predicted risk")
+        ax.set_ylabel("observed rate")
+        ax.legend()
+        out.append((png(fig), f"Calibration of the latest {task} models (held-out patients)"))
+        best = max((m for m in models if m.task == task), key=lambda m: m.metrics["auroc"]["value"] or 0)
+        sub = metrics[
+            (metrics["evaluation"] == f"{best.model_id}.v{best.version}.test")
+            & (metrics["kind"] != "overall")
+        ]
+        if not sub.empty:
+            sub = sub.sort_values(["kind", "subgroup"])
+            fig, ax = plt.subplots(figsize=(7, 0.5 + 0.25 * len(sub)))
+            labels = [f"{k}: {v}" for k, v in zip(sub["kind"], sub["subgroup"], strict=True)]
+            ax.barh(labels, sub["gap"], color=["#c44e52" if g < 0 else "#55a868" for g in sub["gap"]])
+            ax.axvline(0, color="#333")
+            ax.set_xlabel("AUROC gap to the overall figure")
+            out.append(
+                (png(fig), f"Subgroup AUROC of {best.label} (overall {best.metrics['auroc']['value']:.3f})")
+            )
+    return out
+
+
+def section(lake, png) -> str:
+    if not lake.exists(registry.TABLE):
+        return "<h2>Models</h2><p>no models trained yet (ehrlake train)</p>"
+    parts = [comparison_table(_latest(lake))]
+    for data, caption in figures(lake, png):
+        parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
+    return "".join(parts)

@@ -1,0 +1,107 @@
+"""Population scoring on a generated population: the production model scores every eligible
+patient with band, reasons and model version; re-scoring a date replaces, never duplicates; the
+schedule's own script runs it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from ehrlake import clean, features, ingest, synth
+from ehrlake.errors import EhrlakeError
+from ehrlake.ingest import SourceKind
+from ehrlake.models import registry, train
+
+TASK = "mortality_12m"
+AS_OF = dt.date(2022, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def scored_lake(spark, tmp_path_factory, security_conf):
+    from ehrlake import config
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+
+    tmp = tmp_path_factory.mktemp("scoring")
+    root = str(tmp / "lake")
+    lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
+    synth.run(
+        spark,
+        1500,
+        str(tmp / "population"),
+        seed=3,
+        tables=("encounters", "conditions", "observations", "medications"),
+    )
+    ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp / "population"))
+    clean.run(lake)
+    features.run(lake, [dt.date(y, 1, 1) for y in range(2008, 2023)])
+    models = train(lake, TASK, ("logreg",), grid="tiny", folds=2, bootstrap=100)
+    return lake, models[0]
+
+
+def test_scoring_needs_a_production_model(scored_lake):
+    lake, _ = scored_lake
+    with pytest.raises(EhrlakeError, match="no production model"):
+        from ehrlake import scoring
+
+        scoring.score(lake, "hypertension_onset_12m", AS_OF)
+
+
+def test_scores_every_eligible_patient_once_with_reasons_and_version(scored_lake):
+    from ehrlake import scoring
+
+    lake, model = scored_lake
+    registry.promote(lake, model.model_id, model.version)
+    first = scoring.score(lake, TASK, AS_OF, role="scheduler")
+    eligible = features.patient_features(lake, [AS_OF]).count()
+    assert first.scored == eligible > 100
+    rows = lake.read("gold.risk_scores").where(f"task = '{TASK}'").collect()
+    assert len(rows) == eligible and len({r.patient_key for r in rows}) == eligible
+    assert {r.model_id for r in rows} == {model.model_id} and {r.model_version for r in rows} == {
+        model.version
+    }
+    assert {r.risk_band for r in rows} == {"low", "medium", "high"}
+    assert all(0.0 <= r.score <= 1.0 and r.as_of == AS_OF for r in rows)
+    high = [r for r in rows if r.risk_band == "high"]
+    assert high and all(r.score >= model.bands["high"] for r in high)
+    with_reasons = [r for r in rows if r.top_reasons]
+    assert len(with_reasons) > 0.5 * len(rows) and all(len(r.top_reasons) <= 3 for r in rows)
+    assert all(" = " in reason and "(+" in reason for r in with_reasons for reason in r.top_reasons)
+    # re-scoring the same date replaces the rows
+    again = scoring.score(lake, TASK, AS_OF, role="scheduler")
+    assert again.scored == eligible and lake.read("gold.risk_scores").count() == eligible
+
+
+def test_the_scheduled_script_scores_with_spark_submit(scored_lake):
+    lake, model = scored_lake
+    registry.promote(lake, model.model_id, model.version)
+    bin_dir = os.path.dirname(sys.executable)
+    as_of = "2021-01-01"
+    run = subprocess.run(
+        ["bash", "infra/schedule/score.sh", as_of],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PYSPARK_PYTHON": sys.executable,
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SPARK_SUBMIT": os.path.join(bin_dir, "spark-submit"),
+            "SPARK_SUBMIT_ARGS": "--master local[1] --driver-memory 1g",
+            "EHRLAKE_LAKE": lake.root,
+            "EHRLAKE_SCORE_TASKS": TASK,
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"for {TASK} as of {as_of}" in run.stdout
+    scored = lake.read("gold.risk_scores").where(f"as_of = DATE'{as_of}'").count()
+    assert scored == features.patient_features(lake, [dt.date(2021, 1, 1)]).count()
+    # the schedules call this very script
+    assert "infra/schedule/score.sh" in (REPO / "infra" / "schedule" / "crontab").read_text()
+    assert "infra/schedule/score.sh {{ ds }}" in (REPO / "infra" / "schedule" / "airflow_dag.py").read_text()
