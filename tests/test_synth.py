@@ -16,6 +16,7 @@ import pytest
 from ehrlake import ingest, synth
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import SourceKind
+from ehrlake.synth.fhir import RESOURCE_TYPES
 
 
 def table(out, name) -> pd.DataFrame:
@@ -104,7 +105,80 @@ def test_damage_at_the_configured_rate_is_quarantined_exactly(spark, lake, tmp_p
 
 
 def test_bad_arguments_are_refused(spark, tmp_path):
-    with pytest.raises(ConfigError, match="fhir-ndjson is not implemented"):
-        synth.run(spark, 10, str(tmp_path / "x"), fmt="fhir-ndjson")
+    with pytest.raises(ConfigError, match="hl7v2 is not implemented"):
+        synth.run(spark, 10, str(tmp_path / "x"), fmt="hl7v2")
     with pytest.raises(ConfigError, match="fault-rate"):
         synth.run(spark, 10, str(tmp_path / "x"), fault_rate=1.5)
+
+
+def _resources(out) -> list[dict]:
+    """Every resource of an NDJSON or Bundle output (unparseable lines skipped: they are the faults)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(out, "*.gz"))):
+        text = gzip.open(path, "rt").read()
+        docs = [text] if path.endswith(".json.gz") else text.splitlines()
+        for doc in docs:
+            try:
+                obj = json.loads(doc)
+            except json.JSONDecodeError:
+                continue
+            found.extend(e["resource"] for e in obj["entry"]) if obj[
+                "resourceType"
+            ] == "Bundle" else found.append(obj)
+    return found
+
+
+@pytest.mark.parametrize("fmt", ["fhir-ndjson", "fhir-bundles"])
+def test_fhir_output_keeps_references_valid_and_ingests_with_its_faults(spark, lake, tmp_path, fmt):
+    out = str(tmp_path / fmt)
+    report = synth.run(spark, 120, out, seed=5, fault_rate=0.03, fmt=fmt, tables=("encounters", "conditions",
+                       "observations", "medications", "immunizations"))  # fmt: skip
+    resources = _resources(out)
+    by_type: dict[str, set] = {}
+    for r in resources:
+        by_type.setdefault(r["resourceType"], set()).add(r.get("id"))
+    faults = {RESOURCE_TYPES[n]: sum(f.values()) for n, f in report.faults.items()}
+    assert len(by_type["Patient"] - {""}) + faults["Patient"] == 120
+    unresolved: dict[str, set] = {}
+    for r in resources:
+        for field in ("subject", "patient", "encounter", "serviceProvider"):
+            ref = r.get(field, {}).get("reference") if isinstance(r.get(field), dict) else None
+            if ref:
+                kind, rid = ref.split("/", 1)
+                if rid not in by_type[kind]:
+                    unresolved.setdefault(kind, set()).add(rid)
+    # a reference dangles only where its target is one of the damaged records
+    for kind, ids in unresolved.items():
+        assert len(ids) <= faults[kind], (kind, len(ids), faults[kind])
+    assert (
+        len(by_type["Observation"]) + report.faults["observations"].get("bad_json", 0)
+        == report.rows["observations"]
+    )
+    kind = SourceKind.FHIR_NDJSON if fmt == "fhir-ndjson" else SourceKind.FHIR_BUNDLES
+    result = ingest.run(lake, kind, out, source_system="gen")
+    assert result.balanced
+    tables = {"patients": "patient", "encounters": "encounter", "conditions": "condition",
+              "observations": "observation", "medications": "medication_request", "immunizations": "immunization",
+              "organizations": "organization"}  # fmt: skip
+    for name, entity in tables.items():
+        counts = result.entities[f"bronze.fhir_{entity}"]
+        # missing ids and impossible dates are quarantined under their resource type, exactly
+        assert counts.quarantined == sum(v for k, v in report.faults[name].items() if k != "bad_json"), name
+        assert counts.duplicate == 0, name
+    # truncated JSON has no readable type: quarantined as malformed, all of it
+    malformed = lake.read("ops.quarantine").where("reason = 'malformed_json'").count()
+    assert malformed == sum(f.get("bad_json", 0) for f in report.faults.values())
+    if fmt == "fhir-ndjson":
+        assert sum(f.get("bad_json", 0) for f in report.faults.values()) > 0
+    # same seed, same bytes
+    again = str(tmp_path / "again")
+    synth.run(spark, 120, again, seed=5, fault_rate=0.03, fmt=fmt, tables=("encounters", "conditions",
+              "observations", "medications", "immunizations"))  # fmt: skip
+    assert {os.path.basename(k): v for k, v in _digest_all(out).items()} == _digest_all(again)
+
+
+def _digest_all(out) -> dict[str, str]:
+    return {
+        os.path.basename(f): hashlib.sha256(gzip.open(f).read()).hexdigest()
+        for f in sorted(glob.glob(os.path.join(out, "*.gz")))
+    }

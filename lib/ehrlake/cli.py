@@ -184,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--patients", type=int, required=True, help="how many patients to generate")
     synth.add_argument("--out", required=True, help="output directory (replaced)")
-    synth.add_argument("--format", default="synthea-csv", choices=["synthea-csv"], help="output format")
+    synth.add_argument(
+        "--format",
+        default="synthea-csv",
+        choices=["synthea-csv", "fhir-ndjson", "fhir-bundles"],
+        help="output format",
+    )
     synth.add_argument("--seed", type=int, default=1, help="the same seed gives the same files")
     synth.add_argument("--fault-rate", type=float, default=0.0, help="share of rows damaged (0-1)")
     synth.add_argument("--regions", help="region distribution YAML (default: conf/synth/india.yaml)")

@@ -29,10 +29,11 @@ from pyspark.sql import functions as F
 from ehrlake.clean import codes, units
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
+from ehrlake.home import CONF
 from ehrlake.lake import WriteMode
 from ehrlake.security.protection import Sealing
 
-MAPPINGS_DIR = Path(__file__).resolve().parents[3] / "conf" / "mappings"
+MAPPINGS_DIR = CONF / "mappings"
 DEFAULT_SOURCES = ("fhir", "synthea", "mimic", "diabetes130")
 _MAPPING_KEYS = {"from", "join", "lateral", "where", "columns"}
 

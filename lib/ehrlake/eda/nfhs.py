@@ -10,12 +10,12 @@ an empty table. Counts of persons meeting an indicator are small-cell suppressed
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-REFERENCE = Path(__file__).resolve().parents[3] / "data" / "reference" / "nfhs5_states.csv"
+from ehrlake.home import HOME
+
+REFERENCE = HOME / "data" / "reference" / "nfhs5_states.csv"
 
 # indicator -> (LOINC codes, condition over `value`, NFHS-5 indicator number for women, for men, definition)
 INDICATORS = {

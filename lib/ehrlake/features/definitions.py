@@ -11,8 +11,9 @@ from pyspark.sql import Column
 from pyspark.sql import functions as F
 
 from ehrlake.errors import ConfigError
+from ehrlake.home import CONF
 
-FEATURES_FILE = Path(__file__).resolve().parents[3] / "conf" / "features.yaml"
+FEATURES_FILE = CONF / "features.yaml"
 PREFIX_SYSTEMS = ("ICD9CM", "ICD10CM", "ICD10")  # matched by prefix of the dotted code
 EXACT_SYSTEMS = ("SNOMED", "LOINC")
 

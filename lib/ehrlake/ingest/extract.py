@@ -17,10 +17,11 @@ from pathlib import Path
 import yaml
 
 from ehrlake.errors import ConfigError
+from ehrlake.home import CONF
 from ehrlake.ingest.csv_tables import CsvCatalog, CsvTable, canonical
 from ehrlake.security.protection import TableProtection
 
-EXTRACTS_DIR = Path(__file__).resolve().parents[3] / "conf" / "extracts"
+EXTRACTS_DIR = CONF / "extracts"
 _TABLE_KEYS = {"files", "keys", "patient_id", "dates", "timestamps", "numbers", "identifiers", "free_text"}
 _TOP_KEYS = {"extract", "description", "source_system", "missing", "ignored", "tables"}
 

@@ -3,7 +3,10 @@
 Scale: predictions stay in Spark. Only a *histogram* reaches the driver: per score bin (1/1000 wide)
 and label, the row count and the summed squared error, so the driver's memory does not grow with
 the number of predictions. Every metric is computed from that histogram (AUROC and AUPRC exact up
-to ties inside a bin; threshold metrics exact at 0.5, a bin edge; Brier exact). Resampling rows
+to ties inside a bin; threshold metrics at the nearest bin edge; Brier exact). The decision threshold
+of accuracy, precision, recall and F1 is the model's training base rate (positives / rows): with
+calibrated scores it flags patients at above-average risk, where 0.5 would flag almost nobody at a
+10% prevalence. Resampling rows
 with replacement is, for these metrics, the same as drawing the histogram's cells from a
 multinomial with the observed proportions, so the bootstrap runs on the histogram too.
 """
@@ -16,7 +19,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 BINS = 1000
-THRESHOLD = 0.5
+THRESHOLD = 0.5  # default decision threshold; a trained model uses its training base rate
 BOOTSTRAP = 1000
 METRICS = ("auroc", "auprc", "accuracy", "precision", "recall", "f1", "brier")
 SUBGROUPS = ("sex", "age_band", "state", "race")
@@ -51,7 +54,9 @@ def _cells(h: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return counts, mean_sq, sq
 
 
-def _metrics(neg: np.ndarray, pos: np.ndarray, mean_sq: np.ndarray) -> dict[str, np.ndarray]:
+def _metrics(
+    neg: np.ndarray, pos: np.ndarray, mean_sq: np.ndarray, threshold: float = THRESHOLD
+) -> dict[str, np.ndarray]:
     """Metrics for a batch of histograms: ``neg``/``pos`` are (B, BINS) counts."""
     P = pos.sum(axis=1)
     N = neg.sum(axis=1)
@@ -64,7 +69,7 @@ def _metrics(neg: np.ndarray, pos: np.ndarray, mean_sq: np.ndarray) -> dict[str,
         fp_cum = np.cumsum(neg_d, axis=1)
         precision_at = tp_cum / np.maximum(tp_cum + fp_cum, 1)
         auprc = (pos_d / P[:, None] * precision_at).sum(axis=1)
-        cut = int(THRESHOLD * BINS)
+        cut = int(round(threshold * BINS))
         tp = pos[:, cut:].sum(axis=1)
         fp = neg[:, cut:].sum(axis=1)
         tn = N - fp
@@ -83,7 +88,9 @@ def _metrics(neg: np.ndarray, pos: np.ndarray, mean_sq: np.ndarray) -> dict[str,
     }
 
 
-def summarise(h: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> dict[str, dict]:
+def summarise(
+    h: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7, threshold: float = THRESHOLD
+) -> dict[str, dict]:
     """Point estimate and 95% percentile-bootstrap interval of every metric of one histogram."""
     counts, mean_sq, _ = _cells(h)
     n = int(counts.sum())
@@ -91,13 +98,13 @@ def summarise(h: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> dic
     out: dict[str, dict] = {}
     if n == 0:
         return out
-    point = _metrics(counts[0][None], counts[1][None], mean_sq)
+    point = _metrics(counts[0][None], counts[1][None], mean_sq, threshold)
     draws = (
         np.random.default_rng(seed)
         .multinomial(n, counts.ravel() / n, size=bootstrap)
         .reshape(bootstrap, 2, BINS)
     )
-    boot = _metrics(draws[:, 0], draws[:, 1], mean_sq)
+    boot = _metrics(draws[:, 0], draws[:, 1], mean_sq, threshold)
     for m in METRICS:
         values = boot[m][np.isfinite(boot[m])]
         low, high = np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan)
@@ -135,7 +142,7 @@ def calibration(h: pd.DataFrame, bins: int = 10) -> list[dict]:
     return rows
 
 
-def subgroup_metrics(pred: DataFrame, bootstrap: int = 200) -> list[dict]:
+def subgroup_metrics(pred: DataFrame, bootstrap: int = 200, threshold: float = THRESHOLD) -> list[dict]:
     """Metrics per value of each subgroup column present, with the gap to the overall figure."""
     kinds = [k for k in SUBGROUPS if k in pred.columns]
     if not kinds:
@@ -163,16 +170,16 @@ def subgroup_metrics(pred: DataFrame, bootstrap: int = 200) -> list[dict]:
                 "value": value,
                 "n": n,
                 "positives": positives,
-                "metrics": summarise(part, bootstrap),
+                "metrics": summarise(part, bootstrap, threshold=threshold),
             }
         )
     return rows
 
 
-def error_cells(pred: DataFrame, k: int = 11, top: int = 15) -> DataFrame:
+def error_cells(pred: DataFrame, k: int = 11, top: int = 15, threshold: float = THRESHOLD) -> DataFrame:
     """Where the model is most wrong: age band x sex cells ranked by Brier score (cells under k rows
     are left out, as in the EDA tables), with miss rates at the 0.5 threshold."""
-    flagged = F.col("score") >= THRESHOLD
+    flagged = F.col("score") >= threshold
     return (
         pred.groupBy("age_band", "sex")
         .agg(

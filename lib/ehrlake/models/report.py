@@ -40,7 +40,7 @@ def comparison_table(models: list[registry.ModelVersion]) -> str:
     return (
         "<h2>Model comparison (held-out patients, 95% bootstrap intervals)</h2><table border='1' "
         "cellpadding='4' style='border-collapse:collapse'><tr><th>task</th><th>algorithm</th><th>version</th>"
-        "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>recall@0.5</th></tr>"
+        "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>recall (threshold: base rate)</th></tr>"
         + rows
         + "</table>"
     )

@@ -90,6 +90,7 @@ def train(
             "(run ehrlake features on more data)"
         )
     pos_weight = (n - positives) / positives
+    base_rate = positives / n  # decision threshold of the threshold metrics (calibrated scores)
     # a feature never observed in training cannot be imputed or learned; leave it out, recorded
     inputs = [c for c in wanted if stats[f"nonnull_{c}"] > 0]
     train_df = (
@@ -118,7 +119,7 @@ def train(
             best = max(range(len(grid_maps)), key=lambda i: fitted.avgMetrics[i])
             pred = model.transform(test_df).withColumn("score", score_column(pos_weight))
             h = evaluate.histogram(pred)
-            metrics = evaluate.summarise(h, bootstrap)
+            metrics = evaluate.summarise(h, bootstrap, threshold=base_rate)
             metrics["cv_auroc"] = {"value": float(fitted.avgMetrics[best]), "folds": folds}
             metrics["train_seconds"] = {"value": round(seconds, 1)}
             q = pred.approxQuantile("score", [0.7, 0.9], 0.001)
@@ -137,6 +138,7 @@ def train(
                     "folds": folds,
                     "test_percent": test_percent,
                     "pos_weight": pos_weight,
+                    "threshold": base_rate,
                 }
             )
             mv = registry.ModelVersion(
@@ -190,12 +192,13 @@ def record(
     spark = lake.spark
     base = {"evaluation": evaluation, "model_id": mv.model_id, "version": mv.version, "dataset": dataset}
     h = evaluate.histogram(pred)
-    overall = evaluate.summarise(h)
+    threshold = float(mv.params.get("threshold", evaluate.THRESHOLD))
+    overall = evaluate.summarise(h, threshold=threshold)
     rows = [
         {**base, "kind": "overall", "subgroup": "all", "metric": m, **v, "gap": 0.0}
         for m, v in overall.items()
     ]
-    for g in evaluate.subgroup_metrics(pred):
+    for g in evaluate.subgroup_metrics(pred, threshold=threshold):
         for m, v in g["metrics"].items():
             gap = (
                 None
@@ -244,7 +247,7 @@ def record(
             "evaluation string, model_id string, version int, dataset string, bin int, "
             "mean_predicted double, observed_rate double, n long",
         ),
-        "gold.model_errors": evaluate.error_cells(pred).select(
+        "gold.model_errors": evaluate.error_cells(pred, threshold=threshold).select(
             F.lit(evaluation).alias("evaluation"),
             F.lit(mv.model_id).alias("model_id"),
             F.lit(mv.version).alias("version"),

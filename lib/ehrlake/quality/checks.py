@@ -18,8 +18,9 @@ from pyspark.sql import functions as F
 
 from ehrlake.clean.model import ENTITIES
 from ehrlake.errors import ConfigError
+from ehrlake.home import CONF
 
-CHECKS_FILE = Path(__file__).resolve().parents[3] / "conf" / "quality_checks.yaml"
+CHECKS_FILE = CONF / "quality_checks.yaml"
 TYPES = ("not_null", "in_set", "pattern", "references", "range", "not_future", "no_flag", "unique")
 CATEGORIES = ("completeness", "conformance", "plausibility")
 RESULTS = "gold.dq_results"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
+from ehrlake.home import HOME
 from ehrlake.security.access import Access, AccessPolicy
 from ehrlake.security.audit import ERROR, AuditLog, Event
 from ehrlake.security.columns import KeyRef
@@ -55,5 +55,5 @@ def _policy_path(path: str) -> str:
     (so ``spark-submit`` from another directory still finds ``conf/access_policy.yaml``)."""
     if os.path.isabs(path) or os.path.exists(path):
         return path
-    beside_checkout = Path(__file__).resolve().parents[3] / path
+    beside_checkout = HOME / path
     return str(beside_checkout) if beside_checkout.exists() else path

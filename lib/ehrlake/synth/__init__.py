@@ -15,6 +15,10 @@ and writes a Synthea CSV export of N patients that the ingest job reads like any
   unparseable date), decided by a hash of the row, and counted per table and kind in
   ``_manifest.json`` so tests can check that ingest quarantines exactly those.
 
+Formats: ``synthea-csv`` (default), ``fhir-ndjson`` (bulk-data NDJSON per resource type) and
+``fhir-bundles`` (collection Bundles of 50 patients each), converted in the JVM by ``synth/fhir.py``;
+the FHIR formats add truncated-JSON records to the faults (NDJSON only).
+
 Everything is a pure function of (seed, N, templates): the same arguments give byte-identical files.
 Templates are small (broadcast); clones are a Spark range, so N is bounded by disk, not the driver.
 """
@@ -34,12 +38,15 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from ehrlake.errors import ConfigError, EnvironmentProblem
+from ehrlake.home import HOME
 from ehrlake.ingest import synthea
+from ehrlake.synth import fhir
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = HOME
 DEFAULT_TEMPLATES = REPO / "data" / "sample" / "synthea_csv"
 DEFAULT_REGIONS = REPO / "conf" / "synth" / "india.yaml"
 MAX_SHIFT_DAYS = 3650
+BAD_DATE = "2021-13-45"  # the "impossible date" fault
 # Tables generated, in the order written. Claims, payers and supplies are left out: nothing
 # downstream reads them, and they would triple the volume.
 PATIENT_TABLES = (
@@ -52,7 +59,7 @@ PATIENT_TABLES = (
     "allergies",
     "careplans",
 )
-FORMATS = ("synthea-csv",)
+FORMATS = ("synthea-csv", "fhir-ndjson", "fhir-bundles")
 
 
 @dataclass
@@ -113,11 +120,23 @@ def run(
     for name in tables:
         if tpl.has(name):
             frames[name] = _events(name, tpl.table(name), clones, seed)
+    if fmt != "synthea-csv":  # FHIR has no provider or care-plan resources in the lake's model
+        frames = {n: f for n, f in frames.items() if n in fhir.RESOURCE_TYPES}
+    converted = {}
     for name, frame in frames.items():
         frame, faults = _damage(name, frame, seed, fault_rate)
-        _write(frame, out, name, _files_for(name, patients))
+        if fmt == "synthea-csv":
+            _write(frame, out, name, _files_for(name, patients))
+        else:
+            converted[name] = fhir.resources(name, frame, seed)
+            if fmt == fhir.NDJSON:  # in a bundle, one cut resource would break the whole file
+                converted[name], faults["bad_json"] = fhir.truncate(converted[name], seed, name, fault_rate)
+            if fmt == fhir.NDJSON:
+                fhir.write_ndjson(converted[name], out, name, _files_for(name, patients))
         report.rows[name] = _rows(name, tpl, per_template, len(region.names))
         report.faults[name] = faults
+    if fmt == fhir.BUNDLES:
+        fhir.write_bundles(converted, out, patients)
     clones.unpersist()
     report.seconds = (dt.datetime.now() - started).total_seconds()
     Path(out, "_manifest.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -360,7 +379,7 @@ def _damage(name: str, df: DataFrame, seed: int, rate: float) -> tuple[DataFrame
     elif dates:
         kind, df = (
             "unparseable_date",
-            df.withColumn(dates[0], F.when(hit, F.lit("2021-13-45")).otherwise(F.col(dates[0]))),
+            df.withColumn(dates[0], F.when(hit, F.lit(BAD_DATE)).otherwise(F.col(dates[0]))),
         )
     else:
         return df.drop("_damaged"), {}
