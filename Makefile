@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 LAKE ?= ./lake
 
-.PHONY: demo test test-fast bench lint setup java clean
+.PHONY: demo test test-fast bench bench-quick lint setup java clean
 
 setup: java $(VENV)/.installed
 
@@ -32,10 +32,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# every stage at 1k/10k/100k patients with baselines, slopes, memory, 1 vs 2 workers; then the
+# per-stage benchmarks. bench-quick: the harness at 200 and 1,000 patients (CI runs it).
 bench: setup
+	$(PY) bench/harness.py --sizes 1000,10000,100000 --workers-compare 10000
 	$(PY) bench/ingest.py
 	$(PY) bench/eda.py
 	$(PY) bench/models.py
+
+bench-quick: setup
+	$(PY) bench/harness.py --quick
 
 lint: setup
 	$(VENV)/bin/ruff check lib jobs tests bench scripts

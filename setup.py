@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     # zstd with a trained dictionary compresses each raw record ~5x before it is sealed (docs/security.md)
     "zstandard==0.25.0",
     "matplotlib==3.11.2",  # plots of the HTML report
+    "pydicom==3.0.2",  # DICOM images into bronze.images (uncompressed transfer syntaxes need no codec)
+    "pillow==13.0.0",  # PNG decoding and resampling of image pixels
 ]
 
 EXTRAS_REQUIRE = {

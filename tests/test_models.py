@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 
+import numpy as np
 import pytest
 from conftest import SAMPLE
 
@@ -112,3 +113,34 @@ def test_evaluate_a_new_extract_file_without_retraining(trained, tmp_path):
     assert len(registry.versions(lake, TASK)) == before  # nothing retrained
     rows = lake.read("gold.model_metrics").where("dataset = 'hospital_b' AND kind = 'overall'").count()
     assert rows == 7
+
+
+def test_xgboost_reasons_come_from_shap_contributions_that_add_up(trained):
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from ehrlake.models import explain
+    from ehrlake.models.train import score_column
+
+    lake, _, models = trained
+    xgb = models[0]
+    model = xgb.load(lake)
+    explain.prepare("xgboost", model)
+    rows = features.training_frame(lake, features.task(TASK)).limit(200)
+    scored = model.transform(rows).withColumn("score", score_column(xgb.params["pos_weight"]))
+    importance = explain.importance("xgboost", model, xgb.features)
+    reasons = explain.reasons(
+        "xgboost", model, scored, xgb.features, features.descriptions(features.task(TASK)), importance
+    )
+    out = scored.select(
+        reasons.alias("reasons"),
+        F.aggregate(explain.shap_values(scored), F.lit(0.0), lambda a, x: a + x).alias("margin"),
+        vector_to_array("probability")[1].alias("p"),
+    ).collect()
+    for r in out:
+        # TreeSHAP: contributions (with the bias term) add up to the model's log-odds
+        assert r.margin == pytest.approx(float(np.log(r.p / (1 - r.p))), abs=1e-3)
+        assert len(r.reasons) <= 3 and all(" = " in x and "(+" in x for x in r.reasons)
+    assert sum(1 for r in out if r.reasons) > 150
+    descriptions = set(features.descriptions(features.task(TASK)).values())
+    assert any(x.split(" = ")[0] in descriptions for r in out for x in r.reasons)

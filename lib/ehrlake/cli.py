@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--source",
         required=True,
-        choices=["fhir-ndjson", "fhir-bundles", "synthea-csv", "csv-extract"],
+        choices=["fhir-ndjson", "fhir-bundles", "synthea-csv", "csv-extract", "images"],
         help="format of the input files",
     )
     ingest.add_argument(
@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean_cmd.add_argument(
         "--sources",
-        default="fhir,synthea,mimic,diabetes130",
+        default="fhir,synthea,mimic,diabetes130,images",
         help="comma-separated mappings from conf/mappings/ to apply; a mapping whose bronze tables do "
-        "not exist is skipped (default: fhir,synthea,mimic,diabetes130)",
+        "not exist is skipped (default: fhir,synthea,mimic,diabetes130,images)",
     )
     _common(clean_cmd)
     _role(clean_cmd)

@@ -34,7 +34,7 @@ from ehrlake.lake import WriteMode
 from ehrlake.security.protection import Sealing
 
 MAPPINGS_DIR = CONF / "mappings"
-DEFAULT_SOURCES = ("fhir", "synthea", "mimic", "diabetes130")
+DEFAULT_SOURCES = ("fhir", "synthea", "mimic", "diabetes130", "images")
 _MAPPING_KEYS = {"from", "join", "lateral", "where", "columns"}
 
 
@@ -178,24 +178,11 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
         for _, frame in parts[1:]:
             union = union.unionByName(frame)
         frames[name] = union
-    if "patient" not in frames:
-        return report
-    births = _birth_dates(lake, mappings)
-    patients = _patients(frames["patient"], births, today)
-    tables = {"patient": patients}
-    regions = None
-    if "organization" in frames:
-        orgs = frames["organization"].withColumn(
-            "state", codes.normalise_state(F.col("state"), F.col("country"))
-        )
-        tables["organization"] = _dedupe(orgs, ENTITIES["organization"])
-        regions = tables["organization"].select(
-            "source_system", "organization_id", F.col("state").alias("_org_state")
-        )
-    for name, frame in frames.items():
-        if name in tables:
-            continue
-        tables[name] = _events(frame, ENTITIES[name], patients, births, regions, today)
+    tables = {}
+    if "imaging" in frames:  # images need no patient table: a public image set has no patients
+        tables["imaging"] = _dedupe(frames.pop("imaging"), ENTITIES["imaging"])
+    if "patient" in frames:
+        _clinical(lake, frames, mappings, tables, today)
     commit = {"ehrlakeJob": "clean", "ehrlakeRunId": run_id}
     for name, frame in tables.items():
         entity = ENTITIES[name]
@@ -213,6 +200,26 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
         )
         report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
     return report
+
+
+def _clinical(lake, frames: dict[str, DataFrame], mappings, tables: dict[str, DataFrame], today) -> None:
+    """Patients first (ages need birth dates), then facilities (regions), then every event table."""
+    births = _birth_dates(lake, mappings)
+    patients = _patients(frames["patient"], births, today)
+    tables["patient"] = patients
+    regions = None
+    if "organization" in frames:
+        orgs = frames["organization"].withColumn(
+            "state", codes.normalise_state(F.col("state"), F.col("country"))
+        )
+        tables["organization"] = _dedupe(orgs, ENTITIES["organization"])
+        regions = tables["organization"].select(
+            "source_system", "organization_id", F.col("state").alias("_org_state")
+        )
+    for name, frame in frames.items():
+        if name in tables:
+            continue
+        tables[name] = _events(frame, ENTITIES[name], patients, births, regions, today)
 
 
 def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:

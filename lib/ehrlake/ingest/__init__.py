@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import extract as extracts
-from ehrlake.ingest import fhir, quarantine, synthea
+from ehrlake.ingest import fhir, images, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.csv_tables import UPDATE_WHEN as CSV_UPDATE_WHEN
 from ehrlake.ingest.csv_tables import CsvCatalog, parse_header, type_rows
@@ -127,7 +127,11 @@ def _ingest(
         return report
     spark = lake.spark
     now = F.lit(started).cast("timestamp")
-    if catalog is not None:
+    if kind is SourceKind.IMAGES:
+        decoded = images.read_images(spark, todo, input_path, images.load_spec())
+        records = images.type_rows(decoded, source_system, run_id, now).persist(StorageLevel.MEMORY_AND_DISK)
+        outputs, early_bad = [_Output(images.TABLE, records, images.KEYS, images.UPDATE_WHEN)], None
+    elif catalog is not None:
         records = read_records(spark, todo, whole_file=False, batch_lines=batch_lines)
         records = records.where("record_index > 1").persist(StorageLevel.MEMORY_AND_DISK)  # line 1: header
         outputs, early_bad = _csv_outputs(catalog, records, todo, source_system, run_id, now), None
@@ -142,7 +146,7 @@ def _ingest(
         early_bad = quarantine.rows(
             records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
         )
-    census = _census(records, catalog)
+    census = _census(records, catalog, kind)
     report.records_read = census.total
     outputs = [out for out in outputs if out.table in census.valid]
     commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
@@ -180,7 +184,10 @@ class _Census:
     envelope_bad: dict[str, int]
 
 
-def _census(records: DataFrame, catalog: CsvCatalog | None) -> _Census:
+def _census(records: DataFrame, catalog: CsvCatalog | None, kind: SourceKind) -> _Census:
+    if kind is SourceKind.IMAGES:  # one table; decoding failures are quarantined from it
+        total = records.count()
+        return _Census(total, {images.TABLE: total}, {})
     if catalog is not None:  # CSV: every line goes to its file's table; failures come later
         per_file = {r["source_file"]: r["count"] for r in records.groupBy("source_file").count().collect()}
         valid: dict[str, int] = defaultdict(int)

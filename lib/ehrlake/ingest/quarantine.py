@@ -40,6 +40,8 @@ class Reason(enum.Enum):
     """A CSV row with more or fewer fields than its header."""
     UNKNOWN_TABLE = "unknown_table"
     """A CSV file whose name is not a known table of the source format."""
+    UNREADABLE_IMAGE = "unreadable_image"
+    """An image file that is not valid DICOM / PNG / NPZ, or whose pixels cannot be decoded."""
 
 
 SCHEMA = T.StructType(

@@ -33,6 +33,8 @@ class SourceKind(enum.Enum):
     """Synthea CSV export: one file per table (``patients.csv``, ...), optionally gzipped."""
     CSV_EXTRACT = "csv-extract"
     """A hospital's CSV extract with its own shapes, declared in ``conf/extracts/<name>.yaml``."""
+    IMAGES = "images"
+    """Medical images: DICOM (``.dcm``), PNG (label = integer folder name) and NPZ image sets."""
 
 
 _SUFFIXES = {
@@ -40,6 +42,7 @@ _SUFFIXES = {
     SourceKind.FHIR_BUNDLES: (".json", ".json.gz"),
     SourceKind.SYNTHEA_CSV: (".csv", ".csv.gz"),
     SourceKind.CSV_EXTRACT: (".csv", ".csv.gz"),
+    SourceKind.IMAGES: (".dcm", ".dicom", ".png", ".npz"),
 }
 
 

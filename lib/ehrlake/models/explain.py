@@ -44,11 +44,26 @@ def contributions(algorithm: str, pipeline_model, scored: DataFrame) -> Column |
     """An array<double> column of per-feature log-odds contributions, or None (random forest)."""
     stage = learner(pipeline_model)
     if algorithm == "xgboost":
-        return vector_to_array(F.col("_contribs"))
+        return shap_values(scored)
     if algorithm == "logreg":
         coefficients = F.array(*[F.lit(float(c)) for c in stage.coefficients.toArray()])
         return F.zip_with(vector_to_array(F.col("features")), coefficients, lambda x, c: x * c)
     return None
+
+
+def shap_values(scored: DataFrame) -> Column:
+    """XGBoost's per-feature contributions (last element: the bias) as array<double>. xgboost.spark
+    predicts contributions with a strict shape, (groups, features + 1) per row, one group for a
+    binary model; older paths return a vector."""
+    from pyspark.ml.linalg import VectorUDT
+    from pyspark.sql import types as T
+
+    kind = scored.schema["_contribs"].dataType
+    if isinstance(kind, VectorUDT):
+        return vector_to_array(F.col("_contribs"))
+    if isinstance(kind, T.ArrayType) and isinstance(kind.elementType, T.ArrayType):
+        return F.col("_contribs")[0]
+    return F.col("_contribs")
 
 
 def prepare(algorithm: str, pipeline_model) -> None:

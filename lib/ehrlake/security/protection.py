@@ -85,6 +85,12 @@ TABLES: dict[str, TableProtection] = {
     "bronze.synthea_claims_transactions": TableProtection(("notes", "linenote"), patient_id="patientid"),
     "bronze.synthea_payer_transitions": TableProtection(("memberid", "ownername"), patient_id="patient"),
 }
+# DICOM's identifying tags (ingest/images.py); PatientID itself is sealed, patient_key links the image
+TABLES["bronze.images"] = TableProtection(
+    ("patient_id", "patient_name", "patient_birth_date", "institution_name", "referring_physician",
+     "performing_physician", "accession_number"),
+    patient_id="patient_id",
+)  # fmt: skip
 TABLES["bronze.synthea_observations"] = TableProtection(
     ("value_text",), patient_id="patient", free_text=(("value", "lower(type) = 'text'"),)
 )
