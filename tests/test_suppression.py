@@ -118,3 +118,24 @@ def test_an_unprotectable_cell_does_not_blank_the_table():
     tiny = (cells.state == "Tiny") & (cells.n == 5)
     assert status[tiny].tolist() == [PRIMARY]
     assert status.isna().sum() >= 20  # much of the table is still published (without the stop: none)
+
+
+def test_independent_tables_and_a_small_denominator(spark):
+    """Indicators over the same persons are separate tables: a small cell of one does not hide the
+    other's cells; a small denominator hides its row even where the numerator is large enough."""
+    rows = []
+    for region in ("a", "b", "c", "d"):
+        for sex in ("f", "m"):
+            rows.append((region, sex, "obese", 40, 20))
+            rows.append((region, sex, "diabetic", 40, 3 if (region, sex) == ("a", "f") else 15))
+    rows[-1] = ("d", "m", "diabetic", 8, 12)  # impossible in life, but a small denominator
+    df = spark.createDataFrame(rows, "region string, sex string, indicator string, measured int, n int")
+    out = suppress(df, ["region", "sex", "indicator"], "n", 11, derived=[], independent=["indicator"],
+                   counts=["measured"]).collect()  # fmt: skip
+    hidden = {(r.region, r.sex, r.indicator): r for r in out if r.suppressed}
+    assert not any(ind == "obese" for _, _, ind in hidden)  # the other indicator keeps every cell
+    assert ("a", "f", "diabetic") in hidden and hidden[("a", "f", "diabetic")].n is None
+    assert ("d", "m", "diabetic") in hidden and hidden[("d", "m", "diabetic")].measured is None
+    for r in out:
+        if r.suppressed is None:
+            assert r.n >= 11 and r.measured >= 11

@@ -233,6 +233,9 @@ def run(
             ["lake_percent", "difference"],
         ),
     }
+    # the indicators count the same persons (not additive across them), and the denominator is a
+    # person count too: each indicator is suppressed on its own, on both counts
+    options = {"gold.eda_nfhs5_comparison": {"independent": ["indicator"], "counts": ["persons_measured"]}}
     tables = {  # a table whose silver inputs do not exist yet is skipped, not failed
         name: (build(), dims, count, derived)
         for name, (inputs, build, dims, count, derived) in specs.items()
@@ -241,7 +244,7 @@ def run(
     summary = {}
     with lake.security.job("eda", ["gold"], role) as (_, written):
         for name, (frame, dims, count, derived) in tables.items():
-            safe = suppress(frame, dims, count, k, derived=derived)
+            safe = suppress(frame, dims, count, k, derived=derived, **options.get(name, {}))
             lake.write(safe, name, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "eda"})
             stats = (
                 lake.read(name)

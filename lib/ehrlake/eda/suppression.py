@@ -40,10 +40,18 @@ def suppress(
     k: int = 11,
     derived: list[str] | None = None,
     max_cells: int = MAX_CELLS,
+    independent: list[str] | None = None,
+    counts: list[str] | None = None,
 ) -> DataFrame:
     """``df`` (one row per combination of ``dims``) with ``count`` nulled where it must be hidden,
     ``suppressed`` (null, ``primary`` or ``complementary``) added, and every column of ``derived``
     (rates and percentages computed from the count) nulled with it.
+
+    ``independent``: dimensions along which cells do not add up (e.g. several indicators over the
+    same persons); each of their values is a table of its own, suppressed separately, since a total
+    across them means nothing an attacker could use. ``counts``: further person counts in the same
+    row (e.g. the denominator), each suppressed the same way; a row is hidden where any of them
+    must be (hiding more than one pattern needs can only widen what an attacker can infer).
 
     Zero counts stay visible unless a line has nothing else left to hide beside a small cell.
     """
@@ -54,14 +62,30 @@ def suppress(
         raise ValueError(
             f"an aggregate of more than {max_cells} cells is not publishable: coarsen its dimensions"
         )
-    status = suppress_frame(cells, dims, count, k)
+    status = pd.Series([None] * len(cells), index=cells.index, dtype=object)
+    for column in [count, *(counts or [])]:
+        status = status.where(status.notna(), _suppress_parts(cells, dims, column, k, independent or []))
     hidden = status.notna()
     cells["suppressed"] = status
-    for column in [count, *(derived or [])]:
+    for column in [count, *(counts or []), *(derived or [])]:
         cells[column] = cells[column].astype(object).where(~hidden, None)
     fields = [T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema.fields]  # hidden = null
     schema = T.StructType([*fields, T.StructField("suppressed", T.StringType())])
     return df.sparkSession.createDataFrame(cells.astype(object).where(cells.notna(), None), schema)
+
+
+def _suppress_parts(
+    cells: pd.DataFrame, dims: list[str], count: str, k: int, independent: list[str]
+) -> pd.Series:
+    """:func:`suppress_frame` per value of the ``independent`` dimensions (all cells at once without)."""
+    if not independent or cells.empty:
+        return suppress_frame(cells, dims, count, k)
+    inner = [d for d in dims if d not in independent]
+    parts = [
+        suppress_frame(part, inner, count, k)
+        for _, part in cells.groupby(independent, dropna=False, sort=False)
+    ]
+    return pd.concat(parts).reindex(cells.index)
 
 
 def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> pd.Series:
