@@ -263,6 +263,18 @@ def markdown(result: dict) -> str:
             ratio = r["ratio"].get(stage)
             cells.append("" if s is None else f"{s:.1f}" + (f" ({ratio:.1f}x)" if ratio else ""))
         lines.append(f"| {stage} | " + " | ".join(cells) + f" | {result['slopes'].get(stage, '')} |")
+    cores = result["machine"]["cores"] or 1
+
+    def per_core(stage: str, count: str) -> str:
+        cells = []
+        for r in runs:
+            seconds, n = r["seconds"].get(stage), r["counts"].get(count)
+            cells.append(f"{n / seconds / cores:,.0f}" if seconds and n else "")
+        return " | ".join(cells)
+
+    lines.append(f"| ingest records/s per core | {per_core('ingest', 'records')} | |")
+    lines.append(f"| clean silver rows/s per core | {per_core('clean', 'silver_rows')} | |")
+    lines.append(f"| score patients/s per core | {per_core('score', 'scored')} | |")
     lines.append(
         "| Python driver peak RSS (MB) | "
         + " | ".join(f"{r['python_driver_peak_mb']:.0f}" for r in runs)
