@@ -45,13 +45,19 @@ def descriptions(t: Task) -> dict[str, str]:
     return pointintime.descriptions(definitions.load())
 
 
-def training_frame(lake, t: Task) -> DataFrame:
-    """Labelled, non-excluded rows of task ``t``: features joined to labels."""
+def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> DataFrame:
+    """Labelled, non-excluded rows of task ``t``: features joined to labels, at the given Delta
+    versions of the two tables (training pins them; default: the latest)."""
     if not lake.exists(t.feature_table) or not lake.exists("gold.labels"):
         raise EhrlakeError(f"no {t.feature_table} / gold.labels yet: run ehrlake features first")
-    lab = lake.read("gold.labels").where((F.col("task") == t.name) & F.col("label").isNotNull())
-    return lake.read(t.feature_table).join(
-        lab.select("patient_key", "index_id", "label"), ["patient_key", "index_id"]
+    versions = versions or {}
+    lab = (
+        lake.read("gold.labels", version=versions.get("gold.labels"))
+        .where((F.col("task") == t.name) & F.col("label").isNotNull())
+        .select("patient_key", "index_id", "label")
+    )
+    return lake.read(t.feature_table, version=versions.get(t.feature_table)).join(
+        lab, ["patient_key", "index_id"]
     )
 
 

@@ -42,7 +42,7 @@ def histogram(pred: DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     )
 
 
-def _cells(h: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cells(h: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Counts as a (2, BINS) array [negatives, positives], and mean squared error per cell."""
     counts = np.zeros((2, BINS))
     sq = np.zeros((2, BINS))
@@ -51,7 +51,7 @@ def _cells(h: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         counts[label, part["bin"].to_numpy()] = part["n"].to_numpy()
         sq[label, part["bin"].to_numpy()] = part["sq"].to_numpy()
     mean_sq = np.divide(sq, counts, out=np.zeros_like(sq), where=counts > 0)
-    return counts, mean_sq, sq
+    return counts, mean_sq
 
 
 def _metrics(
@@ -92,7 +92,7 @@ def summarise(
     h: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7, threshold: float = THRESHOLD
 ) -> dict[str, dict]:
     """Point estimate and 95% percentile-bootstrap interval of every metric of one histogram."""
-    counts, mean_sq, _ = _cells(h)
+    counts, mean_sq = _cells(h)
     n = int(counts.sum())
     P = int(counts[1].sum())
     out: dict[str, dict] = {}

@@ -72,7 +72,7 @@ def train(
     t = feats.task(task_name)
     versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     wanted = feats.model_inputs(t)
-    df = _pinned_training_frame(lake, t, versions)
+    df = feats.training_frame(lake, t, versions)
     train_df, test_df = split(df, seed, test_percent, folds)
     stats = (
         train_df.groupBy()
@@ -161,26 +161,6 @@ def train(
             trained.append(mv)
     train_df.unpersist()
     return trained
-
-
-def _pinned_training_frame(lake, t, versions: dict[str, int]) -> DataFrame:
-    """Labelled rows of the task read at the recorded Delta versions (what the registry says)."""
-    lab = (
-        lake.read("gold.labels", version=versions["gold.labels"])
-        .where((F.col("task") == t.name) & F.col("label").isNotNull())
-        .select("patient_key", "index_id", "label")
-    )
-    return lake.read(t.feature_table, version=versions[t.feature_table]).join(
-        lab, ["patient_key", "index_id"]
-    )
-
-
-EVALUATION_TABLES = (
-    "gold.model_metrics",
-    "gold.model_calibration",
-    "gold.model_errors",
-    "gold.model_importance",
-)
 
 
 def record(

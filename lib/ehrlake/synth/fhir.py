@@ -20,6 +20,8 @@ import shutil
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.clean.codes import lookup
+
 NDJSON = "fhir-ndjson"
 BUNDLES = "fhir-bundles"
 PATIENTS_PER_BUNDLE = 50
@@ -89,10 +91,6 @@ def _concept(system: str | Column, code: str = "code", display: str = "descripti
     )
 
 
-def _lookup(table: dict[str, str], key: Column) -> Column:
-    return F.create_map(*[F.lit(x) for pair in table.items() for x in pair])[key]
-
-
 def _with_content_id(seed: int, name: str, df: DataFrame) -> DataFrame:
     """An id from the row's content and its occurrence among identical rows (exports repeat some
     rows verbatim; each still becomes its own resource, as in Synthea's own FHIR export)."""
@@ -115,56 +113,57 @@ def resources(name: str, df: DataFrame, seed: int) -> DataFrame:
     # template exports differ by Synthea version (older ones lack e.g. conditions.system): absent -> null
     df = df.select("*", *[F.lit(None).cast("string").alias(n) for n in OPTIONAL if n not in df.columns])
 
-    def c(column: str) -> Column:
-        return F.col(column)
-
     if "id" not in df.columns:
         df = _with_content_id(seed, name, df)
-    base = [F.lit(rtype).alias("resourceType"), c("id").alias("id")]
+    base = [F.lit(rtype).alias("resourceType"), F.col("id").alias("id")]
     subject = _ref("Patient", "patient").alias("subject")
     encounter = _ref("Encounter", "encounter").alias("encounter")
     if name == "patients":
-        gender = F.when(c("gender") == "F", "female").when(c("gender") == "M", "male").otherwise("unknown")
+        gender = (
+            F.when(F.col("gender") == "F", "female").when(F.col("gender") == "M", "male").otherwise("unknown")
+        )
         body = [
             F.array(
                 F.struct(
                     F.lit("https://github.com/synthetichealth/synthea").alias("system"),
-                    c("id").alias("value"),
+                    F.col("id").alias("value"),
                 )
             ).alias("identifier"),
             F.array(
                 F.struct(
                     F.lit("official").alias("use"),
-                    c("last").alias("family"),
-                    F.array(c("first")).alias("given"),
+                    F.col("last").alias("family"),
+                    F.array(F.col("first")).alias("given"),
                 )
             ).alias("name"),
             gender.alias("gender"),
-            c("birthdate").alias("birthDate"),
-            c("deathdate").alias("deceasedDateTime"),
+            F.col("birthdate").alias("birthDate"),
+            F.col("deathdate").alias("deceasedDateTime"),
             F.array(
                 F.struct(
-                    F.array(c("address")).alias("line"),
-                    c("city").alias("city"),
-                    c("county").alias("district"),
-                    c("state").alias("state"),
-                    c("zip").alias("postalCode"),
-                    c("country").alias("country"),
+                    F.array(F.col("address")).alias("line"),
+                    F.col("city").alias("city"),
+                    F.col("county").alias("district"),
+                    F.col("state").alias("state"),
+                    F.col("zip").alias("postalCode"),
+                    F.col("country").alias("country"),
                 )
             ).alias("address"),
-            F.struct(F.array(F.struct(c("marital").alias("code"))).alias("coding")).alias("maritalStatus"),
+            F.struct(F.array(F.struct(F.col("marital").alias("code"))).alias("coding")).alias(
+                "maritalStatus"
+            ),
         ]
-        patient = c("id")
+        patient = F.col("id")
     elif name == "organizations":
         body = [
-            c("name").alias("name"),
+            F.col("name").alias("name"),
             F.lit(True).alias("active"),
             F.array(
                 F.struct(
-                    F.array(c("address")).alias("line"),
-                    c("city").alias("city"),
-                    c("state").alias("state"),
-                    c("zip").alias("postalCode"),
+                    F.array(F.col("address")).alias("line"),
+                    F.col("city").alias("city"),
+                    F.col("state").alias("state"),
+                    F.col("zip").alias("postalCode"),
                 )
             ).alias("address"),
         ]
@@ -174,89 +173,89 @@ def resources(name: str, df: DataFrame, seed: int) -> DataFrame:
             F.lit("finished").alias("status"),
             F.struct(
                 F.lit("http://terminology.hl7.org/CodeSystem/v3-ActCode").alias("system"),
-                _lookup(ACT_CODES, c("encounterclass")).alias("code"),
+                lookup(ACT_CODES, F.col("encounterclass")).alias("code"),
             ).alias("class"),
             F.array(_concept("http://snomed.info/sct")).alias("type"),
             subject,
-            F.struct(c("start").alias("start"), c("stop").alias("end")).alias("period"),
+            F.struct(F.col("start").alias("start"), F.col("stop").alias("end")).alias("period"),
             _ref("Organization", "organization").alias("serviceProvider"),
         ]
-        patient = c("patient")
+        patient = F.col("patient")
     elif name == "conditions":
         body = [
             F.array(
                 _concept("http://terminology.hl7.org/CodeSystem/condition-category", "_cat", "_cat")
             ).alias("category"),
-            _concept(_lookup(SYSTEMS, F.coalesce(c("system"), F.lit("SNOMED-CT")))),
+            _concept(lookup(SYSTEMS, F.coalesce(F.col("system"), F.lit("SNOMED-CT")))),
             subject,
             encounter,
-            c("start").alias("onsetDateTime"),
-            c("stop").alias("abatementDateTime"),
+            F.col("start").alias("onsetDateTime"),
+            F.col("stop").alias("abatementDateTime"),
         ]
         df = df.withColumn("_cat", F.lit("encounter-diagnosis"))
-        patient = c("patient")
+        patient = F.col("patient")
     elif name == "observations":
-        numeric = c("type") == "numeric"
+        numeric = F.col("type") == "numeric"
         body = [
             F.lit("final").alias("status"),
-            F.array(F.struct(F.array(F.struct(c("category").alias("code"))).alias("coding"))).alias(
+            F.array(F.struct(F.array(F.struct(F.col("category").alias("code"))).alias("coding"))).alias(
                 "category"
             ),
             _concept("http://loinc.org"),
             subject,
             encounter,
-            c("date").alias("effectiveDateTime"),
+            F.col("date").alias("effectiveDateTime"),
             F.when(
                 numeric,
                 F.struct(
-                    c("value").try_cast("double").alias("value"),
-                    c("units").alias("unit"),
+                    F.col("value").try_cast("double").alias("value"),
+                    F.col("units").alias("unit"),
                     F.lit("http://unitsofmeasure.org").alias("system"),
-                    c("units").alias("code"),
+                    F.col("units").alias("code"),
                 ),
             ).alias("valueQuantity"),
-            F.when(~numeric, c("value")).alias("valueString"),
+            F.when(~numeric, F.col("value")).alias("valueString"),
         ]
-        patient = c("patient")
+        patient = F.col("patient")
     elif name == "medications":
         body = [
-            F.when(c("stop").isNull(), "active").otherwise("stopped").alias("status"),
+            F.when(F.col("stop").isNull(), "active").otherwise("stopped").alias("status"),
             F.lit("order").alias("intent"),
             _concept("http://www.nlm.nih.gov/research/umls/rxnorm").alias("medicationCodeableConcept"),
             subject,
             encounter,
-            c("start").alias("authoredOn"),
+            F.col("start").alias("authoredOn"),
         ]
-        patient = c("patient")
+        patient = F.col("patient")
     elif name == "procedures":
         body = [
             F.lit("completed").alias("status"),
             _concept("http://snomed.info/sct"),
             subject,
             encounter,
-            F.struct(c("start").alias("start"), c("stop").alias("end")).alias("performedPeriod"),
+            F.struct(F.col("start").alias("start"), F.col("stop").alias("end")).alias("performedPeriod"),
         ]
-        patient = c("patient")
+        patient = F.col("patient")
     elif name == "immunizations":
         body = [
             F.lit("completed").alias("status"),
             _concept("http://hl7.org/fhir/sid/cvx").alias("vaccineCode"),
             _ref("Patient", "patient").alias("patient"),
             encounter,
-            c("date").alias("occurrenceDateTime"),
+            F.col("date").alias("occurrenceDateTime"),
             F.lit(True).alias("primarySource"),
         ]
-        patient = c("patient")
+        patient = F.col("patient")
     else:  # allergies
         body = [
-            _concept(_lookup(SYSTEMS, F.coalesce(c("system"), F.lit("SNOMED-CT")))),
+            _concept(lookup(SYSTEMS, F.coalesce(F.col("system"), F.lit("SNOMED-CT")))),
             _ref("Patient", "patient").alias("patient"),
             encounter,
-            c("type").alias("type"),
-            F.array(c("category")).alias("category"),
-            c("start").alias("onsetDateTime"),
+            F.col("type").alias("type"),
+            F.array(F.col("category")).alias("category"),
+            F.col("start").alias("onsetDateTime"),
         ]
-        patient = c("patient")
+        patient = F.col("patient")
     return df.select(patient.alias("patient"), F.to_json(F.struct(*base, *body)).alias("resource"))
 
 
