@@ -3,9 +3,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# the deep-learning runtime: TensorFlow, Petastorm, patched Horovod (docs/deep_learning.md)
+DLVENV ?= .venv-dl
 LAKE ?= ./lake
 
-.PHONY: demo test test-fast bench bench-quick lint setup java clean
+.PHONY: demo test test-fast bench bench-quick lint setup java clean dl-env
 
 setup: java $(VENV)/.installed
 
@@ -23,22 +25,32 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
+dl-env: $(DLVENV)/.installed
+
+$(DLVENV)/.installed: requirements/dl.txt scripts/dl_env.sh setup.py
+	bash scripts/dl_env.sh $(DLVENV)
+	@touch $@
+
 demo: setup
 	bash scripts/demo.sh $(LAKE)
 
-test: setup
+# the main suite in the main runtime (it skips tests/test_dl.py, which needs TensorFlow), then the
+# deep-learning tests in the deep-learning runtime
+test: setup dl-env
 	$(PY) -m pytest -q
+	$(DLVENV)/bin/python -m pytest -q tests/test_dl.py
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # every stage at 1k/10k/100k patients with baselines, slopes, memory, 1 vs 2 workers; then the
 # per-stage benchmarks. bench-quick: the harness at 200 and 1,000 patients (CI runs it).
-bench: setup
+bench: setup dl-env
 	$(PY) bench/harness.py --sizes 1000,10000,100000 --workers-compare 10000
 	$(PY) bench/ingest.py
 	$(PY) bench/eda.py
 	$(PY) bench/models.py
+	$(DLVENV)/bin/python bench/dl.py
 
 bench-quick: setup
 	$(PY) bench/harness.py --quick

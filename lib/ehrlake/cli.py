@@ -223,12 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument(
         "--algorithms",
         default="xgboost,logreg,rf",
-        help="comma-separated: xgboost, logreg, rf (default: all)",
+        help="comma-separated: xgboost, logreg, rf, ann (TensorFlow, deep-learning runtime); "
+        "default xgboost,logreg,rf. An image task (conf/deep_learning.yaml) trains its CNN",
     )
     train_cmd.add_argument("--grid", default="small", choices=["tiny", "small", "full"], help="search grid")
     train_cmd.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
     train_cmd.add_argument("--seed", type=int, default=42, help="split, folds and learners' seed")
     train_cmd.add_argument("--workers", type=int, default=2, help="xgboost.spark workers (default 2)")
+    train_cmd.add_argument("--epochs", type=int, help="ann / cnn: epochs (default: conf/deep_learning.yaml)")
+    train_cmd.add_argument(
+        "--launcher", choices=["horovod", "barrier", "local"], help="ann / cnn: how training is distributed"
+    )
+    train_cmd.add_argument(
+        "--backend", choices=["petastorm", "arrow", "auto"], help="ann / cnn: dataset reader"
+    )
     train_cmd.add_argument(
         "--promote",
         action="store_true",
@@ -247,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="model id, e.g. diabetes130_readmission_30d.xgboost"
     )
     evaluate_cmd.add_argument("--version", type=int, help="model version (default: latest)")
-    evaluate_cmd.add_argument("--input", help="a file of the format the model was trained on")
+    evaluate_cmd.add_argument(
+        "--input",
+        help="a file of the format the model was trained on (image models: NPZ, PNG folders, DICOM)",
+    )
     evaluate_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     _common(evaluate_cmd)
     _role(evaluate_cmd)
@@ -264,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     score_cmd.add_argument("--version", type=int, help="with --model: the version (default: latest)")
     _common(score_cmd)
     _role(score_cmd)
+
+    images_cmd = sub.add_parser(
+        "score-images",
+        help="findings of an image model for every image of a source system -> gold.image_findings",
+        description="Score silver.imaging rows (any format: NPZ, PNG, DICOM slices) with an image model "
+        "version; merged into gold.image_findings with the model id and version.",
+    )
+    images_cmd.add_argument("--model", required=True, help="image model id, e.g. breastmnist_normal.cnn")
+    images_cmd.add_argument("--version", type=int, help="model version (default: latest)")
+    images_cmd.add_argument(
+        "--source-system", required=True, help="which images (silver.imaging.source_system)"
+    )
+    _common(images_cmd)
+    _role(images_cmd)
 
     models_cmd = sub.add_parser("models", help="the model registry", description="The model registry.")
     models_sub = models_cmd.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
@@ -551,21 +576,35 @@ def cmd_features(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ehrlake.dl import runtime
     from ehrlake.models import registry, train
 
     lake, _ = _open_lake(args)
-    algorithms = tuple(a.strip() for a in args.algorithms.split(",") if a.strip())
-    trained = train(
-        lake, args.task, algorithms, grid=args.grid, folds=args.folds, seed=args.seed,
-        num_workers=args.workers, role=args.role,
-    )  # fmt: skip
-    print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'CV AUROC':>8}")
+    dl = {"epochs": args.epochs, "launcher": args.launcher, "backend": args.backend, "seed": args.seed}
+    trained = []
+    if args.task in runtime.load().image_tasks:
+        from ehrlake.dl.train import train_image_model
+
+        trained.append(train_image_model(lake, args.task, role=args.role, **dl))
+    else:
+        algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+        spark_ml = tuple(a for a in algorithms if a != "ann")
+        if spark_ml:
+            trained += train(
+                lake, args.task, spark_ml, grid=args.grid, folds=args.folds, seed=args.seed,
+                num_workers=args.workers, role=args.role,
+            )  # fmt: skip
+        if "ann" in algorithms:
+            from ehrlake.dl.train import train_tabular_ann
+
+            trained.append(train_tabular_ann(lake, args.task, role=args.role, **dl))
+    print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")
     for mv in trained:
         m = mv.metrics
         auroc = m["auroc"]
         print(
             f"{mv.label:<44} {auroc['value']:.3f} ({auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
-            f"   {m['auprc']['value']:>6.3f} {m['brier']['value']:>6.3f} {m['cv_auroc']['value']:>8.3f}"
+            f"   {m['auprc']['value']:>6.3f} {m['brier']['value']:>6.3f} {m['accuracy']['value']:>8.3f}"
         )
     if args.promote and trained:
         best = max(trained, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
@@ -575,10 +614,20 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ehrlake.models import evaluate_model
+    from ehrlake.models import evaluate_model, registry
 
     lake, _ = _open_lake(args)
-    result = evaluate_model(lake, args.model, args.version, args.input, role=args.role)
+    mv = registry.get(lake, args.model, args.version)
+    if mv.algorithm == "cnn":
+        from ehrlake.dl.predict import evaluate_images
+
+        if not args.input:
+            raise EhrlakeError(
+                f"{mv.label} is evaluated on a new image set: give --input (NPZ, PNG folder, DICOM)"
+            )
+        result = evaluate_images(lake, mv, args.input, role=args.role)
+    else:
+        result = evaluate_model(lake, args.model, args.version, args.input, role=args.role)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -595,8 +644,45 @@ def cmd_score(args) -> int:
 
     lake, _ = _open_lake(args)
     as_of = dt.date.today() if args.as_of == "today" else _dates(args.as_of)[0]
+    if args.model and args.model.endswith(".ann"):
+        from ehrlake.dl.predict import ann_risk_scores
+        from ehrlake.models import registry
+
+        mv = registry.get(lake, args.model, args.version)
+        n = ann_risk_scores(lake, mv, as_of, role=args.role)
+        print(f"scored {n:,} patients for {mv.task} as of {as_of} with {mv.label} -> gold.risk_scores")
+        return 0
     run = scoring.score(lake, args.task, as_of, role=args.role, model_id=args.model, version=args.version)
     print(run.format())
+    return 0
+
+
+def cmd_score_images(args) -> int:
+    from pyspark.sql import functions as F
+
+    from ehrlake.dl import predict
+    from ehrlake.models import registry
+
+    lake, _ = _open_lake(args)
+    mv = registry.get(lake, args.model, args.version)
+    if mv.algorithm != "cnn":
+        raise EhrlakeError(f"{mv.label} is not an image model")
+    with lake.security.job("score-images", ["gold"], args.role) as (_, audit):
+        findings = predict.image_findings(
+            lake, mv.artifact_path(lake), lake.version("silver.imaging"), args.source_system,
+            mv.task, mv.model_id, mv.version,
+        )  # fmt: skip
+        predict.write_findings(lake, findings)
+        counts = (
+            lake.read(predict.FINDINGS)
+            .where((F.col("model_id") == mv.model_id) & (F.col("source_system") == args.source_system))
+            .groupBy("finding")
+            .count()
+            .collect()
+        )
+        audit.append((predict.FINDINGS, f"{args.source_system} scored with {mv.label}"))
+    spread = ", ".join(f"{'positive' if r.finding else 'negative'} {r['count']:,}" for r in counts)
+    print(f"{args.source_system}: {spread or 'no images'} with {mv.label} -> {predict.FINDINGS}")
     return 0
 
 
@@ -646,6 +732,7 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "score": cmd_score,
+    "score-images": cmd_score_images,
     ("models", "list"): cmd_models_list,
     ("models", "promote"): cmd_models_promote,
 }

@@ -28,6 +28,14 @@ def require_java() -> None:
     )
 
 
+def arrow_paths_supported() -> bool:
+    """Whether this environment's pyarrow is new enough for PySpark 4.3's Arrow paths (pandas
+    UDFs, Arrow ``toPandas``): the main runtime yes, the deep-learning runtime (pyarrow 14) no."""
+    import pyarrow
+
+    return int(pyarrow.__version__.split(".")[0]) >= 18
+
+
 def get_spark(config: Config):
     """Return the active SparkSession or build one from ``config.spark``.
 
@@ -54,7 +62,12 @@ def get_spark(config: Config):
     builder = SparkSession.builder.appName(config.spark.app_name)
     if not submitted.contains("spark.master"):
         builder = builder.master(config.spark.master)
-    for key, value in config.spark.conf.items():
+    conf = dict(config.spark.conf)
+    if not arrow_paths_supported():
+        # the deep-learning runtime pins pyarrow 14 for Petastorm (docs/deep_learning.md); Spark's
+        # Arrow conversions need >= 18 there, so they are off and Spark uses its row-based paths
+        conf["spark.sql.execution.arrow.pyspark.enabled"] = "false"
+    for key, value in conf.items():
         if not submitted.contains(key):
             builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -187,6 +187,8 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
     for name, frame in tables.items():
         entity = ENTITIES[name]
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
+        if name == "imaging":
+            out = _image_layout(out)
         lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
         counts = (
             lake.read(entity.table)
@@ -200,6 +202,19 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date) -> CleanR
         )
         report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
     return report
+
+
+def _image_layout(images: DataFrame) -> DataFrame:
+    """Images in files of ``runtime.images_per_file`` rows, range-ordered by source system and split:
+    a training selection (one image set, one split) then reads few files, their statistics let the
+    others be skipped, and there are enough files to shard between training workers."""
+    from ehrlake.dl.runtime import load
+
+    per_file = load().images_per_file
+    files = max(1, -(-images.count() // per_file))
+    return images.repartitionByRange(files, "source_system", "split", "image_id").sortWithinPartitions(
+        "source_system", "split", "image_id"
+    )
 
 
 def _clinical(lake, frames: dict[str, DataFrame], mappings, tables: dict[str, DataFrame], today) -> None:

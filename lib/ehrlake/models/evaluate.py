@@ -180,6 +180,9 @@ def error_cells(pred: DataFrame, k: int = 11, top: int = 15, threshold: float = 
     """Where the model is most wrong: age band x sex cells ranked by Brier score (cells under k rows
     are left out, as in the EDA tables), with miss rates at the 0.5 threshold."""
     flagged = F.col("score") >= threshold
+    for cell in ("age_band", "sex"):  # image sets have neither: one cell of all rows
+        if cell not in pred.columns:
+            pred = pred.withColumn(cell, F.lit(None).cast("string"))
     return (
         pred.groupBy("age_band", "sex")
         .agg(

@@ -5,7 +5,9 @@ Reads only the gold model tables (bounded by the number of model versions, not b
 
 from __future__ import annotations
 
+import base64
 import html
+import os
 
 import matplotlib
 
@@ -34,15 +36,16 @@ def comparison_table(models: list[registry.ModelVersion]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(m.task)}</td><td>{html.escape(m.algorithm)}</td><td>v{m.version}</td>"
         f"<td>{html.escape(m.status)}</td>{cell(m.metrics, 'auroc')}{cell(m.metrics, 'auprc')}"
-        f"{cell(m.metrics, 'brier')}{cell(m.metrics, 'recall')}</tr>"
+        f"{cell(m.metrics, 'brier')}{cell(m.metrics, 'accuracy')}{cell(m.metrics, 'recall')}</tr>"
         for m in sorted(models, key=lambda m: (m.task, -(m.metrics.get("auroc", {}).get("value") or 0)))
     )
     return (
         "<h2>Model comparison (held-out patients, 95% bootstrap intervals)</h2><table border='1' "
         "cellpadding='4' style='border-collapse:collapse'><tr><th>task</th><th>algorithm</th><th>version</th>"
-        "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>recall (threshold: base rate)</th></tr>"
+        "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>accuracy</th><th>recall</th></tr>"
         + rows
-        + "</table>"
+        + "</table><p>Threshold of accuracy and recall: the training base rate (calibrated risks); image "
+        "findings (cnn): 0.5. cnn / ann: TensorFlow (docs/deep_learning.md).</p>"
     )
 
 
@@ -92,9 +95,21 @@ def section(lake, png) -> str:
     if not lake.exists(registry.TABLE):
         return "<h2>Models</h2><p>no models trained yet (ehrlake train)</p>"
     parts = [comparison_table(_latest(lake))]
-    for data, caption in figures(lake, png):
+    for data, caption in figures(lake, png) + saliency_maps(lake):
         parts.append(
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
         )
     return "".join(parts)
+
+
+def saliency_maps(lake) -> list[tuple[str, str]]:
+    """The Grad-CAM figure each latest image model saved beside its artifact."""
+    out = []
+    for m in _latest(lake):
+        path = os.path.join(lake.root, m.params.get("saliency") or "")
+        if m.algorithm == "cnn" and os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = base64.b64encode(f.read()).decode()
+            out.append((data, f"Grad-CAM of {m.label} on held-out images: where the CNN looked"))
+    return out

@@ -1,0 +1,257 @@
+"""Predictions of the deep models, computed on the executors and written to Delta.
+
+Each Spark partition loads the saved Keras model once and scores its rows in batches, so nothing
+is collected on the driver and no Arrow path is needed (the deep-learning runtime keeps Spark's
+Arrow conversions off). ``gold.image_findings`` gets one row per image and image model version
+(merge on source system, image and model: re-running replaces, never duplicates);
+``gold.risk_scores`` gets the ANN's scores beside those of the Spark ML models.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import numpy as np
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ehrlake.dl import datasets, runtime
+
+FINDINGS = "gold.image_findings"
+FINDING_KEYS = ["source_system", "image_id", "model_id"]
+BATCH = 256
+_MODELS: dict[str, object] = {}
+
+
+def load_model(path: str):
+    """The saved Keras model under ``path`` (cached per process: executors reuse Python workers)."""
+    if path not in _MODELS:
+        _MODELS[path] = runtime.keras().models.load_model(os.path.join(path, "model.keras"), compile=False)
+    return _MODELS[path]
+
+
+def _batched(rows, size: int = BATCH):
+    batch = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _image_scorer(path: str, shape: tuple[int, ...], pixels_at: int):
+    def score(rows):
+        model = None
+        for batch in _batched(rows):
+            model = model or load_model(path)
+            x = np.stack([np.frombuffer(r[pixels_at], "<f4").reshape(shape) for r in batch])
+            p = model.predict_on_batch(x)[:, 0]
+            for r, s in zip(batch, p, strict=True):
+                yield (*r[:pixels_at], *r[pixels_at + 1 :], float(s))
+
+    return score
+
+
+IMAGE_COLUMNS = ["image_id", "patient_key", "source_system", "format", "modality", "split", "label"]
+
+
+def score_images(frame: DataFrame, path: str, shape) -> DataFrame:
+    """``frame`` (``IMAGE_COLUMNS`` + ``pixels``) with a ``score`` column instead of pixels."""
+    rows = frame.select(*IMAGE_COLUMNS, "pixels").rdd.mapPartitions(
+        _image_scorer(path, tuple(shape) + (1,), len(IMAGE_COLUMNS))
+    )
+    schema = T.StructType(
+        [*frame.select(*IMAGE_COLUMNS).schema.fields, T.StructField("score", T.DoubleType())]
+    )
+    return frame.sparkSession.createDataFrame(rows, schema)
+
+
+def image_findings(lake, path, version: int, source: str, task: str, model_id: str, model_version: int):
+    """Every image of ``source`` in ``silver.imaging`` (at ``version``) scored by the model."""
+    from ehrlake.ingest.images import load_spec
+
+    images = lake.read("silver.imaging", version=version).where(F.col("source_system") == source)
+    scored = score_images(images, path, load_spec().shape)
+    return scored.select(
+        *IMAGE_COLUMNS,
+        "score",
+        F.lit(task).alias("task"),
+        F.lit(model_id).alias("model_id"),
+        F.lit(model_version).alias("model_version"),
+        F.current_timestamp().alias("scored_at"),
+    )
+
+
+def write_findings(lake, findings: DataFrame) -> None:
+    """Merge into ``gold.image_findings`` with the finding at the model's threshold."""
+    out = findings.withColumn("finding", F.col("score") >= F.lit(0.5))
+    lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"})
+
+
+def saliency_figure(
+    lake, path: str, snap, selection, task: str, artifact_png: str, per_class: int = 4
+) -> None:
+    """Grad-CAM of the most confident held-out findings of each class (at most 8 images read)."""
+    from ehrlake.dl import saliency
+
+    model = load_model(path)
+    picked: dict[int, list] = {0: [], 1: []}
+    for batch in datasets.read_all(snap, selection, [selection.tensor, selection.label], batch_size=256):
+        if batch.num_rows == 0:
+            continue
+        x = np.stack([np.frombuffer(b, "<f4").reshape(selection.shape) for b in batch.column(0).to_pylist()])
+        y = np.asarray(batch.column(1).to_pylist())
+        s = model.predict_on_batch(x)[:, 0]
+        for label in (0, 1):
+            confidence = s if label == 1 else 1 - s
+            for i in np.where(y == label)[0]:
+                picked[label].append((float(confidence[i]), x[i], label, float(s[i])))
+            picked[label] = sorted(picked[label], key=lambda t: -t[0])[:per_class]
+    chosen = picked[0] + picked[1]
+    if not chosen:
+        return
+    saliency.figure(
+        model,
+        np.stack([c[1] for c in chosen]),
+        [c[2] for c in chosen],
+        [c[3] for c in chosen],
+        os.path.join(lake.root, artifact_png),
+        f"{task}: Grad-CAM of the most confident held-out findings (score = P(label 1))",
+    )
+
+
+# --- tabular ----------------------------------------------------------------------------------------
+
+
+def _tabular_scorer(path: str, inputs: int, reasons: int, names: list[str]):
+    def score(rows):
+        tf = runtime.tensorflow()
+        model = None
+        for batch in _batched(rows):
+            model = model or load_model(path)
+            x = tf.constant(np.stack([np.frombuffer(r["x"], "<f4").reshape(inputs) for r in batch]))
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                p = model(x, training=False)[:, 0]
+                logit = tf.math.log(tf.clip_by_value(p, 1e-7, 1.0) / tf.clip_by_value(1 - p, 1e-7, 1.0))
+            contrib = (tape.gradient(logit, x) * x).numpy()  # gradient x input, in standard deviations
+            for r, s, c in zip(batch, p.numpy(), contrib, strict=True):
+                top = [i for i in np.argsort(-c)[:reasons] if c[i] > 0]
+                features, weights = [names[i] for i in top], [float(c[i]) for i in top]
+                yield (r["index_id"], r["patient_key"], r["split"], r["label"], float(s), features, weights)
+
+    return score
+
+
+def tabular_scores(
+    lake, path: str, version: int, table: str, inputs: list[str], reasons: int = 3
+) -> DataFrame:
+    """Rows of ``table`` at ``version`` with ``score`` and the top features raising it."""
+    rows = lake.read(table, version=version).rdd.mapPartitions(
+        _tabular_scorer(path, len(inputs), reasons, inputs)
+    )
+    return lake.spark.createDataFrame(
+        rows,
+        "index_id string, patient_key string, split string, label int, score double, "
+        "reason_features array<string>, reason_weights array<double>",
+    )
+
+
+def ann_risk_scores(lake, mv, as_of: dt.date | None = None, role: str | None = None) -> int:
+    """The ANN's score of each patient's latest row of its task, merged into ``gold.risk_scores``
+    (as of the scoring date: the extract rows carry no dates of their own)."""
+    from ehrlake import features as feats
+    from ehrlake.dl import train as dl_train
+    from ehrlake.scoring import KEYS, TABLE, band
+
+    as_of = as_of or dt.date.today()
+    t = feats.task(mv.task)
+    table = dl_train.tensors_table(mv.task)
+    version = mv.params["tensors"][table]
+    descriptions = feats.descriptions(t)
+    scored = tabular_scores(lake, mv.artifact_path(lake), version, table, mv.features)
+    latest = scored.groupBy("patient_key").agg(F.max_by(F.struct(*scored.columns), "index_id").alias("r"))
+    described = F.create_map(*[x for f in mv.features for x in (F.lit(f), F.lit(descriptions.get(f, f)))])
+    out = latest.select(
+        "patient_key",
+        F.lit(mv.task).alias("task"),
+        F.lit(as_of).cast("date").alias("as_of"),
+        F.col("r.score").alias("score"),
+        band(F.col("r.score"), mv.bands).alias("risk_band"),
+        F.transform(
+            F.arrays_zip("r.reason_features", "r.reason_weights"),
+            lambda z: F.concat(
+                F.coalesce(described[z["reason_features"]], z["reason_features"]),
+                F.lit(" (+"),
+                F.format_number(z["reason_weights"], 2),
+                F.lit(")"),
+            ),
+        ).alias("top_reasons"),
+        F.lit(mv.model_id).alias("model_id"),
+        F.lit(mv.version).alias("model_version"),
+        F.current_timestamp().alias("scored_at"),
+    )
+    with lake.security.job("score", ["gold"], role) as (_, audit):
+        lake.merge(out, TABLE, keys=KEYS, commit_info={"ehrlakeJob": "score"})
+        n = lake.read(TABLE).where((F.col("task") == mv.task) & (F.col("model_id") == mv.model_id)).count()
+        audit.append((TABLE, f"{mv.task} as of {as_of}: {n} patients scored with {mv.label}"))
+    return n
+
+
+def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:
+    """An image model on a new labelled set of files (NPZ, PNG folders, DICOM with labels), decoded
+    on the executors exactly as ingest does, without writing the images to the lake."""
+    from ehrlake.errors import EhrlakeError
+    from ehrlake.ingest import images
+    from ehrlake.ingest.sources import SourceKind, discover
+    from ehrlake.models.train import record
+
+    if not os.path.exists(input_path):
+        raise EhrlakeError(f"no file or directory {input_path}")
+    spec = images.load_spec()
+    if list(spec.shape) != list(mv.params.get("shape", spec.shape)):
+        raise EhrlakeError(
+            f"{mv.label} was trained on {mv.params['shape']} images; conf/imaging.yaml says {spec.shape}"
+        )
+    files = [f.path for f in discover(input_path, SourceKind.IMAGES)]
+    if not files:
+        raise EhrlakeError(f"no image files (.npz, .png, .dcm) under {input_path}")
+    sc = lake.spark.sparkContext
+    root = input_path
+    decoded = sc.parallelize(files, max(1, min(len(files), sc.defaultParallelism * 4))).flatMap(
+        lambda f: images.decode_file(f, root, spec)
+    )
+    rows = decoded.filter(lambda r: r.get("pixels") is not None and r.get("label") is not None).map(
+        lambda r: (
+            r["image_id"],
+            None,
+            "evaluation",
+            r["format"],
+            r.get("modality"),
+            r.get("split"),
+            int(r["label"]),
+            bytes(r["pixels"]),
+        )  # fmt: skip
+    )
+    frame = lake.spark.createDataFrame(
+        rows,
+        "image_id string, patient_key string, source_system string, format string, modality string, "
+        "split string, label int, pixels binary",
+    )
+    pred = score_images(frame, mv.artifact_path(lake), spec.shape).cache()
+    if pred.limit(1).count() == 0:
+        raise EhrlakeError(
+            f"no labelled images in {input_path} (a label comes from an NPZ's labels or a PNG folder)"
+        )
+    dataset = os.path.basename(input_path.rstrip("/")).split(".")[0]
+    with lake.security.job("evaluate", ["gold"], role) as (_, audit):
+        overall = record(lake, mv, pred, dataset)
+        audit.append(
+            ("gold.model_metrics", f"{mv.label} on {dataset}: AUROC {overall['auroc']['value']:.3f}")
+        )
+    pred.unpersist()
+    return {"model": mv.label, "dataset": dataset, "metrics": overall}

@@ -1,0 +1,436 @@
+"""Training the deep models: a CNN per image task, an ANN per tabular task, distributed.
+
+The driver plans the work (Delta snapshot, selection, shards, steps), the launcher runs
+:func:`fit_worker` on every worker, rank 0 saves the model into the lake, and the driver then
+scores the task's rows on the executors (``predict.py``), evaluates the held-out split with the same
+metrics as the Spark ML models (``models.train.record``) and registers the version with the Delta
+versions it read. Every rank must end with bit-identical weights; a run where they differ fails.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ehrlake import features as feats
+from ehrlake.dl import datasets, launch, predict, runtime
+from ehrlake.dl.datasets import Selection, Shard
+from ehrlake.errors import EhrlakeError
+from ehrlake.lake import WriteMode
+from ehrlake.models import evaluate, registry
+from ehrlake.models.train import DEFAULT_SEED, record, split
+
+IMAGES = "silver.imaging"
+CNN_THRESHOLD = 0.5  # image findings: the decision threshold MedMNIST reports accuracy at
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Everything a worker needs; small and picklable (file lists, not data)."""
+
+    kind: str  # cnn | ann
+    shards: tuple[Shard, ...]
+    train: Selection
+    val_shard: Shard | None
+    val: Selection | None
+    hyper: dict
+    backend: str
+    steps_per_epoch: int
+    epochs: int
+    seed: int
+    save_to: str | None  # rank 0 saves the model here
+
+
+def fit_worker(worker: launch.Worker, p: Payload) -> dict:
+    """Build, fit and (rank 0) save one model; runs in every worker process."""
+    tf = runtime.tensorflow()
+    k = runtime.keras()
+    from ehrlake.dl import nets
+
+    k.utils.set_random_seed(p.seed)
+    lr = float(p.hyper.get("learning_rate", 1e-3)) * (worker.size if worker.launcher == "horovod" else 1)
+    with worker.scope():
+        if p.kind == "cnn":
+            model = nets.cnn(
+                p.train.shape,
+                tuple(p.hyper.get("filters", (32, 64, 128))),
+                float(p.hyper.get("dropout", 0.3)),
+                bool(p.hyper.get("augment", True)),
+                worker.batch_norm(),
+                float(p.hyper.get("bn_momentum", 0.9)),
+            )
+        else:
+            model = nets.ann(
+                p.train.shape[0], tuple(p.hyper.get("hidden", (64, 32))), float(p.hyper.get("dropout", 0.2))
+            )
+        if p.hyper.get("schedule", "cosine") == "cosine":  # settles at the end instead of wandering
+            lr = k.optimizers.schedules.CosineDecay(lr, decay_steps=p.epochs * p.steps_per_epoch, alpha=0.01)
+        model.compile(
+            optimizer=worker.optimizer(k.optimizers.Adam(lr)),
+            loss="binary_crossentropy",
+            metrics=[k.metrics.AUC(name="auc")],
+        )
+    callbacks = worker.callbacks()
+    if p.val_shard is not None and p.hyper.get("early_stopping", True):
+        callbacks.append(
+            k.callbacks.EarlyStopping(
+                monitor="val_auc",
+                mode="max",
+                patience=int(p.hyper.get("patience", 12)),
+                restore_best_weights=True,
+            )
+        )
+    per_worker = int(p.hyper.get("batch_size", 32))
+    shard = p.shards[worker.rank]
+    started = time.perf_counter()
+    with (
+        datasets.open_dataset(
+            shard,
+            p.train,
+            p.backend,
+            worker.batch(per_worker),
+            repeat=True,
+            shuffle=2048,
+            seed=p.seed + worker.rank,
+        ) as train_ds,
+        _validation(p, worker) as val_ds,
+    ):
+        if worker.launcher == "barrier":  # the shards are planned already: MWMS must not re-shard
+            options = tf.data.Options()
+            options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+            train_ds = train_ds.with_options(options)
+            val_ds = val_ds.with_options(options) if val_ds is not None else None
+        history = model.fit(
+            train_ds,
+            epochs=p.epochs,
+            steps_per_epoch=p.steps_per_epoch,
+            validation_data=val_ds,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    seconds = time.perf_counter() - started
+    epochs_run = len(history.history.get("loss", []))
+    # every rank reads its weights: under MWMS reading batch-norm statistics is a collective
+    # operation, and a rank 0 reading alone would wait forever for the others
+    weights = model.get_weights()
+    if worker.rank == 0 and p.save_to:
+        _portable(model, p, weights).save(os.path.join(p.save_to, "model.keras"))
+    return {
+        "digest": launch.weights_digest(weights),
+        "epochs": epochs_run,
+        "seconds": seconds,
+        "samples": epochs_run * p.steps_per_epoch * per_worker,
+        "history": {k_: [float(v) for v in vals] for k_, vals in history.history.items()}
+        if worker.rank == 0
+        else {},
+    }
+
+
+def _portable(model, p: Payload, weights):
+    """The same network with plain layers (no Horovod / strategy classes, no optimizer state) and the
+    trained weights, so any TensorFlow process can load it and saving involves no other rank."""
+    from ehrlake.dl import nets
+
+    if p.kind == "cnn":
+        plain = nets.cnn(
+            p.train.shape,
+            tuple(p.hyper.get("filters", (32, 64, 128))),
+            float(p.hyper.get("dropout", 0.3)),
+            bool(p.hyper.get("augment", True)),
+            momentum=float(p.hyper.get("bn_momentum", 0.9)),
+        )
+    else:
+        plain = nets.ann(
+            p.train.shape[0], tuple(p.hyper.get("hidden", (64, 32))), float(p.hyper.get("dropout", 0.2))
+        )
+    plain.set_weights(weights)
+    return plain
+
+
+def _validation(p: Payload, worker):
+    import contextlib
+
+    if p.val_shard is None:
+        return contextlib.nullcontext(None)
+    # every rank scores the whole validation split with the same weights, so early stopping decides
+    # the same everywhere; the Arrow reader re-reads it each epoch
+    return datasets.open_dataset(p.val_shard, p.val, "arrow", worker.batch(256), repeat=False)
+
+
+def _whole(snap, selection) -> Shard | None:
+    counts = {f: n for f, n in datasets.selected_rows(snap.files, selection.filters).items() if n}
+    return Shard(0, tuple(sorted(counts)), sum(counts.values())) if counts else None
+
+
+def _launch(lake, payload: Payload, cfg: runtime.Config, workers: int, launcher: str) -> list[dict]:
+    results = launch.run(lake.spark, fit_worker, payload, workers, launcher)
+    digests = {r["digest"] for r in results}
+    if len(digests) != 1:
+        raise EhrlakeError(f"the {len(results)} workers ended with different weights: {sorted(digests)}")
+    return results
+
+
+def _new_version(lake, model_id: str) -> tuple[int, str, str]:
+    version = registry.next_version(lake, model_id)
+    artifact = registry.artifact_dir(model_id, version)
+    path = os.path.join(lake.root, artifact)
+    if os.path.exists(path):  # left by a crashed run before it registered: not a model yet
+        shutil.rmtree(path)
+    os.makedirs(path)
+    return version, artifact, path
+
+
+def _training_metrics(results: list[dict], workers: int) -> dict:
+    seconds = max(r["seconds"] for r in results)
+    samples = sum(r["samples"] for r in results)
+    return {
+        "train_seconds": {"value": round(seconds, 1)},
+        "train_samples_per_s": {"value": round(samples / seconds, 1) if seconds else None},
+        "epochs": {"value": results[0]["epochs"]},
+        "workers": {"value": workers},
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One distributed training run: what every registered deep model records about it."""
+
+    model_id: str
+    version: int
+    artifact: str
+    epochs: int
+    seed: int
+    launcher: str
+    backend: str
+    workers: int
+    results: list
+
+
+def _register(lake, audit, run: Run, task, algorithm, params, features, data, metrics, bands, test):
+    """Register the version (parameters, data versions, metrics, training history) and record its
+    held-out evaluation in the gold model tables."""
+    mv = registry.ModelVersion(
+        model_id=run.model_id,
+        version=run.version,
+        task=task,
+        algorithm=algorithm,
+        params={
+            **params,
+            "epochs": run.epochs,
+            "seed": run.seed,
+            "launcher": run.launcher,
+            "backend": datasets.default_backend() if run.backend == "auto" else run.backend,
+            "workers": run.workers,
+            "history": run.results[0]["history"],
+        },
+        features=features,
+        training_data=data,
+        metrics={**metrics, **_training_metrics(run.results, run.workers)},
+        bands=bands,
+        artifact=run.artifact,
+        created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        status="candidate",
+    )
+    registry.register(lake, mv)
+    record(lake, mv, test, "test")
+    audit.append((registry.TABLE, f"{mv.label}: test AUROC {metrics['auroc']['value']:.3f}"))
+    return mv
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+def image_selection(source_system: str, split_name: str | None, shape) -> Selection:
+    filters = [("source_system", "=", source_system), ("label", ">=", 0)]
+    if split_name:
+        filters.append(("split", "=", split_name))
+    return Selection(tuple(filters), "pixels", (*shape, 1))
+
+
+def train_image_model(
+    lake,
+    task: str,
+    cfg: runtime.Config | None = None,
+    epochs: int | None = None,
+    workers: int | None = None,
+    launcher: str | None = None,
+    backend: str | None = None,
+    seed: int = DEFAULT_SEED,
+    role: str | None = None,
+) -> registry.ModelVersion:
+    """Train the CNN of an image task on its ``train`` split (validation AUC per epoch on ``val``),
+    evaluate it on its test split, write every image's finding to ``gold.image_findings`` and
+    register it."""
+    from ehrlake.ingest.images import load_spec
+
+    cfg = cfg or runtime.load()
+    if task not in cfg.image_tasks:
+        raise EhrlakeError(
+            f"no image task {task!r} in conf/deep_learning.yaml ({', '.join(cfg.image_tasks)})"
+        )
+    spec = cfg.image_tasks[task]
+    workers = workers or cfg.workers
+    launcher = launcher or cfg.launcher
+    backend = backend or cfg.backend
+    hyper = {**cfg.cnn, **(spec.get("cnn") or {})}
+    epochs = epochs or int(hyper.get("epochs", 30))
+    shape = tuple(load_spec().shape)
+    snap = datasets.snapshot(lake.root, IMAGES)
+    source = spec["source_system"]
+    test_split = hyper.get("test", "test")
+    train_sel = image_selection(source, "train", shape)
+    val_sel = image_selection(source, hyper["validation"], shape) if hyper.get("validation") else None
+    shards = tuple(datasets.plan_shards(snap, train_sel, workers))
+    n_train = sum(s.rows for s in shards)
+    batch = int(hyper.get("batch_size", 32))
+    model_id = f"{task}.cnn"
+    version, artifact, path = _new_version(lake, model_id)
+    payload = Payload(
+        "cnn", shards, train_sel, _whole(snap, val_sel) if val_sel else None, val_sel, hyper,
+        backend, math.ceil(n_train / (batch * workers)), epochs, seed, path,
+    )  # fmt: skip
+    with lake.security.job("train", ["gold"], role) as (_, audit):
+        results = _launch(lake, payload, cfg, workers, launcher)
+        findings = predict.image_findings(lake, path, snap.version, source, task, model_id, version)
+        test = findings.where((F.col("split") == test_split) & F.col("label").isNotNull()).cache()
+        if test.limit(1).count() == 0:
+            raise EhrlakeError(
+                f"{IMAGES} has no labelled {test_split} images of {source}: nothing to evaluate on"
+            )
+        metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=CNN_THRESHOLD)
+        saliency = os.path.join(artifact, "gradcam.png")
+        predict.saliency_figure(lake, path, snap, image_selection(source, test_split, shape), task, saliency)
+        run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
+        params = {
+            **hyper,
+            "threshold": CNN_THRESHOLD,
+            "source_system": source,
+            "test_split": test_split,
+            "shape": list(shape),
+            "saliency": saliency,
+        }
+        # evaluation id <model>.v<N>.test, whichever split the task evaluates on
+        mv = _register(
+            lake, audit, run, task, "cnn", params, ["pixels"], {IMAGES: snap.version}, metrics, {}, test
+        )
+        predict.write_findings(lake, findings)
+        test.unpersist()
+    return mv
+
+
+# --- tabular ----------------------------------------------------------------------------------------
+
+
+def tensors_table(task_name: str) -> str:
+    return f"gold.tensors_{task_name}"
+
+
+def build_tensors(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], dict]:
+    """The task's labelled rows as standardised float32 vectors in ``gold.tensors_<task>``: split by
+    patient (``test`` as the Spark ML models, ``val`` = CV fold 0 of the rest), missing values set to
+    the training mean (0 after standardising). Returns the inputs and their training mean/sd."""
+    t = feats.task(task_name)
+    wanted = feats.model_inputs(t)
+    df = feats.training_frame(lake, t, versions)
+    train_df, test_df = split(df, seed)
+    stats = train_df.agg(
+        *[F.avg(F.col(c).cast("double")).alias(f"m_{c}") for c in wanted],
+        *[F.stddev(F.col(c).cast("double")).alias(f"s_{c}") for c in wanted],
+    ).first()
+    inputs = [c for c in wanted if stats[f"m_{c}"] is not None]
+    scaling = {c: (float(stats[f"m_{c}"]), float(stats[f"s_{c}"] or 0.0) or 1.0) for c in inputs}
+    z = F.array(
+        *[
+            F.coalesce((F.col(c).cast("double") - F.lit(m)) / F.lit(s), F.lit(0.0)).cast("float")
+            for c, (m, s) in scaling.items()
+        ]
+    )
+    to_bytes = F.udf(lambda v: np.asarray(v, "<f4").tobytes(), T.BinaryType())
+    rows = train_df.withColumn("split", F.when(F.col("cv_fold") == 0, "val").otherwise("train")).unionByName(
+        test_df.withColumn("split", F.lit("test")), allowMissingColumns=True
+    )
+    out = rows.select(
+        "index_id",
+        "patient_key",
+        "split",
+        F.col("label").cast("int").alias("label"),
+        to_bytes(z).alias("x"),
+    ).repartition(8, "index_id")
+    lake.write(
+        out,
+        tensors_table(task_name),
+        mode=WriteMode.OVERWRITE,
+        commit_info={"ehrlakeJob": "train", "task": task_name},
+    )
+    return inputs, scaling
+
+
+def train_tabular_ann(
+    lake,
+    task_name: str,
+    cfg: runtime.Config | None = None,
+    epochs: int | None = None,
+    workers: int | None = None,
+    launcher: str | None = None,
+    backend: str | None = None,
+    seed: int = DEFAULT_SEED,
+    role: str | None = None,
+) -> registry.ModelVersion:
+    """The ANN of a tabular task, on the same rows, split and metrics as its Spark ML models."""
+    cfg = cfg or runtime.load()
+    t = feats.task(task_name)
+    workers = workers or cfg.workers
+    launcher = launcher or cfg.launcher
+    backend = backend or cfg.backend
+    hyper = dict(cfg.ann)
+    epochs = epochs or int(hyper.get("epochs", 30))
+    versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
+    with lake.security.job("train", ["gold"], role) as (_, audit):
+        inputs, scaling = build_tensors(lake, task_name, seed, versions)
+        table = tensors_table(task_name)
+        snap = datasets.snapshot(lake.root, table)
+        sel = Selection((("split", "=", "train"),), "x", (len(inputs),))
+        val_sel = replace(sel, filters=(("split", "=", "val"),))
+        shards = tuple(datasets.plan_shards(snap, sel, workers))
+        n_train = sum(s.rows for s in shards)
+        batch = int(hyper.get("batch_size", 256))
+        model_id = f"{task_name}.ann"
+        version, artifact, path = _new_version(lake, model_id)
+        payload = Payload(
+            "ann", shards, sel, _whole(snap, val_sel), val_sel, hyper,
+            backend, math.ceil(n_train / (batch * workers)), epochs, seed, path,
+        )  # fmt: skip
+        results = _launch(lake, payload, cfg, workers, launcher)
+        scored = predict.tabular_scores(lake, path, snap.version, table, inputs)
+        test = scored.where(F.col("split") == "test").join(
+            feats.training_frame(lake, t, versions).drop("label"), ["patient_key", "index_id"]
+        )
+        positives, n = test.agg(F.sum("label"), F.count("*")).first()
+        train_rate = (
+            lake.read(table, version=snap.version)
+            .where(F.col("split") != "test")
+            .agg(F.avg("label"))
+            .first()[0]
+        )
+        metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
+        q = test.approxQuantile("score", [0.7, 0.9], 0.001)
+        run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
+        params = {
+            **hyper,
+            "threshold": train_rate,
+            "scaling": scaling,
+            "tensors": {table: snap.version},
+            "test_rows": int(n),
+            "test_positives": int(positives or 0),
+        }
+        bands = {"medium": q[0], "high": q[1]} if len(q) == 2 else {}
+        mv = _register(lake, audit, run, task_name, "ann", params, inputs, versions, metrics, bands, test)
+    return mv
