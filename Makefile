@@ -31,7 +31,7 @@ $(DLVENV)/.installed: requirements/dl.txt scripts/dl_env.sh setup.py
 	bash scripts/dl_env.sh $(DLVENV)
 	@touch $@
 
-demo: setup
+demo: setup dl-env
 	bash scripts/demo.sh $(LAKE)
 
 # the main suite in the main runtime (it skips tests/test_dl.py, which needs TensorFlow), then the

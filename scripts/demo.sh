@@ -4,7 +4,9 @@
 set -euo pipefail
 lake="${1:-./lake}"
 bin="$(dirname "$0")/../.venv/bin"
+dlbin="$(dirname "$0")/../.venv-dl/bin"   # the deep-learning runtime (make dl-env)
 run() { echo; echo "\$ ehrlake $*"; "$bin/ehrlake" "$@" --lake "$lake"; }
+dl() { echo; echo "\$ .venv-dl/bin/ehrlake $*"; "$dlbin/ehrlake" "$@" --lake "$lake"; }
 
 # Identifiers are sealed under a master key kept outside the lake (conf/default.yaml: ./secrets).
 if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/master.key ]; then
@@ -15,11 +17,21 @@ run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
 run ingest --source synthea-csv --input data/sample/synthea_csv
 run ingest --source csv-extract --extract mimic --input data/sample/mimic_iv_demo
 run ingest --source csv-extract --extract diabetes130 --input data/sample/diabetes_130_us
+run ingest --source images --input data/sample/images/medmnist --source-system breastmnist
+run ingest --source images --input data/sample/images/dicom --source-system pacs
 run clean
 run quality
 run eda
 run features
 run train --task diabetes130_readmission_30d --grid tiny --promote
+if [ -x "$dlbin/ehrlake" ]; then
+  # TensorFlow on Horovod-on-Spark (2 workers); short runs here, docs/deep_learning.md for the full ones
+  dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
+  dl train --task breastmnist_normal --epochs 15
+  dl score-images --model breastmnist_normal.cnn --source-system pacs
+else
+  echo; echo "(deep-learning steps skipped: make dl-env builds their runtime)"
+fi
 run models list
 run report --out "$lake/report.html"
 run lake show
@@ -33,7 +45,8 @@ Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records w
 identifiers sealed (ek1:...) and a pseudonymous patient_key; ops.quarantine = every record that could
 not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
 gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
-the model registry and evaluation tables (docs/features.md); the HTML report
+the model registry and evaluation tables (docs/features.md), image findings of the CNN
+(docs/deep_learning.md); the HTML report
 is $lake/report.html and the analyst notebook notebooks/analyst.ipynb;
 audit.events = who read or wrote what, hash-chained).
 Look at them with:

@@ -120,7 +120,7 @@ def saliency_figure(
         [c[2] for c in chosen],
         [c[3] for c in chosen],
         os.path.join(lake.root, artifact_png),
-        f"{task}: Grad-CAM of the most confident held-out findings (score = P(label 1))",
+        f"{task}: Grad-CAM for the predicted class, most confident held-out images (score = P(label 1))",
     )
 
 

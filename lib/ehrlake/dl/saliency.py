@@ -1,7 +1,8 @@
 """Grad-CAM: where in an image the CNN looked for its finding (Selvaraju et al., 2017).
 
-The gradient of the finding's logit with respect to the last convolution's feature maps, averaged
-per channel, weights those maps; their positive sum, upsampled to the image, is the heat map. A
+The gradient of the predicted class's logit (the finding's logit, negated where the model predicts
+"no finding") with respect to the last convolution's feature maps, averaged per channel, weights
+those maps; their positive sum, upsampled to the image, is the heat map. A
 figure of a few held-out images (the most confident findings of each class) goes next to the
 model's artifact and into the HTML report.
 """
@@ -14,7 +15,7 @@ from ehrlake.dl.runtime import keras, tensorflow
 
 
 def gradcam(model, images: np.ndarray, layer: str = "last_conv") -> np.ndarray:
-    """(n, H, W) heat maps in [0, 1] for ``images`` of shape (n, H, W, 1)."""
+    """(n, H, W) heat maps in [0, 1] for ``images`` of shape (n, H, W, 1), for the predicted class."""
     tf = tensorflow()
     k = keras()
     probe = k.Model(model.inputs, [model.get_layer(layer).output, model.output])
@@ -23,7 +24,9 @@ def gradcam(model, images: np.ndarray, layer: str = "last_conv") -> np.ndarray:
         maps, prob = probe(x, training=False)
         p = tf.clip_by_value(prob[:, 0], 1e-6, 1 - 1e-6)
         logit = tf.math.log(p / (1 - p))
-    grads = tape.gradient(logit, maps)
+        # evidence for the class the model predicts: a "0" finding is where the logit is pushed down
+        target = tf.where(p >= 0.5, logit, -logit)
+    grads = tape.gradient(target, maps)
     weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
     cam = tf.nn.relu(tf.reduce_sum(weights * maps, axis=-1))[..., None]
     cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0].numpy()
