@@ -7,6 +7,7 @@ a subprocess), the deep-learning jobs read the same Delta tables."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 
@@ -154,7 +155,7 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
 def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_conf):
     from pyspark.sql import functions as F
 
-    from ehrlake import config
+    from ehrlake import config, scoring
     from ehrlake.lake import Lake
     from ehrlake.models import registry
     from ehrlake.security import Security
@@ -168,9 +169,13 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     assert mv.algorithm == "ann" and mv.features and set(mv.params["scaling"]) == set(mv.features)
     assert mv.metrics["auroc"]["n"] == mv.params["test_rows"] > 0
     assert [m.model_id for m in registry.versions(lake, "diabetes130_readmission_30d")] == [mv.model_id]
-    n = predict.ann_risk_scores(lake, mv)
+    # population scoring through the same entry point as the Spark ML models: every patient of the
+    # extract (labelled or not) once, with the ANN's version
+    run = scoring.score(lake, mv.task, dt.date(2026, 1, 1), model_id=mv.model_id)
+    patients = lake.read("gold.features_diabetes130").select("patient_key").distinct().count()
     scores = lake.read("gold.risk_scores").where(F.col("model_id") == mv.model_id)
-    assert scores.count() == n > 0
-    assert scores.select("patient_key").distinct().count() == n
+    assert run.scored == scores.count() == patients > 0
+    assert scoring.score(lake, mv.task, dt.date(2026, 1, 1), model_id=mv.model_id).scored == patients
+    n = patients
     assert scores.where(F.col("model_version") == mv.version).count() == n
     assert scores.where(F.size("top_reasons") > 0).count() > 0

@@ -644,14 +644,6 @@ def cmd_score(args) -> int:
 
     lake, _ = _open_lake(args)
     as_of = dt.date.today() if args.as_of == "today" else _dates(args.as_of)[0]
-    if args.model and args.model.endswith(".ann"):
-        from ehrlake.dl.predict import ann_risk_scores
-        from ehrlake.models import registry
-
-        mv = registry.get(lake, args.model, args.version)
-        n = ann_risk_scores(lake, mv, as_of, role=args.role)
-        print(f"scored {n:,} patients for {mv.task} as of {as_of} with {mv.label} -> gold.risk_scores")
-        return 0
     run = scoring.score(lake, args.task, as_of, role=args.role, model_id=args.model, version=args.version)
     print(run.format())
     return 0

@@ -66,17 +66,6 @@ class Worker:
         """The batch size a worker's dataset yields: MWMS splits a global batch between workers."""
         return per_worker * self.size if self.launcher == "barrier" else per_worker
 
-    def allgather(self, value: float) -> list[float]:
-        """``value`` from every rank (e.g. to check that the ranks agree)."""
-        if self.launcher == "horovod":
-            import horovod.tensorflow as hvd_tf
-
-            from ehrlake.dl.runtime import tensorflow
-
-            tf = tensorflow()
-            return [float(v) for v in hvd_tf.allgather(tf.constant([value], tf.float64)).numpy()]
-        return [value]
-
 
 def weights_digest(weights) -> str:
     """A fingerprint of every weight (a model or its ``get_weights()``), bit for bit: ranks in step

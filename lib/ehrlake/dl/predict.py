@@ -147,43 +147,60 @@ def _tabular_scorer(path: str, inputs: int, reasons: int, names: list[str]):
     return score
 
 
-def tabular_scores(
-    lake, path: str, version: int, table: str, inputs: list[str], reasons: int = 3
-) -> DataFrame:
-    """Rows of ``table`` at ``version`` with ``score`` and the top features raising it."""
-    rows = lake.read(table, version=version).rdd.mapPartitions(
+def tabular_scores(frame: DataFrame, path: str, inputs: list[str], reasons: int = 3) -> DataFrame:
+    """``frame`` (index_id, patient_key, split, label, x) with ``score`` and the top features raising it."""
+    rows = frame.select("index_id", "patient_key", "split", "label", "x").rdd.mapPartitions(
         _tabular_scorer(path, len(inputs), reasons, inputs)
     )
-    return lake.spark.createDataFrame(
+    return frame.sparkSession.createDataFrame(
         rows,
         "index_id string, patient_key string, split string, label int, score double, "
         "reason_features array<string>, reason_weights array<double>",
     )
 
 
-def ann_risk_scores(lake, mv, as_of: dt.date | None = None, role: str | None = None) -> int:
-    """The ANN's score of each patient's latest row of its task, merged into ``gold.risk_scores``
-    (as of the scoring date: the extract rows carry no dates of their own)."""
+def ann_population(lake, mv, as_of: dt.date) -> DataFrame:
+    """What the ANN of ``mv.task`` scores, with its inputs standardised as in training: for a
+    patient-level task, every eligible patient's features as of the date (as ``ehrlake score`` does
+    for the Spark ML models); for a per-row task, each patient's latest row of the feature table
+    (labelled or not: extract rows carry no dates, so "latest" is the highest row id)."""
     from ehrlake import features as feats
-    from ehrlake.dl import train as dl_train
+    from ehrlake.dl.train import tensor
+
+    t = feats.task(mv.task)
+    if t.level == "patient":
+        rows = feats.patient_features(lake, [as_of])
+    else:
+        table = lake.read(t.feature_table)
+        latest = table.groupBy("patient_key").agg(F.max("index_id").alias("index_id"))
+        rows = table.join(latest, ["patient_key", "index_id"])
+    return rows.select(
+        F.col("index_id").cast("string").alias("index_id"),
+        "patient_key",
+        F.lit("score").alias("split"),
+        F.lit(None).cast("int").alias("label"),
+        tensor({f: tuple(v) for f, v in mv.params["scaling"].items()}).alias("x"),
+    )
+
+
+def ann_risk_scores(lake, mv, as_of: dt.date | None = None, role: str | None = None) -> int:
+    """The ANN's risk of every patient :func:`ann_population` gives, merged into ``gold.risk_scores``
+    with band, reasons and model version."""
+    from ehrlake import features as feats
     from ehrlake.scoring import KEYS, TABLE, band
 
     as_of = as_of or dt.date.today()
-    t = feats.task(mv.task)
-    table = dl_train.tensors_table(mv.task)
-    version = mv.params["tensors"][table]
-    descriptions = feats.descriptions(t)
-    scored = tabular_scores(lake, mv.artifact_path(lake), version, table, mv.features)
-    latest = scored.groupBy("patient_key").agg(F.max_by(F.struct(*scored.columns), "index_id").alias("r"))
+    descriptions = feats.descriptions(feats.task(mv.task))
+    scored = tabular_scores(ann_population(lake, mv, as_of), mv.artifact_path(lake), mv.features)
     described = F.create_map(*[x for f in mv.features for x in (F.lit(f), F.lit(descriptions.get(f, f)))])
-    out = latest.select(
+    out = scored.select(
         "patient_key",
         F.lit(mv.task).alias("task"),
         F.lit(as_of).cast("date").alias("as_of"),
-        F.col("r.score").alias("score"),
-        band(F.col("r.score"), mv.bands).alias("risk_band"),
+        F.col("score"),
+        band(F.col("score"), mv.bands).alias("risk_band"),
         F.transform(
-            F.arrays_zip("r.reason_features", "r.reason_weights"),
+            F.arrays_zip("reason_features", "reason_weights"),
             lambda z: F.concat(
                 F.coalesce(described[z["reason_features"]], z["reason_features"]),
                 F.lit(" (+"),
@@ -197,7 +214,15 @@ def ann_risk_scores(lake, mv, as_of: dt.date | None = None, role: str | None = N
     )
     with lake.security.job("score", ["gold"], role) as (_, audit):
         lake.merge(out, TABLE, keys=KEYS, commit_info={"ehrlakeJob": "score"})
-        n = lake.read(TABLE).where((F.col("task") == mv.task) & (F.col("model_id") == mv.model_id)).count()
+        n = (
+            lake.read(TABLE)
+            .where(
+                (F.col("task") == mv.task)
+                & (F.col("as_of") == F.lit(as_of))
+                & (F.col("model_id") == mv.model_id)
+            )
+            .count()
+        )
         audit.append((TABLE, f"{mv.task} as of {as_of}: {n} patients scored with {mv.label}"))
     return n
 

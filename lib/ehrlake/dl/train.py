@@ -333,6 +333,18 @@ def tensors_table(task_name: str) -> str:
     return f"gold.tensors_{task_name}"
 
 
+def tensor(scaling: dict[str, tuple[float, float]]) -> F.Column:
+    """The standardised inputs as little-endian float32 bytes (missing = the training mean = 0)."""
+    z = F.array(
+        *[
+            F.coalesce((F.col(c).cast("double") - F.lit(m)) / F.lit(s), F.lit(0.0)).cast("float")
+            for c, (m, s) in scaling.items()
+        ]
+    )
+    to_bytes = F.udf(lambda v: np.asarray(v, "<f4").tobytes(), T.BinaryType())
+    return to_bytes(z)
+
+
 def build_tensors(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], dict]:
     """The task's labelled rows as standardised float32 vectors in ``gold.tensors_<task>``: split by
     patient (``test`` as the Spark ML models, ``val`` = CV fold 0 of the rest), missing values set to
@@ -347,13 +359,6 @@ def build_tensors(lake, task_name: str, seed: int, versions: dict) -> tuple[list
     ).first()
     inputs = [c for c in wanted if stats[f"m_{c}"] is not None]
     scaling = {c: (float(stats[f"m_{c}"]), float(stats[f"s_{c}"] or 0.0) or 1.0) for c in inputs}
-    z = F.array(
-        *[
-            F.coalesce((F.col(c).cast("double") - F.lit(m)) / F.lit(s), F.lit(0.0)).cast("float")
-            for c, (m, s) in scaling.items()
-        ]
-    )
-    to_bytes = F.udf(lambda v: np.asarray(v, "<f4").tobytes(), T.BinaryType())
     rows = train_df.withColumn("split", F.when(F.col("cv_fold") == 0, "val").otherwise("train")).unionByName(
         test_df.withColumn("split", F.lit("test")), allowMissingColumns=True
     )
@@ -362,7 +367,7 @@ def build_tensors(lake, task_name: str, seed: int, versions: dict) -> tuple[list
         "patient_key",
         "split",
         F.col("label").cast("int").alias("label"),
-        to_bytes(z).alias("x"),
+        tensor(scaling).alias("x"),
     ).repartition(8, "index_id")
     lake.write(
         out,
@@ -409,7 +414,7 @@ def train_tabular_ann(
             backend, math.ceil(n_train / (batch * workers)), epochs, seed, path,
         )  # fmt: skip
         results = _launch(lake, payload, cfg, workers, launcher)
-        scored = predict.tabular_scores(lake, path, snap.version, table, inputs)
+        scored = predict.tabular_scores(lake.read(table, version=snap.version), path, inputs)
         test = scored.where(F.col("split") == "test").join(
             feats.training_frame(lake, t, versions).drop("label"), ["patient_key", "index_id"]
         )

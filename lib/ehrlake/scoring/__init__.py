@@ -57,6 +57,17 @@ def score(
     version: int | None = None,
 ) -> ScoringRun:
     t = feats.task(task_name)
+    mv = registry.get(lake, model_id, version) if model_id else registry.production(lake, task_name)
+    if mv.task != task_name:
+        raise EhrlakeError(f"{mv.label} is a model of {mv.task}, not {task_name}")
+    if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
+        from ehrlake.dl.predict import ann_risk_scores
+
+        started = dt.datetime.now(dt.UTC)
+        n = ann_risk_scores(lake, mv, as_of, role)
+        return ScoringRun(
+            task_name, as_of, mv.label, n, {}, (dt.datetime.now(dt.UTC) - started).total_seconds()
+        )
     if t.level != "patient":
         raise EhrlakeError(
             f"task {task_name} is predicted per {t.level} row, not per patient as of a date; population "
@@ -64,9 +75,6 @@ def score(
             + ", ".join(n for n, x in feats.TASKS.items() if x.level == "patient")
             + "); evaluate per-stay models with ehrlake evaluate"
         )
-    mv = registry.get(lake, model_id, version) if model_id else registry.production(lake, task_name)
-    if mv.task != task_name:
-        raise EhrlakeError(f"{mv.label} is a model of {mv.task}, not {task_name}")
     started = dt.datetime.now(dt.UTC)
     model = mv.load(lake)
     explain.prepare(mv.algorithm, model)
