@@ -99,14 +99,9 @@ def main() -> int:
     spark = get_spark(Config(spark=SparkConfig(master="local[2]", app_name="bench-dl")))
     cfg = runtime.load()
     hyper = {**cfg.cnn, "batch_size": 32}
-    val = dl_train.image_selection("pneumoniamnist", "val", (64, 64))
 
     def train(workers: int, launcher: str) -> dict:
-        shards = tuple(datasets.plan_shards(snap, sel, workers))
-        steps = -(-sum(s.rows for s in shards) // (32 * workers))
-        payload = dl_train.Payload(
-            "cnn", shards, sel, None, val, hyper, "auto", steps, args.epochs, 42, None
-        )  # fmt: skip
+        payload = dl_train.plan("cnn", snap, sel, None, hyper, "auto", workers, args.epochs, 42, None)
         results = launch.run(spark, dl_train.fit_worker, payload, workers, launcher)
         seconds = max(r["seconds"] for r in results)
         samples = sum(r["samples"] for r in results)

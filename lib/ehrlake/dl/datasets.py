@@ -15,13 +15,14 @@ Two readers behind one function (:func:`open_dataset`):
   any pyarrow and needs no Petastorm, so the jobs also run in the main environment.
 
 Both yield the same elements: ``(x, y)`` where ``x`` is the ``tensor`` column (little-endian float32
-bytes, as ``silver.imaging.pixels`` and ``gold.training_tensors.x`` store them) decoded to ``shape``
+bytes, as ``silver.imaging.pixels`` and ``gold.tensors_<task>.x`` store them) decoded to ``shape``
 and ``y`` the label as float32.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,26 +79,34 @@ def _local(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
+# The filter operators; each works on a pyarrow field expression and on a pandas Series alike.
+_OPS = {
+    "=": operator.eq,
+    "==": operator.eq,
+    "!=": operator.ne,
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "in": lambda f, v: f.isin(list(v)),
+}
+
+
+def _conjunction(filters, column_of):
+    """``filters`` and-ed over the columns ``column_of(name)`` gives."""
+    combined = None
+    for column, op, value in filters:
+        if op not in _OPS:
+            raise EhrlakeError(f"filter operator {op!r} not supported ({', '.join(_OPS)})")
+        term = _OPS[op](column_of(column), value)
+        combined = term if combined is None else combined & term
+    return combined
+
+
 def _expression(filters):
     import pyarrow.dataset as ds
 
-    ops = {
-        "=": lambda f, v: f == v,
-        "==": lambda f, v: f == v,
-        "!=": lambda f, v: f != v,
-        "<": lambda f, v: f < v,
-        "<=": lambda f, v: f <= v,
-        ">": lambda f, v: f > v,
-        ">=": lambda f, v: f >= v,
-        "in": lambda f, v: f.isin(list(v)),
-    }
-    expr = None
-    for column, op, value in filters:
-        if op not in ops:
-            raise EhrlakeError(f"filter operator {op!r} not supported ({', '.join(ops)})")
-        term = ops[op](ds.field(column), value)
-        expr = term if expr is None else expr & term
-    return expr
+    return _conjunction(filters, ds.field)
 
 
 def selected_rows(files: tuple[str, ...], filters) -> dict[str, int]:
@@ -236,25 +245,7 @@ def _predicate(filters):
             return {c for c, _, _ in filters}
 
         def do_include(self, values):
-            keep = None
-            for column, op, value in filters:
-                v = values[column]
-                term = (
-                    {
-                        "=": lambda: v == value,
-                        "==": lambda: v == value,
-                        "!=": lambda: v != value,
-                        "<": lambda: v < value,
-                        "<=": lambda: v <= value,
-                        ">": lambda: v > value,
-                        ">=": lambda: v >= value,
-                        "in": lambda: v.isin(list(value)),
-                    }[op]()
-                    .fillna(False)
-                    .astype(bool)
-                )
-                keep = term if keep is None else keep & term
-            return keep
+            return _conjunction(filters, lambda c: values[c]).fillna(False).astype(bool)
 
     return Filters()
 

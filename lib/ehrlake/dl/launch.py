@@ -16,7 +16,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from ehrlake.dl.runtime import LAUNCHERS, has_horovod, quiet_tensorflow
+from ehrlake.dl.runtime import LAUNCHERS, has_horovod
 from ehrlake.errors import EhrlakeError
 
 
@@ -106,7 +106,6 @@ def run(spark, fn, payload, workers: int = 2, launcher: str = "horovod") -> list
 
 
 def _horovod_main(fn, payload):
-    quiet_tensorflow()
     import horovod.tensorflow.keras as hvd
 
     hvd.init()
@@ -117,7 +116,6 @@ def _horovod_main(fn, payload):
 def _barrier_main(fn, payload):
     from pyspark import BarrierTaskContext
 
-    quiet_tensorflow()
     ctx = BarrierTaskContext.get()
     with socket.socket() as s:  # a free port for this worker's gRPC server
         s.bind(("", 0))

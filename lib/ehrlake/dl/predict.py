@@ -4,7 +4,7 @@ Each Spark partition loads the saved Keras model once and scores its rows in bat
 is collected on the driver and no Arrow path is needed (the deep-learning runtime keeps Spark's
 Arrow conversions off). ``gold.image_findings`` gets one row per image and image model version
 (merge on source system, image and model: re-running replaces, never duplicates);
-``gold.risk_scores`` gets the ANN's scores beside those of the Spark ML models.
+the ANN's scores reach ``gold.risk_scores`` through ``scoring.score``, as any model's do.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ehrlake.dl import datasets, runtime
 
 FINDINGS = "gold.image_findings"
 FINDING_KEYS = ["source_system", "image_id", "model_id"]
+FINDING_THRESHOLD = 0.5  # a finding; also the threshold MedMNIST reports accuracy at
 BATCH = 256
 _MODELS: dict[str, object] = {}
 
@@ -88,7 +89,7 @@ def image_findings(lake, path, version: int, source: str, task: str, model_id: s
 
 def write_findings(lake, findings: DataFrame) -> None:
     """Merge into ``gold.image_findings`` with the finding at the model's threshold."""
-    out = findings.withColumn("finding", F.col("score") >= F.lit(0.5))
+    out = findings.withColumn("finding", F.col("score") >= F.lit(FINDING_THRESHOLD))
     lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"})
 
 
@@ -183,48 +184,24 @@ def ann_population(lake, mv, as_of: dt.date) -> DataFrame:
     )
 
 
-def ann_risk_scores(lake, mv, as_of: dt.date | None = None, role: str | None = None) -> int:
-    """The ANN's risk of every patient :func:`ann_population` gives, merged into ``gold.risk_scores``
-    with band, reasons and model version."""
+def ann_scores(lake, mv, as_of: dt.date):
+    """(rows with ``patient_key`` and ``score``, their ``top_reasons`` column) of the ANN over
+    :func:`ann_population`, for ``scoring.score`` to write like any model's scores."""
     from ehrlake import features as feats
-    from ehrlake.scoring import KEYS, TABLE, band
 
-    as_of = as_of or dt.date.today()
     descriptions = feats.descriptions(feats.task(mv.task))
     scored = tabular_scores(ann_population(lake, mv, as_of), mv.artifact_path(lake), mv.features)
     described = F.create_map(*[x for f in mv.features for x in (F.lit(f), F.lit(descriptions.get(f, f)))])
-    out = scored.select(
-        "patient_key",
-        F.lit(mv.task).alias("task"),
-        F.lit(as_of).cast("date").alias("as_of"),
-        F.col("score"),
-        band(F.col("score"), mv.bands).alias("risk_band"),
-        F.transform(
-            F.arrays_zip("reason_features", "reason_weights"),
-            lambda z: F.concat(
-                F.coalesce(described[z["reason_features"]], z["reason_features"]),
-                F.lit(" (+"),
-                F.format_number(z["reason_weights"], 2),
-                F.lit(")"),
-            ),
-        ).alias("top_reasons"),
-        F.lit(mv.model_id).alias("model_id"),
-        F.lit(mv.version).alias("model_version"),
-        F.current_timestamp().alias("scored_at"),
+    reasons = F.transform(
+        F.arrays_zip("reason_features", "reason_weights"),
+        lambda z: F.concat(
+            F.coalesce(described[z["reason_features"]], z["reason_features"]),
+            F.lit(" (+"),
+            F.format_number(z["reason_weights"], 2),
+            F.lit(")"),
+        ),
     )
-    with lake.security.job("score", ["gold"], role) as (_, audit):
-        lake.merge(out, TABLE, keys=KEYS, commit_info={"ehrlakeJob": "score"})
-        n = (
-            lake.read(TABLE)
-            .where(
-                (F.col("task") == mv.task)
-                & (F.col("as_of") == F.lit(as_of))
-                & (F.col("model_id") == mv.model_id)
-            )
-            .count()
-        )
-        audit.append((TABLE, f"{mv.task} as of {as_of}: {n} patients scored with {mv.label}"))
-    return n
+    return scored, reasons
 
 
 def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:
@@ -260,7 +237,7 @@ def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:
             r.get("split"),
             int(r["label"]),
             bytes(r["pixels"]),
-        )  # fmt: skip
+        )
     )
     frame = lake.spark.createDataFrame(
         rows,

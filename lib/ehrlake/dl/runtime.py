@@ -2,12 +2,12 @@
 
 Horovod's Keras optimizer wrapper and TF's MultiWorkerMirroredStrategy both fail under Keras 3
 (docs/deep_learning.md), so every process of a job selects the legacy ``tf-keras`` before
-TensorFlow is first imported. Keras 3 still works for single-process jobs where tf-keras is missing.
+TensorFlow is first imported (``ehrlake/dl/__init__.py``). Keras 3 still works for single-process
+jobs where tf-keras is missing.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -20,14 +20,9 @@ from ehrlake.home import CONF
 LAUNCHERS = ("horovod", "barrier", "local")
 
 
-def quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-
-
 @cache
 def tensorflow():
-    quiet_tensorflow()
+    # TF_USE_LEGACY_KERAS is set by ehrlake/dl/__init__.py, which runs before this module
     try:
         import tensorflow as tf
     except ImportError as exc:

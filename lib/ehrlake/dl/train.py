@@ -29,7 +29,6 @@ from ehrlake.models import evaluate, registry
 from ehrlake.models.train import DEFAULT_SEED, record, split
 
 IMAGES = "silver.imaging"
-CNN_THRESHOLD = 0.5  # image findings: the decision threshold MedMNIST reports accuracy at
 
 
 @dataclass(frozen=True)
@@ -170,7 +169,16 @@ def _whole(snap, selection) -> Shard | None:
     return Shard(0, tuple(sorted(counts)), sum(counts.values())) if counts else None
 
 
-def _launch(lake, payload: Payload, cfg: runtime.Config, workers: int, launcher: str) -> list[dict]:
+def plan(kind, snap, train: Selection, val: Selection | None, hyper, backend, workers, epochs, seed, save_to):
+    """The payload of a run: the training selection sharded between ``workers``, the validation
+    selection whole, and the steps per epoch every worker runs (all selected rows once)."""
+    shards = tuple(datasets.plan_shards(snap, train, workers))
+    steps = math.ceil(sum(s.rows for s in shards) / (int(hyper.get("batch_size", 32)) * workers))
+    val_shard = _whole(snap, val) if val else None
+    return Payload(kind, shards, train, val_shard, val, hyper, backend, steps, epochs, seed, save_to)
+
+
+def _launch(lake, payload: Payload, workers: int, launcher: str) -> list[dict]:
     results = launch.run(lake.spark, fit_worker, payload, workers, launcher)
     digests = {r["digest"] for r in results}
     if len(digests) != 1:
@@ -288,30 +296,26 @@ def train_image_model(
     test_split = hyper.get("test", "test")
     train_sel = image_selection(source, "train", shape)
     val_sel = image_selection(source, hyper["validation"], shape) if hyper.get("validation") else None
-    shards = tuple(datasets.plan_shards(snap, train_sel, workers))
-    n_train = sum(s.rows for s in shards)
-    batch = int(hyper.get("batch_size", 32))
     model_id = f"{task}.cnn"
     version, artifact, path = _new_version(lake, model_id)
-    payload = Payload(
-        "cnn", shards, train_sel, _whole(snap, val_sel) if val_sel else None, val_sel, hyper,
-        backend, math.ceil(n_train / (batch * workers)), epochs, seed, path,
-    )  # fmt: skip
+    payload = plan("cnn", snap, train_sel, val_sel, hyper, backend, workers, epochs, seed, path)
     with lake.security.job("train", ["gold"], role) as (_, audit):
-        results = _launch(lake, payload, cfg, workers, launcher)
+        results = _launch(lake, payload, workers, launcher)
         findings = predict.image_findings(lake, path, snap.version, source, task, model_id, version)
         test = findings.where((F.col("split") == test_split) & F.col("label").isNotNull()).cache()
         if test.limit(1).count() == 0:
             raise EhrlakeError(
                 f"{IMAGES} has no labelled {test_split} images of {source}: nothing to evaluate on"
             )
-        metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=CNN_THRESHOLD)
+        metrics = evaluate.summarise(
+            evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=predict.FINDING_THRESHOLD
+        )
         saliency = os.path.join(artifact, "gradcam.png")
         predict.saliency_figure(lake, path, snap, image_selection(source, test_split, shape), task, saliency)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
             **hyper,
-            "threshold": CNN_THRESHOLD,
+            "threshold": predict.FINDING_THRESHOLD,
             "source_system": source,
             "test_split": test_split,
             "shape": list(shape),
@@ -404,18 +408,12 @@ def train_tabular_ann(
         snap = datasets.snapshot(lake.root, table)
         sel = Selection((("split", "=", "train"),), "x", (len(inputs),))
         val_sel = replace(sel, filters=(("split", "=", "val"),))
-        shards = tuple(datasets.plan_shards(snap, sel, workers))
-        n_train = sum(s.rows for s in shards)
-        batch = int(hyper.get("batch_size", 256))
         model_id = f"{task_name}.ann"
         version, artifact, path = _new_version(lake, model_id)
-        payload = Payload(
-            "ann", shards, sel, _whole(snap, val_sel), val_sel, hyper,
-            backend, math.ceil(n_train / (batch * workers)), epochs, seed, path,
-        )  # fmt: skip
-        results = _launch(lake, payload, cfg, workers, launcher)
-        scored = predict.tabular_scores(lake.read(table, version=snap.version), path, inputs)
-        test = scored.where(F.col("split") == "test").join(
+        payload = plan("ann", snap, sel, val_sel, hyper, backend, workers, epochs, seed, path)
+        results = _launch(lake, payload, workers, launcher)
+        held_out = lake.read(table, version=snap.version).where(F.col("split") == "test")
+        test = predict.tabular_scores(held_out, path, inputs).join(
             feats.training_frame(lake, t, versions).drop("label"), ["patient_key", "index_id"]
         )
         positives, n = test.agg(F.sum("label"), F.count("*")).first()

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
+from ehrlake.dl.predict import FINDING_THRESHOLD  # noqa: E402
 from ehrlake.models import registry  # noqa: E402
 
 
@@ -45,7 +46,7 @@ def comparison_table(models: list[registry.ModelVersion]) -> str:
         "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>accuracy</th><th>recall</th></tr>"
         + rows
         + "</table><p>Threshold of accuracy and recall: the training base rate (calibrated risks); image "
-        "findings (cnn): 0.5. cnn / ann: TensorFlow (docs/deep_learning.md).</p>"
+        f"findings (cnn): {FINDING_THRESHOLD}. cnn / ann: TensorFlow (docs/deep_learning.md).</p>"
     )
 
 

@@ -60,28 +60,27 @@ def score(
     mv = registry.get(lake, model_id, version) if model_id else registry.production(lake, task_name)
     if mv.task != task_name:
         raise EhrlakeError(f"{mv.label} is a model of {mv.task}, not {task_name}")
-    if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
-        from ehrlake.dl.predict import ann_risk_scores
-
-        started = dt.datetime.now(dt.UTC)
-        n = ann_risk_scores(lake, mv, as_of, role)
-        return ScoringRun(
-            task_name, as_of, mv.label, n, {}, (dt.datetime.now(dt.UTC) - started).total_seconds()
-        )
-    if t.level != "patient":
-        raise EhrlakeError(
-            f"task {task_name} is predicted per {t.level} row, not per patient as of a date; population "
-            "scoring covers the patient-level tasks ("
-            + ", ".join(n for n, x in feats.TASKS.items() if x.level == "patient")
-            + "); evaluate per-stay models with ehrlake evaluate"
-        )
     started = dt.datetime.now(dt.UTC)
-    model = mv.load(lake)
-    explain.prepare(mv.algorithm, model)
-    importance = explain.importance(mv.algorithm, model, mv.features)
-    population = feats.patient_features(lake, [as_of])
-    scored = model.transform(population).withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
-    reasons = explain.reasons(mv.algorithm, model, scored, mv.features, feats.descriptions(t), importance)
+    if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
+        from ehrlake.dl.predict import ann_scores
+
+        scored, reasons = ann_scores(lake, mv, as_of)
+    else:
+        if t.level != "patient":
+            raise EhrlakeError(
+                f"task {task_name} is predicted per {t.level} row, not per patient as of a date; "
+                "population scoring covers the patient-level tasks ("
+                + ", ".join(n for n, x in feats.TASKS.items() if x.level == "patient")
+                + "); evaluate per-stay models with ehrlake evaluate"
+            )
+        model = mv.load(lake)
+        explain.prepare(mv.algorithm, model)
+        importance = explain.importance(mv.algorithm, model, mv.features)
+        population = feats.patient_features(lake, [as_of])
+        scored = model.transform(population).withColumn(
+            "score", score_column(mv.params.get("pos_weight", 1.0))
+        )
+        reasons = explain.reasons(mv.algorithm, model, scored, mv.features, feats.descriptions(t), importance)
     scored_at = started.replace(tzinfo=None)
     out = scored.select(
         "patient_key",
