@@ -1,0 +1,233 @@
+"""Running a ViewDefinition on Spark: resources in, one typed row per view row out, all in the JVM.
+
+Each resource is parsed once into a VARIANT. The view's select tree compiles into one expression per
+resource that builds its rows as an ``array<struct>`` (``forEach`` maps over a collection,
+``forEachOrNull`` keeps one all-null row for an empty one, ``repeat`` follows the paths depth-first,
+``unionAll`` concatenates, sibling selects cross-join); one ``explode`` turns them into rows.
+
+Two modes:
+- *strict* (the SQL on FHIR semantics, :func:`run`): a non-collection column with several values or
+  a ``where`` path that is not boolean fails the query with a message naming the column or path;
+- *tolerant* (bronze ingest, ``tolerant=True``): the first value is kept, a value that is not of the
+  column's type becomes null, known drifts from R4 are read as R4, and every such problem is listed in
+  the row's ``conformance_issues`` (column and problem, never the value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.views import compiler as c
+from ehrlake.views.definition import ViewColumn, ViewDefinition
+from ehrlake.views.definition import Select as SelectNode
+
+ISSUES = "conformance_issues"
+REPEAT_DEPTH = 6  # nesting levels followed by repeat (deeper items: a conformance issue in tolerant mode)
+_ISSUE = "_issue"  # per-row-part field carrying that part's problems
+
+
+def resource_column(frame: DataFrame, column: str) -> Column:
+    """The resources of ``column`` as VARIANT (JSON text is parsed; unparseable text gives NULL)."""
+    dtype = frame.schema[column].dataType.simpleString()
+    return F.col(column) if dtype == "variant" else F.try_parse_json(F.col(column))
+
+
+@dataclass
+class _Part:
+    """Rows of one select node: an ``array<struct>`` column and the names of its fields."""
+
+    rows: Column
+    names: list[str]
+
+
+class _Builder:
+    def __init__(self, view: ViewDefinition, scope: c.Scope, tolerant: bool):
+        self.view = view
+        self.scope = scope
+        self.tolerant = tolerant
+
+    def path(self, node, focus: Column, scope: c.Scope, at_root: bool = False) -> Column:
+        return c.Compiler(scope).compile(node, focus, at_root)
+
+    # --- columns ----------------------------------------------------------------------------------
+    def typed(self, value: Column, col: ViewColumn) -> Column:
+        t = col.sql_type
+        if t in ("date", "timestamp", "timestamp_ntz"):
+            return c.as_string(value).try_cast(t)
+        if t == "string":
+            return c.as_string(value)
+        return F.try_variant_get(value, "$", t)
+
+    def value(self, col: ViewColumn, focus: Column, scope: c.Scope, at_root: bool) -> tuple[Column, Column]:
+        """The column's value and (tolerant mode) its problem, NULL when none."""
+        return self._value(col, self.path(col.node, focus, scope, at_root))
+
+    def _value(self, col: ViewColumn, path_value: Column) -> tuple[Column, Column]:
+        packed = c.let(lambda coll: F.struct(*(x.alias(f"f{i}") for i, x in enumerate(self._typed_value(col, coll)))), path_value)
+        return packed["f0"], packed["f1"]
+
+    def _typed_value(self, col: ViewColumn, coll: Column) -> tuple[Column, Column]:
+        label = f"{col.name} ({col.path})"
+        if col.collection:
+            values = F.transform(coll, lambda x: self.typed(x, col))
+            bad = F.exists(coll, lambda x: self.typed(x, col).isNull())
+            problem = F.when(bad, F.lit(f"{label}: a value is not a valid {col.type or col.sql_type}"))
+            return values, problem
+        v = c.first(coll)
+        typed = self.typed(v, col)
+        many = F.size(coll) > 1
+        if not self.tolerant:
+            message = f"view column {label} returned more than one value; declare it with collection: true"
+            return F.when(many, F.raise_error(F.lit(message))).otherwise(typed), F.lit(None).cast("string")
+        json_kind = F.lower(c.json_type(v))
+        problem = F.when(
+            v.isNotNull() & typed.isNull(),
+            F.concat(F.lit(f"{label}: JSON "), json_kind, F.lit(f" is not a valid {col.type or col.sql_type}")),
+        ).when(many, F.lit(f"{label}: several values where one belongs (the first kept)"))
+        return typed, problem
+
+    # --- select tree ------------------------------------------------------------------------------
+    def rows(self, sel: SelectNode, focus: Column, row_index: Column, at_root: bool) -> _Part:
+        each = sel.for_each if sel.for_each is not None else sel.for_each_or_null
+        if each is not None or sel.repeat:
+            if each is not None:
+                items = self.path(each, focus, dataclasses.replace(self.scope, row_index=row_index), at_root)
+            else:
+                items = self.repeat(sel.repeat, focus, row_index, at_root)
+            names = self.names(sel)
+            out = F.flatten(F.transform(items, lambda x, i: self.body(sel, F.array(x), i, False).rows))
+            if sel.for_each_or_null is not None:
+                out = F.when(F.size(items) == 0, self.body(sel, c.empty(), F.lit(0), False).rows).otherwise(out)
+            return _Part(out, names)
+        return self.body(sel, focus, row_index, at_root)
+
+    def repeat(self, paths: tuple, focus: Column, row_index: Column, at_root: bool) -> Column:
+        """Every node reachable through ``paths`` (depth-first, parents before children)."""
+        scope = dataclasses.replace(self.scope, row_index=row_index)
+
+        def children(coll: Column, root: bool) -> Column:
+            return F.concat(*[self.path(p, coll, scope, root) for p in paths])
+
+        def expand(coll: Column, depth: int) -> Column:
+            if depth == 0:
+                return coll
+            return F.flatten(F.transform(coll, lambda x: F.concat(F.array(x), expand(children(F.array(x), False), depth - 1))))
+
+        return expand(children(focus, at_root), REPEAT_DEPTH)
+
+    def names(self, sel: SelectNode) -> list[str]:
+        return sel.column_names() + ([_ISSUE] if self.tolerant else [])
+
+    def body(self, sel: SelectNode, focus: Column, row_index: Column, at_root: bool) -> _Part:
+        scope = dataclasses.replace(self.scope, row_index=row_index)
+        parts: list[_Part] = []
+        if sel.columns or not (sel.selects or sel.union_all):
+            fields, problems = [], []
+            for col in sel.columns:
+                value, problem = self.value(col, focus, scope, at_root)
+                fields.append(value.alias(col.name))
+                problems.append(problem)
+            names = [col.name for col in sel.columns]
+            if self.tolerant:
+                fields.append(F.filter(F.array(*problems, F.lit(None).cast("string")), lambda p: p.isNotNull()).alias(_ISSUE))
+                names.append(_ISSUE)
+            if not fields:
+                fields, names = [F.lit(None).alias("_empty")], ["_empty"]
+            parts.append(_Part(F.array(F.struct(*fields)), names))
+        for s in sel.selects:
+            parts.append(self.rows(s, focus, row_index, at_root))
+        if sel.union_all:
+            branches = [self.rows(u, focus, row_index, at_root) for u in sel.union_all]
+            parts.append(_Part(F.concat(*[b.rows for b in branches]), branches[0].names))
+        acc = parts[0]
+        for part in parts[1:]:
+            acc = self.cross(acc, part)
+        return acc
+
+    def cross(self, a: _Part, b: _Part) -> _Part:
+        """Every row of ``a`` beside every row of ``b`` (sibling selects)."""
+        names = [n for n in a.names if n not in (_ISSUE, "_empty")] + [n for n in b.names if n not in (_ISSUE, "_empty")]
+
+        def merge(x: Column, y: Column) -> Column:
+            fields = [x[n].alias(n) for n in a.names if n not in (_ISSUE, "_empty")]
+            fields += [y[n].alias(n) for n in b.names if n not in (_ISSUE, "_empty")]
+            if self.tolerant:
+                fields.append(F.concat(x[_ISSUE], y[_ISSUE]).alias(_ISSUE))
+            return F.struct(*fields)
+
+        rows = F.flatten(F.transform(a.rows, lambda x: F.transform(b.rows, lambda y: merge(x, y))))
+        return _Part(rows, names + ([_ISSUE] if self.tolerant else []))
+
+
+def _drift_issues(resource: Column, drift: c.Drift | None) -> list[Column]:
+    if drift is None:
+        return []
+    out = []
+    for new, olds in drift.renamed.items():
+        for old in olds:
+            present = F.variant_get(resource, c.path_of(old), "variant").isNotNull()
+            absent = F.variant_get(resource, c.path_of(new), "variant").isNull()
+            out.append(F.when(present & absent, F.lit(f"{old}: read as {new} (an older FHIR name)")))
+    for name in drift.string_as_concept:
+        v = F.variant_get(resource, c.path_of(name), "variant")
+        out.append(
+            F.when(c.json_type(v) == "STRING", F.lit(f"{name}: a string where R4 has a CodeableConcept (read as its code)"))
+        )
+    return out
+
+
+def _nodes(sel: SelectNode):
+    yield sel
+    for child in (*sel.selects, *sel.union_all):
+        yield from _nodes(child)
+
+
+def run(
+    view: ViewDefinition,
+    resources: DataFrame,
+    column: str = "resource",
+    keep: tuple[str, ...] = (),
+    tolerant: bool = False,
+    drift: c.Drift | None = None,
+) -> DataFrame:
+    """The view's rows over the resources in ``resources[column]`` (JSON text or VARIANT).
+
+    ``keep`` columns of the input are carried beside each row (e.g. lineage); ``tolerant`` adds
+    ``conformance_issues`` instead of failing (see the module docstring); ``drift`` is the resource
+    type's known departures from R4.
+    """
+    if any(isinstance(n, SelectNode) and n.repeat for n in _nodes(view.root)):
+        # each repeat level nests a few lambdas; Spark's analyzer resolves one level per iteration
+        spark = resources.sparkSession
+        if int(spark.conf.get("spark.sql.analyzer.maxIterations", "100")) < 500:
+            spark.conf.set("spark.sql.analyzer.maxIterations", "500")
+    resource = resource_column(resources, column)
+    frame = resources.select(*keep, resource.alias("_resource"))
+    r = F.col("_resource")
+    root = F.array(r)
+    constants = {name: c.literal(value, kind) for name, (value, kind) in view.constants.items()}
+    scope = c.Scope(constants, root, view.resource, drift, F.lit(0))
+    builder = _Builder(view, scope, tolerant)
+    condition = F.variant_get(r, "$.resourceType", "string") == view.resource
+    for text, node in view.where:
+        message = F.lit(f"view where path {text!r} gives a non-boolean value")
+
+        def keep_row(value: Column, msg: Column = message) -> Column:
+            bad = value.isNotNull() & ~c.is_boolean(value)
+            return F.coalesce(F.when(bad, F.raise_error(msg)).cast("boolean"), c.to_bool(F.array(value)), F.lit(False))
+
+        condition = condition & c.let(keep_row, c.first(builder.path(node, root, scope, True)))
+    part = builder.rows(view.root, root, F.lit(0), True)
+    out = frame.where(condition).select(*keep, "_resource", F.explode(part.rows).alias("_row"))
+    columns = [F.col(f"_row.{n}").alias(n) for n in view.column_names()]
+    if tolerant:
+        issues = F.concat(
+            F.filter(F.array(*_drift_issues(F.col("_resource"), drift), F.lit(None).cast("string")), lambda p: p.isNotNull()),
+            F.col(f"_row.{_ISSUE}"),
+        )
+        columns.append(issues.alias(ISSUES))
+    return out.select(*keep, *columns)
