@@ -290,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(images_cmd)
     _role(images_cmd)
 
+    view_cmd = sub.add_parser(
+        "view", help="SQL on FHIR v2 ViewDefinitions", description="Flatten FHIR resources with a ViewDefinition."
+    )
+    view_sub = view_cmd.add_subparsers(dest="view_command", required=True, metavar="ACTION")
+    view_run = view_sub.add_parser(
+        "run",
+        help="run a ViewDefinition over FHIR files or a lake table's records",
+        description="Run a ViewDefinition (JSON; docs/sql_on_fhir.md) over FHIR NDJSON / Bundle files "
+        "(--input) or over the sealed records of a lake table (--table, with --out: a job, audited). "
+        "Without --out the first --limit rows are printed.",
+    )
+    view_run.add_argument("--view", required=True, help="ViewDefinition JSON file (e.g. conf/views/fhir_goal.json)")
+    where = view_run.add_mutually_exclusive_group(required=True)
+    where.add_argument("--input", help="FHIR files: a file or a directory")
+    where.add_argument("--table", help="a lake table with FHIR records in raw, e.g. bronze.fhir_other")
+    view_run.add_argument("--out", help="write the rows to this lake table (overwritten), e.g. gold.my_view")
+    view_run.add_argument("--limit", type=int, default=20, help="rows to print without --out (default 20)")
+    view_run.add_argument("--json", action="store_true", help="print rows as JSON lines")
+    _common(view_run)
+    _role(view_run)
+
     models_cmd = sub.add_parser("models", help="the model registry", description="The model registry.")
     models_sub = models_cmd.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     models_list = models_sub.add_parser("list", help="model versions with task, status and test AUROC")
@@ -678,6 +699,39 @@ def cmd_score_images(args) -> int:
     return 0
 
 
+def cmd_view_run(args) -> int:
+    from ehrlake import views
+    from ehrlake.views import job
+
+    view = views.load(args.view)
+    lake, _ = _open_lake(args)
+    if args.table:
+        if not args.out:
+            raise EhrlakeError("--table opens sealed records: name the output table with --out")
+        count = job.run_on_table(lake, view, args.table, args.out, args.role)
+        print(f"{args.out}: {count} rows from {args.table} through view {view.name or view.resource}")
+        return 0
+    frame = views.run(view, job.read_resources(lake.spark, args.input), keep=("source_file",)).drop("source_file")
+    if args.out:
+        from ehrlake.lake.modes import WriteMode
+
+        with lake.security.job("view", [args.out.split(".")[0]], args.role) as (_, written):
+            lake.write(frame, args.out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
+            count = lake.row_count(args.out)
+            written.append((args.out, f"view {view.name or view.resource} over {args.input}: {count} rows"))
+        print(f"{args.out}: {count} rows")
+        return 0
+    rows = frame.limit(max(args.limit, 0)).collect()  # bounded: --limit rows reach the driver
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.asDict(recursive=True), default=str))
+    else:
+        print(" | ".join(frame.columns))
+        for row in rows:
+            print(" | ".join(_cell(v) for v in row))
+    return 0
+
+
 def cmd_models_list(args) -> int:
     from ehrlake.models import registry
 
@@ -726,6 +780,7 @@ COMMANDS = {
     "score": cmd_score,
     "score-images": cmd_score_images,
     ("models", "list"): cmd_models_list,
+    ("view", "run"): cmd_view_run,
     ("models", "promote"): cmd_models_promote,
 }
 
@@ -737,6 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": "keys_command",
         "audit": "audit_command",
         "models": "models_command",
+        "view": "view_command",
     }.get(args.command)
     key = (args.command, getattr(args, sub)) if sub else args.command
     try:

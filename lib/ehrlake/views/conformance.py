@@ -16,6 +16,15 @@ from pathlib import Path
 from ehrlake.views import definition, runner
 
 
+# Optional (experimental) cases this runner does not pass, and why. The conformance test expects
+# exactly these to fail, so the list cannot go stale.
+UNSUPPORTED = {
+    ("fn_boundary.json", "decimal lowBoundary"): "VARIANT keeps a decimal's value, not its written "
+    "precision (1.0 is stored as 1), so the boundary of 1.0 cannot be told from that of 1",
+    ("fn_boundary.json", "decimal highBoundary"): "as for lowBoundary",
+}
+
+
 @dataclass(frozen=True)
 class CaseResult:
     file: str

@@ -1,0 +1,87 @@
+"""``ehrlake view run``: a ViewDefinition over FHIR files or over the sealed records of a lake table.
+
+Files (NDJSON lines, Bundle documents, single resources) are read as text; bundles give one resource
+per entry. A lake table is read through its sealed ``raw`` column, which only a job may open: the
+role must be allowed to write the output's layer, the opening and the write are audited, and the
+view's columns tagged ``ehrlake/sealed`` are sealed in the output like any identifier.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from ehrlake.errors import ConfigError, EnvironmentProblem
+from ehrlake.views import definition, runner
+from ehrlake.views.compiler import VARIANTS
+
+SEALED_TAG = "ehrlake/sealed"
+
+
+def read_resources(spark, input_path: str) -> DataFrame:
+    """Every resource under ``input_path`` as ``(source_file, resource)`` with ``resource`` VARIANT:
+    NDJSON line by line, ``.json`` files whole; a Bundle contributes its entries' resources."""
+    import os
+
+    from ehrlake.ingest.sources import SourceKind, discover
+
+    files = []
+    for kind in (SourceKind.FHIR_NDJSON, SourceKind.FHIR_BUNDLES):
+        try:
+            files += discover(input_path, kind)
+        except EnvironmentProblem:
+            if not os.path.exists(input_path):
+                raise
+    if not files:
+        raise ConfigError(f"no FHIR files (.ndjson, .json, optionally .gz) under {input_path}")
+    lines = [f.path for f in files if ".ndjson" in os.path.basename(f.path)]
+    docs = [f.path for f in files if ".ndjson" not in os.path.basename(f.path)]
+    parts = []
+    if lines:
+        parts.append(spark.read.text(lines))
+    if docs:
+        parts.append(spark.read.text(docs, wholetext=True))
+    text = parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])
+    parsed = text.select(F.input_file_name().alias("source_file"), F.try_parse_json("value").alias("r"))
+    parsed = parsed.where(F.col("r").isNotNull())
+    is_bundle = F.variant_get("r", "$.resourceType", "string") == "Bundle"
+    entries = F.try_variant_get("r", "$.entry", VARIANTS)
+    exploded = parsed.select(
+        "source_file",
+        F.explode(
+            F.when(is_bundle, F.transform(F.coalesce(entries, F.array().cast(VARIANTS)), lambda e: F.variant_get(e, "$.resource", "variant")))
+            .otherwise(F.array("r"))
+        ).alias("resource"),
+    )
+    return exploded.where(F.col("resource").isNotNull())
+
+
+def sealed_columns(view: definition.ViewDefinition) -> tuple[str, ...]:
+    return tuple(c.name for c in view.columns() if c.tag(SEALED_TAG) is not None)
+
+
+def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, role: str | None) -> int:
+    """The view over ``table``'s sealed records, written to ``out`` (overwritten); returns rows written."""
+    from ehrlake.lake.modes import WriteMode
+    from ehrlake.lake.catalog import TableName
+    from ehrlake.security.protection import RAW, Sealing, TableProtection
+
+    security = lake.security
+    layer = TableName.parse(out).layer
+    with security.job("view", [layer], role) as (_, written):
+        records = lake.read(table)
+        if RAW not in records.columns:
+            raise ConfigError(f"{table} has no raw column: a view runs on whole FHIR records")
+        sealing = Sealing.of(lake.schema(table))
+        if sealing and RAW in sealing.columns:
+            raw_only = Sealing({RAW: sealing.columns[RAW]}, sealing.keys)
+            records = security.protector.open(records, table, raw_only)
+        keep = tuple(c for c in ("source_system",) if c in records.columns)
+        frame = runner.run(view, records, RAW, keep=keep)
+        keys = [*keep, *[c for c in frame.columns if c == "id"]] or list(frame.columns[:1])
+        spec = TableProtection(sealed_columns(view), patient_id="patient_id" if "patient_id" in frame.columns else None)
+        frame, _ = security.protector.protect(frame, out, keys, spec)
+        lake.write(frame, out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
+        count = lake.row_count(out)
+        written.append((out, f"view {view.name or view.resource} over {table}: {count} rows"))
+        return count
