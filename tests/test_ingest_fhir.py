@@ -66,12 +66,20 @@ def test_bundles_of_each_type_json_and_gzip(lake, tmp_path, kind):
     assert lake.row_count("bronze.fhir_condition") == 1 and lake.row_count("bronze.fhir_observation") == 1
 
 
-def test_valid_but_unmodelled_resource_types_land_in_fhir_other(lake, tmp_path):
-    goal = {"resourceType": "Goal", "id": "g1", "subject": {"reference": "Patient/p1"}}
-    write_json(tmp_path / "b.json", bundle([patient("p1"), goal]))
+def test_valid_resource_types_without_a_view_land_in_fhir_other(lake, tmp_path):
+    flag = {"resourceType": "Flag", "id": "f1", "subject": {"reference": "Patient/p1"}}
+    goal = {
+        "resourceType": "Goal",
+        "id": "g1",
+        "subject": {"reference": "Patient/p1"},
+        "lifecycleStatus": "active",
+    }
+    write_json(tmp_path / "b.json", bundle([patient("p1"), flag, goal]))
     ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b.json"))
     other = lake.read("bronze.fhir_other").collect()
-    assert [(r.resource_type, r.id, r.patient_id) for r in other] == [("Goal", "g1", "p1")]
+    assert [(r.resource_type, r.id, r.patient_id) for r in other] == [("Flag", "f1", "p1")]
+    goals = lake.read("bronze.fhir_goal").collect()  # a type with a view in conf/views/ is typed
+    assert [(r.id, r.patient_id, r.lifecycle_status) for r in goals] == [("g1", "p1", "active")]
 
 
 def test_each_bad_record_is_quarantined_with_its_reason_and_the_rest_loads(lake, tmp_path):
@@ -84,32 +92,82 @@ def test_each_bad_record_is_quarantined_with_its_reason_and_the_rest_loads(lake,
             {"id": "x1", "gender": "male"},  # line 3: no resourceType
             {"resourceType": "Patient", "gender": "male"},  # line 4: no id
             {"resourceType": "Spaceship", "id": "s1"},  # line 5: not a FHIR R4 type
-            patient("baddate", birth="31/12/1970"),  # line 6: unparseable date
-            condition("c1", "good1", onset="2020-13-45"),  # line 7: unparseable dateTime
+            patient("baddate", birth="31/12/1970"),  # line 6: unparseable date: loaded, date null
+            condition("c1", "good1", onset="2020-13-45"),  # line 7: unparseable dateTime: loaded
             observation("o1", "good1"),  # line 8
             "[1, 2, 3]",  # line 9: JSON but not an object
+            {"resourceType": "Condition", "id": "c2", "code": {"text": "x"}},  # line 10: names no patient
         ],
     )
     report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
-    assert report.balanced and report.records_read == 9
+    assert report.balanced and report.records_read == 10
     assert quarantine_reasons(lake) == {
         ("mixed.ndjson", 2): "malformed_json",
         ("mixed.ndjson", 3): "missing_resource_type",
         ("mixed.ndjson", 4): "missing_id",
         ("mixed.ndjson", 5): "unknown_resource_type",
-        ("mixed.ndjson", 6): "unparseable_date",
-        ("mixed.ndjson", 7): "unparseable_date",
         ("mixed.ndjson", 9): "malformed_json",
+        ("mixed.ndjson", 10): "missing_subject",
     }
-    assert [r.id for r in opened(lake, "bronze.fhir_patient").collect()] == ["good1"]
+    patients = {r.id: r for r in opened(lake, "bronze.fhir_patient").collect()}
+    assert sorted(patients) == ["baddate", "good1"]
+    # a field that cannot be read is null, and the row says why without quoting the value
+    assert patients["baddate"].birth_date is None
+    assert patients["baddate"].conformance_issues == [
+        "birth_date (birthDate): JSON string is not a valid date"
+    ]
+    assert patients["good1"].conformance_issues == []
+    conditions = {r.id: r for r in lake.read("bronze.fhir_condition").collect()}
+    assert conditions["c1"].onset_at is None and conditions["c1"].conformance_issues[0].startswith("onset_at")
     assert lake.row_count("bronze.fhir_observation") == 1
     q = {r.record_index: r for r in opened(lake, "ops.quarantine").collect()}
-    assert q[6].message == "birthDate: not a valid date (value kept sealed in raw)"  # no identifier in clear
-    assert q[6].entity == "bronze.fhir_patient" and '"birthDate": "31/12/1970"' in q[6].raw
+    assert q[10].message == "Condition names no patient (subject/patient reference)"
     assert q[2].raw == '{"resourceType": "Patient", "id": "broken"' and q[2].source_kind == "fhir-ndjson"
-    assert report.entities["bronze.fhir_patient"].quarantined == 2  # no id, bad birthDate
+    assert report.entities["bronze.fhir_patient"].quarantined == 1  # no id
+    assert report.entities["bronze.fhir_condition"].quarantined == 1  # no subject
     assert report.entities["(unparsed)"].quarantined == 4  # two malformed, no resourceType, unknown type
-    assert report.total.quarantined == 7
+    assert report.total.quarantined == 6
+    assert report.entities["bronze.fhir_patient"].with_issues == 1
+    assert report.entities["bronze.fhir_condition"].with_issues == 1
+
+
+def test_early_r4_and_stu3_records_land_typed_with_their_drift_recorded(lake, tmp_path):
+    """The export that lost every Condition and AllergyIntolerance: string statuses, ``context``
+    for ``encounter``, ``assertedDate``. They load, read as R4, each problem in conformance_issues."""
+    stu3_condition = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "clinicalStatus": "active",
+        "verificationStatus": "confirmed",
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006", "display": "Diabetes"}]},
+        "subject": {"reference": "Patient/p1"},
+        "context": {"reference": "Encounter/e1"},
+        "onsetDateTime": "2011-05-01T10:00:00-04:00",
+        "assertedDate": "2011-05-02",
+    }
+    stu3_allergy = {
+        "resourceType": "AllergyIntolerance", "id": "a1", "clinicalStatus": "active",
+        "verificationStatus": "confirmed", "patient": {"reference": "Patient/p1"},
+        "code": {"coding": [{"code": "300916003", "display": "Latex allergy"}]}, "assertedDate": "2011-05-02T00:00:00Z",
+    }  # fmt: skip
+    write_ndjson(tmp_path / "old.ndjson", [patient("p1"), stu3_condition, stu3_allergy])
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "old.ndjson"))
+    assert report.balanced and report.total.quarantined == 0
+    c = lake.read("bronze.fhir_condition").collect()[0]
+    assert (c.patient_id, c.encounter_id, c.clinical_status, c.verification_status, c.code) == (
+        "p1",
+        "e1",
+        "active",
+        "confirmed",
+        "44054006",
+    )
+    assert c.recorded_at is not None and c.onset_at is not None
+    assert sorted(i.split(":")[0] for i in c.conformance_issues) == [
+        "assertedDate", "clinicalStatus", "context", "verificationStatus"
+    ]  # fmt: skip
+    a = lake.read("bronze.fhir_allergy").collect()[0]
+    assert (a.patient_id, a.clinical_status, a.code) == ("p1", "active", "300916003")
+    assert a.recorded_at is not None and len(a.conformance_issues) == 3
 
 
 def test_malformed_bundle_file_is_quarantined_whole(lake, tmp_path):

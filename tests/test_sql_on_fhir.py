@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import SHARED_DATA, shared
+
 from ehrlake import views
 from ehrlake.views import conformance
 
@@ -14,9 +14,7 @@ SUITE = SHARED_DATA / "sql_on_fhir_v2_tests"
 CASES = conformance.cases(SUITE) if SUITE.exists() else []
 
 
-@pytest.mark.parametrize(
-    "file,suite,case", CASES, ids=[f"{f}::{c['title']}" for f, _, c in CASES] or None
-)
+@pytest.mark.parametrize("file,suite,case", CASES, ids=[f"{f}::{c['title']}" for f, _, c in CASES] or None)
 def test_official_conformance_case(spark, file, suite, case):
     result = conformance.run_case(spark, suite, case, file)
     if (file, case["title"]) in conformance.UNSUPPORTED:
@@ -40,22 +38,32 @@ def _frame(spark, *resources):
     "view,problem",
     [
         ({"select": [{"column": [{"name": "id", "path": "id"}]}]}, "resource type"),
-        ({"resource": "Patient", "select": [{"column": [{"name": "x", "path": "name.("}]}]}, "select[0].column[0].x"),
+        (
+            {"resource": "Patient", "select": [{"column": [{"name": "x", "path": "name.("}]}]},
+            "select[0].column[0].x",
+        ),
         ({"resource": "Patient", "select": [{"forEach": 1}]}, "select[0].forEach"),
         ({"resource": "Patient", "select": [{"column": [{"name": "x", "path": "%nope"}]}]}, "%nope"),
         (
-            {"resource": "Patient", "select": [{"column": [{"name": "x", "path": "id"}, {"name": "x", "path": "id"}]}]},
+            {
+                "resource": "Patient",
+                "select": [{"column": [{"name": "x", "path": "id"}, {"name": "x", "path": "id"}]}],
+            },
             "used twice",
         ),
     ],
 )
 def test_invalid_views_are_rejected_with_the_part_named(view, problem):
-    with pytest.raises(views.ViewError, match=problem.replace("(", r"\(").replace("[", r"\[").replace("%", "%")):
+    with pytest.raises(
+        views.ViewError, match=problem.replace("(", r"\(").replace("[", r"\[").replace("%", "%")
+    ):
         views.parse(view)
 
 
 def test_strict_mode_fails_on_several_values_for_a_single_column(spark):
-    view = views.parse({"resource": "Patient", "select": [{"column": [{"name": "family", "path": "name.family"}]}]})
+    view = views.parse(
+        {"resource": "Patient", "select": [{"column": [{"name": "family", "path": "name.family"}]}]}
+    )
     frame = _frame(spark, {"resourceType": "Patient", "id": "p", "name": [{"family": "A"}, {"family": "B"}]})
     with pytest.raises(Exception, match="collection: true"):
         views.run(view, frame).collect()
@@ -75,7 +83,11 @@ def test_tolerant_mode_reads_drifted_records_and_lists_the_problems(spark):
                         {"name": "id", "path": "getResourceKey()"},
                         {"name": "clinical_status", "path": "clinicalStatus.coding.code.first()"},
                         {"name": "encounter_id", "path": "encounter.getReferenceKey()"},
-                        {"name": "onset_at", "path": "onset.ofType(dateTime)", "tag": [{"name": "ansi/type", "value": "TIMESTAMP"}]},
+                        {
+                            "name": "onset_at",
+                            "path": "onset.ofType(dateTime)",
+                            "tag": [{"name": "ansi/type", "value": "TIMESTAMP"}],
+                        },
                     ]
                 }
             ],

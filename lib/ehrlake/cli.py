@@ -291,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     _role(images_cmd)
 
     view_cmd = sub.add_parser(
-        "view", help="SQL on FHIR v2 ViewDefinitions", description="Flatten FHIR resources with a ViewDefinition."
+        "view",
+        help="SQL on FHIR v2 ViewDefinitions",
+        description="Flatten FHIR resources with a ViewDefinition.",
     )
     view_sub = view_cmd.add_subparsers(dest="view_command", required=True, metavar="ACTION")
     view_run = view_sub.add_parser(
@@ -301,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(--input) or over the sealed records of a lake table (--table, with --out: a job, audited). "
         "Without --out the first --limit rows are printed.",
     )
-    view_run.add_argument("--view", required=True, help="ViewDefinition JSON file (e.g. conf/views/fhir_goal.json)")
+    view_run.add_argument(
+        "--view", required=True, help="ViewDefinition JSON file (e.g. conf/views/fhir_goal.json)"
+    )
     where = view_run.add_mutually_exclusive_group(required=True)
     where.add_argument("--input", help="FHIR files: a file or a directory")
     where.add_argument("--table", help="a lake table with FHIR records in raw, e.g. bronze.fhir_other")
@@ -711,7 +715,9 @@ def cmd_view_run(args) -> int:
         count = job.run_on_table(lake, view, args.table, args.out, args.role)
         print(f"{args.out}: {count} rows from {args.table} through view {view.name or view.resource}")
         return 0
-    frame = views.run(view, job.read_resources(lake.spark, args.input), keep=("source_file",)).drop("source_file")
+    frame = views.run(view, job.read_resources(lake.spark, args.input), keep=("source_file",)).drop(
+        "source_file"
+    )
     if args.out:
         from ehrlake.lake.modes import WriteMode
 

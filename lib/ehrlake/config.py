@@ -44,6 +44,9 @@ class SparkConfig:
             "spark.ui.enabled": "false",
             "spark.ui.showConsoleProgress": "false",
             "spark.driver.memory": "2g",
+            # FHIR records parse to VARIANT for the views (ehrlake.views); JSON allows a repeated
+            # key (the last wins, as in from_json), VARIANT refuses it unless told
+            "spark.sql.variant.allowDuplicateKeys": "true",
         }
     )
 

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import extract as extracts
-from ehrlake.ingest import fhir, images, quarantine, synthea
+from ehrlake.ingest import fhir, fhir_views, images, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.csv_tables import UPDATE_WHEN as CSV_UPDATE_WHEN
 from ehrlake.ingest.csv_tables import CsvCatalog, parse_header, type_rows
@@ -40,6 +40,7 @@ from ehrlake.ingest.sources import (
 )
 from ehrlake.lake.catalog import list_tables
 from ehrlake.security.protection import Sealing, TableProtection
+from ehrlake.views import ISSUES
 
 __all__ = ["run", "SourceKind", "IngestReport", "EntityCounts"]
 
@@ -142,19 +143,24 @@ def _ingest(
         if kind is SourceKind.FHIR_BUNDLES:
             records = fhir.explode_bundles(records)
         records = fhir.classify(records, source_system).persist(StorageLevel.MEMORY_AND_DISK)
-        outputs = _fhir_outputs(records, run_id, now)
+        outputs = None  # built after the census, for the tables the input feeds
         early_bad = quarantine.rows(
             records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
         )
     census = _census(records, catalog, kind)
+    if outputs is None:
+        outputs = _fhir_outputs(records, run_id, now, set(census.valid))
     report.records_read = census.total
     outputs = [out for out in outputs if out.table in census.valid]
     commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
     bad_parts = [early_bad] if census.envelope_bad else []
     merged: dict[str, dict] = {}
+    with_issues: dict[str, int] = {}
     for out in outputs:
         # Cached by the merge's own write job, then re-read (not re-parsed) for the quarantine.
         out.rows = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
+        if ISSUES in out.rows.columns:
+            with_issues[out.table] = out.rows.where(f"_reason IS NULL AND size({ISSUES}) > 0").count()
         if not out.quarantine_only:
             good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
             good = _protect(protector, good, out.table, out.keys, out.protection)
@@ -167,6 +173,8 @@ def _ingest(
         bad_parts.append(quarantine.rows(bad, kind.value, F.lit(out.table), run_id, now))
     quarantined = _quarantine(lake, protector, bad_parts, commit_info)
     _fill_report(report, census, merged, quarantined)
+    for table, count in with_issues.items():
+        report.entity(table).with_issues = count
     _mark_ingested(lake, kind, source_system, todo, run_id, now, commit_info)
     _record_run(lake, report, started, commit_info)
     records.unpersist()
@@ -219,17 +227,20 @@ def _fill_report(
         counts.duplicate = counts.records_in - counts.quarantined - sum(metrics.values())
 
 
-def _fhir_outputs(classified: DataFrame, run_id: str, now) -> list[_Output]:
+def _fhir_outputs(classified: DataFrame, run_id: str, now, tables: set[str]) -> list[_Output]:
     outputs = []
-    for entity in model.ENTITIES:
-        valid = classified.where((F.col("entity") == entity.table) & F.col("_reason").isNull())
+    for bronze in fhir_views.load().values():
+        if bronze.table not in tables:
+            continue
+        valid = classified.where((F.col("entity") == bronze.table) & F.col("_reason").isNull())
         outputs.append(
             _Output(
-                entity.table,
-                fhir.type_entity(valid, entity, run_id, now),
+                bronze.table,
+                fhir.type_view(valid, bronze, run_id, now),
                 fhir.ENTITY_KEYS,
                 fhir.UPDATE_WHEN,
                 fhir.newest_first(),
+                protection=bronze.protection,
             )
         )
     other = classified.where((F.col("entity") == model.OTHER_TABLE) & F.col("_reason").isNull())

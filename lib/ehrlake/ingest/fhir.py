@@ -1,8 +1,10 @@
 """FHIR R4 (bulk NDJSON and Bundles) into typed bronze rows: pure DataFrame -> DataFrame transforms.
 
 Flow: records (one JSON text each) -> :func:`classify` (envelope: resourceType, id, meta; the first
-failing check gives the quarantine reason) -> :func:`type_entity` per bronze table (parse once with
-the entity's schema, derive typed columns, check dates) -> newest version per key (``lineage.keep_newest``).
+failing check gives the quarantine reason) -> :func:`type_view` per bronze table (the table's
+ViewDefinition in ``conf/views/``, run tolerantly: a field that cannot be read becomes null and is
+listed in ``conformance_issues``) -> newest version per key (``lineage.keep_newest``). Only a record
+without a usable resource type, id or (for patient-level types) subject is quarantined.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake import views
 from ehrlake.ingest import fhir_model as model
+from ehrlake.ingest.fhir_views import BronzeView, load
 from ehrlake.ingest.lineage import lineage
 from ehrlake.ingest.quarantine import Reason, first_failure
-from ehrlake.security.protection import declared
 
 CORRUPT = "_corrupt"
 JSON_OPTIONS = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
@@ -94,16 +97,12 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         (rtype.isNull(), Reason.MISSING_RESOURCE_TYPE, F.lit("resourceType is missing")),
         (~known, Reason.UNKNOWN_RESOURCE_TYPE, F.concat(F.lit("not a FHIR R4 resource type: "), rtype)),
         (rid.isNull() | (F.trim(rid) == ""), Reason.MISSING_ID, F.concat(rtype, F.lit(" without id"))),
-        (
-            last_updated_raw.isNotNull() & F.expr("try_cast(_env.meta.lastUpdated AS TIMESTAMP)").isNull(),
-            Reason.UNPARSEABLE_DATE,
-            F.concat(F.lit("meta.lastUpdated: "), last_updated_raw),
-        ),
     ]
     reason, message = first_failure(checks)
     entity = F.lit(model.OTHER_TABLE)
-    for e in model.ENTITIES:
-        entity = F.when(rtype == e.resource_type, F.lit(e.table)).otherwise(entity)
+    for bronze in load().values():
+        entity = F.when(rtype == bronze.resource_type, F.lit(bronze.table)).otherwise(entity)
+    last_updated = F.expr("try_cast(_env.meta.lastUpdated AS TIMESTAMP)")
     return df.select(
         "source_system",
         "source_file",
@@ -112,53 +111,61 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         rtype.alias("resource_type"),
         rid.alias("id"),
         F.col("_env.meta.versionId").alias("version_id"),
-        F.expr("try_cast(_env.meta.lastUpdated AS TIMESTAMP)").alias("last_updated"),
+        last_updated.alias("last_updated"),
+        # an unreadable lastUpdated orders the record as unversioned; the problem is kept with the row
+        F.when(
+            last_updated_raw.isNotNull() & last_updated.isNull(),
+            F.lit("meta.lastUpdated: not a valid instant (read as absent)"),
+        ).alias("_envelope_issue"),
         F.when(known, entity).alias("entity"),
         reason.alias("_reason"),
         message.alias("_message"),
     )
 
 
-def _temporal_check(column: model.Column, identifying: bool) -> tuple[Column, Reason, Column]:
-    """An unparseable date fails the record; the message quotes the value unless it identifies
-    someone (a birth date), whose value stays only in the sealed ``raw``."""
-    parsed = F.expr(f"try_cast({column.sql} AS {column.type.upper()})")
-    raw = F.expr(f"CAST({column.sql} AS STRING)")
-    message = (
-        F.lit(f"{column.fhir_path}: not a valid date (value kept sealed in raw)")
-        if identifying
-        else F.concat(F.lit(f"{column.fhir_path}: '"), raw, F.lit("'"))
-    )
-    return raw.isNotNull() & parsed.isNull(), Reason.UNPARSEABLE_DATE, message
-
-
-def type_entity(valid: DataFrame, entity: model.FhirEntity, run_id: str, ingested_at: Column) -> DataFrame:
-    """Records of one resource type -> bronze rows with typed columns, plus ``_reason``/``_message``
-    for rows whose fields are of the wrong JSON type or whose dates do not parse."""
-    parse_schema = entity.parse_schema[:-1] + f",{CORRUPT}:string>"
-    df = valid.withColumn("r", F.from_json("raw", parse_schema, JSON_OPTIONS))
-    checks = [
-        (
-            F.col(f"r.{CORRUPT}").isNotNull(),
-            Reason.INVALID_FIELD_TYPE,
-            F.lit(f"a field of this {entity.resource_type} has the wrong JSON type"),
-        )
-    ]
-    identifiers = declared(entity.table).identifiers
-    checks += [_temporal_check(c, c.name in identifiers) for c in entity.columns if c.is_temporal]
-    reason, message = first_failure(checks)
-    typed = [
-        (
-            F.expr(f"try_cast({c.sql} AS {c.ddl})") if c.is_temporal else F.expr(f"CAST({c.sql} AS {c.ddl})")
-        ).alias(c.name)
-        for c in entity.columns
-    ]
-    return df.select(
+def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Column) -> DataFrame:
+    """Records of one resource type -> bronze rows typed by the table's view, with
+    ``conformance_issues``; ``_reason``/``_message`` for records that name no patient although
+    their type is about one (they cannot be linked, so they are quarantined)."""
+    keep = (
         "source_system",
         "id",
         "version_id",
         "last_updated",
-        *typed,
+        "raw",
+        "source_file",
+        "record_index",
+        "_envelope_issue",
+        "_v",
+    )
+    parsed = valid.withColumn("_v", F.try_parse_json("raw"))
+    typed = views.run(bronze.view, parsed, "_v", keep=keep, tolerant=True, drift=bronze.drift)
+    issues = F.concat(
+        F.filter(F.array(F.col("_envelope_issue")), lambda i: i.isNotNull()), F.col(views.ISSUES)
+    ).alias(views.ISSUES)
+    checks = [
+        (
+            F.col("_v").isNull(),
+            Reason.MALFORMED_JSON,
+            F.lit("not readable as one JSON document (nested too deep, or a duplicate key)"),
+        )
+    ]
+    if bronze.patient_column:
+        checks.append(
+            (
+                F.col(bronze.patient_column).isNull(),
+                Reason.MISSING_SUBJECT,
+                F.lit(f"{bronze.resource_type} names no patient (subject/patient reference)"),
+            )
+        )
+    reason, message = first_failure(checks)
+    return typed.select(
+        "source_system",
+        "id",
+        "version_id",
+        "last_updated",
+        *[c.name for c in bronze.columns],
+        issues,
         "raw",
         F.sha2("raw", 256).alias("record_hash"),
         *lineage(run_id, ingested_at),
@@ -182,6 +189,7 @@ def type_other(valid: DataFrame, run_id: str, ingested_at: Column) -> DataFrame:
         F.when(
             ref.like("%Patient/%") | ref.startswith("urn:uuid:"), F.regexp_extract(ref, r"([^/:]+)$", 1)
         ).alias("patient_id"),
+        F.filter(F.array(F.col("_envelope_issue")), lambda i: i.isNotNull()).alias(views.ISSUES),
         "raw",
         F.sha2("raw", 256).alias("record_hash"),
         *lineage(run_id, ingested_at),

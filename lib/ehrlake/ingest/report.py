@@ -17,6 +17,9 @@ class EntityCounts:
     unchanged: int = 0
     duplicate: int = 0
     quarantined: int = 0
+    # loaded records with fields that could not be read as FHIR R4 (see their conformance_issues);
+    # not part of the balance: such a record is loaded, not lost
+    with_issues: int = 0
 
     @property
     def loaded(self) -> int:
@@ -49,7 +52,15 @@ class IngestReport:
     def total(self) -> EntityCounts:
         t = EntityCounts("total")
         for c in self.entities.values():
-            for f in ("records_in", "inserted", "updated", "unchanged", "duplicate", "quarantined"):
+            for f in (
+                "records_in",
+                "inserted",
+                "updated",
+                "unchanged",
+                "duplicate",
+                "quarantined",
+                "with_issues",
+            ):
                 setattr(t, f, getattr(t, f) + getattr(c, f))
         return t
 
@@ -71,7 +82,7 @@ class IngestReport:
             + ("" if self.files_new else " - nothing to ingest")
             + f"; lake: {self.lake}\n"
         )
-        cols = ("records_in", "inserted", "updated", "unchanged", "duplicate", "quarantined")
+        cols = ("records_in", "inserted", "updated", "unchanged", "duplicate", "quarantined", "with_issues")
         width = max([len(n) for n in self.entities] + [12])
         lines = [f"{'table':<{width}}" + "".join(f"{c:>12}" for c in cols)]
         for c in [*sorted(self.entities.values(), key=lambda c: c.entity), self.total]:
@@ -81,4 +92,9 @@ class IngestReport:
             f"check: {self.records_read:,} records read = inserted + updated + unchanged + duplicate + "
             f"quarantined: {check}"
         )
+        if self.total.with_issues:
+            tail += (
+                f"\n{self.total.with_issues:,} loaded records have fields that could not be read as FHIR R4: "
+                "see their conformance_issues column"
+            )
         return head + "\n".join(lines) + "\n" + tail

@@ -39,25 +39,10 @@ class TableProtection:
     free_text: tuple[tuple[str, str], ...] = ()
 
 
-_PERSON_NAME = ("family_name", "given_names", "name_prefix")
 _FHIR_PATIENT_REF = TableProtection(patient_id="patient_id")
 
 TABLES: dict[str, TableProtection] = {
-    "bronze.fhir_patient": TableProtection(
-        (*_PERSON_NAME, "address_line", "postal_code", "phone", "email", "identifiers", "birth_date"),
-        patient_id="id",
-        birth_date="birth_date",
-    ),
-    "bronze.fhir_practitioner": TableProtection(("family_name", "given_names", "identifiers", "email")),
-    "bronze.fhir_encounter": _FHIR_PATIENT_REF,
-    "bronze.fhir_condition": _FHIR_PATIENT_REF,
-    "bronze.fhir_observation": TableProtection(("value_string",), patient_id="patient_id"),
-    "bronze.fhir_medication_request": _FHIR_PATIENT_REF,
-    "bronze.fhir_procedure": _FHIR_PATIENT_REF,
-    "bronze.fhir_immunization": _FHIR_PATIENT_REF,
-    "bronze.fhir_allergy": _FHIR_PATIENT_REF,
-    "bronze.fhir_claim": _FHIR_PATIENT_REF,
-    "bronze.fhir_explanation_of_benefit": _FHIR_PATIENT_REF,
+    # the typed FHIR tables declare their sealed columns in their views (conf/views/, ingest/fhir_views.py)
     "bronze.fhir_other": _FHIR_PATIENT_REF,
     "bronze.synthea_patients": TableProtection(
         (

@@ -192,7 +192,10 @@ class Compiler:
             if root and node.name == self.scope.resource_type:
                 return focus  # Patient.name: the leading type names the resource itself
         else:
-            base, root = self.compile(node.target, focus, at_root), isinstance(node.target, fp.This) and at_root
+            base, root = (
+                self.compile(node.target, focus, at_root),
+                isinstance(node.target, fp.This) and at_root,
+            )
         return self.navigate(base, node.name, root)
 
     def navigate(self, base: Column, name: str, at_root: bool) -> Column:
@@ -241,8 +244,10 @@ class Compiler:
             elif op == "xor":
                 out = a != b
             else:
-                out = F.when(a == F.lit(False), F.lit(True)).when(b == F.lit(True), F.lit(True)).when(
-                    a & ~b, F.lit(False)
+                out = (
+                    F.when(a == F.lit(False), F.lit(True))
+                    .when(b == F.lit(True), F.lit(True))
+                    .when(a & ~b, F.lit(False))
                 )
             return from_bool(out)
         if op == "|":
@@ -252,19 +257,19 @@ class Compiler:
             key = F.to_json(first(item))
             found = F.exists(coll, lambda y: F.to_json(y) == key)
             return F.when(F.size(item) == 0, empty()).otherwise(from_bool(found))
-        l, r = first(left), first(right)
-        both = l.isNotNull() & r.isNotNull()
+        lv, rv = first(left), first(right)
+        both = lv.isNotNull() & rv.isNotNull()
         if op in ("=", "!=", "~", "!~"):
-            same = F.to_json(l) == F.to_json(r)
+            same = F.to_json(lv) == F.to_json(rv)
             if op in ("~", "!~"):
-                same = F.lower(F.coalesce(as_string(l), F.to_json(l))) == F.lower(
-                    F.coalesce(as_string(r), F.to_json(r))
+                same = F.lower(F.coalesce(as_string(lv), F.to_json(lv))) == F.lower(
+                    F.coalesce(as_string(rv), F.to_json(rv))
                 )
             return from_bool(F.when(both, same if op in ("=", "~") else ~same))
         if op in ("<", ">", "<=", ">="):
-            ln, rn = F.try_variant_get(l, "$", "double"), F.try_variant_get(r, "$", "double")
-            numeric = _is_number(l) & _is_number(r)
-            ls, rs = as_string(l), as_string(r)
+            ln, rn = F.try_variant_get(lv, "$", "double"), F.try_variant_get(rv, "$", "double")
+            numeric = _is_number(lv) & _is_number(rv)
+            ls, rs = as_string(lv), as_string(rv)
             compare = {
                 "<": lambda a, b: a < b,
                 ">": lambda a, b: a > b,
@@ -273,34 +278,42 @@ class Compiler:
             }[op]
             return from_bool(F.when(both & numeric, compare(ln, rn)).when(both, compare(ls, rs)))
         if op == "&":
-            return from_scalar(F.concat(F.coalesce(as_string(l), F.lit("")), F.coalesce(as_string(r), F.lit(""))))
-        return self._arithmetic(op, l, r, both)
+            return from_scalar(
+                F.concat(F.coalesce(as_string(lv), F.lit("")), F.coalesce(as_string(rv), F.lit("")))
+            )
+        return self._arithmetic(op, lv, rv, both)
 
-    def _arithmetic(self, op: str, l: Column, r: Column, both: Column) -> Column:
-        ln, rn = F.try_variant_get(l, "$", "double"), F.try_variant_get(r, "$", "double")
-        li, ri = F.try_variant_get(l, "$", "bigint"), F.try_variant_get(r, "$", "bigint")
-        ints = _is_integer(l) & _is_integer(r)
-        numeric = _is_number(l) & _is_number(r)
+    def _arithmetic(self, op: str, lv: Column, rv: Column, both: Column) -> Column:
+        ln, rn = F.try_variant_get(lv, "$", "double"), F.try_variant_get(rv, "$", "double")
+        li, ri = F.try_variant_get(lv, "$", "bigint"), F.try_variant_get(rv, "$", "bigint")
+        ints = _is_integer(lv) & _is_integer(rv)
+        numeric = _is_number(lv) & _is_number(rv)
         if op == "+":
-            strings = (json_type(l) == "STRING") & (json_type(r) == "STRING")
+            strings = (json_type(lv) == "STRING") & (json_type(rv) == "STRING")
             return (
                 F.when(both & ints, from_scalar(li + ri))
                 .when(both & numeric, from_scalar(ln + rn))
-                .when(both & strings, from_scalar(F.concat(as_string(l), as_string(r))))
+                .when(both & strings, from_scalar(F.concat(as_string(lv), as_string(rv))))
                 .otherwise(empty())
             )
         if op == "-":
-            return F.when(both & ints, from_scalar(li - ri)).when(both & numeric, from_scalar(ln - rn)).otherwise(
-                empty()
+            return (
+                F.when(both & ints, from_scalar(li - ri))
+                .when(both & numeric, from_scalar(ln - rn))
+                .otherwise(empty())
             )
         if op == "*":
-            return F.when(both & ints, from_scalar(li * ri)).when(both & numeric, from_scalar(ln * rn)).otherwise(
-                empty()
+            return (
+                F.when(both & ints, from_scalar(li * ri))
+                .when(both & numeric, from_scalar(ln * rn))
+                .otherwise(empty())
             )
         if op == "/":
             return F.when(both & numeric, from_scalar(F.try_divide(ln, rn))).otherwise(empty())
         if op == "div":
-            return F.when(both & ints, from_scalar(F.floor(F.try_divide(li, ri)).cast("bigint"))).otherwise(empty())
+            return F.when(both & ints, from_scalar(F.floor(F.try_divide(li, ri)).cast("bigint"))).otherwise(
+                empty()
+            )
         if op == "mod":
             return F.when(both & ints, from_scalar(F.try_mod(li, ri))).otherwise(empty())
         raise FhirPathError(f"operator {op} is not supported")
@@ -325,14 +338,19 @@ class Compiler:
         base = focus if node.target is None else self.compile(node.target, focus, at_root)
         if name == "where":
             self._arity(node, 1)
-            return F.filter(base, lambda x: F.coalesce(to_bool(self.compile(args[0], F.array(x))), F.lit(False)))
+            return F.filter(
+                base, lambda x: F.coalesce(to_bool(self.compile(args[0], F.array(x))), F.lit(False))
+            )
         if name == "select":
             self._arity(node, 1)
             return F.flatten(F.transform(base, lambda x: self.compile(args[0], F.array(x))))
         if name in ("exists", "all"):
             if not args:
                 return from_bool(F.size(base) > 0) if name == "exists" else from_bool(F.lit(True))
-            pred = (lambda x: F.coalesce(to_bool(self.compile(args[0], F.array(x))), F.lit(False)))
+
+            def pred(x: Column) -> Column:
+                return F.coalesce(to_bool(self.compile(args[0], F.array(x))), F.lit(False))
+
             return from_bool(F.exists(base, pred) if name == "exists" else F.forall(base, pred))
         if name == "empty":
             self._arity(node, 0)
@@ -350,9 +368,9 @@ class Compiler:
             n = F.try_variant_get(first(self.compile(args[0], focus, at_root)), "$", "int")
             if name == "take":
                 return F.when(n > 0, F.slice(base, 1, n)).otherwise(empty())
-            return F.when(n < F.size(base), F.slice(base, F.greatest(n, F.lit(0)) + 1, F.size(base))).otherwise(
-                empty()
-            )
+            return F.when(
+                n < F.size(base), F.slice(base, F.greatest(n, F.lit(0)) + 1, F.size(base))
+            ).otherwise(empty())
         if name == "not":
             self._arity(node, 0)
             return from_bool(~to_bool(base))
@@ -364,7 +382,9 @@ class Compiler:
         if name == "extension":
             self._arity(node, 1)
             url = as_string(first(self.compile(args[0], focus, at_root)))
-            return F.filter(navigate(base, "extension"), lambda e: as_string(F.variant_get(e, "$.url", "variant")) == url)
+            return F.filter(
+                navigate(base, "extension"), lambda e: as_string(F.variant_get(e, "$.url", "variant")) == url
+            )
         if name == "getReferenceKey":
             return self._reference_key(base, args)
         if name == "iif":
@@ -372,10 +392,18 @@ class Compiler:
                 raise FhirPathError("iif() takes 2 or 3 arguments")
             cond = to_bool(self.compile(args[0], focus, at_root))
             other = self.compile(args[2], focus, at_root) if len(args) == 3 else empty()
-            return F.when(F.coalesce(cond, F.lit(False)), self.compile(args[1], focus, at_root)).otherwise(other)
+            return F.when(F.coalesce(cond, F.lit(False)), self.compile(args[1], focus, at_root)).otherwise(
+                other
+            )
         if name in ("toString", "lower", "upper", "trim", "length"):
             s = as_string(first(base))
-            fn = {"toString": lambda c: c, "lower": F.lower, "upper": F.upper, "trim": F.trim, "length": F.length}
+            fn = {
+                "toString": lambda c: c,
+                "lower": F.lower,
+                "upper": F.upper,
+                "trim": F.trim,
+                "length": F.length,
+            }
             return from_scalar(fn[name](s))
         if name in ("startsWith", "endsWith", "contains"):
             self._arity(node, 1)
@@ -466,14 +494,24 @@ class Compiler:
         if type_hint in ("dateTime", "instant"):
             date_text = F.concat(day, F.lit("T00:00:00.000+14:00" if low else "T23:59:59.999-12:00"))
         is_date_only = s.rlike(r"^\d{4}(-\d{2}(-\d{2})?)?$")
-        datetime_part = F.regexp_extract(s, r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?)(\.\d+)?(Z|[+-]\d{2}:\d{2})?$", 1)
+        datetime_part = F.regexp_extract(
+            s, r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?)(\.\d+)?(Z|[+-]\d{2}:\d{2})?$", 1
+        )
         tz = F.regexp_extract(s, r"(Z|[+-]\d{2}:\d{2})$", 1)
         secs = F.when(F.length(datetime_part) == 16, F.lit(":00" if low else ":59")).otherwise(F.lit(""))
         millis = F.regexp_extract(s, r"\.(\d+)", 1)
         frac = F.when(millis != "", F.concat(F.lit("."), F.rpad(millis, 3, "0" if low else "9"))).otherwise(
             F.lit(".000" if low else ".999")
         )
-        dt_text = F.when(datetime_part != "", F.concat(datetime_part, secs, frac, F.when(tz != "", tz).otherwise(F.lit("+14:00" if low else "-12:00"))))
+        dt_text = F.when(
+            datetime_part != "",
+            F.concat(
+                datetime_part,
+                secs,
+                frac,
+                F.when(tz != "", tz).otherwise(F.lit("+14:00" if low else "-12:00")),
+            ),
+        )
         time_part = F.regexp_extract(s, r"^(\d{2}:\d{2}(:\d{2})?)(\.\d+)?$", 1)
         time_secs = F.when(F.length(time_part) == 5, F.lit(":00" if low else ":59")).otherwise(F.lit(""))
         time_text = F.when(time_part != "", F.concat(time_part, time_secs, frac))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from ehrlake.views import definition, runner
 
-
 # Optional (experimental) cases this runner does not pass, and why. The conformance test expects
 # exactly these to fail, so the list cannot go stale.
 UNSUPPORTED = {
@@ -73,7 +72,9 @@ def run_case(spark, suite: dict, case: dict, file: str = "") -> CaseResult:
     def result(ok: bool, detail: str = "") -> CaseResult:
         return CaseResult(file, title, tags, "passed" if ok else "failed", detail)
 
-    resources = spark.createDataFrame([(json.dumps(r),) for r in suite.get("resources", [])], "resource string")
+    resources = spark.createDataFrame(
+        [(json.dumps(r),) for r in suite.get("resources", [])], "resource string"
+    )
     try:
         view = definition.parse(case["view"])
         frame = runner.run(view, resources)

@@ -200,8 +200,12 @@ def parse(raw) -> ViewDefinition:
         raise ViewError("a ViewDefinition needs at least one select")
     constants = _constants(raw.get("constant"))
     select = tuple(_select(s, f"select[{i}]") for i, s in enumerate(selects))
-    where = tuple((w.get("path"), _path(w.get("path"), f"where[{i}]")) for i, w in enumerate(raw.get("where", [])))
-    view = ViewDefinition(raw.get("name"), resource, raw.get("status", "active"), constants, select, where, raw)
+    where = tuple(
+        (w.get("path"), _path(w.get("path"), f"where[{i}]")) for i, w in enumerate(raw.get("where", []))
+    )
+    view = ViewDefinition(
+        raw.get("name"), resource, raw.get("status", "active"), constants, select, where, raw
+    )
     names = view.column_names()
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

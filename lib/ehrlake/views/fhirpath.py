@@ -171,10 +171,7 @@ class _Parser:
         left = self.binary(level + 1)
         while (op := self._op_at(level)) is not None:
             self.take()
-            if op in ("is", "as"):
-                right = Literal(self.type_name(), "type")
-            else:
-                right = self.binary(level + 1)
+            right = Literal(self.type_name(), "type") if op in ("is", "as") else self.binary(level + 1)
             left = Binary(op, left, right)
         return left
 

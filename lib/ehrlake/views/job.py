@@ -49,8 +49,13 @@ def read_resources(spark, input_path: str) -> DataFrame:
     exploded = parsed.select(
         "source_file",
         F.explode(
-            F.when(is_bundle, F.transform(F.coalesce(entries, F.array().cast(VARIANTS)), lambda e: F.variant_get(e, "$.resource", "variant")))
-            .otherwise(F.array("r"))
+            F.when(
+                is_bundle,
+                F.transform(
+                    F.coalesce(entries, F.array().cast(VARIANTS)),
+                    lambda e: F.variant_get(e, "$.resource", "variant"),
+                ),
+            ).otherwise(F.array("r"))
         ).alias("resource"),
     )
     return exploded.where(F.col("resource").isNotNull())
@@ -62,8 +67,8 @@ def sealed_columns(view: definition.ViewDefinition) -> tuple[str, ...]:
 
 def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, role: str | None) -> int:
     """The view over ``table``'s sealed records, written to ``out`` (overwritten); returns rows written."""
-    from ehrlake.lake.modes import WriteMode
     from ehrlake.lake.catalog import TableName
+    from ehrlake.lake.modes import WriteMode
     from ehrlake.security.protection import RAW, Sealing, TableProtection
 
     security = lake.security
@@ -79,7 +84,9 @@ def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, ro
         keep = tuple(c for c in ("source_system",) if c in records.columns)
         frame = runner.run(view, records, RAW, keep=keep)
         keys = [*keep, *[c for c in frame.columns if c == "id"]] or list(frame.columns[:1])
-        spec = TableProtection(sealed_columns(view), patient_id="patient_id" if "patient_id" in frame.columns else None)
+        spec = TableProtection(
+            sealed_columns(view), patient_id="patient_id" if "patient_id" in frame.columns else None
+        )
         frame, _ = security.protector.protect(frame, out, keys, spec)
         lake.write(frame, out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
         count = lake.row_count(out)

@@ -22,8 +22,8 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.views import compiler as c
-from ehrlake.views.definition import ViewColumn, ViewDefinition
 from ehrlake.views.definition import Select as SelectNode
+from ehrlake.views.definition import ViewColumn, ViewDefinition
 
 ISSUES = "conformance_issues"
 REPEAT_DEPTH = 6  # nesting levels followed by repeat (deeper items: a conformance issue in tolerant mode)
@@ -67,7 +67,10 @@ class _Builder:
         return self._value(col, self.path(col.node, focus, scope, at_root))
 
     def _value(self, col: ViewColumn, path_value: Column) -> tuple[Column, Column]:
-        packed = c.let(lambda coll: F.struct(*(x.alias(f"f{i}") for i, x in enumerate(self._typed_value(col, coll)))), path_value)
+        packed = c.let(
+            lambda coll: F.struct(*(x.alias(f"f{i}") for i, x in enumerate(self._typed_value(col, coll)))),
+            path_value,
+        )
         return packed["f0"], packed["f1"]
 
     def _typed_value(self, col: ViewColumn, coll: Column) -> tuple[Column, Column]:
@@ -86,7 +89,9 @@ class _Builder:
         json_kind = F.lower(c.json_type(v))
         problem = F.when(
             v.isNotNull() & typed.isNull(),
-            F.concat(F.lit(f"{label}: JSON "), json_kind, F.lit(f" is not a valid {col.type or col.sql_type}")),
+            F.concat(
+                F.lit(f"{label}: JSON "), json_kind, F.lit(f" is not a valid {col.type or col.sql_type}")
+            ),
         ).when(many, F.lit(f"{label}: several values where one belongs (the first kept)"))
         return typed, problem
 
@@ -101,7 +106,9 @@ class _Builder:
             names = self.names(sel)
             out = F.flatten(F.transform(items, lambda x, i: self.body(sel, F.array(x), i, False).rows))
             if sel.for_each_or_null is not None:
-                out = F.when(F.size(items) == 0, self.body(sel, c.empty(), F.lit(0), False).rows).otherwise(out)
+                out = F.when(F.size(items) == 0, self.body(sel, c.empty(), F.lit(0), False).rows).otherwise(
+                    out
+                )
             return _Part(out, names)
         return self.body(sel, focus, row_index, at_root)
 
@@ -115,7 +122,11 @@ class _Builder:
         def expand(coll: Column, depth: int) -> Column:
             if depth == 0:
                 return coll
-            return F.flatten(F.transform(coll, lambda x: F.concat(F.array(x), expand(children(F.array(x), False), depth - 1))))
+            return F.flatten(
+                F.transform(
+                    coll, lambda x: F.concat(F.array(x), expand(children(F.array(x), False), depth - 1))
+                )
+            )
 
         return expand(children(focus, at_root), REPEAT_DEPTH)
 
@@ -133,7 +144,11 @@ class _Builder:
                 problems.append(problem)
             names = [col.name for col in sel.columns]
             if self.tolerant:
-                fields.append(F.filter(F.array(*problems, F.lit(None).cast("string")), lambda p: p.isNotNull()).alias(_ISSUE))
+                fields.append(
+                    F.filter(F.array(*problems, F.lit(None).cast("string")), lambda p: p.isNotNull()).alias(
+                        _ISSUE
+                    )
+                )
                 names.append(_ISSUE)
             if not fields:
                 fields, names = [F.lit(None).alias("_empty")], ["_empty"]
@@ -150,7 +165,9 @@ class _Builder:
 
     def cross(self, a: _Part, b: _Part) -> _Part:
         """Every row of ``a`` beside every row of ``b`` (sibling selects)."""
-        names = [n for n in a.names if n not in (_ISSUE, "_empty")] + [n for n in b.names if n not in (_ISSUE, "_empty")]
+        names = [n for n in a.names if n not in (_ISSUE, "_empty")] + [
+            n for n in b.names if n not in (_ISSUE, "_empty")
+        ]
 
         def merge(x: Column, y: Column) -> Column:
             fields = [x[n].alias(n) for n in a.names if n not in (_ISSUE, "_empty")]
@@ -175,7 +192,10 @@ def _drift_issues(resource: Column, drift: c.Drift | None) -> list[Column]:
     for name in drift.string_as_concept:
         v = F.variant_get(resource, c.path_of(name), "variant")
         out.append(
-            F.when(c.json_type(v) == "STRING", F.lit(f"{name}: a string where R4 has a CodeableConcept (read as its code)"))
+            F.when(
+                c.json_type(v) == "STRING",
+                F.lit(f"{name}: a string where R4 has a CodeableConcept (read as its code)"),
+            )
         )
     return out
 
@@ -206,28 +226,58 @@ def run(
         if int(spark.conf.get("spark.sql.analyzer.maxIterations", "100")) < 500:
             spark.conf.set("spark.sql.analyzer.maxIterations", "500")
     resource = resource_column(resources, column)
+    keep = tuple(k for k in keep if k not in view.column_names())  # a view column wins over a kept one
     frame = resources.select(*keep, resource.alias("_resource"))
+    condition, rows, issues = _compiled(view, tolerant, drift)
+    if all(not (n.for_each or n.for_each_or_null or n.repeat or n.union_all) for n in _nodes(view.root)):
+        # one row per resource (every bronze view): no explode, so the projection stays small
+        # enough for whole-stage code generation
+        out = frame.where(condition).select(*keep, "_resource", F.get(rows, 0).alias("_row"))
+    else:
+        out = frame.where(condition).select(*keep, "_resource", F.explode(rows).alias("_row"))
+    columns = [F.col(f"_row.{n}").alias(n) for n in view.column_names()]
+    if tolerant:
+        columns.append(issues.alias(ISSUES))
+    return out.select(*keep, *columns)
+
+
+_COMPILED: dict[tuple, tuple] = {}
+
+
+def _compiled(
+    view: ViewDefinition, tolerant: bool, drift: c.Drift | None
+) -> tuple[Column, Column, Column | None]:
+    """(resource filter, rows, drift issues) over ``_resource``: unresolved expressions, built once
+    per view and process (each function call is a round trip to the JVM, thousands per view)."""
+    key = (id(view), tolerant, id(drift))
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0] is view and hit[1] is drift:
+        return hit[2]
     r = F.col("_resource")
     root = F.array(r)
     constants = {name: c.literal(value, kind) for name, (value, kind) in view.constants.items()}
     scope = c.Scope(constants, root, view.resource, drift, F.lit(0))
     builder = _Builder(view, scope, tolerant)
     condition = F.variant_get(r, "$.resourceType", "string") == view.resource
+    if tolerant:  # an unparseable record stays, all null, for the caller to deal with (never dropped)
+        condition = condition | r.isNull()
     for text, node in view.where:
         message = F.lit(f"view where path {text!r} gives a non-boolean value")
 
         def keep_row(value: Column, msg: Column = message) -> Column:
             bad = value.isNotNull() & ~c.is_boolean(value)
-            return F.coalesce(F.when(bad, F.raise_error(msg)).cast("boolean"), c.to_bool(F.array(value)), F.lit(False))
+            return F.coalesce(
+                F.when(bad, F.raise_error(msg)).cast("boolean"), c.to_bool(F.array(value)), F.lit(False)
+            )
 
         condition = condition & c.let(keep_row, c.first(builder.path(node, root, scope, True)))
-    part = builder.rows(view.root, root, F.lit(0), True)
-    out = frame.where(condition).select(*keep, "_resource", F.explode(part.rows).alias("_row"))
-    columns = [F.col(f"_row.{n}").alias(n) for n in view.column_names()]
+    rows = builder.rows(view.root, root, F.lit(0), True).rows
+    issues = None
     if tolerant:
-        issues = F.concat(
-            F.filter(F.array(*_drift_issues(F.col("_resource"), drift), F.lit(None).cast("string")), lambda p: p.isNotNull()),
-            F.col(f"_row.{_ISSUE}"),
+        drifted = F.filter(
+            F.array(*_drift_issues(r, drift), F.lit(None).cast("string")), lambda p: p.isNotNull()
         )
-        columns.append(issues.alias(ISSUES))
-    return out.select(*keep, *columns)
+        issues = F.concat(drifted, F.col(f"_row.{_ISSUE}"))
+    built = (condition, rows, issues)
+    _COMPILED[key] = (view, drift, built)
+    return built
