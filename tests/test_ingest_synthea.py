@@ -87,3 +87,47 @@ def test_identical_rows_without_id_are_kept_apart_and_rerun_under_new_name_adds_
     report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(copy))
     assert report.entities["bronze.synthea_conditions"].unchanged == 2
     assert lake.row_count("bronze.synthea_conditions") == 2
+
+
+def test_a_dirty_export_loads_what_it_can_and_says_what_it_tolerated(lake, tmp_path):
+    """A real Synthea export, made dirty the way one in the field was: three 0-byte gzip files, a
+    header-only file, one encounters line spliced into another and one truncated, a condition of a
+    patient the export does not have, and a file whose header line is blank."""
+    src = tmp_path / "dirty"
+    shutil.copytree(shared("synthea_csv", "dehall_v3_2023_22p"), src)
+    for name in ("organizations", "providers", "payers"):
+        (src / f"{name}.csv.gz").write_bytes(b"")  # 0 bytes: not even a gzip header
+    header = gzip.open(src / "devices.csv.gz", "rt").readline()
+    with gzip.open(src / "devices.csv.gz", "wt") as out:
+        out.write(header)
+    lines = gzip.open(src / "encounters.csv.gz", "rt").read().split("\n")
+    good_encounters = len([ln for ln in lines[1:] if ln.strip()])
+    lines[4] = lines[4][:40] + lines[5]  # spliced: too many fields
+    del lines[5]
+    lines[9] = lines[9][:30]  # truncated: too few
+    with gzip.open(src / "encounters.csv.gz", "wt") as out:
+        out.write("\n".join(lines))
+    conditions = gzip.open(src / "conditions.csv.gz", "rt").read().split("\n")
+    orphan = conditions[1].split(",")
+    orphan[2] = "00000000-dead-beef-0000-000000000000"  # PATIENT: not in patients.csv
+    conditions.insert(2, ",".join(orphan))
+    with gzip.open(src / "conditions.csv.gz", "wt") as out:
+        out.write("\n".join(conditions))
+    (src / "supplies.csv").write_text("\n2020-01-01,p,e,1,x,1\n")  # blank header line
+    (src / "supplies.csv.gz").unlink()
+
+    report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(src))
+    assert report.balanced
+    enc = report.entities["bronze.synthea_encounters"]
+    assert enc.quarantined == 2 and enc.inserted == good_encounters - 3  # 2 bad lines from 3 good ones
+    assert lake.row_count("bronze.synthea_conditions") == len([c for c in conditions[1:] if c.strip()])
+    assert report.empty_files == [
+        "devices.csv.gz", "organizations.csv.gz", "payers.csv.gz", "providers.csv.gz"
+    ]  # fmt: skip
+    reasons = {
+        (r.source_file.rsplit("/", 1)[-1], r.reason)
+        for r in lake.read("ops.quarantine").select("source_file", "reason").collect()
+    }
+    assert reasons == {("encounters.csv.gz", "wrong_field_count"), ("supplies.csv", "missing_header")}
+    assert any("without a single record" in n for n in report.notes)
+    assert "note: file(s) without a single record" in report.format()

@@ -91,7 +91,10 @@ def test_sample_ingest_leaves_no_patient_identifier_in_clear_in_any_lake_file(la
     needles = sorted(sample_identifiers())
     assert len(needles) > 500  # names, SSNs, streets and phones of hundreds of patients
     bad = tmp_path / "bad"  # identifiers in records that fail: their payloads are quarantined, sealed
-    write_ndjson(bad / "Patient.ndjson", [patient("q1", family="Quarantinova", birth="31/12/1970")])
+    no_id = patient("q1", family="Quarantinova", birth="31/12/1970")
+    del no_id["id"]
+    unreadable_date = patient("q2", family="Datewrongova", birth="30/12/1970")  # loaded, date null
+    write_ndjson(bad / "Patient.ndjson", [no_id, unreadable_date])
     for kind, folder in (
         (SourceKind.FHIR_BUNDLES, SAMPLE / "fhir_bundles"),
         (SourceKind.FHIR_NDJSON, SAMPLE / "fhir_ndjson"),
@@ -99,7 +102,7 @@ def test_sample_ingest_leaves_no_patient_identifier_in_clear_in_any_lake_file(la
         (SourceKind.FHIR_NDJSON, bad),
     ):
         assert ingest.run(lake, kind, str(folder)).balanced
-    raw_needles = [n.encode() for n in [*needles, "Quarantinova"]]
+    raw_needles = [n.encode() for n in [*needles, "Quarantinova", "Datewrongova", "30/12/1970"]]
 
     files = [p for p in Path(lake.root).rglob("*") if p.is_file()]
     assert any("_delta_log" in str(p) for p in files) and any(p.suffix == ".parquet" for p in files)

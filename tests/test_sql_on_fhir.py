@@ -111,3 +111,54 @@ def test_tolerant_mode_reads_drifted_records_and_lists_the_problems(spark):
     assert not any("2019-02-30" in i for i in issues), "problems never quote values"
     assert rows["c2"]["clinical_status"] == "resolved" and rows["c2"]["encounter_id"] == "e2"
     assert rows["c2"][views.ISSUES] == []
+
+
+def test_the_conformance_report_in_the_docs_is_current():
+    """docs/sql_on_fhir.md shows what the cases above assert (regenerate: scripts/sql_on_fhir_report.py)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    shared("sql_on_fhir_v2_tests")
+    spec = importlib.util.spec_from_file_location("report", REPO / "scripts" / "sql_on_fhir_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    doc = report.DOC.read_text()
+    expected = report.replace_results(doc, conformance.render_markdown(conformance.expected_results(SUITE)))
+    assert doc == expected, "docs/sql_on_fhir.md is stale: run scripts/sql_on_fhir_report.py"
+
+
+def test_cli_view_run_on_files_and_on_a_lake_table(lake, capsys, tmp_path):
+    """``ehrlake view run``: flatten FHIR files straight away, or re-flatten sealed records of a
+    lake table into a new table (a job: the write is audited, sealed-tagged columns stay sealed)."""
+    from fhir_fixtures import bundle, patient, write_json
+
+    from ehrlake import cli, ingest
+    from ehrlake.ingest import SourceKind
+
+    flag = {"resourceType": "Flag", "id": "f1", "status": "active", "subject": {"reference": "Patient/p1"},
+            "code": {"text": "fall risk"}}  # fmt: skip
+    write_json(tmp_path / "in" / "b.json", bundle([patient("p1"), flag]))
+    view = tmp_path / "flag.json"
+    view.write_text(json.dumps({
+        "resourceType": "ViewDefinition", "name": "flag", "resource": "Flag",
+        "select": [{"column": [
+            {"name": "id", "path": "getResourceKey()"},
+            {"name": "patient_id", "path": "subject.getReferenceKey(Patient)"},
+            {"name": "status", "path": "status"},
+            {"name": "what", "path": "code.text", "tag": [{"name": "ehrlake/sealed", "value": "identifier"}]},
+        ]}],
+    }))  # fmt: skip
+    args = ["view", "run", "--view", str(view), "--lake", lake.root]
+    assert cli.main([*args, "--input", str(tmp_path / "in"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows == [{"id": "f1", "patient_id": "p1", "status": "active", "what": "fall risk"}]
+
+    ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "in"))  # Flag has no bronze view: fhir_other
+    assert cli.main([*args, "--table", "bronze.fhir_other", "--out", "silver.flags"]) == 0
+    stored = lake.read("silver.flags").collect()
+    assert [(r.id, r.status) for r in stored] == [("f1", "active")]
+    assert stored[0].what != "fall risk" and stored[0].patient_key  # sealed; linked by patient_key
+    events = lake.read("audit.events").where("job = 'view'").collect()
+    assert any(e.table_name == "silver.flags" for e in events)
+    assert cli.main([*args, "--table", "bronze.fhir_other"]) == 1  # sealed records need --out

@@ -21,6 +21,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--lake", help="lake root directory (default: lake.root of the configuration, ./lake)"
     )
     parser.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
+    parser.add_argument(
+        "--verbose", action="store_true", default=argparse.SUPPRESS,
+        help="show Spark's log and full stack traces on errors",
+    )  # fmt: skip
 
 
 def _role(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +38,9 @@ def _role(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ehrlake", description="EHR lakehouse on Apache Spark and Delta Lake."
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Spark's own log and full stack traces on errors"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -793,6 +800,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["EHRLAKE_DEBUG"] = "1"
+    # Spark's log off unless asked for: a failure is this command's one line, not a page of JVM frames
+    os.environ.setdefault("EHRLAKE_SPARK_LOG", "WARN" if args.verbose else "OFF")
     sub = {
         "lake": "lake_command",
         "keys": "keys_command",

@@ -71,5 +71,6 @@ def get_spark(config: Config):
         if not submitted.contains(key):
             builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("ERROR")
+    # the CLI turns it OFF (its errors are one line; --verbose brings the log back)
+    spark.sparkContext.setLogLevel(os.environ.get("EHRLAKE_SPARK_LOG", "ERROR"))
     return spark

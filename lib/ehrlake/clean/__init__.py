@@ -266,7 +266,9 @@ def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:
                     f"mapping {mapping.source}.{mapping.entity}.{f.name}: {expr!r}: {exc}"
                 ) from exc
         columns.append(value.cast(f.type).alias(f.name))
-    return df.select(*columns)
+    # a bronze row whose source fields could not all be read as FHIR R4 (ingest's conformance_issues)
+    issues = F.size("conformance_issues") > 0 if "conformance_issues" in df.columns else F.lit(False)
+    return df.select(*columns, issues.alias(SOURCE_ISSUES))
 
 
 def _birth_dates(lake, mappings: list[Mapping]) -> DataFrame | None:
@@ -301,6 +303,9 @@ def _dedupe(df: DataFrame, entity: Entity) -> DataFrame:
     return df.withColumn("_rank", F.row_number().over(window)).where("_rank = 1").drop("_rank")
 
 
+SOURCE_ISSUES = "_source_issues"  # carried from _mapped to the flags, never written
+
+
 def _flags(*conditions: tuple[str, Column]) -> Column:
     """array of the names whose condition holds (nulls count as not holding)."""
     return F.filter(
@@ -321,6 +326,7 @@ def _patients(df: DataFrame, births: DataFrame | None, today: dt.date) -> DataFr
     flags = _flags(
         ("future_date", (F.col("death_date") > future) | (F.col("birth_year") > F.year(future))),
         ("after_death", F.col("death_date") < F.col("_birth_date")),
+        ("source_nonconformant", F.col(SOURCE_ISSUES)),
     )
     return df.withColumn("quality_flags", flags)
 
@@ -378,5 +384,6 @@ def _events(df, entity: Entity, patients, births, regions, today: dt.date) -> Da
         ("future_date", start >= tomorrow),
         ("implausible_value", implausible),
         ("unknown_patient", F.col("_known").isNull()),
+        ("source_nonconformant", F.col(SOURCE_ISSUES)),
     )
     return df.withColumn("quality_flags", flags)

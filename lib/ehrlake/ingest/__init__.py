@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import uuid
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from ehrlake.ingest import extract as extracts
 from ehrlake.ingest import fhir, fhir_views, images, quarantine, synthea
 from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.csv_tables import UPDATE_WHEN as CSV_UPDATE_WHEN
-from ehrlake.ingest.csv_tables import CsvCatalog, parse_header, type_rows
+from ehrlake.ingest.csv_tables import CsvCatalog, column_drift, parse_header, type_rows
 from ehrlake.ingest.lineage import keep_newest
 from ehrlake.ingest.report import UNPARSED, EntityCounts, IngestReport
 from ehrlake.ingest.sources import (
@@ -135,7 +136,7 @@ def _ingest(
     elif catalog is not None:
         records = read_records(spark, todo, whole_file=False, batch_lines=batch_lines)
         records = records.where("record_index > 1").persist(StorageLevel.MEMORY_AND_DISK)  # line 1: header
-        outputs, early_bad = _csv_outputs(catalog, records, todo, source_system, run_id, now), None
+        outputs, early_bad = _csv_outputs(catalog, records, todo, source_system, run_id, now, report), None
     else:
         records = read_records(
             spark, todo, whole_file=kind is SourceKind.FHIR_BUNDLES, batch_lines=batch_lines
@@ -148,6 +149,12 @@ def _ingest(
             records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
         )
     census = _census(records, catalog, kind)
+    if census.files is not None:
+        report.empty_files = sorted(os.path.basename(f.path) for f in todo if f.path not in census.files)
+    if report.empty_files:
+        report.notes.append(
+            f"file(s) without a single record (nothing to load): {', '.join(report.empty_files)}"
+        )
     if outputs is None:
         outputs = _fhir_outputs(records, run_id, now, set(census.valid))
     report.records_read = census.total
@@ -155,12 +162,10 @@ def _ingest(
     commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
     bad_parts = [early_bad] if census.envelope_bad else []
     merged: dict[str, dict] = {}
-    with_issues: dict[str, int] = {}
-    for out in outputs:
-        # Cached by the merge's own write job, then re-read (not re-parsed) for the quarantine.
+    for out in outputs:  # cached by the outcome count, then reused by the merge and the quarantine
         out.rows = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
-        if ISSUES in out.rows.columns:
-            with_issues[out.table] = out.rows.where(f"_reason IS NULL AND size({ISSUES}) > 0").count()
+    failed, with_issues = _outcomes(outputs)
+    for out in outputs:
         if not out.quarantine_only:
             good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
             good = _protect(protector, good, out.table, out.keys, out.protection)
@@ -169,8 +174,9 @@ def _ingest(
                 good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info
             )
             merged[out.table] = result.metrics
-        bad = out.rows.where("_reason IS NOT NULL")
-        bad_parts.append(quarantine.rows(bad, kind.value, F.lit(out.table), run_id, now))
+        if failed.get(out.table):
+            bad = out.rows.where("_reason IS NOT NULL")
+            bad_parts.append(quarantine.rows(bad, kind.value, F.lit(out.table), run_id, now))
     quarantined = _quarantine(lake, protector, bad_parts, commit_info)
     _fill_report(report, census, merged, quarantined)
     for table, count in with_issues.items():
@@ -183,6 +189,29 @@ def _ingest(
     return report
 
 
+def _outcomes(outputs: list[_Output]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per table, in one job: rows that failed typing (quarantined) and loaded rows with
+    conformance issues. Only tables with failures then take part in the quarantine write."""
+    if not outputs:
+        return {}, {}
+    parts = []
+    for out in outputs:
+        issue = F.size(ISSUES) > 0 if ISSUES in out.rows.columns else F.lit(False)
+        parts.append(
+            out.rows.select(
+                F.lit(out.table).alias("table"),
+                F.col("_reason").isNotNull().cast("int").alias("bad"),
+                (F.col("_reason").isNull() & issue).cast("int").alias("issue"),
+            )
+        )
+    rows = (
+        _union(parts).groupBy("table").agg(F.sum("bad").alias("bad"), F.sum("issue").alias("issue")).collect()
+    )
+    return {r["table"]: int(r["bad"]) for r in rows}, {
+        r["table"]: int(r["issue"]) for r in rows if r["issue"]
+    }
+
+
 @dataclass
 class _Census:
     """Counted once, up front: records read, valid records per target table, envelope failures."""
@@ -190,6 +219,7 @@ class _Census:
     total: int
     valid: dict[str, int]
     envelope_bad: dict[str, int]
+    files: set[str] | None = None  # files that gave at least one record (None: not counted per file)
 
 
 def _census(records: DataFrame, catalog: CsvCatalog | None, kind: SourceKind) -> _Census:
@@ -201,13 +231,17 @@ def _census(records: DataFrame, catalog: CsvCatalog | None, kind: SourceKind) ->
         valid: dict[str, int] = defaultdict(int)
         for path, count in per_file.items():
             valid[catalog.table_for(table_stem(path))] += count
-        return _Census(sum(per_file.values()), dict(valid), {})
-    rows = records.groupBy("entity", F.col("_reason").isNull().alias("ok")).count().collect()
-    return _Census(
-        total=sum(r["count"] for r in rows),
-        valid={r["entity"]: r["count"] for r in rows if r["ok"]},
-        envelope_bad={r["entity"] or UNPARSED: r["count"] for r in rows if not r["ok"]},
-    )
+        return _Census(sum(per_file.values()), dict(valid), {}, set(per_file))
+    # files x tables rows reach the driver: bounded by the input's file count, never by its records
+    rows = records.groupBy("entity", F.col("_reason").isNull().alias("ok"), "source_file").count().collect()
+    valid: dict[str, int] = defaultdict(int)
+    bad: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if r["ok"]:
+            valid[r["entity"]] += r["count"]
+        else:
+            bad[r["entity"] or UNPARSED] += r["count"]
+    return _Census(sum(r["count"] for r in rows), dict(valid), dict(bad), {r["source_file"] for r in rows})
 
 
 def _fill_report(
@@ -257,12 +291,21 @@ def _fhir_outputs(classified: DataFrame, run_id: str, now, tables: set[str]) -> 
 
 
 def _csv_outputs(
-    catalog: CsvCatalog, records: DataFrame, files, source_system: str, run_id: str, now
+    catalog: CsvCatalog, records: DataFrame, files, source_system: str, run_id: str, now, report: IngestReport
 ) -> list[_Output]:
-    """Group files by (table, header) so each group parses with its own column layout."""
+    """Group files by (table, header) so each group parses with its own column layout; the report
+    notes columns a declaration does not know (ignored) or misses (null)."""
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
     for f in files:
-        groups[(table_stem(f.path), tuple(parse_header(first_line(f.path))))].append(f.path)
+        line = first_line(f.path)
+        header = tuple(parse_header(line)) if line.strip() else ()
+        groups[(table_stem(f.path), header)].append(f.path)
+        unknown, missing = column_drift(catalog.spec_for(table_stem(f.path)), list(header))
+        name = os.path.basename(f.path)
+        if unknown:
+            report.notes.append(f"{name}: column(s) not in the declaration, ignored: {', '.join(unknown)}")
+        if missing:
+            report.notes.append(f"{name}: declared column(s) missing, loaded as null: {', '.join(missing)}")
     by_table: dict[str, list[DataFrame]] = defaultdict(list)
     for (stem, header), paths in sorted(groups.items()):
         rows = records.where(F.col("source_file").isin(paths))

@@ -118,6 +118,8 @@ def type_rows(
     source_name: str = "CSV",
 ) -> DataFrame:
     """Data lines of files sharing one header -> typed bronze rows with ``_reason``/``_message``."""
+    if not any(h.strip() for h in header):
+        return _headerless(rows, source_system, run_id, ingested_at)
     by_canonical: dict[str, str] = {}
     for h in header:
         low = h.strip().lower() if spec is None or spec.columns is not None else canonical(h)
@@ -183,6 +185,33 @@ def type_rows(
         reason.alias("_reason"),
         message.alias("_message"),
     )
+
+
+def _headerless(rows: DataFrame, source_system: str, run_id: str, ingested_at: Column) -> DataFrame:
+    """Lines of a file whose first line is blank: nothing names their fields, so all are quarantined."""
+    hashed = F.sha2("text", 256)
+    return rows.select(
+        F.lit(source_system).alias("source_system"),
+        F.concat(hashed, F.lit("#"), F.col("record_index").cast("string")).alias("row_key"),
+        F.col("text").alias("raw"),
+        hashed.alias("record_hash"),
+        *lineage(run_id, ingested_at),
+        F.lit(Reason.MISSING_HEADER.value).alias("_reason"),
+        F.lit("the file's first line (its header) is blank").alias("_message"),
+    )
+
+
+def column_drift(spec: CsvTable | None, header: list[str]) -> tuple[list[str], list[str]]:
+    """(header columns the declaration does not know, declared columns the header lacks): the first
+    are ignored, the second loaded as null; the ingest report names both."""
+    if spec is None or spec.columns is None or not any(h.strip() for h in header):
+        return [], []
+    names = {spec.aliases.get(canonical(h), canonical(h)) for h in header}
+    names |= {spec.aliases.get(h.strip().lower(), h.strip().lower()) for h in header}
+    unknown = [h for h in header if spec.aliases.get(h.strip().lower(), h.strip().lower()) not in spec.columns
+               and spec.aliases.get(canonical(h), canonical(h)) not in spec.columns]  # fmt: skip
+    missing = [c for c in spec.columns if c not in names]
+    return unknown, missing
 
 
 def _cast(value: Column, kind: str) -> Column:

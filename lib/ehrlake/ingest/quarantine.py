@@ -37,6 +37,8 @@ class Reason(enum.Enum):
     read is not a reason: it is null in bronze and listed in the row's ``conformance_issues``.)"""
     UNPARSEABLE_NUMBER = "unparseable_number"
     """A numeric CSV field that is not a number."""
+    MISSING_HEADER = "missing_header"
+    """A CSV line of a file whose first line is blank: without a header its fields cannot be named."""
     WRONG_FIELD_COUNT = "wrong_field_count"
     """A CSV row with more or fewer fields than its header."""
     UNKNOWN_TABLE = "unknown_table"

@@ -44,6 +44,8 @@ class IngestReport:
     files_new: int
     records_read: int = 0
     entities: dict[str, EntityCounts] = field(default_factory=dict)
+    empty_files: list[str] = field(default_factory=list)  # new files without a single record
+    notes: list[str] = field(default_factory=list)  # what was tolerated: column drift, empty files
 
     def entity(self, name: str) -> EntityCounts:
         return self.entities.setdefault(name, EntityCounts(name))
@@ -92,6 +94,8 @@ class IngestReport:
             f"check: {self.records_read:,} records read = inserted + updated + unchanged + duplicate + "
             f"quarantined: {check}"
         )
+        for note in self.notes:
+            tail += f"\nnote: {note}"
         if self.total.with_issues:
             tail += (
                 f"\n{self.total.with_issues:,} loaded records have fields that could not be read as FHIR R4: "

@@ -95,3 +95,48 @@ def run_case(spark, suite: dict, case: dict, file: str = "") -> CaseResult:
 
 def run_suite(spark, folder: str | Path) -> list[CaseResult]:
     return [run_case(spark, suite, case, name) for name, suite, case in cases(folder)]
+
+
+def expected_results(folder: str | Path) -> list[CaseResult]:
+    """What :func:`run_suite` gives when every case outside :data:`UNSUPPORTED` passes (the
+    conformance test checks exactly that, case by case), so the report can be checked cheaply."""
+    out = []
+    for name, suite, case in cases(folder):
+        tags = tuple(case.get("tags") or suite.get("tags") or ())
+        failed = (name, case.get("title", "")) in UNSUPPORTED
+        out.append(CaseResult(name, case.get("title", ""), tags, "failed" if failed else "passed"))
+    return out
+
+
+def render_markdown(results: list[CaseResult]) -> str:
+    """``docs/sql_on_fhir.md``'s results section: totals per tag and per file, and what fails why."""
+    by_tag: dict[str, list[int]] = {}
+    by_file: dict[str, list[int]] = {}
+    for r in results:
+        ok = r.outcome == "passed"
+        for tag in r.tags or ("(untagged)",):
+            counts = by_tag.setdefault(tag, [0, 0])
+            counts[0 if ok else 1] += 1
+        counts = by_file.setdefault(r.file, [0, 0])
+        counts[0 if ok else 1] += 1
+    passed = sum(r.outcome == "passed" for r in results)
+    lines = [
+        f"**{passed} of {len(results)} cases pass.**",
+        "",
+        "| tag | passed | failed |",
+        "|---|---:|---:|",
+        *[f"| {tag} | {p} | {f} |" for tag, (p, f) in sorted(by_tag.items())],
+        "",
+        "| test file | passed | failed |",
+        "|---|---:|---:|",
+        *[f"| `{name}` | {p} | {f} |" for name, (p, f) in sorted(by_file.items())],
+        "",
+    ]
+    failed = [r for r in results if r.outcome != "passed"]
+    if failed:
+        lines += ["Cases that fail, and why:", ""]
+        for r in failed:
+            why = UNSUPPORTED.get((r.file, r.title), r.detail)
+            lines.append(f"- `{r.file}` / {r.title} ({', '.join(r.tags)}): {why}")
+        lines.append("")
+    return "\n".join(lines)
