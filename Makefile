@@ -48,6 +48,7 @@ test-fast: setup
 bench: setup dl-env
 	$(PY) bench/harness.py --sizes 1000,10000,100000 --workers-compare 10000
 	$(PY) bench/ingest.py
+	$(PY) bench/views.py
 	$(PY) bench/eda.py
 	$(PY) bench/models.py
 	$(DLVENV)/bin/python bench/dl.py

@@ -30,6 +30,16 @@ def secured_lake(root: Path, spark, secrets: Path) -> Lake:
     return Lake(str(root), spark, config.Config().lake.engine, Security.from_config(security, str(root)))
 
 
+def fhir_arguments(parser) -> None:
+    """``--bundles`` (the SMART 625-patient set beside the checkout, else the bundled sample) and
+    ``--out`` (where results go): what the FHIR benchmarks share."""
+    default = REPO.parent / "shared" / "data" / "synthea_fhir_r4_smart" / "bundles"
+    parser.add_argument(
+        "--bundles", type=Path, default=default if default.exists() else REPO / "data/sample/fhir_bundles"
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+
+
 def machine(spark) -> dict:
     return {"cores": os.cpu_count(), "python": platform.python_version(), "spark": spark.version}
 

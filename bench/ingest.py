@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "lib"))
 
-from _lake import machine, save_result, secured_lake  # noqa: E402
+from _lake import fhir_arguments, machine, save_result, secured_lake  # noqa: E402
 
 from ehrlake import config, ingest  # noqa: E402
 from ehrlake.session import get_spark  # noqa: E402
@@ -57,11 +57,7 @@ def bundles_to_ndjson(bundle_dir: Path, out: Path) -> tuple[int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default = REPO.parent / "shared" / "data" / "synthea_fhir_r4_smart" / "bundles"
-    parser.add_argument(
-        "--bundles", type=Path, default=default if default.exists() else REPO / "data/sample/fhir_bundles"
-    )
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    fhir_arguments(parser)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ehrlake-bench-"))

@@ -127,7 +127,8 @@ def test_sample_ingest_leaves_no_patient_identifier_in_clear_in_any_lake_file(la
     assert "Quarantinova" in quarantined.raw and "31/12/1970" not in quarantined.message
     patients = lake.read("bronze.fhir_patient")
     assert {"birth_year", "city", "state", "patient_key"} <= set(patients.columns)
-    assert patients.where("birth_year IS NULL OR patient_key IS NULL").count() == 0
+    # q2's birth date is not a date: loaded with birth_date and birth_year null (see its conformance_issues)
+    assert patients.where("id <> 'q2' AND (birth_year IS NULL OR patient_key IS NULL)").count() == 0
 
 
 def test_patient_key_links_one_patient_across_files_and_source_kinds_and_is_an_hmac(lake, tmp_path):

@@ -46,12 +46,12 @@ def path_of(name: str) -> str:
 
 
 def as_collection(value: Column) -> Column:
-    """One variant (maybe a JSON array, JSON null or SQL NULL) as a FHIRPath collection."""
-    items = F.try_variant_get(value, "$", VARIANTS)
-    return (
-        F.when(value.isNull() | F.is_variant_null(value), empty())
-        .when(items.isNotNull(), F.filter(items, lambda x: ~F.is_variant_null(x)))
-        .otherwise(F.array(value))
+    """One variant (maybe a JSON array, JSON null or SQL NULL) as a FHIRPath collection. (FHIR JSON
+    has no nulls inside arrays, save the ``_element`` extension arrays, which paths do not reach.)"""
+    return F.coalesce(
+        F.try_variant_get(value, "$", VARIANTS),
+        F.when(value.isNotNull() & ~F.is_variant_null(value), F.array(value)),
+        empty(),
     )
 
 
@@ -126,6 +126,22 @@ def has_type(v: Column, type_name: str) -> Column | None:
     if type_name == "boolean":
         return t == "BOOLEAN"
     return None
+
+
+_LOGIC = ("and", "or", "xor", "implies")
+_COMPARISON = ("=", "!=", "~", "!~", "<", ">", "<=", ">=")
+
+
+def _logic(op: str, a: Column, b: Column) -> Column:
+    """FHIRPath's three-valued and / or / xor / implies over SQL booleans (NULL: empty)."""
+    false, true = F.lit(False), F.lit(True)
+    if op == "and":
+        return F.when((a == false) | (b == false), false).when(a & b, true)
+    if op == "or":
+        return F.when((a == true) | (b == true), true).when(~a & ~b, false)
+    if op == "xor":
+        return a != b
+    return F.when(a == false, true).when(b == true, true).when(a & ~b, false)
 
 
 @dataclass(frozen=True)
@@ -226,37 +242,56 @@ class Compiler:
         )
 
     # --- operators --------------------------------------------------------------------------------
-    def _binary(self, node: fp.Binary, focus, at_root) -> Column:
-        op = node.op
-        left = self.compile(node.left, focus, at_root)
-        if op in ("is", "as"):
-            return self._type_op(left, node.right.value, op)
-        right = self.compile(node.right, focus, at_root)
-        return let(lambda lc, rc: self._operate(op, lc, rc), left, right)
+    # --- booleans: compiled straight to three-valued SQL booleans (NULL = empty) ---------------------
+    def is_boolean_node(self, node) -> bool:
+        if isinstance(node, fp.Binary):
+            return node.op in _LOGIC or node.op in _COMPARISON or node.op in ("in", "contains")
+        if isinstance(node, fp.Call):
+            return node.name in ("exists", "empty", "not", "all", "hasValue")
+        return isinstance(node, fp.Literal) and node.kind == "boolean"
 
-    def _operate(self, op: str, left: Column, right: Column) -> Column:
-        if op in ("and", "or", "xor", "implies"):
-            a, b = to_bool(left), to_bool(right)
-            if op == "and":
-                out = F.when((a == F.lit(False)) | (b == F.lit(False)), F.lit(False)).when(a & b, F.lit(True))
-            elif op == "or":
-                out = F.when((a == F.lit(True)) | (b == F.lit(True)), F.lit(True)).when(~a & ~b, F.lit(False))
-            elif op == "xor":
-                out = a != b
-            else:
-                out = (
-                    F.when(a == F.lit(False), F.lit(True))
-                    .when(b == F.lit(True), F.lit(True))
-                    .when(a & ~b, F.lit(False))
-                )
-            return from_bool(out)
-        if op == "|":
-            return F.concat(left, right)
+    def compile_bool(self, node, focus: Column, at_root: bool = False) -> Column:
+        """``node`` as a SQL boolean: NULL when it is empty or not a boolean (FHIRPath's singleton
+        evaluation); no round trip through a collection for what is a boolean anyway."""
+        if isinstance(node, fp.Literal) and node.kind == "boolean":
+            return F.lit(bool(node.value))
+        if isinstance(node, fp.Binary) and node.op in _LOGIC:
+            a = self.compile_bool(node.left, focus, at_root)
+            b = self.compile_bool(node.right, focus, at_root)
+            return let(lambda x, y: _logic(node.op, x, y), a, b)
+        if isinstance(node, fp.Binary) and (node.op in _COMPARISON or node.op in ("in", "contains")):
+            left = self.compile(node.left, focus, at_root)
+            right = self.compile(node.right, focus, at_root)
+            return let(lambda lc, rc: self._compare(node.op, lc, rc), left, right)
+        if isinstance(node, fp.Call) and node.name in ("exists", "empty", "not", "all", "hasValue"):
+            return self._bool_call(node, focus, at_root)
+        return to_bool(self.compile(node, focus, at_root))
+
+    def _bool_call(self, node: fp.Call, focus, at_root) -> Column:
+        name, args = node.name, node.args
+        if name == "not":
+            self._arity(node, 0)
+            target = node.target if node.target is not None else fp.This()
+            return ~self.compile_bool(target, focus, at_root)
+        base = focus if node.target is None else self.compile(node.target, focus, at_root)
+        if name == "empty":
+            self._arity(node, 0)
+            return F.size(base) == 0
+        if name == "hasValue":
+            return F.size(base) == 1
+        if not args:
+            return F.size(base) > 0 if name == "exists" else F.lit(True)
+
+        def pred(x: Column) -> Column:
+            return F.coalesce(self.compile_bool(args[0], F.array(x)), F.lit(False))
+
+        return F.exists(base, pred) if name == "exists" else F.forall(base, pred)
+
+    def _compare(self, op: str, left: Column, right: Column) -> Column:
         if op in ("in", "contains"):
             item, coll = (left, right) if op == "in" else (right, left)
             key = F.to_json(first(item))
-            found = F.exists(coll, lambda y: F.to_json(y) == key)
-            return F.when(F.size(item) == 0, empty()).otherwise(from_bool(found))
+            return F.when(F.size(item) > 0, F.exists(coll, lambda y: F.to_json(y) == key))
         lv, rv = first(left), first(right)
         both = lv.isNotNull() & rv.isNotNull()
         if op in ("=", "!=", "~", "!~"):
@@ -265,18 +300,34 @@ class Compiler:
                 same = F.lower(F.coalesce(as_string(lv), F.to_json(lv))) == F.lower(
                     F.coalesce(as_string(rv), F.to_json(rv))
                 )
-            return from_bool(F.when(both, same if op in ("=", "~") else ~same))
-        if op in ("<", ">", "<=", ">="):
-            ln, rn = F.try_variant_get(lv, "$", "double"), F.try_variant_get(rv, "$", "double")
-            numeric = _is_number(lv) & _is_number(rv)
-            ls, rs = as_string(lv), as_string(rv)
-            compare = {
-                "<": lambda a, b: a < b,
-                ">": lambda a, b: a > b,
-                "<=": lambda a, b: a <= b,
-                ">=": lambda a, b: a >= b,
-            }[op]
-            return from_bool(F.when(both & numeric, compare(ln, rn)).when(both, compare(ls, rs)))
+            return F.when(both, same if op in ("=", "~") else ~same)
+        ln, rn = F.try_variant_get(lv, "$", "double"), F.try_variant_get(rv, "$", "double")
+        numeric = _is_number(lv) & _is_number(rv)
+        ls, rs = as_string(lv), as_string(rv)
+        compare = {
+            "<": lambda a, b: a < b,
+            ">": lambda a, b: a > b,
+            "<=": lambda a, b: a <= b,
+            ">=": lambda a, b: a >= b,
+        }[op]
+        return F.when(both & numeric, compare(ln, rn)).when(both, compare(ls, rs))
+
+    # --- operators --------------------------------------------------------------------------------
+    def _binary(self, node: fp.Binary, focus, at_root) -> Column:
+        op = node.op
+        if self.is_boolean_node(node):
+            return from_bool(self.compile_bool(node, focus, at_root))
+        left = self.compile(node.left, focus, at_root)
+        if op in ("is", "as"):
+            return self._type_op(left, node.right.value, op)
+        right = self.compile(node.right, focus, at_root)
+        return let(lambda lc, rc: self._operate(op, lc, rc), left, right)
+
+    def _operate(self, op: str, left: Column, right: Column) -> Column:
+        if op == "|":
+            return F.concat(left, right)
+        lv, rv = first(left), first(right)
+        both = lv.isNotNull() & rv.isNotNull()
         if op == "&":
             return from_scalar(
                 F.concat(F.coalesce(as_string(lv), F.lit("")), F.coalesce(as_string(rv), F.lit("")))
@@ -335,26 +386,15 @@ class Compiler:
             self._arity(node, 0)
             base = focus if node.target is None else self.compile(node.target, focus, at_root)
             return navigate(base, "id")
+        if name in ("exists", "all", "empty", "not", "hasValue"):
+            return from_bool(self._bool_call(node, focus, at_root))
         base = focus if node.target is None else self.compile(node.target, focus, at_root)
         if name == "where":
             self._arity(node, 1)
-            return F.filter(
-                base, lambda x: F.coalesce(to_bool(self.compile(args[0], F.array(x))), F.lit(False))
-            )
+            return F.filter(base, lambda x: F.coalesce(self.compile_bool(args[0], F.array(x)), F.lit(False)))
         if name == "select":
             self._arity(node, 1)
             return F.flatten(F.transform(base, lambda x: self.compile(args[0], F.array(x))))
-        if name in ("exists", "all"):
-            if not args:
-                return from_bool(F.size(base) > 0) if name == "exists" else from_bool(F.lit(True))
-
-            def pred(x: Column) -> Column:
-                return F.coalesce(to_bool(self.compile(args[0], F.array(x))), F.lit(False))
-
-            return from_bool(F.exists(base, pred) if name == "exists" else F.forall(base, pred))
-        if name == "empty":
-            self._arity(node, 0)
-            return from_bool(F.size(base) == 0)
         if name == "count":
             return from_scalar(F.size(base).cast("bigint"))
         if name == "first":
@@ -371,11 +411,6 @@ class Compiler:
             return F.when(
                 n < F.size(base), F.slice(base, F.greatest(n, F.lit(0)) + 1, F.size(base))
             ).otherwise(empty())
-        if name == "not":
-            self._arity(node, 0)
-            return from_bool(~to_bool(base))
-        if name in ("hasValue",):
-            return from_bool(F.size(base) == 1)
         if name == "join":
             sep = F.lit("") if not args else as_string(first(self.compile(args[0], focus, at_root)))
             return from_scalar(F.call_function("array_join", F.transform(base, as_string), sep))
@@ -390,7 +425,7 @@ class Compiler:
         if name == "iif":
             if len(args) not in (2, 3):
                 raise FhirPathError("iif() takes 2 or 3 arguments")
-            cond = to_bool(self.compile(args[0], focus, at_root))
+            cond = self.compile_bool(args[0], focus, at_root)
             other = self.compile(args[2], focus, at_root) if len(args) == 3 else empty()
             return F.when(F.coalesce(cond, F.lit(False)), self.compile(args[1], focus, at_root)).otherwise(
                 other

@@ -1,0 +1,115 @@
+"""Benchmark: flattening FHIR through the bronze ViewDefinitions, against a bare Spark pass and the
+full ingest, same NDJSON files, same SparkSession, same run.
+
+- baseline: ``spark.read.json`` per resource type + ``write.parquet`` (schema inference, no checks);
+- views: every file's resources through its type's view (``ehrlake.views.run``, tolerant, as ingest
+  runs them) + ``write.parquet``: the cost of the views alone;
+- ingest: ``ehrlake.ingest.run`` (views plus envelope checks, dedupe, sealing, Delta merge, audit).
+
+Rows per type must agree between the three; bytes on disk are reported per variant. Pathling is not
+part of this run (it needs its own Spark 3.3 environment; see the closing note of issue 15).
+Results: ``bench/results/views-<date>.json``.
+
+    .venv/bin/python bench/views.py [--bundles DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from _lake import fhir_arguments, machine, save_result, secured_lake  # noqa: E402
+from ingest import bundles_to_ndjson  # noqa: E402
+
+from ehrlake import config, ingest, views  # noqa: E402
+from ehrlake.ingest import fhir_views  # noqa: E402
+from ehrlake.session import get_spark  # noqa: E402
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    fhir_arguments(parser)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="ehrlake-bench-views-"))
+    try:
+        resources, nbytes = bundles_to_ndjson(args.bundles, work / "ndjson")
+        spark = get_spark(config.Config())
+        spark.range(1000).selectExpr("sum(id)").collect()
+        files = sorted((work / "ndjson").glob("*.ndjson"))
+        bronze = fhir_views.load()
+
+        start = time.perf_counter()
+        base_rows = {}
+        for f in files:
+            frame = spark.read.json(str(f))
+            frame.write.mode("overwrite").parquet(str(work / "baseline" / f.stem))
+            base_rows[f.stem] = spark.read.parquet(str(work / "baseline" / f.stem)).count()
+        baseline_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        view_rows = {}
+        for f in files:
+            if f.stem not in bronze:
+                continue
+            b = bronze[f.stem]
+            text = spark.read.text(str(f)).withColumnRenamed("value", "resource")
+            out = views.run(b.view, text, tolerant=True, drift=b.drift)
+            out.write.mode("overwrite").parquet(str(work / "views" / f.stem))
+            view_rows[f.stem] = spark.read.parquet(str(work / "views" / f.stem)).count()
+        views_s = time.perf_counter() - start
+
+        lake = secured_lake(work / "lake", spark, work / "secrets")
+        start = time.perf_counter()
+        report = ingest.run(lake, ingest.SourceKind.FHIR_NDJSON, str(work / "ndjson"))
+        ingest_s = time.perf_counter() - start
+        ingest_rows = {t: lake.row_count(b.table) for t, b in bronze.items() if lake.exists(b.table)}
+
+        agree = all(base_rows[t] == view_rows.get(t) == ingest_rows.get(t) for t in view_rows)
+        result = {
+            "benchmark": "views",
+            "machine": machine(spark),
+            "input": {"bundles": str(args.bundles), "resources": resources, "ndjson_bytes": nbytes},
+            "seconds": {
+                "baseline": round(baseline_s, 1),
+                "views": round(views_s, 1),
+                "ingest": round(ingest_s, 1),
+            },
+            "ratio_to_baseline": {
+                "views": round(views_s / baseline_s, 2),
+                "ingest": round(ingest_s / baseline_s, 2),
+            },
+            "bytes": {
+                "baseline_parquet": _size(work / "baseline"),
+                "views_parquet": _size(work / "views"),
+                "lake": _size(work / "lake"),
+            },
+            "rows": {"baseline": base_rows, "views": view_rows, "ingest": ingest_rows},
+            "rows_agree": agree,
+            "ingest_balanced": report.balanced,
+            "records_with_issues": report.total.with_issues,
+        }
+        path = save_result(args.out, "views", result)
+        print(
+            f"{resources:,} resources: baseline {baseline_s:.1f}s, views {views_s:.1f}s "
+            f"({views_s / baseline_s:.2f}x), ingest {ingest_s:.1f}s ({ingest_s / baseline_s:.2f}x); "
+            f"rows agree: {agree}; wrote {path}"
+        )
+        return 0 if agree and report.balanced else 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
