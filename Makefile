@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DLVENV ?= .venv-dl
 LAKE ?= ./lake
 
-.PHONY: demo test test-fast bench bench-quick lint setup java clean dl-env
+.PHONY: demo test test-fast bench bench-quick lint setup java clean dl-env pathling-env
 
 setup: java $(VENV)/.installed
 
@@ -31,6 +31,14 @@ $(DLVENV)/.installed: requirements/dl.txt scripts/dl_env.sh setup.py
 	bash scripts/dl_env.sh $(DLVENV)
 	@touch $@
 
+# Pathling 6.3.1 on Spark 3.3 (its JARs inside the wheel), only for bench/views.py's comparison
+pathling-env: .venv-pathling/.installed
+
+.venv-pathling/.installed:
+	@command -v python3.11 >/dev/null && PYBIN=python3.11 || PYBIN=python3; $$PYBIN -m venv .venv-pathling
+	.venv-pathling/bin/pip install -q pathling==6.3.1 pyspark==3.3.4
+	@touch $@
+
 demo: setup dl-env
 	bash scripts/demo.sh $(LAKE)
 
@@ -45,7 +53,7 @@ test-fast: setup
 
 # every stage at 1k/10k/100k patients with baselines, slopes, memory, 1 vs 2 workers; then the
 # per-stage benchmarks. bench-quick: the harness at 200 and 1,000 patients (CI runs it).
-bench: setup dl-env
+bench: setup dl-env pathling-env
 	$(PY) bench/harness.py --sizes 1000,10000,100000 --workers-compare 10000
 	$(PY) bench/ingest.py
 	$(PY) bench/views.py

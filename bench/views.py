@@ -6,17 +6,22 @@ full ingest, same NDJSON files, same SparkSession, same run.
   runs them) + ``write.parquet``: the cost of the views alone;
 - ingest: ``ehrlake.ingest.run`` (views plus envelope checks, dedupe, sealing, Delta merge, audit).
 
-Rows per type must agree between the three; bytes on disk are reported per variant. Pathling is not
-part of this run (it needs its own Spark 3.3 environment; see the closing note of issue 15).
+- pathling (when its environment exists, ``make pathling-env``): Pathling 6.3.1 encoding the same
+  NDJSON into Parquet (every element of the FHIR schema), in its own Spark 3.3 process
+  (``bench/pathling_encode.py``); its start-up is not counted.
+
+Rows per type must agree; bytes on disk are reported per variant.
 Results: ``bench/results/views-<date>.json``.
 
-    .venv/bin/python bench/views.py [--bundles DIR]
+    .venv/bin/python bench/views.py [--bundles DIR] [--pathling .venv-pathling/bin/python]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +45,8 @@ def _size(path: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     fhir_arguments(parser)
+    pathling = REPO / ".venv-pathling" / "bin" / "python"
+    parser.add_argument("--pathling", type=Path, default=pathling if pathling.exists() else None)
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ehrlake-bench-views-"))
@@ -77,9 +84,18 @@ def main() -> int:
         ingest_rows = {t: lake.row_count(b.table) for t, b in bronze.items() if lake.exists(b.table)}
 
         agree = all(base_rows[t] == view_rows.get(t) == ingest_rows.get(t) for t in view_rows)
+        info = machine(spark)
+        pathling_result = None
+        if args.pathling:
+            spark.stop()  # the machine to itself, as for the others
+            script = REPO / "bench" / "pathling_encode.py"
+            command = [str(args.pathling), str(script), str(work / "ndjson"), str(work / "pathling")]
+            run = subprocess.run(command, capture_output=True, text=True, check=True)
+            pathling_result = json.loads(run.stdout.strip().splitlines()[-1])
+            agree = agree and all(pathling_result["rows"].get(t) == n for t, n in base_rows.items())
         result = {
             "benchmark": "views",
-            "machine": machine(spark),
+            "machine": info,
             "input": {"bundles": str(args.bundles), "resources": resources, "ndjson_bytes": nbytes},
             "seconds": {
                 "baseline": round(baseline_s, 1),
@@ -96,6 +112,7 @@ def main() -> int:
                 "lake": _size(work / "lake"),
             },
             "rows": {"baseline": base_rows, "views": view_rows, "ingest": ingest_rows},
+            "pathling": pathling_result,
             "rows_agree": agree,
             "ingest_balanced": report.balanced,
             "records_with_issues": report.total.with_issues,
@@ -103,7 +120,9 @@ def main() -> int:
         path = save_result(args.out, "views", result)
         print(
             f"{resources:,} resources: baseline {baseline_s:.1f}s, views {views_s:.1f}s "
-            f"({views_s / baseline_s:.2f}x), ingest {ingest_s:.1f}s ({ingest_s / baseline_s:.2f}x); "
+            f"({views_s / baseline_s:.2f}x), ingest {ingest_s:.1f}s ({ingest_s / baseline_s:.2f}x)"
+            + (f", Pathling {pathling_result['seconds']}s" if pathling_result else "")
+            + "; "
             f"rows agree: {agree}; wrote {path}"
         )
         return 0 if agree and report.balanced else 1

@@ -131,3 +131,14 @@ def test_a_dirty_export_loads_what_it_can_and_says_what_it_tolerated(lake, tmp_p
     assert reasons == {("encounters.csv.gz", "wrong_field_count"), ("supplies.csv", "missing_header")}
     assert any("without a single record" in n for n in report.notes)
     assert "note: file(s) without a single record" in report.format()
+
+
+def test_a_file_that_cannot_be_read_stops_the_run_with_its_name(lake, tmp_path):
+    import pytest
+
+    from ehrlake.errors import EnvironmentProblem
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "patients.csv.gz").write_bytes(V3_PATIENTS.encode())  # named .gz, not gzip
+    with pytest.raises(EnvironmentProblem, match=r"patients\.csv\.gz: cannot be read \(BadGzipFile"):
+        ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp_path / "x"))

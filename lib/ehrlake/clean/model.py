@@ -46,7 +46,8 @@ FLAGS = Field(
     "quality_flags",
     "array<string>",
     "inconsistencies found (kept, not dropped): before_birth, after_death, end_before_start, "
-    "future_date, implausible_value, unknown_patient",
+    "future_date, implausible_value, unknown_patient, source_nonconformant (the bronze record had "
+    "fields not readable as FHIR R4)",
     derived=True,
 )
 SOURCE = (

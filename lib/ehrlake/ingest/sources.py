@@ -11,6 +11,7 @@ import enum
 import gzip
 import io
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -168,8 +169,11 @@ def read_records(
 
 def first_line(path: str) -> str:
     """The header line of a CSV file (read on the driver: one line per file, not per row)."""
-    with _open(path) as handle:
-        line, _ = _decode(handle.readline().rstrip(b"\r\n"))
+    try:
+        with _open(path) as handle:
+            line, _ = _decode(handle.readline().rstrip(b"\r\n"))
+    except (OSError, EOFError, zlib.error) as exc:  # e.g. a .gz that is not gzip, or cut short
+        raise EnvironmentProblem(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
     return line.lstrip("\ufeff")
 
 
