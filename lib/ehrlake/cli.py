@@ -726,13 +726,8 @@ def cmd_view_run(args) -> int:
         "source_file"
     )
     if args.out:
-        from ehrlake.lake.modes import WriteMode
-
-        with lake.security.job("view", [args.out.split(".")[0]], args.role) as (_, written):
-            lake.write(frame, args.out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
-            count = lake.row_count(args.out)
-            written.append((args.out, f"view {view.name or view.resource} over {args.input}: {count} rows"))
-        print(f"{args.out}: {count} rows")
+        source = f"view {view.name or view.resource} over {args.input}"
+        print(f"{args.out}: {job.write_output(lake, args.out, args.role, source, lambda: frame)} rows")
         return 0
     rows = frame.limit(max(args.limit, 0)).collect()  # bounded: --limit rows reach the driver
     if args.json:

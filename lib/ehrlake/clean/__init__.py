@@ -32,6 +32,7 @@ from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 from ehrlake.lake import WriteMode
 from ehrlake.security.protection import Sealing
+from ehrlake.views import ISSUES
 
 MAPPINGS_DIR = CONF / "mappings"
 DEFAULT_SOURCES = ("fhir", "synthea", "mimic", "diabetes130", "images")
@@ -267,7 +268,7 @@ def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:
                 ) from exc
         columns.append(value.cast(f.type).alias(f.name))
     # a bronze row whose source fields could not all be read as FHIR R4 (ingest's conformance_issues)
-    issues = F.size("conformance_issues") > 0 if "conformance_issues" in df.columns else F.lit(False)
+    issues = F.size(ISSUES) > 0 if ISSUES in df.columns else F.lit(False)
     return df.select(*columns, issues.alias(SOURCE_ISSUES))
 
 

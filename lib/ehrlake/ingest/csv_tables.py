@@ -103,6 +103,13 @@ def canonical(name: str) -> str:
     return re.sub(r"[^0-9a-z_]+", "_", name.strip().lower()).strip("_") or "column"
 
 
+def column_name(spec: CsvTable | None, header_name: str) -> str:
+    """The column a header name fills: declared tables match names case-insensitively (through
+    their aliases); undeclared ones (``columns: None``) take every header under its canonical name."""
+    low = header_name.strip().lower() if spec is None or spec.columns is not None else canonical(header_name)
+    return spec.aliases.get(low, low) if spec else low
+
+
 def _csv_schema(header: list[str]) -> str:
     fields = ",".join(f"`{h.replace('`', '')}` STRING" for h in header)
     return f"{fields}, {CORRUPT} STRING"
@@ -122,8 +129,7 @@ def type_rows(
         return _headerless(rows, source_system, run_id, ingested_at)
     by_canonical: dict[str, str] = {}
     for h in header:
-        low = h.strip().lower() if spec is None or spec.columns is not None else canonical(h)
-        by_canonical.setdefault(spec.aliases.get(low, low) if spec else low, h.replace("`", ""))
+        by_canonical.setdefault(column_name(spec, h), h.replace("`", ""))
     parsed = rows.withColumn(
         "r",
         F.from_csv("text", _csv_schema(header), {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}),
@@ -206,10 +212,8 @@ def column_drift(spec: CsvTable | None, header: list[str]) -> tuple[list[str], l
     are ignored, the second loaded as null; the ingest report names both."""
     if spec is None or spec.columns is None or not any(h.strip() for h in header):
         return [], []
-    names = {spec.aliases.get(canonical(h), canonical(h)) for h in header}
-    names |= {spec.aliases.get(h.strip().lower(), h.strip().lower()) for h in header}
-    unknown = [h for h in header if spec.aliases.get(h.strip().lower(), h.strip().lower()) not in spec.columns
-               and spec.aliases.get(canonical(h), canonical(h)) not in spec.columns]  # fmt: skip
+    names = {column_name(spec, h) for h in header}
+    unknown = [h for h in header if column_name(spec, h) not in spec.columns]
     missing = [c for c in spec.columns if c not in names]
     return unknown, missing
 

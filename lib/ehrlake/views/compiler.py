@@ -129,7 +129,8 @@ def has_type(v: Column, type_name: str) -> Column | None:
 
 
 _LOGIC = ("and", "or", "xor", "implies")
-_COMPARISON = ("=", "!=", "~", "!~", "<", ">", "<=", ">=")
+_COMPARISON = ("=", "!=", "~", "!~", "<", ">", "<=", ">=", "in", "contains")
+_BOOLEAN_CALLS = ("exists", "empty", "not", "all", "hasValue")
 
 
 def _logic(op: str, a: Column, b: Column) -> Column:
@@ -241,13 +242,12 @@ class Compiler:
             first(coll),
         )
 
-    # --- operators --------------------------------------------------------------------------------
     # --- booleans: compiled straight to three-valued SQL booleans (NULL = empty) ---------------------
     def is_boolean_node(self, node) -> bool:
         if isinstance(node, fp.Binary):
-            return node.op in _LOGIC or node.op in _COMPARISON or node.op in ("in", "contains")
+            return node.op in _LOGIC or node.op in _COMPARISON
         if isinstance(node, fp.Call):
-            return node.name in ("exists", "empty", "not", "all", "hasValue")
+            return node.name in _BOOLEAN_CALLS
         return isinstance(node, fp.Literal) and node.kind == "boolean"
 
     def compile_bool(self, node, focus: Column, at_root: bool = False) -> Column:
@@ -259,11 +259,11 @@ class Compiler:
             a = self.compile_bool(node.left, focus, at_root)
             b = self.compile_bool(node.right, focus, at_root)
             return let(lambda x, y: _logic(node.op, x, y), a, b)
-        if isinstance(node, fp.Binary) and (node.op in _COMPARISON or node.op in ("in", "contains")):
+        if isinstance(node, fp.Binary) and node.op in _COMPARISON:
             left = self.compile(node.left, focus, at_root)
             right = self.compile(node.right, focus, at_root)
             return let(lambda lc, rc: self._compare(node.op, lc, rc), left, right)
-        if isinstance(node, fp.Call) and node.name in ("exists", "empty", "not", "all", "hasValue"):
+        if isinstance(node, fp.Call) and node.name in _BOOLEAN_CALLS:
             return self._bool_call(node, focus, at_root)
         return to_bool(self.compile(node, focus, at_root))
 
@@ -386,7 +386,7 @@ class Compiler:
             self._arity(node, 0)
             base = focus if node.target is None else self.compile(node.target, focus, at_root)
             return navigate(base, "id")
-        if name in ("exists", "all", "empty", "not", "hasValue"):
+        if name in _BOOLEAN_CALLS:
             return from_bool(self._bool_call(node, focus, at_root))
         base = focus if node.target is None else self.compile(node.target, focus, at_root)
         if name == "where":
@@ -510,7 +510,6 @@ class Compiler:
         date stays a date unless the path says it is a dateTime (``ofType(dateTime)``)."""
         v = first(base)
         s = as_string(v)
-        t = json_type(v)
         decimals = F.when(F.instr(s, ".") > 0, F.length(s) - F.instr(s, ".")).otherwise(F.lit(0))
         half = F.pow(F.lit(10.0), -(decimals + 1)) * 5
         number = F.try_variant_get(v, "$", "double")
@@ -550,10 +549,9 @@ class Compiler:
         time_part = F.regexp_extract(s, r"^(\d{2}:\d{2}(:\d{2})?)(\.\d+)?$", 1)
         time_secs = F.when(F.length(time_part) == 5, F.lit(":00" if low else ":59")).otherwise(F.lit(""))
         time_text = F.when(time_part != "", F.concat(time_part, time_secs, frac))
-        is_number = t.isin(*_INTEGER_SCHEMAS, "DOUBLE", "FLOAT") | t.startswith("DECIMAL")
         return (
             F.when(v.isNull(), empty())
-            .when(is_number, from_scalar(num))
+            .when(_is_number(v), from_scalar(num))
             .when(is_date_only, from_scalar(date_text))
             .when(dt_text.isNotNull(), from_scalar(dt_text))
             .when(time_text.isNotNull(), from_scalar(time_text))

@@ -8,6 +8,8 @@ view's columns tagged ``ehrlake/sealed`` are sealed in the output like any ident
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -65,30 +67,41 @@ def sealed_columns(view: definition.ViewDefinition) -> tuple[str, ...]:
     return tuple(c.name for c in view.columns() if c.tag(SEALED_TAG) is not None)
 
 
-def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, role: str | None) -> int:
-    """The view over ``table``'s sealed records, written to ``out`` (overwritten); returns rows written."""
+def write_output(lake, out: str, role: str | None, source: str, rows: Callable[[], DataFrame]) -> int:
+    """Overwrite lake table ``out`` with ``rows()`` as one job: refused up front unless the role may
+    write its layer, ``rows`` built inside it (so opening sealed records is part of the audited job),
+    the write audited; returns the rows written."""
     from ehrlake.lake.catalog import TableName
     from ehrlake.lake.modes import WriteMode
+
+    with lake.security.job("view", [TableName.parse(out).layer], role) as (_, written):
+        lake.write(rows(), out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
+        count = lake.row_count(out)
+        written.append((out, f"{source}: {count} rows"))
+    return count
+
+
+def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, role: str | None) -> int:
+    """The view over ``table``'s sealed records, written to ``out`` (overwritten); returns rows written."""
+    source = f"view {view.name or view.resource} over {table}"
+    return write_output(lake, out, role, source, lambda: _flatten_sealed(lake, view, table, out))
+
+
+def _flatten_sealed(lake, view: definition.ViewDefinition, table: str, out: str) -> DataFrame:
+    """The view's rows over ``table``'s opened records, sealed for ``out`` as the view's tags say."""
     from ehrlake.security.protection import RAW, Sealing, TableProtection
 
-    security = lake.security
-    layer = TableName.parse(out).layer
-    with security.job("view", [layer], role) as (_, written):
-        records = lake.read(table)
-        if RAW not in records.columns:
-            raise ConfigError(f"{table} has no raw column: a view runs on whole FHIR records")
-        sealing = Sealing.of(lake.schema(table))
-        if sealing and RAW in sealing.columns:
-            raw_only = Sealing({RAW: sealing.columns[RAW]}, sealing.keys)
-            records = security.protector.open(records, table, raw_only)
-        keep = tuple(c for c in ("source_system",) if c in records.columns)
-        frame = runner.run(view, records, RAW, keep=keep)
-        keys = [*keep, *[c for c in frame.columns if c == "id"]] or list(frame.columns[:1])
-        spec = TableProtection(
-            sealed_columns(view), patient_id="patient_id" if "patient_id" in frame.columns else None
-        )
-        frame, _ = security.protector.protect(frame, out, keys, spec)
-        lake.write(frame, out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
-        count = lake.row_count(out)
-        written.append((out, f"view {view.name or view.resource} over {table}: {count} rows"))
-        return count
+    protector = lake.security.protector
+    records = lake.read(table)
+    if RAW not in records.columns:
+        raise ConfigError(f"{table} has no raw column: a view runs on whole FHIR records")
+    sealing = Sealing.of(lake.schema(table))
+    if sealing and RAW in sealing.columns:
+        records = protector.open(records, table, Sealing({RAW: sealing.columns[RAW]}, sealing.keys))
+    keep = tuple(c for c in ("source_system",) if c in records.columns)
+    frame = runner.run(view, records, RAW, keep=keep)
+    keys = [*keep, *[c for c in frame.columns if c == "id"]] or list(frame.columns[:1])
+    spec = TableProtection(
+        sealed_columns(view), patient_id="patient_id" if "patient_id" in frame.columns else None
+    )
+    return protector.protect(frame, out, keys, spec)[0]

@@ -26,7 +26,7 @@ from ehrlake.views.definition import Select as SelectNode
 from ehrlake.views.definition import ViewColumn, ViewDefinition
 
 ISSUES = "conformance_issues"
-REPEAT_DEPTH = 6  # nesting levels followed by repeat (deeper items: a conformance issue in tolerant mode)
+REPEAT_DEPTH = 6  # nesting levels followed by repeat; deeper items are not reached (docs/sql_on_fhir.md)
 _ISSUE = "_issue"  # per-row-part field carrying that part's problems
 
 
@@ -45,8 +45,7 @@ class _Part:
 
 
 class _Builder:
-    def __init__(self, view: ViewDefinition, scope: c.Scope, tolerant: bool):
-        self.view = view
+    def __init__(self, scope: c.Scope, tolerant: bool):
         self.scope = scope
         self.tolerant = tolerant
 
@@ -63,10 +62,8 @@ class _Builder:
         return F.try_variant_get(value, "$", t)
 
     def value(self, col: ViewColumn, focus: Column, scope: c.Scope, at_root: bool) -> tuple[Column, Column]:
-        """The column's value and (tolerant mode) its problem, NULL when none."""
-        return self._value(col, self.path(col.node, focus, scope, at_root))
-
-    def _value(self, col: ViewColumn, path_value: Column) -> tuple[Column, Column]:
+        """The column's value and (tolerant mode) its problem, NULL when none; the path evaluated once."""
+        path_value = self.path(col.node, focus, scope, at_root)
         packed = c.let(
             lambda coll: F.struct(*(x.alias(f"f{i}") for i, x in enumerate(self._typed_value(col, coll)))),
             path_value,
@@ -220,7 +217,7 @@ def run(
     ``conformance_issues`` instead of failing (see the module docstring); ``drift`` is the resource
     type's known departures from R4.
     """
-    if any(isinstance(n, SelectNode) and n.repeat for n in _nodes(view.root)):
+    if any(n.repeat for n in _nodes(view.root)):
         # each repeat level nests a few lambdas; Spark's analyzer resolves one level per iteration
         spark = resources.sparkSession
         if int(spark.conf.get("spark.sql.analyzer.maxIterations", "100")) < 500:
@@ -257,7 +254,7 @@ def _compiled(
     root = F.array(r)
     constants = {name: c.literal(value, kind) for name, (value, kind) in view.constants.items()}
     scope = c.Scope(constants, root, view.resource, drift, F.lit(0))
-    builder = _Builder(view, scope, tolerant)
+    builder = _Builder(scope, tolerant)
     condition = F.variant_get(r, "$.resourceType", "string") == view.resource
     if tolerant:  # an unparseable record stays, all null, for the caller to deal with (never dropped)
         condition = condition | r.isNull()
