@@ -5,6 +5,13 @@ failing check gives the quarantine reason) -> :func:`type_view` per bronze table
 ViewDefinition in ``conf/views/``, run tolerantly: a field that cannot be read becomes null and is
 listed in ``conformance_issues``) -> newest version per key (``lineage.keep_newest``). Only a record
 without a usable resource type, id or (for patient-level types) subject is quarantined.
+
+A ``document`` Bundle (FHIR documents, e.g. ABDM health records) is a self-contained snapshot whose
+entries often carry ids local to the document (``Patient/1`` in every document of a hospital). Such
+entries (relative or missing ``fullUrl``) are keyed by the document: ``<scope>.<local id>``, where the
+scope is a hash of ``Bundle.identifier`` (else ``Bundle.id``, else the document's text), and their
+relative references are read the same way, so two documents never overwrite each other's records
+and a document's Observation still points at its own Patient. ``raw`` keeps the entry as sent.
 """
 
 from __future__ import annotations
@@ -23,7 +30,15 @@ JSON_OPTIONS = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
 ENVELOPE = (
     f"struct<resourceType:string,id:string,meta:struct<versionId:string,lastUpdated:string>,{CORRUPT}:string>"
 )
-BUNDLE = f"struct<resourceType:string,entry:array<struct<fullUrl:string,resource:string>>,{CORRUPT}:string>"
+BUNDLE = (
+    "struct<resourceType:string,type:string,id:string,identifier:struct<system:string,value:string>,"
+    f"entry:array<struct<fullUrl:string,resource:string>>,{CORRUPT}:string>"
+)
+DOCUMENT_SCOPED = ("document",)  # Bundle.type whose relative ids are local to the bundle
+SCOPE_HEX = 20  # 80 bits of the document's identity: no collision among billions of documents
+RELATIVE_URL = r"^[A-Za-z]+/[A-Za-z0-9\-.]{1,64}$"
+# a relative reference ("Patient/1", "Patient\/1/_history/2") inside a document-scoped entry
+RELATIVE_REFERENCE = r'("reference"\s*:\s*"[A-Za-z]+\\?/)([A-Za-z0-9\-.]{1,64}(?:\\?/_history\\?/[^"]*)?")'
 
 ENTITY_KEYS = ["source_system", "id"]
 OTHER_KEYS = ["source_system", "resource_type", "id"]
@@ -55,29 +70,63 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
     """
     parsed = docs.withColumn("_b", F.from_json("text", BUNDLE, JSON_OPTIONS))
     is_bundle = (F.col("_b.resourceType") == "Bundle") & F.col(f"_b.{CORRUPT}").isNull()
+    full_url = F.col("entry.fullUrl")
+    relative = full_url.rlike(RELATIVE_URL)
     entries = (
         parsed.where(is_bundle)
-        .select("source_file", "bad_utf8", F.posexplode("_b.entry").alias("pos", "entry"))
+        .select(
+            "source_file",
+            "bad_utf8",
+            _document_scope().alias("_scope"),
+            F.posexplode("_b.entry").alias("pos", "entry"),
+        )
         .select(
             "source_file",
             (F.col("pos") + 1).cast("long").alias("record_index"),
             F.col("entry.resource").alias("text"),
             "bad_utf8",
-            F.to_json(F.struct(F.col("entry.fullUrl").alias("fullUrl"))).alias("_entry_stub"),
+            F.to_json(F.struct(full_url.alias("fullUrl"))).alias("_entry_stub"),
+            F.when(full_url.isNull() | relative, F.col("_scope")).alias("_doc_scope"),
+            F.when(F.col("_scope").isNotNull() & relative, F.regexp_extract(full_url, "/(.+)$", 1)).alias(
+                "_doc_local"
+            ),
         )
     )
     singles = parsed.where(~is_bundle | is_bundle.isNull()).select(
-        "source_file", "record_index", "text", "bad_utf8", F.lit(None).cast("string").alias("_entry_stub")
+        "source_file",
+        "record_index",
+        "text",
+        "bad_utf8",
+        *[F.lit(None).cast("string").alias(c) for c in ENTRY_COLUMNS],
     )
     return entries.unionByName(singles)
+
+
+ENTRY_COLUMNS = ("_entry_stub", "_doc_scope", "_doc_local")
+
+
+def _document_scope() -> Column:
+    """A ``document`` Bundle's identity as a short hash (null for other bundle types)."""
+    ident = F.col("_b.identifier")
+    identity = F.coalesce(
+        F.when(
+            ident["value"].isNotNull(),
+            F.concat_ws("|", F.coalesce(ident["system"], F.lit("")), ident["value"]),
+        ),
+        F.when(F.col("_b.id").isNotNull(), F.concat(F.lit("Bundle/"), F.col("_b.id"))),
+        F.col("text"),
+    )
+    return F.when(F.col("_b.type").isin(*DOCUMENT_SCOPED), F.substring(F.sha2(identity, 256), 1, SCOPE_HEX))
 
 
 def classify(records: DataFrame, source_system: str) -> DataFrame:
     """Add the envelope (resource_type, id, version_id, last_updated), the target ``entity`` table and,
     for records that cannot be loaded, ``_reason``/``_message``. Keeps ``raw`` = the record text."""
-    if "_entry_stub" not in records.columns:
-        records = records.withColumn("_entry_stub", F.lit(None).cast("string"))
+    for c in ENTRY_COLUMNS:
+        if c not in records.columns:
+            records = records.withColumn(c, F.lit(None).cast("string"))
     env = F.from_json("text", ENVELOPE, JSON_OPTIONS)
+    scope = F.col("_doc_scope")
     df = records.select(
         F.lit(source_system).alias("source_system"),
         "source_file",
@@ -86,8 +135,17 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         F.coalesce("text", "_entry_stub").alias("raw"),
         F.col("text").isNull().alias("_no_resource"),
         env.alias("_env"),
+        "_doc_scope",
+        "_doc_local",
+        F.when(
+            scope.isNotNull(),
+            F.regexp_replace("text", RELATIVE_REFERENCE, F.concat(F.lit("$1"), scope, F.lit(".$2"))),
+        ).alias("_typed_text"),
     )
-    rtype, rid = F.col("_env.resourceType"), F.col("_env.id")
+    rtype, local_id = F.col("_env.resourceType"), F.col("_env.id")
+    rid = F.when(
+        scope.isNotNull(), F.concat(scope, F.lit("."), F.coalesce("_doc_local", local_id))
+    ).otherwise(local_id)
     last_updated_raw = F.col("_env.meta.lastUpdated")
     known = rtype.isin(list(model.R4_RESOURCE_TYPES))
     checks = [
@@ -116,7 +174,13 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         F.when(
             last_updated_raw.isNotNull() & last_updated.isNull(),
             F.lit("meta.lastUpdated: not a valid instant (read as absent)"),
-        ).alias("_envelope_issue"),
+        )
+        .when(
+            F.col("_doc_local") != local_id,
+            F.lit("id: differs from the bundle entry's fullUrl (keyed by the fullUrl)"),
+        )
+        .alias("_envelope_issue"),
+        "_typed_text",
         F.when(known, entity).alias("entity"),
         reason.alias("_reason"),
         message.alias("_message"),
@@ -129,7 +193,7 @@ def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Co
     their type is about one (they cannot be linked, so they are quarantined)."""
     keep = (
         "source_system",
-        "id",
+        "_key",  # the envelope's id (document-scoped where needed), not the view's own id column
         "version_id",
         "last_updated",
         "raw",
@@ -138,7 +202,9 @@ def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Co
         "_envelope_issue",
         "_v",
     )
-    parsed = valid.withColumn("_v", F.try_parse_json("raw"))
+    parsed = valid.withColumn("_v", F.try_parse_json(F.coalesce("_typed_text", "raw"))).withColumn(
+        "_key", F.col("id")
+    )
     typed = views.run(bronze.view, parsed, "_v", keep=keep, tolerant=True, drift=bronze.drift)
     issues = F.concat(
         F.filter(F.array(F.col("_envelope_issue")), lambda i: i.isNotNull()), F.col(views.ISSUES)
@@ -161,7 +227,7 @@ def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Co
     reason, message = first_failure(checks)
     return typed.select(
         "source_system",
-        "id",
+        F.col("_key").alias("id"),
         "version_id",
         "last_updated",
         *[c.name for c in bronze.columns],
@@ -177,7 +243,8 @@ def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Co
 def type_other(valid: DataFrame, run_id: str, ingested_at: Column) -> DataFrame:
     """Valid FHIR R4 resources of types not modelled above: kept whole, keyed by type and id."""
     patient_ref = F.expr(
-        "from_json(raw, 'struct<subject:struct<reference:string>,patient:struct<reference:string>>')"
+        "from_json(coalesce(_typed_text, raw), "
+        "'struct<subject:struct<reference:string>,patient:struct<reference:string>>')"
     )
     ref = F.coalesce(patient_ref["subject"]["reference"], patient_ref["patient"]["reference"])
     return valid.select(
