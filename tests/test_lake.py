@@ -161,6 +161,33 @@ def test_concurrent_appends_from_threads_all_survive(lake, spark):
     assert lake.version("bronze.things") == 6
 
 
+@pytest.mark.parametrize("fresh_table", [True, False], ids=["first-write", "existing-table"])
+def test_concurrent_merges_of_the_same_keys_never_duplicate_a_key(lake, spark, fresh_table):
+    """Two writers merge overlapping keys at once (as two ingests of the same patients do): every
+    key ends up once, and between them the writers report each key inserted exactly once."""
+    if not fresh_table:
+        lake.write(sample(spark), "bronze.things")
+    for round_ in range(3):
+        shared_keys = [(f"s{round_}-{i}", "KA", i, None, None) for i in range(20)]
+        results, errors = {}, []
+
+        def writer(tag, shared_keys=shared_keys, results=results, errors=errors, round_=round_):
+            own = [(f"{tag}{round_}-{i}", "MH", i, None, None) for i in range(5)]
+            try:
+                results[tag] = lake.merge(rows(spark, shared_keys + own), "bronze.things", keys=["id"])
+            except Exception as exc:  # surfaced through the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(t,)) for t in "pq"]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert not errors
+        ids = [r.id for r in lake.read("bronze.things").collect()]
+        assert len(ids) == len(set(ids)), f"round {round_}: a key was written twice"
+        inserted = sum(r.metrics["inserted"] for r in results.values())
+        assert inserted == 20 + 2 * 5, f"round {round_}: {[r.metrics for r in results.values()]}"
+
+
 def test_conflicting_commit_from_a_stale_snapshot_fails_loudly_and_loses_nothing(lake, spark):
     """Two merges planned against the same version both rewrite the same file: one must lose."""
     lake.write(sample(spark), "bronze.things")

@@ -10,6 +10,11 @@ files that Spark wrote. A write goes in two phases:
    based on the snapshot version the write was planned against. If another writer committed a
    conflicting change meanwhile, delta-rs refuses and we raise :class:`CommitConflict`.
 
+A merge reads the table to decide insert or update, so it may commit only on the very snapshot it
+read: its commit is never rebased (delta-rs would rebase a merge's adds like a blind append, and two
+concurrent ingests of the same patients would both insert them). When another writer got there
+first, the merge is planned again on the new snapshot, up to :data:`MERGE_ATTEMPTS` times.
+
 The driver handles file names and footers only, never rows, so its memory stays flat as data grows.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 import urllib.parse
 import uuid
@@ -40,6 +46,8 @@ from ehrlake.lake.stats import stats_json
 
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _FILE_COL = "_ehrlake_source_file"
+MERGE_ATTEMPTS = 8  # a merge that keeps losing the race to other writers gives up after this many
+APPEND_RETRIES = 5  # blind appends and overwrites may be rebased onto newer snapshots
 
 
 class DeltaRsEngine:
@@ -101,17 +109,22 @@ class DeltaRsEngine:
     def create(
         self, path: str, schema: T.StructType, partition_by: list[str], description: str | None = None
     ) -> None:
-        """Create an empty table; a no-op when it exists already (so jobs can call it every run)."""
+        """Create an empty table; a no-op when it exists already (so jobs can call it every run, and
+        two jobs creating it at once both go on with the one that won)."""
         missing = [c for c in partition_by if c not in schema.fieldNames()]
         if missing:
             raise SchemaMismatch(f"partition columns {missing} are not in the schema of {path}")
-        DeltaTable.create(
-            path,
-            Schema.from_json(_schema.to_delta_json(schema)),
-            partition_by=partition_by or None,
-            mode="ignore",
-            description=description,
-        )
+        try:
+            DeltaTable.create(
+                path,
+                Schema.from_json(_schema.to_delta_json(schema)),
+                partition_by=partition_by or None,
+                mode="ignore",
+                description=description,
+            )
+        except CommitFailedError:
+            if not self.exists(path):
+                raise
 
     def write(
         self,
@@ -167,19 +180,28 @@ class DeltaRsEngine:
 
         Contract: ``df`` has at most one row per key (callers deduplicate first). ``update_when`` is
         a SQL condition over aliases ``t`` (target) and ``s`` (source); matched rows where it is
-        false stay as they are, unmatched source rows are inserted.
+        false stay as they are, unmatched source rows are inserted. Safe against concurrent writers
+        (see the module docstring): planned again when another commit lands first.
         """
         if not self.exists(path):
-            result = self.write(df, path, table, WriteMode.APPEND, None, None, evolve, commit_info)
-            metrics = {"inserted": result.rows_written, "updated": 0, "unchanged": 0}
-            return CommitResult(
-                table, result.version, "MERGE", result.files_added, 0, result.rows_written, metrics
-            )
+            self.create(path, df.schema, [])
+        for attempt in range(1, MERGE_ATTEMPTS + 1):
+            try:
+                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info)
+            except CommitConflict:
+                if attempt == MERGE_ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0.05, 0.25) * attempt)  # jitter: racing writers spread out
+        raise AssertionError("unreachable")
+
+    def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
         dt, source = self._prepare(df, path, table, evolve)
         parts = dt.metadata().partition_columns
         if not dt.file_uris():  # empty table: every row is an insert, counted from file stats
             adds = self._stage(source, path, parts)
-            version = self._commit(dt, path, table, adds, [], "append", None, "MERGE", commit_info)
+            version = self._commit(
+                dt, path, table, adds, [], "append", None, "MERGE", commit_info, strict=True
+            )
             metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0}
             return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
         source = source.persist()
@@ -220,7 +242,9 @@ class DeltaRsEngine:
                 out = out.unionByName(keep)
             adds = self._stage(out, path, parts)
             removes = self._removes_for(dt, [by_abs[f] for f in touched])
-            version = self._commit(dt, path, table, adds, removes, "append", None, "MERGE", commit_info)
+            version = self._commit(
+                dt, path, table, adds, removes, "append", None, "MERGE", commit_info, strict=True
+            )
             updated = sum(touched.values())
             rewritten = sum(int(by_abs[f]["num_records"] or 0) for f in touched)
             inserted = _rows(adds) - rewritten
@@ -301,11 +325,15 @@ class DeltaRsEngine:
         fs.delete(self._jpath(staging), True)
         return adds
 
-    def _commit(self, dt, path, table, adds, removes, mode, filters, operation, commit_info) -> int:
-        """Phase 2: one Delta transaction; a conflict discards our staged files and raises."""
+    def _commit(
+        self, dt, path, table, adds, removes, mode, filters, operation, commit_info, strict: bool = False
+    ) -> int:
+        """Phase 2: one Delta transaction; a conflict discards our staged files and raises.
+        ``strict``: commit only as the version right after ``dt``'s (a merge, planned on ``dt``)."""
         if not adds and not removes and mode == "append":
             return dt.version()  # nothing to commit: no empty versions in the log
         info = {"ehrlakeOperation": operation, **{k: str(v) for k, v in commit_info.items()}}
+        retries = 0 if strict else APPEND_RETRIES
         try:
             dt.create_write_transaction(
                 adds + removes,
@@ -313,7 +341,7 @@ class DeltaRsEngine:
                 schema=dt.schema(),
                 partition_by=dt.metadata().partition_columns or None,
                 partition_filters=filters,
-                commit_properties=CommitProperties(custom_metadata=info, max_commit_retries=5),
+                commit_properties=CommitProperties(custom_metadata=info, max_commit_retries=retries),
             )
         except CommitFailedError as exc:
             self._discard(path, adds)
