@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import opened
 from fhir_fixtures import bundle, condition, observation, patient, write_json, write_ndjson
@@ -176,6 +178,32 @@ def test_malformed_bundle_file_is_quarantined_whole(lake, tmp_path):
     report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b"))
     assert report.balanced and quarantine_reasons(lake) == {("bad.json", 0): "malformed_json"}
     assert lake.row_count("bronze.fhir_patient") == 1
+
+
+def test_a_second_json_value_on_a_line_or_after_a_bundle_is_quarantined_not_dropped(lake, tmp_path):
+    """Spark's JSON readers stop after the first value: ``{..}{..}`` used to load the first resource
+    and lose the second without a trace. Such a record is malformed and kept whole in quarantine."""
+    one, two = json.dumps(patient("p1")), json.dumps(patient("p2"))
+    write_ndjson(
+        tmp_path / "n" / "Patient.ndjson",
+        [
+            one + two,
+            json.dumps(patient("p3")) + " trailing text",
+            one + "," + two,
+            json.dumps(patient("p4")) + "  ",
+        ],
+    )
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "n"))
+    assert report.balanced and report.records_read == 4
+    assert quarantine_reasons(lake) == {("Patient.ndjson", i): "malformed_json" for i in (1, 2, 3)}
+    assert [r.id for r in lake.read("bronze.fhir_patient").collect()] == ["p4"]
+    q = {r.record_index: r for r in opened(lake, "ops.quarantine").collect()}
+    assert q[1].raw == one + two and q[1].message.startswith("more than one JSON value")
+    write_json(
+        tmp_path / "b" / "two.json", json.dumps(bundle([patient("p5")])) + json.dumps(bundle([patient("p6")]))
+    )
+    report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b"))
+    assert report.balanced and report.total.quarantined == 1 and lake.row_count("bronze.fhir_patient") == 1
 
 
 def test_rerun_adds_nothing_and_a_new_file_is_ingested_alone(lake, tmp_path):

@@ -62,6 +62,13 @@ def newest_first() -> list[Column]:
     ]
 
 
+def single_json_value(text: Column) -> Column:
+    """True when ``text`` holds exactly one JSON value (Spark's JSON readers stop after the first
+    value and silently drop what follows, e.g. a second resource on the same NDJSON line). Jackson
+    counts the elements of ``[text, 0]`` while skipping their content: 2 means one value."""
+    return F.coalesce(F.json_array_length(F.concat(F.lit("["), text, F.lit("\n,0]"))) == 2, F.lit(False))
+
+
 def explode_bundles(docs: DataFrame) -> DataFrame:
     """Whole-file documents -> one record per bundle entry (``record_index`` = 1-based entry number).
 
@@ -69,7 +76,11 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
     ``record_index`` 0, so :func:`classify` can load or quarantine it like any other record.
     """
     parsed = docs.withColumn("_b", F.from_json("text", BUNDLE, JSON_OPTIONS))
-    is_bundle = (F.col("_b.resourceType") == "Bundle") & F.col(f"_b.{CORRUPT}").isNull()
+    is_bundle = (
+        (F.col("_b.resourceType") == "Bundle")
+        & F.col(f"_b.{CORRUPT}").isNull()
+        & single_json_value(F.col("text"))
+    )
     full_url = F.col("entry.fullUrl")
     relative = full_url.rlike(RELATIVE_URL)
     entries = (
@@ -134,6 +145,7 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         "bad_utf8",
         F.coalesce("text", "_entry_stub").alias("raw"),
         F.col("text").isNull().alias("_no_resource"),
+        F.col("_entry_stub").isNotNull().alias("_entry"),
         env.alias("_env"),
         "_doc_scope",
         "_doc_local",
@@ -152,6 +164,11 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         (F.col("bad_utf8"), Reason.INVALID_UTF8, F.lit("record is not valid UTF-8")),
         (F.col("_no_resource"), Reason.MISSING_RESOURCE, F.lit("bundle entry has no resource")),
         (F.col(f"_env.{CORRUPT}").isNotNull(), Reason.MALFORMED_JSON, F.lit("not a parseable JSON object")),
+        (
+            ~F.col("_entry") & ~single_json_value(F.col("raw")),  # entries are re-serialized: one value
+            Reason.MALFORMED_JSON,
+            F.lit("more than one JSON value in the record (or text after it): one resource per line"),
+        ),
         (rtype.isNull(), Reason.MISSING_RESOURCE_TYPE, F.lit("resourceType is missing")),
         (~known, Reason.UNKNOWN_RESOURCE_TYPE, F.concat(F.lit("not a FHIR R4 resource type: "), rtype)),
         (rid.isNull() | (F.trim(rid) == ""), Reason.MISSING_ID, F.concat(rtype, F.lit(" without id"))),
