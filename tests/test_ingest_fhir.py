@@ -247,3 +247,53 @@ def test_missing_input_is_a_clear_error(lake, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EnvironmentProblem, match="no fhir-ndjson files"):
         ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "empty"))
+
+
+def test_files_that_cannot_be_read_are_quarantined_by_name_and_the_rest_loads(lake, tmp_path):
+    """A .gz that is not gzip, one cut short, a dangling link: each is a quarantine row
+    (``unreadable_file``, record_index -1) naming what went wrong; the lines before a cut load, and
+    a link leading out of the input folder is skipped (and named) unless asked for."""
+    import gzip
+    import os
+
+    dump = tmp_path / "dump"
+    write_ndjson(dump / "good.ndjson", [patient("g1"), patient("g2")])
+    (dump / "plain.ndjson.gz").write_bytes(json.dumps(patient("x1")).encode())  # named .gz, not gzip
+    lines = "".join(json.dumps(patient(f"c{i}", family=f"Rao{i:05d}")) + "\n" for i in range(3000))
+    packed = gzip.compress(lines.encode(), compresslevel=1)
+    (dump / "cut.ndjson.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    os.symlink(dump / "deleted.ndjson", dump / "dangling.ndjson")  # its target was removed
+    write_ndjson(tmp_path / "elsewhere" / "other.ndjson", [patient("o1")])
+    os.symlink(tmp_path / "elsewhere" / "other.ndjson", dump / "outside.ndjson")
+
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump))
+    assert report.balanced
+    q = {r.source_file.split("/")[-1]: r for r in lake.read("ops.quarantine").collect()}
+    assert {name: (r.record_index, r.reason) for name, r in q.items()} == {
+        "plain.ndjson.gz": (-1, "unreadable_file"),
+        "cut.ndjson.gz": (-1, "unreadable_file"),
+        "dangling.ndjson": (-1, "unreadable_file"),
+    }
+    assert q["plain.ndjson.gz"].message == "not a gzip file"
+    assert q["dangling.ndjson"].message == "file not found (a dangling link?)"
+    assert q["cut.ndjson.gz"].message.startswith("compressed stream cut short after line ")
+    read_before_cut = int(q["cut.ndjson.gz"].message.rsplit(" ", 1)[1])
+    assert 0 < read_before_cut < 3000
+    ids = {r.id for r in lake.read("bronze.fhir_patient").collect()}
+    assert ids == {"g1", "g2"} | {f"c{i}" for i in range(read_before_cut)}
+    text = report.format()
+    assert "not followed (--follow-links to read them): outside.ndjson" in text
+    assert "could not be read (quarantined): cut.ndjson.gz, dangling.ndjson, plain.ndjson.gz" in text
+    followed = ingest.run(lake, SourceKind.FHIR_NDJSON, str(dump), follow_links=True)
+    assert followed.files_new == 1 and lake.read("bronze.fhir_patient").where("id = 'o1'").count() == 1
+
+
+def test_a_bundle_file_cut_short_is_quarantined_and_other_bundles_load(lake, tmp_path):
+    import gzip
+
+    write_json(tmp_path / "b" / "good.json", bundle([patient("p1")]))
+    packed = gzip.compress(json.dumps(bundle([patient(f"q{i}") for i in range(50)])).encode())
+    (tmp_path / "b" / "cut.json.gz").write_bytes(packed[: len(packed) // 2])
+    report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b"))
+    assert report.balanced and quarantine_reasons(lake) == {("cut.json.gz", -1): "unreadable_file"}
+    assert [r.id for r in lake.read("bronze.fhir_patient").collect()] == ["p1"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import shutil
 
-from conftest import opened, shared
+from conftest import SAMPLE, opened, shared
 
 from ehrlake import ingest
 from ehrlake.ingest import SourceKind
@@ -133,12 +133,18 @@ def test_a_dirty_export_loads_what_it_can_and_says_what_it_tolerated(lake, tmp_p
     assert "note: file(s) without a single record" in report.format()
 
 
-def test_a_file_that_cannot_be_read_stops_the_run_with_its_name(lake, tmp_path):
-    import pytest
-
-    from ehrlake.errors import EnvironmentProblem
-
+def test_a_csv_file_that_cannot_be_read_is_quarantined_by_name_and_the_rest_loads(lake, tmp_path):
     (tmp_path / "x").mkdir()
-    (tmp_path / "x" / "patients.csv.gz").write_bytes(V3_PATIENTS.encode())  # named .gz, not gzip
-    with pytest.raises(EnvironmentProblem, match=r"patients\.csv\.gz: cannot be read \(BadGzipFile"):
-        ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp_path / "x"))
+    patients = gzip.decompress(
+        (SAMPLE / "synthea_csv" / "ohdsi_dbt_synthea_27p" / "patients.csv.gz").read_bytes()
+    ).decode()
+    (tmp_path / "x" / "patients.csv").write_text(patients)
+    (tmp_path / "x" / "conditions.csv.gz").write_bytes(b"START,STOP,PATIENT\n")  # named .gz, not gzip
+    report = ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp_path / "x"))
+    assert report.balanced and lake.row_count("bronze.synthea_patients") == len(patients.splitlines()) - 1
+    rows = [r for r in opened(lake, "ops.quarantine").collect()]
+    assert [(r.source_file.split("/")[-1], r.record_index, r.entity, r.reason, r.message) for r in rows] == [
+        ("conditions.csv.gz", -1, "bronze.synthea_conditions", "unreadable_file", "not a gzip file")
+    ]
+    assert report.entities["bronze.synthea_conditions"].quarantined == 1
+    assert "could not be read (quarantined): conditions.csv.gz" in report.format()

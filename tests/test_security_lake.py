@@ -94,15 +94,27 @@ def test_sample_ingest_leaves_no_patient_identifier_in_clear_in_any_lake_file(la
     no_id = patient("q1", family="Quarantinova", birth="31/12/1970")
     del no_id["id"]
     unreadable_date = patient("q2", family="Datewrongova", birth="30/12/1970")  # loaded, date null
-    write_ndjson(bad / "Patient.ndjson", [no_id, unreadable_date])
+    # identifying text typed into fields that are not read as text: it must not surface in a
+    # quarantine message, a conformance issue, or a Parquet / Delta min-max statistic
+    wrong_type = {"resourceType": "Zorabhai Quettawala", "id": "q3"}
+    wrong_fields = patient("q4", deceasedDateTime="Deceasewrongova Kumari")
+    wrong_fields["meta"]["lastUpdated"] = "Lastupdatova Devi"
+    write_ndjson(bad / "Patient.ndjson", [no_id, unreadable_date, wrong_type, wrong_fields])
+    csv = tmp_path / "csv"
+    csv.mkdir()
+    (csv / "conditions.csv").write_text(
+        "START,STOP,PATIENT,ENCOUNTER,CODE,DESCRIPTION\nCsvdatewrongova Rani,,p1,e1,44054006,Diabetes\n"
+    )
     for kind, folder in (
         (SourceKind.FHIR_BUNDLES, SAMPLE / "fhir_bundles"),
         (SourceKind.FHIR_NDJSON, SAMPLE / "fhir_ndjson"),
         (SourceKind.SYNTHEA_CSV, SAMPLE / "synthea_csv"),
         (SourceKind.FHIR_NDJSON, bad),
+        (SourceKind.SYNTHEA_CSV, csv),
     ):
         assert ingest.run(lake, kind, str(folder)).balanced
-    raw_needles = [n.encode() for n in [*needles, "Quarantinova", "Datewrongova", "30/12/1970"]]
+    planted = ["Quarantinova", "Datewrongova", "30/12/1970", "Zorabhai", "Deceasewrongova", "Lastupdatova"]
+    raw_needles = [n.encode() for n in [*needles, *planted, "Csvdatewrongova"]]
 
     files = [p for p in Path(lake.root).rglob("*") if p.is_file()]
     assert any("_delta_log" in str(p) for p in files) and any(p.suffix == ".parquet" for p in files)

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of the hospital/system the dump came from "
         "(default: ingest.source_system of the configuration)",
     )
+    ingest.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="also read symbolic links that lead out of the input folder (skipped and named by default)",
+    )
     ingest.add_argument("--json", action="store_true", help="print the run report as JSON")
     _common(ingest)
     _role(ingest)
@@ -365,6 +370,7 @@ def cmd_ingest(args) -> int:
         batch_lines=config.ingest.lines_per_batch,
         role=args.role,
         extract=args.extract,
+        follow_links=args.follow_links,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
     if not report.balanced:

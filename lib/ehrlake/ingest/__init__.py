@@ -32,8 +32,9 @@ from ehrlake.ingest.sources import (
     FILE_LOG,
     FILE_LOG_KEYS,
     FILE_LOG_SCHEMA,
+    UNREADABLE_INDEX,
     SourceKind,
-    discover,
+    find_inputs,
     first_line,
     new_files,
     read_records,
@@ -75,11 +76,14 @@ def run(
     encrypt: bool = True,
     role: str | None = None,
     extract: str | None = None,
+    follow_links: bool = False,
 ) -> IngestReport:
     """Ingest every new file of ``kind`` under ``input_path`` into the lake (see module docstring).
 
     ``extract`` names the declaration of a ``csv-extract`` source (``conf/extracts/<name>.yaml``, or
     a YAML path); its ``source_system`` is the default one. Otherwise the default is ``local``.
+    A symbolic link leading out of ``input_path`` is skipped (and named in the report's notes)
+    unless ``follow_links``.
 
     Identifiers and raw records are sealed with the lake's keys (``lake.security``), the ``role``
     (default: the configured one) must be allowed to write bronze and ops, and every table written
@@ -94,14 +98,12 @@ def run(
     started = dt.datetime.now(dt.UTC).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     security = lake.security if encrypt else None
+    inputs = find_inputs(input_path, kind, follow_links)
+    args = (lake, kind, catalog, input_path, inputs, source_system, batch_lines, run_id, started, protector)
     if security is None:
-        return _ingest(
-            lake, kind, catalog, input_path, source_system, batch_lines, run_id, started, protector
-        )
+        return _ingest(*args)
     with security.job("ingest", ["bronze", "ops"], role, run_id) as (_, written):
-        report = _ingest(
-            lake, kind, catalog, input_path, source_system, batch_lines, run_id, started, protector
-        )
+        report = _ingest(*args)
         written += [(name, json.dumps(asdict(c))) for name, c in sorted(report.entities.items())]
     return report
 
@@ -118,13 +120,18 @@ def _catalog(kind: SourceKind, extract: str | None) -> CsvCatalog | None:
 
 
 def _ingest(
-    lake, kind, catalog, input_path, source_system, batch_lines, run_id, started, protector
+    lake, kind, catalog, input_path, inputs, source_system, batch_lines, run_id, started, protector
 ) -> IngestReport:
-    files = discover(input_path, kind)
+    files = inputs.files
     if catalog is not None:
         files = [f for f in files if not catalog.is_ignored(table_stem(f.path))]
     todo = new_files(lake, kind, source_system, files)
     report = IngestReport(run_id, kind.value, source_system, input_path, lake.root, len(files), len(todo))
+    if inputs.links_not_followed:
+        report.notes.append(
+            "link(s) leading out of the input folder, not followed (--follow-links to read them): "
+            + ", ".join(inputs.links_not_followed)
+        )
     if not todo:
         return report
     spark = lake.spark
@@ -135,7 +142,10 @@ def _ingest(
         outputs, early_bad = [_Output(images.TABLE, records, images.KEYS, images.UPDATE_WHEN)], None
     elif catalog is not None:
         records = read_records(spark, todo, whole_file=False, batch_lines=batch_lines)
-        records = records.where("record_index > 1").persist(StorageLevel.MEMORY_AND_DISK)  # line 1: header
+        # line 1 is the header; a file that cannot be read is one row at UNREADABLE_INDEX
+        records = records.where("record_index > 1 OR read_error IS NOT NULL").persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
         outputs, early_bad = _csv_outputs(catalog, records, todo, source_system, run_id, now, report), None
     else:
         records = read_records(
@@ -149,6 +159,8 @@ def _ingest(
             records.where("_reason IS NOT NULL"), kind.value, F.col("entity"), run_id, now
         )
     census = _census(records, catalog, kind)
+    if census.unreadable:
+        report.notes.append(f"file(s) that could not be read (quarantined): {', '.join(census.unreadable)}")
     if census.files is not None:
         report.empty_files = sorted(os.path.basename(f.path) for f in todo if f.path not in census.files)
     if report.empty_files:
@@ -220,20 +232,27 @@ class _Census:
     valid: dict[str, int]
     envelope_bad: dict[str, int]
     files: set[str] | None = None  # files that gave at least one record (None: not counted per file)
+    unreadable: list[str] = field(default_factory=list)  # files (or their rest) that could not be read
 
 
 def _census(records: DataFrame, catalog: CsvCatalog | None, kind: SourceKind) -> _Census:
     if kind is SourceKind.IMAGES:  # one table; decoding failures are quarantined from it
         total = records.count()
         return _Census(total, {images.TABLE: total}, {})
+    unreadable = (F.col("record_index") == UNREADABLE_INDEX).alias("unreadable")
     if catalog is not None:  # CSV: every line goes to its file's table; failures come later
-        per_file = {r["source_file"]: r["count"] for r in records.groupBy("source_file").count().collect()}
+        rows = records.groupBy("source_file", unreadable).count().collect()
         valid: dict[str, int] = defaultdict(int)
-        for path, count in per_file.items():
-            valid[catalog.table_for(table_stem(path))] += count
-        return _Census(sum(per_file.values()), dict(valid), {}, set(per_file))
+        for r in rows:
+            valid[catalog.table_for(table_stem(r["source_file"]))] += r["count"]
+        readable = {r["source_file"] for r in rows if not r["unreadable"]}
+        return _Census(sum(r["count"] for r in rows), dict(valid), {}, readable, _names(rows))
     # files x tables rows reach the driver: bounded by the input's file count, never by its records
-    rows = records.groupBy("entity", F.col("_reason").isNull().alias("ok"), "source_file").count().collect()
+    rows = (
+        records.groupBy("entity", F.col("_reason").isNull().alias("ok"), "source_file", unreadable)
+        .count()
+        .collect()
+    )
     valid: dict[str, int] = defaultdict(int)
     bad: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -241,7 +260,12 @@ def _census(records: DataFrame, catalog: CsvCatalog | None, kind: SourceKind) ->
             valid[r["entity"]] += r["count"]
         else:
             bad[r["entity"] or UNPARSED] += r["count"]
-    return _Census(sum(r["count"] for r in rows), dict(valid), dict(bad), {r["source_file"] for r in rows})
+    readable = {r["source_file"] for r in rows if not r["unreadable"]}
+    return _Census(sum(r["count"] for r in rows), dict(valid), dict(bad), readable, _names(rows))
+
+
+def _names(census_rows) -> list[str]:
+    return sorted({os.path.basename(r["source_file"]) for r in census_rows if r["unreadable"]})
 
 
 def _fill_report(
@@ -298,6 +322,8 @@ def _csv_outputs(
     groups: dict[tuple[str, tuple[str, ...]], list[str]] = defaultdict(list)
     for f in files:
         line = first_line(f.path)
+        if line is None:
+            continue  # unreadable: the reader's row for it is quarantined below
         header = tuple(parse_header(line)) if line.strip() else ()
         groups[(table_stem(f.path), header)].append(f.path)
         unknown, missing = column_drift(catalog.spec_for(table_stem(f.path)), list(header))
@@ -308,12 +334,24 @@ def _csv_outputs(
             report.notes.append(f"{name}: declared column(s) missing, loaded as null: {', '.join(missing)}")
     by_table: dict[str, list[DataFrame]] = defaultdict(list)
     for (stem, header), paths in sorted(groups.items()):
-        rows = records.where(F.col("source_file").isin(paths))
+        rows = records.where(F.col("source_file").isin(paths) & F.col("read_error").isNull())
         typed = type_rows(
             rows, catalog.spec_for(stem), list(header), run_id, now, source_system, catalog.name
         )
         by_table[catalog.table_for(stem)].append(typed)
-    outputs = []
+    paths_by_table: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        paths_by_table[catalog.table_for(table_stem(f.path))].append(f.path)
+    outputs = [  # the rows standing for files that could not be read, under the table they were for
+        _Output(
+            table,
+            quarantine.unreadable(records.where(F.col("source_file").isin(paths)), source_system),
+            [],
+            "",
+            quarantine_only=True,
+        )
+        for table, paths in sorted(paths_by_table.items())
+    ]
     for table, parts in sorted(by_table.items()):
         frame = _union(parts)
         spec = catalog.by_table(table)

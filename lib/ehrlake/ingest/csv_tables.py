@@ -160,17 +160,13 @@ def type_rows(
             checks.append(
                 (raw(key).isNull() | (F.trim(raw(key)) == ""), Reason.MISSING_ID, F.lit(f"{key} is empty"))
             )
-        sealed = set(spec.protected.identifiers)
         for col in columns:
             kind = spec.type_of(col)
             if kind != "string" and col in by_canonical:
                 bad = raw(col).isNotNull() & _cast(raw(col), kind).isNull()
                 reason = Reason.UNPARSEABLE_NUMBER if kind == "double" else Reason.UNPARSEABLE_DATE
-                message = (
-                    F.lit(f"{by_canonical[col]}: not a valid {kind} (value kept sealed in raw)")
-                    if col in sealed
-                    else F.concat(F.lit(f"{by_canonical[col]}: '"), raw(col), F.lit("'"))
-                )
+                # never the value: it may be anyone's name typed into the wrong field (raw is sealed)
+                message = F.lit(f"{by_canonical[col]}: not a valid {kind} (the value is sealed in raw)")
                 checks.append((bad, reason, message))
         typed = [
             (

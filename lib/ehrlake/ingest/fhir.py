@@ -96,6 +96,7 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
             (F.col("pos") + 1).cast("long").alias("record_index"),
             F.col("entry.resource").alias("text"),
             "bad_utf8",
+            F.lit(None).cast("string").alias("read_error"),
             F.to_json(F.struct(full_url.alias("fullUrl"))).alias("_entry_stub"),
             F.when(full_url.isNull() | relative, F.col("_scope")).alias("_doc_scope"),
             F.when(F.col("_scope").isNotNull() & relative, F.regexp_extract(full_url, "/(.+)$", 1)).alias(
@@ -108,6 +109,7 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
         "record_index",
         "text",
         "bad_utf8",
+        "read_error",
         *[F.lit(None).cast("string").alias(c) for c in ENTRY_COLUMNS],
     )
     return entries.unionByName(singles)
@@ -133,7 +135,7 @@ def _document_scope() -> Column:
 def classify(records: DataFrame, source_system: str) -> DataFrame:
     """Add the envelope (resource_type, id, version_id, last_updated), the target ``entity`` table and,
     for records that cannot be loaded, ``_reason``/``_message``. Keeps ``raw`` = the record text."""
-    for c in ENTRY_COLUMNS:
+    for c in ("read_error", *ENTRY_COLUMNS):
         if c not in records.columns:
             records = records.withColumn(c, F.lit(None).cast("string"))
     env = F.from_json("text", ENVELOPE, JSON_OPTIONS)
@@ -143,6 +145,7 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         "source_file",
         "record_index",
         "bad_utf8",
+        "read_error",
         F.coalesce("text", "_entry_stub").alias("raw"),
         F.col("text").isNull().alias("_no_resource"),
         F.col("_entry_stub").isNotNull().alias("_entry"),
@@ -161,6 +164,7 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
     last_updated_raw = F.col("_env.meta.lastUpdated")
     known = rtype.isin(list(model.R4_RESOURCE_TYPES))
     checks = [
+        (F.col("read_error").isNotNull(), Reason.UNREADABLE_FILE, F.col("read_error")),
         (F.col("bad_utf8"), Reason.INVALID_UTF8, F.lit("record is not valid UTF-8")),
         (F.col("_no_resource"), Reason.MISSING_RESOURCE, F.lit("bundle entry has no resource")),
         (F.col(f"_env.{CORRUPT}").isNotNull(), Reason.MALFORMED_JSON, F.lit("not a parseable JSON object")),
@@ -170,7 +174,12 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
             F.lit("more than one JSON value in the record (or text after it): one resource per line"),
         ),
         (rtype.isNull(), Reason.MISSING_RESOURCE_TYPE, F.lit("resourceType is missing")),
-        (~known, Reason.UNKNOWN_RESOURCE_TYPE, F.concat(F.lit("not a FHIR R4 resource type: "), rtype)),
+        # the value is not quoted: it is input text (anyone's name could be there); raw keeps it sealed
+        (
+            ~known,
+            Reason.UNKNOWN_RESOURCE_TYPE,
+            F.lit("not a FHIR R4 resource type (the value is sealed in raw)"),
+        ),
         (rid.isNull() | (F.trim(rid) == ""), Reason.MISSING_ID, F.concat(rtype, F.lit(" without id"))),
     ]
     reason, message = first_failure(checks)

@@ -2,7 +2,8 @@
 
 Nothing is dropped silently: a record ends in exactly one bronze table or in ``ops.quarantine``.
 ``record_index`` locates it in its file: the 1-based line for NDJSON and CSV, the 1-based entry for
-a bundle, 0 for a whole file (e.g. a bundle that is not valid JSON).
+a bundle, 0 for a whole file (e.g. a bundle that is not valid JSON), -1 for a file (or the rest of
+one) that cannot be read.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ KEYS = ["source_system", "source_file", "record_index"]
 
 
 class Reason(enum.Enum):
+    UNREADABLE_FILE = "unreadable_file"
+    """A file, or the rest of one, that cannot be read: a dangling link, not gzip although named
+    ``.gz``, a compressed stream cut short. The lines read before the fault are records as usual."""
     INVALID_UTF8 = "invalid_utf8"
     """The bytes are not UTF-8; the payload is kept with replacement characters."""
     MALFORMED_JSON = "malformed_json"
@@ -90,4 +94,16 @@ def rows(df: DataFrame, source_kind: str, entity: Column | str | None, run_id: s
         F.col("raw"),
         F.lit(run_id).alias("ingest_run_id"),
         now.alias("quarantined_at"),
+    )
+
+
+def unreadable(records: DataFrame, source_system: str) -> DataFrame:
+    """The rows standing for files that could not be read (``read_error``), as failed records."""
+    return records.where(F.col("read_error").isNotNull()).select(
+        F.lit(source_system).alias("source_system"),
+        "source_file",
+        "record_index",
+        F.lit(None).cast("string").alias("raw"),
+        F.lit(Reason.UNREADABLE_FILE.value).alias("_reason"),
+        F.col("read_error").alias("_message"),
     )

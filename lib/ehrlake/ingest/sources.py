@@ -54,27 +54,52 @@ class InputFile:
     modified_ns: int
 
 
-def discover(input_path: str, kind: SourceKind) -> list[InputFile]:
+@dataclass
+class Discovery:
+    """The files of one kind under an input path, and the symbolic links that were not followed."""
+
+    files: list[InputFile]
+    links_not_followed: list[str]
+
+
+def discover(input_path: str, kind: SourceKind, follow_links: bool = False) -> list[InputFile]:
     """Every file of this kind under ``input_path`` (a file or a directory), sorted by path."""
-    if not os.path.exists(input_path):
+    return find_inputs(input_path, kind, follow_links).files
+
+
+def find_inputs(input_path: str, kind: SourceKind, follow_links: bool = False) -> Discovery:
+    """Every file of this kind under ``input_path``, sorted by path. A link whose target lies
+    outside the input folder is not followed unless ``follow_links`` (a dump should not pull in
+    files from elsewhere unasked); a dangling link is kept, so the reader quarantines it by name."""
+    if not os.path.lexists(input_path):
         raise EnvironmentProblem(f"input path {input_path} does not exist")
-    if os.path.isfile(input_path):
-        candidates = [input_path]
-    else:
+    if os.path.isdir(input_path):
         candidates = [
             os.path.join(d, f)
             for d, _, files in os.walk(input_path)
             for f in files
             if not f.startswith((".", "_"))
         ]
-    found = []
+        root = os.path.realpath(input_path)
+    else:
+        candidates, root = [input_path], None
+    found, skipped = [], []
     for path in sorted(candidates):
-        if path.lower().endswith(_SUFFIXES[kind]):
+        if not path.lower().endswith(_SUFFIXES[kind]):
+            continue
+        if root and os.path.islink(path) and not follow_links:
+            target = os.path.realpath(path)
+            if os.path.commonpath([root, target]) != root:
+                skipped.append(os.path.relpath(path, input_path))
+                continue
+        try:
             st = os.stat(path)
-            found.append(InputFile(os.path.abspath(path), st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:  # a dangling link: the reader reports it as an unreadable file
+            st = os.lstat(path)
+        found.append(InputFile(os.path.abspath(path), st.st_size, st.st_mtime_ns))
     if not found:
         raise EnvironmentProblem(f"no {kind.value} files ({', '.join(_SUFFIXES[kind])}) under {input_path}")
-    return found
+    return Discovery(found, skipped)
 
 
 def table_stem(path: str) -> str:
@@ -92,6 +117,7 @@ LINES_SCHEMA = T.StructType(
         T.StructField("record_index", T.LongType()),
         T.StructField("text", T.StringType()),
         T.StructField("bad_utf8", T.BooleanType()),
+        T.StructField("read_error", T.StringType()),
     ]
 )
 _ARROW_LINES = pa.schema(
@@ -100,8 +126,11 @@ _ARROW_LINES = pa.schema(
         ("record_index", pa.int64()),
         ("text", pa.large_string()),
         ("bad_utf8", pa.bool_()),
+        ("read_error", pa.string()),
     ]
 )
+UNREADABLE_INDEX = -1  # record_index of the row that stands for a file (or its rest) that cannot be read
+READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
 
 
 def _open(path: str) -> io.BufferedIOBase:
@@ -119,10 +148,14 @@ def _decode(data: bytes) -> tuple[str, bool]:
 def _stream(
     batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: int
 ) -> Iterator[pa.RecordBatch]:
-    """Executor side: turn batches of file paths into batches of (file, index, text) records."""
+    """Executor side: turn batches of file paths into batches of (file, index, text) records.
+
+    A file that cannot be read (missing, not gzip, cut short) ends with one row at
+    :data:`UNREADABLE_INDEX` saying why and after which line; the lines read before stay records.
+    """
     for batch in batches:
         for path in batch.column("path").to_pylist():
-            files, indexes, texts, bad = [], [], [], []
+            files, indexes, texts, bad, errors = [], [], [], [], []
 
             def flush():
                 out = pa.RecordBatch.from_arrays(
@@ -131,27 +164,47 @@ def _stream(
                         pa.array(indexes, pa.int64()),
                         pa.array(texts, pa.large_string()),
                         pa.array(bad, pa.bool_()),
+                        pa.array(errors, pa.string()),
                     ],
                     schema=_ARROW_LINES,
                 )
-                files.clear(), indexes.clear(), texts.clear(), bad.clear()
+                files.clear(), indexes.clear(), texts.clear(), bad.clear(), errors.clear()
                 return out
 
-            with _open(path) as handle:
-                if whole_file:
-                    text, was_bad = _decode(handle.read())
-                    files.append(path), indexes.append(0), texts.append(text), bad.append(was_bad)
-                else:
-                    for number, line in enumerate(handle, start=1):
-                        line = line.rstrip(b"\r\n")
-                        if not line.strip():
-                            continue  # blank lines are not records
-                        text, was_bad = _decode(line)
-                        files.append(path), indexes.append(number), texts.append(text), bad.append(was_bad)
-                        if len(files) >= batch_lines:
-                            yield flush()
+            def add(index: int, text: str | None, was_bad: bool = False, error: str | None = None):
+                files.append(path), indexes.append(index), texts.append(text), bad.append(was_bad)
+                errors.append(error)
+
+            number = 0
+            try:
+                with _open(path) as handle:
+                    if whole_file:
+                        add(0, *_decode(handle.read()))
+                    else:
+                        for number, line in enumerate(handle, start=1):  # noqa: B007 - read after the loop
+                            line = line.rstrip(b"\r\n")
+                            if not line.strip():
+                                continue  # blank lines are not records
+                            add(number, *_decode(line))
+                            if len(files) >= batch_lines:
+                                yield flush()
+            except READ_ERRORS as exc:
+                add(UNREADABLE_INDEX, None, False, read_error(exc, number))
             if files:
                 yield flush()
+
+
+def read_error(exc: BaseException, lines_read: int) -> str:
+    """Why a file could not be read, without quoting its content (the OS and zlib messages do not)."""
+    kind = type(exc).__name__
+    what = {
+        "FileNotFoundError": "file not found (a dangling link?)",
+        "PermissionError": "permission denied",
+        "IsADirectoryError": "a directory",
+        "BadGzipFile": "not a gzip file",
+        "EOFError": "compressed stream cut short",
+    }.get(kind, f"cannot be read ({kind}: {getattr(exc, 'strerror', None) or exc})")
+    return what + (f" after line {lines_read}" if lines_read else "")
 
 
 def read_records(
@@ -167,13 +220,14 @@ def read_records(
     return frame.mapInArrow(lambda it: _stream(it, whole_file, batch_lines), LINES_SCHEMA)
 
 
-def first_line(path: str) -> str:
-    """The header line of a CSV file (read on the driver: one line per file, not per row)."""
+def first_line(path: str) -> str | None:
+    """The header line of a CSV file (read on the driver: one line per file, not per row); None when
+    the file cannot be read."""
     try:
         with _open(path) as handle:
             line, _ = _decode(handle.readline().rstrip(b"\r\n"))
-    except (OSError, EOFError, zlib.error) as exc:  # e.g. a .gz that is not gzip, or cut short
-        raise EnvironmentProblem(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    except READ_ERRORS:  # e.g. a .gz that is not gzip, or cut short: the reader quarantines the file
+        return None
     return line.lstrip("\ufeff")
 
 

@@ -42,7 +42,7 @@ from pyspark.sql import types as T
 from ehrlake.errors import CommitConflict, SchemaMismatch, TableNotFound
 from ehrlake.lake import _schema
 from ehrlake.lake.modes import CommitResult, WriteMode
-from ehrlake.lake.stats import stats_json
+from ehrlake.lake.stats import parquet_options, stats_json
 
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _FILE_COL = "_ehrlake_source_file"
@@ -288,7 +288,7 @@ class DeltaRsEngine:
     def _stage(self, df: DataFrame, path: str, partition_by: list[str]) -> list[AddAction]:
         """Phase 1: write Parquet with Spark, move files into the table, return their AddActions."""
         staging = os.path.join(path, "_staging", uuid.uuid4().hex)
-        writer = df.write.mode("overwrite")
+        writer = df.write.mode("overwrite").options(**parquet_options(df.schema))
         if partition_by:
             writer = writer.partitionBy(*partition_by)
         writer.parquet(staging)

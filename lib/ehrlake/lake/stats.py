@@ -4,6 +4,11 @@ Only the footer is read, so this costs one small read per file on the driver, in
 Readers (Spark's Delta reader, delta-rs) use these stats to skip files. Columns inside lists or maps
 get no stats (their Parquet leaf counts do not describe the column), and long strings get no
 min/max (the Delta spec would need truncation rules; leaving them out is always correct).
+
+Text columns get no statistics at all, in the Parquet footer and page index or in the Delta log
+(:func:`parquet_options`): a min or max is a copy of some row's value, outside the row, and text
+from the input (a name typed into a date field, a quarantine message) must not be copied where
+column sealing and access rules do not reach. Only hex digests the lake derives itself keep them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 _MAX_STRING_STAT = 64
+TEXT_WITH_STATS = frozenset({"patient_key", "record_hash"})  # HMAC / SHA-256 hex: no input text
+_PARQUET_STATS = "parquet.column.statistics.enabled"
+
+
+def parquet_options(schema) -> dict[str, str]:
+    """Spark Parquet writer options: statistics off by default, back on for the non-text leaves
+    (numbers, dates, timestamps, booleans, reached through structs) and :data:`TEXT_WITH_STATS`."""
+    from pyspark.sql import types as T
+
+    options = {_PARQUET_STATS: "false"}
+
+    def walk(field_type, path: str) -> None:
+        if isinstance(field_type, T.StructType):
+            for child in field_type.fields:
+                walk(child.dataType, f"{path}.{child.name}")
+        elif isinstance(field_type, T.StringType | T.BinaryType | T.ArrayType | T.MapType | T.VariantType):
+            if path in TEXT_WITH_STATS:
+                options[f"{_PARQUET_STATS}#{path}"] = "true"
+        else:
+            options[f"{_PARQUET_STATS}#{path}"] = "true"
+
+    for field in schema.fields:
+        walk(field.dataType, field.name)
+    return options
 
 
 def _json_value(value):
