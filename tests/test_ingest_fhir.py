@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from conftest import opened
@@ -297,3 +298,13 @@ def test_a_bundle_file_cut_short_is_quarantined_and_other_bundles_load(lake, tmp
     report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "b"))
     assert report.balanced and quarantine_reasons(lake) == {("cut.json.gz", -1): "unreadable_file"}
     assert [r.id for r in lake.read("bronze.fhir_patient").collect()] == ["p1"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "a|b", "", "x/y", ".hidden", "a" * 65, "ok..no"])
+def test_an_unsafe_source_system_is_refused_before_anything_is_written(lake, tmp_path, name):
+    from ehrlake.errors import ConfigError
+
+    write_ndjson(tmp_path / "Patient.ndjson", [patient("p1")])
+    with pytest.raises(ConfigError, match="not a safe name"):
+        ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path), source_system=name)
+    assert not os.path.exists(lake.root) or not os.listdir(lake.root)

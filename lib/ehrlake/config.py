@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,14 +59,28 @@ class SparkConfig:
                 raise ConfigError(f"spark.conf.{key} must be a scalar, not {type(value).__name__}")
 
 
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def source_system_name(name: str | None) -> str:
+    """``name`` if it is a safe source-system name (letters, digits, ``_ . -``, at most 64, no
+    ``..``): it becomes a partition value, part of keys and of file names, so it is checked once
+    here, wherever it comes from (configuration, ``--source-system``, an extract declaration)."""
+    if not name or not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"source system {name!r} is not a safe name: letters, digits, '_', '.', '-' "
+            "(starting with a letter or digit, at most 64, no '..')"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     source_system: str = "local"
     lines_per_batch: int = 5000
 
     def validate(self) -> None:
-        if not self.source_system or "|" in self.source_system:
-            raise ConfigError("ingest.source_system must be a non-empty name without '|'")
+        source_system_name(self.source_system)
         if self.lines_per_batch < 1:
             raise ConfigError("ingest.lines_per_batch must be a positive integer")
 

@@ -20,6 +20,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.config import source_system_name
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import extract as extracts
 from ehrlake.ingest import fhir, fhir_views, images, quarantine, synthea
@@ -94,6 +95,7 @@ def run(
     catalog = _catalog(kind, extract)
     if source_system is None:
         source_system = extracts.load(extract).source_system if extract else "local"
+    source_system = source_system_name(source_system)
     protector = _protector(lake, encrypt)
     started = dt.datetime.now(dt.UTC).replace(microsecond=0)
     run_id = run_id or f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
