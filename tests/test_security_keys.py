@@ -138,3 +138,32 @@ def test_large_values_are_compressed_before_sealing_and_round_trip(store):
     assert decrypt_batch({key.key_id: key}, [packed, plain], ["r1", "r1"], "raw") == [record, record]
     with pytest.raises(KeyAccessError, match="authentication failed"):
         decrypt_batch({key.key_id: key}, [packed], ["r2"], "raw")
+
+
+def test_concurrent_rotations_from_many_processes_each_add_a_version(tmp_path):
+    """20 ``ehrlake keys rotate`` at once on one table (a retry storm): every one succeeds, and
+    the table ends with 20 distinct versions that all unwrap; no temporary file is left behind."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n")
+    cli = [str(Path(sys.executable).parent / "ehrlake"), "keys"]
+    assert subprocess.run([*cli, "init", "--conf", str(conf)], capture_output=True, timeout=60).returncode == 0
+    procs = [
+        subprocess.Popen(
+            [*cli, "rotate", "--table", "bronze.fhir_patient", "--conf", str(conf)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(20)
+    ]
+    outcomes = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _ in outcomes), [err for code, err in outcomes if code]
+    store = KeyStore(str(tmp_path / "s" / "ks"), FileKeyProvider(str(tmp_path / "s" / "master.key")))
+    ids = [v["key_id"] for v in store.versions("bronze.fhir_patient")]
+    assert ids == [f"bronze.fhir_patient#v{i}" for i in range(1, 21)]
+    assert len({store.get(i).material for i in ids}) == 20
+    assert not list((tmp_path / "s" / "ks").glob("*.tmp"))

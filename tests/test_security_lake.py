@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import os
 import re
 import subprocess
 import sys
@@ -247,3 +248,86 @@ def test_no_key_material_in_event_logs_logs_plans_delta_log_or_data(tmp_path, se
     ]
     leaks = [(where, what) for where, blob in blobs for what, encoded in forms.items() if encoded in blob]
     assert not leaks
+
+
+def test_a_job_against_another_or_an_empty_key_store_is_refused_and_creates_no_keys(spark, tmp_path):
+    """Run from another directory, a relative ``key_store`` names a new, empty store: the job must
+    stop and say where the lake's store is, instead of sealing rows with keys nobody else has."""
+    import shutil
+
+    from ehrlake.config import SecurityConfig
+    from ehrlake.errors import KeyAccessError
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+    from ehrlake.security.keys import FileKeyProvider
+
+    def lake_from(directory):
+        conf = SecurityConfig(
+            master_key_file=str(directory / "secrets" / "master.key"),
+            key_store=str(directory / "secrets" / "keystore"),
+            access_policy=str(REPO / "conf" / "access_policy.yaml"),
+        )
+        return Lake(root, spark, security=Security.from_config(conf, root))
+
+    home, elsewhere, other = tmp_path / "home", tmp_path / "elsewhere", tmp_path / "other"
+    FileKeyProvider(str(home / "secrets" / "master.key")).create()
+    root = str(tmp_path / "lake")
+    write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient("p1")])
+    assert ingest.run(lake_from(home), SourceKind.FHIR_NDJSON, str(tmp_path / "in")).balanced
+    # the same master key (as $EHRLAKE_MASTER_KEY would give it), but no key store in that directory
+    (elsewhere / "secrets").mkdir(parents=True)
+    shutil.copy(home / "secrets" / "master.key", elsewhere / "secrets" / "master.key")
+    write_ndjson(tmp_path / "more" / "Patient.ndjson", [patient("p2")])
+    expected = f"bound to the key store at {home / 'secrets' / 'keystore'}"
+    with pytest.raises(KeyAccessError, match=expected):
+        ingest.run(lake_from(elsewhere), SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
+    assert not (elsewhere / "secrets" / "keystore").exists()
+    # another, real key store: refused too
+    FileKeyProvider(str(other / "secrets" / "master.key")).create()
+    lake_from(other).security.protector.store.current("bronze.fhir_patient")
+    with pytest.raises(KeyAccessError, match="is another key store"):
+        ingest.run(lake_from(other), SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
+    # a lake from before identities (no identity file) holding sealed rows, and an empty store
+    os.remove(os.path.join(root, "_ehrlake", "identity.json"))
+    with pytest.raises(KeyAccessError, match="holds sealed tables but the configured key store"):
+        ingest.run(lake_from(elsewhere), SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
+    assert lake_from(home).read("bronze.fhir_patient").count() == 1
+
+
+def test_a_spark_setting_carrying_the_master_key_is_refused_before_anything_runs(tmp_path, security_conf):
+    """``spark.executorEnv.EHRLAKE_MASTER_KEY`` (once suggested by the docs) puts the key into the
+    event log: refused from the configuration and from spark-submit's ``--conf`` alike."""
+    security = yaml.safe_load(security_conf.read_text())["security"]
+    setting = "spark.executorEnv.EHRLAKE_MASTER_KEY"
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump({"security": security, "spark": {"conf": {setting: "c2VjcmV0"}}}))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"security": security}))
+    dump = write_ndjson(tmp_path / "Patient.ndjson", [patient("p1")])
+    runs = [
+        (["--conf", str(conf)], {}),
+        (["--conf", str(plain)], {"PYSPARK_SUBMIT_ARGS": f"--conf {setting}=c2VjcmV0 pyspark-shell"}),
+    ]
+    for args, extra in runs:
+        result = subprocess.run(
+            [
+                str(Path(sys.executable).parent / "ehrlake"),
+                "ingest",
+                "--source",
+                "fhir-ndjson",
+                "--input",
+                str(dump),
+                "--lake",
+                str(tmp_path / "l"),
+                *args,
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYSPARK_PYTHON": sys.executable, **extra},
+            cwd=REPO,
+            timeout=300,
+        )
+        assert result.returncode != 0
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"ehrlake: error: Spark setting {setting} would write the master key"), last
+        assert not (tmp_path / "l").exists()

@@ -8,6 +8,7 @@ fills in what the submitter did not set. Run directly (``ehrlake ...``), the emb
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 
@@ -34,6 +35,23 @@ def arrow_paths_supported() -> bool:
     import pyarrow
 
     return int(pyarrow.__version__.split(".")[0]) >= 18
+
+
+# Spark writes its whole configuration into event logs, the UI and the history server: key material
+# must never be in it. A setting that names the master key is refused; the redaction pattern is
+# widened to key-ish names as a second line (Spark's default misses e.g. EHRLAKE_MASTER_KEY).
+KEY_SETTING = re.compile(r"(?i)master[._-]?key")
+REDACTION = r"(?i)secret|password|token|access[.]?key|master[._-]?key|private[._-]?key"
+
+
+def refuse_key_material(settings) -> None:
+    """Stop when a Spark setting passes the master key (e.g. ``spark.executorEnv.EHRLAKE_MASTER_KEY``)."""
+    named = sorted(k for k, _ in settings if KEY_SETTING.search(k) and "secretKeyRef" not in k)
+    if named:
+        raise EnvironmentProblem(
+            f"Spark setting {named[0]} would write the master key into Spark's event log and UI; give "
+            "executors the key file (mounted read-only) or a secret reference instead (docs/operations.md)"
+        )
 
 
 def get_spark(config: Config):
@@ -63,6 +81,8 @@ def get_spark(config: Config):
     if not submitted.contains("spark.master"):
         builder = builder.master(config.spark.master)
     conf = dict(config.spark.conf)
+    refuse_key_material([*submitted.getAll(), *conf.items()])
+    conf.setdefault("spark.redaction.regex", REDACTION)
     if not arrow_paths_supported():
         # the deep-learning runtime pins pyarrow 14 for Petastorm (docs/deep_learning.md); Spark's
         # Arrow conversions need >= 18 there, so they are off and Spark uses its row-based paths

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from ehrlake.home import HOME
+from ehrlake.security import identity
 from ehrlake.security.access import Access, AccessPolicy
 from ehrlake.security.audit import ERROR, AuditLog, Event
 from ehrlake.security.columns import KeyRef
@@ -29,6 +30,7 @@ class Security:
         the job adds ``(table, detail)`` pairs to the yielded list, and they are audited at the end
         (or the failure is). Yields the role actually used."""
         role = role or self.default_role
+        identity.bind(self.audit.lake_root, self.protector.store)  # before any key is made or used
         self.access.require_write(role, layers, job, run_id)
         written: list[tuple[str, str]] = []
         try:

@@ -1,11 +1,14 @@
 """The tamper-evident audit log: an append-only Delta table ``audit.events`` whose rows form a hash chain.
 
 Each event stores ``hash = SHA-256(prev_hash, seq, time, every field)`` and the previous event's
-hash, so editing, deleting or reordering any event breaks the chain from that point. Every
-``checkpoint_every`` events, and at the end of every job, a *checkpoint* event signs its own hash
-with an Ed25519 key that only the key store can unwrap; verification needs the public key alone.
-A *witness* file beside the key store (outside the lake) remembers the newest event seen, so
-cutting off the tail (e.g. deleting the last Delta commits) is detected too.
+hash, so editing, deleting or reordering any event breaks the chain from that point. Hashes alone
+can be recomputed by whoever rewrites the table, so verification rests on signatures: a
+*checkpoint* event signs the chain head with an Ed25519 key that only the key store can unwrap,
+after at most ``checkpoint_every`` events and at the end of every append (so at the end of every
+job); the last event must be a checkpoint whose signature verifies. A *witness* file in the key
+store (outside the lake), named by the lake's id (not its path, see ``identity.py``), remembers the
+newest event seen: cutting off the tail, or verifying a rewritten copy elsewhere, is detected, and
+a log with events but no witness fails.
 
 Events are written from the driver with delta-rs (a few rows per commit, no Spark job) and commits
 are serialised: a commit that finds another writer got there first re-reads the tail and retries,
@@ -35,6 +38,7 @@ from deltalake.transaction import CommitProperties
 from pyspark.sql import functions as F
 
 from ehrlake.errors import EhrlakeError
+from ehrlake.security import identity
 from ehrlake.security.keys import KeyStore
 
 TABLE = "audit.events"
@@ -139,13 +143,19 @@ class AuditLog:
         self.path = os.path.join(self.lake_root, "audit", "events")
         self.signer = Signer(store)
         self.checkpoint_every = checkpoint_every
-        digest = hashlib.sha256(self.lake_root.encode()).hexdigest()[:16]
-        self.witness_file = store.directory / f"audit-witness-{digest}.json"
+
+    @property
+    def witness_file(self) -> Path:
+        """The witness of this lake (by its id; the lake is bound to this key store first)."""
+        lake_id = identity.bind(self.lake_root, self.signer.store).lake_id
+        return self.signer.store.directory / f"audit-witness-{lake_id}.json"
 
     # ------------------------------------------------------------------ writing
-    def record(self, *events: Event, checkpoint: bool = False) -> int:
-        """Append ``events`` (and a signed checkpoint if due or asked for) in one commit; returns the
-        last seq. Retries when another writer committed first, so seq and links stay unique."""
+    def record(self, *events: Event, checkpoint: bool = True) -> int:
+        """Append ``events`` and a signed checkpoint (also one after every ``checkpoint_every``
+        events) in one commit; returns the last seq. Retries when another writer committed first,
+        so seq and links stay unique. (``checkpoint`` is kept for callers: every append ends signed.)"""
+        witness_file = self.witness_file  # binds the lake to this key store before anything is written
         for _attempt in range(50):
             try:
                 table = self._table()
@@ -170,7 +180,7 @@ class AuditLog:
             except CommitFailedError:
                 time.sleep(0.02)
                 continue
-            self._witness(*last)
+            self._witness(witness_file, *last)
             return last[0]
         raise EhrlakeError(f"could not append to {TABLE}: 50 concurrent writers in a row got there first")
 
@@ -181,21 +191,26 @@ class AuditLog:
         return DeltaTable(self.path)
 
     def _chain(self, events, seq: int, prev: str, checkpoint: bool) -> tuple[list[dict], tuple[int, str]]:
-        rows = []
+        rows: list[dict] = []
+        since = 0  # events since the last checkpoint in this append
         for event in events:
             seq += 1
             rows.append(self._row(event, seq, prev))
-            prev = rows[-1]["hash"]
-            if seq % self.checkpoint_every == 0:
-                checkpoint = True
-        if checkpoint:
-            seq += 1
-            key_id = self.signer.key_id()
-            row = self._row(Event("checkpoint", detail=f"signs events 1..{seq}"), seq, prev)
-            row["signing_key_id"], row["signature"] = key_id, self.signer.sign(key_id, row["hash"])
-            rows.append(row)
-            prev = row["hash"]
+            prev, since = rows[-1]["hash"], since + 1
+            if since == self.checkpoint_every:
+                seq, prev = self._checkpoint(rows, seq, prev)
+                since = 0
+        if since or not rows:
+            seq, prev = self._checkpoint(rows, seq, prev)
         return rows, (seq, prev)
+
+    def _checkpoint(self, rows: list[dict], seq: int, prev: str) -> tuple[int, str]:
+        seq += 1
+        key_id = self.signer.key_id()
+        row = self._row(Event("checkpoint", detail=f"signs events 1..{seq}"), seq, prev)
+        row["signing_key_id"], row["signature"] = key_id, self.signer.sign(key_id, row["hash"])
+        rows.append(row)
+        return seq, row["hash"]
 
     @staticmethod
     def _row(event: Event, seq: int, prev: str) -> dict:
@@ -237,20 +252,21 @@ class AuditLog:
         top = data.sort_by([("seq", "descending")]).slice(0, 1).to_pylist()[0]
         return int(top["seq"]), top["hash"]
 
-    def _witness(self, seq: int, digest: str) -> None:
+    def _witness(self, witness_file: Path, seq: int, digest: str) -> None:
         """Remember the newest event outside the lake (only ever moving forward)."""
-        current = self.witness()
+        current = json.loads(witness_file.read_text()) if witness_file.is_file() else None
         if current and current["seq"] >= seq:
             return
-        self.witness_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.witness_file.with_suffix(f".{os.getpid()}.tmp")
+        witness_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = witness_file.with_suffix(f".{os.getpid()}.{time.time_ns()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump({"lake": self.lake_root, "seq": seq, "hash": digest}, fh)
-        os.replace(tmp, self.witness_file)
+        os.replace(tmp, witness_file)
 
     def witness(self) -> dict | None:
-        return json.loads(self.witness_file.read_text()) if self.witness_file.is_file() else None
+        path = self.witness_file
+        return json.loads(path.read_text()) if path.is_file() else None
 
     # ------------------------------------------------------------------ verifying
     def verify(self, spark) -> VerifyReport:
@@ -327,9 +343,12 @@ class AuditLog:
         report.last_seq = int(stats["top"])
 
     def _verify_checkpoints(self, events, report: VerifyReport) -> None:
+        """Every checkpoint's signature verifies, none is more than ``checkpoint_every`` events
+        after the previous one, and the log ends with one (re-chained events cannot be re-signed)."""
         keys = self.signer.public_keys()
         rows = events.where("action = 'checkpoint'").select("seq", "hash", "signing_key_id", "signature")
-        for row in rows.toLocalIterator():
+        previous = 0
+        for row in rows.orderBy("seq").toLocalIterator():
             report.checkpoints += 1
             public = keys.get(row["signing_key_id"] or "")
             if (
@@ -338,10 +357,26 @@ class AuditLog:
                 or not verify_signature(public, row["hash"], row["signature"])
             ):
                 report.broken(row["seq"], "checkpoint signature does not verify")
+            if row["seq"] - previous - 1 > self.checkpoint_every:
+                report.broken(
+                    row["seq"], f"more than {self.checkpoint_every} events since the previous checkpoint"
+                )
+            previous = row["seq"]
+        if report.events and report.last_seq is not None and previous != report.last_seq:
+            report.broken(
+                report.last_seq,
+                "the log does not end with a signed checkpoint (events after it are unsigned)",
+            )
 
     def _verify_witness(self, events, report: VerifyReport) -> None:
         seen = self.witness()
         if not seen:
+            if report.events:
+                report.broken(
+                    report.last_seq or 1,
+                    "no witness for this lake in the key store (a copy with another id, or the "
+                    "witness was removed)",
+                )
             return
         match = events.where(F.col("seq") == seen["seq"]).select("hash").first()
         if match is None:

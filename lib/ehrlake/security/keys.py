@@ -10,7 +10,9 @@ and old ciphertext stays readable while its version exists.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
@@ -114,6 +116,23 @@ class KeyStore:
     def key_file(self, table: str) -> Path:
         return self.directory / f"{table}.keys.json"
 
+    def store_id(self, create: bool = False) -> str | None:
+        """This store's random id (``store.json``), so a lake can tell its own store from another
+        one; None for a store that does not exist yet (``create``: make it, race-safe)."""
+        path = self.directory / "store.json"
+        if not path.is_file():
+            if not create and not any(self.directory.glob("*.keys.json")):
+                return None
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass  # another process created it first: theirs is the id
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump({"store_id": secrets.token_hex(16)}, fh)
+        return json.loads(path.read_text())["store_id"]
+
     def _load(self, table: str) -> dict:
         path = self.key_file(table)
         if not path.is_file():
@@ -121,15 +140,40 @@ class KeyStore:
         return json.loads(path.read_text())
 
     def _save(self, table: str, data: dict) -> None:
+        """Replace a key file atomically (a private temporary file, then rename)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.key_file(table).with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = self.key_file(table).with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2)
         os.replace(tmp, self.key_file(table))
 
+    @contextlib.contextmanager
+    def _locked(self):
+        """One rotation at a time across processes (an exclusive lock on ``.lock`` in the store):
+        a rotation reads, adds a version and rewrites the file, and two at once would lose one."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
     def rotate(self, table: str) -> str:
-        """Add a new data-key version for ``table`` (the first one on first use); returns its key id."""
+        """Add a new data-key version for ``table`` (the first one on first use); returns its key id.
+        Serialised across processes, so concurrent rotations each add their own version."""
+        with self._locked():
+            return self._rotate(table)
+
+    def _first(self, table: str) -> str:
+        """The first key id of ``table``, made if there is none (by us or a racing process)."""
+        with self._locked():
+            data = self._load(table)
+            return data["versions"][0]["key_id"] if data["versions"] else self._rotate(table)
+
+    def _rotate(self, table: str) -> str:
         data = self._load(table)
         if table == LINKAGE and data["versions"]:
             raise KeyAccessError(
@@ -148,33 +192,18 @@ class KeyStore:
                 "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             }
         )
-        if version == 1:
-            if not self._create_first(table, data):  # another process created it first: use theirs
-                return self._load(table)["versions"][0]["key_id"]
-        else:
-            self._save(table, data)
+        self._save(table, data)
         return key_id
-
-    def _create_first(self, table: str, data: dict) -> bool:
-        """Write a table's first key file only if none exists (O_EXCL), so racing first writers agree."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(self.key_file(table), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        return True
 
     def current_id(self, table: str) -> str:
         """Id of the newest data key of ``table`` (created on first use), without unwrapping it."""
         data = self._load(table)
-        return data["versions"][-1]["key_id"] if data["versions"] else self.rotate(table)
+        return data["versions"][-1]["key_id"] if data["versions"] else self._first(table)
 
     def linkage_id(self) -> str:
         """Key id of the secret behind pseudonymous patient keys (created on first use, then fixed)."""
         data = self._load(LINKAGE)
-        return data["versions"][0]["key_id"] if data["versions"] else self.rotate(LINKAGE)
+        return data["versions"][0]["key_id"] if data["versions"] else self._first(LINKAGE)
 
     def tables(self) -> list[str]:
         return sorted(p.name.removesuffix(".keys.json") for p in self.directory.glob("*.keys.json"))
@@ -183,7 +212,7 @@ class KeyStore:
         """The newest data key of ``table``, created on first use."""
         data = self._load(table)
         if not data["versions"]:
-            self.rotate(table)
+            self._first(table)
             data = self._load(table)
         return self.get(data["versions"][-1]["key_id"])
 

@@ -1,0 +1,84 @@
+"""A lake's identity, and the key store it is bound to.
+
+Paths are not identities: the same lake may be mounted elsewhere, and a relative ``key_store`` read
+from another working directory names another (new, empty) store. So a lake carries an id of its own
+(``_ehrlake/identity.json``, written once) and records the id of the key store whose keys sealed it.
+Every job checks the binding before it writes anything: a job run against the wrong or an empty key
+store stops with a one-line error saying where the lake's store was, instead of creating new data
+keys, a new linkage secret and a new signing key (rows sealed then could not be opened with the real
+store, patient keys would stop linking and the audit chain would break). The audit witness is keyed
+by the lake id too, so a copy of the lake is still checked against what the witness saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ehrlake.errors import KeyAccessError
+from ehrlake.security.keys import KeyStore
+
+FILE = os.path.join("_ehrlake", "identity.json")
+SEALED_MARK = b"ehrlake.sealed"  # in a Delta schema: the table holds sealed columns
+
+
+@dataclass(frozen=True)
+class LakeIdentity:
+    lake_id: str
+    key_store_id: str
+    key_store: str  # where the store was when the lake was bound (for the error message only)
+
+
+def read(lake_root: str) -> LakeIdentity | None:
+    path = Path(lake_root) / FILE
+    return LakeIdentity(**json.loads(path.read_text())) if path.is_file() else None
+
+
+def bind(lake_root: str, store: KeyStore) -> LakeIdentity:
+    """The lake's identity, checked against ``store`` (created, and the store with it, on a lake's
+    first job). Raises :class:`KeyAccessError` when ``store`` is not the lake's key store."""
+    found = read(lake_root)
+    if found is None:
+        if store.store_id() is None and holds_sealed_data(lake_root):
+            raise KeyAccessError(
+                f"lake {lake_root} holds sealed tables but the configured key store "
+                f"{store.directory.resolve()} is empty; "
+                "refusing to create new keys for it (set security.key_store to the lake's store)"
+            )
+        return _create(lake_root, store)
+    actual = store.store_id()
+    if actual != found.key_store_id:
+        what = "does not exist" if actual is None else "is another key store"
+        raise KeyAccessError(
+            f"lake {lake_root} is bound to the key store at {found.key_store} (id {found.key_store_id[:8]}); "
+            f"the configured key store {store.directory.resolve()} {what}. Set security.key_store (and "
+            "security.master_key_file) to the lake's, e.g. by running from the directory that holds them"
+        )
+    return found
+
+
+def _create(lake_root: str, store: KeyStore) -> LakeIdentity:
+    identity = LakeIdentity(
+        secrets.token_hex(16), store.store_id(create=True), str(store.directory.resolve())
+    )
+    path = Path(lake_root) / FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:  # another job bound the lake first: check against theirs
+        return bind(lake_root, store)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(asdict(identity), fh, indent=2)
+    return identity
+
+
+def holds_sealed_data(lake_root: str) -> bool:
+    """Whether any table of the lake has sealed columns (read from the Delta logs' schemas)."""
+    for log in Path(lake_root).glob("*/*/_delta_log/*.json"):
+        with open(log, "rb") as fh:
+            if any(SEALED_MARK in line for line in fh if b'"metaData"' in line):
+                return True
+    return False
