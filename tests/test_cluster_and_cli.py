@@ -229,6 +229,15 @@ def test_ingest_killed_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
     rerun = ehrlake("ingest", "--source", "fhir-ndjson", "--input", str(source), "--lake", str(crashed))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert rows_by_table(crashed) == rows_by_table(clean)
+    # every row names a run on record: the killed one stays "running", the rerun "finished"
+    runs = DeltaTable(str(crashed / "ops" / "ingest_runs")).to_pyarrow_table(columns=["run_id", "status"])
+    status = dict(zip(runs.column("run_id").to_pylist(), runs.column("status").to_pylist(), strict=True))
+    named = set()
+    for log in crashed.glob("*/*/_delta_log"):
+        table = DeltaTable(str(log.parent))
+        if "ingest_run_id" in table.schema().to_arrow().names:
+            named |= set(table.to_pyarrow_table(columns=["ingest_run_id"]).column(0).to_pylist())
+    assert named and named <= set(status) and sorted(status.values()) == ["finished", "running"]
 
 
 def _free_port() -> int:

@@ -308,3 +308,23 @@ def test_an_unsafe_source_system_is_refused_before_anything_is_written(lake, tmp
     with pytest.raises(ConfigError, match="not a safe name"):
         ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path), source_system=name)
     assert not os.path.exists(lake.root) or not os.listdir(lake.root)
+
+
+def test_a_bundle_exported_as_an_ndjson_line_has_its_entries_loaded(lake, tmp_path):
+    """A Bundle on an NDJSON line used to land whole as one fhir_other row, its resources unread."""
+    packed = bundle([patient("p2"), patient("p3"), condition("c1", "p2")], kind="collection")
+    write_ndjson(tmp_path / "mixed.ndjson", [patient("p1"), {**packed, "id": "b1"}, patient("p4")])
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "mixed.ndjson"))
+    assert report.balanced and report.records_read == 5 and report.total.quarantined == 0
+    got = {r.id: r.record_index for r in lake.read("bronze.fhir_patient").collect()}
+    assert got == {"p1": 1, "p2": 2_000_001, "p3": 2_000_002, "p4": 3}
+    assert lake.read("bronze.fhir_condition").first().patient_id == "p2"
+    assert not lake.exists("bronze.fhir_other")
+
+
+def test_json_nested_too_deep_is_quarantined_as_too_deep(lake, tmp_path):
+    deep = '{"resourceType": "Patient", "id": "d1", "extension": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    write_ndjson(tmp_path / "deep.ndjson", [deep, patient("p1"), '{"resourceType": "Patient", "id": '])
+    report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "deep.ndjson"))
+    assert report.balanced
+    assert quarantine_reasons(lake) == {("deep.ndjson", 1): "too_deep", ("deep.ndjson", 3): "malformed_json"}

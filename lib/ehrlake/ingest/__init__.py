@@ -136,10 +136,25 @@ def _ingest(
         )
     if not todo:
         return report
+    # the run is on record before it writes anything, so every row it writes names a known run;
+    # a run killed midway stays "running" (its process gone), a failed one says "failed"
+    commit_info = {"ehrlakeRunId": run_id, "ehrlakeJob": "ingest"}
+    _record_run(lake, report, started, commit_info, RUNNING)
+    try:
+        _load(lake, kind, catalog, todo, source_system, batch_lines, run_id, started, protector, report)
+    except Exception:
+        _record_run(lake, report, started, commit_info, FAILED)
+        raise
+    _record_run(lake, report, started, commit_info, FINISHED)
+    return report
+
+
+def _load(lake, kind, catalog, todo, source_system, batch_lines, run_id, started, protector, report) -> None:
+    """Read, type, merge and quarantine the new files ``todo``, filling ``report``."""
     spark = lake.spark
     now = F.lit(started).cast("timestamp")
     if kind is SourceKind.IMAGES:
-        decoded = images.read_images(spark, todo, input_path, images.load_spec())
+        decoded = images.read_images(spark, todo, report.input, images.load_spec())
         records = images.type_rows(decoded, source_system, run_id, now).persist(StorageLevel.MEMORY_AND_DISK)
         outputs, early_bad = [_Output(images.TABLE, records, images.KEYS, images.UPDATE_WHEN)], None
     elif catalog is not None:
@@ -153,8 +168,7 @@ def _ingest(
         records = read_records(
             spark, todo, whole_file=kind is SourceKind.FHIR_BUNDLES, batch_lines=batch_lines
         )
-        if kind is SourceKind.FHIR_BUNDLES:
-            records = fhir.explode_bundles(records)
+        records = fhir.explode_bundles(records)  # NDJSON too: a Bundle exported as one line
         records = fhir.classify(records, source_system).persist(StorageLevel.MEMORY_AND_DISK)
         outputs = None  # built after the census, for the tables the input feeds
         early_bad = quarantine.rows(
@@ -196,11 +210,9 @@ def _ingest(
     for table, count in with_issues.items():
         report.entity(table).with_issues = count
     _mark_ingested(lake, kind, source_system, todo, run_id, now, commit_info)
-    _record_run(lake, report, started, commit_info)
     records.unpersist()
     for out in outputs:
         out.rows.unpersist()
-    return report
 
 
 def _outcomes(outputs: list[_Output]) -> tuple[dict[str, int], dict[str, int]]:
@@ -414,7 +426,12 @@ def _mark_ingested(lake, kind, source_system, files, run_id, now, commit_info) -
     )
 
 
-def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: dict) -> None:
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+
+
+def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: dict, status: str) -> None:
+    """Insert or update the run's row in ``ops.ingest_runs`` (keyed by run id)."""
+    done = status != RUNNING
     frame = lake.spark.createDataFrame(
         [
             (
@@ -422,15 +439,18 @@ def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: d
                 report.source_kind,
                 report.source_system,
                 report.input,
+                status,
                 started,
-                dt.datetime.now(dt.UTC),
+                dt.datetime.now(dt.UTC) if done else None,
                 report.files_new,
                 report.records_read,
-                report.balanced,
-                json.dumps(report.as_dict()),
+                report.balanced if done else None,
+                json.dumps(report.as_dict()) if done else None,
             )
         ],
-        "run_id string, source_kind string, source_system string, input string, started_at timestamp, "
-        "finished_at timestamp, files int, records_read long, balanced boolean, report string",
+        "run_id string, source_kind string, source_system string, input string, status string, "
+        "started_at timestamp, finished_at timestamp, files int, records_read long, balanced boolean, "
+        "report string",
     )
-    lake.write(frame, RUNS_TABLE, commit_info=commit_info)
+    lake.create(RUNS_TABLE, frame.schema)
+    lake.merge(frame, RUNS_TABLE, ["run_id"], "true", evolve_schema=True, commit_info=commit_info)

@@ -69,13 +69,40 @@ def single_json_value(text: Column) -> Column:
     return F.coalesce(F.json_array_length(F.concat(F.lit("["), text, F.lit("\n,0]"))) == 2, F.lit(False))
 
 
-def explode_bundles(docs: DataFrame) -> DataFrame:
-    """Whole-file documents -> one record per bundle entry (``record_index`` = 1-based entry number).
+MAX_DEPTH = 1000  # Jackson's nesting limit in Spark's JSON readers
+# one JSON string, unrolled with possessive quantifiers (a plain alternation recurses per character
+# in java.util.regex and overflows the stack on long strings)
+JSON_STRING = r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
 
-    A document that is not a Bundle (a single resource, or malformed JSON) stays one record with
-    ``record_index`` 0, so :func:`classify` can load or quarantine it like any other record.
+
+def nesting_depth(text: Column) -> Column:
+    """How deep objects and arrays nest in ``text`` (brackets inside strings ignored). Costly per
+    character: evaluate it only for records that failed to parse."""
+    brackets = F.regexp_replace(F.regexp_replace(text, JSON_STRING, ""), r"[^\[\]{}]", "")
+    steps = F.transform(F.split(brackets, ""), lambda c: F.when(c.isin("[", "{"), 1).otherwise(-1))
+    start = F.struct(F.lit(0).alias("depth"), F.lit(0).alias("deepest"))
+    walk = F.aggregate(
+        steps,
+        start,
+        lambda acc, step: F.struct(
+            (acc["depth"] + step).alias("depth"),
+            F.greatest(acc["deepest"], acc["depth"] + step).alias("deepest"),
+        ),
+    )
+    return walk["deepest"]
+
+
+def explode_bundles(docs: DataFrame) -> DataFrame:
+    """Records holding a Bundle -> one record per bundle entry; other records stay as they are.
+
+    Used for whole-file documents (``record_index`` 0: an entry's index is its 1-based position) and
+    for NDJSON lines (a Bundle exported on line L: entry E gets ``L * ENTRY_STRIDE + E``, so each
+    entry keeps a place of its own in lineage and quarantine). A record that is not a Bundle (a
+    single resource, or malformed JSON) stays one record, for :func:`classify` to load or quarantine.
+    Only records mentioning ``"Bundle"`` are parsed as one, so NDJSON lines of resources cost a scan.
     """
-    parsed = docs.withColumn("_b", F.from_json("text", BUNDLE, JSON_OPTIONS))
+    maybe = F.col("text").contains('"Bundle"')
+    parsed = docs.withColumn("_b", F.when(maybe, F.from_json("text", BUNDLE, JSON_OPTIONS)))
     is_bundle = (
         (F.col("_b.resourceType") == "Bundle")
         & F.col(f"_b.{CORRUPT}").isNull()
@@ -87,13 +114,14 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
         parsed.where(is_bundle)
         .select(
             "source_file",
+            "record_index",
             "bad_utf8",
             _document_scope().alias("_scope"),
             F.posexplode("_b.entry").alias("pos", "entry"),
         )
         .select(
             "source_file",
-            (F.col("pos") + 1).cast("long").alias("record_index"),
+            (F.col("record_index") * ENTRY_STRIDE + F.col("pos") + 1).cast("long").alias("record_index"),
             F.col("entry.resource").alias("text"),
             "bad_utf8",
             F.lit(None).cast("string").alias("read_error"),
@@ -116,6 +144,7 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
 
 
 ENTRY_COLUMNS = ("_entry_stub", "_doc_scope", "_doc_local")
+ENTRY_STRIDE = 1_000_000  # entries per Bundle on one NDJSON line that keep distinct record indexes
 
 
 def _document_scope() -> Column:
@@ -167,6 +196,11 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         (F.col("read_error").isNotNull(), Reason.UNREADABLE_FILE, F.col("read_error")),
         (F.col("bad_utf8"), Reason.INVALID_UTF8, F.lit("record is not valid UTF-8")),
         (F.col("_no_resource"), Reason.MISSING_RESOURCE, F.lit("bundle entry has no resource")),
+        (
+            F.col(f"_env.{CORRUPT}").isNotNull() & (nesting_depth(F.col("raw")) > MAX_DEPTH),
+            Reason.TOO_DEEP,
+            F.lit(f"JSON nested deeper than {MAX_DEPTH} levels"),
+        ),
         (F.col(f"_env.{CORRUPT}").isNotNull(), Reason.MALFORMED_JSON, F.lit("not a parseable JSON object")),
         (
             ~F.col("_entry") & ~single_json_value(F.col("raw")),  # entries are re-serialized: one value

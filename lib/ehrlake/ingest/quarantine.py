@@ -2,8 +2,8 @@
 
 Nothing is dropped silently: a record ends in exactly one bronze table or in ``ops.quarantine``.
 ``record_index`` locates it in its file: the 1-based line for NDJSON and CSV, the 1-based entry for
-a bundle, 0 for a whole file (e.g. a bundle that is not valid JSON), -1 for a file (or the rest of
-one) that cannot be read.
+a bundle (line x 1,000,000 + entry for a Bundle on an NDJSON line), 0 for a whole file (e.g. a
+bundle that is not valid JSON), -1 for a file (or the rest of one) that cannot be read.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class Reason(enum.Enum):
     """The bytes are not UTF-8; the payload is kept with replacement characters."""
     MALFORMED_JSON = "malformed_json"
     """Not parseable as a JSON object."""
+    TOO_DEEP = "too_deep"
+    """JSON nested deeper than the parser allows (1,000 levels): no real record nests so deep."""
     MISSING_RESOURCE_TYPE = "missing_resource_type"
     """A FHIR resource without ``resourceType``."""
     UNKNOWN_RESOURCE_TYPE = "unknown_resource_type"
