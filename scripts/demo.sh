@@ -12,6 +12,13 @@ dl() { echo; echo "\$ .venv-dl/bin/ehrlake $*"; "$dlbin/ehrlake" "$@" --lake "$l
 if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/master.key ]; then
   echo "\$ ehrlake keys init"; "$bin/ehrlake" keys init
 fi
+# Roles are bound to OS users by grants a key administrator signs (here: you, for every role).
+if [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/grants/admin.pub ]; then
+  echo "\$ ehrlake grants init"; "$bin/ehrlake" grants init
+  me="$(id -un)"
+  echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role auditor"
+  "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role auditor
+fi
 run ingest --source fhir-bundles --input data/sample/fhir_bundles
 run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
 run ingest --source synthea-csv --input data/sample/synthea_csv

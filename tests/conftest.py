@@ -11,22 +11,30 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "data" / "sample"
+ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "auditor")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def security_conf(tmp_path_factory):
     """One master key and key store for the session, outside every lake (as in production), and a
     configuration pointing at them that CLI and spark-submit subprocesses pick up via $EHRLAKE_CONF."""
+    from ehrlake.security.grants import Grants, current_user
     from ehrlake.security.keys import FileKeyProvider
 
     secrets = tmp_path_factory.mktemp("secrets")
     FileKeyProvider(str(secrets / "master.key")).create()
+    # signed role grants, as a deployment sets them up: the user running the tests holds every role
+    grants = Grants(secrets / "grants")
+    grants.init(str(secrets / "grant-admin.key"))
+    grants.issue(str(secrets / "grant-admin.key"), current_user(), list(ALL_ROLES))
     conf = secrets / "ehrlake-test.yaml"
     conf.write_text(
         "security:\n"
         f"  master_key_file: {secrets / 'master.key'}\n"
         f"  key_store: {secrets / 'keystore'}\n"
         f"  access_policy: {REPO / 'conf' / 'access_policy.yaml'}\n"
+        f"  grants: {secrets / 'grants'}\n"
+        f"  grant_admin_key: {secrets / 'grant-admin.key'}\n"
     )
     previous = os.environ.get("EHRLAKE_CONF")
     os.environ["EHRLAKE_CONF"] = str(conf)

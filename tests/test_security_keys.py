@@ -150,7 +150,9 @@ def test_concurrent_rotations_from_many_processes_each_add_a_version(tmp_path):
     conf = tmp_path / "conf.yaml"
     conf.write_text(f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n")
     cli = [str(Path(sys.executable).parent / "ehrlake"), "keys"]
-    assert subprocess.run([*cli, "init", "--conf", str(conf)], capture_output=True, timeout=60).returncode == 0
+    assert (
+        subprocess.run([*cli, "init", "--conf", str(conf)], capture_output=True, timeout=60).returncode == 0
+    )
     procs = [
         subprocess.Popen(
             [*cli, "rotate", "--table", "bronze.fhir_patient", "--conf", str(conf)],

@@ -178,6 +178,25 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (init, rotate, show_keys):
         p.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
 
+    grants = sub.add_parser(
+        "grants",
+        help="who may act in which role: grants signed by a key administrator",
+        description="Signed role grants (docs/security.md): once set up, a user acts only in the roles a "
+        "grant gives them, whatever --role says.",
+    )
+    grants_sub = grants.add_subparsers(dest="grants_command", required=True, metavar="SUBCOMMAND")
+    grants_init = grants_sub.add_parser(
+        "init", help="create the administrator's key pair (private 0600, public in the grants folder)"
+    )
+    grants_add = grants_sub.add_parser("add", help="sign a grant of roles to an OS user (replaces theirs)")
+    grants_add.add_argument("--user", required=True, help="OS user name")
+    grants_add.add_argument(
+        "--role", action="append", required=True, help="a role of the access policy (repeat)"
+    )
+    grants_show = grants_sub.add_parser("show", help="users and their granted roles")
+    for p in (grants_init, grants_add, grants_show):
+        p.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
+
     lake_cmd = sub.add_parser("lake", help="inspect the lake", description="Inspect the tables of the lake.")
     lake_sub = lake_cmd.add_subparsers(dest="lake_command", required=True, metavar="SUBCOMMAND")
     show = lake_sub.add_parser(
@@ -566,6 +585,52 @@ def cmd_keys_show(args) -> int:
     return 0
 
 
+def _grants(args):
+    from pathlib import Path
+
+    from ehrlake import config as config_module
+    from ehrlake.security.grants import Grants
+
+    security = config_module.load(args.conf).security
+    if not security.grants:
+        raise EhrlakeError("security.grants names no folder for role grants in the configuration")
+    return Grants(Path(security.grants)), security
+
+
+def cmd_grants_init(args) -> int:
+    grants, security = _grants(args)
+    grants.init(security.grant_admin_key)
+    print(
+        f"created the grant administrator key {security.grant_admin_key} (mode 0600; keep it with the "
+        f"administrator) and {grants.public_file}; from now on users act only in granted roles"
+    )
+    return 0
+
+
+def cmd_grants_add(args) -> int:
+    from ehrlake.security import _policy_path
+    from ehrlake.security.access import AccessPolicy
+
+    grants, security = _grants(args)
+    known = AccessPolicy.load(_policy_path(security.access_policy)).roles
+    unknown = [r for r in args.role if r not in known]
+    if unknown:
+        raise EhrlakeError(f"unknown role(s) {', '.join(unknown)} (roles: {', '.join(sorted(known))})")
+    path = grants.issue(security.grant_admin_key, args.user, args.role)
+    print(f"{args.user}: {', '.join(sorted(set(args.role)))} (signed grant {path})")
+    return 0
+
+
+def cmd_grants_show(args) -> int:
+    grants, _ = _grants(args)
+    shown = grants.show()
+    if grants.fingerprint() is None:
+        print(f"no role grants set up in {grants.directory} (ehrlake grants init): roles are self-declared")
+    for user, roles in shown.items():
+        print(f"{user}: {', '.join(roles)}")
+    return 0
+
+
 def cmd_synth(args) -> int:
     from ehrlake import config as config_module
     from ehrlake import synth
@@ -781,6 +846,9 @@ COMMANDS = {
     ("keys", "init"): cmd_keys_init,
     ("keys", "rotate"): cmd_keys_rotate,
     ("keys", "show"): cmd_keys_show,
+    ("grants", "init"): cmd_grants_init,
+    ("grants", "add"): cmd_grants_add,
+    ("grants", "show"): cmd_grants_show,
     "clean": cmd_clean,
     "eda": cmd_eda,
     "quality": cmd_quality,
@@ -808,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = {
         "lake": "lake_command",
         "keys": "keys_command",
+        "grants": "grants_command",
         "audit": "audit_command",
         "models": "models_command",
         "view": "view_command",

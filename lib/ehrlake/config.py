@@ -93,12 +93,19 @@ class SecurityConfig:
     access_policy: str = "conf/access_policy.yaml"
     role: str = "engineer"  # the role jobs act as unless --role (or $EHRLAKE_ROLE) says otherwise
     audit_checkpoint_every: int = 1000
+    # signed role grants (security/grants.py): public key and one file per user, enforced once
+    # `ehrlake grants init` made the public key ("" = never); the administrator's private key
+    grants: str = "./secrets/grants"
+    grant_admin_key: str = "./secrets/grant-admin.key"
+    reveals_per_hour: int = 20  # per OS user; a bulk reveal beyond it is refused (0: no limit)
 
     def validate(self) -> None:
         if not self.master_key_file or not self.key_store:
             raise ConfigError("security.master_key_file and security.key_store must be set")
         if self.audit_checkpoint_every < 1:
             raise ConfigError("security.audit_checkpoint_every must be a positive integer")
+        if self.reveals_per_hour < 0:
+            raise ConfigError("security.reveals_per_hour must be 0 (no limit) or a positive integer")
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from ehrlake.home import HOME
 from ehrlake.security import identity
 from ehrlake.security.access import Access, AccessPolicy
 from ehrlake.security.audit import ERROR, AuditLog, Event
 from ehrlake.security.columns import KeyRef
+from ehrlake.security.grants import Grants
 from ehrlake.security.protection import Protector
 
 
@@ -30,7 +32,8 @@ class Security:
         the job adds ``(table, detail)`` pairs to the yielded list, and they are audited at the end
         (or the failure is). Yields the role actually used."""
         role = role or self.default_role
-        identity.bind(self.audit.lake_root, self.protector.store)  # before any key is made or used
+        # before any key is made or used: the lake's key store and grant administrator are checked
+        identity.bind(self.audit.lake_root, self.protector.store, self.access.grants)
         self.access.require_write(role, layers, job, run_id)
         written: list[tuple[str, str]] = []
         try:
@@ -48,7 +51,9 @@ class Security:
     def from_config(cls, security, lake_root: str) -> Security:
         protector = Protector(KeyRef.from_config(security))
         audit = AuditLog(lake_root, protector.store, security.audit_checkpoint_every)
-        access = Access(AccessPolicy.load(_policy_path(security.access_policy)), audit, protector)
+        grants = Grants(Path(security.grants)) if security.grants else None
+        policy = AccessPolicy.load(_policy_path(security.access_policy))
+        access = Access(policy, audit, protector, grants, security.reveals_per_hour)
         return cls(protector, access, audit, os.environ.get("EHRLAKE_ROLE") or security.role)
 
 

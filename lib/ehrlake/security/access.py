@@ -8,6 +8,7 @@ only processes given the master key can open a sealed column (docs/security.md).
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,10 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import AccessDenied, ConfigError
 from ehrlake.lake.catalog import TableName
-from ehrlake.security.audit import DENIED, ERROR, AuditLog, Event
+from ehrlake.security import identity
+from ehrlake.security.audit import ALLOWED, DENIED, ERROR, AuditLog, Event
 from ehrlake.security.columns import key_errors
+from ehrlake.security.grants import Grants, current_user
 from ehrlake.security.protection import Protector, Sealing
 
 SEALED_MODES = ("drop", "ciphertext")
@@ -82,16 +85,44 @@ class AccessPolicy:
 class Access:
     """Applies the policy to reads, reveals and job writes, and audits every decision."""
 
-    def __init__(self, policy: AccessPolicy, audit: AuditLog, protector: Protector):
+    def __init__(
+        self,
+        policy: AccessPolicy,
+        audit: AuditLog,
+        protector: Protector,
+        grants: Grants | None = None,
+        reveals_per_hour: int = 0,
+    ):
         self.policy = policy
         self.audit = audit
         self.protector = protector
+        self.grants = grants
+        self.reveals_per_hour = reveals_per_hour
 
     def role(self, name: str | None, action: str, table: str | None = None, job: str | None = None) -> Role:
+        """The policy's role ``name``, if the user running this process may act as it: with grants
+        set up (``grants.py``), only a role a verified grant gives this OS user."""
+        identity.bind(self.audit.lake_root, self.protector.store, self.grants)
         role = self.policy.roles.get(name or "")
         if role is None:
             self._deny(Event(action, role=name, table_name=table, job=job, detail="unknown role"))
             raise AccessDenied(f"unknown role {name!r} (roles: {', '.join(sorted(self.policy.roles))})")
+        if self.grants is not None and self.grants.fingerprint() is not None:
+            user = current_user()
+            try:
+                held = self.grants.roles_of(user)
+            except AccessDenied:
+                self._deny(
+                    Event(action, role=name, table_name=table, job=job, detail="grant does not verify")
+                )
+                raise
+            if role.name not in held:
+                self._deny(Event(action, role=name, table_name=table, job=job, detail="role not granted"))
+                raise AccessDenied(
+                    f"user {user} holds no grant for role {role.name} "
+                    f"(granted: {', '.join(held) or 'none'}); "
+                    "a grant administrator gives one with: ehrlake grants add --user USER --role ROLE"
+                )
         return role
 
     def _deny(self, event: Event) -> None:
@@ -137,6 +168,13 @@ class Access:
         if not (purpose or "").strip():
             self._deny(event)
             raise AccessDenied("a reveal needs a stated purpose (it is written to the audit log)")
+        if self.reveals_per_hour and self._reveals_last_hour(event.os_user) >= self.reveals_per_hour:
+            event.detail = f"{purpose} | over {self.reveals_per_hour} reveals per hour"
+            self._deny(event)
+            raise AccessDenied(
+                f"user {event.os_user} has revealed {self.reveals_per_hour} patients in the last hour, "
+                "the limit (security.reveals_per_hour); a bulk reveal needs a data release, not this path"
+            )
         sealing = Sealing.of(lake.schema(table))
         df = lake.read(table)
         if "patient_key" not in df.columns:
@@ -154,3 +192,22 @@ class Access:
             raise
         self.audit.record(event, checkpoint=True)
         return lake.spark.createDataFrame(rows, df.schema)
+
+    def _reveals_last_hour(self, user: str) -> int:
+        """Allowed reveals by ``user`` in the past hour, from the audit log (read on the driver with
+        a filter on action: reveal events are few)."""
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.audit.path):
+            return 0
+        events = DeltaTable(self.audit.path).to_pyarrow_table(
+            columns=["at", "os_user", "outcome"], filters=[("action", "=", "reveal")]
+        )
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+        return sum(
+            1
+            for at, who, outcome in zip(
+                *(events.column(c).to_pylist() for c in ("at", "os_user", "outcome")), strict=True
+            )
+            if who == user and outcome == ALLOWED and at >= since
+        )

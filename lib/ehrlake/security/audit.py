@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import getpass
 import hashlib
 import json
 import os
@@ -39,6 +38,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import EhrlakeError
 from ehrlake.security import identity
+from ehrlake.security.grants import current_user
 from ehrlake.security.keys import KeyStore
 
 TABLE = "audit.events"
@@ -78,14 +78,7 @@ class Event:
     patient_key: str | None = None
     detail: str | None = None
     run_id: str | None = None
-    os_user: str = field(default_factory=lambda: _os_user())
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
+    os_user: str = field(default_factory=lambda: current_user())
 
 
 def _canonical(prev_hash: str, seq: int, at_us: int, texts: list[str | None]) -> str:

@@ -12,13 +12,15 @@ by the lake id too, so a copy of the lake is still checked against what the witn
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ehrlake.errors import KeyAccessError
+from ehrlake.errors import AccessDenied, KeyAccessError
+from ehrlake.security.grants import Grants
 from ehrlake.security.keys import KeyStore
 
 FILE = os.path.join("_ehrlake", "identity.json")
@@ -30,6 +32,7 @@ class LakeIdentity:
     lake_id: str
     key_store_id: str
     key_store: str  # where the store was when the lake was bound (for the error message only)
+    grant_admin: str | None = None  # fingerprint of the grant administrator's key, once grants exist
 
 
 def read(lake_root: str) -> LakeIdentity | None:
@@ -37,9 +40,27 @@ def read(lake_root: str) -> LakeIdentity | None:
     return LakeIdentity(**json.loads(path.read_text())) if path.is_file() else None
 
 
-def bind(lake_root: str, store: KeyStore) -> LakeIdentity:
+def bind(lake_root: str, store: KeyStore, grants: Grants | None = None) -> LakeIdentity:
     """The lake's identity, checked against ``store`` (created, and the store with it, on a lake's
-    first job). Raises :class:`KeyAccessError` when ``store`` is not the lake's key store."""
+    first job). Raises :class:`KeyAccessError` when ``store`` is not the lake's key store, and
+    :class:`AccessDenied` when ``grants`` lack (or swapped) the administrator key the lake knows."""
+    found = _bind_store(lake_root, store)
+    if grants is None:
+        return found
+    fingerprint = grants.fingerprint()
+    if found.grant_admin is None and fingerprint is not None:
+        found = dataclasses.replace(found, grant_admin=fingerprint)
+        _write(lake_root, found)
+    elif found.grant_admin is not None and fingerprint != found.grant_admin:
+        what = "is missing" if fingerprint is None else "holds another key"
+        raise AccessDenied(
+            f"lake {lake_root} enforces role grants signed by key {found.grant_admin}, but "
+            f"{grants.public_file} {what}; roles stay refused until it is restored"
+        )
+    return found
+
+
+def _bind_store(lake_root: str, store: KeyStore) -> LakeIdentity:
     found = read(lake_root)
     if found is None:
         if store.store_id() is None and holds_sealed_data(lake_root):
@@ -69,10 +90,17 @@ def _create(lake_root: str, store: KeyStore) -> LakeIdentity:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:  # another job bound the lake first: check against theirs
-        return bind(lake_root, store)
+        return _bind_store(lake_root, store)
     with os.fdopen(fd, "w") as fh:
         json.dump(asdict(identity), fh, indent=2)
     return identity
+
+
+def _write(lake_root: str, identity: LakeIdentity) -> None:
+    path = Path(lake_root) / FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(identity), indent=2))
+    os.replace(tmp, path)
 
 
 def holds_sealed_data(lake_root: str) -> bool:
