@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import sys
 
 from ehrlake.config import Config
 from ehrlake.errors import EnvironmentProblem
+from ehrlake.home import HOME
 
 
 def require_java() -> None:
@@ -54,6 +56,18 @@ def refuse_key_material(settings) -> None:
         )
 
 
+def launch_args(memory: str | None) -> str:
+    """``PYSPARK_SUBMIT_ARGS`` for a JVM this process starts: quiet unless the log was asked for
+    (``EHRLAKE_SPARK_LOG`` WARN/INFO, which ``ehrlake --verbose`` sets)."""
+    args = ["--driver-memory", memory] if memory else []
+    if os.environ.get("EHRLAKE_SPARK_LOG", "ERROR").upper() in ("OFF", "FATAL", "ERROR"):
+        quiet = HOME / "conf" / "log4j2.properties"
+        if quiet.is_file():
+            args += ["--driver-java-options", f"-Dlog4j2.configurationFile={quiet.as_uri()}"]
+        args += ["--conf", "spark.ui.showConsoleProgress=false"]
+    return shlex.join([*args, "pyspark-shell"])
+
+
 def get_spark(config: Config):
     """Return the active SparkSession or build one from ``config.spark``.
 
@@ -69,11 +83,11 @@ def get_spark(config: Config):
     require_java()
     # Executors must run the same Python as the driver (our library is installed there).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    # Driver memory is a JVM launch option: set it before the JVM starts, unless spark-submit (which
-    # started the JVM already and passes PYSPARK_GATEWAY_PORT) or the caller decided it.
-    memory = config.spark.conf.get("spark.driver.memory")
-    if memory and "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
-        os.environ["PYSPARK_SUBMIT_ARGS"] = f"--driver-memory {memory} pyspark-shell"
+    # JVM launch options (driver memory, the log configuration, the console progress bar, which the
+    # launcher turns on for a shell) are set before the JVM starts, unless spark-submit (which
+    # started it already and passes PYSPARK_GATEWAY_PORT) or the caller decided them.
+    if "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
+        os.environ["PYSPARK_SUBMIT_ARGS"] = launch_args(config.spark.conf.get("spark.driver.memory"))
     # Attach to (or start) the JVM first: only a JVM-backed SparkConf sees what spark-submit set.
     SparkContext._ensure_initialized()
     submitted = SparkConf()
