@@ -106,7 +106,10 @@ class Signer:
             private = Ed25519PrivateKey.from_private_bytes(self.store.get(key_id).material)
             raw = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             published[key_id] = base64.b64encode(raw).decode()
-            self._public_file.write_text(json.dumps(published, indent=2))
+            # replaced whole, never rewritten in place: concurrent signers read it meanwhile
+            tmp = self._public_file.with_name(f".{self._public_file.name}.{os.getpid()}.{time.time_ns()}")
+            tmp.write_text(json.dumps(published, indent=2))
+            os.replace(tmp, self._public_file)
         return key_id
 
     def sign(self, key_id: str, digest: str) -> str:

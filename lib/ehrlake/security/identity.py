@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ehrlake.errors import AccessDenied, KeyAccessError
 from ehrlake.security.grants import Grants
-from ehrlake.security.keys import KeyStore
+from ehrlake.security.keys import KeyStore, create_once
 
 FILE = os.path.join("_ehrlake", "identity.json")
 SEALED_MARK = b"ehrlake.sealed"  # in a Delta schema: the table holds sealed columns
@@ -87,12 +87,8 @@ def _create(lake_root: str, store: KeyStore) -> LakeIdentity:
     )
     path = Path(lake_root) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:  # another job bound the lake first: check against theirs
-        return _bind_store(lake_root, store)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(asdict(identity), fh, indent=2)
+    if not create_once(path, json.dumps(asdict(identity), indent=2), 0o644):
+        return _bind_store(lake_root, store)  # another job bound the lake first: check against theirs
     return identity
 
 

@@ -106,6 +106,22 @@ class DataKey:
         return f"DataKey({self.key_id!r})"
 
 
+def create_once(path: Path, text: str, mode: int) -> bool:
+    """Write ``path`` whole, only if it does not exist (False when another process got there first).
+    Written aside and hard-linked into place, so a reader never sees it half-written."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
 class KeyStore:
     """Wrapped data keys per table, one JSON file per table under ``directory`` (outside the lake)."""
 
@@ -124,13 +140,7 @@ class KeyStore:
             if not create and not any(self.directory.glob("*.keys.json")):
                 return None
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass  # another process created it first: theirs is the id
-            else:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump({"store_id": secrets.token_hex(16)}, fh)
+            create_once(path, json.dumps({"store_id": secrets.token_hex(16)}), 0o600)  # else theirs
         return json.loads(path.read_text())["store_id"]
 
     def _load(self, table: str) -> dict:
