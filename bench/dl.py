@@ -41,7 +41,16 @@ def prepare(root: Path, env: dict) -> None:
     if not link.exists():
         os.symlink(SHARED / "pneumoniamnist_balanced_trainval.npz", link)
     for args in (
-        ["ingest", "--source", "images", "--input", str(npz), "--source-system", "pneumoniamnist"],
+        [
+            "ingest",
+            "--source",
+            "images",
+            "--input",
+            str(npz),
+            "--source-system",
+            "pneumoniamnist",
+            "--follow-links",
+        ],
         ["clean"],
     ):
         subprocess.run([str(cli), *args, "--lake", str(root)], check=True, env=env, capture_output=True)

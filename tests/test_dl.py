@@ -42,7 +42,7 @@ def image_lake(spark, tmp_path_factory, security_conf):
     npz = tmp_path_factory.mktemp("npz")
     os.symlink(shared("medmnist", "breastmnist.npz"), npz / "breastmnist.npz")
     _main_runtime("ingest", "--source", "images", "--input", str(npz), "--source-system", "breastmnist",
-                  "--lake", str(root))  # fmt: skip
+                  "--follow-links", "--lake", str(root))  # fmt: skip
     _main_runtime("ingest", "--source", "images", "--input", str(shared("dicom")), "--source-system", "pacs",
                   "--lake", str(root))  # fmt: skip
     _main_runtime("clean", "--lake", str(root))

@@ -98,7 +98,10 @@ def find_inputs(input_path: str, kind: SourceKind, follow_links: bool = False) -
             st = os.lstat(path)
         found.append(InputFile(os.path.abspath(path), st.st_size, st.st_mtime_ns))
     if not found:
-        raise EnvironmentProblem(f"no {kind.value} files ({', '.join(_SUFFIXES[kind])}) under {input_path}")
+        links = f"; {len(skipped)} link(s) leading out of it not followed (--follow-links)" if skipped else ""
+        raise EnvironmentProblem(
+            f"no {kind.value} files ({', '.join(_SUFFIXES[kind])}) under {input_path}{links}"
+        )
     return Discovery(found, skipped)
 
 
