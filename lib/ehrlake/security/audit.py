@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 from ehrlake.errors import EhrlakeError
 from ehrlake.security import identity
 from ehrlake.security.grants import current_user
-from ehrlake.security.keys import KeyStore
+from ehrlake.security.keys import KeyStore, replace_whole
 
 TABLE = "audit.events"
 GENESIS = "0" * 64
@@ -107,9 +107,7 @@ class Signer:
             raw = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
             published[key_id] = base64.b64encode(raw).decode()
             # replaced whole, never rewritten in place: concurrent signers read it meanwhile
-            tmp = self._public_file.with_name(f".{self._public_file.name}.{os.getpid()}.{time.time_ns()}")
-            tmp.write_text(json.dumps(published, indent=2))
-            os.replace(tmp, self._public_file)
+            replace_whole(self._public_file, json.dumps(published, indent=2))
         return key_id
 
     def sign(self, key_id: str, digest: str) -> str:
@@ -254,11 +252,7 @@ class AuditLog:
         if current and current["seq"] >= seq:
             return
         witness_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = witness_file.with_suffix(f".{os.getpid()}.{time.time_ns()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"lake": self.lake_root, "seq": seq, "hash": digest}, fh)
-        os.replace(tmp, witness_file)
+        replace_whole(witness_file, json.dumps({"lake": self.lake_root, "seq": seq, "hash": digest}), 0o600)
 
     def witness(self) -> dict | None:
         path = self.witness_file

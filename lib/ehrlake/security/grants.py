@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 from ehrlake.errors import AccessDenied, EhrlakeError
+from ehrlake.security.keys import replace_whole
 
 PUBLIC_FILE = "admin.pub"
 
@@ -114,9 +115,7 @@ class Grants:
         signature = base64.b64encode(private.sign(_payload(user, roles, issued_at))).decode()
         grant = {"user": user, "roles": sorted(set(roles)), "issued_at": issued_at, "signature": signature}
         path = self.grant_file(user)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(grant, indent=2))
-        os.replace(tmp, path)
+        replace_whole(path, json.dumps(grant, indent=2))
         return path
 
     def show(self) -> dict[str, list[str]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ehrlake.errors import AccessDenied, KeyAccessError
 from ehrlake.security.grants import Grants
-from ehrlake.security.keys import KeyStore, create_once
+from ehrlake.security.keys import KeyStore, create_once, replace_whole
 
 FILE = os.path.join("_ehrlake", "identity.json")
 SEALED_MARK = b"ehrlake.sealed"  # in a Delta schema: the table holds sealed columns
@@ -93,10 +93,7 @@ def _create(lake_root: str, store: KeyStore) -> LakeIdentity:
 
 
 def _write(lake_root: str, identity: LakeIdentity) -> None:
-    path = Path(lake_root) / FILE
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(identity), indent=2))
-    os.replace(tmp, path)
+    replace_whole(Path(lake_root) / FILE, json.dumps(asdict(identity), indent=2))
 
 
 def holds_sealed_data(lake_root: str) -> bool:

@@ -106,13 +106,24 @@ class DataKey:
         return f"DataKey({self.key_id!r})"
 
 
-def create_once(path: Path, text: str, mode: int) -> bool:
-    """Write ``path`` whole, only if it does not exist (False when another process got there first).
-    Written aside and hard-linked into place, so a reader never sees it half-written."""
+def _aside(path: Path, text: str, mode: int) -> Path:
+    """``text`` in a private file beside ``path`` (a name no other writer uses)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    return tmp
+
+
+def replace_whole(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` atomically: readers see the old file or the new one, never half of it."""
+    os.replace(_aside(path, text, mode), path)
+
+
+def create_once(path: Path, text: str, mode: int) -> bool:
+    """Write ``path`` whole, only if it does not exist (False when another process got there first).
+    Written aside and hard-linked into place, so a reader never sees it half-written."""
+    tmp = _aside(path, text, mode)
     try:
         os.link(tmp, path)
         return True
@@ -152,11 +163,7 @@ class KeyStore:
     def _save(self, table: str, data: dict) -> None:
         """Replace a key file atomically (a private temporary file, then rename)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.key_file(table).with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, self.key_file(table))
+        replace_whole(self.key_file(table), json.dumps(data, indent=2), 0o600)
 
     @contextlib.contextmanager
     def _locked(self):
