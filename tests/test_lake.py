@@ -144,21 +144,30 @@ def test_vacuum_removes_files_of_old_versions_but_keeps_current(lake, spark):
     assert [r.id for r in lake.read("bronze.things").collect()] == ["z"]
 
 
-def test_concurrent_appends_from_threads_all_survive(lake, spark):
-    lake.create("bronze.things", SCHEMA)
-    errors = []
+def in_threads(writer, tags: str = "pq") -> list[Exception]:
+    """Run ``writer(tag)`` for each tag at once; the exceptions they raised, for the test to assert on."""
+    errors: list[Exception] = []
 
-    def writer(tag):
+    def run(tag):
         try:
-            for i in range(3):
-                lake.write(rows(spark, [(f"{tag}{i}", "KA", i, None, None)]), "bronze.things")
-        except Exception as exc:  # surfaced through the assertion below
+            writer(tag)
+        except Exception as exc:  # surfaced through the caller's assertion
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in "pq"]
+    threads = [threading.Thread(target=run, args=(t,)) for t in tags]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert not errors
+    return errors
+
+
+def test_concurrent_appends_from_threads_all_survive(lake, spark):
+    lake.create("bronze.things", SCHEMA)
+
+    def writer(tag):
+        for i in range(3):
+            lake.write(rows(spark, [(f"{tag}{i}", "KA", i, None, None)]), "bronze.things")
+
+    assert not in_threads(writer)
     assert sorted(r.id for r in lake.read("bronze.things").collect()) == ["p0", "p1", "p2", "q0", "q1", "q2"]
     assert lake.version("bronze.things") == 6
 
@@ -171,19 +180,13 @@ def test_concurrent_merges_of_the_same_keys_never_duplicate_a_key(lake, spark, f
         lake.write(sample(spark), "bronze.things")
     for round_ in range(3):
         shared_keys = [(f"s{round_}-{i}", "KA", i, None, None) for i in range(20)]
-        results, errors = {}, []
+        results = {}
 
-        def writer(tag, shared_keys=shared_keys, results=results, errors=errors, round_=round_):
+        def writer(tag, shared_keys=shared_keys, results=results, round_=round_):
             own = [(f"{tag}{round_}-{i}", "MH", i, None, None) for i in range(5)]
-            try:
-                results[tag] = lake.merge(rows(spark, shared_keys + own), "bronze.things", keys=["id"])
-            except Exception as exc:  # surfaced through the assertion below
-                errors.append(exc)
+            results[tag] = lake.merge(rows(spark, shared_keys + own), "bronze.things", keys=["id"])
 
-        threads = [threading.Thread(target=writer, args=(t,)) for t in "pq"]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-        assert not errors
+        assert not in_threads(writer)
         ids = [r.id for r in lake.read("bronze.things").collect()]
         assert len(ids) == len(set(ids)), f"round {round_}: a key was written twice"
         inserted = sum(r.metrics["inserted"] for r in results.values())
