@@ -14,7 +14,6 @@ Delta tables readable by any Delta reader.
 
 from __future__ import annotations
 
-import getpass
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -182,16 +181,11 @@ class Lake:
 
 
 def _commit_info(extra: dict | None) -> dict:
-    info = {"ehrlakeUser": _os_user()}
+    from ehrlake.security.grants import current_user  # the uid's user, as the audit log records it
+
+    info = {"ehrlakeUser": current_user()}
     info.update(extra or {})
     return info
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return str(os.getuid())
 
 
 def _choose_engine(spark: SparkSession, engine: str):
