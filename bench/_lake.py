@@ -11,22 +11,20 @@ from pathlib import Path
 from ehrlake import config
 from ehrlake.config import SecurityConfig
 from ehrlake.lake import Lake
-from ehrlake.security import Security
-from ehrlake.security.keys import FileKeyProvider
+from ehrlake.security import Security, init_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def secured_lake(root: Path, spark, secrets: Path) -> Lake:
     """A lake whose keys live in ``secrets`` (created on first use), with the repository's policy."""
-    key = secrets / "master.key"
-    if not key.exists():
-        FileKeyProvider(str(key)).create()
     security = SecurityConfig(
-        master_key_file=str(key),
+        master_key_file=str(secrets / "master.key"),
         key_store=str(secrets / "keystore"),
+        reveal_key_file=str(secrets / "reveal.key"),
         access_policy=str(REPO / "conf" / "access_policy.yaml"),
     )
+    init_keys(security)
     return Lake(str(root), spark, config.Config().lake.engine, Security.from_config(security, str(root)))
 
 

@@ -74,15 +74,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="reader measurements per backend (median)")
     args = parser.parse_args()
 
-    from ehrlake.config import Config, SparkConfig
-    from ehrlake.security.keys import FileKeyProvider
+    from ehrlake.config import Config, SecurityConfig, SparkConfig
+    from ehrlake.security import init_keys
     from ehrlake.session import get_spark
 
     work = Path(tempfile.mkdtemp(prefix="ehrlake-bench-dl-"))
-    FileKeyProvider(str(work / "master.key")).create()
+    keys = SecurityConfig(
+        str(work / "master.key"), str(work / "keystore"), reveal_key_file=str(work / "reveal.key")
+    )
+    init_keys(keys)
     conf = work / "conf.yaml"
     conf.write_text(
-        f"security:\n  master_key_file: {work / 'master.key'}\n  key_store: {work / 'keystore'}\n"
+        f"security:\n  master_key_file: {keys.master_key_file}\n  key_store: {keys.key_store}\n"
+        f"  reveal_key_file: {keys.reveal_key_file}\n"
         f"  access_policy: {REPO / 'conf' / 'access_policy.yaml'}\n"
     )
     env = {**os.environ, "EHRLAKE_CONF": str(conf)}

@@ -8,8 +8,9 @@ dlbin="$(dirname "$0")/../.venv-dl/bin"   # the deep-learning runtime (make dl-e
 run() { echo; echo "\$ ehrlake $*"; "$bin/ehrlake" "$@" --lake "$lake"; }
 dl() { echo; echo "\$ .venv-dl/bin/ehrlake $*"; "$dlbin/ehrlake" "$@" --lake "$lake"; }
 
-# Identifiers are sealed under a master key kept outside the lake (conf/default.yaml: ./secrets).
-if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/master.key ]; then
+# Identifiers are sealed under keys kept outside the lake (conf/default.yaml: ./secrets): a master key
+# for what jobs read, a reveal key pair for names and identifiers (only `ehrlake reveal` opens those).
+if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/reveal.key ]; then
   echo "\$ ehrlake keys init"; "$bin/ehrlake" keys init
 fi
 # Roles are bound to OS users by grants a key administrator signs (here: you, for every role).

@@ -18,11 +18,15 @@ ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "auditor")
 def security_conf(tmp_path_factory):
     """One master key and key store for the session, outside every lake (as in production), and a
     configuration pointing at them that CLI and spark-submit subprocesses pick up via $EHRLAKE_CONF."""
+    from ehrlake.config import SecurityConfig
+    from ehrlake.security import init_keys
     from ehrlake.security.grants import Grants, current_user
-    from ehrlake.security.keys import FileKeyProvider
 
     secrets = tmp_path_factory.mktemp("secrets")
-    FileKeyProvider(str(secrets / "master.key")).create()
+    keys = SecurityConfig(
+        str(secrets / "master.key"), str(secrets / "keystore"), reveal_key_file=str(secrets / "reveal.key")
+    )
+    init_keys(keys)
     # signed role grants, as a deployment sets them up: the user running the tests holds every role
     grants = Grants(secrets / "grants")
     grants.init(str(secrets / "grant-admin.key"))
@@ -32,6 +36,7 @@ def security_conf(tmp_path_factory):
         "security:\n"
         f"  master_key_file: {secrets / 'master.key'}\n"
         f"  key_store: {secrets / 'keystore'}\n"
+        f"  reveal_key_file: {secrets / 'reveal.key'}\n"
         f"  access_policy: {REPO / 'conf' / 'access_policy.yaml'}\n"
         f"  grants: {secrets / 'grants'}\n"
         f"  grant_admin_key: {secrets / 'grant-admin.key'}\n"
@@ -87,7 +92,7 @@ def opened(lake, table: str):
 
     df = lake.read(table)
     sealing = Sealing.of(df.schema)
-    return lake.security.protector.open(df, table, sealing) if sealing else df
+    return lake.security.protector.revealing().open(df, table, sealing) if sealing else df
 
 
 @pytest.fixture
@@ -95,15 +100,15 @@ def isolated_lake(spark, tmp_path):
     """A lake with its own master key and key store, for tests that rotate or destroy keys."""
     from ehrlake.config import SecurityConfig
     from ehrlake.lake import Lake
-    from ehrlake.security import Security
-    from ehrlake.security.keys import FileKeyProvider
+    from ehrlake.security import Security, init_keys
 
     secrets = tmp_path / "own-secrets"
-    FileKeyProvider(str(secrets / "master.key")).create()
     security = SecurityConfig(
         master_key_file=str(secrets / "master.key"),
         key_store=str(secrets / "keystore"),
+        reveal_key_file=str(secrets / "reveal.key"),
         access_policy=str(REPO / "conf" / "access_policy.yaml"),
     )
+    init_keys(security)
     root = str(tmp_path / "lake")
     return Lake(root, spark, security=Security.from_config(security, root))

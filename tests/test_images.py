@@ -78,8 +78,8 @@ def test_dicom_and_png_land_normalised_with_tags_sealed(lake, image_dir):
     assert len(pngs) == 32 and {r.label for r in pngs} == {0, 1}
     # stored sealed: identifiers are ciphertext in the table itself
     stored = lake.read(images.TABLE).where("frame = 2 AND modality = 'MR' AND height = 64").collect()
-    sealed = [r for r in stored if r.patient_id and r.patient_id.startswith("ek1:")]
-    assert sealed and all(r.patient_name.startswith("ek1:") for r in sealed)
+    sealed = [r for r in stored if r.patient_id and r.patient_id.startswith("ek2:")]  # to the reveal key
+    assert sealed and all(r.patient_name.startswith("ek2:") for r in sealed)
     reasons = {r.reason for r in lake.read("ops.quarantine").collect()}
     assert reasons == {"unreadable_image"}
     # re-running adds nothing

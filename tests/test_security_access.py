@@ -7,6 +7,7 @@ import json
 import pytest
 from conftest import opened
 from fhir_fixtures import condition, patient, write_ndjson
+from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from ehrlake import ingest
@@ -62,10 +63,26 @@ def test_analyst_sees_no_identifier_column_in_silver_and_cannot_read_bronze_or_r
     assert _audit(lake, "reveal")[-1]["outcome"] == "denied"
 
 
-def test_engineer_sees_identifiers_only_as_ciphertext(loaded):
-    rows = loaded.read("bronze.fhir_patient", role="engineer").collect()
-    assert all(r.family_name.startswith("ek1:bronze.fhir_patient#") for r in rows)
-    assert all(r.raw.startswith("ek1z:bronze.fhir_patient#") for r in rows)  # compressed, then sealed
+def test_engineer_sees_identifiers_only_as_ciphertext_and_cannot_open_them(loaded):
+    """Names are sealed to the reveal key, which jobs do not hold: the master key that ingest needs
+    opens ``raw`` (views flatten it) but not one name; only the reveal path does."""
+    table = "bronze.fhir_patient"
+    df = loaded.read(table, role="engineer")
+    rows = df.collect()
+    assert all(r.family_name.startswith("ek2:reveal#") for r in rows)
+    assert all(r.raw.startswith(f"ek1z:{table}#") for r in rows)  # compressed, then sealed
+    sealing = Sealing.of(df.schema)
+    assert {"family_name", "given_names", "address_line"} <= sealing.to_reveal
+    assert not {"raw", "birth_date"} & sealing.to_reveal  # what jobs read themselves
+    protector = loaded.security.protector
+    assert protector.open(df, table, sealing.under_data_key).first().raw.startswith("{")
+    with pytest.raises(KeyAccessError, match="open only with the reveal key"), key_errors():
+        protector.open(df, table, sealing.only(["family_name"])).collect()
+    assert "Rao" in {r.family_name for r in protector.revealing().open(df, table, sealing).collect()}
+    # a value sealed to the reveal key and moved to another row does not open there
+    moved = df.withColumn("family_name", F.first("family_name").over(Window.orderBy("id")))
+    with pytest.raises(KeyAccessError, match="authentication failed"), key_errors():
+        protector.revealing().open(moved, table, sealing.only(["family_name"])).collect()
 
 
 def test_clinician_reveals_one_patient_and_the_reveal_is_audited(loaded):
@@ -123,13 +140,15 @@ def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_
     assert store.rotate(table) == f"{table}#v2"
     result = lake.security.protector.reencrypt(lake, table)
     assert result.version == before + 1
-    now = lake.read(table).collect()
-    assert all(r.family_name.startswith(f"ek1:{table}#v2:") for r in now)
+    now = {r.id: r for r in lake.read(table).collect()}
+    assert all(r.raw.startswith(f"ek1z:{table}#v2:") for r in now.values())
     assert {r.family_name for r in opened(lake, table).collect()} == {"Venkataraman", "Rao"}
     old = lake.read(table, version=before)
-    assert all(r.family_name.startswith(f"ek1:{table}#v1:") for r in old.collect())
-    reopened = lake.security.protector.open(old, table, Sealing.of(old.schema))
-    assert {r.family_name for r in reopened.collect()} == {"Venkataraman", "Rao"}  # time travel still opens
+    assert all(r.raw.startswith(f"ek1z:{table}#v1:") for r in old.collect())
+    # names are sealed to the reveal key, not a data key: re-encryption leaves them as they were
+    assert {r.id: r.family_name for r in old.collect()} == {i: r.family_name for i, r in now.items()}
+    reopened = lake.security.protector.open(old, table, Sealing.of(old.schema).under_data_key)
+    assert sorted("Venkataraman" in r.raw for r in reopened.collect()) == [False, True]  # time travel opens
     # once v1 is destroyed, the old version cannot be opened: a clear error naming table and key id
     path = store.key_file(table)
     data = json.loads(path.read_text())
@@ -138,5 +157,5 @@ def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_
     gone = rf"^table {table}: data key {table}#v1 is not in the key store"
     with pytest.raises(KeyAccessError, match=gone), key_errors():
         lake.security.protector.open(
-            lake.read(table, version=before), table, Sealing.of(old.schema)
+            lake.read(table, version=before), table, Sealing.of(old.schema).under_data_key
         ).collect()

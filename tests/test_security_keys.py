@@ -101,7 +101,10 @@ def test_keys_cli_init_rotate_show_without_spark(tmp_path):
     from pathlib import Path
 
     conf = tmp_path / "conf.yaml"
-    conf.write_text(f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n")
+    conf.write_text(
+        f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n"
+        f"  reveal_key_file: {tmp_path}/s/reveal.key\n"
+    )
     cli = [str(Path(sys.executable).parent / "ehrlake"), "keys"]
 
     def run(*args):
@@ -109,7 +112,7 @@ def test_keys_cli_init_rotate_show_without_spark(tmp_path):
 
     assert run("init").returncode == 0
     again = run("init")
-    assert again.returncode == 1 and "exists already" in again.stderr
+    assert again.returncode == 1 and "exist already" in again.stderr
     assert run("rotate", "--table", "bronze.fhir_patient").returncode == 0
     assert run("rotate", "--table", "bronze.fhir_patient").returncode == 0
     shown = json.loads(run("show", "--json").stdout)
@@ -148,7 +151,10 @@ def test_concurrent_rotations_from_many_processes_each_add_a_version(tmp_path):
     from pathlib import Path
 
     conf = tmp_path / "conf.yaml"
-    conf.write_text(f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n")
+    conf.write_text(
+        f"security:\n  master_key_file: {tmp_path}/s/master.key\n  key_store: {tmp_path}/s/ks\n"
+        f"  reveal_key_file: {tmp_path}/s/reveal.key\n"
+    )
     cli = [str(Path(sys.executable).parent / "ehrlake"), "keys"]
     assert (
         subprocess.run([*cli, "init", "--conf", str(conf)], capture_output=True, timeout=60).returncode == 0
@@ -169,3 +175,28 @@ def test_concurrent_rotations_from_many_processes_each_add_a_version(tmp_path):
     assert ids == [f"bronze.fhir_patient#v{i}" for i in range(1, 21)]
     assert len({store.get(i).material for i in ids}) == 20
     assert not list((tmp_path / "s" / "ks").glob("*.tmp"))
+
+
+def test_values_sealed_to_the_reveal_key_open_only_with_its_private_half(tmp_path):
+    """``ek2``: anyone with the public key seals, only the private key opens; bound to row and
+    column like ``ek1``; a private key file of another pair is refused by name."""
+    from ehrlake.security import reveal_key
+    from ehrlake.security.crypto import decrypt_batch, seal_to
+
+    public = reveal_key.create(str(tmp_path / "reveal.key"), str(tmp_path / "ks"))
+    assert reveal_key.public_key(str(tmp_path / "ks")) == public
+    sealed = [v.decode() for v in seal_to(public, [b"Asha Rao", b"Iyer"], ["r1", "r2"], "family_name")]
+    assert all(v.startswith(f"ek2:{public.key_id}:") and "Rao" not in v for v in sealed)
+    private = reveal_key.private_key(str(tmp_path / "reveal.key"), public.key_id)
+    keys = {public.key_id: private}
+    assert decrypt_batch(keys, sealed, ["r1", "r2"], "family_name") == ["Asha Rao", "Iyer"]
+    with pytest.raises(KeyAccessError, match="authentication failed"):
+        decrypt_batch(keys, sealed[:1], ["r2"], "family_name")
+    with pytest.raises(KeyAccessError, match="open only with the reveal key"):
+        reveal_key.private_key(None, public.key_id)
+    other = reveal_key.create(str(tmp_path / "other.key"), str(tmp_path / "ks2"))
+    with pytest.raises(KeyAccessError, match="holds another key"):
+        reveal_key.private_key(str(tmp_path / "other.key"), public.key_id)
+    with pytest.raises(KeyAccessError, match="exists already"):
+        reveal_key.create(str(tmp_path / "reveal.key"), str(tmp_path / "ks3"))
+    assert other.key_id != public.key_id

@@ -171,6 +171,8 @@ def _key_material(secrets: Path, store_dir: Path) -> dict[str, bytes]:
     provider = FileKeyProvider(str(secrets / "master.key"))
     store = KeyStore(str(store_dir), provider)
     material = {"master": provider.master_key()}
+    if (secrets / "reveal.key").is_file():  # the reveal private key: never read by a job
+        material["reveal"] = base64.b64decode((secrets / "reveal.key").read_text())
     for table in store.tables():
         for version in store.versions(table):
             material[version["key_id"]] = store.get(version["key_id"]).material
@@ -229,7 +231,7 @@ def test_no_key_material_in_event_logs_logs_plans_delta_log_or_data(tmp_path, se
     assert any(b"ArrowEvalPython" in p.read_bytes() for p in logs)  # the sealing step's plan was logged
 
     material = _key_material(Path(security["master_key_file"]).parent, Path(security["key_store"]))
-    assert {"master", f"{LINKAGE}#v1", "bronze.synthea_patients#v1"} <= set(material)
+    assert {"master", "reveal", f"{LINKAGE}#v1", "bronze.synthea_patients#v1"} <= set(material)
     forms = {
         f"{name} {form}": encoded
         for name, key in material.items()
@@ -258,19 +260,21 @@ def test_a_job_against_another_or_an_empty_key_store_is_refused_and_creates_no_k
     from ehrlake.config import SecurityConfig
     from ehrlake.errors import KeyAccessError
     from ehrlake.lake import Lake
-    from ehrlake.security import Security
-    from ehrlake.security.keys import FileKeyProvider
+    from ehrlake.security import Security, init_keys
 
     def lake_from(directory):
-        conf = SecurityConfig(
+        return Lake(root, spark, security=Security.from_config(secured(directory), root))
+
+    def secured(directory):
+        return SecurityConfig(
             master_key_file=str(directory / "secrets" / "master.key"),
             key_store=str(directory / "secrets" / "keystore"),
+            reveal_key_file=str(directory / "secrets" / "reveal.key"),
             access_policy=str(REPO / "conf" / "access_policy.yaml"),
         )
-        return Lake(root, spark, security=Security.from_config(conf, root))
 
     home, elsewhere, other = tmp_path / "home", tmp_path / "elsewhere", tmp_path / "other"
-    FileKeyProvider(str(home / "secrets" / "master.key")).create()
+    init_keys(secured(home))
     root = str(tmp_path / "lake")
     write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient("p1")])
     assert ingest.run(lake_from(home), SourceKind.FHIR_NDJSON, str(tmp_path / "in")).balanced
@@ -283,8 +287,7 @@ def test_a_job_against_another_or_an_empty_key_store_is_refused_and_creates_no_k
         ingest.run(lake_from(elsewhere), SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
     assert not (elsewhere / "secrets" / "keystore").exists()
     # another, real key store: refused too
-    FileKeyProvider(str(other / "secrets" / "master.key")).create()
-    lake_from(other).security.protector.store.current("bronze.fhir_patient")
+    init_keys(secured(other))
     with pytest.raises(KeyAccessError, match="is another key store"):
         ingest.run(lake_from(other), SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
     # a lake from before identities (no identity file) holding sealed rows, and an empty store
@@ -292,6 +295,27 @@ def test_a_job_against_another_or_an_empty_key_store_is_refused_and_creates_no_k
     with pytest.raises(KeyAccessError, match="holds sealed tables but the configured key store"):
         ingest.run(lake_from(elsewhere), SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
     assert lake_from(home).read("bronze.fhir_patient").count() == 1
+
+
+def test_a_swapped_reveal_public_key_is_refused_before_anything_is_sealed_to_it(isolated_lake, tmp_path):
+    """Whoever replaces ``reveal.pub`` in the key store by a key of their own could open every
+    identifier sealed afterwards: the lake records its reveal key on first use and refuses another."""
+    from ehrlake.errors import KeyAccessError
+    from ehrlake.security import reveal_key
+
+    lake = isolated_lake
+    write_ndjson(tmp_path / "in" / "Patient.ndjson", [patient("p1")])
+    assert ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in")).balanced
+    store = lake.security.protector.store.directory
+    original = (store / reveal_key.PUBLIC_FILE).read_text()
+    (store / reveal_key.PUBLIC_FILE).unlink()
+    reveal_key.create(str(tmp_path / "mine.key"), str(store))  # the attacker's pair
+    write_ndjson(tmp_path / "more" / "Patient.ndjson", [patient("p2")])
+    with pytest.raises(KeyAccessError, match="seals identifiers to reveal key reveal#.*holds another one"):
+        ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "more"))
+    (store / reveal_key.PUBLIC_FILE).write_text(original)
+    assert ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "more")).balanced
+    assert lake.read("bronze.fhir_patient").count() == 2
 
 
 def test_a_spark_setting_carrying_the_master_key_is_refused_before_anything_runs(tmp_path, security_conf):

@@ -470,8 +470,10 @@ def _cell(value, width: int = 40) -> str:
     """A value for the terminal: ciphertext shown as its key id, long text cut (--json prints all)."""
     if value is None:
         return ""
+    from ehrlake.security.crypto import is_sealed
+
     text = str(value)
-    if text.startswith("ek1:"):
+    if is_sealed(text):
         return f"<sealed {text.split(':', 2)[1]}>"
     return text if len(text) <= width else text[: width - 1] + "…"
 
@@ -536,17 +538,16 @@ def _key_store(args):
 
 
 def cmd_keys_init(args) -> int:
-    from ehrlake.security.keys import FileKeyProvider
+    from ehrlake.security import init_keys
 
     _, security = _key_store(args)
-    if os.path.exists(security.master_key_file):
-        raise EhrlakeError(f"master key file {security.master_key_file} exists already; not overwriting it")
-    FileKeyProvider(security.master_key_file).create()
-    store, _ = _key_store(args)
-    store.linkage_id()  # the linkage secret exists from the start, so concurrent first jobs share it
-    print(
-        f"created master key {security.master_key_file} (mode 0600); back it up: without it nothing decrypts"
-    )
+    made = init_keys(security)
+    if not made:
+        raise EhrlakeError(
+            f"master key {security.master_key_file} and the reveal key exist already; not replacing them"
+        )
+    for line in made:
+        print(f"created {line}")
     return 0
 
 

@@ -90,6 +90,9 @@ class SecurityConfig:
     # Both live outside the lake: a copy of the lake directory carries no usable key.
     master_key_file: str = "./secrets/master.key"
     key_store: str = "./secrets/keystore"
+    # the private half of the reveal key (security/reveal_key.py): only `ehrlake reveal` reads it, so
+    # in production it lives where the key administrator runs reveals, not on the ingest machines
+    reveal_key_file: str = "./secrets/reveal.key"
     access_policy: str = "conf/access_policy.yaml"
     role: str = "engineer"  # the role jobs act as unless --role (or $EHRLAKE_ROLE) says otherwise
     audit_checkpoint_every: int = 1000

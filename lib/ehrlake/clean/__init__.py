@@ -285,8 +285,7 @@ def _birth_dates(lake, mappings: list[Mapping]) -> DataFrame | None:
         keys = list(sealing.keys) if sealing else []
         df = df.select(*{*keys, "patient_key", column})
         if sealing and column in sealing.columns:
-            only = Sealing({column: sealing.columns[column]}, sealing.keys)
-            df = lake.security.protector.open(df, table, only)
+            df = lake.security.protector.open(df, table, sealing.only([column]))
         parts.append(df.select("patient_key", F.col(column).cast("date").alias("_birth_date")))
     if not parts:
         return None

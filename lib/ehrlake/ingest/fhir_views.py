@@ -25,7 +25,6 @@ from ehrlake.views.compiler import Drift
 from ehrlake.views.definition import ViewDefinition
 
 VIEWS_DIR = CONF / "views"
-SEALED_TAG = "ehrlake/sealed"
 PATIENT_COLUMN = "patient_id"
 
 
@@ -53,10 +52,8 @@ class BronzeView:
 
     @property
     def protection(self) -> TableProtection:
-        sealed = [c for c in self.columns if c.tag(SEALED_TAG) is not None]
-        birth = next((c.name for c in sealed if c.tag(SEALED_TAG) == "birth_date"), None)
         patient = "id" if self.resource_type == "Patient" else self.patient_column
-        return TableProtection(tuple(c.name for c in sealed), patient_id=patient, birth_date=birth)
+        return definition.protection(self.columns, patient)
 
 
 def _drifts(folder: Path) -> dict[str, Drift]:

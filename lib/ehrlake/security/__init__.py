@@ -49,12 +49,36 @@ class Security:
 
     @classmethod
     def from_config(cls, security, lake_root: str) -> Security:
-        protector = Protector(KeyRef.from_config(security))
+        reveal_key = os.path.abspath(security.reveal_key_file) if security.reveal_key_file else None
+        protector = Protector(KeyRef.from_config(security), reveal_key)
         audit = AuditLog(lake_root, protector.store, security.audit_checkpoint_every)
         grants = Grants(Path(security.grants)) if security.grants else None
         policy = AccessPolicy.load(_policy_path(security.access_policy))
         access = Access(policy, audit, protector, grants, security.reveals_per_hour)
         return cls(protector, access, audit, os.environ.get("EHRLAKE_ROLE") or security.role)
+
+
+def init_keys(security) -> list[str]:
+    """Make what ``security`` names and does not exist yet: the master key (0600), the reveal key
+    pair (private key to ``reveal_key_file``, public key into the key store) and the linkage secret
+    (so concurrent first jobs share one). Returns one line per thing made (``ehrlake keys init``)."""
+    from ehrlake.security import reveal_key
+    from ehrlake.security.keys import FileKeyProvider
+
+    made = []
+    if not os.path.exists(security.master_key_file):
+        FileKeyProvider(security.master_key_file).create()
+        made.append(
+            f"master key {security.master_key_file} (mode 0600): back it up, without it nothing opens"
+        )
+    if security.reveal_key_file and reveal_key.public_key(security.key_store) is None:
+        public = reveal_key.create(security.reveal_key_file, security.key_store)
+        made.append(
+            f"reveal key {public.key_id}: private half {security.reveal_key_file} (mode 0600), for "
+            "`ehrlake reveal` only; keep it with the key administrator, off the ingest machines"
+        )
+    KeyRef.from_config(security).store().linkage_id()
+    return made
 
 
 def _policy_path(path: str) -> str:

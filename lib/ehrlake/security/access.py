@@ -181,7 +181,7 @@ class Access:
             raise ConfigError(f"{table} has no patient_key column; nothing to reveal by patient")
         df = df.where(F.col("patient_key") == patient_key)
         if sealing:
-            df = self.protector.open(df, table, sealing)
+            df = self.protector.revealing().open(df, table, sealing)
             event.columns = sorted(sealing.columns)
         try:
             with key_errors():

@@ -25,6 +25,7 @@ from ehrlake.errors import KeyAccessError
 from ehrlake.security import crypto
 from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
 from ehrlake.security.pseudonym import patient_key
+from ehrlake.security.reveal_key import RevealPublicKey, private_key, require_public
 
 SEPARATOR = "\x1f"
 COMPRESSED = frozenset({"raw"})  # whole records: compressed before sealing (see crypto)
@@ -36,6 +37,7 @@ class KeyRef:
 
     key_store: str
     master_key_file: str | None  # None: the master key comes from $EHRLAKE_MASTER_KEY
+    reveal_key_file: str | None = None  # only on the reveal path (Protector.revealing), never in jobs
 
     @classmethod
     def from_config(cls, security) -> KeyRef:
@@ -46,6 +48,10 @@ class KeyRef:
             None if use_env else os.path.abspath(security.master_key_file),
         )
 
+    def key(self, key_id: str):
+        """The key that opens values of ``key_id``: a data key, or the reveal private key."""
+        return _key(self, key_id)
+
     def store(self) -> KeyStore:
         provider = FileKeyProvider(self.master_key_file) if self.master_key_file else EnvKeyProvider()
         return KeyStore(self.key_store, provider)
@@ -53,7 +59,10 @@ class KeyRef:
 
 def _key(ref: KeyRef, key_id: str):
     """The data key, unwrapped once per executor process, key id and key-file version: a rotated
-    or destroyed key takes effect on the next batch, not only in new executor processes."""
+    or destroyed key takes effect on the next batch, not only in new executor processes. For a
+    reveal key id, the reveal private key (only where ``ref`` names its file)."""
+    if key_id.startswith("reveal#"):
+        return private_key(ref.reveal_key_file, key_id)
     table = key_id.rsplit("#", 1)[0]
     try:
         stamp = os.stat(ref.store().key_file(table)).st_mtime_ns
@@ -110,20 +119,31 @@ def _struct_type(names) -> str:
     return "struct<" + ",".join(f"`{n}`:string" for n in names) + ">"
 
 
-def _sealer(ref: KeyRef, key_id: str, names: tuple[str, ...], linkage_id: str | None):
-    """One Arrow UDF that seals ``names`` and, given a linkage key id, also computes patient_key:
-    one Python round trip per batch for everything a table needs."""
+def _sealer(
+    ref: KeyRef,
+    key_id: str,
+    names: tuple[str, ...],
+    linkage_id: str | None,
+    reveal: RevealPublicKey | None,
+    to_reveal: frozenset[str],
+):
+    """One Arrow UDF that seals ``names`` (those in ``to_reveal`` to the ``reveal`` public key, the
+    rest under data key ``key_id``) and, given a linkage key id, also computes patient_key: one
+    Python round trip per batch for everything a table needs."""
     fields = [*names, *(["patient_key"] if linkage_id else [])]
 
     @F.arrow_udf(_struct_type(fields))
     def seal(row_ids: pa.Array, values: pa.Array, systems: pa.Array, patients: pa.Array) -> pa.Array:
         out = []
         if names:
-            key = _key(ref, key_id)
+            key = _key(ref, key_id) if set(names) - to_reveal else None
             ids = row_ids.cast(pa.binary()).to_pylist()
             for n in names:
                 plain = values.field(n).cast(pa.binary()).to_pylist()  # UTF-8 bytes, no str decoding
-                sealed = crypto.seal_many(key, plain, ids, n, n in COMPRESSED)
+                if n in to_reveal:
+                    sealed = crypto.seal_to(reveal, plain, ids, n)
+                else:
+                    sealed = crypto.seal_many(key, plain, ids, n, n in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
         if linkage_id:
             secret = _key(ref, linkage_id).material
@@ -162,10 +182,12 @@ def seal_columns(
     columns: dict[str, str],
     row: Column,
     patient: tuple[str, str] | None = None,
+    to_reveal: frozenset[str] = frozenset(),
 ) -> DataFrame:
     """Replace each column of ``columns`` (name -> Spark type DDL) by its ciphertext under ``key_id``,
-    bound to ``row`` (see :func:`row_id`); with ``patient`` = (linkage key id, patient id column), also
-    add ``patient_key`` = HMAC-SHA256(linkage secret, source_system | patient id). Every other column
+    bound to ``row`` (see :func:`row_id`); those in ``to_reveal`` are sealed to the key store's reveal
+    public key instead. With ``patient`` = (linkage key id, patient id column), also add
+    ``patient_key`` = HMAC-SHA256(linkage secret, source_system | patient id). Every other column
     passes through unchanged."""
     if not columns and patient is None:
         return df
@@ -174,7 +196,8 @@ def seal_columns(
     values = (
         F.struct(*[_as_text(n, t).alias(n) for n, t in columns.items()]) if names else F.struct(F.lit(None))
     )
-    sealed = _sealer(ref, key_id, names, linkage_id)(
+    reveal = require_public(ref.key_store) if to_reveal & set(names) else None
+    sealed = _sealer(ref, key_id, names, linkage_id, reveal, to_reveal & set(names))(
         row,
         values,
         F.col("source_system") if patient else F.lit(None).cast("string"),

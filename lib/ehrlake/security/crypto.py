@@ -6,6 +6,11 @@ sealed as ``ek1z``: compressed first with zstd and the shipped dictionary ``seal
 ``scripts/train_seal_dictionary.py``), since nothing can compress them once they are ciphertext.
 The associated data is the row's identity plus the column name: moving a ciphertext to another
 row or column fails authentication instead of decrypting to someone else's name.
+
+Direct identifiers are sealed to the reveal public key instead (``ek2:<reveal key id>:<base64(
+ephemeral public key | nonce | ciphertext+tag)>``, see :mod:`ehrlake.security.reveal_key`): one
+ephemeral X25519 key per batch, its shared secret with the reveal key run through HKDF-SHA256 to an
+AES-256-GCM key, the same associated data. Sealing needs only the public key; opening, the private.
 """
 
 from __future__ import annotations
@@ -17,13 +22,20 @@ from pathlib import Path
 
 import zstandard
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ehrlake.errors import KeyAccessError
 from ehrlake.security.keys import DataKey
+from ehrlake.security.reveal_key import RevealPublicKey
 
 PREFIX = "ek1"
 COMPRESSED = "ek1z"  # zstd with the v1 dictionary, then sealed
+SEALED_TO = "ek2"  # sealed to the reveal public key
+_EPHEMERAL = 32  # bytes of an X25519 public key
 _DICTIONARY = Path(__file__).with_name("seal-v1.zdict")
 
 
@@ -54,11 +66,16 @@ def seal_many(key: DataKey, values, row_ids, column: str, compress: bool = False
     """The vectorised path: UTF-8 values in, ASCII ciphertext out, one cipher object and one draw of
     nonces per batch, no str round trips. ``compress`` zstd-compresses each value first (for large,
     repetitive values such as raw records). ``row_ids`` may be str or bytes."""
-    aead = AESGCM(key.material)
-    nonces = secrets.token_bytes(12 * len(values))
     head = f"{COMPRESSED if compress else PREFIX}:{key.key_id}:".encode()
-    tail = f"\x1f{column}".encode()
     squeeze = _zstd()[0].compress if compress else None
+    return _seal_each(AESGCM(key.material), head, b"", values, row_ids, column, squeeze)
+
+
+def _seal_each(aead: AESGCM, head: bytes, lead: bytes, values, row_ids, column: str, squeeze=None):
+    """``head`` + base64(``lead`` | nonce | ciphertext+tag) per value, a fresh random nonce each,
+    bound to row and column; None stays None."""
+    nonces = secrets.token_bytes(12 * len(values))
+    tail = f"\x1f{column}".encode()
     b64 = base64.b64encode
     out: list[bytes | None] = []
     for i, (value, row_id) in enumerate(zip(values, row_ids, strict=True)):
@@ -67,24 +84,66 @@ def seal_many(key: DataKey, values, row_ids, column: str, compress: bool = False
             continue
         nonce = nonces[12 * i : 12 * i + 12]
         aad = (row_id if isinstance(row_id, bytes) else row_id.encode()) + tail
-        out.append(head + b64(nonce + aead.encrypt(nonce, squeeze(value) if squeeze else value, aad)))
+        out.append(head + b64(lead + nonce + aead.encrypt(nonce, squeeze(value) if squeeze else value, aad)))
     return out
 
 
-def decrypt_batch(keys: dict[str, DataKey], values, row_ids, column: str) -> list[str | None]:
-    """Open many values; ``keys`` maps key id to key (values of one column may span rotations)."""
-    ciphers = {key_id: (key, AESGCM(key.material)) for key_id, key in keys.items()}
+def _shared_key(secret: bytes, ephemeral: bytes, recipient: bytes) -> AESGCM:
+    info = b"ehrlake ek2" + ephemeral + recipient  # both public keys: the key is bound to this pair
+    return AESGCM(HKDF(hashes.SHA256(), 32, salt=None, info=info).derive(secret))
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def seal_to(recipient: RevealPublicKey, values, row_ids, column: str) -> list[bytes | None]:
+    """Seal many UTF-8 values to the reveal public key (one ephemeral key for the batch); ``row_ids``
+    may be str or bytes. Whoever calls this cannot open what it returns."""
+    ephemeral = X25519PrivateKey.generate()
+    ephemeral_public = _raw(ephemeral.public_key())
+    secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient.public))
+    aead = _shared_key(secret, ephemeral_public, recipient.public)
+    head = f"{SEALED_TO}:{recipient.key_id}:".encode()
+    return _seal_each(aead, head, ephemeral_public, values, row_ids, column)
+
+
+class _Opener:
+    """Opens the values of one column, each under the key its id names: a data key (``ek1``), or
+    the reveal private key (``ek2``, one HKDF per ephemeral key, so once per sealed batch)."""
+
+    def __init__(self, keys: dict):
+        self.keys = keys
+        self.ciphers: dict = {}
+
+    def cipher(self, key_id: str, blob: bytes) -> tuple[AESGCM, bytes]:
+        key = self.keys[key_id]
+        if isinstance(key, DataKey):
+            if key_id not in self.ciphers:
+                self.ciphers[key_id] = AESGCM(key.material)
+            return self.ciphers[key_id], blob
+        ephemeral, rest = blob[:_EPHEMERAL], blob[_EPHEMERAL:]
+        if ephemeral not in self.ciphers:
+            secret = key.exchange(X25519PublicKey.from_public_bytes(ephemeral))
+            self.ciphers[ephemeral] = _shared_key(secret, ephemeral, _raw(key.public_key()))
+        return self.ciphers[ephemeral], rest
+
+
+def decrypt_batch(keys: dict, values, row_ids, column: str) -> list[str | None]:
+    """Open many values; ``keys`` maps key id to key: a :class:`DataKey`, or the reveal private key
+    for ``ek2`` values (values of one column may span rotations and both kinds)."""
+    opener = _Opener(keys)
     out: list[str | None] = []
     for value, row_id in zip(values, row_ids, strict=True):
         if value is None:
             out.append(None)
             continue
-        key, aead = ciphers[key_id_of(value)]
-        blob = base64.b64decode(value.rsplit(":", 1)[1])
+        key_id = key_id_of(value)
+        aead, blob = opener.cipher(key_id, base64.b64decode(value.rsplit(":", 1)[1]))
         try:
             data = aead.decrypt(blob[:12], blob[12:], associated_data(row_id, column))
         except InvalidTag as exc:
-            raise _auth_failed(column, row_id, key.key_id) from exc
+            raise _auth_failed(column, row_id, key_id) from exc
         if value.startswith(COMPRESSED + ":"):
             data = _zstd()[1].decompress(data)
         out.append(data.decode())
@@ -98,9 +157,14 @@ def _auth_failed(column: str, row_id: str, key_id: str) -> KeyAccessError:
     )
 
 
+def is_sealed(value: str) -> bool:
+    """Whether a string is ehrlake ciphertext (of any kind)."""
+    return value.split(":", 1)[0] in (PREFIX, COMPRESSED, SEALED_TO) and value.count(":") >= 2
+
+
 def key_id_of(ciphertext: str) -> str:
     prefix, key_id, _ = ciphertext.split(":", 2)
-    if prefix not in (PREFIX, COMPRESSED):
+    if prefix not in (PREFIX, COMPRESSED, SEALED_TO):
         raise KeyAccessError(f"value is not ehrlake ciphertext (prefix {prefix!r})")
     return key_id
 

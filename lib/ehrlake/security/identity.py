@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ehrlake.errors import AccessDenied, KeyAccessError
+from ehrlake.security import reveal_key
 from ehrlake.security.grants import Grants
 from ehrlake.security.keys import KeyStore, create_once, replace_whole
 
@@ -33,6 +34,7 @@ class LakeIdentity:
     key_store_id: str
     key_store: str  # where the store was when the lake was bound (for the error message only)
     grant_admin: str | None = None  # fingerprint of the grant administrator's key, once grants exist
+    reveal_key: str | None = None  # id of the reveal public key identifiers are sealed to, once made
 
 
 def read(lake_root: str) -> LakeIdentity | None:
@@ -42,22 +44,40 @@ def read(lake_root: str) -> LakeIdentity | None:
 
 def bind(lake_root: str, store: KeyStore, grants: Grants | None = None) -> LakeIdentity:
     """The lake's identity, checked against ``store`` (created, and the store with it, on a lake's
-    first job). Raises :class:`KeyAccessError` when ``store`` is not the lake's key store, and
-    :class:`AccessDenied` when ``grants`` lack (or swapped) the administrator key the lake knows."""
+    first job). Raises :class:`KeyAccessError` when ``store`` is not the lake's key store or holds
+    another reveal public key than the lake's (identifiers sealed now could never be revealed with
+    the lake's reveal key, or could be by whoever swapped it), and :class:`AccessDenied` when
+    ``grants`` lack (or swapped) the administrator key the lake knows."""
     found = _bind_store(lake_root, store)
-    if grants is None:
-        return found
-    fingerprint = grants.fingerprint()
-    if found.grant_admin is None and fingerprint is not None:
-        found = dataclasses.replace(found, grant_admin=fingerprint)
-        _write(lake_root, found)
-    elif found.grant_admin is not None and fingerprint != found.grant_admin:
-        what = "is missing" if fingerprint is None else "holds another key"
-        raise AccessDenied(
-            f"lake {lake_root} enforces role grants signed by key {found.grant_admin}, but "
-            f"{grants.public_file} {what}; roles stay refused until it is restored"
+    public = reveal_key.public_key(str(store.directory))
+    found, changed = _pinned(lake_root, found, "reveal_key", public.key_id if public else None)
+    if changed is not None:
+        raise KeyAccessError(
+            f"lake {lake_root} seals identifiers to reveal key {found.reveal_key}, but the key store "
+            f"{store.directory} {changed}; refusing to seal to any other key"
         )
+    if grants is not None:
+        found, changed = _pinned(lake_root, found, "grant_admin", grants.fingerprint())
+        if changed is not None:
+            raise AccessDenied(
+                f"lake {lake_root} enforces role grants signed by key {found.grant_admin}, but "
+                f"{grants.public_file} {changed}; roles stay refused until it is restored"
+            )
     return found
+
+
+def _pinned(
+    lake_root: str, found: LakeIdentity, field: str, actual: str | None
+) -> tuple[LakeIdentity, str | None]:
+    """Trust on first use: a key fingerprint the lake has not recorded yet is recorded; one that
+    differs from the recorded one comes back as what changed (None: all is well)."""
+    recorded = getattr(found, field)
+    if recorded is None and actual is not None:
+        found = dataclasses.replace(found, **{field: actual})
+        _write(lake_root, found)
+    elif recorded is not None and actual != recorded:
+        return found, "is missing it" if actual is None else "holds another one"
+    return found, None
 
 
 def _bind_store(lake_root: str, store: KeyStore) -> LakeIdentity:

@@ -6,6 +6,10 @@ which contains all of them) are sealed with the table's current data key. Birth 
 (city, district, state, country) stay in clear for analysis. Every row that refers to a patient gets
 ``patient_key``, the pseudonymous linkage key.
 
+Direct identifiers are sealed to the reveal public key (:mod:`ehrlake.security.reveal_key`), which
+jobs cannot open; what the pipeline itself must read (``raw``, which views flatten; the exact birth
+date, from which clean computes ages; free text moved aside) stays under the table's data key.
+
 Each sealed column describes itself in the table's Delta schema (field metadata ``ehrlake.sealed``:
 its original type and the key columns its ciphertext is bound to), so readers, the access policy
 and re-encryption need no knowledge of how a table was produced, and any Spark reader sees which
@@ -14,6 +18,7 @@ columns are ciphertext.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame
@@ -23,7 +28,8 @@ from ehrlake.errors import SchemaMismatch
 from ehrlake.lake.modes import WriteMode
 from ehrlake.security.columns import KeyRef, key_errors, open_columns, row_id, seal_columns
 
-SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns]}
+SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns], "to"?}
+TO_REVEAL = "reveal"  # metadata "to": sealed to the reveal public key (absent: under the data key)
 RAW = "raw"
 
 
@@ -97,12 +103,26 @@ class Sealing:
 
     columns: dict[str, str]
     keys: tuple[str, ...]
+    to_reveal: frozenset[str] = frozenset()  # of ``columns``: sealed to the reveal public key
 
     def mark(self, df: DataFrame) -> DataFrame:
         """Record the sealing in the schema's field metadata (it travels into the Delta schema)."""
         for name, ddl in self.columns.items():
-            df = df.withMetadata(name, {SEALED: {"type": ddl, "bound_to": list(self.keys)}})
+            meta = {"type": ddl, "bound_to": list(self.keys)}
+            df = df.withMetadata(name, {SEALED: meta | ({"to": TO_REVEAL} if name in self.to_reveal else {})})
         return df
+
+    def only(self, names) -> Sealing:
+        """The part of this sealing that covers ``names``."""
+        names = set(names)
+        return Sealing(
+            {n: t for n, t in self.columns.items() if n in names}, self.keys, self.to_reveal & names
+        )
+
+    @property
+    def under_data_key(self) -> Sealing:
+        """The columns jobs can open (and re-encryption re-seals)."""
+        return self.only(set(self.columns) - self.to_reveal)
 
     @classmethod
     def of(cls, schema) -> Sealing | None:
@@ -113,22 +133,34 @@ class Sealing:
         keys = {tuple(m["bound_to"]) for m in marked.values()}
         if len(keys) != 1:
             raise SchemaMismatch(f"sealed columns are bound to different key columns: {sorted(keys)}")
-        return cls({n: m["type"] for n, m in marked.items()}, keys.pop())
+        to_reveal = frozenset(n for n, m in marked.items() if m.get("to") == TO_REVEAL)
+        return cls({n: m["type"] for n, m in marked.items()}, keys.pop(), to_reveal)
 
 
 class Protector:
     """Seals rows on their way into a table and opens them for roles allowed to read identifiers."""
 
-    def __init__(self, ref: KeyRef):
+    def __init__(self, ref: KeyRef, reveal_key_file: str | None = None):
         self.ref = ref
         self.store = ref.store()
+        self.reveal_key_file = reveal_key_file  # where ``ehrlake reveal`` finds the private key
+
+    def revealing(self) -> Protector:
+        """A protector that also opens values sealed to the reveal key (for :meth:`Access.reveal`
+        only; the key file is read on the executors of that one bounded query)."""
+        ref = dataclasses.replace(self.ref, reveal_key_file=self.reveal_key_file)
+        return Protector(ref, self.reveal_key_file)
 
     @staticmethod
     def sealing(spec: TableProtection, schema, keys: list[str]) -> Sealing:
-        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw``)."""
+        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw``), and which
+        of them to the reveal key: all but what the pipeline reads itself (``raw``, the birth date,
+        free text)."""
         types = {f.name: f.dataType.simpleString() for f in schema.fields}
         wanted = [*spec.identifiers, RAW]
-        return Sealing({c: types[c] for c in wanted if c in types}, tuple(keys))
+        columns = {c: types[c] for c in wanted if c in types}
+        read_by_jobs = {RAW, spec.birth_date, *(f"{c}_text" for c, _ in spec.free_text)}
+        return Sealing(columns, tuple(keys), frozenset(columns) - read_by_jobs)
 
     def protect(
         self, df: DataFrame, table: str, keys: list[str], spec: TableProtection | None = None
@@ -147,29 +179,43 @@ class Protector:
         patient = (self.store.linkage_id(), spec.patient_id) if spec.patient_id in df.columns else None
         sealing = self.sealing(spec, df.schema, keys)
         sealed = seal_columns(
-            df, self.ref, self.store.current_id(table), sealing.columns, row_id(table, keys), patient
+            df,
+            self.ref,
+            self.store.current_id(table),
+            sealing.columns,
+            row_id(table, keys),
+            patient,
+            sealing.to_reveal,
         )
         return sealing.mark(sealed), sealing
 
     def seal(self, df: DataFrame, table: str, sealing: Sealing) -> DataFrame:
         """Seal the columns of an existing sealing (re-encryption under the table's current key)."""
         sealed = seal_columns(
-            df, self.ref, self.store.current_id(table), sealing.columns, row_id(table, list(sealing.keys))
+            df,
+            self.ref,
+            self.store.current_id(table),
+            sealing.columns,
+            row_id(table, list(sealing.keys)),
+            to_reveal=sealing.to_reveal,
         )
         return sealing.mark(sealed)
 
     def open(self, df: DataFrame, table: str, sealing: Sealing) -> DataFrame:
-        """Plaintext of every sealed column, typed as before sealing."""
+        """Plaintext of every sealed column, typed as before sealing (columns sealed to the reveal
+        key only through :meth:`revealing`)."""
         return open_columns(df, self.ref, sealing.columns, row_id(table, list(sealing.keys)))
 
     def reencrypt(self, lake, table: str, commit_info: dict | None = None):
-        """Rewrite every sealed column of ``table`` under its current data key, as one new Delta
-        version (run after ``keys rotate``). Earlier versions keep their ciphertext and stay readable
-        by time travel for as long as their key version is in the key store."""
+        """Rewrite every column of ``table`` sealed under a data key under its current one, as one
+        new Delta version (run after ``keys rotate``); values sealed to the reveal key are kept as
+        they are. Earlier versions keep their ciphertext and stay readable by time travel for as
+        long as their key version is in the key store."""
         df = lake.read(table)
         sealing = Sealing.of(df.schema)
-        if sealing is None:
-            raise SchemaMismatch(f"{table} has no sealed columns; nothing to re-encrypt")
+        sealing = sealing.under_data_key if sealing else None
+        if not sealing or not sealing.columns:
+            raise SchemaMismatch(f"{table} has no columns sealed under a data key; nothing to re-encrypt")
         resealed = self.seal(self.open(df, table, sealing), table, sealing)
         info = {
             "ehrlakeJob": "keys.reencrypt",

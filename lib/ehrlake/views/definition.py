@@ -41,6 +41,9 @@ _CONSTANT_VALUE = {
 }  # fmt: skip
 
 
+SEALED_TAG = "ehrlake/sealed"  # value "identifier", or "birth_date" (sealed, birth_year kept in clear)
+
+
 @dataclass(frozen=True)
 class ViewColumn:
     name: str
@@ -226,3 +229,13 @@ def load(path: str | Path) -> ViewDefinition:
     except (OSError, ValueError) as e:
         raise ViewError(f"cannot read view {path}: {e}") from None
     return parse(raw)
+
+
+def protection(columns: list[ViewColumn], patient_id: str | None):
+    """How a table of these columns is sealed: the columns tagged ``ehrlake/sealed`` (to the reveal
+    key, but for the birth date, which clean opens to compute ages)."""
+    from ehrlake.security.protection import TableProtection
+
+    sealed = [c for c in columns if c.tag(SEALED_TAG) is not None]
+    birth = next((c.name for c in sealed if c.tag(SEALED_TAG) == "birth_date"), None)
+    return TableProtection(tuple(c.name for c in sealed), patient_id=patient_id, birth_date=birth)

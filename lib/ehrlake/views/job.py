@@ -17,8 +17,6 @@ from ehrlake.errors import ConfigError, EnvironmentProblem
 from ehrlake.views import definition, runner
 from ehrlake.views.compiler import VARIANTS
 
-SEALED_TAG = "ehrlake/sealed"
-
 
 def read_resources(spark, input_path: str) -> DataFrame:
     """Every resource under ``input_path`` as ``(source_file, resource)`` with ``resource`` VARIANT:
@@ -63,10 +61,6 @@ def read_resources(spark, input_path: str) -> DataFrame:
     return exploded.where(F.col("resource").isNotNull())
 
 
-def sealed_columns(view: definition.ViewDefinition) -> tuple[str, ...]:
-    return tuple(c.name for c in view.columns() if c.tag(SEALED_TAG) is not None)
-
-
 def write_output(lake, out: str, role: str | None, source: str, rows: Callable[[], DataFrame]) -> int:
     """Overwrite lake table ``out`` with ``rows()`` as one job: refused up front unless the role may
     write its layer, ``rows`` built inside it (so opening sealed records is part of the audited job),
@@ -89,7 +83,7 @@ def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, ro
 
 def _flatten_sealed(lake, view: definition.ViewDefinition, table: str, out: str) -> DataFrame:
     """The view's rows over ``table``'s opened records, sealed for ``out`` as the view's tags say."""
-    from ehrlake.security.protection import RAW, Sealing, TableProtection
+    from ehrlake.security.protection import RAW, Sealing
 
     protector = lake.security.protector
     records = lake.read(table)
@@ -97,11 +91,9 @@ def _flatten_sealed(lake, view: definition.ViewDefinition, table: str, out: str)
         raise ConfigError(f"{table} has no raw column: a view runs on whole FHIR records")
     sealing = Sealing.of(lake.schema(table))
     if sealing and RAW in sealing.columns:
-        records = protector.open(records, table, Sealing({RAW: sealing.columns[RAW]}, sealing.keys))
+        records = protector.open(records, table, sealing.only([RAW]))
     keep = tuple(c for c in ("source_system",) if c in records.columns)
     frame = runner.run(view, records, RAW, keep=keep)
     keys = [*keep, *[c for c in frame.columns if c == "id"]] or list(frame.columns[:1])
-    spec = TableProtection(
-        sealed_columns(view), patient_id="patient_id" if "patient_id" in frame.columns else None
-    )
+    spec = definition.protection(view.columns(), "patient_id" if "patient_id" in frame.columns else None)
     return protector.protect(frame, out, keys, spec)[0]
