@@ -70,7 +70,7 @@ def test_prevalence_and_utilisation_rates_are_hidden_with_their_counts(gold):
 def test_analysts_read_gold_and_the_reads_are_audited(gold):
     lake, _ = gold
     assert lake.read("gold.eda_demographics", role="analyst").count() > 0
-    assert lake.security.audit.verify(lake.spark).ok
+    assert lake.security.audit.verify(lake).ok
 
 
 def test_report_is_one_html_file_with_every_plot_rendered(gold, tmp_path):

@@ -107,7 +107,7 @@ def test_clinician_reveals_one_patient_and_the_reveal_is_audited(loaded):
     # a bulk read by the clinician still opens nothing
     bulk = lake.read("bronze.fhir_patient", role="clinician")
     assert "family_name" not in bulk.columns and "raw" not in bulk.columns
-    assert lake.security.audit.verify(lake.spark).ok
+    assert lake.security.audit.verify(lake).ok
 
 
 def test_unknown_role_is_denied_and_audited(loaded):

@@ -55,7 +55,7 @@ def test_a_role_the_user_holds_no_grant_for_is_refused_whatever_role_says(deploy
     assert ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"), role="engineer").balanced
     with pytest.raises(AccessDenied, match="may not read bronze.fhir_patient"):
         lake.read("bronze.fhir_patient", role="analyst")  # --role narrows to a granted, weaker role
-    assert lake.security.audit.verify(lake.spark).ok  # the refusals are in the chain, signed
+    assert lake.security.audit.verify(lake).ok  # the refusals are in the chain, signed
 
 
 def test_a_forged_or_edited_grant_is_refused(deployment):

@@ -16,6 +16,7 @@ import pytest
 from ehrlake import ingest, synth
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import SourceKind
+from ehrlake.synth import amplify
 from ehrlake.synth.fhir import RESOURCE_TYPES
 
 
@@ -69,7 +70,7 @@ def test_demographics_are_resampled_and_nothing_moves_into_the_future(generated)
     assert counts.index[0] == "Uttar Pradesh" and len(counts) > 15  # population-weighted
     assert set(patients["country"]) == {"IN"}
     assert patients["ssn"].str.startswith("999-").all()  # made up (999 is never issued), not copied
-    assert set(patients["first"]) <= set(synth._regions(synth.DEFAULT_REGIONS).given)
+    assert set(patients["first"]) <= set(amplify._regions(synth.DEFAULT_REGIONS).given)
     today = dt.date.today().isoformat()
     assert patients["birthdate"].max() <= today
     assert table(out, "encounters")["start"].str[:10].max() <= today

@@ -493,7 +493,7 @@ def cmd_reveal(args) -> int:
 
 def cmd_audit_verify(args) -> int:
     lake, _ = _open_lake(args)
-    report = lake.security.audit.verify(lake.spark)
+    report = lake.security.audit.verify(lake)
     if args.json:
         print(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
     else:

@@ -166,7 +166,7 @@ def ann_population(lake, mv, as_of: dt.date) -> DataFrame:
     for the Spark ML models); for a per-row task, each patient's latest row of the feature table
     (labelled or not: extract rows carry no dates, so "latest" is the highest row id)."""
     from ehrlake import features as feats
-    from ehrlake.dl.train import tensor
+    from ehrlake.dl.tensors import tensor
 
     t = feats.task(mv.task)
     if t.level == "patient":

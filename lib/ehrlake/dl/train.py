@@ -16,17 +16,14 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 
-import numpy as np
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from ehrlake import features as feats
-from ehrlake.dl import datasets, launch, predict, runtime
+from ehrlake.dl import datasets, launch, predict, runtime, tensors
 from ehrlake.dl.datasets import Selection, Shard
 from ehrlake.errors import EhrlakeError
-from ehrlake.lake import WriteMode
 from ehrlake.models import evaluate, registry
-from ehrlake.models.train import DEFAULT_SEED, record, split
+from ehrlake.models.train import DEFAULT_SEED, record
 
 IMAGES = "silver.imaging"
 
@@ -333,55 +330,6 @@ def train_image_model(
 # --- tabular ----------------------------------------------------------------------------------------
 
 
-def tensors_table(task_name: str) -> str:
-    return f"gold.tensors_{task_name}"
-
-
-def tensor(scaling: dict[str, tuple[float, float]]) -> F.Column:
-    """The standardised inputs as little-endian float32 bytes (missing = the training mean = 0)."""
-    z = F.array(
-        *[
-            F.coalesce((F.col(c).cast("double") - F.lit(m)) / F.lit(s), F.lit(0.0)).cast("float")
-            for c, (m, s) in scaling.items()
-        ]
-    )
-    to_bytes = F.udf(lambda v: np.asarray(v, "<f4").tobytes(), T.BinaryType())
-    return to_bytes(z)
-
-
-def build_tensors(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], dict]:
-    """The task's labelled rows as standardised float32 vectors in ``gold.tensors_<task>``: split by
-    patient (``test`` as the Spark ML models, ``val`` = CV fold 0 of the rest), missing values set to
-    the training mean (0 after standardising). Returns the inputs and their training mean/sd."""
-    t = feats.task(task_name)
-    wanted = feats.model_inputs(t)
-    df = feats.training_frame(lake, t, versions)
-    train_df, test_df = split(df, seed)
-    stats = train_df.agg(
-        *[F.avg(F.col(c).cast("double")).alias(f"m_{c}") for c in wanted],
-        *[F.stddev(F.col(c).cast("double")).alias(f"s_{c}") for c in wanted],
-    ).first()
-    inputs = [c for c in wanted if stats[f"m_{c}"] is not None]
-    scaling = {c: (float(stats[f"m_{c}"]), float(stats[f"s_{c}"] or 0.0) or 1.0) for c in inputs}
-    rows = train_df.withColumn("split", F.when(F.col("cv_fold") == 0, "val").otherwise("train")).unionByName(
-        test_df.withColumn("split", F.lit("test")), allowMissingColumns=True
-    )
-    out = rows.select(
-        "index_id",
-        "patient_key",
-        "split",
-        F.col("label").cast("int").alias("label"),
-        tensor(scaling).alias("x"),
-    ).repartition(8, "index_id")
-    lake.write(
-        out,
-        tensors_table(task_name),
-        mode=WriteMode.OVERWRITE,
-        commit_info={"ehrlakeJob": "train", "task": task_name},
-    )
-    return inputs, scaling
-
-
 def train_tabular_ann(
     lake,
     task_name: str,
@@ -403,8 +351,8 @@ def train_tabular_ann(
     epochs = epochs or int(hyper.get("epochs", 30))
     versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     with lake.security.job("train", ["gold"], role) as (_, audit):
-        inputs, scaling = build_tensors(lake, task_name, seed, versions)
-        table = tensors_table(task_name)
+        inputs, scaling = tensors.build(lake, task_name, seed, versions)
+        table = tensors.table(task_name)
         snap = datasets.snapshot(lake.root, table)
         sel = Selection((("split", "=", "train"),), "x", (len(inputs),))
         val_sel = replace(sel, filters=(("split", "=", "val"),))

@@ -36,7 +36,7 @@ from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import CommitProperties
 from pyspark.sql import functions as F
 
-from ehrlake.errors import EhrlakeError
+from ehrlake.errors import ConfigError, EhrlakeError
 from ehrlake.security import identity
 from ehrlake.security.grants import current_user
 from ehrlake.security.keys import KeyStore, replace_whole
@@ -259,16 +259,18 @@ class AuditLog:
         return json.loads(path.read_text()) if path.is_file() else None
 
     # ------------------------------------------------------------------ verifying
-    def verify(self, spark) -> VerifyReport:
-        """Recompute every hash and link in Spark; check signatures, the witness and the Delta history."""
+    def verify(self, lake) -> VerifyReport:
+        """Recompute every hash and link in Spark; check signatures, the witness and the Delta history.
+        ``lake`` is the lake this log belongs to (read through its storage engine, no access policy)."""
+        if os.path.realpath(lake.root) != os.path.realpath(self.lake_root):
+            raise ConfigError(
+                f"the audit log of {self.lake_root} cannot be verified through lake {lake.root}"
+            )
         report = VerifyReport()
         if not os.path.isdir(os.path.join(self.path, "_delta_log")):
             if self.witness():
                 report.broken(1, "the audit log is missing but the witness has seen events")
             return report
-        from ehrlake.lake import Lake
-
-        lake = Lake(self.lake_root, spark)
         events = lake.read(TABLE).persist()
         try:
             self._verify_chain(events, report)

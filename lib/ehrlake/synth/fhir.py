@@ -1,6 +1,6 @@
 """The generated population as FHIR R4: bulk NDJSON (one file set per resource type) or Bundles.
 
-The generator builds Synthea-CSV-shaped frames (``synth/__init__.py``); this module turns each row
+The generator builds Synthea-CSV-shaped frames (``synth/amplify.py``); this module turns each row
 into a FHIR resource with ``to_json`` in the JVM (no Python per row). References use the same
 rewritten ids (``Patient/<id>``, ``Encounter/<id>``, ``Organization/<id>``), so they stay valid across
 resources. Rows without an id in Synthea CSV (conditions, observations, ...) get a deterministic
@@ -21,6 +21,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.clean.codes import lookup
+from ehrlake.synth.values import BAD_DATE, unit, uuid
 
 NDJSON = "fhir-ndjson"
 BUNDLES = "fhir-bundles"
@@ -95,8 +96,6 @@ def _with_content_id(seed: int, name: str, df: DataFrame) -> DataFrame:
     """An id from the row's content and its occurrence among identical rows (exports repeat some
     rows verbatim; each still becomes its own resource, as in Synthea's own FHIR export)."""
     from pyspark.sql import Window
-
-    from ehrlake.synth import uuid
 
     content = F.concat_ws("|", *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in df.columns])
     df = df.withColumn("_content", content)
@@ -261,15 +260,13 @@ def resources(name: str, df: DataFrame, seed: int) -> DataFrame:
 
 def truncate(df: DataFrame, seed: int, name: str, rate: float) -> tuple[DataFrame, int]:
     """Cut a share of the JSON texts in half (the "bad JSON" fault of a broken export)."""
-    from ehrlake.synth import _unit
 
     if rate <= 0:
         return df, 0
-    from ehrlake.synth import BAD_DATE
 
     # at most one fault per record, so the manifest's counts are exactly what ingest quarantines
     damaged = F.col("resource").contains('"id":""') | F.col("resource").contains(BAD_DATE)
-    hit = (_unit(seed, f"fault-json:{name}", F.col("resource")) < rate) & ~damaged
+    hit = (unit(seed, f"fault-json:{name}", F.col("resource")) < rate) & ~damaged
     df = (
         df.withColumn("_bad", hit)
         .withColumn(
