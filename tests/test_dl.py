@@ -179,3 +179,29 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     n = patients
     assert scores.where(F.col("model_version") == mv.version).count() == n
     assert scores.where(F.size("top_reasons") > 0).count() > 0
+
+
+def test_a_main_runtime_job_in_the_deep_learning_runtime_says_where_to_run_it(tmp_path):
+    """``.venv-dl/bin/ehrlake ingest`` used to end in a PySparkImportError about PyArrow: now one
+    line, before a JVM starts, naming the runtime that runs it."""
+    import sys
+    from pathlib import Path
+
+    cli = Path(sys.executable).parent / "ehrlake"
+    args = [
+        "ingest",
+        "--source",
+        "fhir-ndjson",
+        "--input",
+        str(SAMPLE / "fhir_ndjson"),
+        "--lake",
+        str(tmp_path),
+    ]
+    result = subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "ehrlake: error: ehrlake ingest runs in the main runtime: .venv/bin/ehrlake ingest (this is the "
+        f"deep-learning runtime, whose PyArrow {__import__('pyarrow').__version__} is pinned for Petastorm; "
+        "Spark's Arrow paths need 18 or later)"
+    ]
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written

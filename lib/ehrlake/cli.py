@@ -869,6 +869,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ehrlake import session
+
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["EHRLAKE_DEBUG"] = "1"
@@ -884,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     }.get(args.command)
     key = (args.command, getattr(args, sub)) if sub else args.command
     try:
+        session.require_runtime(args.command)
         return COMMANDS[key](args)
     except EhrlakeError as exc:
         print(f"ehrlake: error: {exc}", file=sys.stderr)
@@ -893,6 +896,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # last resort: still one clear line, with the type for a bug report
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if type(exc).__name__ == "PySparkImportError" and "PyArrow" in first:  # e.g. train --algorithms rf
+            print(f"ehrlake: error: {session.wrong_runtime(args.command)}", file=sys.stderr)
+            return EXIT_FAILURE
         print(f"ehrlake: error: {type(exc).__name__}: {first[:500]}", file=sys.stderr)
         if os.environ.get("EHRLAKE_DEBUG"):
             raise

@@ -39,6 +39,27 @@ def arrow_paths_supported() -> bool:
     return int(pyarrow.__version__.split(".")[0]) >= 18
 
 
+# what the deep-learning runtime (.venv-dl) runs; every other command seals or opens columns with
+# Arrow UDFs, which need the main runtime's PyArrow
+DEEP_LEARNING_COMMANDS = frozenset({"train", "evaluate", "score", "score-images", "models", "lake"})
+
+
+def require_runtime(command: str) -> None:
+    """Stop before a JVM starts when ``command`` cannot run in this Python environment."""
+    if command not in DEEP_LEARNING_COMMANDS and not arrow_paths_supported():
+        raise EnvironmentProblem(wrong_runtime(command))
+
+
+def wrong_runtime(command: str) -> str:
+    import pyarrow
+
+    return (
+        f"ehrlake {command} runs in the main runtime: .venv/bin/ehrlake {command} (this is the "
+        f"deep-learning runtime, whose PyArrow {pyarrow.__version__} is pinned for Petastorm; Spark's Arrow "
+        "paths need 18 or later)"
+    )
+
+
 # Spark writes its whole configuration into event logs, the UI and the history server: key material
 # must never be in it. A setting that names the master key is refused; the redaction pattern is
 # widened to key-ish names as a second line (Spark's default misses e.g. EHRLAKE_MASTER_KEY).
