@@ -9,7 +9,7 @@ import gzip
 import pytest
 from conftest import SAMPLE
 
-from ehrlake import clean, ingest
+from ehrlake import clean, features, ingest
 from ehrlake.clean import codes
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import SourceKind
@@ -102,6 +102,11 @@ def test_diabetes_extract_maps_through_its_declaration(lake, tmp_path):
     assert obs == {"1001#4548-4": ("4548-4", ">8"), "1002#2345-7": ("2345-7", ">300")}
     people = lake.read("silver.patient").collect()
     assert len(people) == 1 and people[0].gender == "female" and people[0].source == "diabetes130"
+    # a hospital whose only source is this undated extract: its own features, the dated tasks skipped
+    built = features.run(lake)
+    assert built["gold.features_diabetes130"] == 2 and "gold.features_patient" not in built
+    assert [s.split(" (")[0] for s in built["skipped"]] == ["patient and encounter tasks"]
+    assert set(built["tasks"]) == {"diabetes130_readmission_30d"}
 
 
 MIMIC = {

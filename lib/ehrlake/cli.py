@@ -668,6 +668,8 @@ def cmd_features(args) -> int:
     summary = features.run(lake, _dates(args.as_of) if args.as_of else None, role=args.role)
     if summary["as_of"]:
         print(f"index dates {', '.join(summary['as_of'])} (data end {summary['data_end']})")
+    for skipped in summary["skipped"]:
+        print(f"skipped: {skipped}")
     for table in sorted(k for k in summary if k.startswith("gold.")):
         print(f"{table:<28} {summary[table]:>10,} rows")
     for name, c in sorted(summary["tasks"].items()):

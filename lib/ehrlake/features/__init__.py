@@ -79,11 +79,16 @@ def run(lake, as_of: list[dt.date] | None = None, role: str | None = None) -> di
         raise EhrlakeError("no silver tables yet: run ehrlake clean first")
     written: dict[str, DataFrame] = {}
     label_parts: list[DataFrame] = []
-    summary: dict = {"as_of": []}
+    summary: dict = {"as_of": [], "skipped": []}
+    end = labels.data_end(lake) if has_silver else None
+    if has_silver and end is None:
+        undated = "silver.encounter has no dated encounters: cannot place an index date"
+        if not has_d130:
+            raise EhrlakeError(undated)
+        # a hospital whose only source is an undated extract: its own rows still make features
+        summary["skipped"].append(f"patient and encounter tasks ({undated})")
+        has_silver = False
     if has_silver:
-        end = labels.data_end(lake)
-        if end is None:
-            raise EhrlakeError("silver.encounter has no dated encounters: cannot place an index date")
         as_of = sorted(as_of or default_as_of(end))
         summary["as_of"] = [d.isoformat() for d in as_of]
         summary["data_end"] = end.isoformat(sep=" ")
