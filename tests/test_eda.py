@@ -84,11 +84,57 @@ def test_report_is_one_html_file_with_every_plot_rendered(gold, tmp_path):
     quality.run(lake, today=REFERENCE)
     page = report.render(lake)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 5 and "not built yet" not in page
+    assert len(images) == 5 and "not built yet" not in page and "whole country" in page
     for image in images:
         png = base64.b64decode(image)
         assert png.startswith(b"\x89PNG") and len(png) > 5_000  # a drawn plot, not an empty canvas
     assert "small cells hidden" in page and "<script" not in page  # self-contained, no scripts
+
+
+def test_national_tables_sum_out_the_state_and_show_true_counts(gold):
+    lake, summary = gold
+    truth = {
+        (r.age_band, r.sex): r.persons for r in aggregates.demographics(lake, REFERENCE, False).collect()
+    }
+    shown = {(r.age_band, r.sex): r for r in lake.read("gold.eda_demographics_national").collect()}
+    assert set(shown) == set(truth) and sum(truth.values()) == sum(
+        r.persons for r in aggregates.demographics(lake, REFERENCE).collect()
+    )
+    assert any(r.suppressed is None and r.persons >= 11 for r in shown.values())  # something to draw
+    for cell, row in shown.items():
+        assert row.persons == (None if row.suppressed else truth[cell])
+    diseases = {r.display for r in lake.read("gold.eda_condition_prevalence_national").collect()}
+    assert diseases and not any(d.endswith(("(finding)", "(situation)")) for d in diseases if d)
+
+
+def test_hidden_cells_are_drawn_as_gaps_and_marks_never_as_zero():
+    import math
+
+    import pandas as pd
+
+    from ehrlake.eda import report
+
+    prev = pd.DataFrame(
+        {
+            "year": [2020, 2021, 2022],
+            "display": ["Asthma"] * 3,
+            "persons": [40, None, 55],
+            "suppressed": [None, "primary", None],
+        }
+    )
+    fig, caption = report.trends(prev)
+    ys = list(fig.axes[0].lines[0].get_ydata())
+    assert ys[0] == 40 and math.isnan(ys[1]) and ys[2] == 55 and "1 small cells hidden" in caption
+    demo = pd.DataFrame(
+        {
+            "age_band": ["0-4", "0-4", "5-14", "5-14"],
+            "sex": ["male", "female", "male", "female"],
+            "persons": [30, None, 25, 20],
+            "suppressed": [None, "primary", None, None],
+        }
+    )
+    fig, caption = report.pyramid(demo)
+    assert [t.get_text().strip() for t in fig.axes[0].texts] == ["female: hidden"]
 
 
 @pytest.mark.slow

@@ -144,3 +144,37 @@ def test_xgboost_reasons_come_from_shap_contributions_that_add_up(trained):
     assert sum(1 for r in out if r.reasons) > 150
     descriptions = set(features.descriptions(features.task(TASK)).values())
     assert any(x.split(" = ")[0] in descriptions for r in out for x in r.reasons)
+
+
+def test_subgroup_figure_draws_intervals_and_colours_only_clear_gaps():
+    """A subgroup of a handful of patients has a wide interval: it is drawn grey, not as a gap."""
+    from types import SimpleNamespace
+
+    import matplotlib.colors as mcolors
+    import pandas as pd
+
+    from ehrlake.models import report
+
+    sub = pd.DataFrame(
+        {
+            "kind": ["sex", "sex", "race"],
+            "subgroup": ["female", "male", "Asian"],
+            "value": [0.62, 0.80, 0.79],
+            "ci_low": [0.58, 0.76, 0.52],
+            "ci_high": [0.66, 0.84, 0.95],
+            "n": [900, 850, 40],
+            "positives": [90, 80, 6],
+        }
+    )
+    best = SimpleNamespace(label="t.xgboost v1", metrics={"auroc": {"value": 0.70}})
+    seen = {}
+    _, caption = report.subgroup_figure(sub, best, lambda fig: seen.setdefault("fig", fig) and "png")
+    fig = seen["fig"]
+    colours = [mcolors.to_hex(c) for c in fig.axes[0].collections[-1].get_facecolors()]
+    by_label = dict(zip([t.get_text() for t in fig.axes[0].get_yticklabels()], colours, strict=True))
+    assert by_label["race: Asian (n=40, 6 pos.)"] == "#777777"  # interval spans the overall figure
+    assert (
+        by_label["sex: female (n=900, 90 pos.)"] == "#c44e52"
+        and by_label["sex: male (n=850, 80 pos.)"] == "#55a868"
+    )
+    assert "2 of 3 subgroups" in caption

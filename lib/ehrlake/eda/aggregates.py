@@ -42,15 +42,23 @@ def _region(column: str = "state") -> F.Column:
     return F.coalesce(F.col(column), F.lit(UNKNOWN))
 
 
-def demographics(lake, reference: dt.date) -> DataFrame:
+# Tables by state also come as national tables (state summed out), each suppressed on its own. That
+# discloses nothing more: the suppression audit already assumes every marginal total of the state
+# table is known, and a national cell is exactly such a total. Without them, a country-wide figure
+# drawn from the state table would add up hidden cells as zeros (or hide nearly everything).
+NATIONAL = "_national"
+
+
+def demographics(lake, reference: dt.date, by_state: bool = True) -> DataFrame:
     people = lake.read("silver.patient").where("NOT coalesce(deceased, false)")
     age = F.lit(reference.year) - F.col("birth_year")
+    dims = ["age_band", "sex", *(["state"] if by_state else [])]
     counts = (
         people.select(age_band(age).alias("age_band"), F.col("gender").alias("sex"), _region().alias("state"))
-        .groupBy("age_band", "sex", "state")
+        .groupBy(*dims)
         .agg(F.count("*").alias("persons"))
     )
-    return _full_grid(counts, ["age_band", "sex", "state"], "persons")
+    return _full_grid(counts, dims, "persons")
 
 
 def _full_grid(df: DataFrame, dims: list[str], count: str) -> DataFrame:
@@ -62,14 +70,22 @@ def _full_grid(df: DataFrame, dims: list[str], count: str) -> DataFrame:
     return grid.join(df, dims, "left").fillna({count: 0})
 
 
-def condition_prevalence(lake, years: int, top: int, last_year: int) -> DataFrame:
-    """Persons with each of the ``top`` most frequent conditions, per year and state, last ``years`` years."""
+# SNOMED semantic tags of records that are not diseases: Synthea records employment, education,
+# stress or "medication review due" as conditions; they would crowd the disorders out of a top list
+NOT_DISEASES = r"\((finding|situation|person|event|regime/therapy|procedure)\)\s*$"
+
+
+def condition_prevalence(lake, years: int, top: int, last_year: int, by_state: bool = True) -> DataFrame:
+    """Persons with each of the ``top`` most frequent diseases (SNOMED findings and situations left
+    out, see ``NOT_DISEASES``), per year and state (or the whole country), last ``years`` years."""
     cond = lake.read("silver.condition").where(F.col("onset_at").isNotNull())
+    cond = cond.where(~F.coalesce(F.col("display").rlike(NOT_DISEASES), F.lit(False)))
     cond = cond.withColumn("year", F.year("onset_at")).where(
         F.col("year").between(last_year - years + 1, last_year)
     )
     people = lake.read("silver.patient").select("patient_key", _region().alias("state"))
     cond = cond.join(people, "patient_key", "left").fillna({"state": UNKNOWN})
+    where = ["year", "state"] if by_state else ["year"]
     top_codes = (
         cond.groupBy("code_system", "code").agg(F.countDistinct("patient_key").alias("_n"))
         .orderBy(F.desc("_n"), "code").limit(top).select("code_system", "code")
@@ -77,23 +93,23 @@ def condition_prevalence(lake, years: int, top: int, last_year: int) -> DataFram
     names = cond.groupBy("code_system", "code").agg(F.min("display").alias("display"))
     counts = (
         cond.join(top_codes, ["code_system", "code"])
-        .groupBy("year", "state", "code_system", "code")
+        .groupBy(*where, "code_system", "code")
         .agg(F.countDistinct("patient_key").alias("persons"))
     )
     condition = F.concat_ws(":", "code_system", "code")
     counts = counts.withColumn("condition", condition).drop("code_system", "code")
-    grid = _full_grid(counts, ["year", "state", "condition"], "persons")
-    seen = _persons_seen(lake).withColumnRenamed("persons", "population")
+    grid = _full_grid(counts, [*where, "condition"], "persons")
+    seen = _persons_seen(lake, where).withColumnRenamed("persons", "population")
     per_1000 = F.round(F.col("persons") * 1000 / F.col("population"), 2)
-    out = grid.join(seen, ["year", "state"], "left").withColumn("per_1000_seen", per_1000)
+    out = grid.join(seen, where, "left").withColumn("per_1000_seen", per_1000)
     return out.join(names.select(condition.alias("condition"), "display"), "condition", "left")
 
 
-def _persons_seen(lake) -> DataFrame:
-    """Distinct persons with any encounter, per year and state: the denominator of rates."""
+def _persons_seen(lake, where: list[str] | None = None) -> DataFrame:
+    """Distinct persons with any encounter, per year and state (or ``where``): the denominator of rates."""
     enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
     enc = enc.select("patient_key", F.year("start_at").alias("year"), _region().alias("state"))
-    return enc.groupBy("year", "state").agg(F.countDistinct("patient_key").alias("persons"))
+    return enc.groupBy(*(where or ["year", "state"])).agg(F.countDistinct("patient_key").alias("persons"))
 
 
 def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
@@ -204,10 +220,24 @@ def run(
             "persons",
             [],
         ),
+        f"gold.eda_demographics{NATIONAL}": (
+            ["patient"],
+            lambda: demographics(lake, reference, by_state=False),
+            ["age_band", "sex"],
+            "persons",
+            [],
+        ),
         "gold.eda_condition_prevalence": (
             ["patient", "condition", "encounter"],
             lambda: condition_prevalence(lake, years, top, last),
             ["year", "state", "condition"],
+            "persons",
+            ["per_1000_seen"],
+        ),
+        f"gold.eda_condition_prevalence{NATIONAL}": (
+            ["patient", "condition", "encounter"],
+            lambda: condition_prevalence(lake, years, top, last, by_state=False),
+            ["year", "condition"],
             "persons",
             ["per_1000_seen"],
         ),

@@ -1,8 +1,10 @@
 """``ehrlake report``: one self-contained HTML file (plots inlined as PNG) from the gold tables.
 
-Only gold (already suppressed) tables are read, so the report can leave the platform as it is;
-hidden cells are drawn as zero and counted in each plot's caption. The gold tables are small by
-construction (bounded by their dimensions), so they are brought to the driver as pandas.
+Only gold (already suppressed) tables are read, so the report can leave the platform as it is. A
+hidden cell is never drawn as a number: a hidden bar is left out and marked "hidden", a hidden point
+of a trend is a gap in its line, and each caption counts them. Country-wide figures come from the
+national tables (suppressed on their own), not from adding up state cells. The gold tables are small
+by construction (bounded by their dimensions), so they are brought to the driver as pandas.
 """
 
 from __future__ import annotations
@@ -35,29 +37,32 @@ def _hidden(df: pd.DataFrame) -> int:
 
 
 def pyramid(demo: pd.DataFrame):
-    table = demo.fillna({"persons": 0}).pivot_table(
-        index="age_band", columns="sex", values="persons", aggfunc="sum"
-    )
-    table = table.reindex([a for a in AGE_ORDER if a in table.index]).fillna(0)
+    """Persons by age band and sex, the whole country (``gold.eda_demographics_national``)."""
+    bands = [a for a in AGE_ORDER if a in set(demo["age_band"])]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.barh(table.index, -table.get("male", 0), color="#4c72b0", label="male")
-    ax.barh(table.index, table.get("female", 0), color="#dd8452", label="female")
+    for sex, side, colour in (("male", -1, "#4c72b0"), ("female", 1, "#dd8452")):
+        cells = demo[demo["sex"] == sex].set_index("age_band").reindex(bands)
+        ax.barh(bands, side * cells["persons"].fillna(0), color=colour, label=sex)
+        for band in cells.index[cells["persons"].isna()]:
+            ax.text(0, band, f"{sex}: hidden ", ha="right" if side < 0 else "left", va="center", fontsize=7)
+    ax.axvline(0, color="#333", linewidth=0.5)
     ax.set_xlabel("persons (male left, female right)")
     ax.legend()
-    return fig, f"Population pyramid, all regions ({_hidden(demo)} small cells hidden)"
+    return fig, f"Population pyramid, whole country ({_hidden(demo)} small cells hidden, marked)"
 
 
 def trends(prev: pd.DataFrame):
-    data = prev.fillna({"persons": 0}).groupby(["year", "display"])["persons"].sum().reset_index()
+    """The top diseases' persons per year, the whole country; a hidden year is a gap, not a zero."""
+    data = prev.sort_values("year")
     top = data.groupby("display")["persons"].sum().nlargest(6).index
     fig, ax = plt.subplots(figsize=(8, 4))
     for name in top:
-        series = data[data["display"] == name].sort_values("year")
-        ax.plot(series["year"], series["persons"], marker="o", label=str(name)[:40])
+        series = data[data["display"] == name]
+        ax.plot(series["year"], series["persons"].astype(float), marker="o", label=str(name)[:40])
     ax.set_xlabel("year")
     ax.set_ylabel("persons with the condition")
     ax.legend(fontsize=7)
-    return fig, f"Top conditions by year, all regions ({_hidden(prev)} small cells hidden)"
+    return fig, f"Top diseases by year, whole country ({_hidden(prev)} small cells hidden: gaps in the lines)"
 
 
 def utilisation(util: pd.DataFrame):
@@ -97,8 +102,8 @@ def render(lake, title: str = "ehrlake population health report") -> str:
     """The report as one HTML string (see module docstring)."""
     sections = []
     inputs = {
-        "gold.eda_demographics": pyramid,
-        "gold.eda_condition_prevalence": trends,
+        "gold.eda_demographics_national": pyramid,
+        "gold.eda_condition_prevalence_national": trends,
         "gold.eda_utilisation": utilisation,
         "gold.readiness": readiness_heatmap,
         "gold.dq_results": missingness,
