@@ -20,18 +20,15 @@ if [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/grants/admin.pub ]; then
   echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role auditor"
   "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role auditor
 fi
-run ingest --source fhir-bundles --input data/sample/fhir_bundles
-run ingest --source fhir-ndjson --input data/sample/fhir_ndjson
-run ingest --source synthea-csv --input data/sample/synthea_csv
-run ingest --source csv-extract --extract mimic --input data/sample/mimic_iv_demo
-run ingest --source csv-extract --extract diabetes130 --input data/sample/diabetes_130_us
-run ingest --source images --input data/sample/images/medmnist --source-system breastmnist
-run ingest --source images --input data/sample/images/dicom --source-system pacs
-run clean
-run quality
-run eda
-run features
-run train --task diabetes130_readmission_30d --grid tiny --promote
+# The samples hold no Indian patients: 600 generated ones (copies of the sample patients, new ids and
+# dates, Indian states weighted by population) give the NFHS-5 comparison and state readiness content.
+# Labelled by their source system; never a test split (docs/features.md).
+if [ ! -f gen/india/_manifest.json ]; then
+  echo; echo "\$ ehrlake synth --patients 600 --seed 7 --out gen/india"
+  "$bin/ehrlake" synth --patients 600 --seed 7 --out gen/india | tail -1
+fi
+# Ingest every sample, clean, quality, EDA, features, training: declared steps in one SparkSession.
+run pipeline conf/pipelines/demo.yaml
 if [ -x "$dlbin/ehrlake" ]; then
   # TensorFlow on Horovod-on-Spark (2 workers); short runs here, docs/deep_learning.md for the full ones
   dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
@@ -40,18 +37,13 @@ if [ -x "$dlbin/ehrlake" ]; then
 else
   echo; echo "(deep-learning steps skipped: make dl-env builds their runtime)"
 fi
-run models list
-run report --out "$lake/report.html"
-run lake show
-run read --table bronze.fhir_patient --limit 3 --role engineer
-run read --table silver.condition --limit 5 --role analyst
-run audit verify
+run pipeline conf/pipelines/report.yaml
 
 cat <<EOT
 
 Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records with lineage,
-identifiers sealed (ek1:...) and a pseudonymous patient_key; ops.quarantine = every record that could
-not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
+names and identifiers sealed to the reveal key (ek2:...), raw records under a data key (ek1z:...),
+a pseudonymous patient_key; ops.quarantine = every record that could not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
 gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
 the model registry and evaluation tables (docs/features.md), image findings of the CNN
 (docs/deep_learning.md); the HTML report

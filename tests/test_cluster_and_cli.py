@@ -303,3 +303,40 @@ def test_spark_submit_ingest_on_a_standalone_cluster_with_two_workers(tmp_path):
         assert any((tmp_path / "cluster").glob("work-*/app-*/*/stderr"))
     finally:
         subprocess.run(["bash", "infra/standalone/stop.sh"], env=env(**cluster), cwd=REPO, timeout=60)
+
+
+def test_pipeline_runs_declared_steps_in_one_session_and_stops_at_the_first_failure(
+    spark, tmp_path, capsys, security_conf
+):
+    """``ehrlake pipeline``: each step an ehrlake command line, run in this process (the test's one
+    SparkSession serves every step), the pipeline's --lake given to each; a failing step stops the
+    run with one line naming it, and re-running the whole pipeline adds nothing."""
+    from conftest import SAMPLE
+
+    from ehrlake import cli
+
+    lake = tmp_path / "lake"
+    steps = tmp_path / "steps.yaml"
+    steps.write_text(
+        f"steps:\n  - ingest --source fhir-ndjson --input {SAMPLE / 'fhir_ndjson'}\n  - lake show --json\n"
+    )
+    assert cli.main(["pipeline", str(steps), "--lake", str(lake)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] $ ehrlake ingest --source fhir-ndjson" in out and "[2/2] $ ehrlake lake show --json" in out
+    assert "pipeline: 2 steps in" in out and (lake / "bronze" / "fhir_patient" / "_delta_log").is_dir()
+    patients = DeltaTable(str(lake / "bronze" / "fhir_patient")).to_pyarrow_table().num_rows
+    assert cli.main(["pipeline", str(steps), "--lake", str(lake)]) == 0  # idempotent
+    assert DeltaTable(str(lake / "bronze" / "fhir_patient")).to_pyarrow_table().num_rows == patients
+    capsys.readouterr()
+    steps.write_text("steps:\n  - lake show\n  - read --table bronze.nothing_here\n  - lake show\n")
+    assert cli.main(["pipeline", str(steps), "--lake", str(lake)]) == 1
+    captured = capsys.readouterr()
+    assert "[3/3]" not in captured.out
+    assert (
+        captured.err.strip()
+        .splitlines()[-1]
+        .startswith("ehrlake: error: pipeline stopped at step 2 (read --table bronze.nothing_here)")
+    )
+    steps.write_text("steps:\n  - ehrlake lake show\n")
+    assert cli.main(["pipeline", str(steps)]) == 1
+    assert "write the command without it" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Plots (population pyramid, condition trends, utilisation, readiness heat map, "
         "missingness) from the suppressed gold tables, in one HTML file.",
     )
-    report.add_argument("--out", default="report.html", help="output file (default report.html)")
+    report.add_argument("--out", help="output file (default: report.html in the lake root)")
     _common(report)
 
     read = sub.add_parser(
@@ -356,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--version", type=int, required=True, help="version")
     for p in (models_list, promote):
         _common(p)
+
+    pipe = sub.add_parser(
+        "pipeline",
+        help="run declared steps (ehrlake command lines) in one process and one SparkSession",
+        description="Run the steps of a pipeline file (e.g. conf/pipelines/demo.yaml) in order, in one "
+        "SparkSession; --lake, --conf and --role apply to every step that takes them. The first failing "
+        "step stops the run; re-running is safe.",
+    )
+    pipe.add_argument("file", help="pipeline YAML: steps, a list of ehrlake command lines")
+    _common(pipe)
+    _role(pipe)
     return parser
 
 
@@ -446,9 +457,10 @@ def cmd_report(args) -> int:
 
     lake, _ = _open_lake(args)
     text = report.render(lake)
-    with open(args.out, "w", encoding="utf-8") as fh:
+    out = args.out or os.path.join(lake.root, "report.html")
+    with open(out, "w", encoding="utf-8") as fh:
         fh.write(text)
-    print(f"wrote {args.out} ({len(text) / 1e3:.0f} kB, {text.count('<img')} plots)")
+    print(f"wrote {out} ({len(text) / 1e3:.0f} kB, {text.count('<img')} plots)")
     return 0
 
 
@@ -842,6 +854,23 @@ def cmd_models_promote(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from ehrlake import pipeline
+
+    steps = pipeline.load(args.file)
+    shared = {"lake": args.lake, "conf": args.conf, "role": args.role}
+
+    def run_step(argv: list[str]) -> int:
+        step = build_parser().parse_args(argv)
+        for name, value in shared.items():  # the pipeline's options, where the step takes them
+            if value is not None and hasattr(step, name) and getattr(step, name) is None:
+                setattr(step, name, value)
+        return _dispatch(step)
+
+    pipeline.run(steps, run_step)
+    return 0
+
+
 COMMANDS = {
     "ingest": cmd_ingest,
     "synth": cmd_synth,
@@ -867,17 +896,11 @@ COMMANDS = {
     ("models", "list"): cmd_models_list,
     ("view", "run"): cmd_view_run,
     ("models", "promote"): cmd_models_promote,
+    "pipeline": cmd_pipeline,
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ehrlake import session
-
-    args = build_parser().parse_args(argv)
-    if args.verbose:
-        os.environ["EHRLAKE_DEBUG"] = "1"
-    # Spark's log off unless asked for: a failure is this command's one line, not a page of JVM frames
-    os.environ.setdefault("EHRLAKE_SPARK_LOG", "WARN" if args.verbose else "OFF")
+def _handler(args):
     sub = {
         "lake": "lake_command",
         "keys": "keys_command",
@@ -886,10 +909,25 @@ def main(argv: list[str] | None = None) -> int:
         "models": "models_command",
         "view": "view_command",
     }.get(args.command)
-    key = (args.command, getattr(args, sub)) if sub else args.command
+    return COMMANDS[(args.command, getattr(args, sub)) if sub else args.command]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["EHRLAKE_DEBUG"] = "1"
+    # Spark's log off unless asked for: a failure is this command's one line, not a page of JVM frames
+    os.environ.setdefault("EHRLAKE_SPARK_LOG", "WARN" if args.verbose else "OFF")
+    return _dispatch(args)
+
+
+def _dispatch(args) -> int:
+    """Run one parsed command; its failure is one line on stderr and exit status 1."""
+    from ehrlake import session
+
     try:
         session.require_runtime(args.command)
-        return COMMANDS[key](args)
+        return _handler(args)(args)
     except EhrlakeError as exc:
         print(f"ehrlake: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
