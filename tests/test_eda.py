@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 
 import pytest
@@ -135,6 +136,30 @@ def test_hidden_cells_are_drawn_as_gaps_and_marks_never_as_zero():
     )
     fig, caption = report.pyramid(demo)
     assert [t.get_text().strip() for t in fig.axes[0].texts] == ["female: hidden"]
+
+
+def test_the_configured_small_cell_k_applies_without_being_passed(spark, tmp_path, security_conf):
+    """``security.small_cell_k`` is the one place the threshold is set: a stricter deployment (here
+    40) hides every count under it in every EDA table without a ``--k``."""
+    from ehrlake import config
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+
+    security = config.load(security_conf).security
+    strict = dataclasses.replace(security, small_cell_k=40)
+    root = str(tmp_path / "lake")
+    lake = Lake(root, spark, security=Security.from_config(strict, root))
+    assert lake.security.small_cell_k == 40
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(SAMPLE / "fhir_ndjson"))
+    clean.run(lake, today=REFERENCE)
+    aggregates.run(lake, years=5, top=5, reference=REFERENCE)
+    truth = {
+        (r.age_band, r.sex): r.persons for r in aggregates.demographics(lake, REFERENCE, False).collect()
+    }
+    shown = {(r.age_band, r.sex): r for r in lake.read("gold.eda_demographics_national").collect()}
+    assert all(r.persons in (0, None) or r.persons >= 40 for r in shown.values())
+    between = [c for c, n in truth.items() if 11 <= n < 40]  # shown under the default k, hidden here
+    assert between and all(shown[c].suppressed for c in between)
 
 
 @pytest.mark.slow

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the gold EDA tables from silver. Counts under --k are hidden, with "
         "complementary cells so no hidden count can be recovered from totals.",
     )
-    eda.add_argument("--k", type=int, default=11, help="smallest count shown (default 11)")
+    eda.add_argument("--k", type=int, help="smallest count shown (default: security.small_cell_k, 11)")
     eda.add_argument("--years", type=int, default=10, help="years of trends (default 10)")
     eda.add_argument("--top", type=int, default=20, help="conditions in the prevalence table (default 20)")
     _common(eda)
@@ -446,9 +446,10 @@ def cmd_eda(args) -> int:
     lake, _ = _open_lake(args)
     if not lake.exists("silver.patient"):
         raise EhrlakeError("no silver tables yet: run ehrlake clean first")
-    summary = aggregates.run(lake, k=args.k, years=args.years, top=args.top, role=args.role)
+    k = args.k or lake.security.small_cell_k
+    summary = aggregates.run(lake, k=k, years=args.years, top=args.top, role=args.role)
     for name, counts in summary.items():
-        print(f"{name:<30} {counts['cells']:>7,} cells {counts['hidden']:>6,} suppressed (k={args.k})")
+        print(f"{name:<30} {counts['cells']:>7,} cells {counts['hidden']:>6,} suppressed (k={k})")
     return 0
 
 

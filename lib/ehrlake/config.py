@@ -101,12 +101,17 @@ class SecurityConfig:
     grants: str = "./secrets/grants"
     grant_admin_key: str = "./secrets/grant-admin.key"
     reveals_per_hour: int = 20  # per OS user; a bulk reveal beyond it is refused (0: no limit)
+    # the smallest person count any published table shows (EDA aggregates, model error cells); smaller
+    # counts are hidden with complementary cells (eda/suppression.py). 11: the CMS cell-size rule
+    small_cell_k: int = 11
 
     def validate(self) -> None:
         if not self.master_key_file or not self.key_store:
             raise ConfigError("security.master_key_file and security.key_store must be set")
         if self.audit_checkpoint_every < 1:
             raise ConfigError("security.audit_checkpoint_every must be a positive integer")
+        if self.small_cell_k < 2:
+            raise ConfigError("security.small_cell_k must be at least 2")
         if self.reveals_per_hour < 0:
             raise ConfigError("security.reveals_per_hour must be 0 (no limit) or a positive integer")
 

@@ -196,9 +196,11 @@ def readmission_by_facility(lake, years: int, last_year: int, k: int) -> DataFra
 
 
 def run(
-    lake, k: int = 11, years: int = 10, top: int = 20, reference: dt.date | None = None, role=None
+    lake, k: int | None = None, years: int = 10, top: int = 20, reference: dt.date | None = None, role=None
 ) -> dict:
-    """Build and write every gold EDA table, suppressed; returns rows and hidden cells per table."""
+    """Build and write every gold EDA table, suppressed (``k``: default the lake's
+    ``security.small_cell_k``); returns rows and hidden cells per table."""
+    k = k or lake.security.small_cell_k
     reference = reference or dt.date.today()
     has = {t: lake.exists(f"silver.{t}") for t in ("patient", "encounter", "condition", "observation")}
     last = reference.year

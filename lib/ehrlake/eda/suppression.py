@@ -29,6 +29,8 @@ from scipy.optimize import linprog
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from ehrlake.config import SecurityConfig
+
 PRIMARY, COMPLEMENTARY = "primary", "complementary"
 MAX_CELLS = 200_000
 
@@ -37,7 +39,7 @@ def suppress(
     df: DataFrame,
     dims: list[str],
     count: str = "n",
-    k: int = 11,
+    k: int = SecurityConfig.small_cell_k,
     derived: list[str] | None = None,
     max_cells: int = MAX_CELLS,
     independent: list[str] | None = None,

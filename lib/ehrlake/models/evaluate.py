@@ -18,6 +18,8 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.config import SecurityConfig
+
 BINS = 1000
 THRESHOLD = 0.5  # default decision threshold; a trained model uses its training base rate
 BOOTSTRAP = 1000
@@ -176,7 +178,9 @@ def subgroup_metrics(pred: DataFrame, bootstrap: int = 200, threshold: float = T
     return rows
 
 
-def error_cells(pred: DataFrame, k: int = 11, top: int = 15, threshold: float = THRESHOLD) -> DataFrame:
+def error_cells(
+    pred: DataFrame, k: int = SecurityConfig.small_cell_k, top: int = 15, threshold: float = THRESHOLD
+) -> DataFrame:
     """Where the model is most wrong: age band x sex cells ranked by Brier score (cells under k rows
     are left out, as in the EDA tables), with miss rates at the 0.5 threshold."""
     flagged = F.col("score") >= threshold

@@ -227,7 +227,9 @@ def record(
             "evaluation string, model_id string, version int, dataset string, bin int, "
             "mean_predicted double, observed_rate double, n long",
         ),
-        "gold.model_errors": evaluate.error_cells(pred, threshold=threshold).select(
+        "gold.model_errors": evaluate.error_cells(
+            pred, lake.security.small_cell_k, threshold=threshold
+        ).select(
             F.lit(evaluation).alias("evaluation"),
             F.lit(mv.model_id).alias("model_id"),
             F.lit(mv.version).alias("version"),

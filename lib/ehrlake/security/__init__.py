@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ehrlake.config import SecurityConfig
 from ehrlake.home import HOME
 from ehrlake.security import identity
 from ehrlake.security.access import Access, AccessPolicy
@@ -25,6 +26,7 @@ class Security:
     access: Access
     audit: AuditLog
     default_role: str
+    small_cell_k: int = SecurityConfig.small_cell_k  # smallest count a published table shows
 
     @contextlib.contextmanager
     def job(self, job: str, layers: list[str], role: str | None = None, run_id: str | None = None):
@@ -55,7 +57,8 @@ class Security:
         grants = Grants(Path(security.grants)) if security.grants else None
         policy = AccessPolicy.load(_policy_path(security.access_policy))
         access = Access(policy, audit, protector, grants, security.reveals_per_hour)
-        return cls(protector, access, audit, os.environ.get("EHRLAKE_ROLE") or security.role)
+        role = os.environ.get("EHRLAKE_ROLE") or security.role
+        return cls(protector, access, audit, role, security.small_cell_k)
 
 
 def init_keys(security) -> list[str]:
