@@ -205,3 +205,18 @@ def test_a_main_runtime_job_in_the_deep_learning_runtime_says_where_to_run_it(tm
         "Spark's Arrow paths need 18 or later)"
     ]
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_tensorflow_start_up_notices_are_filtered_and_other_output_kept():
+    """The oneDNN / CPU-instruction / absl notices TensorFlow prints from C++ at import no longer
+    flood a job's log; --verbose (EHRLAKE_DEBUG) shows them, and other stderr output still passes."""
+    import sys
+
+    code = (
+        "import sys; import ehrlake.dl, tensorflow, horovod.tensorflow.keras; print('kept', file=sys.stderr)"
+    )
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr.strip() == "kept", quiet.stderr[-2000:]
+    env = {**os.environ, "EHRLAKE_DEBUG": "1", "TF_CPP_MIN_LOG_LEVEL": "0"}
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "oneDNN custom operations are on" in loud.stderr

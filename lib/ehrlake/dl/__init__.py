@@ -18,3 +18,42 @@ import os
 # which Horovod's optimizer wrapper and MultiWorkerMirroredStrategy need (runtime.py).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# TensorFlow's start-up notices (oneDNN, CPU instructions, absl) are printed by its C++ code before
+# any log level applies; they are filtered from this process's stderr while TF is first imported
+# (before Horovod or Petastorm can import it unfiltered). Anything else it prints still shows;
+# EHRLAKE_DEBUG (--verbose) shows everything. Turning oneDNN off would silence it too, but changes
+# numerics and speed, so it stays on.
+_NOTICES = (
+    "oneDNN custom operations are on",
+    "All log messages before absl::InitializeLog",
+    "cpu_feature_guard",
+    "To enable the following instructions",
+)
+
+
+def _import_tensorflow_quietly() -> None:
+    import importlib.util
+    import sys
+    import tempfile
+
+    if os.environ.get("EHRLAKE_DEBUG") or importlib.util.find_spec("tensorflow") is None:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            pass  # runtime.tensorflow() says what to install
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not any(notice in line for notice in _NOTICES):
+                    print(line, file=sys.stderr)
+
+
+_import_tensorflow_quietly()

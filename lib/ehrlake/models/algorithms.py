@@ -11,6 +11,9 @@ Class imbalance: every learner gets a per-row ``weight`` (positives weighted neg
 
 from __future__ import annotations
 
+import logging
+import os
+
 from pyspark.ml import Pipeline
 from pyspark.ml.classification import LogisticRegression, RandomForestClassifier
 from pyspark.ml.feature import Imputer, StandardScaler, VectorAssembler
@@ -32,6 +35,10 @@ def pipeline(algorithm: str, features: list[str], seed: int, num_workers: int = 
     impute = Imputer(inputCols=features, outputCols=imputed, strategy="median")
     if algorithm == "xgboost":
         from xgboost.spark import SparkXGBClassifier
+
+        # xgboost.spark logs every fit at INFO on the driver's stderr; the job reports its own result
+        if not os.environ.get("EHRLAKE_DEBUG"):
+            logging.getLogger("XGBoost-PySpark").setLevel(logging.WARNING)
 
         assemble = VectorAssembler(inputCols=features, outputCol="features", handleInvalid="keep")
         model = SparkXGBClassifier(
