@@ -8,10 +8,11 @@ import os
 import platform
 from pathlib import Path
 
+import ehrlake.lake
 from ehrlake import config
 from ehrlake.config import SecurityConfig
 from ehrlake.lake import Lake
-from ehrlake.security import Security, init_keys
+from ehrlake.security import init_keys
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +26,7 @@ def secured_lake(root: Path, spark, secrets: Path) -> Lake:
         access_policy=str(REPO / "conf" / "access_policy.yaml"),
     )
     init_keys(security)
-    return Lake(str(root), spark, config.Config().lake.engine, Security.from_config(security, str(root)))
+    return ehrlake.lake.open(str(root), spark, config.Config(security=security))
 
 
 def fhir_arguments(parser) -> None:

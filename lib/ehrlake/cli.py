@@ -372,19 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open_lake(args):
     from ehrlake import config as config_module
-    from ehrlake.lake import Lake
-    from ehrlake.security import Security
-    from ehrlake.session import get_spark
+    from ehrlake import lake
 
     config = config_module.load(args.conf).with_lake_root(args.lake)
-    root = config.lake.root
-    parent = os.path.dirname(os.path.abspath(root))
-    if os.path.exists(root) and not (os.path.isdir(root) and os.access(root, os.R_OK | os.W_OK | os.X_OK)):
-        raise EhrlakeError(f"lake root {root} is not a readable and writable directory")
-    if not os.path.exists(root) and not os.access(parent, os.W_OK):
-        raise EhrlakeError(f"cannot create the lake root {root}: {parent} is not writable")
-    spark = get_spark(config)
-    return Lake(root, spark, config.lake.engine, Security.from_config(config.security, root)), config
+    return lake.open(config=config), config
 
 
 def cmd_ingest(args) -> int:

@@ -207,12 +207,19 @@ def _choose_engine(spark: SparkSession, engine: str):
 
 
 def open(root: str | None = None, spark: SparkSession | None = None, config=None) -> Lake:  # noqa: A001
-    """Open the lake at ``root`` (default: the configured root), building a session if needed."""
+    """Open the lake at ``root`` (default: the configured root) with the configuration's engine and
+    security, building a session if needed: the one way jobs, the CLI and benchmarks get a lake.
+    A root that exists but cannot be used, or cannot be created, is a one-line error up front."""
     from ehrlake import config as config_module
     from ehrlake.security import Security
     from ehrlake.session import get_spark
 
     config = config or config_module.load()
+    root = str(root or config.lake.root)
+    parent = os.path.dirname(os.path.abspath(root))
+    if os.path.exists(root) and not (os.path.isdir(root) and os.access(root, os.R_OK | os.W_OK | os.X_OK)):
+        raise ConfigError(f"lake root {root} is not a readable and writable directory")
+    if not os.path.exists(root) and not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot create the lake root {root}: {parent} is not writable")
     spark = spark or get_spark(config)
-    root = root or config.lake.root
     return Lake(root, spark, config.lake.engine, Security.from_config(config.security, root))
