@@ -161,6 +161,18 @@ def test_cli_ingest_then_lake_show_json(tmp_path):
     assert len(shown) == 2 and all(r["family_name"].startswith("ek2:") and r["patient_key"] for r in shown)
     rotated = ehrlake("keys", "rotate", "--table", "bronze.fhir_patient", "--reencrypt", "--lake", str(lake))
     assert rotated.returncode == 0 and "as Delta version" in rotated.stdout, rotated.stderr[-2000:]
+    refused = ehrlake(
+        "keys",
+        "rotate",
+        "--table",
+        "bronze.fhir_patient",
+        "--reencrypt",
+        "--role",
+        "analyst",
+        "--lake",
+        str(lake),
+    )  # re-encryption rewrites the table: a job, refused to a role that may not write bronze
+    assert refused.returncode == 1 and "analyst may not write the bronze" in refused.stderr
 
 
 @pytest.mark.slow

@@ -66,12 +66,19 @@ def test_split_keeps_each_patient_on_one_side(trained):
     assert train_df.select("cv_fold").distinct().count() == 3
 
 
-def test_same_seed_reproduces_the_same_metrics(trained):
+def test_same_seed_reproduces_the_same_metrics_and_promotion_picks_the_best(trained):
+    """Through ``ehrlake train``'s entry (``training.train_task``): the same seed gives the same
+    model again, and ``promote`` makes the best held-out AUROC the task's production model."""
+    from ehrlake.models import registry
+    from ehrlake.training import train_task
+
     lake, _, models = trained
-    again = train(lake, TASK, ("xgboost",), grid="tiny", folds=2, bootstrap=200)[0]
+    result = train_task(lake, TASK, ["xgboost"], grid="tiny", folds=2, promote=True)
+    again = result.models[0]
     assert again.version == models[0].version + 1
     assert again.metrics["auroc"]["value"] == models[0].metrics["auroc"]["value"]
     assert again.metrics["brier"]["value"] == models[0].metrics["brier"]["value"]
+    assert registry.production(lake, TASK).model_id == result.promoted.model_id == again.model_id
 
 
 def test_evaluation_tables_hold_subgroups_calibration_errors_and_importance(trained):

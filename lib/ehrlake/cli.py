@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     rotate.add_argument(
         "--lake", help="lake root, with --reencrypt (default: lake.root of the configuration)"
     )
+    _role(rotate)  # --reencrypt rewrites the table: a job of a role that may write its layer
     show_keys = keys_sub.add_parser("show", help="key ids and creation times per table (never key material)")
     show_keys.add_argument("--json", action="store_true", help="machine-readable output")
     for p in (init, rotate, show_keys):
@@ -563,16 +564,8 @@ def cmd_keys_rotate(args) -> int:
     key_id = store.rotate(table)
     print(f"{key_id} created; new writes to {table} use it, older versions stay readable")
     if args.reencrypt:
-        from ehrlake.security.audit import Event
-
         lake, _ = _open_lake(args)
-        result = lake.security.protector.reencrypt(lake, table)
-        lake.security.audit.record(
-            Event(
-                "keys.reencrypt", role=lake.security.default_role, job="keys", table_name=table, detail=key_id
-            ),
-            checkpoint=True,
-        )
+        result = lake.security.reencrypt(lake, table, args.role)
         print(f"{table}: sealed columns rewritten under {key_id} as Delta version {result.version}")
     return 0
 
@@ -686,40 +679,24 @@ def cmd_features(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ehrlake.dl import runtime
-    from ehrlake.models import registry, train
+    from ehrlake.training import DeepLearningOptions, train_task
 
     lake, _ = _open_lake(args)
-    dl = {"epochs": args.epochs, "launcher": args.launcher, "backend": args.backend, "seed": args.seed}
-    trained = []
-    if args.task in runtime.load().image_tasks:
-        from ehrlake.dl.train import train_image_model
-
-        trained.append(train_image_model(lake, args.task, role=args.role, **dl))
-    else:
-        algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-        spark_ml = tuple(a for a in algorithms if a != "ann")
-        if spark_ml:
-            trained += train(
-                lake, args.task, spark_ml, grid=args.grid, folds=args.folds, seed=args.seed,
-                num_workers=args.workers, role=args.role,
-            )  # fmt: skip
-        if "ann" in algorithms:
-            from ehrlake.dl.train import train_tabular_ann
-
-            trained.append(train_tabular_ann(lake, args.task, role=args.role, **dl))
+    trained = train_task(
+        lake, args.task, [a.strip() for a in args.algorithms.split(",") if a.strip()],
+        grid=args.grid, folds=args.folds, seed=args.seed, workers=args.workers, role=args.role,
+        deep=DeepLearningOptions(args.epochs, args.launcher, args.backend), promote=args.promote,
+    )  # fmt: skip
     print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")
-    for mv in trained:
+    for mv in trained.models:
         m = mv.metrics
         auroc = m["auroc"]
         print(
             f"{mv.label:<44} {auroc['value']:.3f} ({auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
             f"   {m['auprc']['value']:>6.3f} {m['brier']['value']:>6.3f} {m['accuracy']['value']:>8.3f}"
         )
-    if args.promote and trained:
-        best = max(trained, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
-        registry.promote(lake, best.model_id, best.version)
-        print(f"promoted {best.label} to production for {args.task}")
+    if trained.promoted:
+        print(f"promoted {trained.promoted.label} to production for {args.task}")
     return 0
 
 
@@ -760,30 +737,13 @@ def cmd_score(args) -> int:
 
 
 def cmd_score_images(args) -> int:
-    from pyspark.sql import functions as F
-
     from ehrlake.dl import predict
     from ehrlake.models import registry
 
     lake, _ = _open_lake(args)
     mv = registry.get(lake, args.model, args.version)
-    if mv.algorithm != "cnn":
-        raise EhrlakeError(f"{mv.label} is not an image model")
-    with lake.security.job("score-images", ["gold"], args.role) as (_, audit):
-        findings = predict.image_findings(
-            lake, mv.artifact_path(lake), lake.version("silver.imaging"), args.source_system,
-            mv.task, mv.model_id, mv.version,
-        )  # fmt: skip
-        predict.write_findings(lake, findings)
-        counts = (
-            lake.read(predict.FINDINGS)
-            .where((F.col("model_id") == mv.model_id) & (F.col("source_system") == args.source_system))
-            .groupBy("finding")
-            .count()
-            .collect()
-        )
-        audit.append((predict.FINDINGS, f"{args.source_system} scored with {mv.label}"))
-    spread = ", ".join(f"{'positive' if r.finding else 'negative'} {r['count']:,}" for r in counts)
+    counts = predict.score_source(lake, mv, args.source_system, args.role)
+    spread = ", ".join(f"{'positive' if f else 'negative'} {n:,}" for f, n in sorted(counts.items()))
     print(f"{args.source_system}: {spread or 'no images'} with {mv.label} -> {predict.FINDINGS}")
     return 0
 

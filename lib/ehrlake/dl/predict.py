@@ -93,6 +93,31 @@ def write_findings(lake, findings: DataFrame) -> None:
     lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"})
 
 
+def score_source(lake, mv, source_system: str, role: str | None = None) -> dict[bool, int]:
+    """``ehrlake score-images``: every image of ``source_system`` in ``silver.imaging`` scored by
+    image model ``mv`` on the executors, merged into ``gold.image_findings`` as one audited job;
+    returns images per finding (positive / negative) of this model and source."""
+    from ehrlake.errors import EhrlakeError
+
+    if mv.algorithm != "cnn":
+        raise EhrlakeError(f"{mv.label} is not an image model")
+    with lake.security.job("score-images", ["gold"], role) as (_, audit):
+        version = lake.version("silver.imaging")
+        findings = image_findings(
+            lake, mv.artifact_path(lake), version, source_system, mv.task, mv.model_id, mv.version
+        )
+        write_findings(lake, findings)
+        counts = (
+            lake.read(FINDINGS)
+            .where((F.col("model_id") == mv.model_id) & (F.col("source_system") == source_system))
+            .groupBy("finding")
+            .count()
+            .collect()  # two rows at most
+        )
+        audit.append((FINDINGS, f"{source_system} scored with {mv.label}"))
+    return {bool(r.finding): int(r["count"]) for r in counts}
+
+
 def saliency_figure(
     lake, path: str, snap, selection, task: str, artifact_png: str, per_class: int = 4
 ) -> None:

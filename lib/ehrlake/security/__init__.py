@@ -49,6 +49,17 @@ class Security:
         ]
         self.audit.record(*events, Event(job, role=role, job=job, run_id=run_id), checkpoint=True)
 
+    def reencrypt(self, lake, table: str, role: str | None = None):
+        """Rewrite ``table``'s columns sealed under a data key under its current one (after ``keys
+        rotate``), as a job: refused unless ``role`` may write the table's layer, and audited."""
+        from ehrlake.lake.catalog import TableName
+
+        key_id = self.protector.store.current_id(table)
+        with self.job("keys.reencrypt", [TableName.parse(table).layer], role) as (_, written):
+            result = self.protector.reencrypt(lake, table)
+            written.append((table, f"sealed columns under {key_id}: Delta version {result.version}"))
+        return result
+
     @classmethod
     def from_config(cls, security, lake_root: str) -> Security:
         reveal_key = os.path.abspath(security.reveal_key_file) if security.reveal_key_file else None

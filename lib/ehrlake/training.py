@@ -1,0 +1,71 @@
+"""``ehrlake train``: which trainer a task and its algorithms need, and promotion of the best.
+
+Image tasks (``conf/deep_learning.yaml``) train a CNN; tabular tasks train the requested Spark ML
+algorithms (``models.train``) and, with ``ann``, a TensorFlow ANN on the same rows and split
+(``dl.train``). Every fitted model is registered as a candidate; ``promote`` makes the one with the
+best held-out AUROC the task's production model. This module sits above ``models`` and ``dl`` so
+neither has to know the other's trainers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ehrlake.models import registry
+from ehrlake.models.train import DEFAULT_SEED
+from ehrlake.models.train import train as train_spark_ml
+
+
+@dataclass(frozen=True)
+class DeepLearningOptions:
+    """Run options of the TensorFlow trainers (None: the value in ``conf/deep_learning.yaml``)."""
+
+    epochs: int | None = None
+    launcher: str | None = None
+    backend: str | None = None
+
+
+@dataclass
+class Trained:
+    models: list[registry.ModelVersion] = field(default_factory=list)
+    promoted: registry.ModelVersion | None = None
+
+
+def train_task(
+    lake,
+    task: str,
+    algorithms: list[str],
+    *,
+    grid: str = "small",
+    folds: int = 3,
+    seed: int = DEFAULT_SEED,
+    workers: int = 2,
+    role: str | None = None,
+    deep: DeepLearningOptions | None = None,
+    promote: bool = False,
+) -> Trained:
+    """Train ``task`` with ``algorithms`` (ignored for image tasks: a CNN); see the module docstring."""
+    from ehrlake.dl import runtime
+
+    deep = deep or DeepLearningOptions()
+    options = {"epochs": deep.epochs, "launcher": deep.launcher, "backend": deep.backend, "seed": seed}
+    result = Trained()
+    if task in runtime.load().image_tasks:
+        from ehrlake.dl.train import train_image_model
+
+        result.models.append(train_image_model(lake, task, role=role, **options))
+    else:
+        spark_ml = tuple(a for a in algorithms if a != "ann")
+        if spark_ml:
+            result.models += train_spark_ml(
+                lake, task, spark_ml, grid=grid, folds=folds, seed=seed, num_workers=workers, role=role
+            )
+        if "ann" in algorithms:
+            from ehrlake.dl.train import train_tabular_ann
+
+            result.models.append(train_tabular_ann(lake, task, role=role, **options))
+    if promote and result.models:
+        best = max(result.models, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
+        registry.promote(lake, best.model_id, best.version)
+        result.promoted = best
+    return result
