@@ -20,12 +20,12 @@ if [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/grants/admin.pub ]; then
   echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role auditor"
   "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role auditor
 fi
-# The samples hold no Indian patients: 600 generated ones (copies of the sample patients, new ids and
-# dates, Indian states weighted by population) give the NFHS-5 comparison and state readiness content.
-# Labelled by their source system; never a test split (docs/features.md).
+# The samples hold no Indian patients: 1,500 generated ones (copies of the sample patients, new ids and
+# dates, the four most populous states weighted by population) give the NFHS-5 comparison and state
+# readiness content. Labelled by their source system; never a test split (docs/features.md).
 if [ ! -f gen/india/_manifest.json ]; then
-  echo; echo "\$ ehrlake synth --patients 600 --seed 7 --out gen/india"
-  "$bin/ehrlake" synth --patients 600 --seed 7 --out gen/india | tail -1
+  echo; echo "\$ ehrlake synth --patients 1500 --seed 7 --regions conf/synth/india_demo.yaml --out gen/india"
+  "$bin/ehrlake" synth --patients 1500 --seed 7 --regions conf/synth/india_demo.yaml --out gen/india | tail -1
 fi
 # Ingest every sample, clean, quality, EDA, features, training: declared steps in one SparkSession.
 run pipeline conf/pipelines/demo.yaml

@@ -57,3 +57,13 @@ def _import_tensorflow_quietly() -> None:
 
 
 _import_tensorflow_quietly()
+
+# Petastorm 0.12 calls pyarrow APIs deprecated since pyarrow 2 (kept at 14 for it): every reader in
+# every Horovod worker repeated ~20 FutureWarnings (2,000 of the demo's 2,600 log lines). Known and
+# harmless here; EHRLAKE_DEBUG (--verbose) shows them.
+if not os.environ.get("EHRLAKE_DEBUG"):
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
+    warnings.filterwarnings("ignore", category=UnicodeWarning, module=r"petastorm(\.|$)")
+    warnings.filterwarnings("ignore", message="Arrow optimization failed to enable", category=RuntimeWarning)
