@@ -25,7 +25,7 @@ from ehrlake.errors import KeyAccessError
 from ehrlake.security import crypto
 from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
 from ehrlake.security.pseudonym import patient_key
-from ehrlake.security.reveal_key import RevealPublicKey, private_key, require_public
+from ehrlake.security.reveal_key import KEY_ID_PREFIX, RevealPublicKey, private_key, require_public
 
 SEPARATOR = "\x1f"
 COMPRESSED = frozenset({"raw"})  # whole records: compressed before sealing (see crypto)
@@ -61,7 +61,7 @@ def _key(ref: KeyRef, key_id: str):
     """The data key, unwrapped once per executor process, key id and key-file version: a rotated
     or destroyed key takes effect on the next batch, not only in new executor processes. For a
     reveal key id, the reveal private key (only where ``ref`` names its file)."""
-    if key_id.startswith("reveal#"):
+    if key_id.startswith(KEY_ID_PREFIX):
         return private_key(ref.reveal_key_file, key_id)
     table = key_id.rsplit("#", 1)[0]
     try:

@@ -25,6 +25,7 @@ from ehrlake.errors import KeyAccessError
 from ehrlake.security.keys import create_once
 
 PUBLIC_FILE = "reveal.pub"  # in the key store directory
+KEY_ID_PREFIX = "reveal#"  # key ids of reveal keys: reveal#<fingerprint> (data keys: <table>#v<N>)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class RevealPublicKey:
 
     @classmethod
     def of(cls, public: bytes) -> RevealPublicKey:
-        return cls(f"reveal#{fingerprint(public)}", public)
+        return cls(f"{KEY_ID_PREFIX}{fingerprint(public)}", public)
 
 
 def fingerprint(public: bytes) -> str:
