@@ -64,18 +64,25 @@ def test_analyst_sees_no_identifier_column_in_silver_and_cannot_read_bronze_or_r
 
 
 def test_engineer_sees_identifiers_only_as_ciphertext_and_cannot_open_them(loaded):
-    """Names are sealed to the reveal key, which jobs do not hold: the master key that ingest needs
-    opens ``raw`` (views flatten it) but not one name; only the reveal path does."""
+    """Names and whole records as sent are sealed to the reveal key, which jobs do not hold: the
+    master key that ingest needs opens the records' processing copy (views flatten it) and the birth
+    date, but not one name or phone number; only the reveal path does."""
     table = "bronze.fhir_patient"
     df = loaded.read(table, role="engineer")
     rows = df.collect()
     assert all(r.family_name.startswith("ek2:reveal#") for r in rows)
-    assert all(r.raw.startswith(f"ek1z:{table}#") for r in rows)  # compressed, then sealed
+    assert all(r.raw.startswith("ek2z:reveal#") for r in rows)  # compressed, then sealed to the key
+    assert all(r.raw_deid.startswith(f"ek1z:{table}#") for r in rows)
     sealing = Sealing.of(df.schema)
-    assert {"family_name", "given_names", "address_line"} <= sealing.to_reveal
-    assert not {"raw", "birth_date"} & sealing.to_reveal  # what jobs read themselves
+    assert {"family_name", "given_names", "address_line", "raw"} <= sealing.to_reveal
+    assert not {"raw_deid", "birth_date"} & sealing.to_reveal  # what jobs read themselves
     protector = loaded.security.protector
-    assert protector.open(df, table, sealing.under_data_key).first().raw.startswith("{")
+    copy = json.loads(protector.open(df, table, sealing.under_data_key).where("id = 'p1'").first().raw_deid)
+    assert (copy["id"], copy["birthDate"], copy["gender"]) == ("p1", "1970-05-01", "female")
+    assert not {"name", "telecom", "address"} & set(copy) and "Raghunathan" not in json.dumps(copy)
+    assert copy["meta"]["security"][-1]["code"] == "REDACTED"
+    with pytest.raises(KeyAccessError, match="open only with the reveal key"), key_errors():
+        protector.open(df, table, sealing.only(["raw"])).collect()
     with pytest.raises(KeyAccessError, match="open only with the reveal key"), key_errors():
         protector.open(df, table, sealing.only(["family_name"])).collect()
     assert "Rao" in {r.family_name for r in protector.revealing().open(df, table, sealing).collect()}
@@ -141,14 +148,16 @@ def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_
     result = lake.security.protector.reencrypt(lake, table)
     assert result.version == before + 1
     now = {r.id: r for r in lake.read(table).collect()}
-    assert all(r.raw.startswith(f"ek1z:{table}#v2:") for r in now.values())
+    assert all(r.raw_deid.startswith(f"ek1z:{table}#v2:") for r in now.values())
     assert {r.family_name for r in opened(lake, table).collect()} == {"Venkataraman", "Rao"}
     old = lake.read(table, version=before)
-    assert all(r.raw.startswith(f"ek1z:{table}#v1:") for r in old.collect())
-    # names are sealed to the reveal key, not a data key: re-encryption leaves them as they were
-    assert {r.id: r.family_name for r in old.collect()} == {i: r.family_name for i, r in now.items()}
+    assert all(r.raw_deid.startswith(f"ek1z:{table}#v1:") for r in old.collect())
+    # names and records as sent are sealed to the reveal key, not a data key: re-encryption leaves
+    # them as they were
+    sent = {r.id: (r.family_name, r.raw) for r in old.collect()}
+    assert sent == {i: (r.family_name, r.raw) for i, r in now.items()}
     reopened = lake.security.protector.open(old, table, Sealing.of(old.schema).under_data_key)
-    assert sorted("Venkataraman" in r.raw for r in reopened.collect()) == [False, True]  # time travel opens
+    assert sorted('"p1"' in r.raw_deid for r in reopened.collect()) == [False, True]  # time travel opens
     # once v1 is destroyed, the old version cannot be opened: a clear error naming table and key id
     path = store.key_file(table)
     data = json.loads(path.read_text())

@@ -162,3 +162,19 @@ def test_cli_view_run_on_files_and_on_a_lake_table(lake, capsys, tmp_path):
     events = lake.read("audit.events").where("job = 'view'").collect()
     assert any(e.table_name == "silver.flags" for e in events)
     assert cli.main([*args, "--table", "bronze.fhir_other"]) == 1  # sealed records need --out
+    # a job reads each record's processing copy: a view asking for names gets none
+    people = tmp_path / "people.json"
+    people.write_text(json.dumps({
+        "resourceType": "ViewDefinition", "name": "people", "resource": "Patient",
+        "select": [{"column": [
+            {"name": "id", "path": "getResourceKey()"},
+            {"name": "gender", "path": "gender"},
+            {"name": "family", "path": "name.family.first()"},
+            {"name": "phone", "path": "telecom.value.first()"},
+        ]}],
+    }))  # fmt: skip
+    view_args = ["view", "run", "--view", str(people), "--lake", lake.root]
+    assert cli.main([*view_args, "--table", "bronze.fhir_patient", "--out", "silver.people"]) == 0
+    assert [
+        r.asDict() for r in lake.read("silver.people").select("id", "gender", "family", "phone").collect()
+    ] == [{"id": "p1", "gender": "female", "family": None, "phone": None}]

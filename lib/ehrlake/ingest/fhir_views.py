@@ -11,6 +11,7 @@ departures from R4 that are read as R4 (and recorded in ``conformance_issues``).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,9 @@ class BronzeView:
 
     @property
     def protection(self) -> TableProtection:
+        """The view's sealed columns, plus the FHIR record's processing copy (``raw_deid``)."""
         patient = "id" if self.resource_type == "Patient" else self.patient_column
-        return definition.protection(self.columns, patient)
+        return dataclasses.replace(definition.protection(self.columns, patient), fhir_records=True)
 
 
 def _drifts(folder: Path) -> dict[str, Drift]:

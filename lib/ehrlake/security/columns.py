@@ -22,13 +22,13 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.errors import KeyAccessError
-from ehrlake.security import crypto
+from ehrlake.security import crypto, deidentify
 from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
 from ehrlake.security.pseudonym import patient_key
 from ehrlake.security.reveal_key import KEY_ID_PREFIX, RevealPublicKey, private_key, require_public
 
 SEPARATOR = "\x1f"
-COMPRESSED = frozenset({"raw"})  # whole records: compressed before sealing (see crypto)
+COMPRESSED = frozenset({"raw", "raw_deid"})  # whole records: compressed before sealing (see crypto)
 
 
 @dataclass(frozen=True)
@@ -126,24 +126,31 @@ def _sealer(
     linkage_id: str | None,
     reveal: RevealPublicKey | None,
     to_reveal: frozenset[str],
+    deidentified: tuple[tuple[str, str], ...] = (),
 ):
     """One Arrow UDF that seals ``names`` (those in ``to_reveal`` to the ``reveal`` public key, the
-    rest under data key ``key_id``) and, given a linkage key id, also computes patient_key: one
-    Python round trip per batch for everything a table needs."""
-    fields = [*names, *(["patient_key"] if linkage_id else [])]
+    rest under data key ``key_id``), then each ``deidentified`` (target, source) pair: the processing
+    copy of ``source`` (:func:`deidentify.fhir_record`) under the data key as ``target``; given a
+    linkage key id, it also computes patient_key. One Python round trip per batch for everything a
+    table needs."""
+    fields = [*names, *(t for t, _ in deidentified), *(["patient_key"] if linkage_id else [])]
 
     @F.arrow_udf(_struct_type(fields))
     def seal(row_ids: pa.Array, values: pa.Array, systems: pa.Array, patients: pa.Array) -> pa.Array:
         out = []
         if names:
-            key = _key(ref, key_id) if set(names) - to_reveal else None
+            key = _key(ref, key_id) if set(names) - to_reveal or deidentified else None
             ids = row_ids.cast(pa.binary()).to_pylist()
+            plain = {n: values.field(n).cast(pa.binary()).to_pylist() for n in names}  # UTF-8 bytes
             for n in names:
-                plain = values.field(n).cast(pa.binary()).to_pylist()  # UTF-8 bytes, no str decoding
                 if n in to_reveal:
-                    sealed = crypto.seal_to(reveal, plain, ids, n)
+                    sealed = crypto.seal_to(reveal, plain[n], ids, n, n in COMPRESSED)
                 else:
-                    sealed = crypto.seal_many(key, plain, ids, n, n in COMPRESSED)
+                    sealed = crypto.seal_many(key, plain[n], ids, n, n in COMPRESSED)
+                out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
+            for target, source in deidentified:
+                copy = [deidentify.fhir_record(v) for v in plain[source]]
+                sealed = crypto.seal_many(key, copy, ids, target, compress=True)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
         if linkage_id:
             secret = _key(ref, linkage_id).material
@@ -183,27 +190,33 @@ def seal_columns(
     row: Column,
     patient: tuple[str, str] | None = None,
     to_reveal: frozenset[str] = frozenset(),
+    deidentified: dict[str, str] | None = None,
 ) -> DataFrame:
     """Replace each column of ``columns`` (name -> Spark type DDL) by its ciphertext under ``key_id``,
     bound to ``row`` (see :func:`row_id`); those in ``to_reveal`` are sealed to the key store's reveal
-    public key instead. With ``patient`` = (linkage key id, patient id column), also add
-    ``patient_key`` = HMAC-SHA256(linkage secret, source_system | patient id). Every other column
-    passes through unchanged."""
+    public key instead. ``deidentified`` (target -> source column of ``columns``) adds each target
+    after its source: the source's de-identified processing copy, under ``key_id``. With ``patient``
+    = (linkage key id, patient id column), also add ``patient_key`` = HMAC-SHA256(linkage secret,
+    source_system | patient id). Every other column passes through unchanged."""
     if not columns and patient is None:
         return df
+    copies = tuple((t, s) for t, s in (deidentified or {}).items() if s in columns)
     names = tuple(columns)
     linkage_id, patient_column = patient or (None, None)
     values = (
         F.struct(*[_as_text(n, t).alias(n) for n, t in columns.items()]) if names else F.struct(F.lit(None))
     )
     reveal = require_public(ref.key_store) if to_reveal & set(names) else None
-    sealed = _sealer(ref, key_id, names, linkage_id, reveal, to_reveal & set(names))(
+    sealed = _sealer(ref, key_id, names, linkage_id, reveal, to_reveal & set(names), copies)(
         row,
         values,
         F.col("source_system") if patient else F.lit(None).cast("string"),
         F.col(patient_column).cast("string") if patient else F.lit(None).cast("string"),
     )
-    kept = [F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`") for c in df.columns]
+    kept = []
+    for c in df.columns:
+        kept.append(F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`"))
+        kept += [F.col(f"_ehrlake_sealed.`{t}`").alias(t) for t, s in copies if s == c]
     if patient:
         kept.append(F.col("_ehrlake_sealed.patient_key").alias("patient_key"))
     return df.withColumn("_ehrlake_sealed", sealed).select(*kept)

@@ -11,6 +11,7 @@ Direct identifiers are sealed to the reveal public key instead (``ek2:<reveal ke
 ephemeral public key | nonce | ciphertext+tag)>``, see :mod:`ehrlake.security.reveal_key`): one
 ephemeral X25519 key per batch, its shared secret with the reveal key run through HKDF-SHA256 to an
 AES-256-GCM key, the same associated data. Sealing needs only the public key; opening, the private.
+Whole records sealed to it are compressed first as well (``ek2z``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from ehrlake.security.reveal_key import RevealPublicKey
 PREFIX = "ek1"
 COMPRESSED = "ek1z"  # zstd with the v1 dictionary, then sealed
 SEALED_TO = "ek2"  # sealed to the reveal public key
+SEALED_TO_COMPRESSED = "ek2z"  # zstd with the v1 dictionary, then sealed to the reveal public key
+PREFIXES = (PREFIX, COMPRESSED, SEALED_TO, SEALED_TO_COMPRESSED)
 _EPHEMERAL = 32  # bytes of an X25519 public key
 _DICTIONARY = Path(__file__).with_name("seal-v1.zdict")
 
@@ -97,15 +100,19 @@ def _raw(public: X25519PublicKey) -> bytes:
     return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
-def seal_to(recipient: RevealPublicKey, values, row_ids, column: str) -> list[bytes | None]:
+def seal_to(
+    recipient: RevealPublicKey, values, row_ids, column: str, compress: bool = False
+) -> list[bytes | None]:
     """Seal many UTF-8 values to the reveal public key (one ephemeral key for the batch); ``row_ids``
-    may be str or bytes. Whoever calls this cannot open what it returns."""
+    may be str or bytes; ``compress`` as in :func:`seal_many`. Whoever calls this cannot open what
+    it returns."""
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = _raw(ephemeral.public_key())
     secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(recipient.public))
     aead = _shared_key(secret, ephemeral_public, recipient.public)
-    head = f"{SEALED_TO}:{recipient.key_id}:".encode()
-    return _seal_each(aead, head, ephemeral_public, values, row_ids, column)
+    head = f"{SEALED_TO_COMPRESSED if compress else SEALED_TO}:{recipient.key_id}:".encode()
+    squeeze = _zstd()[0].compress if compress else None
+    return _seal_each(aead, head, ephemeral_public, values, row_ids, column, squeeze)
 
 
 class _Opener:
@@ -144,7 +151,7 @@ def decrypt_batch(keys: dict, values, row_ids, column: str) -> list[str | None]:
             data = aead.decrypt(blob[:12], blob[12:], associated_data(row_id, column))
         except InvalidTag as exc:
             raise _auth_failed(column, row_id, key_id) from exc
-        if value.startswith(COMPRESSED + ":"):
+        if value.startswith((COMPRESSED + ":", SEALED_TO_COMPRESSED + ":")):
             data = _zstd()[1].decompress(data)
         out.append(data.decode())
     return out
@@ -159,12 +166,12 @@ def _auth_failed(column: str, row_id: str, key_id: str) -> KeyAccessError:
 
 def is_sealed(value: str) -> bool:
     """Whether a string is ehrlake ciphertext (of any kind)."""
-    return value.split(":", 1)[0] in (PREFIX, COMPRESSED, SEALED_TO) and value.count(":") >= 2
+    return value.split(":", 1)[0] in PREFIXES and value.count(":") >= 2
 
 
 def key_id_of(ciphertext: str) -> str:
     prefix, key_id, _ = ciphertext.split(":", 2)
-    if prefix not in (PREFIX, COMPRESSED, SEALED_TO):
+    if prefix not in PREFIXES:
         raise KeyAccessError(f"value is not ehrlake ciphertext (prefix {prefix!r})")
     return key_id
 

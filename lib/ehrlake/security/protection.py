@@ -1,14 +1,17 @@
 """What is protected in which table, and the one step that protects a DataFrame before it is written.
 
 Direct identifiers (names, addresses, telecom, identifiers such as MRN/SSN/ABHA/passport/driver's
-licence, exact birth date, home coordinates, free-text notes) and the whole source record (``raw``,
-which contains all of them) are sealed with the table's current data key. Birth year and region
-(city, district, state, country) stay in clear for analysis. Every row that refers to a patient gets
-``patient_key``, the pseudonymous linkage key.
+licence, home coordinates, DICOM identifying tags) and the whole source record (``raw``, which
+contains all of them) are sealed to the reveal public key (:mod:`ehrlake.security.reveal_key`), which
+jobs do not hold. Birth year and region (city, district, state, country) stay in clear for analysis.
+Every row that refers to a patient gets ``patient_key``, the pseudonymous linkage key.
 
-Direct identifiers are sealed to the reveal public key (:mod:`ehrlake.security.reveal_key`), which
-jobs cannot open; what the pipeline itself must read (``raw``, which views flatten; the exact birth
-date, from which clean computes ages; free text moved aside) stays under the table's data key.
+Free text that may quote anyone (survey answers, claim notes, comments moved aside as
+``<column>_text``) is sealed to the reveal key too. What the pipeline itself must read is sealed under
+the table's data key instead: the exact birth date (clean computes ages) and, for FHIR tables,
+``raw_deid``: the record with its direct identifiers taken out (:mod:`ehrlake.security.deidentify`),
+which views over lake tables flatten. So the master key that every ingest machine holds opens no
+name, phone or identifier number.
 
 Each sealed column describes itself in the table's Delta schema (field metadata ``ehrlake.sealed``:
 its original type and the key columns its ciphertext is bound to), so readers, the access policy
@@ -30,7 +33,8 @@ from ehrlake.security.columns import KeyRef, key_errors, open_columns, row_id, s
 
 SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns], "to"?}
 TO_REVEAL = "reveal"  # metadata "to": sealed to the reveal public key (absent: under the data key)
-RAW = "raw"
+RAW = "raw"  # the record as sent (sealed to the reveal key)
+RAW_DEID = "raw_deid"  # its processing copy without direct identifiers (under the data key)
 
 
 @dataclass(frozen=True)
@@ -43,9 +47,10 @@ class TableProtection:
     # column -> SQL condition under which its value is free text (moved to sealed ``<column>_text``);
     # e.g. survey answers such as "What address do you live at?" stored beside numeric results
     free_text: tuple[tuple[str, str], ...] = ()
+    fhir_records: bool = False  # ``raw`` holds FHIR resources: keep their processing copy ``raw_deid``
 
 
-_FHIR_PATIENT_REF = TableProtection(patient_id="patient_id")
+_FHIR_PATIENT_REF = TableProtection(patient_id="patient_id", fhir_records=True)
 
 TABLES: dict[str, TableProtection] = {
     # the typed FHIR tables declare their sealed columns in their views (conf/views/, ingest/fhir_views.py)
@@ -153,13 +158,15 @@ class Protector:
 
     @staticmethod
     def sealing(spec: TableProtection, schema, keys: list[str]) -> Sealing:
-        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw``), and which
-        of them to the reveal key: all but what the pipeline reads itself (``raw``, the birth date,
-        free text)."""
+        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw`` and, for
+        FHIR records, its processing copy ``raw_deid``), and which of them to the reveal key: all but
+        what the pipeline reads itself (``raw_deid``, the birth date)."""
         types = {f.name: f.dataType.simpleString() for f in schema.fields}
-        wanted = [*spec.identifiers, RAW]
+        if spec.fhir_records and RAW in types:
+            types[RAW_DEID] = "string"
+        wanted = [*spec.identifiers, RAW, RAW_DEID]
         columns = {c: types[c] for c in wanted if c in types}
-        read_by_jobs = {RAW, spec.birth_date, *(f"{c}_text" for c, _ in spec.free_text)}
+        read_by_jobs = {RAW_DEID, spec.birth_date}
         return Sealing(columns, tuple(keys), frozenset(columns) - read_by_jobs)
 
     def protect(
@@ -178,14 +185,16 @@ class Protector:
             df = df.withColumn("birth_year", F.year(F.col(spec.birth_date).cast("date")))
         patient = (self.store.linkage_id(), spec.patient_id) if spec.patient_id in df.columns else None
         sealing = self.sealing(spec, df.schema, keys)
+        copies = {RAW_DEID: RAW} if RAW_DEID in sealing.columns and RAW_DEID not in df.columns else {}
         sealed = seal_columns(
             df,
             self.ref,
             self.store.current_id(table),
-            sealing.columns,
+            {c: t for c, t in sealing.columns.items() if c not in copies},
             row_id(table, keys),
             patient,
             sealing.to_reveal,
+            copies,
         )
         return sealing.mark(sealed), sealing
 

@@ -1,9 +1,12 @@
 """``ehrlake view run``: a ViewDefinition over FHIR files or over the sealed records of a lake table.
 
 Files (NDJSON lines, Bundle documents, single resources) are read as text; bundles give one resource
-per entry. A lake table is read through its sealed ``raw`` column, which only a job may open: the
-role must be allowed to write the output's layer, the opening and the write are audited, and the
-view's columns tagged ``ehrlake/sealed`` are sealed in the output like any identifier.
+per entry. A lake table is read through its sealed ``raw_deid`` column (each record without its
+direct identifiers, see :mod:`ehrlake.security.deidentify`), which only a job may open: the role must
+be allowed to write the output's layer, the opening and the write are audited, and the view's columns
+tagged ``ehrlake/sealed`` are sealed in the output like any identifier. A view that selects names
+over a lake table therefore gets empty columns; the names themselves are in the typed tables, sealed
+to the reveal key.
 """
 
 from __future__ import annotations
@@ -81,19 +84,36 @@ def run_on_table(lake, view: definition.ViewDefinition, table: str, out: str, ro
     return write_output(lake, out, role, source, lambda: _flatten_sealed(lake, view, table, out))
 
 
+def _records_column(table: str, columns: list[str], sealing) -> str:
+    """Which column of ``table`` holds the whole records a job may open: the processing copy, or
+    (tables written before it existed, or not sealed at all) ``raw`` when it is not sealed to the
+    reveal key."""
+    from ehrlake.security.protection import RAW, RAW_DEID
+
+    if RAW_DEID in columns:
+        return RAW_DEID
+    if RAW not in columns:
+        raise ConfigError(f"{table} has no raw column: a view runs on whole FHIR records")
+    if sealing and RAW in sealing.to_reveal:
+        raise ConfigError(
+            f"{table} keeps its records only sealed to the reveal key, which jobs do not hold (it has "
+            "no raw_deid column: not FHIR records, or written before it existed; ingest it again)"
+        )
+    return RAW
+
+
 def _flatten_sealed(lake, view: definition.ViewDefinition, table: str, out: str) -> DataFrame:
     """The view's rows over ``table``'s opened records, sealed for ``out`` as the view's tags say."""
-    from ehrlake.security.protection import RAW, Sealing
+    from ehrlake.security.protection import Sealing
 
     protector = lake.security.protector
     records = lake.read(table)
-    if RAW not in records.columns:
-        raise ConfigError(f"{table} has no raw column: a view runs on whole FHIR records")
     sealing = Sealing.of(lake.schema(table))
-    if sealing and RAW in sealing.columns:
-        records = protector.open(records, table, sealing.only([RAW]))
+    column = _records_column(table, records.columns, sealing)
+    if sealing and column in sealing.columns:
+        records = protector.open(records, table, sealing.only([column]))
     keep = tuple(c for c in ("source_system",) if c in records.columns)
-    frame = runner.run(view, records, RAW, keep=keep)
+    frame = runner.run(view, records, column, keep=keep)
     keys = [*keep, *[c for c in frame.columns if c == "id"]] or list(frame.columns[:1])
     spec = definition.protection(view.columns(), "patient_id" if "patient_id" in frame.columns else None)
     return protector.protect(frame, out, keys, spec)[0]
