@@ -352,3 +352,11 @@ def test_pipeline_runs_declared_steps_in_one_session_and_stops_at_the_first_fail
     steps.write_text("steps:\n  - ehrlake lake show\n")
     assert cli.main(["pipeline", str(steps)]) == 1
     assert "write the command without it" in capsys.readouterr().err
+    # a mistake in a later step stops the pipeline before its first step runs, in one line
+    steps.write_text("steps:\n  - lake show\n  - clean --everything\n")
+    assert cli.main(["pipeline", str(steps), "--lake", str(lake)]) == 1
+    captured = capsys.readouterr()
+    assert "[1/2]" not in captured.out and "usage:" not in captured.err
+    assert captured.err.strip() == (
+        f"ehrlake: error: {steps}: step 2 (clean --everything): unrecognized arguments: --everything"
+    )

@@ -7,11 +7,13 @@ Every command: ``--help``; exit 0 on success; on failure one clear line on stder
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
 
-from ehrlake.errors import EhrlakeError
+from ehrlake.errors import ConfigError, EhrlakeError
 
 EXIT_FAILURE = 1
 
@@ -807,20 +809,34 @@ def cmd_models_promote(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from ehrlake import pipeline
+    from ehrlake import pipeline, session
 
-    steps = pipeline.load(args.file)
     shared = {"lake": args.lake, "conf": args.conf, "role": args.role}
-
-    def run_step(argv: list[str]) -> int:
-        step = build_parser().parse_args(argv)
+    parsed = {}
+    for i, step in enumerate(pipeline.load(args.file), 1):  # every step checked before the first runs
+        parsed[step] = parsed_step = _parse_step(args.file, i, step)
         for name, value in shared.items():  # the pipeline's options, where the step takes them
-            if value is not None and hasattr(step, name) and getattr(step, name) is None:
-                setattr(step, name, value)
-        return _dispatch(step)
-
-    pipeline.run(steps, run_step)
+            if value is not None and hasattr(parsed_step, name) and getattr(parsed_step, name) is None:
+                setattr(parsed_step, name, value)
+        try:
+            session.require_runtime(parsed_step.command)
+        except EhrlakeError as exc:
+            raise ConfigError(f"{args.file}: step {i} ({step}): {exc}") from None
+    pipeline.run(list(parsed), lambda step: _dispatch(parsed[step]))
     return 0
+
+
+def _parse_step(path: str, number: int, step) -> argparse.Namespace:
+    """One pipeline step's command line, parsed as the CLI would; a mistake is one line naming the
+    file and step (argparse's own message, without its usage text)."""
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return build_parser().parse_args(list(step.argv))
+    except SystemExit:
+        said = [line for line in errors.getvalue().splitlines() if line.strip()]
+        reason = said[-1].split("error: ", 1)[-1] if said else "not an ehrlake command line"
+        raise ConfigError(f"{path}: step {number} ({step}): {reason}") from None
 
 
 COMMANDS = {

@@ -4,8 +4,10 @@ Each step is an ``ehrlake`` command line (``conf/pipelines/demo.yaml``), so a pi
 and read like the commands a data engineer already knows, and every step keeps its own checks,
 audit events and idempotence. Running them in one process saves a JVM start per step (the demo's
 sixteen steps started sixteen JVMs). The lake, configuration and role given to the pipeline apply
-to every step that takes them. The first failing step stops the run, named in one line; re-running
-the pipeline is safe, since every step is.
+to every step that takes them. Every step is parsed, and checked to run in this Python runtime,
+before the first one runs: a typo in step 12 stops the pipeline before step 1, not after an hour.
+The first failing step stops the run, named in one line; re-running the pipeline is safe, since
+every step is.
 """
 
 from __future__ import annotations
@@ -51,16 +53,16 @@ def load(path: str) -> list[Step]:
     return steps
 
 
-def run(steps: list[Step], run_step: Callable[[list[str]], int], out=None) -> list[tuple[Step, float]]:
-    """Run ``steps`` in order through ``run_step`` (the CLI's in-process dispatch, which adds the
-    pipeline's lake, configuration and role); returns (step, seconds) per step. A step returning
-    non-zero stops the run with :class:`EhrlakeError`."""
+def run(steps: list[Step], run_step: Callable[[Step], int], out=None) -> list[tuple[Step, float]]:
+    """Run ``steps`` in order through ``run_step`` (the CLI's in-process dispatch of the step, parsed
+    before the first ran, with the pipeline's lake, configuration and role); returns (step, seconds)
+    per step. A step returning non-zero stops the run with :class:`EhrlakeError`."""
     out = out or sys.stdout
     timings = []
     for i, step in enumerate(steps, 1):
         print(f"\n[{i}/{len(steps)}] $ ehrlake {step}", file=out, flush=True)
         started = time.perf_counter()
-        code = run_step(list(step.argv))
+        code = run_step(step)
         seconds = time.perf_counter() - started
         timings.append((step, seconds))
         if code != 0:
