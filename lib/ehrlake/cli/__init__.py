@@ -1,0 +1,67 @@
+"""The ``ehrlake`` command line; ``spark-submit jobs/<job>.py`` takes the same arguments.
+
+Every command: ``--help``; exit 0 on success; on failure one clear line on stderr and exit 1
+(2 for bad arguments, as argparse does). Each command lives in a module of this package beside its
+arguments (``stages``, ``access``, ``keys``, ``modelling``, ``views``, ``pipeline``) and calls the
+library; this module builds the parser from them and runs the chosen command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ehrlake.cli import access, common, keys, modelling, pipeline, stages, views
+from ehrlake.errors import EhrlakeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ehrlake", description="EHR lakehouse on Apache Spark and Delta Lake."
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="show Spark's own log and full stack traces on errors"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (stages, access, keys, modelling, views):
+        module.register(sub)
+    pipeline.register(sub, build_parser, dispatch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["EHRLAKE_DEBUG"] = "1"
+    # Spark's log off unless asked for: a failure is this command's one line, not a page of JVM frames
+    os.environ.setdefault("EHRLAKE_SPARK_LOG", "WARN" if args.verbose else "OFF")
+    return dispatch(args)
+
+
+def dispatch(args) -> int:
+    """Run one parsed command; its failure is one line on stderr and exit status 1."""
+    from ehrlake import session
+
+    try:
+        session.require_runtime(args.command)
+        return args.handler(args)
+    except EhrlakeError as exc:
+        print(f"ehrlake: error: {exc}", file=sys.stderr)
+        return common.EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("ehrlake: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # last resort: still one clear line, with the type for a bug report
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if type(exc).__name__ == "PySparkImportError" and "PyArrow" in first:  # e.g. train --algorithms rf
+            print(f"ehrlake: error: {session.wrong_runtime(args.command)}", file=sys.stderr)
+            return common.EXIT_FAILURE
+        print(f"ehrlake: error: {type(exc).__name__}: {first[:500]}", file=sys.stderr)
+        if os.environ.get("EHRLAKE_DEBUG"):
+            raise
+        return common.EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

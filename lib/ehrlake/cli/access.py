@@ -1,0 +1,125 @@
+"""Commands that read the lake as a role may: read, reveal, audit verify, lake show."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ehrlake.cli import common
+from ehrlake.errors import EhrlakeError
+
+
+def register(sub) -> None:
+    """Add these commands, each with its arguments and its handler, to the CLI's subparsers."""
+    read = sub.add_parser(
+        "read",
+        help="print rows of a table as a role may see them",
+        description="Read a table through the access policy: tables the role may not read are refused, "
+        "hidden columns are dropped, sealed identifiers are never opened; the read is audited.",
+    )
+    read.add_argument("--table", required=True, help="logical table name, e.g. silver.condition")
+    read.add_argument("--limit", type=int, default=20, help="at most this many rows (default 20)")
+    read.add_argument("--json", action="store_true", help="one JSON object per row")
+    common.lake_options(read)
+    common.role_option(read)
+    read.set_defaults(handler=cmd_read)
+
+    reveal = sub.add_parser(
+        "reveal",
+        help="open one patient's identifiers (roles allowed to reveal only; audited)",
+        description="Show one patient's rows of a table with sealed identifiers opened. Only roles "
+        "with reveal: true may; every reveal, allowed or denied, is written to the audit log.",
+    )
+    reveal.add_argument("--table", required=True, help="logical table name, e.g. bronze.fhir_patient")
+    reveal.add_argument("--patient-key", required=True, help="the pseudonymous patient_key")
+    reveal.add_argument("--purpose", required=True, help="why (recorded in the audit log)")
+    common.lake_options(reveal)
+    common.role_option(reveal)
+    reveal.set_defaults(handler=cmd_reveal)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log", description="The audit log.")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    verify = audit_sub.add_parser(
+        "verify",
+        help="check the hash chain, signed checkpoints and witness; exit 1 at the first broken link",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    common.lake_options(verify)
+    verify.set_defaults(handler=cmd_audit_verify)
+
+    lake_cmd = sub.add_parser("lake", help="inspect the lake", description="Inspect the tables of the lake.")
+    lake_sub = lake_cmd.add_subparsers(dest="lake_command", required=True, metavar="SUBCOMMAND")
+    show = lake_sub.add_parser(
+        "show",
+        help="every table with layer, Delta version, rows and last operation",
+        description="List every Delta table under the lake root.",
+    )
+    show.add_argument("--json", action="store_true", help="machine-readable output for scripts")
+    common.lake_options(show)
+    show.set_defaults(handler=cmd_lake_show)
+
+
+def cmd_read(args) -> int:
+    lake, _ = common.open_lake(args)
+    df = lake.read(args.table, role=args.role or lake.security.default_role)
+    rows = df.limit(max(args.limit, 0)).collect()  # bounded: --limit rows reach the driver
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.asDict(recursive=True), default=str))
+    else:
+        print(f"{args.table}: {', '.join(df.columns)}")
+        for row in rows:
+            print(" | ".join(common.cell(v) for v in row))
+    return 0
+
+
+def cmd_reveal(args) -> int:
+    lake, _ = common.open_lake(args)
+    role = args.role or lake.security.default_role
+    rows = lake.reveal(args.table, args.patient_key, role, args.purpose).collect()
+    for row in rows:
+        print(json.dumps(row.asDict(recursive=True), default=str))
+    print(
+        f"{len(rows)} row(s) of {args.table} revealed to role {role}; recorded in audit.events",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_audit_verify(args) -> int:
+    lake, _ = common.open_lake(args)
+    report = lake.security.audit.verify(lake)
+    if args.json:
+        print(json.dumps({"ok": report.ok, **report.__dict__}, indent=2))
+    else:
+        print(report.format())
+    return 0 if report.ok else common.EXIT_FAILURE
+
+
+def cmd_lake_show(args) -> int:
+    if args.lake and not os.path.isdir(args.lake):
+        raise EhrlakeError(f"lake root {args.lake} does not exist")
+    lake, _ = common.open_lake(args)
+    tables = lake.tables()
+    if args.json:
+        print(json.dumps({"lake": lake.root, "tables": [t.as_dict() for t in tables]}, indent=2))
+        return 0
+    print(format_tables(lake.root, tables))
+    return 0
+
+
+def format_tables(root: str, tables) -> str:
+    if not tables:
+        return f"lake {root}: no tables yet"
+    width = max(len(t.name) for t in tables)
+    lines = [
+        f"lake {root}",
+        f"{'table':<{width}}  {'layer':<6} {'version':>7} {'rows':>10}  {'last operation':<15} last commit",
+    ]
+    for t in tables:
+        lines.append(
+            f"{t.name:<{width}}  {t.layer:<6} {t.version:>7} {t.rows:>10,}  "
+            f"{t.last_operation:<15} {t.last_commit}"
+        )
+    return "\n".join(lines)

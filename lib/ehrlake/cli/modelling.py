@@ -1,0 +1,203 @@
+"""Commands of models and their use: train, evaluate, score, score-images, models list|promote."""
+
+from __future__ import annotations
+
+import json
+
+from ehrlake.cli import common
+from ehrlake.errors import EhrlakeError
+
+
+def register(sub) -> None:
+    """Add these commands, each with its arguments and its handler, to the CLI's subparsers."""
+    train_cmd = sub.add_parser(
+        "train",
+        help="train models for a task; each registered as a candidate in gold.model_registry",
+        description="Patient-grouped split and cross-validated search, fit, held-out evaluation with "
+        "bootstrap intervals, subgroup metrics; every model version registered with its data versions.",
+    )
+    train_cmd.add_argument("--task", required=True, help="prediction task (docs/features.md)")
+    train_cmd.add_argument(
+        "--algorithms",
+        default="xgboost,logreg,rf",
+        help="comma-separated: xgboost, logreg, rf, ann (TensorFlow, deep-learning runtime); "
+        "default xgboost,logreg,rf. An image task (conf/deep_learning.yaml) trains its CNN",
+    )
+    train_cmd.add_argument("--grid", default="small", choices=["tiny", "small", "full"], help="search grid")
+    train_cmd.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
+    train_cmd.add_argument("--seed", type=int, default=42, help="split, folds and learners' seed")
+    train_cmd.add_argument("--workers", type=int, default=2, help="xgboost.spark workers (default 2)")
+    train_cmd.add_argument("--epochs", type=int, help="ann / cnn: epochs (default: conf/deep_learning.yaml)")
+    train_cmd.add_argument(
+        "--launcher", choices=["horovod", "barrier", "local"], help="ann / cnn: how training is distributed"
+    )
+    train_cmd.add_argument(
+        "--backend", choices=["petastorm", "arrow", "auto"], help="ann / cnn: dataset reader"
+    )
+    train_cmd.add_argument(
+        "--promote",
+        action="store_true",
+        help="promote the version with the best held-out AUROC to production",
+    )
+    common.lake_options(train_cmd)
+    common.role_option(train_cmd)
+    train_cmd.set_defaults(handler=cmd_train)
+
+    evaluate_cmd = sub.add_parser(
+        "evaluate",
+        help="evaluate a registered model on new data without retraining",
+        description="Metrics with 95%% bootstrap intervals, calibration, subgroup gaps and error cells "
+        "of a model version, on a new extract file (--input) or its held-out patients.",
+    )
+    evaluate_cmd.add_argument(
+        "--model", required=True, help="model id, e.g. diabetes130_readmission_30d.xgboost"
+    )
+    evaluate_cmd.add_argument("--version", type=int, help="model version (default: latest)")
+    evaluate_cmd.add_argument(
+        "--input",
+        help="a file of the format the model was trained on (image models: NPZ, PNG folders, DICOM)",
+    )
+    evaluate_cmd.add_argument("--json", action="store_true", help="machine-readable output")
+    common.lake_options(evaluate_cmd)
+    common.role_option(evaluate_cmd)
+    evaluate_cmd.set_defaults(handler=cmd_evaluate)
+
+    score_cmd = sub.add_parser(
+        "score",
+        help="score the eligible population as of a date with the task's production model",
+        description="Risk score, band, top reasons and model version for every eligible patient, merged "
+        "into gold.risk_scores (re-scoring the same date replaces those rows).",
+    )
+    score_cmd.add_argument("--task", required=True, help="patient-level task, e.g. mortality_12m")
+    score_cmd.add_argument("--as-of", default="today", help="index date YYYY-MM-DD or 'today' (default)")
+    score_cmd.add_argument("--model", help="model id to use instead of the task's production model")
+    score_cmd.add_argument("--version", type=int, help="with --model: the version (default: latest)")
+    common.lake_options(score_cmd)
+    common.role_option(score_cmd)
+    score_cmd.set_defaults(handler=cmd_score)
+
+    images_cmd = sub.add_parser(
+        "score-images",
+        help="findings of an image model for every image of a source system -> gold.image_findings",
+        description="Score silver.imaging rows (any format: NPZ, PNG, DICOM slices) with an image model "
+        "version; merged into gold.image_findings with the model id and version.",
+    )
+    images_cmd.add_argument("--model", required=True, help="image model id, e.g. breastmnist_normal.cnn")
+    images_cmd.add_argument("--version", type=int, help="model version (default: latest)")
+    images_cmd.add_argument(
+        "--source-system", required=True, help="which images (silver.imaging.source_system)"
+    )
+    common.lake_options(images_cmd)
+    common.role_option(images_cmd)
+    images_cmd.set_defaults(handler=cmd_score_images)
+
+    models_cmd = sub.add_parser("models", help="the model registry", description="The model registry.")
+    models_sub = models_cmd.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    models_list = models_sub.add_parser("list", help="model versions with task, status and test AUROC")
+    models_list.add_argument("--task", help="only this task")
+    models_list.add_argument("--json", action="store_true", help="machine-readable output")
+    promote = models_sub.add_parser("promote", help="make a model version its task's production model")
+    promote.add_argument("--model", required=True, help="model id")
+    promote.add_argument("--version", type=int, required=True, help="version")
+    for p in (models_list, promote):
+        common.lake_options(p)
+    models_list.set_defaults(handler=cmd_models_list)
+    promote.set_defaults(handler=cmd_models_promote)
+
+
+def cmd_train(args) -> int:
+    from ehrlake.training import DeepLearningOptions, train_task
+
+    lake, _ = common.open_lake(args)
+    trained = train_task(
+        lake, args.task, [a.strip() for a in args.algorithms.split(",") if a.strip()],
+        grid=args.grid, folds=args.folds, seed=args.seed, workers=args.workers, role=args.role,
+        deep=DeepLearningOptions(args.epochs, args.launcher, args.backend), promote=args.promote,
+    )  # fmt: skip
+    print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")
+    for mv in trained.models:
+        m = mv.metrics
+        auroc = m["auroc"]
+        print(
+            f"{mv.label:<44} {auroc['value']:.3f} ({auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
+            f"   {m['auprc']['value']:>6.3f} {m['brier']['value']:>6.3f} {m['accuracy']['value']:>8.3f}"
+        )
+    if trained.promoted:
+        print(f"promoted {trained.promoted.label} to production for {args.task}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ehrlake.models import evaluate_model, registry
+
+    lake, _ = common.open_lake(args)
+    mv = registry.get(lake, args.model, args.version)
+    if mv.algorithm == "cnn":
+        from ehrlake.dl.predict import evaluate_images
+
+        if not args.input:
+            raise EhrlakeError(
+                f"{mv.label} is evaluated on a new image set: give --input (NPZ, PNG folder, DICOM)"
+            )
+        result = evaluate_images(lake, mv, args.input, role=args.role)
+    else:
+        result = evaluate_model(lake, args.model, args.version, args.input, role=args.role)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['model']} on {result['dataset']}:")
+    for name, m in result["metrics"].items():
+        print(f"  {name:<10} {m['value']:.3f}  (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f}, n={m['n']:,})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import datetime as dt
+
+    from ehrlake import scoring
+
+    lake, _ = common.open_lake(args)
+    as_of = dt.date.today() if args.as_of == "today" else common.dates(args.as_of)[0]
+    run = scoring.score(lake, args.task, as_of, role=args.role, model_id=args.model, version=args.version)
+    print(run.format())
+    return 0
+
+
+def cmd_score_images(args) -> int:
+    from ehrlake.dl import predict
+    from ehrlake.models import registry
+
+    lake, _ = common.open_lake(args)
+    mv = registry.get(lake, args.model, args.version)
+    counts = predict.score_source(lake, mv, args.source_system, args.role)
+    spread = ", ".join(f"{'positive' if f else 'negative'} {n:,}" for f, n in sorted(counts.items()))
+    print(f"{args.source_system}: {spread or 'no images'} with {mv.label} -> {predict.FINDINGS}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from ehrlake.models import registry
+
+    lake, _ = common.open_lake(args)
+    rows = registry.versions(lake, args.task)
+    if args.json:
+        print(
+            json.dumps([{**r.__dict__, "created_at": str(r.created_at)} for r in rows], indent=2, default=str)
+        )
+        return 0
+    if not rows:
+        print("no models yet: run ehrlake train --task TASK")
+    for r in rows:
+        auroc = r.metrics.get("auroc", {})
+        ci = f"{auroc.get('value', 0):.3f} ({auroc.get('ci_low', 0):.3f}-{auroc.get('ci_high', 0):.3f})"
+        print(f"{r.label:<44} {r.status:<10} test AUROC {ci}  {r.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from ehrlake.models import registry
+
+    lake, _ = common.open_lake(args)
+    mv = registry.promote(lake, args.model, args.version)
+    print(f"{mv.label} is now the production model of {mv.task}")
+    return 0
