@@ -85,7 +85,7 @@ def test_report_is_one_html_file_with_every_plot_rendered(gold, tmp_path):
     quality.run(lake, today=REFERENCE)
     page = report.render(lake)
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(images) == 5 and "not built yet" not in page and "whole country" in page
+    assert len(images) == 6 and "not built yet" not in page and "whole country" in page
     for image in images:
         png = base64.b64decode(image)
         assert png.startswith(b"\x89PNG") and len(png) > 5_000  # a drawn plot, not an empty canvas
@@ -136,6 +136,20 @@ def test_hidden_cells_are_drawn_as_gaps_and_marks_never_as_zero():
     )
     fig, caption = report.pyramid(demo)
     assert [t.get_text().strip() for t in fig.axes[0].texts] == ["female: hidden"]
+    survey = pd.DataFrame(
+        {
+            "state": ["Bihar", "Bihar"],
+            "sex": ["male", "female"],
+            "indicator": ["overweight_or_obese"] * 2,
+            "nfhs5_percent": [14.7, 15.9],
+            "lake_percent": [86.2, None],
+            "suppressed": [None, "primary"],
+        }
+    )
+    fig, caption = report.nfhs5_comparison(survey)
+    lake_bars = [b.get_width() for b in fig.axes[0].containers[1]]
+    assert lake_bars == [0, 86.2] and [t.get_text() for t in fig.axes[0].texts] == ["lake: hidden"]
+    assert "1 small cells hidden" in caption
 
 
 def test_the_configured_small_cell_k_applies_without_being_passed(spark, tmp_path, security_conf):
