@@ -18,10 +18,10 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.dl import datasets, runtime
+from ehrlake.models import evaluate
 
 FINDINGS = "gold.image_findings"
 FINDING_KEYS = ["source_system", "image_id", "model_id"]
-FINDING_THRESHOLD = 0.5  # a finding; also the threshold MedMNIST reports accuracy at
 BATCH = 256
 _MODELS: dict[str, object] = {}
 
@@ -89,7 +89,7 @@ def image_findings(lake, path, version: int, source: str, task: str, model_id: s
 
 def write_findings(lake, findings: DataFrame) -> None:
     """Merge into ``gold.image_findings`` with the finding at the model's threshold."""
-    out = findings.withColumn("finding", F.col("score") >= F.lit(FINDING_THRESHOLD))
+    out = findings.withColumn("finding", F.col("score") >= F.lit(evaluate.FINDING_THRESHOLD))
     lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"})
 
 
@@ -235,7 +235,7 @@ def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:
     from ehrlake.errors import EhrlakeError
     from ehrlake.ingest import images
     from ehrlake.ingest.sources import SourceKind, discover
-    from ehrlake.models.train import record
+    from ehrlake.models.versions import record
 
     if not os.path.exists(input_path):
         raise EhrlakeError(f"no file or directory {input_path}")

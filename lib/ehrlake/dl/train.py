@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, replace
 
@@ -22,8 +21,8 @@ from ehrlake import features as feats
 from ehrlake.dl import datasets, launch, predict, runtime, tensors
 from ehrlake.dl.datasets import Selection, Shard
 from ehrlake.errors import EhrlakeError
-from ehrlake.models import evaluate, registry
-from ehrlake.models.train import DEFAULT_SEED, record
+from ehrlake.models import evaluate, registry, versions
+from ehrlake.models.train import DEFAULT_SEED
 
 IMAGES = "silver.imaging"
 
@@ -184,12 +183,8 @@ def _launch(lake, payload: Payload, workers: int, launcher: str) -> list[dict]:
 
 
 def _new_version(lake, model_id: str) -> tuple[int, str, str]:
-    version = registry.next_version(lake, model_id)
-    artifact = registry.artifact_dir(model_id, version)
-    path = os.path.join(lake.root, artifact)
-    if os.path.exists(path):  # left by a crashed run before it registered: not a model yet
-        shutil.rmtree(path)
-    os.makedirs(path)
+    version, artifact, path = versions.new_artifact(lake, model_id)
+    os.makedirs(path)  # the workers save into it
     return version, artifact, path
 
 
@@ -244,10 +239,7 @@ def _register(lake, audit, run: Run, task, algorithm, params, features, data, me
         created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
         status="candidate",
     )
-    registry.register(lake, mv)
-    record(lake, mv, test, "test")
-    audit.append((registry.TABLE, f"{mv.label}: test AUROC {metrics['auroc']['value']:.3f}"))
-    return mv
+    return versions.register(lake, audit, mv, test)
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -305,14 +297,14 @@ def train_image_model(
                 f"{IMAGES} has no labelled {test_split} images of {source}: nothing to evaluate on"
             )
         metrics = evaluate.summarise(
-            evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=predict.FINDING_THRESHOLD
+            evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=evaluate.FINDING_THRESHOLD
         )
         saliency = os.path.join(artifact, "gradcam.png")
         predict.saliency_figure(lake, path, snap, image_selection(source, test_split, shape), task, saliency)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
             **hyper,
-            "threshold": predict.FINDING_THRESHOLD,
+            "threshold": evaluate.FINDING_THRESHOLD,
             "source_system": source,
             "test_split": test_split,
             "shape": list(shape),

@@ -1,5 +1,6 @@
 """Models on the feature tables: training (``train.py``), the three learners (``algorithms.py``),
-the registry (``registry.py``), evaluation (``evaluate.py``) and explanations (``explain.py``).
+the registry (``registry.py``), model versions and their recorded evaluations for every kind of model
+(``versions.py``), evaluation (``evaluate.py``) and explanations (``explain.py``).
 
 ::
 
@@ -19,7 +20,8 @@ from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import diabetes130
 from ehrlake.models import registry
-from ehrlake.models.train import DEFAULT_SEED, record, score_column, split, train
+from ehrlake.models.train import DEFAULT_SEED, score_column, split, train
+from ehrlake.models.versions import record
 
 __all__ = ["train", "evaluate_model", "registry"]
 

@@ -22,6 +22,7 @@ from ehrlake.config import SecurityConfig
 
 BINS = 1000
 THRESHOLD = 0.5  # default decision threshold; a trained model uses its training base rate
+FINDING_THRESHOLD = 0.5  # an image model's finding; also the threshold MedMNIST reports accuracy at
 BOOTSTRAP = 1000
 METRICS = ("auroc", "auprc", "accuracy", "precision", "recall", "f1", "brier")
 SUBGROUPS = ("sex", "age_band", "state", "race")

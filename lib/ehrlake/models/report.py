@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from ehrlake.dl.predict import FINDING_THRESHOLD  # noqa: E402
 from ehrlake.models import registry  # noqa: E402
+from ehrlake.models.evaluate import FINDING_THRESHOLD  # noqa: E402
 
 
 def _latest(lake) -> list[registry.ModelVersion]:

@@ -9,8 +9,6 @@ learner is seeded. Re-running with the same seed and data versions gives the sam
 from __future__ import annotations
 
 import datetime as dt
-import os
-import shutil
 
 import numpy as np
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
@@ -21,8 +19,7 @@ from pyspark.sql import functions as F
 
 from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
-from ehrlake.lake import WriteMode
-from ehrlake.models import algorithms, evaluate, explain, registry
+from ehrlake.models import algorithms, evaluate, explain, registry, versions
 
 DEFAULT_SEED = 42
 
@@ -70,9 +67,9 @@ def train(
     """Train each algorithm for a task; every fitted model is registered as a candidate and
     evaluated on the held-out patients (gold.model_metrics and friends)."""
     t = feats.task(task_name)
-    versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
+    data_versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     wanted = feats.model_inputs(t)
-    df = feats.training_frame(lake, t, versions)
+    df = feats.training_frame(lake, t, data_versions)
     train_df, test_df = split(df, seed, test_percent, folds)
     stats = (
         train_df.groupBy()
@@ -124,11 +121,7 @@ def train(
             metrics["train_seconds"] = {"value": round(seconds, 1)}
             q = pred.approxQuantile("score", [0.7, 0.9], 0.001)
             model_id = f"{task_name}.{algorithm}"
-            version = registry.next_version(lake, model_id)
-            artifact = registry.artifact_dir(model_id, version)
-            path = os.path.join(lake.root, artifact)
-            if os.path.exists(path):  # left by a crashed run before it registered: not a model yet
-                shutil.rmtree(path)
+            version, artifact, path = versions.new_artifact(lake, model_id)
             model.save(path)
             params = algorithms.params_of(explain.learner(model))
             params.update(
@@ -148,111 +141,14 @@ def train(
                 algorithm=algorithm,
                 params=params,
                 features=inputs,
-                training_data=versions,
+                training_data=data_versions,
                 metrics=metrics,
                 bands={"medium": q[0], "high": q[1]} if len(q) == 2 else {},
                 artifact=artifact,
                 created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
                 status="candidate",
             )
-            registry.register(lake, mv)
-            record(lake, mv, pred, "test", importance=explain.importance(algorithm, model, inputs))
-            audit.append((registry.TABLE, f"{mv.label}: test AUROC {metrics['auroc']['value']:.3f}"))
-            trained.append(mv)
+            importance = explain.importance(algorithm, model, inputs)
+            trained.append(versions.register(lake, audit, mv, pred, importance))
     train_df.unpersist()
     return trained
-
-
-def record(
-    lake, mv: registry.ModelVersion, pred: DataFrame, dataset: str, importance: dict | None = None
-) -> dict:
-    """Write an evaluation (overall and subgroup metrics, calibration, error cells, importance) to the
-    gold model tables, replacing an earlier evaluation of the same model version on the same data."""
-    evaluation = f"{mv.model_id}.v{mv.version}.{dataset}"
-    spark = lake.spark
-    base = {"evaluation": evaluation, "model_id": mv.model_id, "version": mv.version, "dataset": dataset}
-    h = evaluate.histogram(pred)
-    threshold = float(mv.params.get("threshold", evaluate.THRESHOLD))
-    overall = evaluate.summarise(h, threshold=threshold)
-    rows = [
-        {**base, "kind": "overall", "subgroup": "all", "metric": m, **v, "gap": 0.0}
-        for m, v in overall.items()
-    ]
-    for g in evaluate.subgroup_metrics(pred, threshold=threshold):
-        for m, v in g["metrics"].items():
-            gap = (
-                None
-                if v["value"] is None or overall[m]["value"] is None
-                else v["value"] - overall[m]["value"]
-            )
-            rows.append({**base, "kind": g["kind"], "subgroup": g["value"], "metric": m, **v, "gap": gap})
-        if not g["metrics"]:
-            rows.append(
-                {
-                    **base,
-                    "kind": g["kind"],
-                    "subgroup": g["value"],
-                    "metric": "too_few",
-                    "value": None,
-                    "ci_low": None,
-                    "ci_high": None,
-                    "n": g["n"],
-                    "positives": g["positives"],
-                    "gap": None,
-                }
-            )
-    metric_schema = (
-        "evaluation string, model_id string, version int, dataset string, kind string, subgroup string, "
-        "metric string, value double, ci_low double, ci_high double, n long, positives long, gap double"
-    )
-    fields = [f.split()[0] for f in metric_schema.split(", ")]
-    frames = {
-        "gold.model_metrics": spark.createDataFrame(
-            [tuple(r.get(f) for f in fields) for r in rows], metric_schema
-        ),
-        "gold.model_calibration": spark.createDataFrame(
-            [
-                (
-                    evaluation,
-                    mv.model_id,
-                    mv.version,
-                    dataset,
-                    c["bin"],
-                    c["mean_predicted"],
-                    c["observed_rate"],
-                    c["n"],
-                )
-                for c in evaluate.calibration(h)
-            ],
-            "evaluation string, model_id string, version int, dataset string, bin int, "
-            "mean_predicted double, observed_rate double, n long",
-        ),
-        "gold.model_errors": evaluate.error_cells(
-            pred, lake.security.small_cell_k, threshold=threshold
-        ).select(
-            F.lit(evaluation).alias("evaluation"),
-            F.lit(mv.model_id).alias("model_id"),
-            F.lit(mv.version).alias("version"),
-            F.lit(dataset).alias("dataset"),
-            "*",
-        ),
-    }
-    if importance is not None:
-        frames["gold.model_importance"] = spark.createDataFrame(
-            [
-                (evaluation, mv.model_id, mv.version, dataset, f, float(v), i + 1)
-                for i, (f, v) in enumerate(importance.items())
-            ],
-            "evaluation string, model_id string, version int, dataset string, feature string, "
-            "importance double, rank int",
-        )
-    for table, frame in frames.items():
-        lake.write(
-            frame,
-            table,
-            mode=WriteMode.OVERWRITE,
-            partition_by=["evaluation"],
-            where={"evaluation": evaluation},
-            commit_info={"ehrlakeJob": "evaluate"},
-        )
-    return overall
