@@ -12,6 +12,7 @@ image task and an ANN per tabular task, Grad-CAM, and predictions written back t
 Why the jobs have a runtime of their own (``make dl-env``): docs/deep_learning.md.
 """
 
+import logging
 import os
 
 # Before anything imports TensorFlow (Horovod and Petastorm do at import): the legacy tf-keras,
@@ -67,3 +68,9 @@ if not os.environ.get("EHRLAKE_DEBUG"):
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
     warnings.filterwarnings("ignore", category=UnicodeWarning, module=r"petastorm(\.|$)")
     warnings.filterwarnings("ignore", message="Arrow optimization failed to enable", category=RuntimeWarning)
+    # Keras notices repeated by every worker: its BatchNormalization's autograph code touches a
+    # deprecated property, and a callback timing note on short batches (the epoch lines say more)
+    warnings.filterwarnings("ignore", message=r"`layer\.updates` will be removed", category=UserWarning)
+    logging.getLogger("tensorflow").addFilter(
+        lambda record: not record.getMessage().startswith("Callback method `on_train_batch_end` is slow")
+    )
