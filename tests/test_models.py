@@ -185,27 +185,3 @@ def test_subgroup_figure_draws_intervals_and_colours_only_clear_gaps():
         and by_label["sex: male (n=850, 80 pos.)"] == "#55a868"
     )
     assert "2 of 3 subgroups" in caption
-
-
-def test_xgboost_tracker_notices_are_dropped_from_stdout_and_nothing_else(capsys, monkeypatch):
-    """XGBoost's tracker prints "Task N got rank N" from a driver thread at every fit (dozens per
-    search); the search drops those lines only, whole lines, from any thread."""
-    import threading
-
-    from ehrlake.models import algorithms
-
-    monkeypatch.delenv("EHRLAKE_DEBUG", raising=False)
-    with algorithms.quiet_tracker():
-        tracker = threading.Thread(target=lambda: print("[04:24:39] Task 0 got rank 0"))
-        tracker.start()
-        tracker.join()
-        print("kept", end="")
-        print(" line")
-        print("[04:24:40] Task 1 got rank 1")
-        print("a Task 2 got rank 2 inside a line stays")
-        print("unfinished", end="")
-    assert capsys.readouterr().out == "kept line\na Task 2 got rank 2 inside a line stays\nunfinished"
-    monkeypatch.setenv("EHRLAKE_DEBUG", "1")
-    with algorithms.quiet_tracker():
-        print("[04:24:41] Task 0 got rank 0")
-    assert capsys.readouterr().out == "[04:24:41] Task 0 got rank 0\n"

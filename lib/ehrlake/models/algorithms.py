@@ -11,11 +11,8 @@ Class imbalance: every learner gets a per-row ``weight`` (positives weighted neg
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import re
-import sys
 
 from pyspark.ml import Pipeline
 from pyspark.ml.classification import LogisticRegression, RandomForestClassifier
@@ -26,47 +23,6 @@ from ehrlake.errors import EhrlakeError
 
 ALGORITHMS = ("xgboost", "logreg", "rf")
 GRIDS = ("tiny", "small", "full")
-# printed by XGBoost's collective tracker (a driver thread, through Python's print) at every fit
-TRACKER_NOTICE = re.compile(r"^\[\d\d:\d\d:\d\d\] Task \d+ got rank \d+$")
-
-
-class _DroppingLines:
-    """A stdout that passes every whole line on except those matching ``pattern``."""
-
-    def __init__(self, target, pattern: re.Pattern):
-        self.target, self.pattern, self.pending = target, pattern, ""
-
-    def write(self, text: str) -> int:
-        self.pending += text
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            if not self.pattern.match(line):
-                self.target.write(line + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.target, name)
-
-
-@contextlib.contextmanager
-def quiet_tracker():
-    """Drop XGBoost's "Task N got rank N" lines (two per fit, dozens per search) from stdout while a
-    search runs; ``--verbose`` (EHRLAKE_DEBUG) keeps them."""
-    if os.environ.get("EHRLAKE_DEBUG"):
-        yield
-        return
-    original = sys.stdout
-    sys.stdout = _DroppingLines(original, TRACKER_NOTICE)
-    try:
-        yield
-    finally:
-        rest = sys.stdout.pending
-        sys.stdout = original
-        if rest and not TRACKER_NOTICE.match(rest):
-            original.write(rest)
 
 
 def pipeline(algorithm: str, features: list[str], seed: int, num_workers: int = 2, grid: str = "small"):

@@ -110,8 +110,7 @@ def train(
                 parallelism=1,
             )
             started = dt.datetime.now(dt.UTC)
-            with algorithms.quiet_tracker():
-                fitted = search.fit(train_df)
+            fitted = search.fit(train_df)
             seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
             model = fitted.bestModel
             best = max(range(len(grid_maps)), key=lambda i: fitted.avgMetrics[i])
