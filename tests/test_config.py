@@ -34,3 +34,27 @@ def test_missing_file_and_lake_override(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "absent.yaml")
     assert config.Config().with_lake_root("/data/lake").lake.root == "/data/lake"
+
+
+def test_deep_learning_settings_are_typed_and_every_mistake_named(tmp_path):
+    """conf/deep_learning.yaml goes through the same typed builder as the main configuration: CNN
+    and ANN settings are dataclasses, a task's overrides are checked when the file is loaded."""
+    import re
+
+    from ehrlake.dl import runtime
+
+    cfg = runtime.load()
+    assert cfg.cnn.filters == (32, 64, 128) and cfg.ann.hidden == (64, 32) and cfg.workers == 2
+    pneumonia = cfg.cnn_for("pneumoniamnist_pneumonia")
+    assert (pneumonia.validation, pneumonia.epochs, pneumonia.dropout) == (None, 20, cfg.cnn.dropout)
+    for text, says in [
+        ("cnn: {epoch: 3}", "unknown configuration key deep_learning.cnn.epoch"),
+        ("ann: {dropout: high}", "deep_learning.ann.dropout must be float, not str"),
+        ("image_tasks: {x: {source_system: s, cnn: {filterz: [8]}}}", "key image_tasks.x.cnn.filterz"),
+        ("runtime: {launcher: mpi}", "runtime.launcher 'mpi' must be one of"),
+        ("image_tasks: {x: {description: no source}}", "an image task needs its source_system"),
+    ]:
+        path = tmp_path / "dl.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            runtime.load(path)

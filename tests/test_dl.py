@@ -52,8 +52,10 @@ def image_lake(spark, tmp_path_factory, security_conf):
 
 
 def _cfg(**cnn):
+    import dataclasses
+
     cfg = runtime.load()
-    return runtime.Config(**{**cfg.__dict__, "cnn": {**cfg.cnn, "filters": [8, 16], **cnn}})
+    return dataclasses.replace(cfg, cnn=dataclasses.replace(cfg.cnn, filters=(8, 16), **cnn))
 
 
 def test_snapshot_files_only_and_shards_partition_the_selection(image_lake):

@@ -130,8 +130,12 @@ class Config:
         return dataclasses.replace(self, lake=dataclasses.replace(self.lake, root=str(root)))
 
 
-def _build(cls: type, data: Any, where: str):
-    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong scalar types."""
+def build(cls: type, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types; every YAML of
+    the project that maps onto a dataclass is read through here (``where`` names it in errors).
+    A field's type is its default's: a nested dataclass, a mapping, a tuple (from a YAML list), a
+    float (an integer is accepted), an int, a bool or a str; a field whose default is None, or
+    whose annotation allows None, accepts null."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
@@ -141,26 +145,35 @@ def _build(cls: type, data: Any, where: str):
     for key, value in data.items():
         if key not in known:
             raise ConfigError(f"unknown configuration key {where}.{key} (known: {', '.join(known)})")
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value, f"{where}.{key}")
-        elif isinstance(default, dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}.{key} must be a mapping")
-            kwargs[key] = {str(k): str(v) for k, v in value.items()}
-        elif isinstance(default, bool) or not isinstance(value, type(default)):
-            if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
-                kwargs[key] = value
-            else:
-                raise ConfigError(
-                    f"{where}.{key} must be {type(default).__name__}, not {type(value).__name__} ({value!r})"
-                )
-        else:
-            kwargs[key] = value
+        kwargs[key] = _value(getattr(cls(), key), value, f"{where}.{key}", "None" in str(known[key].type))
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+def _value(default: Any, value: Any, where: str, nullable: bool):
+    if value is None and (nullable or default is None):
+        return None
+    if dataclasses.is_dataclass(default):
+        return build(type(default), value, where)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(default, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, not {type(value).__name__} ({value!r})")
+        return tuple(value)
+    if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if default is None or (isinstance(value, type(default)) and not isinstance(default, bool)):
+        return value
+    if isinstance(default, bool) and isinstance(value, bool):
+        return value
+    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where} must be {type(default).__name__}, not {type(value).__name__} ({value!r})")
 
 
 def load(path: str | os.PathLike | None = None) -> Config:
@@ -178,7 +191,7 @@ def load(path: str | os.PathLike | None = None) -> Config:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
-    config = _build(Config, data, "config")
+    config = build(Config, data, "config")
     for section in (config.lake, config.spark, config.ingest, config.security):
         section.validate()
     return config

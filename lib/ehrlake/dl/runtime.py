@@ -8,12 +8,14 @@ jobs where tf-keras is missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
 import yaml
 
+from ehrlake.config import build
 from ehrlake.errors import ConfigError, EhrlakeError
 from ehrlake.home import CONF
 
@@ -46,29 +48,117 @@ def has_horovod() -> bool:
 
 
 @dataclass(frozen=True)
+class NetSettings:
+    """How one network trains (``cnn:`` and ``ann:`` of conf/deep_learning.yaml; an image task's
+    ``cnn:`` overrides some of them). ``filters``, ``augment`` and ``bn_momentum`` are the CNN's;
+    ``hidden`` is the ANN's."""
+
+    epochs: int = 30
+    batch_size: int = 32  # per worker
+    learning_rate: float = 0.001
+    dropout: float = 0.2
+    schedule: str = "cosine"  # or "constant"
+    early_stopping: bool = True
+    patience: int = 12
+    filters: tuple = (32, 64, 128)
+    augment: bool = True
+    bn_momentum: float = 0.9
+    hidden: tuple = (64, 32)
+    validation: str | None = "val"  # split scored every epoch; None: no validation
+    test: str = "test"  # split the model is evaluated on
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
+            raise ConfigError("epochs, batch_size and patience must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), not {self.dropout}")
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    source_system: str = ""
+    description: str = ""
+    positive: str = ""
+    cnn: dict = field(default_factory=dict)  # overrides of the cnn settings for this task
+
+    def validate(self) -> None:
+        if not self.source_system:
+            raise ConfigError("an image task needs its source_system")
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    backend: str = "auto"  # petastorm | arrow | auto
+    launcher: str = "horovod"
+    workers: int = 2
+    images_per_file: int = 256
+
+    def validate(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"runtime.launcher {self.launcher!r} must be one of {', '.join(LAUNCHERS)}")
+        if self.backend not in ("petastorm", "arrow", "auto"):
+            raise ConfigError(f"runtime.backend {self.backend!r} must be petastorm, arrow or auto")
+        if self.workers < 1 or self.images_per_file < 1:
+            raise ConfigError("runtime.workers and runtime.images_per_file must be positive")
+
+
+@dataclass(frozen=True)
 class Config:
-    backend: str
-    launcher: str
-    workers: int
-    images_per_file: int
-    image_tasks: dict
-    cnn: dict
-    ann: dict
+    """conf/deep_learning.yaml, typed and validated (unknown keys and wrong types stop the job)."""
+
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    image_tasks: dict = field(default_factory=dict)  # name -> ImageTask
+    cnn: NetSettings = field(default_factory=NetSettings)
+    ann: NetSettings = field(default_factory=NetSettings)
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.backend
+
+    @property
+    def launcher(self) -> str:
+        return self.runtime.launcher
+
+    @property
+    def workers(self) -> int:
+        return self.runtime.workers
+
+    @property
+    def images_per_file(self) -> int:
+        return self.runtime.images_per_file
+
+    def cnn_for(self, task: str) -> NetSettings:
+        """The CNN settings of an image task: the defaults with the task's overrides."""
+        overrides = self.image_tasks[task].cnn
+        return build(NetSettings, {**dataclasses.asdict(self.cnn), **overrides}, f"image_tasks.{task}.cnn")
 
 
 def load(path: str | Path | None = None) -> Config:
     path = Path(path) if path else CONF / "deep_learning.yaml"
-    data = yaml.safe_load(path.read_text())
-    rt = data.get("runtime", {})
-    launcher = rt.get("launcher", "horovod")
-    if launcher not in LAUNCHERS:
-        raise ConfigError(f"{path}: runtime.launcher {launcher!r} must be one of {', '.join(LAUNCHERS)}")
-    return Config(
-        backend=rt.get("backend", "auto"),
-        launcher=launcher,
-        workers=int(rt.get("workers", 2)),
-        images_per_file=int(rt.get("images_per_file", 256)),
-        image_tasks=dict(data.get("image_tasks", {})),
-        cnn=dict(data.get("cnn", {})),
-        ann=dict(data.get("ann", {})),
-    )
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping")
+    tasks = data.get("image_tasks") or {}
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"{path}: image_tasks must be a mapping")
+    try:
+        built = build(Config, {k: v for k, v in data.items() if k != "image_tasks"}, "deep_learning")
+        image_tasks = {
+            str(name): _image_task(spec, f"deep_learning.image_tasks.{name}") for name, spec in tasks.items()
+        }
+        config = dataclasses.replace(built, image_tasks=image_tasks)
+        for name in image_tasks:
+            config.cnn_for(name)  # a task's overrides are checked now, not when it trains
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
+
+
+def _image_task(spec, where: str) -> ImageTask:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    cnn = spec.get("cnn") or {}
+    if not isinstance(cnn, dict):
+        raise ConfigError(f"{where}.cnn must be a mapping")
+    task = build(ImageTask, {k: v for k, v in spec.items() if k != "cnn"}, where)
+    return dataclasses.replace(task, cnn=dict(cnn))

@@ -9,6 +9,7 @@ versions it read. Every rank must end with bit-identical weights; a run where th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -277,11 +278,11 @@ def train_image_model(
     workers = workers or cfg.workers
     launcher = launcher or cfg.launcher
     backend = backend or cfg.backend
-    hyper = {**cfg.cnn, **(spec.get("cnn") or {})}
-    epochs = epochs or int(hyper.get("epochs", 30))
+    hyper = dataclasses.asdict(cfg.cnn_for(task))  # typed and validated; a plain dict on the wire
+    epochs = epochs or hyper["epochs"]
     shape = tuple(load_spec().shape)
     snap = datasets.snapshot(lake.root, IMAGES)
-    source = spec["source_system"]
+    source = spec.source_system
     test_split = hyper.get("test", "test")
     train_sel = image_selection(source, "train", shape)
     val_sel = image_selection(source, hyper["validation"], shape) if hyper.get("validation") else None
@@ -339,8 +340,8 @@ def train_tabular_ann(
     workers = workers or cfg.workers
     launcher = launcher or cfg.launcher
     backend = backend or cfg.backend
-    hyper = dict(cfg.ann)
-    epochs = epochs or int(hyper.get("epochs", 30))
+    hyper = dataclasses.asdict(cfg.ann)
+    epochs = epochs or hyper["epochs"]
     versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     with lake.security.job("train", ["gold"], role) as (_, audit):
         inputs, scaling = tensors.build(lake, task_name, seed, versions)
