@@ -24,6 +24,7 @@ import yaml
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.config import build
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 from ehrlake.ingest.lineage import lineage
@@ -54,26 +55,28 @@ DECODED = (
 
 @dataclass(frozen=True)
 class ImageSpec:
-    shape: tuple[int, int] = (64, 64)
+    """conf/imaging.yaml: what every image becomes in bronze."""
+
+    shape: tuple = (64, 64)  # rows, columns
     dtype: str = "float32"
     normalise: str = "minmax"
-    npz_splits: tuple[str, ...] = ("train", "val", "test")
+    npz_splits: tuple = ("train", "val", "test")
+
+    def validate(self) -> None:
+        sizes = len(self.shape) == 2 and all(isinstance(x, int) and x > 0 for x in self.shape)
+        if not sizes or self.dtype != "float32" or self.normalise != "minmax":
+            raise ConfigError(
+                "imaging: shape must be [rows, cols] (positive integers), dtype float32 and normalise minmax"
+            )
 
 
 def load_spec(path: str | Path | None = None) -> ImageSpec:
-    data = yaml.safe_load(Path(path or IMAGING_FILE).read_text()) or {}
-    unknown = set(data) - {"shape", "dtype", "normalise", "npz_splits"}
-    if unknown:
-        raise ConfigError(f"{path or IMAGING_FILE}: unknown key(s) {sorted(unknown)}")
-    spec = ImageSpec(
-        tuple(int(x) for x in data.get("shape", (64, 64))),
-        str(data.get("dtype", "float32")),
-        str(data.get("normalise", "minmax")),
-        tuple(data.get("npz_splits", ("train", "val", "test"))),
-    )
-    if len(spec.shape) != 2 or spec.dtype != "float32" or spec.normalise != "minmax":
-        raise ConfigError("imaging: shape must be [rows, cols], dtype float32 and normalise minmax")
-    return spec
+    """The image specification, typed and checked (an unknown key or a wrong type is named)."""
+    file = Path(path or IMAGING_FILE)
+    try:
+        return build(ImageSpec, yaml.safe_load(file.read_text()) or {}, "imaging")
+    except ConfigError as exc:
+        raise ConfigError(f"{file}: {exc}") from None
 
 
 # --- decoding (runs on executors; pure functions of bytes, testable without Spark) ---------------
