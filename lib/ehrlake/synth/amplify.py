@@ -37,6 +37,7 @@ import yaml
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from ehrlake.config import build
 from ehrlake.errors import ConfigError, EnvironmentProblem
 from ehrlake.home import HOME
 from ehrlake.ingest import synthea
@@ -156,17 +157,47 @@ class Regions:
     family: list[str]
 
 
+@dataclass(frozen=True)
+class _Region:
+    population: int = 0
+    city: str = ""
+
+    def validate(self) -> None:
+        if self.population < 1 or not self.city:
+            raise ConfigError("a region needs a positive population and a city")
+
+
+@dataclass(frozen=True)
+class _RegionsFile:
+    """A regions YAML (e.g. conf/synth/india.yaml); ``regions`` is built apart (name -> _Region)."""
+
+    country: str = ""
+    given_names: tuple = ()
+    family_names: tuple = ()
+
+    def validate(self) -> None:
+        if not self.given_names or not self.family_names:
+            raise ConfigError("given_names and family_names must each list at least one name")
+
+
 def _regions(path) -> Regions:
-    data = yaml.safe_load(Path(path).read_text())
-    regions = data["regions"]
-    total = sum(r["population"] for r in regions.values())
+    """The regions file, typed and checked: a missing or misspelt key is named in one line."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        if not isinstance(data, dict) or not isinstance(data.get("regions"), dict) or not data["regions"]:
+            raise ConfigError("regions must map each region's name to its population and city")
+        regions = {str(n): build(_Region, r, f"regions.{n}") for n, r in data["regions"].items()}
+        names = build(_RegionsFile, {k: v for k, v in data.items() if k != "regions"}, "regions file")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    total = sum(r.population for r in regions.values())
     return Regions(
-        data.get("country", ""),
+        names.country,
         list(regions),
-        [r["population"] / total for r in regions.values()],
-        {n: r["city"] for n, r in regions.items()},
-        list(data["given_names"]),
-        list(data["family_names"]),
+        [r.population / total for r in regions.values()],
+        {n: r.city for n, r in regions.items()},
+        list(names.given_names),
+        list(names.family_names),
     )
 
 
