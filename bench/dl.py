@@ -112,7 +112,7 @@ def main() -> int:
     os.environ["PYSPARK_PYTHON"] = sys.executable
     spark = get_spark(Config(spark=SparkConfig(master="local[2]", app_name="bench-dl")))
     cfg = runtime.load()
-    hyper = {**dataclasses.asdict(cfg.cnn), "batch_size": 32}
+    hyper = dataclasses.replace(cfg.cnn, batch_size=32)
 
     def train(workers: int, launcher: str) -> dict:
         payload = dl_train.plan("cnn", snap, sel, None, hyper, "auto", workers, args.epochs, 42, None)

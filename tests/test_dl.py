@@ -98,7 +98,8 @@ def _payload(lake, epochs=1, save_to=None):
     val = dl_train.image_selection("breastmnist", "val", SHAPE)
     return dl_train.Payload(
         "cnn", tuple(datasets.plan_shards(snap, sel, 2)), sel, dl_train._whole(snap, val), val,
-        {"filters": [8, 16], "batch_size": 32, "augment": True}, "auto", 4, epochs, 7, save_to,
+        runtime.NetSettings(filters=(8, 16), batch_size=32, augment=True, dropout=0.3), "auto", 4, epochs, 7,
+        save_to,
     )  # fmt: skip
 
 

@@ -37,7 +37,7 @@ class Payload:
     train: Selection
     val_shard: Shard | None
     val: Selection | None
-    hyper: dict
+    hyper: runtime.NetSettings
     backend: str
     steps_per_epoch: int
     epochs: int
@@ -49,25 +49,11 @@ def fit_worker(worker: launch.Worker, p: Payload) -> dict:
     """Build, fit and (rank 0) save one model; runs in every worker process."""
     tf = runtime.tensorflow()
     k = runtime.keras()
-    from ehrlake.dl import nets
-
     k.utils.set_random_seed(p.seed)
-    lr = float(p.hyper.get("learning_rate", 1e-3)) * (worker.size if worker.launcher == "horovod" else 1)
+    lr = p.hyper.learning_rate * (worker.size if worker.launcher == "horovod" else 1)
     with worker.scope():
-        if p.kind == "cnn":
-            model = nets.cnn(
-                p.train.shape,
-                tuple(p.hyper.get("filters", (32, 64, 128))),
-                float(p.hyper.get("dropout", 0.3)),
-                bool(p.hyper.get("augment", True)),
-                worker.batch_norm(),
-                float(p.hyper.get("bn_momentum", 0.9)),
-            )
-        else:
-            model = nets.ann(
-                p.train.shape[0], tuple(p.hyper.get("hidden", (64, 32))), float(p.hyper.get("dropout", 0.2))
-            )
-        if p.hyper.get("schedule", "cosine") == "cosine":  # settles at the end instead of wandering
+        model = _network(p, worker.batch_norm())
+        if p.hyper.schedule == "cosine":  # settles at the end instead of wandering
             lr = k.optimizers.schedules.CosineDecay(lr, decay_steps=p.epochs * p.steps_per_epoch, alpha=0.01)
         model.compile(
             optimizer=worker.optimizer(k.optimizers.Adam(lr)),
@@ -75,16 +61,16 @@ def fit_worker(worker: launch.Worker, p: Payload) -> dict:
             metrics=[k.metrics.AUC(name="auc")],
         )
     callbacks = worker.callbacks()
-    if p.val_shard is not None and p.hyper.get("early_stopping", True):
+    if p.val_shard is not None and p.hyper.early_stopping:
         callbacks.append(
             k.callbacks.EarlyStopping(
                 monitor="val_auc",
                 mode="max",
-                patience=int(p.hyper.get("patience", 12)),
+                patience=p.hyper.patience,
                 restore_best_weights=True,
             )
         )
-    per_worker = int(p.hyper.get("batch_size", 32))
+    per_worker = p.hyper.batch_size
     shard = p.shards[worker.rank]
     started = time.perf_counter()
     with (
@@ -130,23 +116,21 @@ def fit_worker(worker: launch.Worker, p: Payload) -> dict:
     }
 
 
+def _network(p: Payload, norm=None):
+    """The payload's network, untrained (``norm``: the batch-normalisation layer factory of
+    distributed training; None: the plain layer)."""
+    from ehrlake.dl import nets
+
+    h = p.hyper
+    if p.kind == "cnn":
+        return nets.cnn(p.train.shape, tuple(h.filters), h.dropout, h.augment, norm, h.bn_momentum)
+    return nets.ann(p.train.shape[0], tuple(h.hidden), h.dropout)
+
+
 def _portable(model, p: Payload, weights):
     """The same network with plain layers (no Horovod / strategy classes, no optimizer state) and the
     trained weights, so any TensorFlow process can load it and saving involves no other rank."""
-    from ehrlake.dl import nets
-
-    if p.kind == "cnn":
-        plain = nets.cnn(
-            p.train.shape,
-            tuple(p.hyper.get("filters", (32, 64, 128))),
-            float(p.hyper.get("dropout", 0.3)),
-            bool(p.hyper.get("augment", True)),
-            momentum=float(p.hyper.get("bn_momentum", 0.9)),
-        )
-    else:
-        plain = nets.ann(
-            p.train.shape[0], tuple(p.hyper.get("hidden", (64, 32))), float(p.hyper.get("dropout", 0.2))
-        )
+    plain = _network(p)
     plain.set_weights(weights)
     return plain
 
@@ -170,7 +154,7 @@ def plan(kind, snap, train: Selection, val: Selection | None, hyper, backend, wo
     """The payload of a run: the training selection sharded between ``workers``, the validation
     selection whole, and the steps per epoch every worker runs (all selected rows once)."""
     shards = tuple(datasets.plan_shards(snap, train, workers))
-    steps = math.ceil(sum(s.rows for s in shards) / (int(hyper.get("batch_size", 32)) * workers))
+    steps = math.ceil(sum(s.rows for s in shards) / (hyper.batch_size * workers))
     val_shard = _whole(snap, val) if val else None
     return Payload(kind, shards, train, val_shard, val, hyper, backend, steps, epochs, seed, save_to)
 
@@ -278,14 +262,14 @@ def train_image_model(
     workers = workers or cfg.workers
     launcher = launcher or cfg.launcher
     backend = backend or cfg.backend
-    hyper = dataclasses.asdict(cfg.cnn_for(task))  # typed and validated; a plain dict on the wire
-    epochs = epochs or hyper["epochs"]
+    hyper = cfg.cnn_for(task)
+    epochs = epochs or hyper.epochs
     shape = tuple(load_spec().shape)
     snap = datasets.snapshot(lake.root, IMAGES)
     source = spec.source_system
-    test_split = hyper.get("test", "test")
+    test_split = hyper.test
     train_sel = image_selection(source, "train", shape)
-    val_sel = image_selection(source, hyper["validation"], shape) if hyper.get("validation") else None
+    val_sel = image_selection(source, hyper.validation, shape) if hyper.validation else None
     model_id = f"{task}.cnn"
     version, artifact, path = _new_version(lake, model_id)
     payload = plan("cnn", snap, train_sel, val_sel, hyper, backend, workers, epochs, seed, path)
@@ -304,7 +288,7 @@ def train_image_model(
         predict.saliency_figure(lake, path, snap, image_selection(source, test_split, shape), task, saliency)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
-            **hyper,
+            **dataclasses.asdict(hyper),
             "threshold": evaluate.FINDING_THRESHOLD,
             "source_system": source,
             "test_split": test_split,
@@ -340,11 +324,11 @@ def train_tabular_ann(
     workers = workers or cfg.workers
     launcher = launcher or cfg.launcher
     backend = backend or cfg.backend
-    hyper = dataclasses.asdict(cfg.ann)
-    epochs = epochs or hyper["epochs"]
-    versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
+    hyper = cfg.ann
+    epochs = epochs or hyper.epochs
+    data_versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     with lake.security.job("train", ["gold"], role) as (_, audit):
-        inputs, scaling = tensors.build(lake, task_name, seed, versions)
+        inputs, scaling = tensors.build(lake, task_name, seed, data_versions)
         table = tensors.table(task_name)
         snap = datasets.snapshot(lake.root, table)
         sel = Selection((("split", "=", "train"),), "x", (len(inputs),))
@@ -355,7 +339,7 @@ def train_tabular_ann(
         results = _launch(lake, payload, workers, launcher)
         held_out = lake.read(table, version=snap.version).where(F.col("split") == "test")
         test = predict.tabular_scores(held_out, path, inputs).join(
-            feats.training_frame(lake, t, versions).drop("label"), ["patient_key", "index_id"]
+            feats.training_frame(lake, t, data_versions).drop("label"), ["patient_key", "index_id"]
         )
         positives, n = test.agg(F.sum("label"), F.count("*")).first()
         train_rate = (
@@ -368,7 +352,7 @@ def train_tabular_ann(
         q = test.approxQuantile("score", [0.7, 0.9], 0.001)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
-            **hyper,
+            **dataclasses.asdict(hyper),
             "threshold": train_rate,
             "scaling": scaling,
             "tensors": {table: snap.version},
@@ -376,5 +360,7 @@ def train_tabular_ann(
             "test_positives": int(positives or 0),
         }
         bands = {"medium": q[0], "high": q[1]} if len(q) == 2 else {}
-        mv = _register(lake, audit, run, task_name, "ann", params, inputs, versions, metrics, bands, test)
+        mv = _register(
+            lake, audit, run, task_name, "ann", params, inputs, data_versions, metrics, bands, test
+        )
     return mv
