@@ -97,7 +97,7 @@ def _records_column(table: str, columns: list[str], sealing) -> str:
     if sealing and RAW in sealing.to_reveal:
         raise ConfigError(
             f"{table} keeps its records only sealed to the reveal key, which jobs do not hold (it has "
-            "no raw_deid column: not FHIR records, or written before it existed; ingest it again)"
+            "no raw_deid column: not FHIR records, or written before it existed; rebuild it from its sources)"
         )
     return RAW
 
