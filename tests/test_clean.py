@@ -164,12 +164,18 @@ def test_data_model_doc_is_rendered_from_the_declarations_and_mappings():
     assert (REPO / "docs" / "data_model.md").read_text() == render(), "run: python -m ehrlake.clean.docs"
 
 
-def test_a_mapping_naming_an_unknown_column_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize(
+    "entity, error",
+    [
+        ("    columns:\n      shoe_size: size\n", r"patient has no column\(s\) \['shoe_size'\]"),
+        ("    filter: a > 1\n    columns:\n      gender: g\n", r"unknown key mapping .*: patient\.filter "),
+        ("    columns: {}\n", "a mapping needs 'from' .* and 'columns'"),
+    ],
+)
+def test_a_mapping_naming_an_unknown_column_or_key_is_a_clear_error(tmp_path, entity, error):
     from ehrlake.errors import ConfigError
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        "source: x\nentities:\n  patient:\n    from: bronze.t\n    columns:\n      shoe_size: size\n"
-    )
-    with pytest.raises(ConfigError, match=r"patient has no column\(s\) \['shoe_size'\]"):
+    bad.write_text("source: x\nentities:\n  patient:\n    from: bronze.t\n" + entity)
+    with pytest.raises(ConfigError, match=error):
         clean.load_mappings(bad)

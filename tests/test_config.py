@@ -16,7 +16,7 @@ def test_default_yaml_mirrors_built_in_defaults():
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("lake:\n  rooot: x\n", "unknown configuration key config.lake.rooot"),
+        ("lake:\n  rooot: x\n", "unknown key config.lake.rooot"),
         ("lake:\n  engine: parquet\n", "lake.engine must be one of auto, delta-rs, native"),
         ("ingest:\n  lines_per_batch: many\n", "config.ingest.lines_per_batch must be int"),
         ("spark:\n  conf:\n    sql.shuffle: 3\n", "must start with 'spark.'"),
@@ -48,7 +48,7 @@ def test_deep_learning_settings_are_typed_and_every_mistake_named(tmp_path):
     pneumonia = cfg.cnn_for("pneumoniamnist_pneumonia")
     assert (pneumonia.validation, pneumonia.epochs, pneumonia.dropout) == (None, 20, cfg.cnn.dropout)
     for text, says in [
-        ("cnn: {epoch: 3}", "unknown configuration key deep_learning.cnn.epoch"),
+        ("cnn: {epoch: 3}", "unknown key deep_learning.cnn.epoch"),
         ("ann: {dropout: high}", "deep_learning.ann.dropout must be float, not str"),
         ("image_tasks: {x: {source_system: s, cnn: {filterz: [8]}}}", "key image_tasks.x.cnn.filterz"),
         ("runtime: {launcher: mpi}", "runtime.launcher 'mpi' must be one of"),

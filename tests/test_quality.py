@@ -79,3 +79,17 @@ def test_a_check_on_an_unknown_field_is_a_clear_error(tmp_path):
     )
     with pytest.raises(ConfigError, match="patient.shoe_size is not a silver field"):
         checks.load(bad)
+
+
+def test_a_misspelt_or_missing_check_parameter_is_named(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text(
+        "checks:\n  - {id: x, table: patient, field: gender, type: in_set, value: [f], category: completeness}\n"
+    )
+    with pytest.raises(ConfigError, match=r"unknown key .*check x\.value "):
+        checks.load(bad)
+    bad.write_text(
+        "checks:\n  - {id: x, table: patient, field: birth_year, type: range, min: 1, category: plausibility}\n"
+    )
+    with pytest.raises(ConfigError, match="a range check needs 'max'"):
+        checks.load(bad)

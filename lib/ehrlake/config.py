@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,37 +134,57 @@ class Config:
 def build(cls: type, data: Any, where: str):
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types; every YAML of
     the project that maps onto a dataclass is read through here (``where`` names it in errors).
-    A field's type is its default's: a nested dataclass, a mapping, a tuple (from a YAML list), a
-    float (an integer is accepted), an int, a bool or a str; a field whose default is None, or
-    whose annotation allows None, accepts null."""
+    A field's type is its default's: a nested dataclass, a mapping, a tuple (from a YAML list; of
+    dataclasses where annotated ``tuple[X, ...]``), a mapping (of
+    dataclasses where annotated ``dict[str, X]``), a float (an integer is accepted), an int, a
+    bool or a str; a field whose default is None, or whose annotation allows None, accepts null
+    (or a mapping, where the annotation names a dataclass). A field read from a key that is not a
+    Python name (``from``) says so in its metadata: ``field(default="", metadata={"key": "from"})``;
+    one that is never read from a file has ``metadata={"key": None}``."""
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a mapping, not {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    keys = {f: f.metadata.get("key", f.name) for f in dataclasses.fields(cls)}
+    known = {key: f for f, key in keys.items() if key is not None}  # key None: never from a file
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
     kwargs = {}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"unknown configuration key {where}.{key} (known: {', '.join(known)})")
-        kwargs[key] = _value(getattr(cls(), key), value, f"{where}.{key}", "None" in str(known[key].type))
+            raise ConfigError(f"unknown key {where}.{key} (known: {', '.join(known)})")
+        name = known[key].name
+        kwargs[name] = _value(getattr(defaults, name), value, f"{where}.{key}", hints[name])
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
 
 
-def _value(default: Any, value: Any, where: str, nullable: bool):
-    if value is None and (nullable or default is None):
+def _value(default: Any, value: Any, where: str, hint: Any):
+    args = typing.get_args(hint)
+    nested = [t for t in args if dataclasses.is_dataclass(t)]
+    if value is None and (type(None) in args or default is None):
         return None
+    if default is None and nested:
+        default = nested[0]()  # an optional section (``to: Reference | None``) given a value
     if dataclasses.is_dataclass(default):
         return build(type(default), value, where)
     if isinstance(default, dict):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping")
+            raise ConfigError(f"{where} must be a mapping, not {type(value).__name__}")
+        if nested:  # dict[str, DeclaredTable]
+            return {str(k): build(nested[0], v or {}, f"{where}.{k}") for k, v in value.items()}
+        if len(args) == 2 and args[1] is Any:  # dict[str, Any]: checked by its user (overrides)
+            return {str(k): v for k, v in value.items()}
+        if len(args) == 2 and typing.get_origin(args[1]) is tuple:  # dict[str, tuple[str, ...]]
+            return {str(k): _value((), v, f"{where}.{k}", args[1]) for k, v in value.items()}
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(default, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, not {type(value).__name__} ({value!r})")
+        if nested:  # tuple[Join, ...]
+            return tuple(build(nested[0], item, f"{where}[{i}]") for i, item in enumerate(value))
         return tuple(value)
     if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -176,6 +197,23 @@ def _value(default: Any, value: Any, where: str, nullable: bool):
     raise ConfigError(f"{where} must be {type(default).__name__}, not {type(value).__name__} ({value!r})")
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in a YAML file, or one line saying why there is none: every YAML of the
+    project is read here (the file missing, not YAML, or not a mapping is a :class:`ConfigError`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
 def load(path: str | os.PathLike | None = None) -> Config:
     """Load and validate configuration (see module docstring for where it is looked for)."""
     if path is None:
@@ -184,14 +222,7 @@ def load(path: str | os.PathLike | None = None) -> Config:
         path = "conf/default.yaml"
     if path is None:
         return Config()
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"configuration file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"configuration file {path} is not valid YAML: {exc}") from exc
-    config = build(Config, data, "config")
+    config = build(Config, read_yaml(path), "config")
     for section in (config.lake, config.spark, config.ingest, config.security):
         section.validate()
     return config

@@ -19,8 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError, EhrlakeError
 
 
@@ -32,16 +31,18 @@ class Step:
         return shlex.join(self.argv)
 
 
+@dataclass(frozen=True)
+class _PipelineFile:
+    steps: tuple[str, ...] = ()  # ehrlake command lines
+
+
 def load(path: str) -> list[Step]:
     """The steps of a pipeline file: ``steps:``, a list of ehrlake command lines."""
-    file = Path(path)
-    if not file.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"pipeline file {path} does not exist")
-    data = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(data, dict) or set(data) - {"steps"} or not isinstance(data.get("steps"), list):
-        raise ConfigError(f"{path}: a pipeline file holds one key, steps: a list of ehrlake command lines")
+    declared = build(_PipelineFile, read_yaml(path), path)
     steps = []
-    for i, line in enumerate(data["steps"], 1):
+    for i, line in enumerate(declared.steps, 1):
         if not isinstance(line, str) or not line.strip():
             raise ConfigError(f"{path}: step {i} is not an ehrlake command line")
         argv = tuple(shlex.split(line))
@@ -49,7 +50,7 @@ def load(path: str) -> list[Step]:
             raise ConfigError(f"{path}: step {i} starts with {argv[0]!r}; write the command without it")
         steps.append(Step(argv))
     if not steps:
-        raise ConfigError(f"{path}: no steps")
+        raise ConfigError(f"{path}: no steps (steps: a list of ehrlake command lines)")
     return steps
 
 

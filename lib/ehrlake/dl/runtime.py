@@ -12,10 +12,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from ehrlake.config import build
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError, EhrlakeError
 from ehrlake.home import CONF
 
@@ -79,7 +78,7 @@ class ImageTask:
     source_system: str = ""
     description: str = ""
     positive: str = ""
-    cnn: dict = field(default_factory=dict)  # overrides of the cnn settings for this task
+    cnn: dict[str, Any] = field(default_factory=dict)  # overrides of the cnn settings (Config.cnn_for)
 
     def validate(self) -> None:
         if not self.source_system:
@@ -107,7 +106,7 @@ class Config:
     """conf/deep_learning.yaml, typed and validated (unknown keys and wrong types stop the job)."""
 
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-    image_tasks: dict = field(default_factory=dict)  # name -> ImageTask
+    image_tasks: dict[str, ImageTask] = field(default_factory=dict)
     cnn: NetSettings = field(default_factory=NetSettings)
     ann: NetSettings = field(default_factory=NetSettings)
 
@@ -135,30 +134,10 @@ class Config:
 
 def load(path: str | Path | None = None) -> Config:
     path = Path(path) if path else CONF / "deep_learning.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must be a mapping")
-    tasks = data.get("image_tasks") or {}
-    if not isinstance(tasks, dict):
-        raise ConfigError(f"{path}: image_tasks must be a mapping")
     try:
-        built = build(Config, {k: v for k, v in data.items() if k != "image_tasks"}, "deep_learning")
-        image_tasks = {
-            str(name): _image_task(spec, f"deep_learning.image_tasks.{name}") for name, spec in tasks.items()
-        }
-        config = dataclasses.replace(built, image_tasks=image_tasks)
-        for name in image_tasks:
+        config = build(Config, read_yaml(path), "deep_learning")
+        for name in config.image_tasks:
             config.cnn_for(name)  # a task's overrides are checked now, not when it trains
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     return config
-
-
-def _image_task(spec, where: str) -> ImageTask:
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where} must be a mapping")
-    cnn = spec.get("cnn") or {}
-    if not isinstance(cnn, dict):
-        raise ConfigError(f"{where}.cnn must be a mapping")
-    task = build(ImageTask, {k: v for k, v in spec.items() if k != "cnn"}, where)
-    return dataclasses.replace(task, cnn=dict(cnn))

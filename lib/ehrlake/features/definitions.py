@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pyspark.sql import Column
 from pyspark.sql import functions as F
 
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 
@@ -50,6 +50,23 @@ class Windows:
     labs_days: int = 730
     observed_days: int = 730
 
+    def validate(self) -> None:
+        for name, days in vars(self).items():
+            if days < 1:
+                raise ConfigError(f"windows.{name} must be a positive number of days, not {days}")
+
+
+@dataclass(frozen=True)
+class _CodeSetSpec:
+    """A code set as written in the file (one list per code system)."""
+
+    description: str | None = None
+    SNOMED: tuple = ()
+    LOINC: tuple = ()
+    ICD9CM: tuple = ()
+    ICD10CM: tuple = ()
+    ICD10: tuple = ()
+
 
 @dataclass(frozen=True)
 class Definitions:
@@ -64,26 +81,27 @@ class Definitions:
 
 
 def _code_sets(data: dict, where: str) -> dict[str, CodeSet]:
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{where} must be a mapping of named code sets")
     out = {}
     for name, spec in (data or {}).items():
-        spec = dict(spec or {})
-        description = str(spec.pop("description", name))
-        unknown = set(spec) - set(PREFIX_SYSTEMS) - set(EXACT_SYSTEMS)
-        if unknown:
-            raise ConfigError(f"{where}.{name}: unknown code system(s) {sorted(unknown)}")
-        out[name] = CodeSet(name, description, {s: tuple(str(c) for c in v) for s, v in spec.items()})
+        read = build(_CodeSetSpec, spec, f"{where}.{name}")
+        systems = [key for key in spec if key != "description"]  # in the file's order
+        codes = {s: tuple(str(c) for c in getattr(read, s)) for s in systems if getattr(read, s)}
+        if not codes:
+            raise ConfigError(f"{where}.{name} lists no codes")
+        out[name] = CodeSet(name, read.description or name, codes)
     return out
 
 
 def load(path: str | Path | None = None) -> Definitions:
     path = Path(path or FEATURES_FILE)
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path)
     unknown = set(data) - {"windows", "condition_groups", "labs"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
-    windows = Windows(**{k: int(v) for k, v in (data.get("windows") or {}).items()})
     return Definitions(
-        windows,
+        build(Windows, data.get("windows"), "windows"),
         _code_sets(data.get("condition_groups"), "condition_groups"),
         _code_sets(data.get("labs"), "labs"),
     )

@@ -11,19 +11,49 @@ Mapping onto the common model is a separate declaration (``conf/mappings/<extrac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 from ehrlake.ingest.csv_tables import CsvCatalog, CsvTable, canonical
 from ehrlake.security.protection import TableProtection
 
 EXTRACTS_DIR = CONF / "extracts"
-_TABLE_KEYS = {"files", "keys", "patient_id", "dates", "timestamps", "numbers", "identifiers", "free_text"}
-_TOP_KEYS = {"extract", "description", "source_system", "missing", "ignored", "tables"}
+
+
+@dataclass(frozen=True)
+class DeclaredTable:
+    """One table of an extract as declared (``tables.<name>``)."""
+
+    files: tuple[str, ...] = ()  # globs over the file name; the table's own name when empty
+    keys: tuple[str, ...] = ()
+    patient_id: str | None = None
+    dates: tuple[str, ...] = ()
+    timestamps: tuple[str, ...] = ()
+    numbers: tuple[str, ...] = ()
+    identifiers: tuple[str, ...] = ()
+    free_text: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """A whole ``conf/extracts/<name>.yaml``, typed and checked by :func:`ehrlake.config.build`."""
+
+    extract: str = ""
+    description: str | None = None
+    source_system: str | None = None  # the extract's name when not given
+    missing: tuple[str, ...] = ()  # tokens that mean "no value" ("?")
+    ignored: tuple[str, ...] = ()  # globs of files in the folder that are not data
+    tables: dict[str, DeclaredTable] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not self.extract or canonical(self.extract) != self.extract:
+            got = self.extract
+            raise ConfigError(f"'extract' must be a lower-case name (letters, digits, _), got {got!r}")
+        if not self.tables:
+            raise ConfigError(f"extract {self.extract} declares no tables")
 
 
 @dataclass(frozen=True)
@@ -44,39 +74,25 @@ def load(name_or_path: str) -> Extract:
         path = EXTRACTS_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"no extract declaration {path} (known: {', '.join(available()) or 'none'})")
-    data = yaml.safe_load(path.read_text()) or {}
-    _only(data, _TOP_KEYS, str(path))
-    name = data.get("extract")
-    if not name or canonical(name) != name:
-        raise ConfigError(f"{path}: 'extract' must be a lower-case name (letters, digits, _), got {name!r}")
-    missing = tuple(str(m) for m in data.get("missing") or ())
-    tables, patterns = {}, {}
-    for short, spec in (data.get("tables") or {}).items():
-        spec = spec or {}
-        _only(spec, _TABLE_KEYS, f"{path}: tables.{short}")
-        identifiers = tuple(spec.get("identifiers") or ())
-        free_text = tuple((c, "true") for c in spec.get("free_text") or ())
-        tables[short] = CsvTable(
+    declared = build(Declaration, read_yaml(path), str(path))
+    name = declared.extract
+    missing = tuple(str(m) for m in declared.missing)
+    csv_tables, patterns = {}, {}
+    for short, table in declared.tables.items():
+        free_text = tuple((c, "true") for c in table.free_text)
+        csv_tables[short] = CsvTable(
             f"bronze.{name}_{short}",
-            key_columns=tuple(spec.get("keys") or ()),
-            dates=tuple(spec.get("dates") or ()),
-            timestamps=tuple(spec.get("timestamps") or ()),
-            numbers=tuple(spec.get("numbers") or ()),
+            key_columns=table.keys,
+            dates=table.dates,
+            timestamps=table.timestamps,
+            numbers=table.numbers,
             missing=missing,
             protection=TableProtection(
-                identifiers + tuple(f"{c}_text" for c, _ in free_text),
-                patient_id=spec.get("patient_id"),
+                table.identifiers + tuple(f"{c}_text" for c, _ in free_text),
+                patient_id=table.patient_id,
                 free_text=free_text,
             ),
         )
-        patterns[short] = tuple(spec.get("files") or (short,))
-    if not tables:
-        raise ConfigError(f"{path}: declares no tables")
-    catalog = CsvCatalog(f"{name} extract", tables, patterns, tuple(data.get("ignored") or ()))
-    return Extract(name, str(data.get("source_system") or name), catalog)
-
-
-def _only(data: dict, allowed: set[str], where: str) -> None:
-    unknown = set(data) - allowed
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} (allowed: {sorted(allowed)})")
+        patterns[short] = table.files or (short,)
+    catalog = CsvCatalog(f"{name} extract", csv_tables, patterns, declared.ignored)
+    return Extract(name, declared.source_system or name, catalog)

@@ -16,8 +16,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 from ehrlake.security.protection import TableProtection
@@ -58,18 +57,22 @@ class BronzeView:
         return dataclasses.replace(definition.protection(self.columns, patient), fhir_records=True)
 
 
+@dataclass(frozen=True)
+class _DeclaredDrift:
+    """One resource type's entry in ``drift.yaml``."""
+
+    renamed: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # R4 name <- old
+    string_as_concept: tuple[str, ...] = ()
+
+
 def _drifts(folder: Path) -> dict[str, Drift]:
     path = folder / "drift.yaml"
     if not path.exists():
         return {}
-    raw = yaml.safe_load(path.read_text()) or {}
     out = {}
-    for resource, spec in raw.items():
-        unknown = set(spec or {}) - {"renamed", "string_as_concept"}
-        if unknown:
-            raise ConfigError(f"{path}: {resource}: unknown key(s) {sorted(unknown)}")
-        renamed = {new: tuple(old) for new, old in (spec.get("renamed") or {}).items()}
-        out[resource] = Drift(renamed, tuple(spec.get("string_as_concept") or ()))
+    for resource, spec in read_yaml(path).items():
+        declared = build(_DeclaredDrift, spec, f"{path}: {resource}")
+        out[resource] = Drift(declared.renamed, declared.string_as_concept)
     return out
 
 

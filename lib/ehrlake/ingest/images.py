@@ -20,11 +20,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from ehrlake.config import build
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 from ehrlake.ingest.lineage import lineage
@@ -74,7 +73,7 @@ def load_spec(path: str | Path | None = None) -> ImageSpec:
     """The image specification, typed and checked (an unknown key or a wrong type is named)."""
     file = Path(path or IMAGING_FILE)
     try:
-        return build(ImageSpec, yaml.safe_load(file.read_text()) or {}, "imaging")
+        return build(ImageSpec, read_yaml(file), "imaging")
     except ConfigError as exc:
         raise ConfigError(f"{file}: {exc}") from None
 

@@ -9,14 +9,14 @@ pass/fail against the threshold, appended to ``gold.dq_results`` under the run i
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.clean.model import ENTITIES
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
 
@@ -27,32 +27,82 @@ RESULTS = "gold.dq_results"
 
 
 @dataclass(frozen=True)
+class Reference:
+    """Where a ``references`` check looks a value up: a silver table and field."""
+
+    table: str = ""
+    field: str = ""
+
+
+# the parameters each type needs (besides id, table, field, type, category, threshold, where)
+NEEDS = {
+    "in_set": ("values",),
+    "pattern": ("regex",),
+    "references": ("to",),
+    "range": ("min", "max"),
+    "no_flag": ("flag",),
+    "unique": ("fields",),
+}
+
+
+@dataclass(frozen=True)
 class Check:
-    id: str
-    table: str
-    field: str
-    type: str
-    category: str
-    threshold: float
-    params: dict = field(default_factory=dict)
+    """One check as declared in ``conf/quality_checks.yaml``; built and validated by
+    :func:`ehrlake.config.build`, so a misspelt parameter is an error, not a silent default."""
+
+    id: str = ""
+    table: str = ""
+    field: str = ""
+    type: str = ""
+    category: str = ""
+    threshold: float = 0.0
     where: str | None = None
+    values: tuple = ()
+    regex: str | None = None
+    min: float | None = None
+    max: float | None = None
+    flag: str | None = None
+    fields: tuple = ()
+    to: Reference | None = None
+
+    def validate(self) -> None:
+        where = f"check {self.id or '?'}"
+        entity = ENTITIES.get(self.table)
+        if entity is None or self.field not in {f.name for f in entity.fields}:
+            raise ConfigError(f"{where}: {self.table}.{self.field} is not a silver field")
+        if self.type not in TYPES:
+            raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}")
+        if self.category not in CATEGORIES:
+            raise ConfigError(f"{where}: category must be one of {', '.join(CATEGORIES)}")
+        if not 0 <= self.threshold <= 1:
+            raise ConfigError(f"{where}: threshold is a share of rows, between 0 and 1")
+        for name in NEEDS.get(self.type, ()):
+            if getattr(self, name) in (None, ()):
+                raise ConfigError(f"{where}: a {self.type} check needs {name!r}")
+        for name in ("min", "max"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), int | float):
+                raise ConfigError(f"{where}: {name} must be a number")
+        if self.to is not None:
+            target = ENTITIES.get(self.to.table)
+            if target is None or self.to.field not in {f.name for f in target.fields}:
+                raise ConfigError(f"{where}: to {self.to.table}.{self.to.field} is not a silver field")
 
     def fails(self, today: dt.date, references: DataFrame | None = None) -> Column:
         """True where a row fails (false where it passes, null where it is not applicable)."""
         v = F.col(self.field)
-        kind, p = self.type, self.params
+        kind = self.type
         if kind == "not_null":
             return v.isNull()
         if kind == "in_set":
-            return F.when(v.isNotNull(), ~v.isin(*p["values"]))
+            return F.when(v.isNotNull(), ~v.isin(*self.values))
         if kind == "pattern":
-            return F.when(v.isNotNull(), ~v.cast("string").rlike(p["regex"]))
+            return F.when(v.isNotNull(), ~v.cast("string").rlike(self.regex))
         if kind == "range":
-            return F.when(v.isNotNull(), (v < p["min"]) | (v > p["max"]))
+            return F.when(v.isNotNull(), (v < self.min) | (v > self.max))
         if kind == "not_future":
             return F.when(v.isNotNull(), F.to_date(v) > F.lit(today))
         if kind == "no_flag":
-            return F.array_contains(F.coalesce(v, F.array().cast("array<string>")), p["flag"])
+            return F.array_contains(F.coalesce(v, F.array().cast("array<string>")), self.flag)
         if kind == "references":
             return F.col(f"_ref_{self.id}").isNull() & v.isNotNull()
         if kind == "unique":
@@ -61,28 +111,18 @@ class Check:
 
 
 def load(path: str | Path = CHECKS_FILE) -> list[Check]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    checks, seen = [], set()
-    for spec in data.get("checks", []):
-        spec = dict(spec)
-        check_id = spec.pop("id", None)
-        where = f"check {check_id or '?'} in {path}"
-        if not check_id or check_id in seen:
-            raise ConfigError(f"{where}: every check needs a unique id")
-        seen.add(check_id)
-        table, column, kind = spec.pop("table", None), spec.pop("field", None), spec.pop("type", None)
-        entity = ENTITIES.get(table)
-        if entity is None or column not in {f.name for f in entity.fields}:
-            raise ConfigError(f"{where}: {table}.{column} is not a silver field")
-        if kind not in TYPES:
-            raise ConfigError(f"{where}: type must be one of {', '.join(TYPES)}")
-        category = spec.pop("category", None)
-        if category not in CATEGORIES:
-            raise ConfigError(f"{where}: category must be one of {', '.join(CATEGORIES)}")
-        threshold = float(spec.pop("threshold", 0))
-        where_sql = spec.pop("where", None)
-        checks.append(Check(check_id, table, column, kind, category, threshold, spec, where_sql))
-    return checks
+    data = read_yaml(path)
+    unknown = set(data) - {"checks"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)} (known: checks)")
+    loaded, seen = [], set()
+    for spec in data.get("checks") or []:
+        check = build(Check, spec, f"{path}: check {(spec or {}).get('id', '?')}")
+        if not check.id or check.id in seen:
+            raise ConfigError(f"{path}: check {check.id or '?'}: every check needs a unique id")
+        seen.add(check.id)
+        loaded.append(check)
+    return loaded
 
 
 def run(lake, checks: list[Check], run_id: str, today: dt.date) -> DataFrame:
@@ -129,12 +169,12 @@ def run(lake, checks: list[Check], run_id: str, today: dt.date) -> DataFrame:
 def _prepare(lake, df: DataFrame, check: Check) -> DataFrame:
     """Columns that references/unique checks need, joined once per check."""
     if check.type == "references":
-        target = ENTITIES[check.params["to"]["table"]].table
-        key = check.params["to"]["field"]
+        target = ENTITIES[check.to.table].table
+        key = check.to.field
         ref = lake.read(target).select(F.col(key).alias(check.field)).distinct()
         return df.join(ref.withColumn(f"_ref_{check.id}", F.lit(True)), check.field, "left")
     if check.type == "unique":
-        fields = check.params["fields"]
+        fields = list(check.fields)
         counts = df.groupBy(*fields).agg(F.count("*").alias(f"_dup_{check.id}"))
         return df.join(counts, fields, "left")
     return df

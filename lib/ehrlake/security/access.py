@@ -8,15 +8,16 @@ only processes given the master key can open a sealed column (docs/security.md).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import AccessDenied, ConfigError
 from ehrlake.lake.catalog import TableName
 from ehrlake.security import identity
@@ -30,13 +31,19 @@ SEALED_MODES = ("drop", "ciphertext")
 
 @dataclass(frozen=True)
 class Role:
-    name: str
-    description: str
-    read: tuple[str, ...]
-    write: tuple[str, ...]
-    sealed: str
-    deny_columns: tuple[str, ...]
-    reveal: bool
+    """One role of ``conf/access_policy.yaml`` (its name is the key it is declared under)."""
+
+    name: str = field(default="", metadata={"key": None})  # not read from the file
+    description: str = ""
+    read: tuple[str, ...] = ()  # table name globs
+    write: tuple[str, ...] = ()  # layers its jobs may write
+    sealed: str = "drop"  # what a read shows of a sealed column: nothing, or the ciphertext
+    deny_columns: tuple[str, ...] = ()
+    reveal: bool = False
+
+    def validate(self) -> None:
+        if self.sealed not in SEALED_MODES:
+            raise ConfigError(f"sealed must be {' or '.join(SEALED_MODES)}, not {self.sealed!r}")
 
     def may_read(self, table: str) -> bool:
         return any(fnmatch.fnmatchcase(table, pattern) for pattern in self.read)
@@ -56,30 +63,18 @@ class AccessPolicy:
 
     @classmethod
     def load(cls, path: str) -> AccessPolicy:
-        file = Path(path)
-        if not file.is_file():
+        if not Path(path).is_file():
             raise ConfigError(f"access policy {path} does not exist (security.access_policy)")
-        data = yaml.safe_load(file.read_text()) or {}
-        roles = {}
-        for name, spec in (data.get("roles") or {}).items():
-            unknown = set(spec) - {"description", "read", "write", "sealed", "deny_columns", "reveal"}
-            if unknown:
-                raise ConfigError(f"access policy {path}: role {name} has unknown keys {sorted(unknown)}")
-            sealed = spec.get("sealed", "drop")
-            if sealed not in SEALED_MODES:
-                raise ConfigError(f"access policy {path}: role {name}: sealed must be drop or ciphertext")
-            roles[name] = Role(
-                name,
-                str(spec.get("description", "")),
-                tuple(spec.get("read") or ()),
-                tuple(spec.get("write") or ()),
-                sealed,
-                tuple(spec.get("deny_columns") or ()),
-                bool(spec.get("reveal", False)),
-            )
+        declared = build(_PolicyFile, read_yaml(path), f"access policy {path}")
+        roles = {name: dataclasses.replace(role, name=name) for name, role in declared.roles.items()}
         if not roles:
             raise ConfigError(f"access policy {path} defines no roles")
         return cls(roles)
+
+
+@dataclass(frozen=True)
+class _PolicyFile:
+    roles: dict[str, Role] = field(default_factory=dict)
 
 
 class Access:

@@ -33,11 +33,10 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from ehrlake.config import build
+from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError, EnvironmentProblem
 from ehrlake.home import HOME
 from ehrlake.ingest import synthea
@@ -169,27 +168,24 @@ class _Region:
 
 @dataclass(frozen=True)
 class _RegionsFile:
-    """A regions YAML (e.g. conf/synth/india.yaml); ``regions`` is built apart (name -> _Region)."""
+    """A regions YAML (e.g. conf/synth/india.yaml): each region's population and city, and names."""
 
     country: str = ""
+    regions: dict[str, _Region] = field(default_factory=dict)
     given_names: tuple = ()
     family_names: tuple = ()
 
     def validate(self) -> None:
+        if not self.regions:
+            raise ConfigError("regions must map each region's name to its population and city")
         if not self.given_names or not self.family_names:
             raise ConfigError("given_names and family_names must each list at least one name")
 
 
 def _regions(path) -> Regions:
     """The regions file, typed and checked: a missing or misspelt key is named in one line."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    try:
-        if not isinstance(data, dict) or not isinstance(data.get("regions"), dict) or not data["regions"]:
-            raise ConfigError("regions must map each region's name to its population and city")
-        regions = {str(n): build(_Region, r, f"regions.{n}") for n, r in data["regions"].items()}
-        names = build(_RegionsFile, {k: v for k, v in data.items() if k != "regions"}, "regions file")
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    names = build(_RegionsFile, read_yaml(path), str(path))
+    regions = names.regions
     total = sum(r.population for r in regions.values())
     return Regions(
         names.country,
