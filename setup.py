@@ -41,5 +41,5 @@ setup(
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["ehrlake = ehrlake.cli:main"]},
+    entry_points={"console_scripts": ["ehrlake = ehrlake.cli:console"]},
 )

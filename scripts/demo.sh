@@ -42,8 +42,10 @@ run pipeline conf/pipelines/report.yaml
 cat <<EOT
 
 Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records with lineage,
-names and identifiers sealed to the reveal key (ek2:...), raw records under a data key (ek1z:...),
-a pseudonymous patient_key; ops.quarantine = every record that could not be loaded, with its reason; silver = the common clinical model of docs/data_model.md;
+names, identifiers and the records as sent sealed to the reveal key (ek2:..., ek2z:...), the
+records without identifiers for jobs (raw_deid) under a data key (ek1z:...), a pseudonymous
+patient_key; ops.quarantine = every record that could not be loaded, with its reason;
+silver = the common clinical model of docs/data_model.md;
 gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
 the model registry and evaluation tables (docs/features.md), image findings of the CNN
 (docs/deep_learning.md); the HTML report

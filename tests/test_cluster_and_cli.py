@@ -131,6 +131,29 @@ def test_no_java_is_a_clear_one_line_error(tmp_path):
     )
 
 
+def test_third_party_noise_from_child_processes_is_kept_out_of_the_commands_stderr():
+    """The JVM and Spark's Python workers inherit descriptor 2: what they print passes the filter,
+    without the known native notices (XGBoost ranks, the JVM's incubator note), partial lines too."""
+    child = (
+        "printf '[07:10:37] Task 1 got rank 1[07:10:37] Task 0 got rank 0\\n' >&2; "
+        "printf 'WARNING: Using incubator modules: jdk.incubator.vector\\nreal error\\n' >&2; "
+        "printf 'passphrase: ' >&2"
+    )
+    code = f"from ehrlake import noise; noise.filter_stderr(); import subprocess; subprocess.run({child!r}, shell=True)"
+    quiet = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env()
+    )
+    assert quiet.returncode == 0 and quiet.stderr == "real error\npassphrase: "
+    loud = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env(), "EHRLAKE_DEBUG": "1"},
+    )
+    assert "got rank" in loud.stderr and "incubator" in loud.stderr and "real error" in loud.stderr
+
+
 @pytest.mark.slow
 def test_cli_ingest_then_lake_show_json(tmp_path):
     lake = tmp_path / "lake"

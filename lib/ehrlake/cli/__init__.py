@@ -30,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def console() -> int:
+    """The installed ``ehrlake`` program: :func:`main` with third-party noise kept out of its
+    output (:mod:`ehrlake.noise`; ``--verbose`` keeps it)."""
+    from ehrlake import noise
+
+    if "--verbose" not in sys.argv[1:]:
+        noise.filter_stderr()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
@@ -64,4 +74,4 @@ def dispatch(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
