@@ -9,7 +9,7 @@ LAKE ?= ./lake
 
 .PHONY: demo test test-fast bench bench-quick lint setup java clean dl-env pathling-env
 
-setup: java $(VENV)/.installed
+setup: java $(VENV)/.installed .jars/delta/.fetched
 
 java:
 	@if ! command -v java >/dev/null 2>&1 && [ -z "$${JAVA_HOME:-}" ]; then \
@@ -23,6 +23,11 @@ $(VENV)/.installed: setup.py
 	  $$PYBIN -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+# the native Delta engine's JARs (lake.engine: native; docs/operations.md), fetched once with Maven
+.jars/delta/.fetched: infra/delta/pom.xml scripts/delta_jars.sh $(VENV)/.installed
+	bash scripts/delta_jars.sh .jars/delta "$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')"
 	@touch $@
 
 dl-env: $(DLVENV)/.installed

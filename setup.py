@@ -3,9 +3,11 @@
 from setuptools import find_packages, setup
 
 # Pinned to versions that install together on Python 3.11 (checked with `pip index versions`).
-# pyspark 4.3 needs pyarrow >= 18 for its Arrow paths; deltalake 1.6 is the delta-rs commit engine.
+# pyspark 4.2 needs pyarrow >= 18 for its Arrow paths; it is 4.2, not 4.3, because Delta Lake 4.4 (the
+# native engine) is built for Spark 4.2. deltalake 1.6 is the delta-rs commit engine.
 INSTALL_REQUIRES = [
-    "pyspark==4.3.0",
+    "pyspark==4.2.0",
+    "delta-spark==4.4.0",  # the native engine's Python API; its JARs: make setup (scripts/delta_jars.sh)
     "deltalake==1.6.6",
     "pyarrow==22.0.0",
     "pandas==2.3.3",
@@ -27,7 +29,7 @@ EXTRAS_REQUIRE = {
     "test": ["pytest==9.0.3", "ruff==0.17.6", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
     # TensorFlow installs beside the base pins (checked with pip --dry-run), enough for the Arrow-native
     # dataset backend. Petastorm 0.13.1 needs pyarrow < 15 and Horovod a patched build, which conflict
-    # with pyspark 4.3's pyarrow >= 18, so those get their own runtime (issue 8), not an extra here.
+    # with pyspark 4.2's pyarrow >= 18, so those get their own runtime (issue 8), not an extra here.
     "dl": ["tensorflow-cpu==2.21.0"],
 }
 

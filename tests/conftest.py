@@ -52,14 +52,19 @@ def security_conf(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def spark():
-    from ehrlake.config import Config, SparkConfig
+    from ehrlake.config import Config, LakeConfig, SparkConfig
     from ehrlake.session import get_spark
 
     os.environ["PYSPARK_PYTHON"] = sys.executable
     conf = dict(SparkConfig().conf)
     conf["spark.sql.shuffle.partitions"] = "4"
     conf["spark.driver.memory"] = "2g"
-    session = get_spark(Config(spark=SparkConfig(master="local[2]", app_name="ehrlake-tests", conf=conf)))
+    # the native engine's Delta JARs on the class path (where `make setup` fetched them): lakes use
+    # delta-rs unless a test asks for native (tests/test_lake.py runs the lake layer on both)
+    lake = LakeConfig(engine="native")
+    session = get_spark(
+        Config(lake=lake, spark=SparkConfig(master="local[2]", app_name="ehrlake-tests", conf=conf))
+    )
     yield session
     session.stop()
 

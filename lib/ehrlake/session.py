@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import sys
+from pathlib import Path
 
 from ehrlake.config import Config
 from ehrlake.errors import EnvironmentProblem
@@ -32,7 +33,7 @@ def require_java() -> None:
 
 
 def arrow_paths_supported() -> bool:
-    """Whether this environment's pyarrow is new enough for PySpark 4.3's Arrow paths (pandas
+    """Whether this environment's pyarrow is new enough for PySpark 4.2's Arrow paths (pandas
     UDFs, Arrow ``toPandas``): the main runtime yes, the deep-learning runtime (pyarrow 14) no."""
     import pyarrow
 
@@ -77,10 +78,27 @@ def refuse_key_material(settings) -> None:
         )
 
 
-def launch_args(memory: str | None) -> str:
+# Delta Lake's JARs for the native engine (lake/_native.py), fetched by `make setup`
+# (scripts/delta_jars.sh); $EHRLAKE_DELTA_JARS names another folder, or "" for none
+DELTA_JARS = HOME / ".jars" / "delta"
+DELTA_SETTINGS = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+
+
+def delta_jars() -> list[str]:
+    """The Delta Lake JARs this process puts on Spark's class path (none: the delta-rs engine)."""
+    folder = os.environ.get("EHRLAKE_DELTA_JARS", str(DELTA_JARS))
+    return sorted(str(p) for p in Path(folder).glob("*.jar")) if folder else []
+
+
+def launch_args(memory: str | None, jars: list[str] | None = None) -> str:
     """``PYSPARK_SUBMIT_ARGS`` for a JVM this process starts: quiet unless the log was asked for
-    (``EHRLAKE_SPARK_LOG`` WARN/INFO, which ``ehrlake --verbose`` sets)."""
+    (``EHRLAKE_SPARK_LOG`` WARN/INFO, which ``ehrlake --verbose`` sets); ``jars`` on its class path."""
     args = ["--driver-memory", memory] if memory else []
+    if jars:
+        args += ["--jars", ",".join(jars)]
     if os.environ.get("EHRLAKE_SPARK_LOG", "ERROR").upper() in ("OFF", "FATAL", "ERROR"):
         quiet = HOME / "conf" / "log4j2.properties"
         if quiet.is_file():
@@ -107,8 +125,12 @@ def get_spark(config: Config):
     # JVM launch options (driver memory, the log configuration, the console progress bar, which the
     # launcher turns on for a shell) are set before the JVM starts, unless spark-submit (which
     # started it already and passes PYSPARK_GATEWAY_PORT) or the caller decided them.
+    # Delta's JARs too where the configuration asks for the native engine (lake.engine: native)
+    jars = delta_jars() if config.lake.engine == "native" else []
     if "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
-        os.environ["PYSPARK_SUBMIT_ARGS"] = launch_args(config.spark.conf.get("spark.driver.memory"))
+        os.environ["PYSPARK_SUBMIT_ARGS"] = launch_args(config.spark.conf.get("spark.driver.memory"), jars)
+    else:
+        jars = []  # the JVM's class path was decided by whoever started it
     # Attach to (or start) the JVM first: only a JVM-backed SparkConf sees what spark-submit set.
     SparkContext._ensure_initialized()
     submitted = SparkConf()
@@ -118,6 +140,8 @@ def get_spark(config: Config):
     conf = dict(config.spark.conf)
     refuse_key_material([*submitted.getAll(), *conf.items()])
     conf.setdefault("spark.redaction.regex", REDACTION)
+    if jars:
+        conf = {**DELTA_SETTINGS, **conf}
     if not arrow_paths_supported():
         # the deep-learning runtime pins pyarrow 14 for Petastorm (docs/deep_learning.md); Spark's
         # Arrow conversions need >= 18 there, so they are off and Spark uses its row-based paths

@@ -103,9 +103,10 @@ def cmd_lake_show(args) -> int:
     lake, _ = common.open_lake(args)
     tables = lake.tables()
     if args.json:
-        print(json.dumps({"lake": lake.root, "tables": [t.as_dict() for t in tables]}, indent=2))
+        listed = {"lake": lake.root, "engine": lake.engine.name, "tables": [t.as_dict() for t in tables]}
+        print(json.dumps(listed, indent=2))
         return 0
-    print(format_tables(lake.root, tables))
+    print(format_tables(f"{lake.root} (engine {lake.engine.name})", tables))
     return 0
 
 

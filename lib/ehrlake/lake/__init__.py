@@ -193,14 +193,14 @@ def _choose_engine(spark: SparkSession, engine: str):
 
     if engine not in ("auto", "delta-rs", "native"):
         raise ConfigError(f"lake.engine must be auto, delta-rs or native, not {engine!r}")
-    if engine == "native" or (engine == "auto" and _native.available(spark)):
-        try:
-            return _native.NativeDeltaEngine(spark)
-        except ImportError as exc:
-            if engine == "native":
-                raise EnvironmentProblem(
-                    "lake.engine is native but the delta-spark package is not installed"
-                ) from exc
+    # auto is delta-rs until the native engine passes the whole suite (issue 18); native is chosen
+    if engine == "native" and _native.available(spark):
+        return _native.NativeDeltaEngine(spark)
+    if engine == "native":
+        raise EnvironmentProblem(
+            "lake.engine is native but Delta Lake is not on Spark's class path: `make setup` fetches its "
+            "JARs (scripts/delta_jars.sh), or submit with --packages io.delta:delta-spark_4.2_2.13:4.4.0"
+        )
     from ehrlake.lake._delta_rs import DeltaRsEngine
 
     return DeltaRsEngine(spark)

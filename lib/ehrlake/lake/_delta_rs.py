@@ -41,7 +41,7 @@ from pyspark.sql import types as T
 
 from ehrlake.errors import CommitConflict, SchemaMismatch, TableNotFound
 from ehrlake.lake import _schema
-from ehrlake.lake.modes import CommitResult, WriteMode
+from ehrlake.lake.modes import CommitResult, WriteMode, check_write
 from ehrlake.lake.stats import parquet_options, stats_json
 
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
@@ -141,12 +141,7 @@ class DeltaRsEngine:
             self.create(path, df.schema, list(partition_by or []))
         dt, df = self._prepare(df, path, table, evolve)
         parts = dt.metadata().partition_columns
-        if partition_by and list(partition_by) != parts:
-            raise SchemaMismatch(f"{table} is partitioned by {parts}, not {list(partition_by)}")
-        if where and mode is not WriteMode.OVERWRITE:
-            raise SchemaMismatch("where= selects partitions to replace; it needs mode=OVERWRITE")
-        if where and set(where) - set(parts):
-            raise SchemaMismatch(f"where= may name only partition columns of {table}: {parts}")
+        check_write(table, parts, mode, partition_by, where)
         adds = self._stage(df, path, parts)
         if where:
             stray = [

@@ -1,26 +1,54 @@
-"""The native engine: Delta Lake's own Spark integration (``io.delta`` on the classpath).
+"""The native engine: Delta Lake's own Spark integration (``io.delta`` on Spark's class path).
 
-Chosen automatically on clusters that ship the Delta JARs (``--packages io.delta:delta-spark_2.13:...``);
-it gives the same tables and the same :class:`CommitResult` as the delta-rs engine, so jobs do not
-care which one runs. The JARs cannot be fetched on the development machines, so this module is
-exercised only where they exist; engine selection itself is tested everywhere.
+``make setup`` fetches the JARs (scripts/delta_jars.sh) and the session puts them on the class path
+(``session.delta_jars``); on a cluster, ``--packages io.delta:delta-spark_4.2_2.13:4.4.0`` does. It
+keeps the lake layer's contract exactly as the delta-rs engine does (the lake tests run on both):
+the same tables, the same :class:`CommitResult`, the same errors, and the same rule that text
+columns carry no statistics (``stats.stats_columns`` becomes ``delta.dataSkippingStatsColumns``).
+
+Concurrency: Delta's optimistic commits refuse a merge whose snapshot another writer changed; the
+merge is then planned again, up to :data:`MERGE_ATTEMPTS` times, as the delta-rs engine does.
+Within one process, writes go one at a time: a merge's commit metadata is a session setting, and
+each commit is found again by the token in it to report its own version, not a racing writer's.
 """
 
 from __future__ import annotations
 
+import json
+import random
+import threading
+import time
+import uuid
 from datetime import datetime
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from ehrlake.errors import CommitConflict, SchemaMismatch, TableNotFound
-from ehrlake.lake.modes import CommitResult, WriteMode
+from ehrlake.lake import _schema
+from ehrlake.lake.modes import CommitResult, WriteMode, check_write
+from ehrlake.lake.stats import parquet_options, stats_columns
+
+MERGE_ATTEMPTS = 8
+_CONFLICTS = (
+    "ConcurrentAppendException",
+    "ConcurrentDeleteReadException",
+    "ConcurrentDeleteDeleteException",
+    "ConcurrentTransactionException",
+    "MetadataChangedException",
+    "ProtocolChangedException",
+)
+_USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
+_TOKEN = "ehrlakeCommit"
 
 
 def available(spark: SparkSession) -> bool:
-    """True when the Delta Lake classes are loadable in the driver JVM."""
+    """True when the Delta Lake classes are loadable in the driver JVM (by Spark's class loader, which
+    sees ``--jars`` and ``--packages``) and its Python API is installed."""
     try:
-        spark._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        import delta.tables  # noqa: F401
+
+        spark._jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
         return True
     except Exception:  # py4j raises a generic Py4JJavaError for ClassNotFoundException
         return False
@@ -28,15 +56,17 @@ def available(spark: SparkSession) -> bool:
 
 class NativeDeltaEngine:
     name = "native"
+    _lock = threading.Lock()  # one write at a time in this process (see the module docstring)
 
     def __init__(self, spark: SparkSession):
-        from delta.tables import DeltaTable  # delta-spark's Python API, shipped with the JARs
+        from delta.tables import DeltaTable
 
         self.spark = spark
         self._DeltaTable = DeltaTable
 
+    # ----------------------------------------------------------------- table state
     def exists(self, path: str) -> bool:
-        return self._DeltaTable.isDeltaTable(self.spark, path)
+        return bool(self._DeltaTable.isDeltaTable(self.spark, path))
 
     def _table(self, path: str):
         if not self.exists(path):
@@ -50,13 +80,26 @@ class NativeDeltaEngine:
         return int(self._table(path).history(1).collect()[0]["version"])
 
     def history(self, path: str, limit: int | None = None) -> list[dict]:
+        """Commits, newest first, each with ehrlake's commit information (kept by Delta as the
+        commit's ``userMetadata``) spread into it, as the delta-rs engine's commits carry it."""
         frame = self._table(path).history(limit) if limit else self._table(path).history()
-        return [row.asDict(recursive=True) for row in frame.collect()]
+        out = []
+        for row in frame.collect():
+            commit = row.asDict(recursive=True)
+            try:
+                extra = json.loads(commit.get("userMetadata") or "{}")
+            except ValueError:
+                extra = {}
+            out.append({**commit, **(extra if isinstance(extra, dict) else {})})
+        return out
 
     def row_count(self, path: str) -> int:
         return self._table(path).toDF().count()
 
+    # ----------------------------------------------------------------- reads
     def read(self, path: str, version: int | datetime | None = None) -> DataFrame:
+        if not self.exists(path):
+            raise TableNotFound(f"no Delta table at {path}")
         reader = self.spark.read.format("delta")
         if isinstance(version, datetime):
             reader = reader.option("timestampAsOf", version.isoformat())
@@ -64,85 +107,167 @@ class NativeDeltaEngine:
             reader = reader.option("versionAsOf", version)
         return reader.load(path)
 
+    # ----------------------------------------------------------------- writes
     def create(self, path, schema, partition_by, description=None) -> None:
-        builder = self._DeltaTable.createIfNotExists(self.spark).location(path).addColumns(schema)
+        """Create an empty table (a no-op when it exists, also when another writer just made it)."""
+        missing = [c for c in partition_by if c not in schema.fieldNames()]
+        if missing:
+            raise SchemaMismatch(f"partition columns {missing} are not in the schema of {path}")
+        if self.exists(path):
+            return
+        columns = T.StructType(
+            [T.StructField(f.name, _schema.nullable(f.dataType), True, f.metadata) for f in schema]
+        )
+        builder = (
+            self._DeltaTable.createIfNotExists(self.spark)
+            .location(path)
+            .addColumns(columns)
+            .property(
+                "delta.dataSkippingStatsColumns",
+                ",".join(f"`{c}`" for c in stats_columns(schema, booleans=False)),
+            )
+        )
         if partition_by:
             builder = builder.partitionedBy(*partition_by)
         if description:
             builder = builder.comment(description)
-        builder.execute()
+        try:
+            builder.execute()
+        except Exception as exc:
+            if not (_is_conflict(exc) and self.exists(path)):
+                raise
 
     def write(self, df, path, table, mode, partition_by, where, evolve, commit_info) -> CommitResult:
-        writer = df.write.format("delta").mode(mode.value).option("mergeSchema", str(evolve).lower())
-        if partition_by:
-            writer = writer.partitionBy(*partition_by)
+        if not self.exists(path):
+            self.create(path, df.schema, list(partition_by or []))
+        parts = self._partition_columns(path)
+        check_write(table, parts, mode, partition_by, where)
+        aligned, new_fields = _schema.align(df, self.schema(path), table, evolve)
+        token, operation = uuid.uuid4().hex, "OVERWRITE" if mode is WriteMode.OVERWRITE else "APPEND"
+        writer = (
+            aligned.write.format("delta")
+            .mode(mode.value)
+            .options(**parquet_options(aligned.schema))
+            .option("mergeSchema", str(bool(new_fields)).lower())
+            .option("userMetadata", _metadata(commit_info, operation, token))
+        )
         if where:
-            if mode is not WriteMode.OVERWRITE:
-                raise SchemaMismatch("where= selects partitions to replace; it needs mode=OVERWRITE")
             writer = writer.option("replaceWhere", " AND ".join(f"`{k}` = '{v}'" for k, v in where.items()))
-        writer = writer.option("userMetadata", str(commit_info))
-        try:
-            writer.save(path)
-        except Exception as exc:  # Delta's concurrency exceptions arrive as py4j errors
-            _raise_known(exc, table)
-            raise
-        last = self.history(path, 1)[0]
-        rows = int((last.get("operationMetrics") or {}).get("numOutputRows", 0))
-        return CommitResult(table, int(last["version"]), mode.value.upper(), rows_written=rows)
+        with self._lock:
+            try:
+                writer.save(path)
+            except Exception as exc:
+                if where and "DELTA_REPLACE_WHERE_MISMATCH" in str(exc):
+                    raise SchemaMismatch(
+                        f"rows outside the partition {where} were given to overwrite {table}"
+                    ) from None
+                _raise_known(exc, table)
+                raise
+            commit = self._commit_of(path, token)
+        metrics = commit.get("operationMetrics") or {}
+        return CommitResult(
+            table,
+            int(commit["version"]),
+            operation,
+            files_added=int(metrics.get("numFiles", 0)),
+            rows_written=int(metrics.get("numOutputRows", 0)),
+        )
 
     def merge(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
+        """Upsert by key (``df`` has at most one row per key), planned again when another writer
+        committed first; matched rows are updated where ``update_when`` (over ``t``/``s``) holds."""
         if not self.exists(path):
-            result = self.write(df, path, table, WriteMode.APPEND, None, None, evolve, commit_info)
-            return CommitResult(
-                table,
-                result.version,
-                "MERGE",
-                rows_written=result.rows_written,
-                metrics={"inserted": result.rows_written, "updated": 0, "unchanged": 0},
-            )
-        if evolve:
-            self.spark.conf.set("spark.databricks.delta.schema.autoMerge.enabled", "true")
+            self.create(path, df.schema, [])
+        for attempt in range(1, MERGE_ATTEMPTS + 1):
+            try:
+                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info)
+            except Exception as exc:
+                if not _is_conflict(exc):
+                    _raise_known(exc, table)
+                    raise
+                if attempt == MERGE_ATTEMPTS:
+                    raise CommitConflict(
+                        f"{table}: {MERGE_ATTEMPTS} attempts lost to other writers' conflicting changes"
+                    ) from exc
+                time.sleep(random.uniform(0.05, 0.25) * attempt)
+        raise AssertionError("unreachable")
+
+    def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
+        source, new_fields = _schema.align(df, self.schema(path), table, evolve)
         on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        builder = self._table(path).alias("t").merge(df.alias("s"), on)
+        builder = self._table(path).alias("t").merge(source.alias("s"), on)
+        if new_fields:
+            builder = builder.withSchemaEvolution()
         builder = (
             builder.whenMatchedUpdateAll(condition=update_when)
             if update_when
             else builder.whenMatchedUpdateAll()
         )
-        try:
-            builder.whenNotMatchedInsertAll().execute()
-        except Exception as exc:
-            _raise_known(exc, table)
-            raise
-        last = self.history(path, 1)[0]
-        m = last.get("operationMetrics") or {}
+        builder = builder.whenNotMatchedInsertAll()
+        token = uuid.uuid4().hex
+        with self._lock:
+            self.spark.conf.set(_USER_METADATA, _metadata(commit_info, "MERGE", token))
+            try:
+                builder.execute()
+            finally:
+                self.spark.conf.unset(_USER_METADATA)
+            commit = self._commit_of(path, token)
+        m = commit.get("operationMetrics") or {}
         inserted, updated = int(m.get("numTargetRowsInserted", 0)), int(m.get("numTargetRowsUpdated", 0))
-        total = int(m.get("numSourceRows", inserted + updated))
+        source_rows = int(m.get("numSourceRows", inserted + updated))
         return CommitResult(
             table,
-            int(last["version"]),
+            int(commit["version"]),
             "MERGE",
+            files_added=int(m.get("numTargetFilesAdded", 0)),
+            files_removed=int(m.get("numTargetFilesRemoved", 0)),
             rows_written=int(m.get("numOutputRows", 0)),
-            metrics={"inserted": inserted, "updated": updated, "unchanged": total - inserted - updated},
+            metrics={"inserted": inserted, "updated": updated, "unchanged": source_rows - inserted - updated},
         )
 
     def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
+        """Delete files not in the current snapshot and older than the retention; the files (those
+        that would go, with ``dry_run``)."""
+        self._table(path)
         self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
-        if dry_run:
-            frame = self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS DRY RUN")
-            return [r[0] for r in frame.collect()]
-        self._table(path).vacuum(retention_hours)
-        return []
+        listed = self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS DRY RUN")
+        files = [r[0] for r in listed.collect()]
+        if not dry_run and files:
+            self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS").collect()
+        return files
+
+    # ----------------------------------------------------------------- internals
+    def _partition_columns(self, path: str) -> list[str]:
+        return list(self._table(path).detail().collect()[0]["partitionColumns"])
+
+    def _commit_of(self, path: str, token: str) -> dict:
+        """The commit carrying ``token`` (recent: at most a few writers committed since)."""
+        for commit in self.history(path, 50):
+            if commit.get(_TOKEN) == token:
+                return commit
+        return self.history(path, 1)[0]  # a write of nothing commits nothing: the table as it is
+
+
+def _metadata(commit_info: dict, operation: str, token: str) -> str:
+    """ehrlake's commit information as the delta-rs engine writes it, plus the commit's token."""
+    return json.dumps(
+        {"ehrlakeOperation": operation, **{k: str(v) for k, v in commit_info.items()}, _TOKEN: token}
+    )
+
+
+def _is_conflict(exc: Exception) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return any(name in text for name in _CONFLICTS)
 
 
 def _raise_known(exc: Exception, table: str) -> None:
     text = str(exc)
-    if "ConcurrentAppendException" in text or "ConcurrentDeleteReadException" in text or "Concurrent" in text:
+    if _is_conflict(exc):
         raise CommitConflict(
             f"{table}: another writer committed a conflicting change first ({text[:200]})"
         ) from exc
-    if "AnalysisException" in text and "schema" in text.lower():
-        raise SchemaMismatch(f"cannot write to {table}: {text[:300]}") from exc
+    if "DELTA_METADATA_MISMATCH" in text or "DELTA_FAILED_TO_MERGE_FIELDS" in text:
+        raise SchemaMismatch(f"cannot write to {table}: {text.splitlines()[0][:300]}") from exc
 
 
 __all__ = ["NativeDeltaEngine", "available"]

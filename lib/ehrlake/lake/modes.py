@@ -25,3 +25,16 @@ class CommitResult:
     files_removed: int = 0
     rows_written: int = 0
     metrics: dict = field(default_factory=dict)
+
+
+def check_write(table: str, parts: list[str], mode: WriteMode, partition_by, where) -> None:
+    """The write contract both engines keep: a table's partitioning is fixed, and ``where=`` names
+    partitions (of partition columns only) to replace with ``OVERWRITE``."""
+    from ehrlake.errors import SchemaMismatch
+
+    if partition_by and list(partition_by) != parts:
+        raise SchemaMismatch(f"{table} is partitioned by {parts}, not {list(partition_by)}")
+    if where and mode is not WriteMode.OVERWRITE:
+        raise SchemaMismatch("where= selects partitions to replace; it needs mode=OVERWRITE")
+    if where and set(where) - set(parts):
+        raise SchemaMismatch(f"where= may name only partition columns of {table}: {parts}")

@@ -26,12 +26,13 @@ TEXT_WITH_STATS = frozenset({"patient_key", "record_hash"})  # HMAC / SHA-256 he
 _PARQUET_STATS = "parquet.column.statistics.enabled"
 
 
-def parquet_options(schema) -> dict[str, str]:
-    """Spark Parquet writer options: statistics off by default, back on for the non-text leaves
-    (numbers, dates, timestamps, booleans, reached through structs) and :data:`TEXT_WITH_STATS`."""
+def stats_columns(schema, booleans: bool = True) -> list[str]:
+    """The dotted paths that may carry statistics: non-text leaves reached through structs
+    (numbers, dates, timestamps, booleans unless ``booleans`` is false: Delta's own list of
+    statistics columns refuses them) and :data:`TEXT_WITH_STATS`."""
     from pyspark.sql import types as T
 
-    options = {_PARQUET_STATS: "false"}
+    paths: list[str] = []
 
     def walk(field_type, path: str) -> None:
         if isinstance(field_type, T.StructType):
@@ -39,13 +40,18 @@ def parquet_options(schema) -> dict[str, str]:
                 walk(child.dataType, f"{path}.{child.name}")
         elif isinstance(field_type, T.StringType | T.BinaryType | T.ArrayType | T.MapType | T.VariantType):
             if path in TEXT_WITH_STATS:
-                options[f"{_PARQUET_STATS}#{path}"] = "true"
-        else:
-            options[f"{_PARQUET_STATS}#{path}"] = "true"
+                paths.append(path)
+        elif booleans or not isinstance(field_type, T.BooleanType):
+            paths.append(path)
 
     for field in schema.fields:
         walk(field.dataType, field.name)
-    return options
+    return paths
+
+
+def parquet_options(schema) -> dict[str, str]:
+    """Spark Parquet writer options: statistics off by default, back on for :func:`stats_columns`."""
+    return {_PARQUET_STATS: "false", **{f"{_PARQUET_STATS}#{path}": "true" for path in stats_columns(schema)}}
 
 
 def _json_value(value):
