@@ -167,6 +167,14 @@ def test_cli_ingest_then_lake_show_json(tmp_path):
     assert json.loads(shown.stdout)["engine"] == "delta-rs"  # auto, for now (docs/architecture.md)
     tables = {t["name"]: t for t in json.loads(shown.stdout)["tables"]}
     assert tables["bronze.fhir_patient"]["rows"] == 109 and tables["bronze.fhir_patient"]["layer"] == "bronze"
+    # SQL as a role: the engineer counts bronze patients; the analyst is refused in one line
+    counted = ehrlake("sql", "SELECT count(*) AS n FROM bronze.fhir_patient", "--role", "engineer", "--json",
+                      "--lake", str(lake))  # fmt: skip
+    assert counted.returncode == 0 and json.loads(counted.stdout) == {"n": 109}, counted.stderr[-500:]
+    refused = ehrlake("sql", "SELECT * FROM bronze.fhir_patient", "--role", "analyst", "--lake", str(lake))
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        "ehrlake: error: bronze.fhir_patient may not be read by role analyst"
+    )
     assert (
         tables["bronze.fhir_encounter"]["last_operation"] == "MERGE"
         and tables["ops.ingest_files"]["rows"] == 7

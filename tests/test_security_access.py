@@ -168,3 +168,45 @@ def test_rotation_with_reencrypt_writes_one_version_and_old_versions_need_their_
         lake.security.protector.open(
             lake.read(table, version=before), table, Sealing.of(old.schema).under_data_key
         ).collect()
+
+
+def test_sql_as_analyst_reads_what_the_policy_shows_and_nothing_else(loaded):
+    """`ehrlake sql`'s library: a query over silver works with the analyst's columns only; bronze,
+    a file by path, a hidden table name and any write are refused before they run; all audited."""
+    from ehrlake import sql
+    from ehrlake.lake import _native
+
+    if not _native.available(loaded.spark):
+        pytest.skip("Delta Lake JARs not on Spark's class path (make setup fetches them)")
+    lake = loaded
+    rows = sql.query(
+        lake,
+        "SELECT gender, count(*) AS n FROM silver.patient_contact GROUP BY gender ORDER BY gender",
+        "analyst",
+    ).collect()
+    assert sum(r.n for r in rows) == 2
+    everything = sql.query(
+        lake, "WITH c AS (SELECT * FROM silver.patient_contact) SELECT * FROM c", "analyst"
+    )
+    assert set(everything.columns) == {"patient_key", "birth_year", "gender", "city"}  # no sealed column
+    refused = {
+        "SELECT * FROM bronze.fhir_patient": "bronze.fhir_patient may not be read by role analyst",
+        "SELECT * FROM silver.patient_contact WHERE patient_key IN (SELECT patient_key FROM bronze.fhir_patient)": (
+            "bronze.fhir_patient may not be read"
+        ),
+        f"SELECT * FROM delta.`{lake.path('bronze.fhir_patient')}`": "is not a table of this lake",
+        "SELECT * FROM silver.nothing_here": "silver.nothing_here is not a table of this lake",
+        "DROP TABLE silver.patient_contact": "only queries run here",
+        "INSERT INTO silver.patient_contact SELECT * FROM silver.patient_contact": "only queries run here",
+    }
+    for statement, error in refused.items():
+        with pytest.raises(AccessDenied, match=error.replace("(", r"\(").replace("*", r"\*")):
+            sql.query(lake, statement, "analyst")
+    # the engineer sees the sealed columns as ciphertext, the policy's choice for that role
+    assert "phone" in sql.query(lake, "SELECT * FROM silver.patient_contact", "engineer").columns
+    events = [(e["outcome"], e["role"], e["table_name"], e["detail"]) for e in _audit(lake, "sql")]
+    assert any(
+        e[:3] == ("allowed", "analyst", "silver.patient_contact") and e[3].startswith("WITH c")
+        for e in events
+    )
+    assert ("denied", "analyst", "bronze.fhir_patient", "SELECT * FROM bronze.fhir_patient") in events

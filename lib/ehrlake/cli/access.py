@@ -1,7 +1,8 @@
-"""Commands that read the lake as a role may: read, reveal, audit verify, lake show."""
+"""Commands that read the lake as a role may: read, sql, reveal, audit verify, lake show."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import sys
@@ -24,6 +25,22 @@ def register(sub) -> None:
     common.lake_options(read)
     common.role_option(read)
     read.set_defaults(handler=cmd_read)
+
+    sql = sub.add_parser(
+        "sql",
+        help="run a SQL query over the lake's tables as a role may see them",
+        description="Run one query (SELECT / WITH) naming tables as layer.table. Tables the role may not "
+        "read are refused before anything runs, hidden columns are absent, and the statement is audited. "
+        "Needs Delta Lake's JARs (make setup).",
+    )
+    sql.add_argument("statement", help='e.g. "SELECT code, count(*) FROM silver.condition GROUP BY code"')
+    sql.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
+    output = sql.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object per row")
+    output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    common.lake_options(sql)
+    common.role_option(sql)
+    sql.set_defaults(handler=cmd_sql)
 
     reveal = sub.add_parser(
         "reveal",
@@ -69,6 +86,26 @@ def cmd_read(args) -> int:
             print(json.dumps(row.asDict(recursive=True), default=str))
     else:
         print(f"{args.table}: {', '.join(df.columns)}")
+        for row in rows:
+            print(" | ".join(common.cell(v) for v in row))
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from ehrlake import sql
+
+    lake, _ = common.open_lake(args, engine="native")  # Delta's JARs on the class path: SQL reads Delta
+    df = sql.query(lake, args.statement, args.role or lake.security.default_role)
+    rows = df.limit(max(args.limit, 0)).collect()  # bounded: --limit rows reach the driver
+    if args.json:
+        for row in rows:
+            print(json.dumps(row.asDict(recursive=True), default=str))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(df.columns)
+        writer.writerows([list(row) for row in rows])
+    else:
+        print(" | ".join(df.columns))
         for row in rows:
             print(" | ".join(common.cell(v) for v in row))
     return 0
