@@ -17,8 +17,9 @@ from ehrlake.security import init_keys
 REPO = Path(__file__).resolve().parents[1]
 
 
-def secured_lake(root: Path, spark, secrets: Path) -> Lake:
-    """A lake whose keys live in ``secrets`` (created on first use), with the repository's policy."""
+def secured_lake(root: Path, spark, secrets: Path, engine: str = "auto") -> Lake:
+    """A lake whose keys live in ``secrets`` (created on first use), with the repository's policy,
+    committed by ``engine`` (``lake.engine``)."""
     security = SecurityConfig(
         master_key_file=str(secrets / "master.key"),
         key_store=str(secrets / "keystore"),
@@ -26,7 +27,9 @@ def secured_lake(root: Path, spark, secrets: Path) -> Lake:
         access_policy=str(REPO / "conf" / "access_policy.yaml"),
     )
     init_keys(security)
-    return ehrlake.lake.open(str(root), spark, config.Config(security=security))
+    return ehrlake.lake.open(
+        str(root), spark, config.Config(lake=config.LakeConfig(engine=engine), security=security)
+    )
 
 
 def fhir_arguments(parser) -> None:

@@ -125,8 +125,9 @@ def get_spark(config: Config):
     # JVM launch options (driver memory, the log configuration, the console progress bar, which the
     # launcher turns on for a shell) are set before the JVM starts, unless spark-submit (which
     # started it already and passes PYSPARK_GATEWAY_PORT) or the caller decided them.
-    # Delta's JARs too where the configuration asks for the native engine (lake.engine: native)
-    jars = delta_jars() if config.lake.engine == "native" else []
+    # Delta's JARs too where `make setup` fetched them, unless the configuration says delta-rs: the
+    # native engine (lake.engine: native) commits with them, and `ehrlake sql` reads through them
+    jars = delta_jars() if config.lake.engine != "delta-rs" else []
     if "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
         os.environ["PYSPARK_SUBMIT_ARGS"] = launch_args(config.spark.conf.get("spark.driver.memory"), jars)
     else:

@@ -94,7 +94,7 @@ def cmd_read(args) -> int:
 def cmd_sql(args) -> int:
     from ehrlake import sql
 
-    lake, _ = common.open_lake(args, engine="native")  # Delta's JARs on the class path: SQL reads Delta
+    lake, _ = common.open_lake(args)
     df = sql.query(lake, args.statement, args.role or lake.security.default_role)
     rows = df.limit(max(args.limit, 0)).collect()  # bounded: --limit rows reach the driver
     if args.json:

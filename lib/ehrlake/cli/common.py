@@ -29,17 +29,11 @@ def role_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_lake(args, engine: str | None = None):
-    """The lake the arguments name; ``engine`` (``native``) overrides the configured engine where a
-    command needs Delta Lake's JARs in its session."""
-    import dataclasses
-
+def open_lake(args):
     from ehrlake import config as config_module
     from ehrlake import lake
 
     config = config_module.load(args.conf).with_lake_root(args.lake)
-    if engine:
-        config = dataclasses.replace(config, lake=dataclasses.replace(config.lake, engine=engine))
     return lake.open(config=config), config
 
 
