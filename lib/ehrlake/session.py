@@ -93,6 +93,16 @@ def delta_jars() -> list[str]:
     return sorted(str(p) for p in Path(folder).glob("*.jar")) if folder else []
 
 
+def delta_loaded(jvm) -> bool:
+    """Whether Delta Lake's classes load in this JVM (through Spark's class loader, which sees
+    ``--jars`` and ``--packages``)."""
+    try:
+        jvm.org.apache.spark.util.Utils.classForName("io.delta.sql.DeltaSparkSessionExtension", True, False)
+        return True
+    except Exception:  # py4j's error for ClassNotFoundException
+        return False
+
+
 def launch_args(memory: str | None, jars: list[str] | None = None) -> str:
     """``PYSPARK_SUBMIT_ARGS`` for a JVM this process starts: quiet unless the log was asked for
     (``EHRLAKE_SPARK_LOG`` WARN/INFO, which ``ehrlake --verbose`` sets); ``jars`` on its class path."""
@@ -130,10 +140,11 @@ def get_spark(config: Config):
     jars = delta_jars() if config.lake.engine != "delta-rs" else []
     if "PYSPARK_GATEWAY_PORT" not in os.environ and "PYSPARK_SUBMIT_ARGS" not in os.environ:
         os.environ["PYSPARK_SUBMIT_ARGS"] = launch_args(config.spark.conf.get("spark.driver.memory"), jars)
-    else:
-        jars = []  # the JVM's class path was decided by whoever started it
     # Attach to (or start) the JVM first: only a JVM-backed SparkConf sees what spark-submit set.
     SparkContext._ensure_initialized()
+    # Delta's extension and catalog wherever its classes are on the class path: put there above, or
+    # by whoever started the JVM (spark-submit --packages, an inherited PYSPARK_SUBMIT_ARGS)
+    with_delta = config.lake.engine != "delta-rs" and delta_loaded(SparkContext._jvm)
     submitted = SparkConf()
     builder = SparkSession.builder.appName(config.spark.app_name)
     if not submitted.contains("spark.master"):
@@ -141,7 +152,7 @@ def get_spark(config: Config):
     conf = dict(config.spark.conf)
     refuse_key_material([*submitted.getAll(), *conf.items()])
     conf.setdefault("spark.redaction.regex", REDACTION)
-    if jars:
+    if with_delta:
         conf = {**DELTA_SETTINGS, **conf}
     if not arrow_paths_supported():
         # the deep-learning runtime pins pyarrow 14 for Petastorm (docs/deep_learning.md); Spark's
