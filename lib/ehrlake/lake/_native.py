@@ -45,13 +45,13 @@ _TOKEN = "ehrlakeCommit"
 def available(spark: SparkSession) -> bool:
     """True when the Delta Lake classes are loadable in the driver JVM (by Spark's class loader, which
     sees ``--jars`` and ``--packages``) and its Python API is installed."""
+    from ehrlake.session import delta_loaded
+
     try:
         import delta.tables  # noqa: F401
-
-        spark._jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
-        return True
-    except Exception:  # py4j raises a generic Py4JJavaError for ClassNotFoundException
+    except ImportError:
         return False
+    return delta_loaded(spark._jvm)
 
 
 class NativeDeltaEngine:
@@ -138,11 +138,11 @@ class NativeDeltaEngine:
                 raise
 
     def write(self, df, path, table, mode, partition_by, where, evolve, commit_info) -> CommitResult:
-        if not self.exists(path):
-            self.create(path, df.schema, list(partition_by or []))
-        parts = self._partition_columns(path)
+        self.create(path, df.schema, list(partition_by or []))  # a no-op when the table exists
+        current = self._table(path)  # one lookup for its partitioning and schema
+        parts = list(current.detail().collect()[0]["partitionColumns"])
         check_write(table, parts, mode, partition_by, where)
-        aligned, new_fields = _schema.align(df, self.schema(path), table, evolve)
+        aligned, new_fields = _schema.align(df, current.toDF().schema, table, evolve)
         token, operation = uuid.uuid4().hex, "OVERWRITE" if mode is WriteMode.OVERWRITE else "APPEND"
         writer = (
             aligned.write.format("delta")
@@ -193,9 +193,10 @@ class NativeDeltaEngine:
         raise AssertionError("unreachable")
 
     def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
-        source, new_fields = _schema.align(df, self.schema(path), table, evolve)
+        target = self._table(path)
+        source, new_fields = _schema.align(df, target.toDF().schema, table, evolve)
         on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
-        builder = self._table(path).alias("t").merge(source.alias("s"), on)
+        builder = target.alias("t").merge(source.alias("s"), on)
         if new_fields:
             builder = builder.withSchemaEvolution()
         builder = (
@@ -237,9 +238,6 @@ class NativeDeltaEngine:
         return files
 
     # ----------------------------------------------------------------- internals
-    def _partition_columns(self, path: str) -> list[str]:
-        return list(self._table(path).detail().collect()[0]["partitionColumns"])
-
     def _commit_of(self, path: str, token: str) -> dict:
         """The commit carrying ``token`` (recent: at most a few writers committed since)."""
         for commit in self.history(path, 50):
