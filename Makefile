@@ -13,9 +13,9 @@ setup: java $(VENV)/.installed .jars/delta/.fetched
 
 java:
 	@if ! command -v java >/dev/null 2>&1 && [ -z "$${JAVA_HOME:-}" ]; then \
-	  echo "Java runtime not found: installing openjdk-17-jre-headless with apt-get (Spark needs Java 17+)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq openjdk-17-jre-headless; fi; \
+	  echo "Java runtime not found: installing openjdk-17-jdk-headless with apt-get (Spark needs Java 17+)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq openjdk-17-jdk-headless; fi; \
 	fi
 
 $(VENV)/.installed: setup.py
@@ -25,8 +25,9 @@ $(VENV)/.installed: setup.py
 	$(VENV)/bin/pip install -q -e '.[test]'
 	@touch $@
 
-# the native Delta engine's JARs (lake.engine: native; docs/operations.md), fetched once with Maven
-.jars/delta/.fetched: infra/delta/pom.xml scripts/delta_jars.sh $(VENV)/.installed
+# the native Delta engine's JARs (lake.engine: native; docs/operations.md), fetched once with Maven,
+# and the lake catalog (infra/catalog) compiled against them
+.jars/delta/.fetched: infra/delta/pom.xml infra/catalog/src/ehrlake/LakeCatalog.java scripts/delta_jars.sh $(VENV)/.installed
 	bash scripts/delta_jars.sh .jars/delta "$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')"
 	@touch $@
 

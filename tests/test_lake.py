@@ -372,3 +372,33 @@ def test_ingest_clean_quality_eda_give_the_same_tables_on_both_engines(spark, tm
             t.name: lake.row_count(t.name) for t in lake.tables() if not t.name.startswith(("audit.", "ops."))
         }
     assert counts["native"] == counts["delta-rs"] and len(counts["native"]) >= 15
+
+
+def test_lake_tables_are_known_by_name_in_sql_and_spark_table(lake, spark):
+    """The session's catalog (infra/catalog) finds `layer.table` in the lake last opened, without
+    registering anything: a table written after the lake opened is there at once; time travel,
+    history and listings work by name; an unknown name is Spark's own error."""
+    from ehrlake.session import LAKE_CATALOG
+
+    if spark.conf.get("spark.sql.catalog.spark_catalog", "") != LAKE_CATALOG:
+        pytest.skip("the lake catalog's JAR is not on Spark's class path (make setup builds it)")
+    lake.write(sample(spark), "silver.things")
+    assert as_set(spark.table("silver.things")) == as_set(sample(spark))
+    lake.merge(rows(spark, [("a", "KA", 5, None, None)]), "silver.things", keys=["id"])
+    assert spark.sql("SELECT n FROM silver.things WHERE id = 'a'").first().n == 5
+    assert spark.sql("SELECT n FROM silver.things VERSION AS OF 1 WHERE id = 'a'").first().n == 1
+    assert spark.sql("DESCRIBE HISTORY silver.things").count() == lake.version("silver.things") + 1
+    lake.write(sample(spark), "gold.later")
+    assert spark.sql("SELECT count(*) AS n FROM gold.later").first().n == 3
+    assert [r.tableName for r in spark.sql("SHOW TABLES IN silver").collect()] == ["things"]
+    assert spark.catalog.tableExists("silver.things") and not spark.catalog.tableExists("silver.nope")
+    with pytest.raises(Exception, match="TABLE_OR_VIEW_NOT_FOUND"):
+        spark.sql("SELECT * FROM silver.nope")
+
+
+def test_the_lake_catalog_knows_the_same_layers_as_the_lake():
+    from ehrlake.home import HOME
+    from ehrlake.lake import LAYERS
+
+    java = (HOME / "infra" / "catalog" / "src" / "ehrlake" / "LakeCatalog.java").read_text()
+    assert f"Arrays.asList({', '.join(json.dumps(layer) for layer in LAYERS)})" in java

@@ -189,6 +189,8 @@ def test_sql_as_analyst_reads_what_the_policy_shows_and_nothing_else(loaded):
         lake, "WITH c AS (SELECT * FROM silver.patient_contact) SELECT * FROM c", "analyst"
     )
     assert set(everything.columns) == {"patient_key", "birth_year", "gender", "city"}  # no sealed column
+    assert everything.count() == 2  # read after its views are gone from the session's catalog
+    assert not lake.spark._jsparkSession.sessionState().catalog().databaseExists("silver")
     refused = {
         "SELECT * FROM bronze.fhir_patient": "bronze.fhir_patient may not be read by role analyst",
         "SELECT * FROM silver.patient_contact WHERE patient_key IN (SELECT patient_key FROM bronze.fhir_patient)": (

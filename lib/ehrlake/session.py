@@ -85,6 +85,10 @@ DELTA_SETTINGS = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
+# Delta's session catalog that also resolves `silver.condition` to the lake's table (infra/catalog,
+# compiled into .jars/delta by `make setup`); the lake's root is this session setting (lake.open)
+LAKE_CATALOG = "ehrlake.LakeCatalog"
+LAKE_ROOT_SETTING = "spark.ehrlake.lake.root"
 
 
 def delta_jars() -> list[str]:
@@ -96,8 +100,19 @@ def delta_jars() -> list[str]:
 def delta_loaded(jvm) -> bool:
     """Whether Delta Lake's classes load in this JVM (through Spark's class loader, which sees
     ``--jars`` and ``--packages``)."""
+    return _loads(jvm, "io.delta.sql.DeltaSparkSessionExtension")
+
+
+def delta_settings(jvm) -> dict[str, str]:
+    """Delta's extension and catalog: the lake catalog where its JAR is on the class path too."""
+    if _loads(jvm, LAKE_CATALOG):
+        return {**DELTA_SETTINGS, "spark.sql.catalog.spark_catalog": LAKE_CATALOG}
+    return dict(DELTA_SETTINGS)
+
+
+def _loads(jvm, name: str) -> bool:
     try:
-        jvm.org.apache.spark.util.Utils.classForName("io.delta.sql.DeltaSparkSessionExtension", True, False)
+        jvm.org.apache.spark.util.Utils.classForName(name, True, False)
         return True
     except Exception:  # py4j's error for ClassNotFoundException
         return False
@@ -153,7 +168,7 @@ def get_spark(config: Config):
     refuse_key_material([*submitted.getAll(), *conf.items()])
     conf.setdefault("spark.redaction.regex", REDACTION)
     if with_delta:
-        conf = {**DELTA_SETTINGS, **conf}
+        conf = {**delta_settings(SparkContext._jvm), **conf}
     if not arrow_paths_supported():
         # the deep-learning runtime pins pyarrow 14 for Petastorm (docs/deep_learning.md); Spark's
         # Arrow conversions need >= 18 there, so they are off and Spark uses its row-based paths

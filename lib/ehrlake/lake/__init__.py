@@ -24,6 +24,7 @@ from pyspark.sql import types as T
 from ehrlake.errors import ConfigError, EnvironmentProblem
 from ehrlake.lake.catalog import LAYERS, TableName, list_tables, table_path
 from ehrlake.lake.modes import CommitResult, WriteMode
+from ehrlake.session import LAKE_ROOT_SETTING
 
 __all__ = ["Lake", "open", "WriteMode", "CommitResult", "TableName", "TableInfo", "LAYERS"]
 
@@ -51,6 +52,8 @@ class Lake:
     def __init__(self, root: str, spark: SparkSession, engine: str = "auto", security=None):
         self.root = os.path.abspath(root)
         self.spark = spark
+        # where the session's catalog finds `silver.condition` (session.LAKE_CATALOG): the lake last opened
+        spark.conf.set(LAKE_ROOT_SETTING, self.root)
         self.engine = _choose_engine(spark, engine)
         self.security = security
 
