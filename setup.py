@@ -22,6 +22,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",  # plots of the HTML report
     "pydicom==3.0.2",  # DICOM images into bronze.images (uncompressed transfer syntaxes need no codec)
     "pillow==13.0.0",  # PNG decoding and resampling of image pixels
+    # PySpark's Spark Connect client (pyspark[connect]): notebooks on `ehrlake serve sql`
+    "grpcio==1.85.3",
+    "grpcio-status==1.85.3",
+    "googleapis-common-protos==1.76.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -21,11 +21,11 @@ for jar in "$tmp"/*.jar; do
   artifact="$(basename "$jar" | sed -E 's/-[0-9][^-]*(-[A-Za-z0-9.]+)*\.jar$//')"
   if ls "$spark_jars/$artifact"-[0-9]*.jar >/dev/null 2>&1; then rm "$jar"; fi
 done
-# the lake catalog (infra/catalog): Spark's session catalog that knows the lake's tables by name
+# the lake catalog (infra/spark): Spark's session catalog that knows the lake's tables by name
 if command -v javac >/dev/null 2>&1; then
   classes="$tmp/classes" && mkdir -p "$classes"
-  javac -nowarn -source 17 -target 17 -d "$classes" -cp "$spark_jars/*:$tmp/*" infra/catalog/src/ehrlake/*.java
-  jar cf "$tmp/ehrlake-lake-catalog.jar" -C "$classes" . && rm -rf "$classes"
+  javac -nowarn -source 17 -target 17 -d "$classes" -cp "$spark_jars/*:$tmp/*" infra/spark/src/ehrlake/*.java
+  jar cf "$tmp/ehrlake-spark.jar" -C "$classes" . && rm -rf "$classes"
 else
   echo "no Java compiler (javac): tables are not known by name in SQL (install a JDK, e.g. openjdk-17-jdk-headless)"
 fi

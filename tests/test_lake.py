@@ -375,7 +375,7 @@ def test_ingest_clean_quality_eda_give_the_same_tables_on_both_engines(spark, tm
 
 
 def test_lake_tables_are_known_by_name_in_sql_and_spark_table(lake, spark):
-    """The session's catalog (infra/catalog) finds `layer.table` in the lake last opened, without
+    """The session's catalog (infra/spark) finds `layer.table` in the lake last opened, without
     registering anything: a table written after the lake opened is there at once; time travel,
     history and listings work by name; an unknown name is Spark's own error."""
     from ehrlake.session import LAKE_CATALOG
@@ -400,5 +400,5 @@ def test_the_lake_catalog_knows_the_same_layers_as_the_lake():
     from ehrlake.home import HOME
     from ehrlake.lake import LAYERS
 
-    java = (HOME / "infra" / "catalog" / "src" / "ehrlake" / "LakeCatalog.java").read_text()
+    java = (HOME / "infra" / "spark" / "src" / "ehrlake" / "LakeCatalog.java").read_text()
     assert f"Arrays.asList({', '.join(json.dumps(layer) for layer in LAYERS)})" in java

@@ -199,6 +199,10 @@ def test_sql_as_analyst_reads_what_the_policy_shows_and_nothing_else(loaded):
         f"SELECT * FROM delta.`{lake.path('bronze.fhir_patient')}`": "is not a table of this lake",
         "SELECT * FROM silver.nothing_here": "silver.nothing_here is not a table of this lake",
         "DROP TABLE silver.patient_contact": "only queries run here",
+        # Spark's guard (sql/guard.py) on the analysed statement: no code of the client's runs
+        "SELECT reflect('java.lang.System', 'getenv', 'HOME') FROM silver.patient_contact": (
+            "client code does not run here"
+        ),
         "INSERT INTO silver.patient_contact SELECT * FROM silver.patient_contact": "only queries run here",
     }
     for statement, error in refused.items():

@@ -85,10 +85,11 @@ DELTA_SETTINGS = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
-# Delta's session catalog that also resolves `silver.condition` to the lake's table (infra/catalog,
+# Delta's session catalog that also resolves `silver.condition` to the lake's table (infra/spark,
 # compiled into .jars/delta by `make setup`); the lake's root is this session setting (lake.open)
 LAKE_CATALOG = "ehrlake.LakeCatalog"
 LAKE_ROOT_SETTING = "spark.ehrlake.lake.root"
+POLICY_GUARD = "ehrlake.PolicyGuard"
 
 
 def delta_jars() -> list[str]:
@@ -100,17 +101,22 @@ def delta_jars() -> list[str]:
 def delta_loaded(jvm) -> bool:
     """Whether Delta Lake's classes load in this JVM (through Spark's class loader, which sees
     ``--jars`` and ``--packages``)."""
-    return _loads(jvm, "io.delta.sql.DeltaSparkSessionExtension")
+    return loads(jvm, "io.delta.sql.DeltaSparkSessionExtension")
 
 
 def delta_settings(jvm) -> dict[str, str]:
-    """Delta's extension and catalog: the lake catalog where its JAR is on the class path too."""
-    if _loads(jvm, LAKE_CATALOG):
-        return {**DELTA_SETTINGS, "spark.sql.catalog.spark_catalog": LAKE_CATALOG}
-    return dict(DELTA_SETTINGS)
+    """Delta's extension and catalog; where ehrlake's Spark classes are on the class path too, the
+    lake catalog and the access policy's guard (inert until a SQL server arms it: sql/guard.py)."""
+    if not loads(jvm, LAKE_CATALOG):
+        return dict(DELTA_SETTINGS)
+    return {
+        "spark.sql.extensions": f"{DELTA_SETTINGS['spark.sql.extensions']},{POLICY_GUARD}",
+        "spark.sql.catalog.spark_catalog": LAKE_CATALOG,
+    }
 
 
-def _loads(jvm, name: str) -> bool:
+def loads(jvm, name: str) -> bool:
+    """Whether the class ``name`` loads through Spark's class loader."""
     try:
         jvm.org.apache.spark.util.Utils.classForName(name, True, False)
         return True

@@ -1,4 +1,4 @@
-"""Commands that read the lake as a role may: read, sql, reveal, audit verify, lake show."""
+"""Commands that read the lake as a role may: read, sql, serve sql, reveal, audit verify, lake show."""
 
 from __future__ import annotations
 
@@ -41,6 +41,26 @@ def register(sub) -> None:
     common.lake_options(sql)
     common.role_option(sql)
     sql.set_defaults(handler=cmd_sql)
+
+    serve = sub.add_parser("serve", help="serve the lake to clients", description="Serve the lake.")
+    serve_sub = serve.add_subparsers(dest="serve_command", required=True, metavar="SUBCOMMAND")
+    server = serve_sub.add_parser(
+        "sql",
+        help="a Spark Connect server of one role's views on 127.0.0.1 (PySpark clients, notebooks)",
+        description="Serve the tables a role may read, as the policy shows them, to Spark Connect clients "
+        "(SparkSession.builder.remote) on 127.0.0.1 with a bearer token. Reads by path, commands, UDFs "
+        "and reflection are refused; every statement is audited. Needs Delta Lake's JARs (make setup).",
+    )
+    server.add_argument("--port", type=int, default=15002, help="port on 127.0.0.1 (default 15002)")
+    server.add_argument(
+        "--token-file",
+        help="where the clients' bearer token is written, mode 0600 (default: beside the key store, "
+        "sql-server-PORT.token)",
+    )
+    server.add_argument("--for", dest="seconds", type=float, help="stop after this many seconds")
+    common.lake_options(server)
+    common.role_option(server)
+    server.set_defaults(handler=cmd_serve_sql)
 
     reveal = sub.add_parser(
         "reveal",
@@ -108,6 +128,23 @@ def cmd_sql(args) -> int:
         print(" | ".join(df.columns))
         for row in rows:
             print(" | ".join(common.cell(v) for v in row))
+    return 0
+
+
+def cmd_serve_sql(args) -> int:
+    from ehrlake.sql import SqlServer
+
+    lake, _ = common.open_lake(args)
+    server = SqlServer(lake, args.role or lake.security.default_role, args.port, args.token_file)
+    server.start()
+    print(
+        f"serving role {server.role.name}'s views of {len(server.views.views)} table(s) of {lake.root} at "
+        f"{server.url} (token in {server.token_file}); a client: "
+        f'SparkSession.builder.remote("{server.url}/;token=TOKEN"); Ctrl-C stops',
+        flush=True,
+    )
+    server.serve(args.seconds)
+    print("stopped; statements are in audit.events (action sql)", flush=True)
     return 0
 
 

@@ -143,11 +143,17 @@ class Access:
             self._deny(Event("read", role=role.name, table_name=table))
             raise AccessDenied(f"role {role.name} may not read {table}")
         df = lake.read(table, **at)
-        sealing = Sealing.of(lake.schema(table))
-        sealed = set(sealing.columns) if sealing else set()
-        df = df.drop(*[c for c in df.columns if role.hidden(c, sealed)])
+        df = df.select(*[f"`{c}`" for c in self.shown_columns(lake, table, role, df.columns)])
         self.audit.record(Event("read", role=role.name, table_name=table, columns=df.columns))
         return df
+
+    @staticmethod
+    def shown_columns(lake, table: str, role: Role, columns: list[str] | None = None) -> list[str]:
+        """The columns of ``table`` (or of ``columns``, a version of it) the policy shows ``role``."""
+        schema = lake.schema(table)
+        sealing = Sealing.of(schema)
+        sealed = set(sealing.columns) if sealing else set()
+        return [c for c in (columns or schema.fieldNames()) if not role.hidden(c, sealed)]
 
     def reveal(self, lake, table: str, role_name: str | None, patient_key: str, purpose: str) -> DataFrame:
         """One patient's rows of ``table`` with identifiers opened, for a role allowed to reveal.

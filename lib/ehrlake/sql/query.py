@@ -4,12 +4,12 @@ The statement names lake tables as ``layer.table`` (``silver.condition``, ``gold
 anything runs, Spark's own parser reads it: only a query is accepted (no DDL, no writes, no settings,
 no files by path), and every table it names is checked against the role, so a table the role may
 not read is refused with one line, and audited, before a byte of it is read. Each table it may
-read becomes a view under its own name holding exactly the columns the policy shows that role
-(hidden and, by policy, sealed columns are not there); the view reads a Delta table registered
-under a name this process makes up and never accepts in a statement. The views live only while the
-statement is analysed (the result keeps what they resolved to), so the session's catalog is left as it
-was, where ``silver.condition`` is the whole table again (``session.LAKE_CATALOG``). The statement,
-the role and the tables are one ``sql`` event in the audit log, beside the ``read`` event of each table.
+read becomes the role's view of it (``views.RoleViews``), and the analysed statement goes through the
+guard the SQL server uses (``guard``: nothing but those views read, no UDF, no reflection). The views
+live only while the statement is analysed (the result keeps what they resolved to), so the session's
+catalog is left as it was, where ``silver.condition`` is the whole table again
+(``session.LAKE_CATALOG``). The statement, the role and the tables are one ``sql`` event in the
+audit log, beside a ``read`` event of each table.
 
 Reading Delta by SQL needs Delta Lake's JARs on Spark's class path (``make setup``), whichever
 engine wrote the lake.
@@ -18,15 +18,14 @@ engine wrote the lake.
 from __future__ import annotations
 
 import re
-import shutil
-import tempfile
-import uuid
 
 from pyspark.sql import DataFrame
 
 from ehrlake.errors import AccessDenied, EhrlakeError, EnvironmentProblem
-from ehrlake.lake.catalog import TableName, list_tables
+from ehrlake.lake.catalog import list_tables
 from ehrlake.security.audit import Event
+from ehrlake.sql import guard
+from ehrlake.sql.views import RoleViews
 
 _RELATION = re.compile(r"'UnresolvedRelation \[([^\]]*)\]")
 _NOT_QUERIES = ("InsertIntoStatement", "UnresolvedIdentifier")  # writes and DDL that are no Command
@@ -54,36 +53,19 @@ def query(lake, statement: str, role: str) -> DataFrame:
             access._deny(Event("sql", role=allowed.name, table_name=name, detail=statement[:2000]))
             why = "is not a table of this lake" if name not in in_lake else f"may not be read by role {role}"
             raise AccessDenied(f"{name} {why}")
-    registered = spark._jsparkSession.sessionState().catalog()  # what the catalog holds, not the lake
-    taken = [layer for layer in {TableName.parse(n).layer for n in names} if registered.databaseExists(layer)]
-    if taken:
-        raise EnvironmentProblem(
-            f"the session's catalog has a database {taken[0]} of its own (a shared metastore?), whose "
-            "tables would be read past the access policy: run `ehrlake sql` on the embedded catalog"
-        )
-    hidden = f"_ehrlake_{uuid.uuid4().hex}"
-    location = tempfile.mkdtemp(prefix="ehrlake-sql-")
-    made = [hidden]
-    try:
-        spark.sql(f"CREATE DATABASE {hidden} LOCATION '{location}/{hidden}'")
-        for name in names:
-            table = TableName.parse(name)
-            shown = access.read(lake, name, allowed.name).columns  # the policy's columns; a read event
-            stored = f"{hidden}.{table.layer}__{table.table}"
-            spark.sql(f"CREATE TABLE {stored} USING delta LOCATION '{lake.path(name)}'")
-            if table.layer not in made:
-                spark.sql(f"CREATE DATABASE {table.layer} LOCATION '{location}/{table.layer}'")
-                made.append(table.layer)
-            columns = ", ".join(f"`{c}`" for c in shown)
-            spark.sql(f"CREATE VIEW {name} AS SELECT {columns} FROM {stored}")
-        access.audit.record(
-            Event("sql", role=allowed.name, table_name=",".join(names) or None, detail=statement[:2000])
-        )
-        return spark.sql(statement)  # analysed now: the frame keeps what the views resolved to
-    finally:
-        for database in reversed(made):  # the session's catalog as it was, for whatever runs next
-            spark.sql(f"DROP DATABASE IF EXISTS {database} CASCADE")
-        shutil.rmtree(location, ignore_errors=True)
+    with RoleViews(lake, allowed) as views:
+        views.add(names)
+        result = spark.sql(statement)  # analysed now: the frame keeps what the views resolved to
+        reason = guard.violation(result, views.views)
+    event = Event("sql", role=allowed.name, table_name=",".join(names) or None, detail=statement[:2000])
+    if reason:
+        access._deny(event)
+        raise AccessDenied(reason)
+    for name in names:  # what each table showed the role, as a read through the policy records it
+        columns = access.shown_columns(lake, name, allowed)
+        access.audit.record(Event("read", role=allowed.name, table_name=name, columns=columns))
+    access.audit.record(event)
+    return result
 
 
 def _tables_named(spark, statement: str) -> list[str]:

@@ -1,0 +1,122 @@
+"""``ehrlake serve sql``: a Spark Connect server on 127.0.0.1 serving one role's views of the lake.
+
+Analysts connect from a notebook or script with PySpark's own client::
+
+    spark = SparkSession.builder.remote("sc://localhost:15002/;token=<the token file's text>").getOrCreate()
+    spark.sql("SELECT code, count(*) FROM silver.condition GROUP BY code").toPandas()
+    spark.table("gold.eda_demographics").where("state = 'Kerala'").show()
+
+Each client gets its own Spark session, in which the lake is the role's views only (``views``): the
+tables the role may read, under their own names, with the columns the policy shows it; other tables
+are absent. The guard (``guard``) refuses at analysis anything but reading those views or data the
+client sent: reads by path, commands (DDL, writes, ``SET``), UDFs, reflection, scripts. Every
+client operation is a ``sql`` event in ``audit.events`` with the role, the statement (SQL text, or
+the plan a DataFrame sent), the views it read and the outcome: allowed, denied (by the guard, or a
+lake table the role may not see) or error. Clients authenticate with a bearer token, written (mode
+0600) to a file only the server's user can read; the server listens on 127.0.0.1 only. Tables jobs
+create while it runs are added every ``refresh_seconds``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+
+from ehrlake.lake.catalog import list_tables
+from ehrlake.security.audit import ALLOWED, DENIED, ERROR, Event
+from ehrlake.sql import guard
+from ehrlake.sql.views import RoleViews
+
+_NOT_FOUND = re.compile(r"TABLE_OR_VIEW_NOT_FOUND\] The table or view `([a-z_]+)`\.`([a-z0-9_]+)`")
+
+
+class SqlServer:
+    """One role's SQL endpoint over ``lake`` (whose session becomes the server's, trusted one)."""
+
+    def __init__(self, lake, role: str, port: int = 15002, token_file: str | None = None, refresh_seconds=30):
+        self.lake, self.port, self.refresh_seconds = lake, port, refresh_seconds
+        self.role = lake.security.access.role(role, "serve sql")  # a granted role, or AccessDenied
+        default_token = lake.security.protector.store.directory.parent / f"sql-server-{port}.token"
+        self.token_file = Path(token_file or default_token)
+        self.views = RoleViews(lake, self.role)
+        self._stop = threading.Event()
+        self._service = None
+
+    @property
+    def url(self) -> str:
+        """The address clients give ``SparkSession.builder.remote`` (plus ``;token=...``)."""
+        return f"sc://localhost:{self.port}"
+
+    def start(self) -> None:
+        spark = self.lake.spark
+        self.views.add_readable()
+        guard.arm(spark, self.views.views)  # before the port opens: no client is ever unchecked
+        guard.listen(spark)
+        token = secrets.token_urlsafe(32)
+        self.token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
+        conf = spark.sparkContext._jsc.sc().conf()
+        conf.set("spark.connect.grpc.binding.address", "127.0.0.1")
+        conf.set("spark.connect.grpc.binding.port", str(self.port))
+        conf.set("spark.connect.authenticate.token", token)
+        self._service = spark._jvm.org.apache.spark.sql.connect.service.SparkConnectService
+        self._service.start(spark.sparkContext._jsc.sc())
+
+    def serve(self, seconds: float | None = None) -> None:
+        """Write the guard's events to the audit log until :meth:`stop`, SIGTERM/SIGINT or ``seconds``."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        deadline = time.monotonic() + seconds if seconds else None
+        refreshed = time.monotonic()
+        while not self._stop.wait(0.5):
+            self.record()
+            if time.monotonic() - refreshed > self.refresh_seconds:
+                if self.views.add_readable():
+                    guard.arm(self.lake.spark, self.views.views)
+                refreshed = time.monotonic()
+            if deadline and time.monotonic() > deadline:
+                break
+        self.close()
+
+    def record(self) -> int:
+        """The guard's events since the last call into ``audit.events``, in one commit."""
+        events = [self._event(e) for e in guard.drain(self.lake.spark)]
+        if events:
+            self.lake.security.audit.record(*events)
+        return len(events)
+
+    def _event(self, e: guard.GuardEvent) -> Event:
+        outcome, reason = {"allowed": ALLOWED, "denied": DENIED}.get(e.outcome, ERROR), e.reason
+        missing = _NOT_FOUND.search(e.reason or "")
+        if missing and f"{missing[1]}.{missing[2]}" in {str(t) for t in list_tables(self.lake.root)}:
+            # absent from the role's views, not from the lake: a table the role may not read
+            outcome, reason = DENIED, f"{missing[1]}.{missing[2]} may not be read by role {self.role.name}"
+        detail = e.statement if outcome == ALLOWED else f"{e.statement}\n-- {e.outcome}: {reason}"
+        return Event(
+            "sql",
+            outcome=outcome,
+            role=self.role.name,
+            job=f"sql-server:{self.port}",
+            table_name=",".join(e.views) or None,
+            detail=detail[:4000],
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._service is not None:
+            service, self._service = self._service, None
+            service.stop(getattr(service, "stop$default$1")(), getattr(service, "stop$default$2")())
+        self.record()
+        guard.disarm(self.lake.spark)
+        self.views.close()
+        self.token_file.unlink(missing_ok=True)
