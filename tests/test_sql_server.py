@@ -1,5 +1,6 @@
-"""`ehrlake serve sql`: a real Spark Connect server (its own process and JVM) serving the analyst's
-views, queried by real PySpark Connect clients (`SparkSession.builder.remote`) in other processes."""
+"""`ehrlake serve sql`: real Spark Connect and Thrift JDBC servers (their own process and JVM) serving
+the analyst's views, queried by real clients in other processes: PySpark's Connect client
+(`SparkSession.builder.remote`) and Hive's JDBC driver through `beeline`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +43,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _beeline(url: str, password: str, statements: list[str]) -> subprocess.CompletedProcess:
+    """Hive's JDBC client (beeline, in PySpark's JARs), every statement run even after one fails."""
+    import pyspark
+
+    jars = Path(pyspark.__file__).parent / "jars"
+    with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
+        script.write("".join(f"{statement};\n" for statement in statements))
+        script.flush()
+        return subprocess.run(
+            ["java", "-cp", f"{jars}/*", "org.apache.hive.beeline.BeeLine", "-u", url, "-n", "analyst",
+             "-p", password, "--outputformat=csv2", "--force=true", "-f", script.name],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+
 def _client(url: str, attempts: dict[str, str]) -> dict:
     done = subprocess.run(
         [sys.executable, "-c", CLIENT, url, json.dumps(attempts)],
@@ -65,10 +82,10 @@ def served(lake, tmp_path):
     lake.write(conditions.groupBy("code").agg(F.count("*").alias("n")), "gold.condition_counts")
     # source_file is among the columns the policy hides from analysts
     lake.write(conditions.select("patient_key", "code", "source_file"), "silver.condition_rows")
-    port, token_file = _free_port(), tmp_path / "server.token"
+    port, jdbc_port, token_file = _free_port(), _free_port(), tmp_path / "server.token"
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "ehrlake"), "serve", "sql", "--role", "analyst", "--lake", lake.root,
-         "--port", str(port), "--token-file", str(token_file), "--for", "600"],
+         "--port", str(port), "--jdbc-port", str(jdbc_port), "--token-file", str(token_file), "--for", "600"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=dict(os.environ),
     )  # fmt: skip
     deadline = time.monotonic() + 180
@@ -77,7 +94,12 @@ def served(lake, tmp_path):
         assert time.monotonic() < deadline, "the server did not start within 3 minutes"
         time.sleep(1)
     time.sleep(2)  # the token is written just before the port opens
-    yield lake, f"sc://localhost:{port}", token_file.read_text()
+    yield (
+        lake,
+        f"sc://localhost:{port}",
+        f"jdbc:hive2://127.0.0.1:{jdbc_port}/default",
+        token_file.read_text(),
+    )
     server.terminate()
     assert server.wait(timeout=120) == 0, server.stdout.read()[-3000:]
     assert not token_file.exists()  # the token goes with the server
@@ -85,7 +107,7 @@ def served(lake, tmp_path):
 
 @pytest.mark.slow
 def test_connect_clients_read_the_analysts_views_and_nothing_else_all_audited(served):
-    lake, url, token = served
+    lake, url, jdbc, token = served
     result = _client(
         f"{url}/;token={token}",
         {
@@ -112,6 +134,21 @@ def test_connect_clients_read_the_analysts_views_and_nothing_else_all_audited(se
     assert "only queries run here" in result["set"]["error"]
     wrong = _client(f"{url}/;token=not-the-token", {"gold": "spark.sql('SELECT 1').collect()"})
     assert "error" in wrong["gold"]  # no token, no session
+    by_jdbc = _beeline(
+        jdbc,
+        token,
+        [
+            "SELECT code, n FROM gold.condition_counts",
+            "SELECT * FROM bronze.fhir_patient",
+            f"SELECT * FROM delta.`{lake.path('bronze.fhir_patient')}`",
+        ],
+    )
+    lines = by_jdbc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.endswith("code,n"))  # after a prompt
+    assert lines[header + 1] == f"{result['gold']['rows'][0]['code']},2", by_jdbc
+    assert "TABLE_OR_VIEW_NOT_FOUND" in by_jdbc.stderr and "ehrlake: only this role" in by_jdbc.stderr
+    refused = _beeline(jdbc, "not-the-token", ["SELECT 1"])
+    assert "wrong token" in refused.stderr or "Could not open" in refused.stderr, refused
     time.sleep(2)  # the server writes its events to the audit log every half second
     events = [r.asDict() for r in lake.read(AUDIT).where(F.col("action") == "sql").orderBy("seq").collect()]
     assert all(e["role"] == "analyst" for e in events)
@@ -121,6 +158,7 @@ def test_connect_clients_read_the_analysts_views_and_nothing_else_all_audited(se
         for e in allowed
     ), [(e["outcome"], e["table_name"], e["detail"][:300]) for e in events]
     denied = [e["detail"] for e in events if e["outcome"] == "denied"]
-    assert any(d.startswith("SELECT * FROM bronze.fhir_patient") for d in denied)
+    assert sum(d.startswith("SELECT * FROM bronze.fhir_patient") for d in denied) == 2  # Connect, JDBC
+    assert sum(e["detail"] == "SELECT code, n FROM gold.condition_counts" for e in allowed) == 1  # JDBC
     assert any("SET spark.sql.runSQLOnFiles" in d for d in denied)
     assert len(denied) >= 6

@@ -129,7 +129,9 @@ def launch_args(memory: str | None, jars: list[str] | None = None) -> str:
     (``EHRLAKE_SPARK_LOG`` WARN/INFO, which ``ehrlake --verbose`` sets); ``jars`` on its class path."""
     args = ["--driver-memory", memory] if memory else []
     if jars:
-        args += ["--jars", ",".join(jars)]
+        # on the driver's own class path too: threads Spark did not start (the Thrift JDBC server's)
+        # load the session catalog and extensions through it
+        args += ["--jars", ",".join(jars), "--driver-class-path", os.pathsep.join(jars)]
     if os.environ.get("EHRLAKE_SPARK_LOG", "ERROR").upper() in ("OFF", "FATAL", "ERROR"):
         quiet = HOME / "conf" / "log4j2.properties"
         if quiet.is_file():

@@ -46,12 +46,19 @@ def register(sub) -> None:
     serve_sub = serve.add_subparsers(dest="serve_command", required=True, metavar="SUBCOMMAND")
     server = serve_sub.add_parser(
         "sql",
-        help="a Spark Connect server of one role's views on 127.0.0.1 (PySpark clients, notebooks)",
+        help="Spark Connect and JDBC servers of one role's views on 127.0.0.1 (notebooks, BI tools)",
         description="Serve the tables a role may read, as the policy shows them, to Spark Connect clients "
-        "(SparkSession.builder.remote) on 127.0.0.1 with a bearer token. Reads by path, commands, UDFs "
-        "and reflection are refused; every statement is audited. Needs Delta Lake's JARs (make setup).",
+        "(SparkSession.builder.remote) and JDBC clients (Hive driver) on 127.0.0.1 with a bearer token. "
+        "Reads by path, commands, UDFs and reflection are refused; every statement is audited. Needs Delta "
+        "Lake's JARs (make setup).",
     )
-    server.add_argument("--port", type=int, default=15002, help="port on 127.0.0.1 (default 15002)")
+    server.add_argument("--port", type=int, default=15002, help="Spark Connect's port (default 15002)")
+    server.add_argument(
+        "--jdbc-port",
+        type=int,
+        default=10000,
+        help="the JDBC (Thrift) server's port, 0 for none (default 10000)",
+    )
     server.add_argument(
         "--token-file",
         help="where the clients' bearer token is written, mode 0600 (default: beside the key store, "
@@ -135,11 +142,13 @@ def cmd_serve_sql(args) -> int:
     from ehrlake.sql import SqlServer
 
     lake, _ = common.open_lake(args)
-    server = SqlServer(lake, args.role or lake.security.default_role, args.port, args.token_file)
+    role = args.role or lake.security.default_role
+    server = SqlServer(lake, role, args.port, args.jdbc_port or None, args.token_file)
     server.start()
+    jdbc = f" and {server.jdbc_url} (password: the token)" if server.jdbc_url else ""
     print(
         f"serving role {server.role.name}'s views of {len(server.views.views)} table(s) of {lake.root} at "
-        f"{server.url} (token in {server.token_file}); a client: "
+        f"{server.url}{jdbc}; token in {server.token_file}; a client: "
         f'SparkSession.builder.remote("{server.url}/;token=TOKEN"); Ctrl-C stops',
         flush=True,
     )

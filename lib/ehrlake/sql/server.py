@@ -1,4 +1,4 @@
-"""``ehrlake serve sql``: a Spark Connect server on 127.0.0.1 serving one role's views of the lake.
+"""``ehrlake serve sql``: Spark Connect and JDBC on 127.0.0.1, serving one role's views of the lake.
 
 Analysts connect from a notebook or script with PySpark's own client::
 
@@ -6,15 +6,18 @@ Analysts connect from a notebook or script with PySpark's own client::
     spark.sql("SELECT code, count(*) FROM silver.condition GROUP BY code").toPandas()
     spark.table("gold.eda_demographics").where("state = 'Kerala'").show()
 
-Each client gets its own Spark session, in which the lake is the role's views only (``views``): the
-tables the role may read, under their own names, with the columns the policy shows it; other tables
-are absent. The guard (``guard``) refuses at analysis anything but reading those views or data the
-client sent: reads by path, commands (DDL, writes, ``SET``), UDFs, reflection, scripts. Every
-client operation is a ``sql`` event in ``audit.events`` with the role, the statement (SQL text, or
-the plan a DataFrame sent), the views it read and the outcome: allowed, denied (by the guard, or a
-lake table the role may not see) or error. Clients authenticate with a bearer token, written (mode
-0600) to a file only the server's user can read; the server listens on 127.0.0.1 only. Tables jobs
-create while it runs are added every ``refresh_seconds``.
+and BI tools and ``beeline`` through JDBC (Spark's Thrift server, Hive's JDBC driver), with any user
+name and the token as password: ``jdbc:hive2://127.0.0.1:10000/default``.
+
+Each client (connection) gets its own Spark session, in which the lake is the role's views only
+(``views``): the tables the role may read, under their own names, with the columns the policy shows
+it; other tables are absent. The guard (``guard``) refuses at analysis anything but reading those
+views or data the client sent: reads by path, commands (DDL, writes, ``SET``), UDFs, reflection,
+scripts. Every client operation is a ``sql`` event in ``audit.events`` with the role, the statement
+(SQL text, or the plan a DataFrame sent), the views it read and the outcome: allowed, denied (by the
+guard, or a lake table the role may not see) or error. Clients authenticate with a bearer token,
+written (mode 0600) to a file only the server's user can read; the server listens on 127.0.0.1 only.
+Tables jobs create while it runs are added every ``refresh_seconds``.
 """
 
 from __future__ import annotations
@@ -38,19 +41,32 @@ _NOT_FOUND = re.compile(r"TABLE_OR_VIEW_NOT_FOUND\] The table or view `([a-z_]+)
 class SqlServer:
     """One role's SQL endpoint over ``lake`` (whose session becomes the server's, trusted one)."""
 
-    def __init__(self, lake, role: str, port: int = 15002, token_file: str | None = None, refresh_seconds=30):
-        self.lake, self.port, self.refresh_seconds = lake, port, refresh_seconds
+    def __init__(
+        self,
+        lake,
+        role: str,
+        port: int = 15002,
+        jdbc_port: int | None = 10000,
+        token_file: str | None = None,
+        refresh_seconds: float = 30,
+    ):
+        self.lake, self.port, self.jdbc_port, self.refresh_seconds = lake, port, jdbc_port, refresh_seconds
         self.role = lake.security.access.role(role, "serve sql")  # a granted role, or AccessDenied
         default_token = lake.security.protector.store.directory.parent / f"sql-server-{port}.token"
         self.token_file = Path(token_file or default_token)
         self.views = RoleViews(lake, self.role)
         self._stop = threading.Event()
-        self._service = None
+        self._service = self._jdbc = None
 
     @property
     def url(self) -> str:
         """The address clients give ``SparkSession.builder.remote`` (plus ``;token=...``)."""
         return f"sc://localhost:{self.port}"
+
+    @property
+    def jdbc_url(self) -> str | None:
+        """The JDBC address (Hive's driver; any user name, the token as password)."""
+        return f"jdbc:hive2://127.0.0.1:{self.jdbc_port}/default" if self.jdbc_port else None
 
     def start(self) -> None:
         spark = self.lake.spark
@@ -68,6 +84,19 @@ class SqlServer:
         conf.set("spark.connect.authenticate.token", token)
         self._service = spark._jvm.org.apache.spark.sql.connect.service.SparkConnectService
         self._service.start(spark.sparkContext._jsc.sc())
+        if self.jdbc_port:
+            spark._jvm.ehrlake.TokenAuthentication.expect(token)
+            system = spark._jvm.java.lang.System
+            for key, value in {
+                "hive.server2.thrift.bind.host": "127.0.0.1",
+                "hive.server2.thrift.port": str(self.jdbc_port),
+                "hive.server2.authentication": "CUSTOM",  # the token as password (TokenAuthentication)
+                "hive.server2.custom.authentication.class": "ehrlake.TokenAuthentication",
+            }.items():
+                spark.conf.set(key, value)
+                system.setProperty(key, value)  # Hive reads its login class from a HiveConf of its own
+            thrift = spark._jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2
+            self._jdbc = thrift.startWithContext(spark._jsparkSession.sqlContext())
 
     def serve(self, seconds: float | None = None) -> None:
         """Write the guard's events to the audit log until :meth:`stop`, SIGTERM/SIGINT or ``seconds``."""
@@ -113,6 +142,9 @@ class SqlServer:
         self._stop.set()
 
     def close(self) -> None:
+        if self._jdbc is not None:
+            jdbc, self._jdbc = self._jdbc, None
+            jdbc.stop()
         if self._service is not None:
             service, self._service = self._service, None
             service.stop(getattr(service, "stop$default$1")(), getattr(service, "stop$default$2")())

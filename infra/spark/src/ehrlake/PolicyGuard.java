@@ -28,6 +28,11 @@ import org.apache.spark.sql.connect.service.SparkListenerConnectOperationCancele
 import org.apache.spark.sql.connect.service.SparkListenerConnectOperationFailed;
 import org.apache.spark.sql.connect.service.SparkListenerConnectOperationFinished;
 import org.apache.spark.sql.connect.service.SparkListenerConnectOperationStarted;
+import org.apache.spark.sql.hive.thriftserver.ui.SparkListenerThriftServerOperationCanceled;
+import org.apache.spark.sql.hive.thriftserver.ui.SparkListenerThriftServerOperationError;
+import org.apache.spark.sql.hive.thriftserver.ui.SparkListenerThriftServerOperationFinish;
+import org.apache.spark.sql.hive.thriftserver.ui.SparkListenerThriftServerOperationStart;
+import org.apache.spark.sql.hive.thriftserver.ui.SparkListenerThriftServerOperationTimeout;
 
 import scala.Function1;
 import scala.Option;
@@ -49,14 +54,17 @@ import scala.runtime.BoxedUnit;
  * #drain}); a plan runs only after it passed.
  */
 public final class PolicyGuard implements Function1<SparkSessionExtensions, BoxedUnit> {
-  private static final String VIEW_RESOLUTION = "org.apache.spark.sql.catalyst.analysis.ViewResolution";
-  private static final String DELTA = "org.apache.spark.sql.delta.";
+  // code whose plans are Spark's own work for a client's plan (see internal())
+  private static final List<String> INTERNAL = Arrays.asList(
+      "org.apache.spark.sql.catalyst.analysis.ViewResolution", // a view's body
+      "org.apache.spark.sql.delta.", // Delta Lake reading a table's log
+      "org.apache.spark.sql.catalyst.encoders.ExpressionEncoder"); // binding a result's row reader
   private static volatile Set<String> views = null; // null: not armed, nothing is checked
   private static final Set<Object> trusted = Collections.synchronizedSet(
       Collections.newSetFromMap(new WeakHashMap<>()));
   private static final LinkedBlockingQueue<String[]> events = new LinkedBlockingQueue<>();
   private static final String CONNECT_TAG = "SparkConnect_OperationTag_";
-  // per running Connect operation (its job tag): the views its plans read, why one was refused
+  // per running client operation (operationKey): the views its plans read, why one was refused
   private static final Map<String, Set<String>> seen = new ConcurrentHashMap<>();
   private static final Map<String, String> refused = new ConcurrentHashMap<>();
 
@@ -84,7 +92,7 @@ public final class PolicyGuard implements Function1<SparkSessionExtensions, Boxe
       Set<String> allowed = views;
       if (allowed != null && !trusted.contains(session) && !internal()) {
         String reason = violation(plan, allowed);
-        String operation = operationTag(session.sparkContext());
+        String operation = operationKey(session.sparkContext());
         if (operation != null) { // Connect's events for the operation carry the outcome (Operations)
           seen.computeIfAbsent(operation, tag -> new LinkedHashSet<>()).addAll(viewsRead(plan));
           if (reason != null) {
@@ -102,8 +110,11 @@ public final class PolicyGuard implements Function1<SparkSessionExtensions, Boxe
     return BoxedUnit.UNIT;
   }
 
-  /** The Spark Connect operation this thread runs for, by its job tag, or null. */
-  private static String operationTag(SparkContext context) {
+  /**
+   * The client operation this thread runs for, or null: a Spark Connect operation by its job tag, a
+   * JDBC statement by its job group (the Thrift server makes one per statement).
+   */
+  private static String operationKey(SparkContext context) {
     Iterator<String> tags = context.getJobTags().iterator();
     while (tags.hasNext()) {
       String tag = tags.next();
@@ -111,20 +122,22 @@ public final class PolicyGuard implements Function1<SparkSessionExtensions, Boxe
         return tag;
       }
     }
-    return null;
+    return context.getLocalProperty("spark.jobGroup.id");
   }
 
-  /** Starts recording Spark Connect's operations (statement, outcome) as events for {@link #drain}. */
+  /** Starts recording client operations (statement, outcome) as events for {@link #drain}. */
   public static void listen(SparkContext context) {
     context.addSparkListener(new Operations());
   }
 
   /**
-   * Each client operation, as Spark Connect reports it: its statement when it starts, then whether it
-   * ran, was refused here, or failed (a name not found, invalid SQL); with the views it read.
+   * Each client operation, as Spark Connect and the Thrift JDBC server report it: its statement when
+   * it starts, then whether it ran, was refused here, or failed (a name not found, invalid SQL);
+   * with the views it read.
    */
   static final class Operations extends SparkListener {
-    private final Map<String, String> statements = new ConcurrentHashMap<>();
+    private final Map<String, String> statements = new ConcurrentHashMap<>(); // by operation key
+    private final Map<String, String> groups = new ConcurrentHashMap<>(); // JDBC statement id: key
 
     @Override
     public void onOtherEvent(SparkListenerEvent event) {
@@ -135,20 +148,42 @@ public final class PolicyGuard implements Function1<SparkSessionExtensions, Boxe
         SparkListenerConnectOperationStarted started = (SparkListenerConnectOperationStarted) event;
         statements.put(started.jobTag(), started.statementText());
       } else if (event instanceof SparkListenerConnectOperationFinished) {
-        String tag = ((SparkListenerConnectOperationFinished) event).jobTag();
-        String reason = refused.remove(tag);
-        end(tag, reason == null ? "allowed" : "denied", reason);
+        finished(((SparkListenerConnectOperationFinished) event).jobTag());
       } else if (event instanceof SparkListenerConnectOperationFailed) {
         SparkListenerConnectOperationFailed failed = (SparkListenerConnectOperationFailed) event;
-        String reason = refused.remove(failed.jobTag());
-        end(failed.jobTag(), reason == null ? "failed" : "denied",
-            reason == null ? failed.errorMessage() : reason);
+        failed(failed.jobTag(), failed.errorMessage());
       } else if (event instanceof SparkListenerConnectOperationCanceled) {
-        end(((SparkListenerConnectOperationCanceled) event).jobTag(), "failed", "canceled");
+        failed(((SparkListenerConnectOperationCanceled) event).jobTag(), "canceled");
+      } else if (event instanceof SparkListenerThriftServerOperationStart) {
+        SparkListenerThriftServerOperationStart started = (SparkListenerThriftServerOperationStart) event;
+        groups.put(started.id(), started.groupId());
+        statements.put(started.groupId(), started.statement());
+      } else if (event instanceof SparkListenerThriftServerOperationFinish) {
+        finished(groups.remove(((SparkListenerThriftServerOperationFinish) event).id()));
+      } else if (event instanceof SparkListenerThriftServerOperationError) {
+        SparkListenerThriftServerOperationError failed = (SparkListenerThriftServerOperationError) event;
+        failed(groups.remove(failed.id()), failed.errorMsg());
+      } else if (event instanceof SparkListenerThriftServerOperationCanceled) {
+        failed(groups.remove(((SparkListenerThriftServerOperationCanceled) event).id()), "canceled");
+      } else if (event instanceof SparkListenerThriftServerOperationTimeout) {
+        failed(groups.remove(((SparkListenerThriftServerOperationTimeout) event).id()), "timed out");
       }
     }
 
+    private void finished(String key) {
+      String reason = key == null ? null : refused.remove(key);
+      end(key, reason == null ? "allowed" : "denied", reason);
+    }
+
+    private void failed(String key, String error) {
+      String reason = key == null ? null : refused.remove(key);
+      end(key, reason == null ? "failed" : "denied", reason == null ? error : reason);
+    }
+
     private void end(String tag, String outcome, String reason) {
+      if (tag == null) {
+        return;
+      }
       String statement = statements.remove(tag);
       Set<String> read = seen.remove(tag);
       if (statement == null) {
@@ -160,14 +195,15 @@ public final class PolicyGuard implements Function1<SparkSessionExtensions, Boxe
   }
 
   /**
-   * Whether Spark is checking a plan of its own while it analyses the client's: a view's body (what
-   * it reads is the view's; the statement's check decides whether the view is one of this role's),
-   * or Delta Lake reading a table's log. Neither reaches the client; the client's plan is checked.
+   * Whether Spark is checking a plan of its own while it analyses or runs the client's: a view's
+   * body (what it reads is the view's; the statement's check decides whether the view is one of
+   * this role's), Delta Lake reading a table's log, or the reader of a result's rows bound to its
+   * schema. None reaches the client; the client's plan is checked.
    */
   private static boolean internal() {
     return StackWalker.getInstance().walk(frames -> frames.anyMatch(frame -> {
       String name = frame.getClassName();
-      return name.startsWith(VIEW_RESOLUTION) || name.startsWith(DELTA);
+      return INTERNAL.stream().anyMatch(name::startsWith);
     }));
   }
 
@@ -177,8 +213,9 @@ public final class PolicyGuard implements Function1<SparkSessionExtensions, Boxe
       String name = viewName((View) plan);
       return allowed.contains(name) ? null : name + " is not a table this role may read";
     }
-    if (plan instanceof Command) {
-      return "only queries run here, not " + plan.nodeName();
+    if (plan instanceof Command) { // USE db (JDBC sessions open with it) reads nothing
+      return plan.nodeName().equals("SetCatalogAndNamespace") ? null
+          : "only queries run here, not " + plan.nodeName();
     }
     String node = plan.getClass().getSimpleName();
     for (String code : new String[] {"Python", "Pandas", "Arrow", "InR", "Script", "Map", "Object",
