@@ -21,6 +21,7 @@ import time
 import uuid
 from datetime import datetime
 
+from deltalake import DeltaTable as DeltaLog
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
@@ -139,8 +140,10 @@ class NativeDeltaEngine:
 
     def write(self, df, path, table, mode, partition_by, where, evolve, commit_info) -> CommitResult:
         self.create(path, df.schema, list(partition_by or []))  # a no-op when the table exists
-        current = self._table(path)  # one lookup for its partitioning and schema
-        parts = list(current.detail().collect()[0]["partitionColumns"])
+        current = self._table(path)
+        # from the log's metadata: DeltaTable.detail() would also count files and bytes, a Spark job
+        # that took 3 s a write (bench/engines.py)
+        parts = list(DeltaLog(path).metadata().partition_columns)
         check_write(table, parts, mode, partition_by, where)
         aligned, new_fields = _schema.align(df, current.toDF().schema, table, evolve)
         token, operation = uuid.uuid4().hex, "OVERWRITE" if mode is WriteMode.OVERWRITE else "APPEND"
@@ -239,7 +242,10 @@ class NativeDeltaEngine:
 
     # ----------------------------------------------------------------- internals
     def _commit_of(self, path: str, token: str) -> dict:
-        """The commit carrying ``token`` (recent: at most a few writers committed since)."""
+        """The commit carrying ``token``: the latest, unless other processes committed since."""
+        latest = self.history(path, 1)
+        if latest and latest[0].get(_TOKEN) == token:
+            return latest[0]
         for commit in self.history(path, 50):
             if commit.get(_TOKEN) == token:
                 return commit
