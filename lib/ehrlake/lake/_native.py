@@ -78,15 +78,16 @@ class NativeDeltaEngine:
         return self._table(path).toDF().schema
 
     def version(self, path: str) -> int:
-        return int(self._table(path).history(1).collect()[0]["version"])
+        return int(self.history(path, 1)[0]["version"])
 
     def history(self, path: str, limit: int | None = None) -> list[dict]:
         """Commits, newest first, each with ehrlake's commit information (kept by Delta as the
-        commit's ``userMetadata``) spread into it, as the delta-rs engine's commits carry it."""
-        frame = self._table(path).history(limit) if limit else self._table(path).history()
+        commit's ``userMetadata``) spread into it, as the delta-rs engine's commits carry it. Read
+        from the log's commit files directly (delta-rs: ~2 ms; DeltaTable.history runs a Spark job)."""
+        if not self.exists(path):
+            raise TableNotFound(f"no Delta table at {path}")
         out = []
-        for row in frame.collect():
-            commit = row.asDict(recursive=True)
+        for commit in DeltaLog(path).history(limit):
             try:
                 extra = json.loads(commit.get("userMetadata") or "{}")
             except ValueError:
