@@ -55,5 +55,6 @@ Look at them with:
   .venv/bin/ehrlake lake show --json --lake $lake
   .venv/bin/python -c "from ehrlake import lake; lake.open('$lake').read('bronze.fhir_condition', role='engineer').show(5)"
   .venv/bin/ehrlake reveal --table bronze.fhir_patient --patient-key KEY --purpose "..." --role clinician --lake $lake
+  .venv/bin/ehrlake serve sql --role analyst --lake $lake   # notebooks (Spark Connect) and BI tools (JDBC)
   .venv/bin/python -c "import deltalake; print(deltalake.DeltaTable('$lake/bronze/fhir_patient').to_pandas().head())"
 EOT
