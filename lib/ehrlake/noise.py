@@ -25,6 +25,7 @@ NOISE = (
     re.compile(rb"netlib-blas: JNI_OnLoad: dlopen\(libblas\.so\.3\) failed[^\n]*"),
 )
 _PAUSE = 0.2  # a partial line (a prompt) is shown once nothing more came for this long
+_DRAIN = 10.0  # the longest an exiting command waits for the copier (a JVM still printing)
 
 
 def clean(line: bytes) -> bytes | None:
@@ -55,7 +56,9 @@ def filter_stderr() -> None:
         sys.stderr.flush()
         os.dup2(terminal, 2)  # this process writes to the terminal again; a JVM still alive keeps the pipe
         stop.set()
-        copier.join(timeout=2 * _PAUSE + 0.5)
+        # the copier ends at the pipe's end, or once quiet; a loaded machine may take a while to run
+        # it, and what it has not copied yet (the command's own error line) would be lost at exit
+        copier.join(timeout=_DRAIN)
 
     atexit.register(restore)
 
