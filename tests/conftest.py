@@ -69,6 +69,27 @@ def spark():
     session.stop()
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_cached():
+    """Every test: the library releases the frames it caches, failing or not. One session serves a
+    whole notebook or scheduler day; a job that leaves its caches behind fills the driver's heap
+    until a broadcast of ten rows fails (as the suite once did, late, in a synth test). Delta's own
+    cache of each table's log state is Delta's to manage (bounded, dropped with its snapshot)."""
+    from pyspark.sql import SparkSession
+
+    def ours() -> set[int]:
+        active = SparkSession.getActiveSession()
+        if active is None:
+            return set()
+        cached = active.sparkContext._jsc.getPersistentRDDs()
+        return {k for k, rdd in cached.items() if not (rdd.name() or "").startswith("Delta Table State")}
+
+    before = ours()
+    yield
+    left = ours() - before
+    assert not left, f"{len(left)} cached frame(s) left behind (a persist() without unpersist())"
+
+
 @pytest.fixture
 def lake(spark, tmp_path, security_conf):
     """A lake with the session's keys, the repository's access policy and its own audit log."""

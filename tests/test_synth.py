@@ -86,9 +86,16 @@ def test_same_seed_same_files_other_seed_other_patients(spark, generated, tmp_pa
     assert not set(table(other, "patients")["id"]) & set(table(out, "patients")["id"])
 
 
+def cached(spark) -> int:
+    """Blocks the session holds for cached frames (a run that keeps them leaks a long session's heap)."""
+    return spark.sparkContext._jsc.getPersistentRDDs().size()
+
+
 def test_damage_at_the_configured_rate_is_quarantined_exactly(spark, lake, tmp_path):
     out = str(tmp_path / "faulty")
+    before = cached(spark)
     report = synth.run(spark, 200, out, seed=3, fault_rate=0.05)
+    assert cached(spark) == before
     manifest = json.loads(open(os.path.join(out, "_manifest.json")).read())
     assert manifest["faults"] == report.faults
     for name in ("encounters", "observations", "immunizations", "providers"):
@@ -132,8 +139,10 @@ def _resources(out) -> list[dict]:
 @pytest.mark.parametrize("fmt", ["fhir-ndjson", "fhir-bundles"])
 def test_fhir_output_keeps_references_valid_and_ingests_with_its_faults(spark, lake, tmp_path, fmt):
     out = str(tmp_path / fmt)
+    before = cached(spark)
     report = synth.run(spark, 120, out, seed=5, fault_rate=0.03, fmt=fmt, tables=("encounters", "conditions",
                        "observations", "medications", "immunizations"))  # fmt: skip
+    assert cached(spark) == before
     resources = _resources(out)
     by_type: dict[str, set] = {}
     for r in resources:

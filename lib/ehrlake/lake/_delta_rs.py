@@ -199,7 +199,7 @@ class DeltaRsEngine:
             )
             metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0}
             return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
-        source = source.persist()
+        source, to_update = source.persist(), None
         try:
             source_rows = source.count()
             target, by_abs = self._read_with_file(dt, path)
@@ -248,10 +248,11 @@ class DeltaRsEngine:
                 "updated": updated,
                 "unchanged": source_rows - inserted - updated,
             }
-            to_update.unpersist()
             return CommitResult(table, version, "MERGE", len(adds), len(removes), _rows(adds), metrics)
-        finally:
+        finally:  # a conflict retries: what this attempt cached goes either way
             source.unpersist()
+            if to_update is not None:
+                to_update.unpersist()
 
     def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
         """Delete files not in the current snapshot and older than the retention (orphans included)."""

@@ -106,12 +106,27 @@ def run(
         raise ConfigError("--fault-rate must be in [0, 1)")
     started = dt.datetime.now()
     region = _regions(regions)
-    tpl = _Templates(spark, Path(templates))
+    held = Held()
+    tpl = _Templates(spark, Path(templates), held)
     report = SynthReport(patients, seed, fault_rate, os.path.abspath(out))
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
-    clones = _clones(spark, patients, seed, tpl.patient_ids(), region).cache()
+    try:
+        _generate(tpl, held, report, out, fmt, tables, region)
+    finally:  # a long-lived session (a notebook, the test suite) keeps none of it
+        held.release()
+    report.seconds = (dt.datetime.now() - started).total_seconds()
+    Path(out, "_manifest.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
+
+
+def _generate(
+    tpl: _Templates, held: Held, report: SynthReport, out: str, fmt: str, tables, region: Regions
+) -> None:
+    """Write every table's generated rows under ``out``; counts and faults go into ``report``."""
+    seed, patients, fault_rate = report.seed, report.patients, report.fault_rate
+    clones = held.cache(_clones(tpl.spark, patients, seed, tpl.patient_ids(), region))
     # rows per template patient, for counting output rows without a second pass over them
     per_template = {r["template"]: r["count"] for r in clones.groupBy("template").count().collect()}
     frames = {"patients": _patients(tpl.table("patients"), clones, seed, region)}
@@ -124,23 +139,19 @@ def run(
         frames = {n: f for n, f in frames.items() if n in fhir.RESOURCE_TYPES}
     converted = {}
     for name, frame in frames.items():
-        frame, faults = _damage(name, frame, seed, fault_rate)
+        frame, faults = _damage(name, frame, seed, fault_rate, held)
         if fmt == "synthea-csv":
             _write(frame, out, name, _files_for(name, patients))
         else:
             converted[name] = fhir.resources(name, frame, seed)
             if fmt == fhir.NDJSON:  # in a bundle, one cut resource would break the whole file
-                converted[name], faults["bad_json"] = fhir.truncate(converted[name], seed, name, fault_rate)
-            if fmt == fhir.NDJSON:
+                cut = fhir.truncate(converted[name], seed, name, fault_rate, held)
+                converted[name], faults["bad_json"] = cut
                 fhir.write_ndjson(converted[name], out, name, _files_for(name, patients))
         report.rows[name] = _rows(name, tpl, per_template, len(region.names))
         report.faults[name] = faults
     if fmt == fhir.BUNDLES:
         fhir.write_bundles(converted, out, patients)
-    clones.unpersist()
-    report.seconds = (dt.datetime.now() - started).total_seconds()
-    Path(out, "_manifest.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
-    return report
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -197,11 +208,28 @@ def _regions(path) -> Regions:
     )
 
 
+class Held:
+    """The frames one synth run caches (templates, clones, damaged tables): released when it ends."""
+
+    def __init__(self) -> None:
+        self._frames: list[DataFrame] = []
+
+    def cache(self, frame: DataFrame) -> DataFrame:
+        self._frames.append(frame.cache())
+        return self._frames[-1]
+
+    def release(self) -> None:
+        for frame in self._frames:
+            frame.unpersist()
+        self._frames.clear()
+
+
 class _Templates:
     """The sample Synthea exports, each table read as strings with lower-case column names."""
 
-    def __init__(self, spark: SparkSession, root: Path):
+    def __init__(self, spark: SparkSession, root: Path, held: Held):
         self.spark = spark
+        self.held = held
         self.dirs = sorted(
             {os.path.dirname(p) for p in glob.glob(str(root / "**" / "patients.csv*"), recursive=True)}
         )
@@ -223,7 +251,7 @@ class _Templates:
             frame = parts[0]
             for p in parts[1:]:
                 frame = frame.unionByName(p, allowMissingColumns=True)
-            self._cache[name] = F.broadcast(frame.cache())
+            self._cache[name] = F.broadcast(self.held.cache(frame))
         return self._cache[name]
 
     def patient_ids(self) -> list[str]:
@@ -375,7 +403,7 @@ def _events(name: str, tpl: DataFrame, clones: DataFrame, seed: int) -> DataFram
 # --- faults and output -----------------------------------------------------------------------
 
 
-def _damage(name: str, df: DataFrame, seed: int, rate: float) -> tuple[DataFrame, dict[str, int]]:
+def _damage(name: str, df: DataFrame, seed: int, rate: float, held: Held) -> tuple[DataFrame, dict[str, int]]:
     """Damage ``rate`` of the rows (chosen by a hash of the row): an empty Id where the table has
     one, else an unparseable first date. Returns the frame and the count of each kind."""
     if rate <= 0:
@@ -397,7 +425,7 @@ def _damage(name: str, df: DataFrame, seed: int, rate: float) -> tuple[DataFrame
         )
     else:
         return df.drop("_damaged"), {}
-    df = df.cache()
+    df = held.cache(df)
     count = df.where("_damaged").count()
     return df.drop("_damaged"), {kind: count}
 

@@ -258,8 +258,9 @@ def resources(name: str, df: DataFrame, seed: int) -> DataFrame:
     return df.select(patient.alias("patient"), F.to_json(F.struct(*base, *body)).alias("resource"))
 
 
-def truncate(df: DataFrame, seed: int, name: str, rate: float) -> tuple[DataFrame, int]:
-    """Cut a share of the JSON texts in half (the "bad JSON" fault of a broken export)."""
+def truncate(df: DataFrame, seed: int, name: str, rate: float, held) -> tuple[DataFrame, int]:
+    """Cut a share of the JSON texts in half (the "bad JSON" fault of a broken export); the frame
+    is cached in ``held`` (:class:`ehrlake.synth.amplify.Held`), which releases it after writing."""
 
     if rate <= 0:
         return df, 0
@@ -267,15 +268,13 @@ def truncate(df: DataFrame, seed: int, name: str, rate: float) -> tuple[DataFram
     # at most one fault per record, so the manifest's counts are exactly what ingest quarantines
     damaged = F.col("resource").contains('"id":""') | F.col("resource").contains(BAD_DATE)
     hit = (unit(seed, f"fault-json:{name}", F.col("resource")) < rate) & ~damaged
-    df = (
-        df.withColumn("_bad", hit)
-        .withColumn(
+    df = held.cache(
+        df.withColumn("_bad", hit).withColumn(
             "resource",
             F.when(
                 F.col("_bad"), F.expr("substring(resource, 1, CAST(length(resource) / 2 AS INT))")
             ).otherwise(F.col("resource")),
         )
-        .cache()
     )
     count = df.where("_bad").count()
     return df.drop("_bad"), count
