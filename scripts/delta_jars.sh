@@ -21,13 +21,14 @@ for jar in "$tmp"/*.jar; do
   artifact="$(basename "$jar" | sed -E 's/-[0-9][^-]*(-[A-Za-z0-9.]+)*\.jar$//')"
   if ls "$spark_jars/$artifact"-[0-9]*.jar >/dev/null 2>&1; then rm "$jar"; fi
 done
-# the lake catalog (infra/spark): Spark's session catalog that knows the lake's tables by name
+# ehrlake's own Spark classes (infra/spark): the lake catalog (tables known by name), the SQL server's
+# policy guard (every analysed statement checked against the role's views) and its token login (JDBC)
 if command -v javac >/dev/null 2>&1; then
   classes="$tmp/classes" && mkdir -p "$classes"
   javac -nowarn -source 17 -target 17 -d "$classes" -cp "$spark_jars/*:$tmp/*" infra/spark/src/ehrlake/*.java
   jar cf "$tmp/ehrlake-spark.jar" -C "$classes" . && rm -rf "$classes"
 else
-  echo "no Java compiler (javac): tables are not known by name in SQL (install a JDK, e.g. openjdk-17-jdk-headless)"
+  echo "no Java compiler (javac): tables are not known by name in SQL and there is no SQL server (install a JDK, e.g. openjdk-17-jdk-headless)"
 fi
 rm -rf "$out" && mv "$tmp" "$out"
 echo "Delta Lake JARs in $out: $(ls "$out" | tr '\n' ' ')"

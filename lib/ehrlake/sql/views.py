@@ -24,16 +24,21 @@ class RoleViews:
     def __init__(self, lake, role):
         self.lake, self.role, self.spark = lake, role, lake.spark
         self.hidden = f"_ehrlake_{uuid.uuid4().hex}"
-        self.views: list[str] = []
+        self.columns: dict[str, list[str]] = {}  # each view: the columns the policy shows the role
         self._location = tempfile.mkdtemp(prefix="ehrlake-sql-")
         self._databases: list[str] = []
         self._catalog = self.spark._jsparkSession.sessionState().catalog()  # what is registered
+
+    @property
+    def views(self) -> list[str]:
+        """The views made so far, by name (``layer.table``)."""
+        return list(self.columns)
 
     def add(self, names) -> list[str]:
         """Views for these tables (``layer.table``, each one the role may read); the new ones."""
         added = []
         for name in names:
-            if name in self.views:
+            if name in self.columns:
                 continue
             table = TableName.parse(name)
             if not self._databases:
@@ -51,7 +56,7 @@ class RoleViews:
             columns = self.lake.security.access.shown_columns(self.lake, name, self.role)
             listed = ", ".join(f"`{c}`" for c in columns)
             self.spark.sql(f"CREATE VIEW {name} AS SELECT {listed} FROM {stored}")
-            self.views.append(name)
+            self.columns[name] = columns
             added.append(name)
         return added
 
@@ -64,7 +69,7 @@ class RoleViews:
         for database in reversed(self._databases):
             self.spark.sql(f"DROP DATABASE IF EXISTS {database} CASCADE")
         self._databases.clear()
-        self.views.clear()
+        self.columns.clear()
         shutil.rmtree(self._location, ignore_errors=True)
 
     def _database(self, name: str) -> None:
