@@ -361,12 +361,16 @@ def test_pipeline_runs_declared_steps_in_one_session_and_stops_at_the_first_fail
     lake = tmp_path / "lake"
     steps = tmp_path / "steps.yaml"
     steps.write_text(
-        f"steps:\n  - ingest --source fhir-ndjson --input {SAMPLE / 'fhir_ndjson'}\n  - lake show --json\n"
+        f"steps:\n  - ingest --source fhir-ndjson --input {SAMPLE / 'fhir_ndjson'}\n  - lake maintain --json\n"
+        "  - lake show --json\n"
     )
     assert cli.main(["pipeline", str(steps), "--lake", str(lake)]) == 0
     out = capsys.readouterr().out
-    assert "[1/2] $ ehrlake ingest --source fhir-ndjson" in out and "[2/2] $ ehrlake lake show --json" in out
-    assert "pipeline: 2 steps in" in out and (lake / "bronze" / "fhir_patient" / "_delta_log").is_dir()
+    assert "[1/3] $ ehrlake ingest --source fhir-ndjson" in out and "[3/3] $ ehrlake lake show --json" in out
+    maintained = json.loads(next(line for line in out.splitlines() if line.startswith('{"lake"')))
+    files = {t["table"]: (t["files_before"], t["files_after"]) for t in maintained["tables"]}
+    assert files["ops.ingest_files"][1] == 1 and "audit.events" not in files
+    assert "pipeline: 3 steps in" in out and (lake / "bronze" / "fhir_patient" / "_delta_log").is_dir()
     patients = DeltaTable(str(lake / "bronze" / "fhir_patient")).to_pyarrow_table().num_rows
     assert cli.main(["pipeline", str(steps), "--lake", str(lake)]) == 0  # idempotent
     assert DeltaTable(str(lake / "bronze" / "fhir_patient")).to_pyarrow_table().num_rows == patients

@@ -19,6 +19,7 @@ from pyspark.sql import types as T
 from ehrlake.errors import CommitConflict, ConfigError, SchemaMismatch, TableNotFound
 from ehrlake.lake import WriteMode
 from ehrlake.lake._delta_rs import _add_actions
+from ehrlake.security.audit import Event
 
 SCHEMA = T.StructType(
     [
@@ -157,6 +158,51 @@ def test_vacuum_removes_files_of_old_versions_but_keeps_current(lake, spark):
     removed = lake.vacuum("bronze.things", retention_hours=0)
     assert removed, "the overwritten files should be vacuumed"
     assert [r.id for r in lake.read("bronze.things").collect()] == ["z"]
+
+
+def test_maintain_compacts_sets_retention_and_leaves_rows_history_and_audit_as_they_were(lake, spark):
+    """``ehrlake lake maintain``: many small appends become one file, no row changes at any version,
+    retention is a table property any Delta reader sees, the audit log is neither rewritten nor
+    vacuumed (and still verifies), and a second run has nothing to do."""
+    from ehrlake.lake.maintenance import maintain
+
+    for i in range(4):
+        lake.write(rows(spark, [(f"p{i}", "KA", i, None, [f"t{i}"])]), "bronze.things")
+    lake.write(sample(spark), "silver.things", mode=WriteMode.OVERWRITE)
+    lake.write(rows(spark, [("z", "DL", 9, None, None)]), "silver.things")
+    for i in range(2):  # a deep-learning table: its files are the training workers' shards
+        lake.write(rows(spark, [(f"x{i}", "KA", i, None, None)]), "gold.tensors_task")
+    before = {t: as_set(lake.read(t)) for t in ("bronze.things", "silver.things", "gold.tensors_task")}
+    version = lake.version("bronze.things")
+    lake.security.audit.record(Event("read", role="analyst", table_name="bronze.things"))
+    audit_version = lake.version("audit.events")
+
+    done = {m.table: m for m in maintain(lake, retain_days=1, zorder=["n", "region"], role="engineer")}
+    assert set(done) == set(before)  # audit.events is not maintained
+    assert done["gold.tensors_task"].files_after == done["gold.tensors_task"].files_before == 2
+    assert done["silver.things"].zordered == ["n"]  # text without statistics cannot order files
+    assert done["bronze.things"].files_before >= 4 and done["bronze.things"].files_after == 1
+    assert done["bronze.things"].compacted == done["bronze.things"].files_before
+    assert done["bronze.things"].vacuumed == 0  # the compacted files are younger than a day
+    for table, content in before.items():
+        assert as_set(lake.read(table)) == content
+    assert as_set(lake.read("bronze.things", version=version)) == before["bronze.things"]  # time travel
+    assert DeltaTable(lake.path("bronze.things")).metadata().configuration.items() >= {
+        ("delta.deletedFileRetentionDuration", "interval 1 days"),
+        ("delta.logRetentionDuration", "interval 30 days"),
+    }
+    assert lake.history("bronze.things", 1)[0]["operation"] == "OPTIMIZE"
+    assert lake.version("audit.events") > audit_version  # the job's own audit events, appended
+    assert lake.security.audit.verify(lake).first_broken is None
+    maintained = [e for e in lake.read("audit.events").where("action = 'maintain'").collect()]
+    assert [(e.role, e.outcome) for e in maintained] == [("engineer", "allowed")]
+
+    versions = {t: lake.version(t) for t in before}
+    again = maintain(lake, retain_days=1, role="engineer")
+    assert all(m.compacted == 0 and m.files_after == m.files_before for m in again)
+    assert {t: lake.version(t) for t in before} == versions  # nothing to do is no commit
+    with pytest.raises(ConfigError, match="retain-days"):
+        maintain(lake, retain_days=0, role="engineer")
 
 
 def in_threads(writer, tags: str = "pq") -> list[Exception]:

@@ -178,6 +178,15 @@ class Lake:
             df, self.path(name), name, list(keys), update_when, evolve_schema, _commit_info(commit_info)
         )
 
+    def optimize(self, table: str, zorder: list[str] | None = None, commit_info: dict | None = None):
+        """Compact small files (or rewrite all of them Z-ordered on ``zorder``) in one commit that
+        changes no row; (files removed, files added)."""
+        return self.engine.optimize(self.path(table), list(zorder or []), _commit_info(commit_info))
+
+    def set_properties(self, table: str, properties: dict[str, str]) -> None:
+        """Set Delta table properties (``delta.logRetentionDuration`` and the like)."""
+        self.engine.set_properties(self.path(table), properties)
+
     def vacuum(self, table: str, retention_hours: int = 168, dry_run: bool = False) -> list[str]:
         """Delete unreferenced files (removed by later commits, or orphans of crashed writers)."""
         return self.engine.vacuum(self.path(table), retention_hours, dry_run)

@@ -254,6 +254,20 @@ class DeltaRsEngine:
             if to_update is not None:
                 to_update.unpersist()
 
+    def optimize(self, path: str, zorder: list[str], commit_info: dict) -> tuple[int, int]:
+        """Small files bin-packed into larger ones (or all rewritten Z-ordered on ``zorder``) by
+        delta-rs, in one commit that changes no data; (files removed, files added)."""
+        table = self._open(path)
+        props = CommitProperties(custom_metadata={"ehrlakeOperation": "OPTIMIZE", **commit_info})
+        if zorder:
+            metrics = table.optimize.z_order(zorder, commit_properties=props)
+        else:
+            metrics = table.optimize.compact(commit_properties=props)
+        return int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"])
+
+    def set_properties(self, path: str, properties: dict[str, str]) -> None:
+        self._open(path).alter.set_table_properties(properties)
+
     def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
         """Delete files not in the current snapshot and older than the retention (orphans included)."""
         table = self._open(path)

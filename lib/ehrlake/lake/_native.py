@@ -230,6 +230,22 @@ class NativeDeltaEngine:
             metrics={"inserted": inserted, "updated": updated, "unchanged": source_rows - inserted - updated},
         )
 
+    def optimize(self, path: str, zorder: list[str], commit_info: dict) -> tuple[int, int]:
+        """Delta's OPTIMIZE (ZORDER BY ``zorder`` where given), in one commit that changes no
+        data; (files removed, files added)."""
+        self._table(path)
+        by = f" ZORDER BY ({', '.join(f'`{c}`' for c in zorder)})" if zorder else ""
+        self.spark.conf.set(_USER_METADATA, _metadata(commit_info, "OPTIMIZE", uuid.uuid4().hex))
+        try:
+            metrics = self.spark.sql(f"OPTIMIZE delta.`{path}`{by}").first()["metrics"]
+        finally:
+            self.spark.conf.unset(_USER_METADATA)
+        return int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"])
+
+    def set_properties(self, path: str, properties: dict[str, str]) -> None:
+        listed = ", ".join(f"'{k}' = '{v}'" for k, v in properties.items())
+        self.spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({listed})")
+
     def vacuum(self, path: str, retention_hours: int, dry_run: bool) -> list[str]:
         """Delete files not in the current snapshot and older than the retention; the files (those
         that would go, with ``dry_run``)."""
