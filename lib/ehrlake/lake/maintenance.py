@@ -87,7 +87,8 @@ def maintain(
             sharded = name.startswith(SHARDED)
             compacted = 0
             if not dry_run:
-                if _properties(lake, name) != {**_properties(lake, name), **properties}:
+                current = DeltaTable(lake.path(name)).metadata().configuration
+                if any(current.get(k) != v for k, v in properties.items()):  # else no commit
                     lake.set_properties(name, properties)
                 if not sharded:
                     compacted, _ = lake.optimize(name, by)
@@ -101,7 +102,3 @@ def maintain(
 
 def _files(lake, name: str) -> int:
     return len(DeltaTable(lake.path(name)).file_uris())
-
-
-def _properties(lake, name: str) -> dict[str, str]:
-    return dict(DeltaTable(lake.path(name)).metadata().configuration)
