@@ -258,7 +258,7 @@ class DeltaRsEngine:
         """Small files bin-packed into larger ones (or all rewritten Z-ordered on ``zorder``) by
         delta-rs, in one commit that changes no data; (files removed, files added)."""
         table = self._open(path)
-        props = CommitProperties(custom_metadata={"ehrlakeOperation": "OPTIMIZE", **commit_info})
+        props = CommitProperties(custom_metadata=_custom_metadata("OPTIMIZE", commit_info))
         if zorder:
             metrics = table.optimize.z_order(zorder, commit_properties=props)
         else:
@@ -342,7 +342,7 @@ class DeltaRsEngine:
         ``strict``: commit only as the version right after ``dt``'s (a merge, planned on ``dt``)."""
         if not adds and not removes and mode == "append":
             return dt.version()  # nothing to commit: no empty versions in the log
-        info = {"ehrlakeOperation": operation, **{k: str(v) for k, v in commit_info.items()}}
+        info = _custom_metadata(operation, commit_info)
         retries = 0 if strict else APPEND_RETRIES
         try:
             dt.create_write_transaction(
@@ -394,6 +394,11 @@ def _norm(uri: str) -> str:
     """Comparable local path for a URI or path Spark or delta-rs printed."""
     parsed = urllib.parse.urlparse(uri)
     return os.path.normpath(urllib.parse.unquote(parsed.path if parsed.scheme else uri))
+
+
+def _custom_metadata(operation: str, commit_info: dict) -> dict[str, str]:
+    """ehrlake's commit information as a delta-rs commit carries it (``Lake.history`` reads it)."""
+    return {"ehrlakeOperation": operation, **{k: str(v) for k, v in commit_info.items()}}
 
 
 def _add_actions(table: DeltaTable) -> list[dict]:

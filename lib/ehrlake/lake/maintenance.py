@@ -79,26 +79,23 @@ def maintain(
     done = []
     with lake.security.job("maintain", layers, role) as (_, written):
         for name in names:
-            before = _files(lake, name)
+            log = DeltaTable(lake.path(name))  # file count and properties from the log, no data read
+            before = len(log.file_uris())
+            sharded = name.startswith(SHARDED)
             # Z-ordering sorts files by a column so readers skip files by its min/max statistics:
             # useless (and refused by Delta) on a column without them (ehrlake.lake.stats)
             with_stats = stats_columns(lake.schema(name))
-            by = [c for c in zorder or [] if c in with_stats]
-            sharded = name.startswith(SHARDED)
+            by = [] if sharded or dry_run else [c for c in zorder or [] if c in with_stats]
             compacted = 0
             if not dry_run:
-                current = DeltaTable(lake.path(name)).metadata().configuration
+                current = log.metadata().configuration
                 if any(current.get(k) != v for k, v in properties.items()):  # else no commit
                     lake.set_properties(name, properties)
                 if not sharded:
                     compacted, _ = lake.optimize(name, by)
-            by = [] if sharded or dry_run else by
             vacuumed = len(lake.vacuum(name, retain_days * 24, dry_run=dry_run))
-            done.append(Maintained(name, before, _files(lake, name), compacted, vacuumed, by))
+            log.update_incremental()
+            done.append(Maintained(name, before, len(log.file_uris()), compacted, vacuumed, by))
             if compacted or vacuumed:
                 written.append((name, f"{compacted} files compacted, {vacuumed} vacuumed"))
     return done
-
-
-def _files(lake, name: str) -> int:
-    return len(DeltaTable(lake.path(name)).file_uris())
