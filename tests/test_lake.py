@@ -143,13 +143,42 @@ def test_merge_updates_matched_inserts_new_and_counts(lake, spark):
         spark, [("a", "KA", 10, None, ["y"]), ("b", "MH", 1, None, None), ("d", "MH", 4, None, None)]
     )
     result = lake.merge(update, "bronze.things", keys=["id"], update_when="s.n > t.n")
-    assert result.metrics == {"inserted": 1, "updated": 1, "unchanged": 1}
+    assert result.metrics == {"inserted": 1, "updated": 1, "unchanged": 1, "deleted": 0}
     got = {r.id: r.n for r in lake.read("bronze.things").collect()}
     assert got == {"a": 10, "b": 2, "c": 3, "d": 4}
     # merging the same rows again changes nothing
     again = lake.merge(update, "bronze.things", keys=["id"], update_when="s.n > t.n")
-    assert again.metrics == {"inserted": 0, "updated": 0, "unchanged": 3}
+    assert again.metrics == {"inserted": 0, "updated": 0, "unchanged": 3, "deleted": 0}
     assert lake.row_count("bronze.things") == 4
+
+
+def test_merge_deletes_in_the_same_commit_and_rewrites_only_files_it_changes(lake, spark):
+    """An incremental job's replace: upserts and deletions in one commit (one version, both or
+    neither), and a file holding no row to change is not rewritten."""
+    lake.write(sample(spark), "silver.things", partition_by=["region"])  # files: KA (a, c), MH (b)
+    before = lake.version("silver.things")
+    files = {a["path"] for a in _add_actions(DeltaTable(lake.path("silver.things")))}
+    update = rows(spark, [("a", "KA", 10, None, None), ("d", "DL", 4, None, None)])
+    gone = spark.createDataFrame([("c",)], "id string")
+    result = lake.merge(update, "silver.things", keys=["id"], update_when="NOT (t.n <=> s.n)", delete=gone)
+    assert result.version == before + 1
+    assert result.metrics == {"inserted": 1, "updated": 1, "unchanged": 0, "deleted": 1}
+    assert {r.id: r.n for r in lake.read("silver.things").collect()} == {"a": 10, "b": 2, "d": 4}
+    after = {a["path"] for a in _add_actions(DeltaTable(lake.path("silver.things")))}
+    assert [f for f in files if "MH" in f] == [f for f in after if "MH" in f], "b's file was rewritten"
+    # the rows of files added or removed since `before`: a, c (old KA file), a (new), d; never b
+    changed = lake.changed_rows("silver.things", before, ["id", "n"])
+    assert sorted(tuple(r) for r in changed.collect()) == [("a", 1), ("a", 10), ("c", 3), ("d", 4)]
+    assert lake.changed_rows("silver.things", result.version, ["id"]).count() == 0
+
+
+def test_changed_rows_is_none_once_the_removed_files_are_vacuumed(lake, spark):
+    lake.write(sample(spark), "bronze.things")
+    first = lake.version("bronze.things")
+    lake.write(rows(spark, [("z", "DL", 9, None, None)]), "bronze.things", mode=WriteMode.OVERWRITE)
+    assert lake.changed_rows("bronze.things", first, ["id"]).count() == 4  # a, b, c went; z came
+    lake.vacuum("bronze.things", retention_hours=0)
+    assert lake.changed_rows("bronze.things", first, ["id"]) is None
 
 
 def test_vacuum_removes_files_of_old_versions_but_keeps_current(lake, spark):

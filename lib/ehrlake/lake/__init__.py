@@ -18,11 +18,13 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 
+from deltalake import DeltaTable as DeltaLog
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from ehrlake.errors import ConfigError, EnvironmentProblem
 from ehrlake.lake.catalog import LAYERS, TableName, list_tables, table_path
+from ehrlake.lake.changes import file_changes
 from ehrlake.lake.modes import CommitResult, WriteMode
 from ehrlake.session import LAKE_ROOT_SETTING
 
@@ -98,6 +100,9 @@ class Lake:
     def schema(self, table: str) -> T.StructType:
         return self.engine.schema(self.path(table))
 
+    def partition_columns(self, table: str) -> list[str]:
+        return list(DeltaLog(self.path(table)).metadata().partition_columns)
+
     def version(self, table: str) -> int:
         return self.engine.version(self.path(table))
 
@@ -170,13 +175,42 @@ class Lake:
         update_when: str | None = None,
         evolve_schema: bool = False,
         commit_info: dict | None = None,
+        delete: DataFrame | None = None,
     ) -> CommitResult:
         """Upsert ``df`` by ``keys``: update matched rows (where ``update_when`` over ``t``/``s`` holds),
-        insert the rest. ``df`` must hold at most one row per key."""
+        insert the rest; and, in the same commit, delete the rows whose keys ``delete`` holds (a
+        frame of the key columns, none of them also in ``df``). ``df`` holds at most one row per key."""
         name = str(TableName.parse(table))
+        if delete is not None:
+            delete = delete.select(*[f"`{k}`" for k in keys])
         return self.engine.merge(
-            df, self.path(name), name, list(keys), update_when, evolve_schema, _commit_info(commit_info)
+            df,
+            self.path(name),
+            name,
+            list(keys),
+            update_when,
+            evolve_schema,
+            _commit_info(commit_info),
+            delete,
         )
+
+    def changed_rows(
+        self, table: str, since: int, columns: list[str], until: int | None = None
+    ) -> DataFrame | None:
+        """``columns`` of every row in the data files that commits after version ``since`` (up to
+        ``until``, default the latest) added or removed: a superset of the rows that changed
+        (:mod:`ehrlake.lake.changes`); ``None`` when the log no longer holds that range."""
+        until = self.version(table) if until is None else until
+        changes = file_changes(self.path(table), since, until)
+        if changes is None:
+            return None
+        wanted = T.StructType([f for f in self.schema(table).fields if f.name in columns])
+        unstored = set(columns) - set(wanted.fieldNames()) | set(columns) & set(self.partition_columns(table))
+        if unstored:
+            raise ConfigError(f"{table}: {sorted(unstored)} are not columns its data files hold")
+        if not changes.files:
+            return self.spark.createDataFrame([], wanted)
+        return self.spark.read.schema(wanted).parquet(*changes.files)
 
     def optimize(self, table: str, zorder: list[str] | None = None, commit_info: dict | None = None):
         """Compact small files (or rewrite all of them Z-ordered on ``zorder``) in one commit that

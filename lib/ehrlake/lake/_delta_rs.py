@@ -46,6 +46,7 @@ from ehrlake.lake.stats import parquet_options, stats_json
 
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _FILE_COL = "_ehrlake_source_file"
+_GONE = "_ehrlake_deleted"  # a merge's row to delete, not to update
 MERGE_ATTEMPTS = 8  # a merge that keeps losing the race to other writers gives up after this many
 APPEND_RETRIES = 5  # blind appends and overwrites may be rebased onto newer snapshots
 
@@ -170,8 +171,9 @@ class DeltaRsEngine:
         update_when: str | None,
         evolve: bool,
         commit_info: dict,
+        delete: DataFrame | None = None,
     ) -> CommitResult:
-        """Upsert by key with copy-on-write: only files holding rows to update are rewritten.
+        """Upsert by key with copy-on-write: only files holding rows to update or delete are rewritten.
 
         Contract: ``df`` has at most one row per key (callers deduplicate first). ``update_when`` is
         a SQL condition over aliases ``t`` (target) and ``s`` (source); matched rows where it is
@@ -182,14 +184,14 @@ class DeltaRsEngine:
             self.create(path, df.schema, [])
         for attempt in range(1, MERGE_ATTEMPTS + 1):
             try:
-                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info)
+                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info, delete)
             except CommitConflict:
                 if attempt == MERGE_ATTEMPTS:
                     raise
                 time.sleep(random.uniform(0.05, 0.25) * attempt)  # jitter: racing writers spread out
         raise AssertionError("unreachable")
 
-    def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
+    def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info, delete) -> CommitResult:
         dt, source = self._prepare(df, path, table, evolve)
         parts = dt.metadata().partition_columns
         if not dt.file_uris():  # empty table: every row is an insert, counted from file stats
@@ -197,7 +199,7 @@ class DeltaRsEngine:
             version = self._commit(
                 dt, path, table, adds, [], "append", None, "MERGE", commit_info, strict=True
             )
-            metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0}
+            metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0, "deleted": 0}
             return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
         source, to_update = source.persist(), None
         try:
@@ -209,10 +211,32 @@ class DeltaRsEngine:
             to_update = matched.where(F.expr(update_when)) if update_when else matched
             to_update = to_update.select(
                 F.col(f"t.{_FILE_COL}").alias(_FILE_COL),
+                F.lit(False).alias(_GONE),
                 *[F.col(f"s.`{n}`").alias(n) for n in source.columns],
-            ).persist()
+            )
+            if delete is not None:  # rows to delete ride along, marked, with nulls for their values
+                gone = t.join(
+                    delete.alias("d"), [F.col(f"t.`{k}`").eqNullSafe(F.col(f"d.`{k}`")) for k in keys]
+                )
+                to_update = to_update.unionByName(
+                    gone.select(
+                        F.col(f"t.{_FILE_COL}").alias(_FILE_COL),
+                        F.lit(True).alias(_GONE),
+                        *[
+                            F.col(f"t.`{n}`").alias(n)
+                            if n in keys
+                            else F.lit(None).cast(source.schema[n].dataType).alias(n)
+                            for n in source.columns
+                        ],
+                    )
+                )
+            to_update = to_update.persist()
             # One row per touched data file: bounded by the file count, never by rows.
-            touched_raw = {r[_FILE_COL]: r["count"] for r in to_update.groupBy(_FILE_COL).count().collect()}
+            per_file = to_update.groupBy(_FILE_COL).agg(
+                F.sum((~F.col(_GONE)).cast("int")).alias("updated"),
+                F.sum(F.col(_GONE).cast("int")).alias("deleted"),
+            )
+            touched_raw = {r[_FILE_COL]: (r["updated"], r["deleted"]) for r in per_file.collect()}
             touched = {_norm(raw): n for raw, n in touched_raw.items()}
             unknown = [f for f in touched if f not in by_abs]
             if unknown:
@@ -232,7 +256,7 @@ class DeltaRsEngine:
                 if touched
                 else None
             )
-            out = inserts.unionByName(to_update.drop(_FILE_COL))
+            out = inserts.unionByName(to_update.where(~F.col(_GONE)).drop(_FILE_COL, _GONE))
             if keep is not None:
                 out = out.unionByName(keep)
             adds = self._stage(out, path, parts)
@@ -240,13 +264,15 @@ class DeltaRsEngine:
             version = self._commit(
                 dt, path, table, adds, removes, "append", None, "MERGE", commit_info, strict=True
             )
-            updated = sum(touched.values())
+            updated = sum(u for u, _ in touched.values())
+            deleted = sum(d for _, d in touched.values())
             rewritten = sum(int(by_abs[f]["num_records"] or 0) for f in touched)
-            inserted = _rows(adds) - rewritten
+            inserted = _rows(adds) - rewritten + deleted
             metrics = {
                 "inserted": inserted,
                 "updated": updated,
                 "unchanged": source_rows - inserted - updated,
+                "deleted": deleted,
             }
             return CommitResult(table, version, "MERGE", len(adds), len(removes), _rows(adds), metrics)
         finally:  # a conflict retries: what this attempt cached goes either way

@@ -23,6 +23,7 @@ from datetime import datetime
 
 from deltalake import DeltaTable as DeltaLog
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.errors import CommitConflict, SchemaMismatch, TableNotFound
@@ -41,6 +42,7 @@ _CONFLICTS = (
 )
 _USER_METADATA = "spark.databricks.delta.commitInfo.userMetadata"
 _TOKEN = "ehrlakeCommit"
+_GONE = "_ehrlake_deleted"  # a merge's source row that deletes its target row
 
 
 def available(spark: SparkSession) -> bool:
@@ -177,14 +179,14 @@ class NativeDeltaEngine:
             rows_written=int(metrics.get("numOutputRows", 0)),
         )
 
-    def merge(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
+    def merge(self, df, path, table, keys, update_when, evolve, commit_info, delete=None) -> CommitResult:
         """Upsert by key (``df`` has at most one row per key), planned again when another writer
         committed first; matched rows are updated where ``update_when`` (over ``t``/``s``) holds."""
         if not self.exists(path):
             self.create(path, df.schema, [])
         for attempt in range(1, MERGE_ATTEMPTS + 1):
             try:
-                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info)
+                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info, delete)
             except Exception as exc:
                 if not _is_conflict(exc):
                     _raise_known(exc, table)
@@ -196,19 +198,41 @@ class NativeDeltaEngine:
                 time.sleep(random.uniform(0.05, 0.25) * attempt)
         raise AssertionError("unreachable")
 
-    def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info) -> CommitResult:
+    def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info, delete) -> CommitResult:
         target = self._table(path)
         source, new_fields = _schema.align(df, target.toDF().schema, table, evolve)
+        columns = source.columns
+        if delete is not None:  # rows to delete ride in the source, marked, so one MERGE commits both
+            source = source.withColumn(_GONE, F.lit(False)).unionByName(
+                delete.select(
+                    *[
+                        F.col(f"`{n}`") if n in keys else F.lit(None).cast(source.schema[n].dataType).alias(n)
+                        for n in columns
+                    ],
+                    F.lit(True).alias(_GONE),
+                )
+            )
         on = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in keys)
         builder = target.alias("t").merge(source.alias("s"), on)
         if new_fields:
             builder = builder.withSchemaEvolution()
-        builder = (
-            builder.whenMatchedUpdateAll(condition=update_when)
-            if update_when
-            else builder.whenMatchedUpdateAll()
-        )
-        builder = builder.whenNotMatchedInsertAll()
+        if delete is None:
+            builder = (
+                builder.whenMatchedUpdateAll(condition=update_when)
+                if update_when
+                else builder.whenMatchedUpdateAll()
+            )
+            builder = builder.whenNotMatchedInsertAll()
+        else:
+            values = {f"`{n}`": f"s.`{n}`" for n in columns}
+            kept = f"NOT s.`{_GONE}`"
+            builder = (
+                builder.whenMatchedDelete(condition=f"s.`{_GONE}`")
+                .whenMatchedUpdate(
+                    condition=f"{kept} AND ({update_when})" if update_when else kept, set=values
+                )
+                .whenNotMatchedInsert(condition=kept, values=values)
+            )
         token = uuid.uuid4().hex
         with self._lock:
             self.spark.conf.set(_USER_METADATA, _metadata(commit_info, "MERGE", token))
@@ -219,7 +243,9 @@ class NativeDeltaEngine:
             commit = self._commit_of(path, token)
         m = commit.get("operationMetrics") or {}
         inserted, updated = int(m.get("numTargetRowsInserted", 0)), int(m.get("numTargetRowsUpdated", 0))
-        source_rows = int(m.get("numSourceRows", inserted + updated))
+        deleted = int(m.get("numTargetRowsDeleted", 0))
+        # delete markers are source rows too; each found its target row (they come from the table)
+        source_rows = int(m.get("numSourceRows", inserted + updated)) - deleted
         return CommitResult(
             table,
             int(commit["version"]),
@@ -227,7 +253,12 @@ class NativeDeltaEngine:
             files_added=int(m.get("numTargetFilesAdded", 0)),
             files_removed=int(m.get("numTargetFilesRemoved", 0)),
             rows_written=int(m.get("numOutputRows", 0)),
-            metrics={"inserted": inserted, "updated": updated, "unchanged": source_rows - inserted - updated},
+            metrics={
+                "inserted": inserted,
+                "updated": updated,
+                "unchanged": source_rows - inserted - updated,
+                "deleted": deleted,
+            },
         )
 
     def optimize(self, path: str, zorder: list[str], commit_info: dict) -> tuple[int, int]:
