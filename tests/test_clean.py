@@ -125,6 +125,49 @@ def test_clean_is_idempotent(silver):
     assert before == after
 
 
+SILVER = ("patient", "organization", "encounter", "condition", "observation")
+
+
+def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(silver, tmp_path):
+    """A second batch (a new patient; p1 died, which flags p1's later events; the unknown p9
+    arrives; a new condition) and a record deleted from bronze: ``--incremental`` recomputes the
+    patients whose bronze rows changed, and the tables it leaves are the ones a rebuild writes."""
+    lake, _ = silver
+    write_ndjson(
+        tmp_path / "batch2" / "all.ndjson",
+        [
+            patient("p1", version="2", deceasedDateTime="2020-03-03T00:00:00Z"),
+            patient("p9", family="Iyer"),
+            patient("p4", family="Das"),
+            condition("c5", "p1", onset="2021-02-01"),
+            condition("c9", "p4", onset="2022-01-01"),
+        ],
+    )
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "batch2"))
+    c2 = lake.read("bronze.fhir_condition").where("id = 'c2'").select("source_system", "id")
+    nothing = lake.read("bronze.fhir_condition").limit(0)
+    lake.merge(nothing, "bronze.fhir_condition", ["source_system", "id"], delete=c2)
+
+    report = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)  # 3 of 1 patients changed
+    assert report.how["organization"] == "unchanged"
+    assert report.how["condition"] == "merged +2 ~2 -1"  # c5, c9; c3 (p9 known now), c4 (after death); c2
+    assert report.how["patient"] == "merged +2 ~1 -0"
+    merged = {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER}
+    assert rows(lake, "silver.condition", "condition_id")["c4"].quality_flags == [
+        "after_death",
+        "future_date",
+    ]
+
+    versions = {t: lake.version(f"silver.{t}") for t in SILVER}
+    again = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)
+    assert set(again.how.values()) == {"unchanged"}
+    assert {t: lake.version(f"silver.{t}") for t in SILVER} == versions  # nothing to do, nothing committed
+
+    rebuilt = clean.run(lake, today=TODAY)
+    assert set(rebuilt.how.values()) == {"rebuilt"}
+    assert {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER} == merged
+
+
 def test_one_patient_from_fhir_and_synthea_is_one_silver_patient(lake, tmp_path):
     write_ndjson(tmp_path / "fhir" / "Patient.ndjson", [patient("p1")])
     csv_dir = tmp_path / "csv"

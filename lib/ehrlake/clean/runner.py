@@ -4,6 +4,7 @@ silver table rewritten as one new Delta version (see :mod:`ehrlake.clean`)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 from dataclasses import dataclass, field
 
 from pyspark.sql import Column, DataFrame, Window
@@ -13,7 +14,7 @@ from ehrlake.clean import codes, units
 from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
-from ehrlake.lake import WriteMode
+from ehrlake.lake import WriteMode, watermarks
 from ehrlake.security.protection import Sealing
 from ehrlake.views import ISSUES
 
@@ -24,15 +25,26 @@ class CleanReport:
     rows: dict[str, int] = field(default_factory=dict)
     flagged: dict[str, int] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)  # entity -> sources that fed it
+    how: dict[str, str] = field(default_factory=dict)  # entity -> rebuilt / unchanged / what a merge did
 
     def format(self) -> str:
-        lines = [f"clean run {self.run_id}", f"{'table':<20} {'rows':>10} {'flagged':>9}  sources"]
+        lines = [
+            f"clean run {self.run_id}",
+            f"{'table':<20} {'rows':>10} {'flagged':>9}  {'how':<32} sources",
+        ]
         for name in self.rows:
             lines.append(
                 f"silver.{name:<13} {self.rows[name]:>10,} {self.flagged.get(name, 0):>9,}  "
-                + ", ".join(self.sources.get(name, []))
+                f"{self.how.get(name, REBUILT):<32} " + ", ".join(self.sources.get(name, []))
             )
         return "\n".join(lines)
+
+
+REBUILT, UNCHANGED = "rebuilt", "unchanged"
+JOB = "clean"
+# Above this share of patients changed, merging costs more than rebuilding (bench/engines.py)
+INCREMENTAL_SHARE = 0.2
+BIRTH_DATES = {"bronze.fhir_patient": "birth_date", "bronze.synthea_patients": "birthdate"}
 
 
 def run(
@@ -42,28 +54,163 @@ def run(
     today: dt.date | None = None,
     role: str | None = None,
     cluster: bool = True,
+    incremental: bool = False,
+    rebuild_share: float = INCREMENTAL_SHARE,
 ) -> CleanReport:
     """Rebuild every silver table from the bronze tables that exist (see module docstring), as
     ``role`` (it must be allowed to write silver; the tables written are audited). ``cluster``:
-    each patient's rows together (:func:`_by_patient`); off only to measure what it buys."""
+    each patient's rows together (:func:`_by_patient`); off only to measure what it buys.
+
+    ``incremental``: recompute only the patients whose bronze rows changed since the versions the
+    last run read (``ops.watermarks``), and merge their rows into silver; a table that cannot be
+    brought up to date so (first run, changed mapping, a changed table without patients such as
+    organizations, more than ``rebuild_share`` of the patients changed) is rebuilt."""
     mappings = mappings if mappings is not None else [m for p in mapping_files() for m in load_mappings(p)]
     run_id = run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     if lake.security is None:
         raise ConfigError("clean opens sealed birth dates to compute ages: open the lake with its security")
-    with lake.security.job("clean", ["silver"], role, run_id) as (_, written):
-        report = _clean(lake, mappings, run_id, today or dt.date.today(), cluster)
-        written += [(f"silver.{name}", f"{rows} rows") for name, rows in report.rows.items()]
+    with lake.security.job(JOB, ["silver"], role, run_id) as (_, written):
+        report = _clean(
+            lake, mappings, run_id, today or dt.date.today(), cluster, incremental and rebuild_share
+        )
+        written += [
+            (f"silver.{name}", f"{rows} rows, {report.how[name]}") for name, rows in report.rows.items()
+        ]
     return report
 
 
-def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date, cluster: bool) -> CleanReport:
+@dataclass
+class _Plan:
+    """What one run does to a group of silver tables that share sources (imaging; the clinical rest)."""
+
+    tables: list[str]  # entity names
+    sources: dict[str, int]  # bronze table -> version this run reads
+    how: dict[str, str] = field(default_factory=dict)  # entity -> REBUILT / UNCHANGED / "incremental"
+    patients: DataFrame | None = None  # incremental: the patients to recompute (persisted)
+
+
+def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, incremental: float) -> CleanReport:
+    """``incremental``: the share of patients changed above which to rebuild; 0: always rebuild."""
+    read_at = _source_versions(lake, mappings)  # every read below is of these versions
+    produced = [n for n in ENTITIES if any(m.entity == n and m.table in read_at for m in mappings)]
+    fp = watermarks.fingerprint(sorted(mappings, key=repr))
+    plans = [
+        _plan(
+            lake,
+            [n for n in produced if n == "imaging"],
+            _sources(mappings, read_at, imaging=True),
+            fp,
+            incremental,
+        ),
+        _plan(
+            lake,
+            [n for n in produced if n != "imaging"],
+            _sources(mappings, read_at, imaging=False),
+            fp,
+            incremental,
+        ),
+    ]
+    try:
+        report = _build(lake, mappings, read_at, plans, run_id, today, cluster)
+        watermarks.record(
+            lake,
+            [
+                watermarks.Watermark(JOB, ENTITIES[name].table, plan.sources, fp, run_id)
+                for plan in plans
+                for name in plan.tables
+            ],
+            {"ehrlakeJob": JOB, "ehrlakeRunId": run_id},
+        )
+        return report
+    finally:
+        for plan in plans:
+            if plan.patients is not None:
+                plan.patients.unpersist()
+
+
+def _plan(lake, tables: list[str], sources: dict[str, int], fp: str, incremental: float) -> _Plan:
+    """Rebuild, leave or merge each table: from its watermark and what changed in bronze since."""
+    plan = _Plan(tables, sources)
+    if not tables:
+        return plan
+    marks = watermarks.read(lake, JOB) if incremental else {}
+    behind = []
+    for name in tables:
+        mark = marks.get(ENTITIES[name].table)
+        if mark is None or mark.fingerprint != fp or set(mark.sources) != set(sources):
+            plan.how = dict.fromkeys(tables, REBUILT)
+            return plan
+        if not lake.exists(ENTITIES[name].table) or any(mark.sources[t] > v for t, v in sources.items()):
+            plan.how = dict.fromkeys(tables, REBUILT)  # dropped, or its bronze recreated since
+            return plan
+        plan.how[name] = UNCHANGED if mark.sources == sources else "incremental"
+        if mark.sources != sources:
+            behind.append(mark.sources)
+    if not behind:
+        return plan
+    patients = _changed_patients(lake, behind, sources)
+    if patients is None or "patient" not in tables:
+        plan.how = dict.fromkeys(tables, REBUILT)
+        return plan
+    plan.patients = patients.persist()
+    changed = plan.patients.count()
+    if changed > incremental * max(1, lake.row_count(ENTITIES["patient"].table)):
+        plan.how = dict.fromkeys(tables, REBUILT)
+        return plan
+    for name in tables:  # organizations: their bronze did not change (else rebuilt, above)
+        if plan.how[name] != UNCHANGED and "patient_key" not in ENTITIES[name].schema().fieldNames():
+            plan.how[name] = UNCHANGED
+    return plan
+
+
+def _changed_patients(lake, behind: list[dict[str, int]], now: dict[str, int]) -> DataFrame | None:
+    """Distinct ``patient_key`` of the bronze rows changed since each of the ``behind`` marks; None
+    when a changed table has no patients (organizations, a lab dictionary) or its log is gone."""
+    parts = []
+    for mark in {json.dumps(m, sort_keys=True): m for m in behind}.values():
+        for table, version in now.items():
+            if mark[table] == version:
+                continue
+            if "patient_key" not in lake.schema(table).fieldNames():
+                return None
+            rows = lake.changed_rows(table, mark[table], ["patient_key"], until=version)
+            if rows is None:
+                return None
+            parts.append(rows)
+    union = parts[0]
+    for p in parts[1:]:
+        union = union.unionByName(p)
+    return union.where(F.col("patient_key").isNotNull()).distinct()
+
+
+def _source_versions(lake, mappings: list[Mapping]) -> dict[str, int]:
+    tables = {m.table for m in mappings} | {j.table for m in mappings for j in m.joins} | set(BIRTH_DATES)
+    return {t: lake.version(t) for t in sorted(tables) if lake.exists(t)}
+
+
+def _sources(mappings: list[Mapping], read_at: dict[str, int], imaging: bool) -> dict[str, int]:
+    """The bronze tables (and versions) one group's tables are built from."""
+    tables = {
+        t
+        for m in mappings
+        if (m.entity == "imaging") == imaging
+        for t in (m.table, *[j.table for j in m.joins])
+    }
+    if not imaging:
+        tables |= set(BIRTH_DATES)
+    return {t: v for t, v in read_at.items() if t in tables}
+
+
+def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) -> CleanReport:
     report = CleanReport(run_id)
+    clinical = plans[1]  # imaging has no patients to scope
+    scope = clinical.patients if "incremental" in clinical.how.values() else None
     frames: dict[str, DataFrame] = {}
     for name, entity in ENTITIES.items():
         parts = [
-            (m.source, _mapped(lake, m, entity))
+            (m.source, _mapped(lake, m, entity, read_at))
             for m in mappings
-            if m.entity == name and lake.exists(m.table)
+            if m.entity == name and m.table in read_at
         ]
         if not parts:
             continue
@@ -71,21 +218,31 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date, cluster: 
         union = parts[0][1]
         for _, frame in parts[1:]:
             union = union.unionByName(frame)
+        if scope is not None and name in clinical.tables and "patient_key" in union.columns:
+            union = union.join(scope, "patient_key", "left_semi")
         frames[name] = union
     tables = {}
     if "imaging" in frames:  # images need no patient table: a public image set has no patients
         tables["imaging"] = _dedupe(frames.pop("imaging"), ENTITIES["imaging"])
     if "patient" in frames:
-        _clinical(lake, frames, mappings, tables, today)
-    commit = {"ehrlakeJob": "clean", "ehrlakeRunId": run_id}
+        _clinical(lake, frames, mappings, tables, today, read_at, scope)
+    how = {name: h for plan in plans for name, h in plan.how.items()}
     for name, frame in tables.items():
         entity = ENTITIES[name]
+        commit = {
+            "ehrlakeJob": JOB,
+            "ehrlakeRunId": run_id,
+            "ehrlakeSources": json.dumps(read_at, sort_keys=True),
+        }
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
-        if name == "imaging":
-            out = _image_layout(out)
-        elif cluster and "patient_key" in out.columns:
-            out = _by_patient(out)
-        lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
+        if how[name] == "incremental":
+            how[name] = _merge(lake, out, entity, scope, commit)
+        elif how[name] == REBUILT:
+            if name == "imaging":
+                out = _image_layout(out)
+            elif cluster and "patient_key" in out.columns:
+                out = _by_patient(out)
+            lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
         counts = (
             lake.read(entity.table)
             .agg(
@@ -97,7 +254,27 @@ def _clean(lake, mappings: list[Mapping], run_id: str, today: dt.date, cluster: 
             .first()
         )
         report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
+    report.how = {name: how[name] for name in report.rows}
     return report
+
+
+def _merge(lake, rows: DataFrame, entity: Entity, patients: DataFrame, commit: dict) -> str:
+    """The changed patients' rows merged into their silver table in one commit: new rows inserted,
+    rows that differ updated, rows no longer derived (a record withdrawn, two merged into one)
+    deleted; rows equal to what is there are not rewritten. Returns what it did, for the report."""
+    rows = rows.persist()
+    try:
+        keys = list(entity.keys)
+        current = lake.read(entity.table).join(patients, "patient_key", "left_semi")
+        gone = current.alias("c").join(
+            rows.alias("r"), [F.col(f"c.`{k}`").eqNullSafe(F.col(f"r.`{k}`")) for k in keys], "left_anti"
+        )
+        differs = "NOT (" + " AND ".join(f"t.`{c}` <=> s.`{c}`" for c in rows.columns) + ")"
+        result = lake.merge(rows, entity.table, keys, update_when=differs, commit_info=commit, delete=gone)
+    finally:
+        rows.unpersist()
+    m = result.metrics
+    return f"merged +{m['inserted']:,} ~{m['updated']:,} -{m['deleted']:,}"
 
 
 def _by_patient(table: DataFrame) -> DataFrame:
@@ -121,9 +298,9 @@ def _image_layout(images: DataFrame) -> DataFrame:
     )
 
 
-def _clinical(lake, frames: dict[str, DataFrame], mappings, tables: dict[str, DataFrame], today) -> None:
+def _clinical(lake, frames: dict[str, DataFrame], mappings, tables, today, read_at, scope) -> None:
     """Patients first (ages need birth dates), then facilities (regions), then every event table."""
-    births = _birth_dates(lake, mappings)
+    births = _birth_dates(lake, read_at, scope)
     patients = _patients(frames["patient"], births, today)
     tables["patient"] = patients
     regions = None
@@ -141,15 +318,20 @@ def _clinical(lake, frames: dict[str, DataFrame], mappings, tables: dict[str, Da
         tables[name] = _events(frame, ENTITIES[name], patients, births, regions, today)
 
 
-def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:
-    """The bronze table through one mapping, cast to the silver types; unmapped columns are null."""
-    df = lake.read(mapping.table)
+def _mapped(lake, mapping: Mapping, entity: Entity, read_at: dict[str, int]) -> DataFrame:
+    """The bronze table (at the version in ``read_at``) through one mapping, cast to the silver
+    types; unmapped columns are null."""
+    df = lake.read(mapping.table, version=read_at[mapping.table])
     for join in mapping.joins:
         if not lake.exists(join.table):
             raise ConfigError(
                 f"mapping {mapping.source}.{mapping.entity}: joined table {join.table} does not exist"
             )
-        other = lake.read(join.table).select(*join.using, *join.columns).dropDuplicates(list(join.using))
+        other = (
+            lake.read(join.table, version=read_at[join.table])
+            .select(*join.using, *join.columns)
+            .dropDuplicates(list(join.using))
+        )
         df = df.join(other, list(join.using), "left")
     if mapping.lateral:
         df = df.selectExpr("*", mapping.lateral)
@@ -175,15 +357,16 @@ def _mapped(lake, mapping: Mapping, entity: Entity) -> DataFrame:
     return df.select(*columns, issues.alias(SOURCE_ISSUES))
 
 
-def _birth_dates(lake, mappings: list[Mapping]) -> DataFrame | None:
+def _birth_dates(lake, read_at: dict[str, int], scope: DataFrame | None) -> DataFrame | None:
     """patient_key -> exact birth date, opened from the sealed bronze column for computing ages
-    inside this job only (it is never written to silver)."""
-    tables = {"bronze.fhir_patient": "birth_date", "bronze.synthea_patients": "birthdate"}
+    inside this job only (it is never written to silver); only ``scope``'s patients where given."""
     parts = []
-    for table, column in tables.items():
-        if not lake.exists(table):
+    for table, column in BIRTH_DATES.items():
+        if table not in read_at:
             continue
-        df = lake.read(table)
+        df = lake.read(table, version=read_at[table])
+        if scope is not None:
+            df = df.join(scope, "patient_key", "left_semi")
         sealing = Sealing.of(df.schema)
         keys = list(sealing.keys) if sealing else []
         df = df.select(*{*keys, "patient_key", column})

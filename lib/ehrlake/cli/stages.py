@@ -81,6 +81,12 @@ def register(sub) -> None:
         help="comma-separated mappings from conf/mappings/ to apply; a mapping whose bronze tables do "
         "not exist is skipped (default: fhir,synthea,mimic,diabetes130,images)",
     )
+    clean_cmd.add_argument(
+        "--incremental",
+        action="store_true",
+        help="recompute only the patients whose bronze rows changed since the last clean (ops.watermarks) "
+        "and merge their rows into silver; a table that cannot be brought up to date so is rebuilt",
+    )
     common.lake_options(clean_cmd)
     common.role_option(clean_cmd)
     clean_cmd.set_defaults(handler=cmd_clean)
@@ -186,7 +192,7 @@ def cmd_clean(args) -> int:
     if missing:
         raise EhrlakeError(f"no mapping {missing[0]} (sources are files in conf/mappings/)")
     mappings = [m for p in clean.mapping_files(names) for m in clean.load_mappings(p)]
-    print(clean.run(lake, mappings, role=args.role).format())
+    print(clean.run(lake, mappings, role=args.role, incremental=args.incremental).format())
     return 0
 
 
