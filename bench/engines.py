@@ -2,10 +2,12 @@
 
 For each size, generated Synthea CSV patients (copies of the sample patients: volume only) go
 through ingest and clean, then a 1% increment of new patients is ingested (a merge into every
-bronze table) and clean runs again, on a fresh lake per engine; the engines alternate run by run
-so drift hits both. Reported per stage: seconds (median of --repeat), files and bytes in the lake
-afterwards, and the ratio native / delta-rs (below 1: native faster). Also the increment's cost
-against the full ingest, since that is what an incremental pipeline pays every night.
+bronze table), ``clean --incremental`` brings silver up to date, and a full clean rebuilds it (the
+baseline the incremental clean is measured against, in the same run; both must leave the same row
+counts), on a fresh lake per engine; the engines alternate run by run so drift hits both.
+Reported per stage: seconds (median of --repeat), files and bytes in the lake afterwards, and the
+ratio native / delta-rs (below 1: native faster). Also the increment's cost against the full
+ingest and the incremental clean's against the rebuild, since that is what a nightly pipeline pays.
 Results go to ``bench/results/engines-<date>.json``. Needs the Delta JARs (``make setup``).
 
     .venv/bin/python bench/engines.py [--patients 1000,10000] [--repeat 1]
@@ -35,7 +37,7 @@ from ehrlake.session import get_spark  # noqa: E402
 
 ENGINES = ("delta-rs", "native")
 TABLES = ("encounters", "conditions", "observations", "medications", "procedures")
-STAGES = ("ingest", "clean", "ingest_increment", "clean_again")
+STAGES = ("ingest", "clean", "ingest_increment", "clean_incremental", "clean_rebuild")
 
 
 def lake_size(root: Path) -> tuple[int, int]:
@@ -55,13 +57,19 @@ def one_run(spark, engine: str, base: Path, increment: Path, work: Path) -> dict
         ("ingest", lambda: ingest.run(lake, SourceKind.SYNTHEA_CSV, str(base))),
         ("clean", lambda: clean.run(lake)),
         ("ingest_increment", lambda: ingest.run(lake, SourceKind.SYNTHEA_CSV, str(increment))),
-        ("clean_again", lambda: clean.run(lake)),
+        ("clean_incremental", lambda: clean.run(lake, incremental=True)),
+        ("clean_rebuild", lambda: clean.run(lake)),
     ):
         started = time.perf_counter()
         report = action()
         seconds[stage] = time.perf_counter() - started
         if stage.startswith("ingest"):
             assert report.balanced, f"{engine} {stage}: counts do not add up"
+        if stage == "clean_incremental":
+            merged = dict(report.rows)
+            assert any(h.startswith("merged") for h in report.how.values()), report.how
+        if stage == "clean_rebuild":
+            assert report.rows == merged, f"{engine}: incremental {merged} != rebuilt {report.rows}"
     files, size = lake_size(work / "lake")
     rows = {t.name: t.rows for t in lake.tables() if t.layer in ("bronze", "silver")}
     return {"seconds": seconds, "files": files, "bytes": size, "rows": rows}
@@ -114,6 +122,10 @@ def main() -> int:
                 engine: round(size[engine]["ingest_increment"] / size[engine]["ingest"], 3)
                 for engine in ENGINES
             }
+            size["incremental_to_rebuild_clean"] = {
+                engine: round(size[engine]["clean_incremental"] / size[engine]["clean_rebuild"], 3)
+                for engine in ENGINES
+            }
             size["rows"] = sum(runs["native"][0]["rows"].values())
             result["sizes"][str(patients)] = size
             print(f"{patients:,} patients ({size['rows']:,} bronze and silver rows)")
@@ -124,6 +136,7 @@ def main() -> int:
                     f"{size[engine]['bytes'] / 1e6:.1f} MB"
                 )
             print(f"  native / delta-rs: {size['ratio_native_to_delta_rs']}")
+            print(f"  incremental clean / rebuild: {size['incremental_to_rebuild_clean']}")
         path = save_result(args.out, "engines", result)
         print(f"saved {path}")
         return 0

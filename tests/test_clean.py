@@ -130,7 +130,8 @@ SILVER = ("patient", "organization", "encounter", "condition", "observation")
 
 def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(silver, tmp_path):
     """A second batch (a new patient; p1 died, which flags p1's later events; the unknown p9
-    arrives; a new condition) and a record deleted from bronze: ``--incremental`` recomputes the
+    arrives; a new condition; the hospital moved, its encounters' region with it) and a record
+    deleted from bronze: ``--incremental`` recomputes the
     patients whose bronze rows changed, and the tables it leaves are the ones a rebuild writes."""
     lake, _ = silver
     write_ndjson(
@@ -141,6 +142,12 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
             patient("p4", family="Das"),
             condition("c5", "p1", onset="2021-02-01"),
             condition("c9", "p4", onset="2022-01-01"),
+            {
+                "resourceType": "Organization",
+                "id": "o1",
+                "name": "District Hospital",
+                "address": [{"state": "TN"}],
+            },
         ],
     )
     ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "batch2"))
@@ -149,10 +156,13 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
     lake.merge(nothing, "bronze.fhir_condition", ["source_system", "id"], delete=c2)
 
     report = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)  # 3 of 1 patients changed
-    assert report.how["organization"] == "unchanged"
+    assert report.how["organization"] == "merged +0 ~1 -0"
+    assert report.how["encounter"] == "merged +0 ~2 -0"  # e1 in TN now, e2 also after p1's death
+    assert report.how["observation"] == "merged +0 ~3 -0"  # all after p1's death
     assert report.how["condition"] == "merged +2 ~2 -1"  # c5, c9; c3 (p9 known now), c4 (after death); c2
     assert report.how["patient"] == "merged +2 ~1 -0"
     merged = {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER}
+    assert {e.state for e in lake.read("silver.encounter").collect()} == {"TN"}
     assert rows(lake, "silver.condition", "condition_id")["c4"].quality_flags == [
         "after_death",
         "future_date",

@@ -97,6 +97,7 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
     plans = [
         _plan(
             lake,
+            mappings,
             [n for n in produced if n == "imaging"],
             _sources(mappings, read_at, imaging=True),
             fp,
@@ -104,6 +105,7 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
         ),
         _plan(
             lake,
+            mappings,
             [n for n in produced if n != "imaging"],
             _sources(mappings, read_at, imaging=False),
             fp,
@@ -128,7 +130,7 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
                 plan.patients.unpersist()
 
 
-def _plan(lake, tables: list[str], sources: dict[str, int], fp: str, incremental: float) -> _Plan:
+def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, incremental: float) -> _Plan:
     """Rebuild, leave or merge each table: from its watermark and what changed in bronze since."""
     plan = _Plan(tables, sources)
     if not tables:
@@ -148,39 +150,52 @@ def _plan(lake, tables: list[str], sources: dict[str, int], fp: str, incremental
             behind.append(mark.sources)
     if not behind:
         return plan
-    patients = _changed_patients(lake, behind, sources)
-    if patients is None or "patient" not in tables:
+    changed = _changed_patients(lake, mappings, behind, sources)
+    if changed is None or "patient" not in tables:
         plan.how = dict.fromkeys(tables, REBUILT)
         return plan
-    plan.patients = patients.persist()
-    changed = plan.patients.count()
-    if changed > incremental * max(1, lake.row_count(ENTITIES["patient"].table)):
+    plan.patients = changed[0].persist()
+    if plan.patients.count() > incremental * max(1, lake.row_count(ENTITIES["patient"].table)):
         plan.how = dict.fromkeys(tables, REBUILT)
         return plan
-    for name in tables:  # organizations: their bronze did not change (else rebuilt, above)
-        if plan.how[name] != UNCHANGED and "patient_key" not in ENTITIES[name].schema().fieldNames():
-            plan.how[name] = UNCHANGED
+    if not changed[1] and "organization" in tables:
+        plan.how["organization"] = UNCHANGED
     return plan
 
 
-def _changed_patients(lake, behind: list[dict[str, int]], now: dict[str, int]) -> DataFrame | None:
-    """Distinct ``patient_key`` of the bronze rows changed since each of the ``behind`` marks; None
-    when a changed table has no patients (organizations, a lab dictionary) or its log is gone."""
-    parts = []
+def _changed_patients(lake, mappings, behind: list[dict[str, int]], now: dict[str, int]):
+    """(distinct ``patient_key`` of the bronze rows changed since each of the ``behind`` marks, and
+    of patients with encounters at a changed organization; whether organizations changed), or
+    None when a changed table is neither (a lab dictionary, a code table) or its log is gone."""
+    organizations = {m.table: m for m in mappings if m.entity == "organization"}
+    parts, orgs = [], []
     for mark in {json.dumps(m, sort_keys=True): m for m in behind}.values():
         for table, version in now.items():
             if mark[table] == version:
                 continue
-            if "patient_key" not in lake.schema(table).fieldNames():
+            columns = lake.schema(table).fieldNames()
+            wanted = ["patient_key"] if "patient_key" in columns else columns
+            if "patient_key" not in columns and table not in organizations:
                 return None
-            rows = lake.changed_rows(table, mark[table], ["patient_key"], until=version)
+            rows = lake.changed_rows(table, mark[table], wanted, until=version)
             if rows is None:
                 return None
-            parts.append(rows)
-    union = parts[0]
+            if "patient_key" in columns:
+                parts.append(rows)
+            else:
+                mapped = _mapped(lake, organizations[table], ENTITIES["organization"], now, rows)
+                orgs.append(mapped.select("source_system", "organization_id"))
+    for org in orgs:  # an organization's state is its encounters' region
+        for m in mappings:
+            if m.entity == "encounter" and m.table in now:
+                visits = _mapped(lake, m, ENTITIES["encounter"], now)
+                parts.append(
+                    visits.join(org, ["source_system", "organization_id"], "left_semi").select("patient_key")
+                )
+    union = parts[0] if parts else lake.spark.createDataFrame([], "patient_key string")
     for p in parts[1:]:
         union = union.unionByName(p)
-    return union.where(F.col("patient_key").isNotNull()).distinct()
+    return union.where(F.col("patient_key").isNotNull()).distinct(), bool(orgs)
 
 
 def _source_versions(lake, mappings: list[Mapping]) -> dict[str, int]:
@@ -265,7 +280,9 @@ def _merge(lake, rows: DataFrame, entity: Entity, patients: DataFrame, commit: d
     rows = rows.persist()
     try:
         keys = list(entity.keys)
-        current = lake.read(entity.table).join(patients, "patient_key", "left_semi")
+        current = lake.read(entity.table)
+        if "patient_key" in rows.columns:  # organizations: the whole (small) table is merged
+            current = current.join(patients, "patient_key", "left_semi")
         gone = current.alias("c").join(
             rows.alias("r"), [F.col(f"c.`{k}`").eqNullSafe(F.col(f"r.`{k}`")) for k in keys], "left_anti"
         )
@@ -318,10 +335,10 @@ def _clinical(lake, frames: dict[str, DataFrame], mappings, tables, today, read_
         tables[name] = _events(frame, ENTITIES[name], patients, births, regions, today)
 
 
-def _mapped(lake, mapping: Mapping, entity: Entity, read_at: dict[str, int]) -> DataFrame:
-    """The bronze table (at the version in ``read_at``) through one mapping, cast to the silver
-    types; unmapped columns are null."""
-    df = lake.read(mapping.table, version=read_at[mapping.table])
+def _mapped(lake, mapping: Mapping, entity: Entity, read_at: dict[str, int], rows=None) -> DataFrame:
+    """The bronze table (at the version in ``read_at``; or only ``rows`` of it) through one
+    mapping, cast to the silver types; unmapped columns are null."""
+    df = lake.read(mapping.table, version=read_at[mapping.table]) if rows is None else rows
     for join in mapping.joins:
         if not lake.exists(join.table):
             raise ConfigError(

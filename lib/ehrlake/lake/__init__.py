@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 
-from deltalake import DeltaTable as DeltaLog
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
@@ -99,9 +98,6 @@ class Lake:
 
     def schema(self, table: str) -> T.StructType:
         return self.engine.schema(self.path(table))
-
-    def partition_columns(self, table: str) -> list[str]:
-        return list(DeltaLog(self.path(table)).metadata().partition_columns)
 
     def version(self, table: str) -> int:
         return self.engine.version(self.path(table))
@@ -205,12 +201,14 @@ class Lake:
         if changes is None:
             return None
         wanted = T.StructType([f for f in self.schema(table).fields if f.name in columns])
-        unstored = set(columns) - set(wanted.fieldNames()) | set(columns) & set(self.partition_columns(table))
-        if unstored:
-            raise ConfigError(f"{table}: {sorted(unstored)} are not columns its data files hold")
+        unknown = set(columns) - set(wanted.fieldNames())
+        if unknown:
+            raise ConfigError(f"{table} has no columns {sorted(unknown)}")
         if not changes.files:
             return self.spark.createDataFrame([], wanted)
-        return self.spark.read.schema(wanted).parquet(*changes.files)
+        # partition columns come from the files' folder names (col=value), as a table scan's do
+        files = self.spark.read.schema(wanted).option("basePath", self.path(table)).parquet(*changes.files)
+        return files.select(*[f"`{c}`" for c in wanted.fieldNames()])  # discovery adds all partition columns
 
     def optimize(self, table: str, zorder: list[str] | None = None, commit_info: dict | None = None):
         """Compact small files (or rewrite all of them Z-ordered on ``zorder``) in one commit that
