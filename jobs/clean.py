@@ -1,4 +1,5 @@
-"""spark-submit jobs/clean.py [--sources fhir,synthea] [--lake PATH] [--conf FILE] [--role ROLE]
+"""spark-submit jobs/clean.py [--sources fhir,synthea] [--incremental] [--lake PATH] [--conf FILE]
+[--role ROLE]
 
 Rebuild the silver tables from bronze (same arguments as ``ehrlake clean``).
 """

@@ -11,8 +11,12 @@ mid-year where a source gives only the year), and inconsistencies flagged in ``q
 (kept, not dropped).
 
 Each run rebuilds every silver table as one new Delta version (overwrite), so re-running after a
-crash gives the same tables. Identifiers never reach silver: it carries ``patient_key`` and
-``birth_year``, not names or exact birth dates.
+crash gives the same tables. ``--incremental`` instead recomputes only the patients whose bronze
+rows changed since the versions the last run read (``ops.watermarks``) and merges their rows in
+(docs/architecture.md, "Incremental clean"); it leaves the tables a rebuild would.
+
+Identifiers never reach silver: it carries ``patient_key`` and ``birth_year``, not names or exact
+birth dates.
 """
 
 from ehrlake.clean.mappings import DEFAULT_SOURCES, MAPPINGS_DIR, Join, Mapping, load_mappings, mapping_files

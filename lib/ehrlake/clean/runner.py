@@ -239,8 +239,18 @@ def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) 
     tables = {}
     if "imaging" in frames:  # images need no patient table: a public image set has no patients
         tables["imaging"] = _dedupe(frames.pop("imaging"), ENTITIES["imaging"])
-    if "patient" in frames:
-        _clinical(lake, frames, mappings, tables, today, read_at, scope)
+    held: list[DataFrame] = []
+    try:
+        if "patient" in frames:
+            _clinical(lake, frames, mappings, tables, today, read_at, scope, held)
+        _write(lake, tables, plans, read_at, run_id, cluster, scope, report)
+    finally:
+        for frame in held:
+            frame.unpersist()
+    return report
+
+
+def _write(lake, tables, plans, read_at, run_id, cluster, scope, report: CleanReport) -> None:
     how = {name: h for plan in plans for name, h in plan.how.items()}
     for name, frame in tables.items():
         entity = ENTITIES[name]
@@ -270,28 +280,52 @@ def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) 
         )
         report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
     report.how = {name: how[name] for name in report.rows}
-    return report
 
 
 def _merge(lake, rows: DataFrame, entity: Entity, patients: DataFrame, commit: dict) -> str:
-    """The changed patients' rows merged into their silver table in one commit: new rows inserted,
+    """The changed patients' rows brought into their silver table in one commit: new rows inserted,
     rows that differ updated, rows no longer derived (a record withdrawn, two merged into one)
-    deleted; rows equal to what is there are not rewritten. Returns what it did, for the report."""
-    rows = rows.persist()
+    deleted; rows equal to what is there are not rewritten. When only new rows came (a new batch of
+    visits, the usual increment) that commit is an append, with no rewrite and no merge join over
+    the table. Returns what it did, for the report."""
+    keys = list(entity.keys)
+    current = lake.read(entity.table)
+    if "patient_key" in rows.columns:  # organizations: the whole (small) table is compared
+        current = current.join(F.broadcast(patients), "patient_key", "left_semi")
+    rows, current = rows.persist(), current.persist()
     try:
-        keys = list(entity.keys)
-        current = lake.read(entity.table)
-        if "patient_key" in rows.columns:  # organizations: the whole (small) table is merged
-            current = current.join(patients, "patient_key", "left_semi")
-        gone = current.alias("c").join(
-            rows.alias("r"), [F.col(f"c.`{k}`").eqNullSafe(F.col(f"r.`{k}`")) for k in keys], "left_anti"
+        r, c = (
+            rows.withColumn(_IN_NEW, F.lit(True)).alias("r"),
+            current.withColumn(_IN_OLD, F.lit(True)).alias("c"),
         )
-        differs = "NOT (" + " AND ".join(f"t.`{c}` <=> s.`{c}`" for c in rows.columns) + ")"
-        result = lake.merge(rows, entity.table, keys, update_when=differs, commit_info=commit, delete=gone)
+        same = F.lit(True)
+        for name in rows.columns:
+            same = same & F.col(f"r.`{name}`").eqNullSafe(F.col(f"c.`{name}`"))
+        on = [F.col(f"r.`{k}`").eqNullSafe(F.col(f"c.`{k}`")) for k in keys]
+        status = (
+            F.when(F.col(_IN_OLD).isNull(), "inserted")
+            .when(F.col(_IN_NEW).isNull(), "deleted")
+            .when(same, "unchanged")
+            .otherwise("updated")
+        )
+        found = {s: 0 for s in ("inserted", "updated", "deleted")}
+        found.update(
+            {row[0]: row[1] for row in r.join(c, on, "full_outer").groupBy(status).count().collect()}
+        )
+        if found["updated"] or found["deleted"]:
+            gone = c.join(r, on, "left_anti").select(*[F.col(f"c.`{k}`") for k in keys])
+            differs = "NOT (" + " AND ".join(f"t.`{n}` <=> s.`{n}`" for n in rows.columns) + ")"
+            lake.merge(rows, entity.table, keys, update_when=differs, commit_info=commit, delete=gone)
+        elif found["inserted"]:
+            new = r.join(c, on, "left_anti").select(*[F.col(f"r.`{n}`") for n in rows.columns])
+            lake.write(new, entity.table, mode=WriteMode.APPEND, commit_info=commit)
     finally:
         rows.unpersist()
-    m = result.metrics
-    return f"merged +{m['inserted']:,} ~{m['updated']:,} -{m['deleted']:,}"
+        current.unpersist()
+    return f"merged +{found['inserted']:,} ~{found['updated']:,} -{found['deleted']:,}"
+
+
+_IN_NEW, _IN_OLD = "_ehrlake_in_new", "_ehrlake_in_old"
 
 
 def _by_patient(table: DataFrame) -> DataFrame:
@@ -315,10 +349,15 @@ def _image_layout(images: DataFrame) -> DataFrame:
     )
 
 
-def _clinical(lake, frames: dict[str, DataFrame], mappings, tables, today, read_at, scope) -> None:
-    """Patients first (ages need birth dates), then facilities (regions), then every event table."""
+def _clinical(lake, frames: dict[str, DataFrame], mappings, tables, today, read_at, scope, held) -> None:
+    """Patients first (ages need birth dates), then facilities (regions), then every event table.
+    With a ``scope`` (incremental), its few patients are kept in memory for every event table
+    (appended to ``held`` for the caller to release) instead of read and decrypted for each."""
     births = _birth_dates(lake, read_at, scope)
     patients = _patients(frames["patient"], births, today)
+    if scope is not None:
+        patients = patients.persist()
+        held.append(patients)
     tables["patient"] = patients
     regions = None
     if "organization" in frames:
