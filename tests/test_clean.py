@@ -178,6 +178,21 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
     assert {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER} == merged
 
 
+def test_a_second_clean_on_the_same_lake_is_refused_while_one_runs(silver):
+    """Two cleans at once could both append the same new rows: the second is refused in one line,
+    before it reads or writes anything, and runs once the first has finished."""
+    from ehrlake.errors import JobRunning
+    from ehrlake.lake import locks
+
+    lake, _ = silver
+    versions = lake.version("silver.patient")
+    holder = locks.alone(lake.root, "clean")  # as a clean running in another process holds it
+    with holder, pytest.raises(JobRunning, match="another clean is running on the lake"):
+        clean.run(lake, today=TODAY, incremental=True)
+    assert lake.version("silver.patient") == versions
+    assert set(clean.run(lake, today=TODAY, incremental=True).how.values()) == {"unchanged"}
+
+
 def test_one_patient_from_fhir_and_synthea_is_one_silver_patient(lake, tmp_path):
     write_ndjson(tmp_path / "fhir" / "Patient.ndjson", [patient("p1")])
     csv_dir = tmp_path / "csv"

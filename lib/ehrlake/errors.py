@@ -32,3 +32,7 @@ class KeyAccessError(EhrlakeError):
 
 class AccessDenied(EhrlakeError):
     """The role's access policy does not allow the requested read."""
+
+
+class JobRunning(EhrlakeError):
+    """Another run of a job that must run alone on a lake holds it; nothing was done."""

@@ -14,7 +14,7 @@ from ehrlake.clean import codes, units
 from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
-from ehrlake.lake import WriteMode, watermarks
+from ehrlake.lake import WriteMode, locks, watermarks
 from ehrlake.security.protection import Sealing
 from ehrlake.views import ISSUES
 
@@ -69,7 +69,7 @@ def run(
     run_id = run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     if lake.security is None:
         raise ConfigError("clean opens sealed birth dates to compute ages: open the lake with its security")
-    with lake.security.job(JOB, ["silver"], role, run_id) as (_, written):
+    with locks.alone(lake.root, JOB), lake.security.job(JOB, ["silver"], role, run_id) as (_, written):
         report = _clean(
             lake, mappings, run_id, today or dt.date.today(), cluster, incremental and rebuild_share
         )
