@@ -40,7 +40,7 @@ class CleanReport:
         return "\n".join(lines)
 
 
-REBUILT, UNCHANGED = "rebuilt", "unchanged"
+REBUILT, UNCHANGED, INCREMENTAL = "rebuilt", "unchanged", "incremental"
 JOB = "clean"
 # Above this share of patients changed, rebuild. A guess, not measured: at 1% the incremental clean
 # already costs 0.9x a rebuild at 10k patients (bench/engines.py), so this only bounds the merge.
@@ -86,7 +86,7 @@ class _Plan:
 
     tables: list[str]  # entity names
     sources: dict[str, int]  # bronze table -> version this run reads
-    how: dict[str, str] = field(default_factory=dict)  # entity -> REBUILT / UNCHANGED / "incremental"
+    how: dict[str, str] = field(default_factory=dict)  # entity -> REBUILT / UNCHANGED / INCREMENTAL
     patients: DataFrame | None = None  # incremental: the patients to recompute (persisted)
 
 
@@ -95,23 +95,18 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
     read_at = _source_versions(lake, mappings)  # every read below is of these versions
     produced = [n for n in ENTITIES if any(m.entity == n and m.table in read_at for m in mappings)]
     fp = watermarks.fingerprint(sorted(mappings, key=repr))
+    marks = watermarks.read(lake, JOB) if incremental else {}
     plans = [
         _plan(
             lake,
             mappings,
-            [n for n in produced if n == "imaging"],
-            _sources(mappings, read_at, imaging=True),
+            [n for n in produced if (n == "imaging") == imaging],
+            _sources(mappings, read_at, imaging),
             fp,
+            marks,
             incremental,
-        ),
-        _plan(
-            lake,
-            mappings,
-            [n for n in produced if n != "imaging"],
-            _sources(mappings, read_at, imaging=False),
-            fp,
-            incremental,
-        ),
+        )
+        for imaging in (True, False)
     ]
     try:
         report = _build(lake, mappings, read_at, plans, run_id, today, cluster)
@@ -131,12 +126,12 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
                 plan.patients.unpersist()
 
 
-def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, incremental: float) -> _Plan:
-    """Rebuild, leave or merge each table: from its watermark and what changed in bronze since."""
+def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, marks, incremental) -> _Plan:
+    """Rebuild, leave or merge each table: from its watermark (``marks``, empty for a rebuild) and
+    what changed in bronze since."""
     plan = _Plan(tables, sources)
     if not tables:
         return plan
-    marks = watermarks.read(lake, JOB) if incremental else {}
     behind = []
     for name in tables:
         mark = marks.get(ENTITIES[name].table)
@@ -146,8 +141,9 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, i
         if not lake.exists(ENTITIES[name].table) or any(mark.sources[t] > v for t, v in sources.items()):
             plan.how = dict.fromkeys(tables, REBUILT)  # dropped, or its bronze recreated since
             return plan
-        plan.how[name] = UNCHANGED if mark.sources == sources else "incremental"
+        plan.how[name] = UNCHANGED
         if mark.sources != sources:
+            plan.how[name] = INCREMENTAL
             behind.append(mark.sources)
     if not behind:
         return plan
@@ -186,12 +182,17 @@ def _changed_patients(lake, mappings, behind: list[dict[str, int]], now: dict[st
             else:
                 mapped = _mapped(lake, organizations[table], ENTITIES["organization"], now, rows)
                 orgs.append(mapped.select("source_system", "organization_id"))
-    for org in orgs:  # an organization's state is its encounters' region
+    if orgs:  # an organization's state is its encounters' region
+        moved = orgs[0]
+        for org in orgs[1:]:
+            moved = moved.unionByName(org)
         for m in mappings:
             if m.entity == "encounter" and m.table in now:
                 visits = _mapped(lake, m, ENTITIES["encounter"], now)
                 parts.append(
-                    visits.join(org, ["source_system", "organization_id"], "left_semi").select("patient_key")
+                    visits.join(moved, ["source_system", "organization_id"], "left_semi").select(
+                        "patient_key"
+                    )
                 )
     union = parts[0] if parts else lake.spark.createDataFrame([], "patient_key string")
     for p in parts[1:]:
@@ -199,19 +200,19 @@ def _changed_patients(lake, mappings, behind: list[dict[str, int]], now: dict[st
     return union.where(F.col("patient_key").isNotNull()).distinct(), bool(orgs)
 
 
+def _read_tables(mappings: list[Mapping]) -> set[str]:
+    """The bronze tables these mappings read: each one's own and the ones it joins."""
+    return {t for m in mappings for t in (m.table, *[j.table for j in m.joins])}
+
+
 def _source_versions(lake, mappings: list[Mapping]) -> dict[str, int]:
-    tables = {m.table for m in mappings} | {j.table for m in mappings for j in m.joins} | set(BIRTH_DATES)
+    tables = _read_tables(mappings) | set(BIRTH_DATES)
     return {t: lake.version(t) for t in sorted(tables) if lake.exists(t)}
 
 
 def _sources(mappings: list[Mapping], read_at: dict[str, int], imaging: bool) -> dict[str, int]:
     """The bronze tables (and versions) one group's tables are built from."""
-    tables = {
-        t
-        for m in mappings
-        if (m.entity == "imaging") == imaging
-        for t in (m.table, *[j.table for j in m.joins])
-    }
+    tables = _read_tables([m for m in mappings if (m.entity == "imaging") == imaging])
     if not imaging:
         tables |= set(BIRTH_DATES)
     return {t: v for t, v in read_at.items() if t in tables}
@@ -220,7 +221,7 @@ def _sources(mappings: list[Mapping], read_at: dict[str, int], imaging: bool) ->
 def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) -> CleanReport:
     report = CleanReport(run_id)
     clinical = plans[1]  # imaging has no patients to scope
-    scope = clinical.patients if "incremental" in clinical.how.values() else None
+    scope = clinical.patients if INCREMENTAL in clinical.how.values() else None
     frames: dict[str, DataFrame] = {}
     for name, entity in ENTITIES.items():
         parts = [
@@ -253,15 +254,15 @@ def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) 
 
 def _write(lake, tables, plans, read_at, run_id, cluster, scope, report: CleanReport) -> None:
     how = {name: h for plan in plans for name, h in plan.how.items()}
+    commit = {
+        "ehrlakeJob": JOB,
+        "ehrlakeRunId": run_id,
+        "ehrlakeSources": json.dumps(read_at, sort_keys=True),
+    }
     for name, frame in tables.items():
         entity = ENTITIES[name]
-        commit = {
-            "ehrlakeJob": JOB,
-            "ehrlakeRunId": run_id,
-            "ehrlakeSources": json.dumps(read_at, sort_keys=True),
-        }
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
-        if how[name] == "incremental":
+        if how[name] == INCREMENTAL:
             how[name] = _merge(lake, out, entity, scope, commit)
         elif how[name] == REBUILT:
             if name == "imaging":
