@@ -105,3 +105,24 @@ def test_the_scheduled_script_scores_with_spark_submit(scored_lake):
     # the schedules call this very script
     assert "infra/schedule/score.sh" in (REPO / "infra" / "schedule" / "crontab").read_text()
     assert "infra/schedule/score.sh {{ ds }}" in (REPO / "infra" / "schedule" / "airflow_dag.py").read_text()
+
+
+def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scoring(scored_lake, tmp_path):
+    from ehrlake import scoring
+
+    lake, model = scored_lake
+    registry.promote(lake, model.model_id, model.version)
+    scoring.score(lake, TASK, AS_OF)  # the watermark a nightly run starts from
+    assert scoring.score(lake, TASK, AS_OF, incremental=True).how == "merged +0 ~0 -0 (changed patients only)"
+    # a new batch of patients arrives, and the nightly clean brings silver up to date
+    synth.run(lake.spark, 40, str(tmp_path / "batch"), seed=4, tables=("encounters", "conditions"))
+    ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp_path / "batch"))
+    clean.run(lake, incremental=True)
+    before = lake.read("gold.risk_scores").where(f"task = '{TASK}' AND as_of = DATE'{AS_OF}'").count()
+    nightly = scoring.score(lake, TASK, AS_OF, incremental=True)
+    assert nightly.how.endswith("(changed patients only)")
+    inserted = int(nightly.how.split("+")[1].split()[0])
+    assert 0 < inserted <= 40 and nightly.scored == before + inserted
+    # what a full scoring would write is what is there: it finds nothing to change
+    assert scoring.score(lake, TASK, AS_OF).how == "merged +0 ~0 -0"
+    assert nightly.scored == features.patient_features(lake, [AS_OF]).count()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Population risk scoring as the schedule runs it: one spark-submit per task, as of a date, acting as
 # the scheduler role (reads silver/gold, writes gold only). Both schedules call this script, and
-# tests/test_scoring.py runs it, so what is tested is what runs.
+# tests/test_scoring.py runs it, so what is tested is what runs. --incremental: a date scored before
+# (a re-run, a fixed monthly date) re-scores only the patients whose silver rows changed since.
 #
 #   score.sh [AS_OF]        AS_OF: YYYY-MM-DD (default: today, UTC)
 #
@@ -17,5 +18,5 @@ submit="${SPARK_SUBMIT:-spark-submit}"
 for task in ${EHRLAKE_SCORE_TASKS:-mortality_12m}; do
   # shellcheck disable=SC2086  # SPARK_SUBMIT_ARGS is a list of arguments on purpose
   "$submit" ${SPARK_SUBMIT_ARGS:-} "$home/jobs/score.py" \
-    --task "$task" --as-of "$as_of" --role scheduler --lake "${EHRLAKE_LAKE:-$home/lake}"
+    --task "$task" --as-of "$as_of" --role scheduler --incremental --lake "${EHRLAKE_LAKE:-$home/lake}"
 done

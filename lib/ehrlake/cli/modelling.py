@@ -72,6 +72,12 @@ def register(sub) -> None:
     score_cmd.add_argument("--as-of", default="today", help="index date YYYY-MM-DD or 'today' (default)")
     score_cmd.add_argument("--model", help="model id to use instead of the task's production model")
     score_cmd.add_argument("--version", type=int, help="with --model: the version (default: latest)")
+    score_cmd.add_argument(
+        "--incremental",
+        action="store_true",
+        help="re-score only the patients whose silver rows changed since this date was last scored "
+        "with the same model (everyone when that cannot be told)",
+    )
     common.lake_options(score_cmd)
     common.role_option(score_cmd)
     score_cmd.set_defaults(handler=cmd_score)
@@ -158,7 +164,15 @@ def cmd_score(args) -> int:
 
     lake, _ = common.open_lake(args)
     as_of = dt.date.today() if args.as_of == "today" else common.dates(args.as_of)[0]
-    run = scoring.score(lake, args.task, as_of, role=args.role, model_id=args.model, version=args.version)
+    run = scoring.score(
+        lake,
+        args.task,
+        as_of,
+        role=args.role,
+        model_id=args.model,
+        version=args.version,
+        incremental=args.incremental,
+    )
     print(run.format())
     return 0
 

@@ -185,19 +185,22 @@ def tabular_scores(frame: DataFrame, path: str, inputs: list[str], reasons: int 
     )
 
 
-def ann_population(lake, mv, as_of: dt.date) -> DataFrame:
+def ann_population(lake, mv, as_of: dt.date, patients: DataFrame | None = None) -> DataFrame:
     """What the ANN of ``mv.task`` scores, with its inputs standardised as in training: for a
     patient-level task, every eligible patient's features as of the date (as ``ehrlake score`` does
     for the Spark ML models); for a per-row task, each patient's latest row of the feature table
-    (labelled or not: extract rows carry no dates, so "latest" is the highest row id)."""
+    (labelled or not: extract rows carry no dates, so "latest" is the highest row id). Only of
+    ``patients`` (a frame of ``patient_key``) where given."""
     from ehrlake import features as feats
     from ehrlake.dl.tensors import tensor
 
     t = feats.task(mv.task)
     if t.level == "patient":
-        rows = feats.patient_features(lake, [as_of])
+        rows = feats.patient_features(lake, [as_of], patients=patients)
     else:
         table = lake.read(t.feature_table)
+        if patients is not None:
+            table = table.join(F.broadcast(patients), "patient_key", "left_semi")
         latest = table.groupBy("patient_key").agg(F.max("index_id").alias("index_id"))
         rows = table.join(latest, ["patient_key", "index_id"])
     return rows.select(
@@ -209,13 +212,14 @@ def ann_population(lake, mv, as_of: dt.date) -> DataFrame:
     )
 
 
-def ann_scores(lake, mv, as_of: dt.date):
+def ann_scores(lake, mv, as_of: dt.date, patients: DataFrame | None = None):
     """(rows with ``patient_key`` and ``score``, their ``top_reasons`` column) of the ANN over
     :func:`ann_population`, for ``scoring.score`` to write like any model's scores."""
     from ehrlake import features as feats
 
     descriptions = feats.descriptions(feats.task(mv.task))
-    scored = tabular_scores(ann_population(lake, mv, as_of), mv.artifact_path(lake), mv.features)
+    population = ann_population(lake, mv, as_of, patients)
+    scored = tabular_scores(population, mv.artifact_path(lake), mv.features)
     described = F.create_map(*[x for f in mv.features for x in (F.lit(f), F.lit(descriptions.get(f, f)))])
     reasons = F.transform(
         F.arrays_zip("reason_features", "reason_weights"),

@@ -61,11 +61,14 @@ def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> Dat
     )
 
 
-def patient_features(lake, as_of: list[dt.date], defs=None) -> DataFrame:
+def patient_features(lake, as_of: list[dt.date], defs=None, patients: DataFrame | None = None) -> DataFrame:
     """Point-in-time features of every patient under observation at each date (the eligible
-    population of the patient-level tasks; scoring uses the same)."""
+    population of the patient-level tasks; scoring uses the same); only of ``patients`` (a frame
+    of ``patient_key``) where given: a patient's features depend on their own rows alone."""
     defs = defs or definitions.load()
     index = labels.patient_index(lake, as_of, defs).where(F.col("_base_excluded").isNull())
+    if patients is not None:
+        index = index.join(F.broadcast(patients), "patient_key", "left_semi")
     return pointintime.build(lake, index, defs, "patient")
 
 

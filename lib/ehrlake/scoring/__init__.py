@@ -5,7 +5,12 @@ Eligible is what the task's labels call an index: alive, born, and seen in the p
 the model was trained with. Each score carries its risk band (cut points from the model's held-out
 score distribution: top 10% high, next 20% medium), up to three readable reasons and the model id
 and version. ``gold.risk_scores`` is updated by merge on (patient_key, task, as_of): scoring the
-same date again replaces those rows, never duplicates them.
+same date again replaces those rows (a patient no longer eligible loses theirs), never duplicates
+them; a score that came out the same keeps the ``scored_at`` of when it was first computed.
+
+``incremental``: a nightly re-scoring of the same date needs only the patients whose silver rows
+changed since the last scoring with the same model (the Delta log since its watermark,
+:mod:`ehrlake.lake.increments`): a patient's features as of a date depend on their own rows alone.
 """
 
 from __future__ import annotations
@@ -16,12 +21,21 @@ from dataclasses import dataclass
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
+from ehrlake.clean.model import ENTITIES
 from ehrlake.errors import EhrlakeError
+from ehrlake.features import definitions
+from ehrlake.lake import increments, watermarks
 from ehrlake.models import explain, registry
 from ehrlake.models.train import score_column
 
 TABLE = "gold.risk_scores"
 KEYS = ["patient_key", "task", "as_of"]
+# the silver tables patient-level features are computed from (features.pointintime)
+FEATURE_SOURCES = [
+    ENTITIES[e].table for e in ("patient", "encounter", "condition", "observation", "medication", "procedure")
+]
+# above this share of the population changed, score everyone (as in clean: a bound, not a measurement)
+INCREMENTAL_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -32,13 +46,14 @@ class ScoringRun:
     scored: int
     bands: dict
     seconds: float
+    how: str = "scored all"  # or what an incremental run merged
 
     def format(self) -> str:
         spread = ", ".join(f"{k} {v:,}" for k, v in sorted(self.bands.items()))
         return (
             f"scored {self.scored:,} patients for {self.task} as of {self.as_of} with {self.model} "
             f"in {self.seconds:.1f} s ({self.scored / max(self.seconds, 1e-9):,.0f} patients/s) -> {TABLE}"
-            f"\n  risk bands: {spread or 'none'}"
+            f"\n  risk bands: {spread or 'none'}; {self.how}"
         )
 
 
@@ -55,16 +70,44 @@ def score(
     role: str | None = None,
     model_id: str | None = None,
     version: int | None = None,
+    incremental: bool = False,
 ) -> ScoringRun:
+    """Score ``task_name``'s eligible population as of ``as_of`` with its production model (or
+    ``model_id`` at ``version``); ``incremental``: only the patients whose source rows changed
+    since the last scoring of that date with the same model, everyone where that cannot be told."""
     t = feats.task(task_name)
     mv = registry.get(lake, model_id, version) if model_id else registry.production(lake, task_name)
     if mv.task != task_name:
         raise EhrlakeError(f"{mv.label} is a model of {mv.task}, not {task_name}")
     started = dt.datetime.now(dt.UTC)
+    job = f"score {task_name} {as_of.isoformat()}"
+    tables = FEATURE_SOURCES if t.level == "patient" else [t.feature_table]
+    sources = {table: lake.version(table) for table in tables if lake.exists(table)}
+    fp = watermarks.fingerprint(mv.model_id, mv.version, definitions.load(), watermarks.code(feats, explain))
+    patients = None
+    if incremental and lake.exists(TABLE):
+        patients = increments.changed_patients(lake, watermarks.read(lake, job).get(TABLE), sources, fp)
+    if patients is not None:
+        patients = patients.persist()
+        population = lake.row_count(tables[0]) if tables[0] in sources else 0
+        if patients.count() > INCREMENTAL_SHARE * max(1, population):
+            patients.unpersist()
+            patients = None
+    try:
+        return _score(lake, t, mv, as_of, role, started, job, sources, fp, patients)
+    finally:
+        if patients is not None:
+            patients.unpersist()
+
+
+def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> ScoringRun:
+    """Score the population (only ``patients`` where given) and bring the task's rows of the date
+    in ``gold.risk_scores`` up to date in one commit, then record the watermark."""
+    task_name = t.name
     if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
         from ehrlake.dl.predict import ann_scores
 
-        scored, reasons = ann_scores(lake, mv, as_of)
+        scored, reasons = ann_scores(lake, mv, as_of, patients)
     else:
         if t.level != "patient":
             raise EhrlakeError(
@@ -76,7 +119,7 @@ def score(
         model = mv.load(lake)
         explain.prepare(mv.algorithm, model)
         importance = explain.importance(mv.algorithm, model, mv.features)
-        population = feats.patient_features(lake, [as_of])
+        population = feats.patient_features(lake, [as_of], patients=patients)
         scored = model.transform(population).withColumn(
             "score", score_column(mv.params.get("pos_weight", 1.0))
         )
@@ -93,17 +136,21 @@ def score(
         F.lit(mv.version).alias("model_version"),
         F.lit(scored_at).cast("timestamp").alias("scored_at"),
     )
-    with lake.security.job("score", ["gold"], role) as (_, audit):
-        lake.merge(out, TABLE, keys=KEYS, commit_info={"ehrlakeJob": "score"})
+    run_id = started.strftime("%Y%m%dT%H%M%S")
+    commit = {"ehrlakeJob": "score", "ehrlakeRunId": run_id}
+    with lake.security.job("score", ["gold"], role, run_id) as (_, audit):
+        lake.create(TABLE, out.schema)
+        slice_ = (F.col("task") == task_name) & (F.col("as_of") == F.lit(as_of))
+        found = increments.replace_patients(
+            lake, out, TABLE, KEYS, patients, commit, where=slice_, ignore=("scored_at",)
+        )
+        watermarks.record(lake, [watermarks.Watermark(job, TABLE, sources, fp, run_id)], commit)
         counts = (
-            lake.read(TABLE)
-            .where((F.col("task") == task_name) & (F.col("as_of") == F.lit(as_of)))
-            .groupBy("risk_band")
-            .count()
-            .collect()  # one row per band
+            lake.read(TABLE).where(slice_).groupBy("risk_band").count().collect()  # one row per band
         )
         bands = {r.risk_band or "none": int(r["count"]) for r in counts}
         total = sum(bands.values())
         audit.append((TABLE, f"{task_name} as of {as_of}: {total} patients scored with {mv.label}"))
     seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-    return ScoringRun(task_name, as_of, mv.label, total, bands, seconds)
+    how = increments.describe(found) + (" (changed patients only)" if patients is not None else "")
+    return ScoringRun(task_name, as_of, mv.label, total, bands, seconds, how)
