@@ -10,7 +10,8 @@ ratio native / delta-rs (below 1: native faster). Also the increment's cost agai
 ingest and the incremental clean's against the rebuild, since that is what a nightly pipeline pays.
 Results go to ``bench/results/engines-<date>.json``. Needs the Delta JARs (``make setup``).
 
-    .venv/bin/python bench/engines.py [--patients 1000,10000] [--repeat 1]
+    .venv/bin/python bench/engines.py [--patients 1000,10000] [--repeat 1] [--engines delta-rs,native]
+                                      [--driver-memory 8g]   (100,000 patients need more than 2g)
 """
 
 from __future__ import annotations
@@ -79,9 +80,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", default="1000,10000", help="sizes, comma-separated")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each engine per size (alternating)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="which, comma-separated")
+    parser.add_argument("--driver-memory", help="the local driver's heap (spark.driver.memory)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
-    spark = get_spark(config.Config(lake=config.LakeConfig(engine="native")))  # Delta JARs loaded
+    engines = tuple(e for e in ENGINES if e in args.engines.split(","))
+    settings = config.Config(lake=config.LakeConfig(engine="native"))  # Delta JARs loaded
+    if args.driver_memory:
+        settings.spark.conf["spark.driver.memory"] = args.driver_memory
+    spark = get_spark(settings)
     if not _native.available(spark):
         print("the Delta Lake JARs are not on Spark's class path: make setup fetches them", file=sys.stderr)
         return 1
@@ -97,47 +104,49 @@ def main() -> int:
             base, increment = work / f"in-{patients}", work / f"inc-{patients}"
             synth.run(spark, patients, str(base), seed=11, tables=TABLES)
             synth.run(spark, max(patients // 100, 1), str(increment), seed=12, tables=TABLES)
-            runs = {engine: [] for engine in ENGINES}
+            runs = {engine: [] for engine in engines}
             for i in range(args.repeat):
-                for engine in ENGINES if i % 2 == 0 else reversed(ENGINES):
+                for engine in engines if i % 2 == 0 else reversed(engines):
                     runs[engine].append(
                         one_run(spark, engine, base, increment, work / f"{engine}-{patients}-{i}")
                     )
                     shutil.rmtree(work / f"{engine}-{patients}-{i}" / "lake", ignore_errors=True)
-            assert runs["native"][0]["rows"] == runs["delta-rs"][0]["rows"], (
-                "the engines wrote different tables"
-            )
+            first = runs[engines[0]][0]["rows"]
+            assert all(runs[e][0]["rows"] == first for e in engines), "the engines wrote different tables"
             size = {}
-            for engine in ENGINES:
+            for engine in engines:
                 size[engine] = {
                     stage: round(statistics.median(r["seconds"][stage] for r in runs[engine]), 2)
                     for stage in STAGES
                 }
                 size[engine]["files"] = runs[engine][0]["files"]
                 size[engine]["bytes"] = runs[engine][0]["bytes"]
-            size["ratio_native_to_delta_rs"] = {
-                stage: round(size["native"][stage] / size["delta-rs"][stage], 3) for stage in STAGES
-            }
+            if len(engines) == 2:
+                size["ratio_native_to_delta_rs"] = {
+                    stage: round(size["native"][stage] / size["delta-rs"][stage], 3) for stage in STAGES
+                }
             size["increment_to_full_ingest"] = {
                 engine: round(size[engine]["ingest_increment"] / size[engine]["ingest"], 3)
-                for engine in ENGINES
+                for engine in engines
             }
             size["incremental_to_rebuild_clean"] = {
                 engine: round(size[engine]["clean_incremental"] / size[engine]["clean_rebuild"], 3)
-                for engine in ENGINES
+                for engine in engines
             }
-            size["rows"] = sum(runs["native"][0]["rows"].values())
+            size["rows"] = sum(first.values())
             result["sizes"][str(patients)] = size
             print(f"{patients:,} patients ({size['rows']:,} bronze and silver rows)")
-            for engine in ENGINES:
+            for engine in engines:
                 stages = ", ".join(f"{s} {size[engine][s]:.1f}s" for s in STAGES)
                 print(
                     f"  {engine:<8} {stages}; {size[engine]['files']} files, "
                     f"{size[engine]['bytes'] / 1e6:.1f} MB"
                 )
-            print(f"  native / delta-rs: {size['ratio_native_to_delta_rs']}")
+            if len(engines) == 2:
+                print(f"  native / delta-rs: {size['ratio_native_to_delta_rs']}")
             print(f"  incremental clean / rebuild: {size['incremental_to_rebuild_clean']}")
-        path = save_result(args.out, "engines", result)
+        # one engine alone is saved apart, so it never overwrites the day's comparison
+        path = save_result(args.out, "engines" if len(engines) == 2 else f"engines-{engines[0]}", result)
         print(f"saved {path}")
         return 0
     finally:

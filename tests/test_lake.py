@@ -171,6 +171,9 @@ def test_merge_deletes_in_the_same_commit_and_rewrites_only_files_it_changes(lak
     changed = lake.changed_rows("silver.things", before, ["id", "n"])
     assert sorted(tuple(r) for r in changed.collect()) == [("a", 1), ("a", 10), ("c", 3), ("d", 4)]
     assert lake.changed_rows("silver.things", result.version, ["id"]).count() == 0
+    # the files added only: rows of the table as it is now (a's old row and c are gone)
+    added = lake.changed_rows("silver.things", before, ["id", "n"], added_only=True)
+    assert sorted(tuple(r) for r in added.collect()) == [("a", 10), ("d", 4)]
 
 
 def test_changed_rows_is_none_once_the_removed_files_are_vacuumed(lake, spark):
@@ -501,3 +504,21 @@ def test_the_lake_catalog_knows_the_same_layers_as_the_lake():
 
     java = (HOME / "infra" / "spark" / "src" / "ehrlake" / "LakeCatalog.java").read_text()
     assert f"Arrays.asList({', '.join(json.dumps(layer) for layer in LAYERS)})" in java
+
+
+def test_a_job_fingerprint_changes_with_the_code_that_derives_its_rows(tmp_path, monkeypatch):
+    """An upgrade that changes how rows are derived must rebuild, not merge new rows beside old."""
+    import importlib
+
+    from ehrlake.lake import watermarks
+
+    package = tmp_path / "derivation"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "rules.py").write_text("FLAG = 'after_death'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("derivation")
+    before = watermarks.code(module)
+    assert watermarks.code(module) == before
+    (package / "rules.py").write_text("FLAG = 'after_death_or_burial'\n")
+    assert watermarks.code(module) != before

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from ehrlake import clean
 from ehrlake.clean import codes, units
 from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
-from ehrlake.lake import WriteMode, locks, watermarks
+from ehrlake.lake import WriteMode, increments, locks, watermarks
 from ehrlake.security.protection import Sealing
 from ehrlake.views import ISSUES
 
@@ -87,14 +88,24 @@ class _Plan:
     tables: list[str]  # entity names
     sources: dict[str, int]  # bronze table -> version this run reads
     how: dict[str, str] = field(default_factory=dict)  # entity -> REBUILT / UNCHANGED / INCREMENTAL
-    patients: DataFrame | None = None  # incremental: the patients to recompute (persisted)
+    # incremental: the patients to recompute (persisted); those of them silver already holds
+    # (persisted), whose older bronze rows a scan must find, and how many; the versions last read
+    patients: DataFrame | None = None
+    known: DataFrame | None = None
+    known_count: int = 0
+    since: dict[str, int] = field(default_factory=dict)
+
+    def release(self) -> None:
+        for frame in (self.patients, self.known):
+            if frame is not None:
+                frame.unpersist()
 
 
 def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, incremental: float) -> CleanReport:
     """``incremental``: the share of patients changed above which to rebuild; 0: always rebuild."""
     read_at = _source_versions(lake, mappings)  # every read below is of these versions
     produced = [n for n in ENTITIES if any(m.entity == n and m.table in read_at for m in mappings)]
-    fp = watermarks.fingerprint(sorted(mappings, key=repr))
+    fp = watermarks.fingerprint(sorted(mappings, key=repr), watermarks.code(clean))
     marks = watermarks.read(lake, JOB) if incremental else {}
     plans = [
         _plan(
@@ -122,8 +133,7 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
         return report
     finally:
         for plan in plans:
-            if plan.patients is not None:
-                plan.patients.unpersist()
+            plan.release()
 
 
 def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, marks, incremental) -> _Plan:
@@ -157,7 +167,36 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
         return plan
     if not changed[1] and "organization" in tables:
         plan.how["organization"] = UNCHANGED
+    plan.since = {t: min(mark[t] for mark in behind) for t in sources}
+    silver = [lake.read(ENTITIES[n].table).select("patient_key") for n in tables if n != "organization"]
+    held = silver[0]
+    for frame in silver[1:]:
+        held = held.unionByName(frame)
+    plan.known = plan.patients.join(held.distinct(), "patient_key", "left_semi").persist()
+    plan.known_count = plan.known.count()
     return plan
+
+
+def _bronze(lake, table: str, read_at: dict[str, int], plan: _Plan | None) -> DataFrame:
+    """A bronze table at its version in ``read_at``; with an incremental ``plan``, only its rows of
+    the plan's patients. A patient silver does not hold yet has every row that counts in the files
+    added since the last clean (an older row of theirs was filtered out by its mapping, or they
+    would be in silver), so only those files are read for them; the table is scanned (a semi-join)
+    only when patients silver knows changed, for their older rows."""
+    full = lake.read(table, version=read_at[table])
+    if plan is None:
+        return full
+    if "patient_key" not in full.columns:
+        return full  # a joined dictionary: a change in it rebuilds (_changed_patients)
+    added = lake.changed_rows(table, plan.since[table], until=read_at[table], added_only=True)
+    if added is None:
+        return full.join(F.broadcast(plan.patients), "patient_key", "left_semi")
+    fresh = plan.patients.join(plan.known, "patient_key", "left_anti")
+    rows = added.join(F.broadcast(fresh), "patient_key", "left_semi")
+    rows = rows.unionByName(full.limit(0), allowMissingColumns=True).select(*full.columns)
+    if plan.known_count:
+        rows = rows.unionByName(full.join(F.broadcast(plan.known), "patient_key", "left_semi"))
+    return rows
 
 
 def _changed_patients(lake, mappings, behind: list[dict[str, int]], now: dict[str, int]):
@@ -182,18 +221,14 @@ def _changed_patients(lake, mappings, behind: list[dict[str, int]], now: dict[st
             else:
                 mapped = _mapped(lake, organizations[table], ENTITIES["organization"], now, rows)
                 orgs.append(mapped.select("source_system", "organization_id"))
-    if orgs:  # an organization's state is its encounters' region
+    if orgs and lake.exists(ENTITIES["encounter"].table):  # an organization's state is its encounters'
         moved = orgs[0]
         for org in orgs[1:]:
             moved = moved.unionByName(org)
-        for m in mappings:
-            if m.entity == "encounter" and m.table in now:
-                visits = _mapped(lake, m, ENTITIES["encounter"], now)
-                parts.append(
-                    visits.join(moved, ["source_system", "organization_id"], "left_semi").select(
-                        "patient_key"
-                    )
-                )
+        # encounters silver holds; a new one's patient is among the changed already
+        at = ["source_system", "organization_id"]
+        visits = lake.read(ENTITIES["encounter"].table).select("patient_key", *at)
+        parts.append(visits.join(moved, at, "left_semi").select("patient_key"))
     union = parts[0] if parts else lake.spark.createDataFrame([], "patient_key string")
     for p in parts[1:]:
         union = union.unionByName(p)
@@ -225,7 +260,12 @@ def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) 
     frames: dict[str, DataFrame] = {}
     for name, entity in ENTITIES.items():
         parts = [
-            (m.source, _mapped(lake, m, entity, read_at))
+            (
+                m.source,
+                _mapped(
+                    lake, m, entity, read_at, rows=_bronze(lake, m.table, read_at, _narrows(clinical, m))
+                ),
+            )
             for m in mappings
             if m.entity == name and m.table in read_at
         ]
@@ -244,16 +284,24 @@ def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) 
     held: list[DataFrame] = []
     try:
         if "patient" in frames:
-            _clinical(lake, frames, mappings, tables, today, read_at, scope, held)
-        _write(lake, tables, plans, read_at, run_id, cluster, scope, report)
+            _clinical(lake, frames, tables, today, read_at, clinical if scope is not None else None, held)
+        _write(lake, tables, plans, read_at, run_id, cluster, report)
     finally:
         for frame in held:
             frame.unpersist()
     return report
 
 
-def _write(lake, tables, plans, read_at, run_id, cluster, scope, report: CleanReport) -> None:
+def _narrows(plan: _Plan, mapping: Mapping) -> _Plan | None:
+    """``plan`` where it narrows what ``mapping`` reads: an incremental run, one of its tables,
+    and a mapping whose ``patient_key`` is its bronze table's own (not one computed or joined)."""
+    scoped = INCREMENTAL in plan.how.values() and mapping.entity in plan.tables
+    return plan if scoped and mapping.columns.get("patient_key") == "patient_key" else None
+
+
+def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -> None:
     how = {name: h for plan in plans for name, h in plan.how.items()}
+    clinical = plans[1]  # the one group that merges (imaging has no patients to scope)
     commit = {
         "ehrlakeJob": JOB,
         "ehrlakeRunId": run_id,
@@ -262,8 +310,18 @@ def _write(lake, tables, plans, read_at, run_id, cluster, scope, report: CleanRe
     for name, frame in tables.items():
         entity = ENTITIES[name]
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
-        if how[name] == INCREMENTAL:
-            how[name] = _merge(lake, out, entity, scope, commit)
+        if how[name] == INCREMENTAL:  # organizations (no patient_key): the whole small table compared
+            keyed = "patient_key" in out.columns
+            found = increments.replace_patients(
+                lake,
+                out,
+                entity.table,
+                list(entity.keys),
+                clinical.patients if keyed else None,
+                commit,
+                held=clinical.known if keyed else None,
+            )
+            how[name] = increments.describe(found)
         elif how[name] == REBUILT:
             if name == "imaging":
                 out = _image_layout(out)
@@ -282,52 +340,6 @@ def _write(lake, tables, plans, read_at, run_id, cluster, scope, report: CleanRe
         )
         report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
     report.how = {name: how[name] for name in report.rows}
-
-
-def _merge(lake, rows: DataFrame, entity: Entity, patients: DataFrame, commit: dict) -> str:
-    """The changed patients' rows brought into their silver table in one commit: new rows inserted,
-    rows that differ updated, rows no longer derived (a record withdrawn, two merged into one)
-    deleted; rows equal to what is there are not rewritten. When only new rows came (a new batch of
-    visits, the usual increment) that commit is an append, with no rewrite and no merge join over
-    the table. Returns what it did, for the report."""
-    keys = list(entity.keys)
-    current = lake.read(entity.table)
-    if "patient_key" in rows.columns:  # organizations: the whole (small) table is compared
-        current = current.join(F.broadcast(patients), "patient_key", "left_semi")
-    rows, current = rows.persist(), current.persist()
-    try:
-        r, c = (
-            rows.withColumn(_IN_NEW, F.lit(True)).alias("r"),
-            current.withColumn(_IN_OLD, F.lit(True)).alias("c"),
-        )
-        same = F.lit(True)
-        for name in rows.columns:
-            same = same & F.col(f"r.`{name}`").eqNullSafe(F.col(f"c.`{name}`"))
-        on = [F.col(f"r.`{k}`").eqNullSafe(F.col(f"c.`{k}`")) for k in keys]
-        status = (
-            F.when(F.col(_IN_OLD).isNull(), "inserted")
-            .when(F.col(_IN_NEW).isNull(), "deleted")
-            .when(same, "unchanged")
-            .otherwise("updated")
-        )
-        found = {s: 0 for s in ("inserted", "updated", "deleted")}
-        found.update(
-            {row[0]: row[1] for row in r.join(c, on, "full_outer").groupBy(status).count().collect()}
-        )
-        if found["updated"] or found["deleted"]:
-            gone = c.join(r, on, "left_anti").select(*[F.col(f"c.`{k}`") for k in keys])
-            differs = "NOT (" + " AND ".join(f"t.`{n}` <=> s.`{n}`" for n in rows.columns) + ")"
-            lake.merge(rows, entity.table, keys, update_when=differs, commit_info=commit, delete=gone)
-        elif found["inserted"]:
-            new = r.join(c, on, "left_anti").select(*[F.col(f"r.`{n}`") for n in rows.columns])
-            lake.write(new, entity.table, mode=WriteMode.APPEND, commit_info=commit)
-    finally:
-        rows.unpersist()
-        current.unpersist()
-    return f"merged +{found['inserted']:,} ~{found['updated']:,} -{found['deleted']:,}"
-
-
-_IN_NEW, _IN_OLD = "_ehrlake_in_new", "_ehrlake_in_old"
 
 
 def _by_patient(table: DataFrame) -> DataFrame:
@@ -351,13 +363,13 @@ def _image_layout(images: DataFrame) -> DataFrame:
     )
 
 
-def _clinical(lake, frames: dict[str, DataFrame], mappings, tables, today, read_at, scope, held) -> None:
+def _clinical(lake, frames: dict[str, DataFrame], tables, today, read_at, plan: _Plan | None, held) -> None:
     """Patients first (ages need birth dates), then facilities (regions), then every event table.
-    With a ``scope`` (incremental), its few patients are kept in memory for every event table
+    With an incremental ``plan``, its few patients are kept in memory for every event table
     (appended to ``held`` for the caller to release) instead of read and decrypted for each."""
-    births = _birth_dates(lake, read_at, scope)
+    births = _birth_dates(lake, read_at, plan)
     patients = _patients(frames["patient"], births, today)
-    if scope is not None:
+    if plan is not None:
         patients = patients.persist()
         held.append(patients)
     tables["patient"] = patients
@@ -415,16 +427,15 @@ def _mapped(lake, mapping: Mapping, entity: Entity, read_at: dict[str, int], row
     return df.select(*columns, issues.alias(SOURCE_ISSUES))
 
 
-def _birth_dates(lake, read_at: dict[str, int], scope: DataFrame | None) -> DataFrame | None:
+def _birth_dates(lake, read_at: dict[str, int], plan: _Plan | None) -> DataFrame | None:
     """patient_key -> exact birth date, opened from the sealed bronze column for computing ages
-    inside this job only (it is never written to silver); only ``scope``'s patients where given."""
+    inside this job only (it is never written to silver); only an incremental ``plan``'s patients
+    where given."""
     parts = []
     for table, column in BIRTH_DATES.items():
         if table not in read_at:
             continue
-        df = lake.read(table, version=read_at[table])
-        if scope is not None:
-            df = df.join(scope, "patient_key", "left_semi")
+        df = _bronze(lake, table, read_at, plan)
         sealing = Sealing.of(df.schema)
         keys = list(sealing.keys) if sealing else []
         df = df.select(*{*keys, "patient_key", column})

@@ -191,24 +191,32 @@ class Lake:
         )
 
     def changed_rows(
-        self, table: str, since: int, columns: list[str], until: int | None = None
+        self,
+        table: str,
+        since: int,
+        columns: list[str] | None = None,
+        until: int | None = None,
+        added_only: bool = False,
     ) -> DataFrame | None:
-        """``columns`` of every row in the data files that commits after version ``since`` (up to
-        ``until``, default the latest) added or removed: a superset of the rows that changed
-        (:mod:`ehrlake.lake.changes`); ``None`` when the log no longer holds that range."""
+        """``columns`` (default all) of every row in the data files that commits after version
+        ``since`` (up to ``until``, default the latest) added or removed: a superset of the rows
+        that changed (:mod:`ehrlake.lake.changes`); ``added_only``: of the files added, which are
+        rows of the table at ``until``. ``None`` when the log no longer holds that range."""
         until = self.version(table) if until is None else until
         changes = file_changes(self.path(table), since, until)
-        if changes is None:
+        if changes is None or (added_only and changes.deletion_vectors):
             return None
+        columns = self.schema(table).fieldNames() if columns is None else columns
         wanted = T.StructType([f for f in self.schema(table).fields if f.name in columns])
         unknown = set(columns) - set(wanted.fieldNames())
         if unknown:
             raise ConfigError(f"{table} has no columns {sorted(unknown)}")
-        if not changes.files:
+        files = changes.added if added_only else changes.files
+        if not files:
             return self.spark.createDataFrame([], wanted)
         # partition columns come from the files' folder names (col=value), as a table scan's do
-        files = self.spark.read.schema(wanted).option("basePath", self.path(table)).parquet(*changes.files)
-        return files.select(*[f"`{c}`" for c in wanted.fieldNames()])  # discovery adds all partition columns
+        frame = self.spark.read.schema(wanted).option("basePath", self.path(table)).parquet(*files)
+        return frame.select(*[f"`{c}`" for c in wanted.fieldNames()])  # discovery adds all partition columns
 
     def optimize(self, table: str, zorder: list[str] | None = None, commit_info: dict | None = None):
         """Compact small files (or rewrite all of them Z-ordered on ``zorder``) in one commit that

@@ -28,6 +28,9 @@ class FileChanges:
     until: int
     added: tuple[str, ...]
     removed: tuple[str, ...]
+    # an added file carries a deletion vector: some of its rows are deleted, which reading the
+    # file alone would not show (no engine here writes them; a table written elsewhere may)
+    deletion_vectors: bool = False
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -40,6 +43,7 @@ def file_changes(path: str, since: int, until: int) -> FileChanges | None:
     log = os.path.join(path, "_delta_log")
     added: dict[str, None] = {}
     removed: dict[str, None] = {}
+    vectors = False
     for version in range(since + 1, until + 1):
         commit = os.path.join(log, f"{version:020d}.json")
         if not os.path.isfile(commit):
@@ -49,6 +53,7 @@ def file_changes(path: str, since: int, until: int) -> FileChanges | None:
         for action in actions:
             if "add" in action and action["add"].get("dataChange", True):
                 added[_absolute(path, action["add"]["path"])] = None
+                vectors = vectors or bool(action["add"].get("deletionVector"))
             elif "remove" in action and action["remove"].get("dataChange", True):
                 file = _absolute(path, action["remove"]["path"])
                 if file in added:  # added and removed within the range: its rows were never seen
@@ -57,7 +62,7 @@ def file_changes(path: str, since: int, until: int) -> FileChanges | None:
                     removed[file] = None
     if any(not os.path.isfile(f) for f in removed):
         return None  # vacuumed: what those rows were can no longer be read
-    return FileChanges(since, until, tuple(added), tuple(removed))
+    return FileChanges(since, until, tuple(added), tuple(removed), vectors)
 
 
 def _absolute(table: str, path: str) -> str:
