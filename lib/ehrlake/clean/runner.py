@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from ehrlake import clean
 from ehrlake.clean import codes, units
 from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
@@ -47,6 +47,7 @@ JOB = "clean"
 # already costs 0.9x a rebuild at 10k patients (bench/engines.py), so this only bounds the merge.
 INCREMENTAL_SHARE = 0.2
 BIRTH_DATES = {"bronze.fhir_patient": "birth_date", "bronze.synthea_patients": "birthdate"}
+HERE = Path(__file__).parent  # the clean package: its code is part of the fingerprint
 
 
 def run(
@@ -105,7 +106,7 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
     """``incremental``: the share of patients changed above which to rebuild; 0: always rebuild."""
     read_at = _source_versions(lake, mappings)  # every read below is of these versions
     produced = [n for n in ENTITIES if any(m.entity == n and m.table in read_at for m in mappings)]
-    fp = watermarks.fingerprint(sorted(mappings, key=repr), watermarks.code(clean))
+    fp = watermarks.fingerprint(sorted(mappings, key=repr), watermarks.code(HERE))
     marks = watermarks.read(lake, JOB) if incremental else {}
     plans = [
         _plan(

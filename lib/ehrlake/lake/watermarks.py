@@ -62,13 +62,13 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256("\n".join(repr(p) for p in parts).encode()).hexdigest()[:16]
 
 
-def code(*modules: ModuleType) -> str:
-    """A digest of the source of ``modules`` (a package: every ``.py`` file in it): for a job's
-    fingerprint, so that an upgrade that changes how rows are derived rebuilds what the old code
-    derived rather than mixing the two in one table."""
+def code(*modules: ModuleType | Path) -> str:
+    """A digest of the source of ``modules`` (a package, or a package's folder: every ``.py`` file
+    in it): for a job's fingerprint, so that an upgrade that changes how rows are derived rebuilds
+    what the old code derived rather than mixing the two in one table."""
     digest = hashlib.sha256()
     for module in modules:
-        path = Path(module.__file__)
+        path = module / "__init__.py" if isinstance(module, Path) else Path(module.__file__)
         files = sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
         for file in files:
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
