@@ -146,11 +146,8 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     behind = []
     for name in tables:
         mark = marks.get(ENTITIES[name].table)
-        if mark is None or mark.fingerprint != fp or set(mark.sources) != set(sources):
+        if not increments.continues(mark, sources, fp) or not lake.exists(ENTITIES[name].table):
             plan.how = dict.fromkeys(tables, REBUILT)
-            return plan
-        if not lake.exists(ENTITIES[name].table) or any(mark.sources[t] > v for t, v in sources.items()):
-            plan.how = dict.fromkeys(tables, REBUILT)  # dropped, or its bronze recreated since
             return plan
         plan.how[name] = UNCHANGED
         if mark.sources != sources:
@@ -312,16 +309,9 @@ def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -
         entity = ENTITIES[name]
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
         if how[name] == INCREMENTAL:  # organizations (no patient_key): the whole small table compared
-            keyed = "patient_key" in out.columns
-            found = increments.replace_patients(
-                lake,
-                out,
-                entity.table,
-                list(entity.keys),
-                clinical.patients if keyed else None,
-                commit,
-                held=clinical.known if keyed else None,
-            )
+            # only the recomputed patients silver holds have rows there to compare with
+            patients = clinical.known if "patient_key" in out.columns else None
+            found = increments.replace_patients(lake, out, entity.table, list(entity.keys), patients, commit)
             how[name] = increments.describe(found)
         elif how[name] == REBUILT:
             if name == "imaging":

@@ -20,16 +20,28 @@ from ehrlake.lake import WriteMode
 STATUSES = ("inserted", "updated", "deleted")
 
 
+def continues(mark, sources: dict[str, int], fingerprint: str) -> bool:
+    """Whether a run reading ``sources`` (table -> version) can bring up to date what ``mark``
+    (the job's last watermark of a table, or None) recorded: there is one, with the same
+    fingerprint and source tables, and no source's version went back (recreated since)."""
+    return (
+        mark is not None
+        and mark.fingerprint == fingerprint
+        and set(mark.sources) == set(sources)
+        and all(mark.sources[t] <= v for t, v in sources.items())
+    )
+
+
 def changed_patients(lake, mark, sources: dict[str, int], fingerprint: str) -> DataFrame | None:
     """Distinct ``patient_key`` of the rows of ``sources`` (table -> version this run reads) in
     data files changed since ``mark`` (the job's last watermark of the table, or None); None when
-    the table must be rebuilt instead: no mark, another fingerprint or source set, a source whose
-    version went back (recreated) or without ``patient_key``, or a log no longer holding the range."""
-    if mark is None or mark.fingerprint != fingerprint or set(mark.sources) != set(sources):
+    the table must be rebuilt instead: the mark does not :func:`continue <continues>`, a source
+    has no ``patient_key``, or a log no longer holds the range."""
+    if not continues(mark, sources, fingerprint):
         return None
     parts = []
     for table, version in sources.items():
-        if mark.sources[table] > version or "patient_key" not in lake.schema(table).fieldNames():
+        if "patient_key" not in lake.schema(table).fieldNames():
             return None
         if mark.sources[table] == version:
             continue
@@ -52,23 +64,22 @@ def replace_patients(
     commit_info: dict,
     where: Column | None = None,
     ignore: tuple[str, ...] = (),
-    held: DataFrame | None = None,
 ) -> dict[str, int]:
     """Make ``table``'s rows of ``patients`` (a frame of ``patient_key``; None: every row) that
     ``where`` selects equal to ``rows``, in one commit: new rows inserted, rows that differ (in any
     column but ``ignore``) updated, rows no longer derived (a record withdrawn, two merged into one,
     a patient no longer eligible) deleted; equal rows are not rewritten. When only new rows came
     (a new batch of visits, the usual increment) the commit is an append, with no merge join over
-    the table. ``held``: those of ``patients`` the table may hold rows of, where the caller knows
-    (the others are new to it), so only their rows are looked up; none, and the table is not read.
-    Returns the counts of each, for the job's report."""
+    the table. A caller that knows which recomputed patients are new to the table passes only the
+    others as ``patients``: none, and the table is not read at all. Returns the counts of each,
+    for the job's report."""
     current = lake.read(table)
     if where is not None:
         current = current.where(where)
-    if held is not None and held.isEmpty():
+    if patients is not None and patients.isEmpty():
         current = current.limit(0)  # new patients only: nothing of theirs to compare with
     elif patients is not None:
-        current = current.join(F.broadcast(patients if held is None else held), "patient_key", "left_semi")
+        current = current.join(F.broadcast(patients), "patient_key", "left_semi")
     rows, current = rows.persist(), current.persist()
     try:
         r = rows.withColumn(_IN_NEW, F.lit(True)).alias("r")
@@ -106,4 +117,4 @@ def describe(found: dict[str, int]) -> str:
 
 _IN_NEW, _IN_OLD = "_ehrlake_in_new", "_ehrlake_in_old"
 
-__all__ = ["changed_patients", "replace_patients", "describe"]
+__all__ = ["continues", "changed_patients", "replace_patients", "describe"]
