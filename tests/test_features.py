@@ -16,10 +16,10 @@ AS_OF = dt.date(2020, 1, 1)
 T = dt.datetime.fromisoformat
 
 
-def _silver(lake, entity: str, rows: list[dict]) -> None:
+def _silver(lake, entity: str, rows: list[dict], mode: WriteMode = WriteMode.OVERWRITE) -> None:
     e = ENTITIES[entity]
     full = [tuple(r.get(f.name, [] if f.name == "quality_flags" else None) for f in e.fields) for r in rows]
-    lake.write(lake.spark.createDataFrame(full, e.schema()), e.table, mode=WriteMode.OVERWRITE)
+    lake.write(lake.spark.createDataFrame(full, e.schema()), e.table, mode=mode)
 
 
 def _history(key: str, future: bool) -> dict[str, list[dict]]:
@@ -163,6 +163,46 @@ def test_readmission_label_counts_a_stay_within_30_days_and_excludes_deaths(spar
     assert got["a"] == (1, None) and got["b"] == (0, None) and got["c"] == (0, None)
     assert got["q1"] == (None, "died on or before discharge")
     assert got["d"] == (None, "follow-up past the end of the data")
+
+
+def _gold(lake) -> dict[str, list[tuple]]:
+    return {t: sorted(tuple(r) for r in lake.read(t).collect()) for t in features.KEYS}
+
+
+def test_incremental_features_equal_a_rebuild_also_when_the_data_end_moves(lake):
+    for key, future in (("same", False), ("future", True)):
+        for entity, rows in _history(key, future).items():
+            _silver(lake, entity, rows, WriteMode.APPEND)
+    dates = [AS_OF, dt.date(2021, 1, 1)]  # the later one's 12-month follow-up runs past the data
+    assert set(features.run(lake, dates, incremental=True, rebuild_share=1.0)["how"].values()) == {
+        "rebuilt"
+    }  # no mark yet
+    index = ("mortality_12m", "same", "2021-01-01")
+
+    def label(index):
+        return {
+            (r.task, r.patient_key, r.index_id): (r.label, r.excluded)
+            for r in lake.read("gold.labels").collect()
+        }[index]
+
+    assert label(index) == (None, labels.PAST_END)
+    again = features.run(lake, dates, incremental=True, rebuild_share=1.0)
+    assert set(again["how"].values()) == {"merged +0 ~0 -0"}
+    # a new patient whose visit in 2022 moves the data's end: the censored row of 'same' now has a label
+    late = _history("late", False)
+    late["encounter"].append({**late["encounter"][0], "encounter_id": "late-e10",
+                              "start_at": T("2022-03-01 09:00"), "end_at": T("2022-03-01 10:00")})  # fmt: skip
+    for entity, rows in late.items():
+        _silver(lake, entity, rows, WriteMode.APPEND)
+    merged = features.run(lake, dates, incremental=True, rebuild_share=1.0)
+    assert label(index) == (0, None)
+    assert (
+        merged["how"]["gold.features_patient"].startswith("merged +")
+        and " ~0 " not in merged["how"]["gold.labels"]
+    )
+    incremental = _gold(lake)
+    assert set(features.run(lake, dates)["how"].values()) == {"rebuilt"}
+    assert _gold(lake) == incremental
 
 
 def test_default_index_dates_leave_a_year_of_follow_up():

@@ -136,6 +136,12 @@ def register(sub) -> None:
         help="comma-separated index dates YYYY-MM-DD (default: 1 January of the 5 latest years whose "
         "12-month follow-up lies inside the data)",
     )
+    features.add_argument(
+        "--incremental",
+        action="store_true",
+        help="recompute only the patients whose silver rows changed since the last run (ops.watermarks) "
+        "or whose labels the data's new end decides, and merge their rows; otherwise rebuild",
+    )
     common.lake_options(features)
     common.role_option(features)
     features.set_defaults(handler=cmd_features)
@@ -243,13 +249,15 @@ def cmd_features(args) -> int:
     from ehrlake import features
 
     lake, _ = common.open_lake(args)
-    summary = features.run(lake, common.dates(args.as_of) if args.as_of else None, role=args.role)
+    summary = features.run(
+        lake, common.dates(args.as_of) if args.as_of else None, role=args.role, incremental=args.incremental
+    )
     if summary["as_of"]:
         print(f"index dates {', '.join(summary['as_of'])} (data end {summary['data_end']})")
     for skipped in summary["skipped"]:
         print(f"skipped: {skipped}")
     for table in sorted(k for k in summary if k.startswith("gold.")):
-        print(f"{table:<28} {summary[table]:>10,} rows")
+        print(f"{table:<28} {summary[table]:>10,} rows  {summary['how'][table]}")
     for name, c in sorted(summary["tasks"].items()):
         rate = c["positive"] / c["labelled"] if c["labelled"] else 0.0
         print(

@@ -6,12 +6,16 @@
 - ``gold.labels``: one row per task x index with ``label`` (0/1) or the ``excluded`` reason
   (``labels.py``).
 
-Every table is rebuilt whole on each run, so re-running (after a crash or not) gives the same tables.
+Every table is rebuilt whole on each run, or with ``--incremental`` brought up to date for the
+patients whose rows can have changed (:func:`_scope`); either way re-running (after a crash or not)
+gives the same tables.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
+from pathlib import Path
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -19,11 +23,26 @@ from pyspark.sql import functions as F
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions, diabetes130, labels, pointintime
 from ehrlake.features.labels import LABEL_COLUMNS, TASKS, Task, task
-from ehrlake.lake import WriteMode
+from ehrlake.lake import WriteMode, increments, watermarks
 
 __all__ = ["run", "default_as_of", "TASKS", "Task", "task", "model_inputs", "descriptions", "training_frame"]
 
 DIABETES130_BRONZE = "bronze.diabetes130_encounters"
+JOB, LABELS = "features", "gold.labels"
+# the silver tables features and labels are computed from (each keyed by patient)
+SOURCES = tuple(
+    f"silver.{n}" for n in ("patient", "encounter", "condition", "observation", "medication", "procedure")
+)
+# the tables an incremental run merges into, with their keys; labels' Diabetes 130-US rows stay
+KEYS = {
+    "gold.features_encounter": ["patient_key", "index_id"],
+    "gold.features_patient": ["patient_key", "index_id"],
+    LABELS: ["task", "patient_key", "index_id"],
+}
+SILVER_TASKS = tuple(n for n, t in TASKS.items() if t.level != "diabetes130")
+# Above this share of patients to recompute, rebuild (as clean and scoring do)
+INCREMENTAL_SHARE = 0.2
+HERE = Path(__file__).parent  # the features package: its code is part of the fingerprint
 
 
 def default_as_of(end: dt.datetime, years: int = 5) -> list[dt.date]:
@@ -66,23 +85,35 @@ def patient_features(lake, as_of: list[dt.date], defs=None, patients: DataFrame 
     population of the patient-level tasks; scoring uses the same); only of ``patients`` (a frame
     of ``patient_key``) where given: a patient's features depend on their own rows alone."""
     defs = defs or definitions.load()
-    index = labels.patient_index(lake, as_of, defs).where(F.col("_base_excluded").isNull())
-    if patients is not None:
-        index = index.join(F.broadcast(patients), "patient_key", "left_semi")
+    index = labels.patient_index(lake, as_of, defs, patients).where(F.col("_base_excluded").isNull())
     return pointintime.build(lake, index, defs, "patient")
 
 
-def run(lake, as_of: list[dt.date] | None = None, role: str | None = None) -> dict:
+def run(
+    lake,
+    as_of: list[dt.date] | None = None,
+    role: str | None = None,
+    incremental: bool = False,
+    rebuild_share: float = INCREMENTAL_SHARE,
+) -> dict:
     """Build the feature and label tables from silver (and the Diabetes 130-US bronze table where
-    it exists). Returns rows per table and labelled / positive counts per task."""
+    it exists). Returns rows per table, how each was written, and labelled / positive counts per task.
+
+    ``incremental``: recompute only the patients whose silver rows changed since the last run
+    (``ops.watermarks``) and those whose labels the data's end decides (:func:`_scope`), and merge
+    their rows; everything is rebuilt when that cannot be told or would not pay (first run, other
+    definitions, index dates or code, a changed Diabetes 130-US table, more than ``rebuild_share``
+    of the patients)."""
     defs = definitions.load()
     has_silver = lake.exists("silver.patient") and lake.exists("silver.encounter")
     has_d130 = lake.exists(DIABETES130_BRONZE)
     if not has_silver and not has_d130:
         raise EhrlakeError("no silver tables yet: run ehrlake clean first")
+    # the versions before any read: a commit racing this run is seen again by the next one
+    sources = {t: lake.version(t) for t in (*SOURCES, DIABETES130_BRONZE) if lake.exists(t)}
     written: dict[str, DataFrame] = {}
     label_parts: list[DataFrame] = []
-    summary: dict = {"as_of": [], "skipped": []}
+    summary: dict = {"as_of": [], "skipped": [], "how": {}}
     end = labels.data_end(lake) if has_silver else None
     if has_silver and end is None:
         undated = "silver.encounter has no dated encounters: cannot place an index date"
@@ -91,23 +122,25 @@ def run(lake, as_of: list[dt.date] | None = None, role: str | None = None) -> di
         # a hospital whose only source is an undated extract: its own rows still make features
         summary["skipped"].append(f"patient and encounter tasks ({undated})")
         has_silver = False
+    as_of = sorted(as_of or default_as_of(end)) if has_silver else []
+    fp = watermarks.fingerprint(defs, as_of, has_silver, watermarks.code(HERE))
+    scope = _scope(lake, sources, fp, end, rebuild_share) if incremental and has_silver else None
     if has_silver:
-        as_of = sorted(as_of or default_as_of(end))
         summary["as_of"] = [d.isoformat() for d in as_of]
         summary["data_end"] = end.isoformat(sep=" ")
-        stays = labels.readmission(lake, end)
+        stays = labels.readmission(lake, end, scope)
         label_parts.append(stays.select(*LABEL_COLUMNS))
         written["gold.features_encounter"] = pointintime.build(
             lake, stays.where(F.col("index_time").isNotNull()), defs, "encounter"
         )
-        index = labels.patient_index(lake, as_of, defs)
+        index = labels.patient_index(lake, as_of, defs, scope)
         for t in TASKS.values():
             if t.level == "patient":
                 label_parts.append(labels.patient_labels(lake, index, t, end, defs))
         written["gold.features_patient"] = pointintime.build(
             lake, index.where(F.col("_base_excluded").isNull()), defs, "patient"
         )
-    if has_d130:
+    if has_d130 and scope is None:  # an incremental run leaves the extract's rows as they are
         rows = diabetes130.build(lake.read(DIABETES130_BRONZE))
         label_parts.append(rows.select(*LABEL_COLUMNS))
         written["gold.features_diabetes130"] = rows.drop("task", "label", "excluded")
@@ -116,14 +149,29 @@ def run(lake, as_of: list[dt.date] | None = None, role: str | None = None) -> di
         all_labels = all_labels.unionByName(part)
     written["gold.labels"] = all_labels
 
-    with lake.security.job("features", ["gold"], role) as (_, audit):
-        for table, df in written.items():
-            lake.write(df, table, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "features"})
-            rows = lake.row_count(table)
-            summary[table] = rows
-            audit.append((table, f"{rows} rows"))
+    run_id = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    commit = {"ehrlakeJob": JOB, "ehrlakeRunId": run_id}
+    try:
+        with lake.security.job(JOB, ["gold"], role, run_id) as (_, audit):
+            for table, df in written.items():
+                if scope is None:
+                    lake.write(df, table, mode=WriteMode.OVERWRITE, commit_info=commit)
+                    how = "rebuilt"
+                else:
+                    silver_tasks = F.col("task").isin(*SILVER_TASKS) if table == LABELS else None
+                    found = increments.replace_patients(
+                        lake, df, table, KEYS[table], scope, commit, where=silver_tasks
+                    )
+                    how = increments.describe(found)
+                rows = lake.row_count(table)
+                summary[table], summary["how"][table] = rows, how
+                audit.append((table, f"{rows} rows, {how}"))
+            watermarks.record(lake, [watermarks.Watermark(JOB, LABELS, sources, fp, run_id)], commit)
+    finally:
+        if scope is not None:
+            scope.unpersist()
     counts = (
-        lake.read("gold.labels")
+        lake.read(LABELS)
         .groupBy("task")
         .agg(
             F.sum(F.col("label").isNotNull().cast("int")).alias("labelled"),
@@ -137,3 +185,45 @@ def run(lake, as_of: list[dt.date] | None = None, role: str | None = None) -> di
         for r in counts
     }
     return summary
+
+
+def _scope(lake, sources: dict[str, int], fp: str, end: dt.datetime, share: float) -> DataFrame | None:
+    """The patients an incremental run recomputes (persisted), or None: rebuild.
+
+    A row depends on its patient's silver rows, the index dates and definitions (the fingerprint),
+    and on the data's end only through one test, "does the follow-up run past the end?" (labels'
+    ``PAST_END``). So beside the patients whose silver rows changed, only those with a label row that
+    test may now decide otherwise are recomputed: one excluded for it, or one labelled whose
+    follow-up runs past the new end (the data shrank). Every other row is what a rebuild would give.
+    """
+    mark = watermarks.read(lake, JOB).get(LABELS)
+    if (
+        not increments.continues(mark, sources, fp)
+        or mark.sources.get(DIABETES130_BRONZE) != sources.get(DIABETES130_BRONZE)
+        or not all(lake.exists(t) for t in KEYS)
+    ):
+        return None
+    silver = {t: v for t, v in sources.items() if t != DIABETES130_BRONZE}
+    behind = replace(mark, sources={t: v for t, v in mark.sources.items() if t in silver})
+    changed = increments.changed_patients(lake, behind, silver, fp)
+    if changed is None:
+        return None
+    horizon = F.lit(None).cast("timestamp")
+    for t in TASKS.values():
+        if t.name in SILVER_TASKS:
+            horizon = F.when(
+                F.col("task") == t.name, F.col("index_time") + F.expr(f"INTERVAL {t.horizon_days} DAYS")
+            ).otherwise(horizon)
+    decided_by_end = (
+        lake.read(LABELS)
+        .where(
+            F.col("task").isin(*SILVER_TASKS)
+            & ((F.col("excluded") == labels.PAST_END) | (F.col("label").isNotNull() & (horizon > F.lit(end))))
+        )
+        .select("patient_key")
+    )
+    scope = changed.unionByName(decided_by_end).distinct().persist()
+    if scope.count() > share * max(1, lake.row_count("silver.patient")):
+        scope.unpersist()
+        return None
+    return scope

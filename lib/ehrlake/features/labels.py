@@ -109,6 +109,13 @@ def data_end(lake) -> dt.datetime | None:
     return row[0]
 
 
+PAST_END = "follow-up past the end of the data"  # the one exclusion that the data's end decides
+
+
+def _of(table: DataFrame, patients: DataFrame | None) -> DataFrame:
+    return table if patients is None else table.join(F.broadcast(patients), "patient_key", "left_semi")
+
+
 def _days(days: int) -> Column:
     return F.expr(f"INTERVAL {int(days)} DAYS")
 
@@ -118,10 +125,11 @@ def _label(excluded: Column, outcome: Column) -> tuple[Column, Column]:
     return F.when(excluded.isNull(), outcome.cast("int")), excluded
 
 
-def readmission(lake, end: dt.datetime) -> DataFrame:
-    """Index rows of ``readmission_30d``: inpatient stays, with ``source_system`` / ``encounter_id``."""
+def readmission(lake, end: dt.datetime, patients: DataFrame | None = None) -> DataFrame:
+    """Index rows of ``readmission_30d``: inpatient stays, with ``source_system`` / ``encounter_id``;
+    only of ``patients`` (a frame of ``patient_key``) where given."""
     stays = (
-        lake.read("silver.encounter")
+        _of(lake.read("silver.encounter"), patients)
         .where(F.lower("encounter_class") == "inpatient")
         .select("source_system", "encounter_id", "patient_key", "start_at", "end_at")
     )
@@ -139,12 +147,12 @@ def readmission(lake, end: dt.datetime) -> DataFrame:
         .distinct()
         .withColumn("_readmitted", F.lit(True))
     )
-    deaths = lake.read("silver.patient").select("patient_key", "death_date")
+    deaths = _of(lake.read("silver.patient"), patients).select("patient_key", "death_date")
     df = stays.join(readmitted, ["source_system", "encounter_id"], "left").join(deaths, "patient_key", "left")
     excluded = (
         F.when(F.col("end_at").isNull(), F.lit("no discharge time"))
         .when(F.col("death_date") <= F.to_date("end_at"), F.lit("died on or before discharge"))
-        .when(F.col("end_at") + _days(30) > F.lit(end), F.lit("follow-up past the end of the data"))
+        .when(F.col("end_at") + _days(30) > F.lit(end), F.lit(PAST_END))
     )
     label, excluded = _label(excluded, F.coalesce("_readmitted", F.lit(False)))
     return df.select(
@@ -159,12 +167,14 @@ def readmission(lake, end: dt.datetime) -> DataFrame:
     )
 
 
-def patient_index(lake, as_of: list[dt.date], defs: Definitions) -> DataFrame:
-    """Every patient with a dated encounter x as-of date, with the exclusion common to all patient
-    tasks (or null)."""
+def patient_index(
+    lake, as_of: list[dt.date], defs: Definitions, patients: DataFrame | None = None
+) -> DataFrame:
+    """Every patient (of ``patients`` where given) with a dated encounter x as-of date, with the
+    exclusion common to all patient tasks (or null)."""
     dates = lake.spark.createDataFrame([(d,) for d in sorted(set(as_of))], "as_of date")
-    people = lake.read("silver.patient").select("patient_key", "birth_year", "death_date")
-    seen = lake.read("silver.encounter").select(
+    people = _of(lake.read("silver.patient"), patients).select("patient_key", "birth_year", "death_date")
+    seen = _of(lake.read("silver.encounter"), patients).select(
         "patient_key", F.coalesce("end_at", "start_at").alias("ended_at")
     )
     # only patients with a dated encounter can be placed in time (Diabetes 130-US has no dates)
@@ -213,7 +223,7 @@ def patient_labels(lake, index: DataFrame, t: Task, end: dt.datetime, defs: Defi
             F.col("death_date").cast("timestamp") < horizon_end
         )
         excluded = F.when(F.col("_base_excluded").isNotNull(), F.col("_base_excluded")).when(
-            past_end, F.lit("follow-up past the end of the data")
+            past_end, F.lit(PAST_END)
         )
         df = index
     else:
@@ -229,7 +239,7 @@ def patient_labels(lake, index: DataFrame, t: Task, end: dt.datetime, defs: Defi
         excluded = (
             F.when(F.col("_base_excluded").isNotNull(), F.col("_base_excluded"))
             .when(F.col("_first_onset") < F.col("index_time"), F.lit(f"already has {group.description}"))
-            .when(past_end, F.lit("follow-up past the end of the data"))
+            .when(past_end, F.lit(PAST_END))
         )
     label, excluded = _label(excluded, F.coalesce(outcome, F.lit(False)))
     return df.select(
