@@ -43,9 +43,6 @@ class CleanReport:
 
 REBUILT, UNCHANGED, INCREMENTAL = "rebuilt", "unchanged", "incremental"
 JOB = "clean"
-# Above this share of patients changed, rebuild. A guess, not measured: at 1% the incremental clean
-# already costs 0.9x a rebuild at 10k patients (bench/engines.py), so this only bounds the merge.
-INCREMENTAL_SHARE = 0.2
 BIRTH_DATES = {"bronze.fhir_patient": "birth_date", "bronze.synthea_patients": "birthdate"}
 HERE = Path(__file__).parent  # the clean package: its code is part of the fingerprint
 
@@ -58,7 +55,7 @@ def run(
     role: str | None = None,
     cluster: bool = True,
     incremental: bool = False,
-    rebuild_share: float = INCREMENTAL_SHARE,
+    rebuild_share: float = increments.REBUILD_SHARE,
 ) -> CleanReport:
     """Rebuild every silver table from the bronze tables that exist (see module docstring), as
     ``role`` (it must be allowed to write silver; the tables written are audited). ``cluster``:
@@ -160,7 +157,7 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
         plan.how = dict.fromkeys(tables, REBUILT)
         return plan
     plan.patients = changed[0].persist()
-    if plan.patients.count() > incremental * max(1, lake.row_count(ENTITIES["patient"].table)):
+    if increments.too_many(lake, plan.patients, ENTITIES["patient"].table, incremental):
         plan.how = dict.fromkeys(tables, REBUILT)
         return plan
     if not changed[1] and "organization" in tables:

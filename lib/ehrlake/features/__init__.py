@@ -40,8 +40,6 @@ KEYS = {
     LABELS: ["task", "patient_key", "index_id"],
 }
 SILVER_TASKS = tuple(n for n, t in TASKS.items() if t.level != "diabetes130")
-# Above this share of patients to recompute, rebuild (as clean and scoring do)
-INCREMENTAL_SHARE = 0.2
 HERE = Path(__file__).parent  # the features package: its code is part of the fingerprint
 
 
@@ -94,7 +92,7 @@ def run(
     as_of: list[dt.date] | None = None,
     role: str | None = None,
     incremental: bool = False,
-    rebuild_share: float = INCREMENTAL_SHARE,
+    rebuild_share: float = increments.REBUILD_SHARE,
 ) -> dict:
     """Build the feature and label tables from silver (and the Diabetes 130-US bronze table where
     it exists). Returns rows per table, how each was written, and labelled / positive counts per task.
@@ -223,7 +221,7 @@ def _scope(lake, sources: dict[str, int], fp: str, end: dt.datetime, share: floa
         .select("patient_key")
     )
     scope = changed.unionByName(decided_by_end).distinct().persist()
-    if scope.count() > share * max(1, lake.row_count("silver.patient")):
+    if increments.too_many(lake, scope, "silver.patient", share):
         scope.unpersist()
         return None
     return scope

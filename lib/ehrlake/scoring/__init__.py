@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
-from ehrlake.clean.model import ENTITIES
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions
 from ehrlake.lake import increments, watermarks
@@ -31,11 +30,6 @@ from ehrlake.models.train import score_column
 TABLE = "gold.risk_scores"
 KEYS = ["patient_key", "task", "as_of"]
 # the silver tables patient-level features are computed from (features.pointintime)
-FEATURE_SOURCES = [
-    ENTITIES[e].table for e in ("patient", "encounter", "condition", "observation", "medication", "procedure")
-]
-# above this share of the population changed, score everyone (as in clean: a bound, not a measurement)
-INCREMENTAL_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -81,7 +75,7 @@ def score(
         raise EhrlakeError(f"{mv.label} is a model of {mv.task}, not {task_name}")
     started = dt.datetime.now(dt.UTC)
     job = f"score {task_name} {as_of.isoformat()}"
-    tables = FEATURE_SOURCES if t.level == "patient" else [t.feature_table]
+    tables = list(feats.SOURCES) if t.level == "patient" else [t.feature_table]
     sources = {table: lake.version(table) for table in tables if lake.exists(table)}
     fp = watermarks.fingerprint(mv.model_id, mv.version, definitions.load(), watermarks.code(feats, explain))
     patients = None
@@ -89,8 +83,7 @@ def score(
         patients = increments.changed_patients(lake, watermarks.read(lake, job).get(TABLE), sources, fp)
     if patients is not None:
         patients = patients.persist()
-        population = lake.row_count(tables[0]) if tables[0] in sources else 0
-        if patients.count() > INCREMENTAL_SHARE * max(1, population):
+        if increments.too_many(lake, patients, tables[0]):
             patients.unpersist()
             patients = None
     try:
