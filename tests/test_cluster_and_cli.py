@@ -154,6 +154,21 @@ def test_third_party_noise_from_child_processes_is_kept_out_of_the_commands_stde
     assert "got rank" in loud.stderr and "incubator" in loud.stderr and "real error" in loud.stderr
 
 
+def test_the_commands_last_error_line_survives_its_exit_every_time():
+    """The line a failing command prints just before it exits is copied out before the filter stops
+    (it was once lost now and then on a loaded machine: exit 1, empty stderr). Many at once load it."""
+    code = (
+        "from ehrlake import noise; noise.filter_stderr(); import sys; "
+        "print('ehrlake: error: the one line', file=sys.stderr); sys.exit(1)"
+    )
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env())
+        for _ in range(24)
+    ]
+    outcomes = [(run.wait(timeout=60), run.stderr.read()) for run in runs]
+    assert outcomes == [(1, "ehrlake: error: the one line\n")] * len(runs)
+
+
 @pytest.mark.slow
 def test_cli_ingest_then_lake_show_json(tmp_path):
     lake = tmp_path / "lake"

@@ -66,14 +66,19 @@ def filter_stderr() -> None:
 def _copy(read: int, terminal: int, stop: threading.Event) -> None:
     pending = b""
     while True:
-        ready, _, _ = select.select([read], [], [], _PAUSE)
+        # whether to stop is read before looking at the pipe: everything the command wrote before it
+        # asked the copier to stop is then in the pipe for this look. Read after (as it once was), a
+        # look that came up empty just before the command's last line and the stop would end the copy
+        # with that line (its one-line error) still unread: an exit 1 with nothing on stderr.
+        stopping = stop.is_set()
+        ready, _, _ = select.select([read], [], [], 0 if stopping else _PAUSE)
         chunk = os.read(read, 65536) if ready else b""
         if not chunk:  # quiet for a moment, or closed: a partial line (a prompt) is shown as it is
             kept = clean(pending) if pending else None
             if kept:
                 os.write(terminal, kept)
             pending = b""
-            if stop.is_set() or ready:
+            if stopping or ready:
                 return
             continue
         pending += chunk
