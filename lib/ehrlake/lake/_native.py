@@ -282,10 +282,21 @@ class NativeDeltaEngine:
         that would go, with ``dry_run``)."""
         self._table(path)
         self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
-        listed = self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS DRY RUN")
-        files = [r[0] for r in listed.collect()]
-        if not dry_run and files:
-            self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS").collect()
+        # Delta lists the table's directories in a job of spark.sql.sources.parallelPartitionDiscovery
+        # .parallelism tasks: Spark's default, 10,000, made each VACUUM of even a one-file table ~20 s
+        # of empty tasks on two cores. The cluster's own parallelism lists any table as fast.
+        listing = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
+        configured = self.spark.conf.get(listing, None)
+        if configured is None:
+            self.spark.conf.set(listing, str(self.spark.sparkContext.defaultParallelism))
+        try:
+            listed = self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS DRY RUN")
+            files = [r[0] for r in listed.collect()]
+            if not dry_run and files:
+                self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS").collect()
+        finally:
+            if configured is None:
+                self.spark.conf.unset(listing)
         return files
 
     # ----------------------------------------------------------------- internals
