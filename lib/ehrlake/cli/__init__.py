@@ -9,6 +9,7 @@ library; this module builds the parser from them and runs the chosen command.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["EHRLAKE_DEBUG"] = "1"
     # Spark's log off unless asked for: a failure is this command's one line, not a page of JVM frames
     os.environ.setdefault("EHRLAKE_SPARK_LOG", "WARN" if args.verbose else "OFF")
+    if not args.verbose:
+        # PySpark logs every analysis error it converts (the plan, the JVM stack, as one JSON line to
+        # stderr) from its own Python loggers, which no Spark log level reaches
+        for name in ("DataFrameQueryContextLogger", "SQLQueryContextLogger"):
+            logging.getLogger(name).disabled = True
     return dispatch(args)
 
 
