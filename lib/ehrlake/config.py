@@ -135,8 +135,8 @@ def build(cls: type, data: Any, where: str):
     """Build dataclass ``cls`` from a mapping, refusing unknown keys and wrong types; every YAML of
     the project that maps onto a dataclass is read through here (``where`` names it in errors).
     A field's type is its default's: a nested dataclass, a mapping, a tuple (from a YAML list; of
-    dataclasses where annotated ``tuple[X, ...]``), a mapping (of
-    dataclasses where annotated ``dict[str, X]``), a float (an integer is accepted), an int, a
+    dataclasses where annotated ``tuple[X, ...]``), a mapping (of dataclasses where annotated
+    ``dict[str, X]``, of ints where ``dict[str, int]``), a float (an integer is accepted), an int, a
     bool or a str; a field whose default is None, or whose annotation allows None, accepts null
     (or a mapping, where the annotation names a dataclass). A field read from a key that is not a
     Python name (``from``) says so in its metadata: ``field(default="", metadata={"key": "from"})``;
@@ -179,6 +179,8 @@ def _value(default: Any, value: Any, where: str, hint: Any):
             return {str(k): v for k, v in value.items()}
         if len(args) == 2 and typing.get_origin(args[1]) is tuple:  # dict[str, tuple[str, ...]]
             return {str(k): _value((), v, f"{where}.{k}", args[1]) for k, v in value.items()}
+        if len(args) == 2 and args[1] is int:  # dict[str, int]
+            return {str(k): _value(0, v, f"{where}.{k}", int) for k, v in value.items()}
         return {str(k): str(v) for k, v in value.items()}
     if isinstance(default, tuple):
         if not isinstance(value, list | tuple):

@@ -1,4 +1,4 @@
-"""Commands of the pipeline's stages: ingest, synth, clean, quality, eda, report, features."""
+"""Commands of the pipeline's stages: ingest, synth, clean, quality, eda, report, features, sequences."""
 
 from __future__ import annotations
 
@@ -146,6 +146,17 @@ def register(sub) -> None:
     common.role_option(features)
     features.set_defaults(handler=cmd_features)
 
+    seqs = sub.add_parser(
+        "sequences",
+        help="patient event sequences and their vocabulary, for sequence models",
+        description="Rebuild gold.sequence_vocabulary and gold.sequences from silver: per index of "
+        "gold.features_patient and per patient's whole record, the time-ordered tokens of what happened "
+        "before the index (conf/sequences.yaml, docs/self_supervised.md).",
+    )
+    common.lake_options(seqs)
+    common.role_option(seqs)
+    seqs.set_defaults(handler=cmd_sequences)
+
 
 def cmd_ingest(args) -> int:
     from ehrlake import ingest
@@ -242,6 +253,21 @@ def cmd_report(args) -> int:
     with open(out, "w", encoding="utf-8") as fh:
         fh.write(text)
     print(f"wrote {out} ({len(text) / 1e3:.0f} kB, {text.count('<img')} plots)")
+    return 0
+
+
+def cmd_sequences(args) -> int:
+    from ehrlake.features import sequences
+
+    lake, _ = common.open_lake(args)
+    s = sequences.run(lake, role=args.role)
+    print(
+        f"{sequences.VOCABULARY:<28} {s['vocabulary']:>10,} tokens  (version {s['vocabulary_version']})\n"
+        f"{sequences.SEQUENCES:<28} {s['sequences']:>10,} rows    ({s['patients']:,} patients' whole records "
+        f"and the features' indexes)\n"
+        f"  tokens {s['tokens']:,}: median length {s['median_length']}, longest {s['longest']}, "
+        f"{s['truncated_share']:.1%} cut to the most recent, {s['unknown_share']:.1%} unknown (rare codes)"
+    )
     return 0
 
 
