@@ -33,6 +33,7 @@ if [ -x "$dlbin/ehrlake" ]; then
   # TensorFlow on Horovod-on-Spark (2 workers); short runs here, docs/deep_learning.md for the full ones
   dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
   dl train --task breastmnist_normal --epochs 15
+  dl pretrain --epochs 5   # the sequence encoder, labels unused (docs/self_supervised.md)
   dl score-images --model breastmnist_normal.cnn --source-system pacs
 else
   echo; echo "(deep-learning steps skipped: make dl-env builds their runtime)"

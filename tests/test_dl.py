@@ -184,6 +184,54 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     assert scores.where(F.size("top_reasons") > 0).count() > 0
 
 
+@pytest.mark.slow
+def test_pretraining_lowers_the_masked_code_loss_and_the_encoder_reloads_from_the_registry(
+    spark, tmp_path, security_conf
+):
+    """The sample's hundred FHIR patients: their sequences (main runtime), masked-code pretraining on
+    two Horovod workers, and the registered encoder reloaded."""
+    import dataclasses
+
+    from pyspark.sql import functions as F
+
+    from ehrlake import config
+    from ehrlake.dl import nets, pretrain
+    from ehrlake.features import sequences
+    from ehrlake.lake import Lake
+    from ehrlake.models import registry
+    from ehrlake.models.train import split
+    from ehrlake.security import Security
+
+    root = str(tmp_path / "lake")
+    _main_runtime("ingest", "--source", "fhir-ndjson", "--input", str(SAMPLE / "fhir_ndjson" / "server_import_100p"),
+                  "--lake", root)  # fmt: skip
+    _main_runtime("clean", "--lake", root)
+    _main_runtime("sequences", "--lake", root)
+    lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
+    cfg = runtime.load()
+    tiny = dataclasses.replace(cfg.encoder, length=48, dim=16, layers=1, heads=2, batch_size=16)
+    mv = pretrain.pretrain(
+        lake, dataclasses.replace(cfg, encoder=tiny), epochs=12, workers=2, launcher="horovod"
+    )
+    loss, accuracy = mv.metrics["masked_code_loss"], mv.metrics["masked_code_accuracy"]
+    # (beating the codes' frequencies needs more records than a hundred patients: docs/self_supervised.md)
+    assert loss["value"] < loss["untrained"] and accuracy["value"] > accuracy["untrained"], mv.metrics
+    assert loss["frequency"] > 0 and 0 < accuracy["frequency"] < 1
+    assert mv.training_data[sequences.VOCABULARY] == lake.version(sequences.VOCABULARY)
+    # the records a supervised model would be tested on (the same patient split) were not trained on
+    tensors = lake.read(pretrain.TENSORS, version=mv.training_data[pretrain.TENSORS])
+    held_out = {r.patient_key for r in tensors.where(F.col("split") == "test").collect()}
+    whole = lake.read(sequences.SEQUENCES).where(F.col("index_id") == sequences.ALL)
+    assert held_out == {r.patient_key for r in split(whole, 42)[1].collect()} and held_out
+    # reloaded from the registry: the same embeddings of the probe records as the trained encoder
+    encoder = pretrain.load_encoder(lake, registry.get(lake, pretrain.MODEL_ID))
+    probe = mv.params["probe"]
+    again = nets.patient_embedding(encoder)(
+        [np.array(probe["tokens"], "int32"), np.array(probe["ages"], "int32")]
+    )
+    assert np.array_equal(again.numpy(), np.array(probe["embeddings"], "float32"))
+
+
 def test_a_main_runtime_job_in_the_deep_learning_runtime_says_where_to_run_it(tmp_path):
     """``.venv-dl/bin/ehrlake ingest`` used to end in a PySparkImportError about PyArrow: now one
     line, before a JVM starts, naming the runtime that runs it."""

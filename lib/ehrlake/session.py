@@ -42,7 +42,9 @@ def arrow_paths_supported() -> bool:
 
 # what the deep-learning runtime (.venv-dl) runs; every other command seals or opens columns with
 # Arrow UDFs, which need the main runtime's PyArrow
-DEEP_LEARNING_COMMANDS = frozenset({"train", "evaluate", "score", "score-images", "models", "lake"})
+DEEP_LEARNING_COMMANDS = frozenset(
+    {"train", "pretrain", "evaluate", "score", "score-images", "models", "lake"}
+)
 
 
 def require_runtime(command: str) -> None:

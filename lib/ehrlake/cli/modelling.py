@@ -1,4 +1,4 @@
-"""Commands of models and their use: train, evaluate, score, score-images, models list|promote."""
+"""Commands of models and their use: train, pretrain, evaluate, score, score-images, models list|promote."""
 
 from __future__ import annotations
 
@@ -42,6 +42,25 @@ def register(sub) -> None:
     common.lake_options(train_cmd)
     common.role_option(train_cmd)
     train_cmd.set_defaults(handler=cmd_train)
+
+    pretrain_cmd = sub.add_parser(
+        "pretrain",
+        help="pretrain the sequence encoder on every patient's record, labels unused (deep-learning runtime)",
+        description="Masked-code pretraining of a small transformer over gold.sequences (run ehrlake "
+        "sequences first), distributed like the ANN and CNN; registered as sequences.encoder with the "
+        "vocabulary and data versions it read (docs/self_supervised.md).",
+    )
+    pretrain_cmd.add_argument(
+        "--epochs", type=int, help="epochs (default: encoder.epochs of conf/deep_learning.yaml)"
+    )
+    pretrain_cmd.add_argument("--workers", type=int, help="training workers (default: runtime.workers)")
+    pretrain_cmd.add_argument(
+        "--launcher", choices=["horovod", "barrier", "local"], help="how it is distributed"
+    )
+    pretrain_cmd.add_argument("--seed", type=int, default=42, help="split, masks and weights' seed")
+    common.lake_options(pretrain_cmd)
+    common.role_option(pretrain_cmd)
+    pretrain_cmd.set_defaults(handler=cmd_pretrain)
 
     evaluate_cmd = sub.add_parser(
         "evaluate",
@@ -133,6 +152,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from ehrlake.dl import pretrain
+    from ehrlake.features.sequences import VOCABULARY
+
+    lake, _ = common.open_lake(args)
+    mv = pretrain.pretrain(
+        lake, epochs=args.epochs, workers=args.workers, launcher=args.launcher, seed=args.seed, role=args.role
+    )
+    m, p = mv.metrics, mv.params
+    loss, accuracy, vocabulary = (
+        m["masked_code_loss"],
+        m["masked_code_accuracy"],
+        mv.training_data[VOCABULARY],
+    )
+    print(
+        f"{mv.label}: {p['layers']} layers x {p['dim']} dims over the last {p['length']} tokens, "
+        f"vocabulary {p['vocab_size']} (version {vocabulary}), {p['epochs']} epochs on {p['workers']} "
+        f"{p['launcher']} workers in {m['train_seconds']['value']} s\n"
+        f"  held-out records, {m['masked_codes']['value']:,} masked codes: loss {loss['value']:.2f} nats "
+        f"(codes' frequencies {loss['frequency']:.2f}, untrained {loss['untrained']:.2f}), top-1 accuracy "
+        f"{accuracy['value']:.1%} (the most frequent code {accuracy['frequency']:.1%})"
+    )
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from ehrlake.models import evaluate_model, registry
 
@@ -202,9 +246,7 @@ def cmd_models_list(args) -> int:
     if not rows:
         print("no models yet: run ehrlake train --task TASK")
     for r in rows:
-        auroc = r.metrics.get("auroc", {})
-        ci = f"{auroc.get('value', 0):.3f} ({auroc.get('ci_low', 0):.3f}-{auroc.get('ci_high', 0):.3f})"
-        print(f"{r.label:<44} {r.status:<10} test AUROC {ci}  {r.created_at:%Y-%m-%d %H:%M}")
+        print(f"{r.label:<44} {r.status:<10} {r.headline()}  {r.created_at:%Y-%m-%d %H:%M}")
     return 0
 
 

@@ -118,6 +118,12 @@ def selected_rows(files: tuple[str, ...], filters) -> dict[str, int]:
     return {f: ds.dataset(f, format="parquet").count_rows(filter=expr) for f in files}
 
 
+def whole_shard(snap: Snapshot, selection: Selection) -> Shard | None:
+    """Every file with selected rows as one shard (a split every rank reads whole); None: no rows."""
+    counts = {f: n for f, n in selected_rows(snap.files, selection.filters).items() if n}
+    return Shard(0, tuple(sorted(counts)), sum(counts.values())) if counts else None
+
+
 def plan_shards(snap: Snapshot, selection: Selection, workers: int) -> list[Shard]:
     """Assign whole files to ``workers`` so their selected rows are as even as greedy allows.
 

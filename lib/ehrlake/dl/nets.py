@@ -1,11 +1,14 @@
-"""The networks: a small CNN for abnormality detection on image slices, an MLP for tabular features.
+"""The networks: a small CNN for abnormality detection on image slices, an MLP for tabular features,
+and a transformer encoder of patient event sequences (with its masked-code pretraining head).
 
-Both end in one sigmoid unit (binary finding / risk). The CNN's last convolution is named
+The CNN and the MLP end in one sigmoid unit (binary finding / risk). The CNN's last convolution is named
 ``last_conv`` so Grad-CAM (``saliency.py``) can find it."""
 
 from __future__ import annotations
 
-from ehrlake.dl.runtime import keras
+from functools import cache
+
+from ehrlake.dl.runtime import keras, tensorflow
 
 
 def cnn(
@@ -54,3 +57,96 @@ def ann(inputs: int, hidden=(64, 32), dropout: float = 0.2):
         x = layers.Dense(n, activation="relu")(x)
         x = layers.Dropout(dropout)(x)
     return k.Model(x_in, layers.Dense(1, activation="sigmoid", name="risk")(x), name="ann")
+
+
+def sequence_encoder(
+    vocab_size: int, length: int, dim: int = 64, layers: int = 2, heads: int = 4, dropout=0.1
+):
+    """A small BERT-style encoder of event sequences: token + age + position embeddings, ``layers``
+    pre-norm transformer blocks; ``[PAD]`` (id 0) positions are masked out of attention. Outputs
+    one vector per position (``tokens``: int ids, ``ages``: whole years, both ``(length,)``)."""
+    k = keras()
+    L = k.layers
+    own = sequence_layers()
+    tokens = k.Input(shape=(length,), dtype="int32", name="tokens")
+    ages = k.Input(shape=(length,), dtype="int32", name="ages")
+    x = own["EventEmbedding"](vocab_size, length, dim, name="event_embedding")([tokens, ages])
+    x = L.Dropout(dropout)(x)
+    attention_mask = own["PaddingMask"](name="padding_mask")(tokens)
+    for i in range(layers):
+        h = L.LayerNormalization(name=f"ln{i}a")(x)
+        h = L.MultiHeadAttention(heads, dim // heads, dropout=dropout, name=f"attention{i}")(
+            h, h, attention_mask=attention_mask
+        )
+        x = L.Add()([x, L.Dropout(dropout)(h)])
+        h = L.LayerNormalization(name=f"ln{i}b")(x)
+        h = L.Dense(dim * 4, activation="gelu", name=f"ffn{i}a")(h)
+        x = L.Add()([x, L.Dropout(dropout)(L.Dense(dim, name=f"ffn{i}b")(h))])
+    x = L.LayerNormalization(name="encoded")(x)
+    return k.Model([tokens, ages], x, name="sequence_encoder")
+
+
+def masked_code_model(encoder, vocab_size: int):
+    """The encoder with a head predicting each position's token (logits): masked-code pretraining."""
+    k = keras()
+    logits = k.layers.Dense(vocab_size, name="code_logits")(encoder.output)
+    return k.Model(encoder.inputs, logits, name="masked_code_model")
+
+
+def patient_embedding(encoder):
+    """The mean of the encoder's vectors over a sequence's real (non-pad) positions."""
+    k = keras()
+    pooled = sequence_layers()["MaskedMean"](name="patient_embedding")([encoder.output, encoder.inputs[0]])
+    return k.Model(encoder.inputs, pooled, name="patient_embedding")
+
+
+MAX_AGE = 120
+
+
+@cache
+def sequence_layers() -> dict:
+    """The encoder's own layers, serialisable (a saved encoder loads with these as its custom
+    objects; Lambda layers would need unsafe deserialisation)."""
+    tf, k = tensorflow(), keras()
+
+    class EventEmbedding(k.layers.Layer):
+        """Token + age (0-120 years) + position embeddings of ``[tokens, ages]``."""
+
+        def __init__(self, vocab_size, length, dim, **kw):
+            super().__init__(**kw)
+            self.vocab_size, self.length, self.dim = vocab_size, length, dim
+            self.token = k.layers.Embedding(vocab_size, dim, name="token")
+            self.age = k.layers.Embedding(MAX_AGE + 1, dim, name="age")
+            self.position = k.layers.Embedding(length, dim, name="position")
+
+        def call(self, inputs):
+            tokens, ages = inputs
+            positions = tf.range(tf.shape(tokens)[1])[None, :]
+            return (
+                self.token(tokens) + self.age(tf.clip_by_value(ages, 0, MAX_AGE)) + self.position(positions)
+            )
+
+        def get_config(self):
+            return {
+                **super().get_config(),
+                "vocab_size": self.vocab_size,
+                "length": self.length,
+                "dim": self.dim,
+            }
+
+    class PaddingMask(k.layers.Layer):
+        """Which positions may attend to which: both real tokens (not ``[PAD]``, id 0)."""
+
+        def call(self, tokens):
+            real = tf.not_equal(tokens, 0)
+            return tf.logical_and(real[:, None, :], real[:, :, None])
+
+    class MaskedMean(k.layers.Layer):
+        """``[vectors, tokens]`` -> the mean vector over the real positions."""
+
+        def call(self, inputs):
+            x, tokens = inputs
+            real = tf.cast(tf.not_equal(tokens, 0), x.dtype)[..., None]
+            return tf.reduce_sum(x * real, axis=1) / tf.maximum(tf.reduce_sum(real, axis=1), 1.0)
+
+    return {c.__name__: c for c in (EventEmbedding, PaddingMask, MaskedMean)}

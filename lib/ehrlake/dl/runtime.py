@@ -102,6 +102,28 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class EncoderSettings:
+    """The sequence encoder and its masked-code pretraining (``encoder:``; dl/pretrain.py)."""
+
+    length: int = 128  # the most recent tokens of a record the encoder reads
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    epochs: int = 20
+    batch_size: int = 32  # per worker
+    learning_rate: float = 0.001
+    mask_rate: float = 0.15
+
+    def validate(self) -> None:
+        if min(self.length, self.dim, self.layers, self.heads, self.epochs, self.batch_size) < 1:
+            raise ConfigError("encoder: length, dim, layers, heads, epochs and batch_size must be positive")
+        if self.dim % self.heads:
+            raise ConfigError(f"encoder.dim {self.dim} must be a multiple of encoder.heads {self.heads}")
+        if not 0 < self.mask_rate < 1:
+            raise ConfigError(f"encoder.mask_rate must be in (0, 1), not {self.mask_rate}")
+
+
+@dataclass(frozen=True)
 class Config:
     """conf/deep_learning.yaml, typed and validated (unknown keys and wrong types stop the job)."""
 
@@ -109,6 +131,7 @@ class Config:
     image_tasks: dict[str, ImageTask] = field(default_factory=dict)
     cnn: NetSettings = field(default_factory=NetSettings)
     ann: NetSettings = field(default_factory=NetSettings)
+    encoder: EncoderSettings = field(default_factory=EncoderSettings)
 
     @property
     def backend(self) -> str:

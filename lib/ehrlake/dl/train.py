@@ -145,17 +145,12 @@ def _validation(p: Payload, worker):
     return datasets.open_dataset(p.val_shard, p.val, "arrow", worker.batch(256), repeat=False)
 
 
-def _whole(snap, selection) -> Shard | None:
-    counts = {f: n for f, n in datasets.selected_rows(snap.files, selection.filters).items() if n}
-    return Shard(0, tuple(sorted(counts)), sum(counts.values())) if counts else None
-
-
 def plan(kind, snap, train: Selection, val: Selection | None, hyper, backend, workers, epochs, seed, save_to):
     """The payload of a run: the training selection sharded between ``workers``, the validation
     selection whole, and the steps per epoch every worker runs (all selected rows once)."""
     shards = tuple(datasets.plan_shards(snap, train, workers))
     steps = math.ceil(sum(s.rows for s in shards) / (hyper.batch_size * workers))
-    val_shard = _whole(snap, val) if val else None
+    val_shard = datasets.whole_shard(snap, val) if val else None
     return Payload(kind, shards, train, val_shard, val, hyper, backend, steps, epochs, seed, save_to)
 
 

@@ -63,6 +63,17 @@ class ModelVersion:
         d["features"] = list(d["features"] or [])
         return cls(**d)
 
+    def headline(self) -> str:
+        """The metric a listing shows: test AUROC with its interval, or an encoder's masked-code
+        loss on held-out records."""
+        if "auroc" in self.metrics:
+            a = self.metrics["auroc"]
+            return f"test AUROC {a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
+        if "masked_code_loss" in self.metrics:
+            m = self.metrics["masked_code_loss"]
+            return f"masked-code loss {m['value']:.2f} (untrained {m['untrained']:.2f})"
+        return "no metrics"
+
     def artifact_path(self, lake) -> str:
         return os.path.join(lake.root, self.artifact)
 
