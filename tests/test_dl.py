@@ -97,7 +97,7 @@ def _payload(lake, epochs=1, save_to=None):
     sel = dl_train.image_selection("breastmnist", "train", SHAPE)
     val = dl_train.image_selection("breastmnist", "val", SHAPE)
     return dl_train.Payload(
-        "cnn", tuple(datasets.plan_shards(snap, sel, 2)), sel, dl_train._whole(snap, val), val,
+        "cnn", tuple(datasets.plan_shards(snap, sel, 2)), sel, datasets.whole_shard(snap, val), val,
         runtime.NetSettings(filters=(8, 16), batch_size=32, augment=True, dropout=0.3), "auto", 4, epochs, 7,
         save_to,
     )  # fmt: skip

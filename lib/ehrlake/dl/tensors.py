@@ -27,7 +27,7 @@ def tensor(scaling: dict[str, tuple[float, float]]) -> F.Column:
             for c, (m, s) in scaling.items()
         ]
     )
-    to_bytes = F.udf(lambda v: np.asarray(v, "<f4").tobytes(), T.BinaryType())
+    to_bytes = F.udf(lambda v: np.asarray(v, "<f4").tobytes(), T.BinaryType(), useArrow=False)
     return to_bytes(z)
 
 
