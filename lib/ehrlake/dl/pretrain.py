@@ -23,7 +23,7 @@ import numpy as np
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from ehrlake.dl import datasets, launch, runtime
+from ehrlake.dl import datasets, launch, runtime, tensors
 from ehrlake.dl.datasets import Selection, Shard
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import sequences as seqs
@@ -41,10 +41,7 @@ def write_tensors(lake, length: int, seed: int = DEFAULT_SEED) -> dict[str, int]
     versions of the sequences and the vocabulary read."""
     read = {t: lake.version(t) for t in (seqs.SEQUENCES, seqs.VOCABULARY)}
     rows = lake.read(seqs.SEQUENCES, version=read[seqs.SEQUENCES]).where(F.col("index_id") == seqs.ALL)
-    train_df, test_df = split(rows, seed)
-    marked = train_df.withColumn(
-        "split", F.when(F.col("cv_fold") == 0, "val").otherwise("train")
-    ).unionByName(test_df.withColumn("split", F.lit("test")), allowMissingColumns=True)
+    marked = tensors.with_split(*split(rows, seed))
 
     def pack(ids, ages):
         x = np.zeros((2, length), "<f4")

@@ -31,6 +31,15 @@ def tensor(scaling: dict[str, tuple[float, float]]) -> F.Column:
     return to_bytes(z)
 
 
+def with_split(train_df, test_df):
+    """The rows of :func:`ehrlake.models.train.split` in one frame with ``split``: ``test``, ``val``
+    (cross-validation fold 0 of the rest) or ``train``; every deep model's tensors use it."""
+    val_or_train = F.when(F.col("cv_fold") == 0, "val").otherwise("train")
+    return train_df.withColumn("split", val_or_train).unionByName(
+        test_df.withColumn("split", F.lit("test")), allowMissingColumns=True
+    )
+
+
 def build(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], dict]:
     """The task's labelled rows as standardised float32 vectors in ``gold.tensors_<task>``: split by
     patient (``test`` as the Spark ML models, ``val`` = CV fold 0 of the rest), missing values set to
@@ -45,9 +54,7 @@ def build(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], d
     ).first()
     inputs = [c for c in wanted if stats[f"m_{c}"] is not None]
     scaling = {c: (float(stats[f"m_{c}"]), float(stats[f"s_{c}"] or 0.0) or 1.0) for c in inputs}
-    rows = train_df.withColumn("split", F.when(F.col("cv_fold") == 0, "val").otherwise("train")).unionByName(
-        test_df.withColumn("split", F.lit("test")), allowMissingColumns=True
-    )
+    rows = with_split(train_df, test_df)
     out = rows.select(
         "index_id",
         "patient_key",
