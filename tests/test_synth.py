@@ -9,13 +9,17 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 
 import pandas as pd
 import pytest
+from pyspark.sql import functions as F
 
 from ehrlake import ingest, synth
+from ehrlake.clean import origin
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import SourceKind
+from ehrlake.models.train import split
 from ehrlake.synth import amplify
 from ehrlake.synth.fhir import RESOURCE_TYPES
 
@@ -110,6 +114,39 @@ def test_damage_at_the_configured_rate_is_quarantined_exactly(spark, lake, tmp_p
         assert counts.duplicate == 0, name
     reasons = {r.reason for r in lake.read("ops.quarantine").select("reason").distinct().collect()}
     assert reasons == {"missing_id", "unparseable_date"}
+
+
+def test_copies_are_linked_to_their_templates_and_never_reach_the_test_split(spark, lake, tmp_path):
+    """_lineage -> bronze.generated_patients -> silver.patient_origin: each copy's template_key is
+    the key the sample patient got at its own ingest; the split keeps a copy with its template
+    (same side, same fold) and drops the copies of test patients, so the test split is all real."""
+    samples = tmp_path / "samples"
+    for folder in glob.glob(os.path.join(amplify.DEFAULT_TEMPLATES, "*")):  # the templates' patients
+        os.makedirs(samples / os.path.basename(folder))
+        shutil.copy(os.path.join(folder, "patients.csv.gz"), samples / os.path.basename(folder))
+    out = str(tmp_path / "copies")
+    synth.run(spark, 400, out, seed=11, tables=(), template_source_system="local")
+    ingest.run(lake, SourceKind.SYNTHEA_CSV, str(samples), source_system="local")
+    report = ingest.run(lake, SourceKind.SYNTHEA_CSV, out, source_system="gen")
+    assert any("400 generated patients" in n for n in report.notes)
+    assert origin.refresh(lake, "test") == 400
+    people = lake.read("bronze.synthea_patients").select("patient_key", "source_system")
+    links = lake.read(origin.TABLE).drop("source_system").join(people, "patient_key").toPandas()
+    assert len(links) == 400 and set(links["source_system"]) == {"gen"}
+    real = {r.patient_key for r in people.where("source_system = 'local'").collect()}
+    assert set(links["template_key"]) <= real and len(set(links["template_key"])) > 100
+
+    rows = origin.with_templates(lake, people.withColumn("index_id", F.col("patient_key")))
+    train_df, test_df = split(rows, seed=42)
+    train = {r.patient_key: r.cv_fold for r in train_df.collect()}
+    test = {r.patient_key for r in test_df.collect()}
+    assert test <= real and 0 < len(test) < len(real)
+    template = dict(zip(links["patient_key"], links["template_key"], strict=True))
+    kept = [p for p in template if p in train]
+    assert kept and all(train[p] == train[template[p]] for p in kept)
+    dropped = {p for p, t in template.items() if t in test}
+    assert dropped and not dropped & (set(train) | test)
+    assert len(train) + len(test) + len(dropped) == len(real) + 400
 
 
 def test_bad_arguments_are_refused(spark, tmp_path):

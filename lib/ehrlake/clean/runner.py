@@ -11,7 +11,7 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from ehrlake.clean import codes, units
+from ehrlake.clean import codes, origin, units
 from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
@@ -119,6 +119,10 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
     ]
     try:
         report = _build(lake, mappings, read_at, plans, run_id, today, cluster)
+        copies = origin.refresh(lake, run_id)
+        if copies is not None:
+            report.rows[origin.NAME], report.sources[origin.NAME] = copies, [origin.SOURCE]
+            report.how[origin.NAME] = REBUILT
         watermarks.record(
             lake,
             [

@@ -66,6 +66,11 @@ def register(sub) -> None:
         "--tables",
         help="comma-separated event tables to write (default: all; patients and facilities always)",
     )
+    synth.add_argument(
+        "--template-source-system",
+        help="source system the sample records were ingested under, named in _lineage so each copy's "
+        "template is known (default: ingest.source_system of the configuration)",
+    )
     synth.add_argument("--conf", help="configuration YAML (default: $EHRLAKE_CONF or conf/default.yaml)")
     synth.set_defaults(handler=cmd_synth)
 
@@ -185,7 +190,8 @@ def cmd_synth(args) -> int:
     from ehrlake import synth
     from ehrlake.session import get_spark
 
-    spark = get_spark(config_module.load(args.conf))
+    config = config_module.load(args.conf)
+    spark = get_spark(config)
     report = synth.run(
         spark,
         args.patients,
@@ -195,6 +201,7 @@ def cmd_synth(args) -> int:
         fmt=args.format,
         regions=args.regions or synth.DEFAULT_REGIONS,
         tables=tuple(t.strip() for t in args.tables.split(",")) if args.tables else synth.PATIENT_TABLES,
+        template_source_system=args.template_source_system or config.ingest.source_system,
     )
     print(report.format())
     return 0

@@ -23,6 +23,7 @@ import numpy as np
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from ehrlake.clean import origin
 from ehrlake.dl import datasets, launch, runtime, tensors
 from ehrlake.dl.datasets import Selection, Shard
 from ehrlake.errors import EhrlakeError
@@ -41,7 +42,7 @@ def write_tensors(lake, length: int, seed: int = DEFAULT_SEED) -> dict[str, int]
     versions of the sequences and the vocabulary read."""
     read = {t: lake.version(t) for t in (seqs.SEQUENCES, seqs.VOCABULARY)}
     rows = lake.read(seqs.SEQUENCES, version=read[seqs.SEQUENCES]).where(F.col("index_id") == seqs.ALL)
-    marked = tensors.with_split(*split(rows, seed))
+    marked = tensors.with_split(*split(origin.with_templates(lake, rows), seed))
 
     def pack(ids, ages):
         x = np.zeros((2, length), "<f4")

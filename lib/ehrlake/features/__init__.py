@@ -20,6 +20,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.clean import origin
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions, diabetes130, labels, pointintime
 from ehrlake.features.labels import LABEL_COLUMNS, TASKS, Task, task
@@ -64,7 +65,8 @@ def descriptions(t: Task) -> dict[str, str]:
 
 def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> DataFrame:
     """Labelled, non-excluded rows of task ``t``: features joined to labels, at the given Delta
-    versions of the two tables (training pins them; default: the latest)."""
+    versions of the two tables (training pins them; default: the latest), with ``template_key``
+    for generated patients (:func:`ehrlake.clean.origin.with_templates`, read by the split)."""
     if not lake.exists(t.feature_table) or not lake.exists("gold.labels"):
         raise EhrlakeError(f"no {t.feature_table} / gold.labels yet: run ehrlake features first")
     versions = versions or {}
@@ -73,9 +75,10 @@ def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> Dat
         .where((F.col("task") == t.name) & F.col("label").isNotNull())
         .select("patient_key", "index_id", "label")
     )
-    return lake.read(t.feature_table, version=versions.get(t.feature_table)).join(
+    rows = lake.read(t.feature_table, version=versions.get(t.feature_table)).join(
         lab, ["patient_key", "index_id"]
     )
+    return origin.with_templates(lake, rows)
 
 
 def patient_features(lake, as_of: list[dt.date], defs=None, patients: DataFrame | None = None) -> DataFrame:

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from ehrlake.config import source_system_name
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import extract as extracts
-from ehrlake.ingest import quarantine
+from ehrlake.ingest import generated, quarantine
 from ehrlake.ingest.adapters import Adapter, Census, Context, Output, adapter_for, union
 from ehrlake.ingest.report import UNPARSED, IngestReport
 from ehrlake.ingest.sources import (
@@ -147,6 +147,9 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
     _fill_report(report, census, merged, quarantined)
     for table, count in with_issues.items():
         report.entity(table).with_issues = count
+    copies = generated.load(lake, protector, ctx, commit_info)
+    if copies:
+        report.notes.append(f"{copies:,} generated patients linked to their templates -> {generated.TABLE}")
     _mark_ingested(lake, adapter.kind, ctx.source_system, todo, ctx.run_id, ctx.now, commit_info)
     records.unpersist()
     for out in outputs:

@@ -67,6 +67,9 @@ def discover(input_path: str, kind: SourceKind, follow_links: bool = False) -> l
     return find_inputs(input_path, kind, follow_links).files
 
 
+HIDDEN = (".", "_")  # names of files and folders that are not input (_manifest.json, _lineage/)
+
+
 def find_inputs(input_path: str, kind: SourceKind, follow_links: bool = False) -> Discovery:
     """Every file of this kind under ``input_path``, sorted by path. A link whose target lies
     outside the input folder is not followed unless ``follow_links`` (a dump should not pull in
@@ -74,12 +77,10 @@ def find_inputs(input_path: str, kind: SourceKind, follow_links: bool = False) -
     if not os.path.lexists(input_path):
         raise EnvironmentProblem(f"input path {input_path} does not exist")
     if os.path.isdir(input_path):
-        candidates = [
-            os.path.join(d, f)
-            for d, _, files in os.walk(input_path)
-            for f in files
-            if not f.startswith((".", "_"))
-        ]
+        candidates = []
+        for d, folders, files in os.walk(input_path):  # hidden as Spark hides them: "." and "_"
+            folders[:] = [f for f in folders if not f.startswith(HIDDEN)]
+            candidates += [os.path.join(d, f) for f in files if not f.startswith(HIDDEN)]
         root = os.path.realpath(input_path)
     else:
         candidates, root = [input_path], None

@@ -25,15 +25,23 @@ DEFAULT_SEED = 42
 
 
 def _bucket(seed: int, buckets: int) -> F.Column:
-    key = F.coalesce(F.col("patient_key"), F.col("index_id"))
+    key = F.coalesce(F.col("template_key"), F.col("patient_key"), F.col("index_id"))
     return F.pmod(F.xxhash64(key, F.lit(seed)), F.lit(buckets)).cast("int")
 
 
 def split(df: DataFrame, seed: int, test_percent: int = 20, folds: int = 3) -> tuple[DataFrame, DataFrame]:
-    """(train with ``cv_fold``, test), grouped by patient."""
+    """(train with ``cv_fold``, test), grouped by patient.
+
+    A generated patient (``template_key`` set: :func:`ehrlake.clean.origin.with_templates`) goes
+    with the sample patient it copies: into train and its CV fold when the template is there, and
+    nowhere when the template is a test patient (it would be that patient seen in training). So
+    the test split holds real patients only. Without the column every patient counts as real."""
+    if "template_key" not in df.columns:
+        df = df.withColumn("template_key", F.lit(None).cast("string"))
     marked = df.withColumn("_bucket", _bucket(seed, 100))
     train = marked.where(F.col("_bucket") >= test_percent).withColumn("cv_fold", _bucket(seed + 1, folds))
-    return train.drop("_bucket"), marked.where(F.col("_bucket") < test_percent).drop("_bucket")
+    test = marked.where((F.col("_bucket") < test_percent) & F.col("template_key").isNull())
+    return train.drop("_bucket", "template_key"), test.drop("_bucket", "template_key")
 
 
 def with_weights(train: DataFrame, pos_weight: float) -> DataFrame:

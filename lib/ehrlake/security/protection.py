@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.errors import SchemaMismatch
@@ -155,6 +155,20 @@ class Protector:
         only; the key file is read on the executors of that one bounded query)."""
         ref = dataclasses.replace(self.ref, reveal_key_file=self.reveal_key_file)
         return Protector(ref, self.reveal_key_file)
+
+    def patient_key(self, df: DataFrame, patient_id: str, source_system: Column, name: str) -> DataFrame:
+        """``df`` with column ``name``: the pseudonymous key of patient ``patient_id`` of
+        ``source_system``, the one ingest gives that patient's rows (nothing is sealed). ``df``
+        has neither a ``patient_key`` nor a ``source_system`` column."""
+        keyed = seal_columns(
+            df.withColumn("source_system", source_system),
+            self.ref,
+            "",
+            {},
+            F.lit(""),
+            (self.store.linkage_id(), patient_id),
+        )
+        return keyed.withColumnRenamed("patient_key", name).drop("source_system")
 
     @staticmethod
     def sealing(spec: TableProtection, schema, keys: list[str]) -> Sealing:

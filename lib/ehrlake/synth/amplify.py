@@ -13,7 +13,11 @@ and writes a Synthea CSV export of N patients that the ingest job reads like any
   and each clone's encounters go to the copies in its own state, so region-level EDA is meaningful;
 - with ``fault_rate`` > 0, that share of rows is damaged the way real dumps are (an empty Id, an
   unparseable date), decided by a hash of the row, and counted per table and kind in
-  ``_manifest.json`` so tests can check that ingest quarantines exactly those.
+  ``_manifest.json`` so tests can check that ingest quarantines exactly those;
+- every generated patient's template is named in ``_lineage/part-*.csv.gz`` (``patient``,
+  ``template``, ``template_source_system``: the source system the templates were ingested under).
+  Ingest reads it into ``bronze.generated_patients`` and clean into ``silver.patient_origin``, so the
+  models' patient split keeps a copy on its template's side and evaluates on real patients only.
 
 Formats: ``synthea-csv`` (default), ``fhir-ndjson`` (bulk-data NDJSON per resource type) and
 ``fhir-bundles`` (collection Bundles of 50 patients each), converted in the JVM by ``synth/fhir.py``;
@@ -40,6 +44,7 @@ from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError, EnvironmentProblem
 from ehrlake.home import HOME
 from ehrlake.ingest import synthea
+from ehrlake.ingest.generated import LINEAGE
 from ehrlake.synth import fhir
 from ehrlake.synth.values import BAD_DATE, unit, uuid
 
@@ -71,6 +76,7 @@ class SynthReport:
     rows: dict[str, int] = field(default_factory=dict)
     faults: dict[str, dict[str, int]] = field(default_factory=dict)  # table -> kind -> rows
     seconds: float = 0.0
+    template_source_system: str = "local"
 
     def format(self) -> str:
         lines = [
@@ -92,9 +98,11 @@ def run(
     templates: str | os.PathLike = DEFAULT_TEMPLATES,
     regions: str | os.PathLike = DEFAULT_REGIONS,
     tables: tuple[str, ...] = PATIENT_TABLES,
+    template_source_system: str = "local",
 ) -> SynthReport:
     """Write ``patients`` generated patients under ``out`` (replaced if it exists); see module doc.
-    ``tables`` limits the event tables written (patients and facilities always are)."""
+    ``tables`` limits the event tables written (patients and facilities always are);
+    ``template_source_system`` is the source system the templates were (or will be) ingested under."""
     unknown = set(tables) - set(PATIENT_TABLES)
     if unknown:
         raise ConfigError(f"synth cannot generate {sorted(unknown)} (tables: {', '.join(PATIENT_TABLES)})")
@@ -108,7 +116,9 @@ def run(
     region = _regions(regions)
     held = Held()
     tpl = _Templates(spark, Path(templates), held)
-    report = SynthReport(patients, seed, fault_rate, os.path.abspath(out))
+    report = SynthReport(
+        patients, seed, fault_rate, os.path.abspath(out), template_source_system=template_source_system
+    )
     if os.path.exists(out):
         shutil.rmtree(out)
     os.makedirs(out)
@@ -152,6 +162,18 @@ def _generate(
         report.faults[name] = faults
     if fmt == fhir.BUNDLES:
         fhir.write_bundles(converted, out, patients)
+    lineage = clones.select(
+        F.col("new_patient").alias("patient"),
+        "template",
+        F.lit(report.template_source_system).alias("template_source_system"),
+    )
+    _write(
+        lineage,
+        out,
+        "lineage_rows",  # staged apart from the _lineage folder it fills
+        _files_for("patients", patients),
+        os.path.join(LINEAGE, "part-{i:05d}.csv.gz"),
+    )
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -445,12 +467,16 @@ def _rows(name: str, tpl: _Templates, per_template: dict[str, int], regions: int
     return sum(per_template.get(r["patient"], 0) * r["count"] for r in counts)
 
 
-def _write(df: DataFrame, out: str, name: str, files: int) -> None:
-    """``<out>/<name>.part-NNNNN.csv.gz`` files, rows in a fixed order (byte-identical re-runs)."""
+def _write(
+    df: DataFrame, out: str, name: str, files: int, target: str = "{name}.part-{i:05d}.csv.gz"
+) -> None:
+    """``<out>/<name>.part-NNNNN.csv.gz`` files (or ``target``), rows in a fixed order (byte-identical
+    re-runs)."""
     key = [c for c in ("patient", "id", "encounter", "date", "start", "code") if c in df.columns]
     staged = os.path.join(out, f"_{name}")
     df = df.repartition(files, *key).sortWithinPartitions(*df.columns)
     df.write.csv(staged, header=True, compression="gzip", mode="overwrite", escape='"')
+    os.makedirs(os.path.dirname(os.path.join(out, target.format(name=name, i=0))), exist_ok=True)
     for i, part in enumerate(sorted(glob.glob(os.path.join(staged, "part-*.csv.gz")))):
-        os.replace(part, os.path.join(out, f"{name}.part-{i:05d}.csv.gz"))
+        os.replace(part, os.path.join(out, target.format(name=name, i=i)))
     shutil.rmtree(staged)
