@@ -185,17 +185,17 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
 
 
 @pytest.mark.slow
-def test_pretraining_lowers_the_masked_code_loss_and_the_encoder_reloads_from_the_registry(
+def test_pretraining_lowers_the_masked_code_loss_and_fine_tuning_starts_from_the_registered_encoder(
     spark, tmp_path, security_conf
 ):
     """The sample's hundred FHIR patients: their sequences (main runtime), masked-code pretraining on
-    two Horovod workers, and the registered encoder reloaded."""
+    two Horovod workers, the registered encoder reloaded, and a task fine-tuned from it."""
     import dataclasses
 
     from pyspark.sql import functions as F
 
-    from ehrlake import config
-    from ehrlake.dl import nets, pretrain
+    from ehrlake import config, features
+    from ehrlake.dl import finetune, nets, pretrain
     from ehrlake.features import sequences
     from ehrlake.lake import Lake
     from ehrlake.models import registry
@@ -206,6 +206,7 @@ def test_pretraining_lowers_the_masked_code_loss_and_the_encoder_reloads_from_th
     _main_runtime("ingest", "--source", "fhir-ndjson", "--input", str(SAMPLE / "fhir_ndjson" / "server_import_100p"),
                   "--lake", root)  # fmt: skip
     _main_runtime("clean", "--lake", root)
+    _main_runtime("features", "--lake", root)  # the task indexes the fine-tuned models are labelled at
     _main_runtime("sequences", "--lake", root)
     lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
     cfg = runtime.load()
@@ -230,6 +231,22 @@ def test_pretraining_lowers_the_masked_code_loss_and_the_encoder_reloads_from_th
         [np.array(probe["tokens"], "int32"), np.array(probe["ages"], "int32")]
     )
     assert np.array_equal(again.numpy(), np.array(probe["embeddings"], "float32"))
+
+    # fine-tuned for a patient task from the encoder, and from scratch on half the labels: scored on
+    # the tabular models' test rows; the half's training patients are among the whole's
+    task = "hypertension_onset_12m"
+    tuned = finetune.train_sequence_model(lake, task, mv, epochs=2, workers=2, launcher="horovod")
+    scratch = finetune.train_sequence_model(lake, task, None, 0.5, epochs=2, workers=2, launcher="local")
+    assert (tuned.model_id, scratch.model_id) == (f"{task}.sequence", f"{task}.sequence_scratch")
+    assert tuned.params["pretrained"] == mv.label and scratch.params["pretrained"] is None
+    test_rows = split(features.training_frame(lake, features.task(task)), 42)[1]
+    assert tuned.metrics["auroc"]["n"] == tuned.params["test_rows"] == test_rows.count() > 0
+
+    def trained_on(model):
+        rows = lake.read(finetune.table(task), version=model.training_data[finetune.table(task)])
+        return {r.patient_key for r in rows.where(F.col("split") != "test").select("patient_key").collect()}
+
+    assert trained_on(scratch) < trained_on(tuned) and trained_on(scratch)
 
 
 def test_a_main_runtime_job_in_the_deep_learning_runtime_says_where_to_run_it(tmp_path):

@@ -108,7 +108,8 @@ def test_the_job_writes_vocabulary_and_sequences_and_a_rerun_gives_the_same_tabl
     features.run(lake, [AS_OF])
     settings = Settings(min_patients=1, lab_bins=2)
     first = sequences.run(lake, settings=settings)
-    assert first["patients"] == 2 and first["sequences"] == 4  # 2020-01-01 and all, per patient
+    # per patient: 2020-01-01 and all; per inpatient stay: at its discharge (same: 1, future: 2)
+    assert first["patients"] == 2 and first["sequences"] == 7
     rows = lambda t: sorted(map(str, lake.read(t).drop("vocabulary_version").collect()))  # noqa: E731
     before = {t: rows(t) for t in (sequences.VOCABULARY, sequences.SEQUENCES)}
     again = sequences.run(lake, settings=settings)
@@ -117,4 +118,12 @@ def test_the_job_writes_vocabulary_and_sequences_and_a_rerun_gives_the_same_tabl
     assert {r.vocabulary_version for r in lake.read(sequences.SEQUENCES).collect()} == {
         again["vocabulary_version"]
     }
-    assert {r.index_id for r in lake.read(sequences.SEQUENCES).collect()} == {"2020-01-01", "all"}
+    rows = {(r.patient_key, r.index_id): r for r in lake.read(sequences.SEQUENCES).collect()}
+    assert {i for _, i in rows} == {"2020-01-01", "all", "test/same-e2", "test/future-e2", "test/future-e3"}
+    # at the 2020 stay's discharge: its diagnosis and drug are in, the 2021 emergency visit is not
+    tokens = {r.id: r.token for r in lake.read(sequences.VOCABULARY).collect()}
+    stay = [tokens[i] for i in rows[("future", "test/future-e3")].token_ids]
+    assert stay[-3:] == ["lab:LOINC:4548-4:q2", "condition:SNOMED:44054006", "medication:RxNorm:860975"]
+    assert "encounter:emergency" not in stay and "encounter:emergency" in [
+        tokens[i] for i in rows[("future", "all")].token_ids
+    ]

@@ -2,8 +2,10 @@
 
 Image tasks (``conf/deep_learning.yaml``) train a CNN; tabular tasks train the requested Spark ML
 algorithms (``models.train``) and, with ``ann``, a TensorFlow ANN on the same rows and split
-(``dl.train``). Every fitted model is registered as a candidate; ``promote`` makes the one with the
-best held-out AUROC the task's production model. This module sits above ``models`` and ``dl`` so
+(``dl.train``); with ``sequence`` / ``sequence_scratch``, the sequence transformer on the same
+indexes and split, from the pretrained encoder or from random weights (``dl.finetune``). Every
+fitted model is registered as a candidate; ``promote`` makes the one with the best held-out AUROC
+the task's production model. This module sits above ``models`` and ``dl`` so
 neither has to know the other's trainers.
 """
 
@@ -14,6 +16,10 @@ from dataclasses import dataclass, field
 from ehrlake.models import registry
 from ehrlake.models.train import DEFAULT_SEED
 from ehrlake.models.train import train as train_spark_ml
+
+# the TensorFlow learners of a tabular task: the ANN on the features; the sequence transformer
+# fine-tuned from the pretrained encoder (sequences.encoder) or trained from scratch
+DEEP_TABULAR = ("ann", "sequence", "sequence_scratch")
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ def train_task(
 
         result.models.append(train_image_model(lake, task, role=role, **options))
     else:
-        spark_ml = tuple(a for a in algorithms if a != "ann")
+        spark_ml = tuple(a for a in algorithms if a not in DEEP_TABULAR)
         if spark_ml:
             result.models += train_spark_ml(
                 lake, task, spark_ml, grid=grid, folds=folds, seed=seed, num_workers=workers, role=role
@@ -64,6 +70,17 @@ def train_task(
             from ehrlake.dl.train import train_tabular_ann
 
             result.models.append(train_tabular_ann(lake, task, role=role, **options))
+        for algorithm in ("sequence", "sequence_scratch"):
+            if algorithm in algorithms:
+                from ehrlake.dl.finetune import train_sequence_model
+                from ehrlake.dl.pretrain import MODEL_ID
+
+                encoder = registry.get(lake, MODEL_ID) if algorithm == "sequence" else None
+                result.models.append(
+                    train_sequence_model(
+                        lake, task, encoder, role=role, epochs=deep.epochs, launcher=deep.launcher, seed=seed
+                    )
+                )
     if promote and result.models:
         best = max(result.models, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
         registry.promote(lake, best.model_id, best.version)

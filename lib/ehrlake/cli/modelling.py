@@ -20,7 +20,8 @@ def register(sub) -> None:
     train_cmd.add_argument(
         "--algorithms",
         default="xgboost,logreg,rf",
-        help="comma-separated: xgboost, logreg, rf, ann (TensorFlow, deep-learning runtime); "
+        help="comma-separated: xgboost, logreg, rf, ann, sequence, sequence_scratch (the last three "
+        "TensorFlow, deep-learning runtime; sequence fine-tunes the pretrained encoder); "
         "default xgboost,logreg,rf. An image task (conf/deep_learning.yaml) trains its CNN",
     )
     train_cmd.add_argument("--grid", default="small", choices=["tiny", "small", "full"], help="search grid")

@@ -100,6 +100,19 @@ def patient_embedding(encoder):
     return k.Model(encoder.inputs, pooled, name="patient_embedding")
 
 
+def sequence_classifier(encoder, dropout: float = 0.1):
+    """A patient task's risk from a sequence: the encoder (pretrained or not), the mean of its
+    vectors over the real positions, one sigmoid unit. Its input is the tensors' float32 ``(2,
+    length)`` (token ids, ages), split and cast inside, so the common training loop feeds it."""
+    k = keras()
+    length = encoder.inputs[0].shape[1]
+    x = k.Input(shape=(2, length), name="sequence")
+    tokens, ages = sequence_layers()["SplitSequence"](name="split_sequence")(x)
+    pooled = sequence_layers()["MaskedMean"](name="patient_embedding")([encoder([tokens, ages]), tokens])
+    risk = k.layers.Dense(1, activation="sigmoid", name="risk")(k.layers.Dropout(dropout)(pooled))
+    return k.Model(x, risk, name="sequence_classifier")
+
+
 MAX_AGE = 120
 
 
@@ -149,4 +162,10 @@ def sequence_layers() -> dict:
             real = tf.cast(tf.not_equal(tokens, 0), x.dtype)[..., None]
             return tf.reduce_sum(x * real, axis=1) / tf.maximum(tf.reduce_sum(real, axis=1), 1.0)
 
-    return {c.__name__: c for c in (EventEmbedding, PaddingMask, MaskedMean)}
+    class SplitSequence(k.layers.Layer):
+        """float32 ``(2, length)`` -> int token ids, int ages."""
+
+        def call(self, x):
+            return tf.cast(x[:, 0, :], tf.int32), tf.cast(x[:, 1, :], tf.int32)
+
+    return {c.__name__: c for c in (EventEmbedding, PaddingMask, MaskedMean, SplitSequence)}

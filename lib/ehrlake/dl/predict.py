@@ -29,7 +29,11 @@ _MODELS: dict[str, object] = {}
 def load_model(path: str):
     """The saved Keras model under ``path`` (cached per process: executors reuse Python workers)."""
     if path not in _MODELS:
-        _MODELS[path] = runtime.keras().models.load_model(os.path.join(path, "model.keras"), compile=False)
+        from ehrlake.dl.nets import sequence_layers  # the sequence models' own layers
+
+        _MODELS[path] = runtime.keras().models.load_model(
+            os.path.join(path, "model.keras"), custom_objects=sequence_layers(), compile=False
+        )
     return _MODELS[path]
 
 
@@ -182,6 +186,24 @@ def tabular_scores(frame: DataFrame, path: str, inputs: list[str], reasons: int 
         rows,
         "index_id string, patient_key string, split string, label int, score double, "
         "reason_features array<string>, reason_weights array<double>",
+    )
+
+
+def sequence_scores(frame: DataFrame, path: str, length: int) -> DataFrame:
+    """``frame`` (index_id, patient_key, split, label, x: float32 (2, ``length``)) with the sequence
+    model's ``score``, computed on the executors."""
+
+    def score(rows):
+        model = None
+        for batch in _batched(rows):
+            model = model or load_model(path)
+            x = np.stack([np.frombuffer(r["x"], "<f4").reshape(2, length) for r in batch])
+            for r, s in zip(batch, model(x, training=False).numpy()[:, 0], strict=True):
+                yield (r["index_id"], r["patient_key"], r["split"], r["label"], float(s))
+
+    rows = frame.select("index_id", "patient_key", "split", "label", "x").rdd.mapPartitions(score)
+    return frame.sparkSession.createDataFrame(
+        rows, "index_id string, patient_key string, split string, label int, score double"
     )
 
 

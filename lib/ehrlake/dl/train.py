@@ -43,6 +43,8 @@ class Payload:
     epochs: int
     seed: int
     save_to: str | None  # rank 0 saves the model here
+    # kind "sequence": vocab_size, length, dim, layers, heads, and the pretrained encoder's file or None
+    sequence: dict | None = None
 
 
 def fit_worker(worker: launch.Worker, p: Payload) -> dict:
@@ -124,6 +126,15 @@ def _network(p: Payload, norm=None):
     h = p.hyper
     if p.kind == "cnn":
         return nets.cnn(p.train.shape, tuple(h.filters), h.dropout, h.augment, norm, h.bn_momentum)
+    if p.kind == "sequence":
+        s = p.sequence
+        encoder = nets.sequence_encoder(s["vocab_size"], s["length"], s["dim"], s["layers"], s["heads"])
+        if s["pretrained"]:  # the same starting weights on every rank (and rank 0 broadcasts them)
+            saved = runtime.keras().models.load_model(
+                s["pretrained"], custom_objects=nets.sequence_layers(), compile=False
+            )
+            encoder.set_weights(saved.get_weights())
+        return nets.sequence_classifier(encoder, h.dropout)
     return nets.ann(p.train.shape[0], tuple(h.hidden), h.dropout)
 
 
@@ -145,13 +156,27 @@ def _validation(p: Payload, worker):
     return datasets.open_dataset(p.val_shard, p.val, "arrow", worker.batch(256), repeat=False)
 
 
-def plan(kind, snap, train: Selection, val: Selection | None, hyper, backend, workers, epochs, seed, save_to):
+def plan(
+    kind,
+    snap,
+    train: Selection,
+    val: Selection | None,
+    hyper,
+    backend,
+    workers,
+    epochs,
+    seed,
+    save_to,
+    sequence=None,
+):
     """The payload of a run: the training selection sharded between ``workers``, the validation
     selection whole, and the steps per epoch every worker runs (all selected rows once)."""
     shards = tuple(datasets.plan_shards(snap, train, workers))
     steps = math.ceil(sum(s.rows for s in shards) / (hyper.batch_size * workers))
     val_shard = datasets.whole_shard(snap, val) if val else None
-    return Payload(kind, shards, train, val_shard, val, hyper, backend, steps, epochs, seed, save_to)
+    return Payload(
+        kind, shards, train, val_shard, val, hyper, backend, steps, epochs, seed, save_to, sequence
+    )
 
 
 def _launch(lake, payload: Payload, workers: int, launcher: str) -> list[dict]:

@@ -7,9 +7,9 @@ token per kind of event per day: a panel measured twice that morning is one even
 
 **Point in time.** A sequence belongs to an index (``patient_key``, ``index_id``, ``index_time``)
 and holds only events strictly before ``index_time``, the rule of the point-in-time features
-(:mod:`ehrlake.features.pointintime`): the indexes of ``gold.features_patient`` (so a sequence
-joins ``gold.labels`` exactly as the features do) and one index ``all`` per patient at the data's
-end, the whole record, for pretraining without labels.
+(:mod:`ehrlake.features.pointintime`): the indexes of ``gold.features_patient`` and
+``gold.features_encounter`` (so a sequence joins ``gold.labels`` exactly as the features do) and
+one index ``all`` per patient at the data's end, the whole record, for pretraining without labels.
 
 **Vocabulary.** Built from every event in silver: a token is kept where at least ``min_patients``
 patients have it; a rarer one becomes its parent code (ICD: the category), else its kind's
@@ -232,17 +232,20 @@ def build(lake, index: DataFrame, vocab: DataFrame, settings: Settings) -> DataF
 
 
 def indexes(lake) -> DataFrame:
-    """The features' patient indexes (gold.features_patient) and each patient's ``all`` index at
-    the data's end (a day after its last encounter started)."""
+    """The features' indexes (``gold.features_patient``: patient x as-of date;
+    ``gold.features_encounter``: an inpatient stay at discharge) and each patient's ``all`` index
+    at the data's end (a day after its last encounter started)."""
     end = data_end(lake)
     if end is None:
         raise EhrlakeError("silver.encounter has no dated encounters: cannot place the data's end")
-    whole = silver(lake, "patient").select(
+    out = silver(lake, "patient").select(
         "patient_key", F.lit(ALL).alias("index_id"), F.lit(end + dt.timedelta(days=1)).alias("index_time")
     )
-    if not lake.exists("gold.features_patient"):
-        return whole
-    return lake.read("gold.features_patient").select(*INDEX, "index_time").unionByName(whole)
+    for table in ("gold.features_patient", "gold.features_encounter"):
+        if lake.exists(table):
+            rows = lake.read(table).where(F.col("index_time").isNotNull())
+            out = out.unionByName(rows.select(*INDEX, "index_time"))
+    return out
 
 
 def run(lake, role: str | None = None, settings: Settings | None = None) -> dict:

@@ -1,0 +1,156 @@
+"""A patient task from event sequences: the encoder fine-tuned with a risk head, starting from the
+pretrained encoder or from random weights (issue 19; docs/self_supervised.md).
+
+The rows are the task's labelled indexes of ``gold.labels`` with their sequence of
+``gold.sequences`` (an index whose patient had nothing before it gets an empty sequence: the same
+rows as the tabular models), split by patient with the tabular models' split and seed, so the test
+rows, metrics and intervals compare one to one with XGBoost's and the ANN's. ``label_fraction``
+keeps that share of the training patients' labels (chosen by a hash of the patient, nested: the
+patients of 5% are among those of 10%): the label-efficiency curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from ehrlake import features as feats
+from ehrlake.clean import origin
+from ehrlake.dl import datasets, predict, runtime, tensors
+from ehrlake.dl import train as dl_train
+from ehrlake.dl.datasets import Selection
+from ehrlake.errors import EhrlakeError
+from ehrlake.features import sequences as seqs
+from ehrlake.lake import WriteMode
+from ehrlake.models import evaluate, registry
+from ehrlake.models.train import DEFAULT_SEED, split
+
+
+def table(task_name: str) -> str:
+    return f"gold.tensors_seq_{task_name}"
+
+
+def write_tensors(lake, task_name: str, length: int, seed: int, label_fraction: float) -> dict[str, int]:
+    """The task's labelled indexes as float32 ``(2, length)`` sequences with their label and split
+    (``train`` / ``val`` / ``test``; training patients beyond ``label_fraction`` left out). Returns
+    the versions read."""
+    t = feats.task(task_name)
+    if t.level not in ("patient", "encounter"):
+        raise EhrlakeError(f"{task_name} has no dated indexes (its rows are an extract's): no sequences")
+    read = {tb: lake.version(tb) for tb in (seqs.SEQUENCES, seqs.VOCABULARY, "gold.labels")}
+    labels = (
+        lake.read("gold.labels", version=read["gold.labels"])
+        .where((F.col("task") == task_name) & F.col("label").isNotNull())
+        .select("patient_key", "index_id", F.col("label").cast("int").alias("label"))
+    )
+    sequences = lake.read(seqs.SEQUENCES, version=read[seqs.SEQUENCES]).select(
+        "patient_key", "index_id", "token_ids", "ages"
+    )
+    rows = origin.with_templates(lake, labels.join(sequences, ["patient_key", "index_id"], "left"))
+    train_df, test_df = split(rows, seed)
+    kept = F.abs(F.xxhash64(F.lit(seed + 2), "patient_key")) % 10000 < int(label_fraction * 10000)
+    marked = tensors.with_split(train_df.where(kept), test_df)
+
+    def pack(ids, ages):
+        x = np.zeros((2, length), "<f4")
+        ids, ages = list(ids or [])[-length:], list(ages or [])[-length:]
+        x[0, : len(ids)], x[1, : len(ages)] = ids, [a if a is not None else 0 for a in ages]
+        return x.tobytes()
+
+    packed = F.udf(pack, T.BinaryType(), useArrow=False)
+    out = marked.select(
+        "index_id", "patient_key", "split", "label", packed("token_ids", "ages").alias("x")
+    ).repartition(8, "index_id")
+    lake.write(out, table(task_name), mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "train"})
+    return read
+
+
+def train_sequence_model(
+    lake,
+    task_name: str,
+    pretrained: registry.ModelVersion | None,
+    label_fraction: float = 1.0,
+    cfg: runtime.Config | None = None,
+    epochs: int | None = None,
+    workers: int | None = None,
+    launcher: str | None = None,
+    seed: int = DEFAULT_SEED,
+    role: str | None = None,
+) -> registry.ModelVersion:
+    """Fine-tune for ``task_name`` from ``pretrained`` (a ``sequences.encoder`` version; its
+    architecture and vocabulary) or, with None, the same architecture from random weights; evaluate
+    on the task's test patients and register ``<task>.sequence`` (from scratch:
+    ``<task>.sequence_scratch``)."""
+    cfg = cfg or runtime.load()
+    e = cfg.encoder
+    if pretrained is not None:
+        e = dataclasses.replace(e, **{k: pretrained.params[k] for k in ("length", "dim", "layers", "heads")})
+    workers, launcher = workers or cfg.workers, launcher or cfg.launcher
+    hyper = dataclasses.replace(cfg.ann, batch_size=e.batch_size, learning_rate=e.learning_rate / 2)
+    epochs = epochs or hyper.epochs
+    with lake.security.job("train", ["gold"], role) as (_, audit):
+        data = write_tensors(lake, task_name, e.length, seed, label_fraction)
+        if pretrained is not None and pretrained.training_data[seqs.VOCABULARY] != data[seqs.VOCABULARY]:
+            raise EhrlakeError(
+                f"{pretrained.label} was pretrained with vocabulary version "
+                f"{pretrained.training_data[seqs.VOCABULARY]}; the sequences now use version "
+                f"{data[seqs.VOCABULARY]}: pretrain again (ehrlake pretrain)"
+            )
+        vocab_size = lake.read(seqs.VOCABULARY, version=data[seqs.VOCABULARY]).agg(F.max("id")).first()[0] + 1
+        snap = datasets.snapshot(lake.root, table(task_name))
+        data[table(task_name)] = snap.version
+        sel = Selection((("split", "=", "train"),), "x", (2, e.length))
+        val_sel = dataclasses.replace(sel, filters=(("split", "=", "val"),))
+        model_id = f"{task_name}.sequence" + ("" if pretrained else "_scratch")
+        version, artifact, path = dl_train._new_version(lake, model_id)
+        sequence = {
+            "vocab_size": vocab_size,
+            **{k: getattr(e, k) for k in ("length", "dim", "layers", "heads")},
+            "pretrained": os.path.join(pretrained.artifact_path(lake), "encoder.keras")
+            if pretrained
+            else None,
+        }
+        payload = dl_train.plan(
+            "sequence", snap, sel, val_sel, hyper, "arrow", workers, epochs, seed, path, sequence
+        )
+        results = dl_train._launch(lake, payload, workers, launcher)
+        held_out = lake.read(table(task_name), version=snap.version).where(F.col("split") == "test")
+        scored = predict.sequence_scores(held_out, path, e.length)
+        subgroups = lake.read("gold.features_patient").select(
+            "patient_key", "index_id", *feats.pointintime.ATTRIBUTES
+        )
+        test = scored.join(subgroups, ["patient_key", "index_id"], "left").cache()
+        positives, n = test.agg(F.sum("label"), F.count("*")).first()
+        train_rows = lake.read(table(task_name), version=snap.version).where(F.col("split") != "test")
+        train_rate, train_n = train_rows.agg(F.avg("label"), F.count("*")).first()
+        metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
+        run = dl_train.Run(model_id, version, artifact, epochs, seed, launcher, "arrow", workers, results)
+        params = {
+            **dataclasses.asdict(hyper),
+            **{k: v for k, v in sequence.items() if k != "pretrained"},
+            "pretrained": pretrained.label if pretrained else None,
+            "label_fraction": label_fraction,
+            "train_rows": int(train_n),
+            "threshold": train_rate,
+            "test_rows": int(n),
+            "test_positives": int(positives or 0),
+        }
+        mv = dl_train._register(
+            lake,
+            audit,
+            run,
+            task_name,
+            "sequence-transformer",
+            params,
+            ["token_ids", "ages"],
+            data,
+            metrics,
+            {},
+            test,
+        )
+        test.unpersist()
+    return mv
