@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ehrlake.errors import EhrlakeError
 from ehrlake.models import registry
 from ehrlake.models.train import DEFAULT_SEED
 from ehrlake.models.train import train as train_spark_ml
@@ -75,7 +76,7 @@ def train_task(
                 from ehrlake.dl.finetune import train_sequence_model
                 from ehrlake.dl.pretrain import MODEL_ID
 
-                encoder = registry.get(lake, MODEL_ID) if algorithm == "sequence" else None
+                encoder = _encoder(lake, MODEL_ID) if algorithm == "sequence" else None
                 result.models.append(
                     train_sequence_model(
                         lake, task, encoder, role=role, epochs=deep.epochs, launcher=deep.launcher, seed=seed
@@ -86,3 +87,14 @@ def train_task(
         registry.promote(lake, best.model_id, best.version)
         result.promoted = best
     return result
+
+
+def _encoder(lake, model_id: str) -> registry.ModelVersion:
+    try:
+        return registry.get(lake, model_id)
+    except EhrlakeError:
+        raise EhrlakeError(
+            f"--algorithms sequence fine-tunes the pretrained encoder {model_id}, which this lake has "
+            "not got: run ehrlake pretrain first (or train sequence_scratch, the same model from random "
+            "weights)"
+        ) from None
