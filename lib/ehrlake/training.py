@@ -5,8 +5,8 @@ algorithms (``models.train``) and, with ``ann``, a TensorFlow ANN on the same ro
 (``dl.train``); with ``sequence`` / ``sequence_scratch``, the sequence transformer on the same
 indexes and split, from the pretrained encoder or from random weights (``dl.finetune``). Every
 fitted model is registered as a candidate; ``promote`` makes the one with the best held-out AUROC
-the task's production model. This module sits above ``models`` and ``dl`` so
-neither has to know the other's trainers.
+the task's production model (among those population scoring can run: not yet the sequence
+models). This module sits above ``models`` and ``dl`` so neither has to know the other's trainers.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ehrlake.errors import EhrlakeError
 from ehrlake.models import registry
+from ehrlake.models.algorithms import SEQUENCE_TRANSFORMER
 from ehrlake.models.train import DEFAULT_SEED
 from ehrlake.models.train import train as train_spark_ml
 
@@ -82,8 +83,9 @@ def train_task(
                         lake, task, encoder, role=role, epochs=deep.epochs, launcher=deep.launcher, seed=seed
                     )
                 )
-    if promote and result.models:
-        best = max(result.models, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
+    scorable = [mv for mv in result.models if mv.algorithm != SEQUENCE_TRANSFORMER]
+    if promote and scorable:  # the production model is the one scheduled scoring runs
+        best = max(scorable, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
         registry.promote(lake, best.model_id, best.version)
         result.promoted = best
     return result

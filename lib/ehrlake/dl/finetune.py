@@ -26,7 +26,7 @@ from ehrlake.dl.datasets import Selection
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import sequences as seqs
 from ehrlake.lake import WriteMode
-from ehrlake.models import evaluate, registry
+from ehrlake.models import algorithms, evaluate, registry
 from ehrlake.models.train import DEFAULT_SEED, split
 
 
@@ -144,7 +144,7 @@ def train_sequence_model(
             audit,
             run,
             task_name,
-            "sequence-transformer",
+            algorithms.SEQUENCE_TRANSFORMER,
             params,
             ["token_ids", "ages"],
             data,

@@ -22,6 +22,8 @@ from pyspark.ml.tuning import ParamGridBuilder
 from ehrlake.errors import EhrlakeError
 
 ALGORITHMS = ("xgboost", "logreg", "rf")
+# registered by the deep-learning runtime (ehrlake.dl.finetune): reads gold.sequences, not features
+SEQUENCE_TRANSFORMER = "sequence-transformer"
 GRIDS = ("tiny", "small", "full")
 
 

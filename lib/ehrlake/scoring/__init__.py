@@ -24,7 +24,7 @@ from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions
 from ehrlake.lake import increments, watermarks
-from ehrlake.models import explain, registry
+from ehrlake.models import algorithms, explain, registry
 from ehrlake.models.train import score_column
 
 TABLE = "gold.risk_scores"
@@ -97,6 +97,11 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
     """Score the population (only ``patients`` where given) and bring the task's rows of the date
     in ``gold.risk_scores`` up to date in one commit, then record the watermark."""
     task_name = t.name
+    if mv.algorithm == algorithms.SEQUENCE_TRANSFORMER:
+        raise EhrlakeError(
+            f"{mv.label} reads event sequences, which population scoring does not build yet; score "
+            f"{task_name} with its tabular models (ehrlake models list --task {task_name})"
+        )
     if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
         from ehrlake.dl.predict import ann_scores
 
