@@ -34,7 +34,19 @@ def table(task_name: str) -> str:
     return f"gold.tensors_seq_{task_name}"
 
 
-def write_tensors(lake, task_name: str, length: int, seed: int, label_fraction: float) -> dict[str, int]:
+def with_labels_kept(train_df, label_fraction: float, label_seed: int):
+    """The training rows of ``label_fraction`` of the training patients, chosen by a hash of the
+    patient and ``label_seed``: nested (the patients of 5% are among those of 10%), and the same
+    patients for every learner given the same seed (``bench/ssl.py``'s XGBoost)."""
+    if label_fraction >= 1:
+        return train_df
+    kept = F.abs(F.xxhash64(F.lit(label_seed), "patient_key")) % 10000 < int(label_fraction * 10000)
+    return train_df.where(kept)
+
+
+def write_tensors(
+    lake, task_name: str, length: int, seed: int, label_fraction: float, label_seed: int
+) -> dict[str, int]:
     """The task's labelled indexes as float32 ``(2, length)`` sequences with their label and split
     (``train`` / ``val`` / ``test``; training patients beyond ``label_fraction`` left out). Returns
     the versions read."""
@@ -52,8 +64,7 @@ def write_tensors(lake, task_name: str, length: int, seed: int, label_fraction: 
     )
     rows = origin.with_templates(lake, labels.join(sequences, ["patient_key", "index_id"], "left"))
     train_df, test_df = split(rows, seed)
-    kept = F.abs(F.xxhash64(F.lit(seed + 2), "patient_key")) % 10000 < int(label_fraction * 10000)
-    marked = tensors.with_split(train_df.where(kept), test_df)
+    marked = tensors.with_split(with_labels_kept(train_df, label_fraction, label_seed), test_df)
 
     def pack(ids, ages):
         x = np.zeros((2, length), "<f4")
@@ -80,12 +91,16 @@ def train_sequence_model(
     launcher: str | None = None,
     seed: int = DEFAULT_SEED,
     role: str | None = None,
+    label_seed: int | None = None,
 ) -> registry.ModelVersion:
     """Fine-tune for ``task_name`` from ``pretrained`` (a ``sequences.encoder`` version; its
     architecture and vocabulary) or, with None, the same architecture from random weights; evaluate
     on the task's test patients and register ``<task>.sequence`` (from scratch:
-    ``<task>.sequence_scratch``)."""
+    ``<task>.sequence_scratch``). ``seed`` is the patient split's (the tabular models' default, so
+    the test rows are theirs); ``label_seed`` (default ``seed``) chooses the kept labels of
+    ``label_fraction`` and seeds the fit."""
     cfg = cfg or runtime.load()
+    label_seed = seed if label_seed is None else label_seed
     e = cfg.encoder
     if pretrained is not None:
         e = dataclasses.replace(e, **{k: pretrained.params[k] for k in ("length", "dim", "layers", "heads")})
@@ -93,7 +108,7 @@ def train_sequence_model(
     hyper = dataclasses.replace(cfg.ann, batch_size=e.batch_size, learning_rate=e.learning_rate / 2)
     epochs = epochs or hyper.epochs
     with lake.security.job("train", ["gold"], role) as (_, audit):
-        data = write_tensors(lake, task_name, e.length, seed, label_fraction)
+        data = write_tensors(lake, task_name, e.length, seed, label_fraction, label_seed)
         if pretrained is not None and pretrained.training_data[seqs.VOCABULARY] != data[seqs.VOCABULARY]:
             raise EhrlakeError(
                 f"{pretrained.label} was pretrained with vocabulary version "
@@ -115,7 +130,7 @@ def train_sequence_model(
             else None,
         }
         payload = dl_train.plan(
-            "sequence", snap, sel, val_sel, hyper, "arrow", workers, epochs, seed, path, sequence
+            "sequence", snap, sel, val_sel, hyper, "arrow", workers, epochs, label_seed, path, sequence
         )
         results = dl_train._launch(lake, payload, workers, launcher)
         held_out = lake.read(table(task_name), version=snap.version).where(F.col("split") == "test")
@@ -128,12 +143,15 @@ def train_sequence_model(
         train_rows = lake.read(table(task_name), version=snap.version).where(F.col("split") != "test")
         train_rate, train_n = train_rows.agg(F.avg("label"), F.count("*")).first()
         metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
-        run = dl_train.Run(model_id, version, artifact, epochs, seed, launcher, "arrow", workers, results)
+        run = dl_train.Run(
+            model_id, version, artifact, epochs, label_seed, launcher, "arrow", workers, results
+        )
         params = {
             **dataclasses.asdict(hyper),
             **{k: v for k, v in sequence.items() if k != "pretrained"},
             "pretrained": pretrained.label if pretrained else None,
             "label_fraction": label_fraction,
+            "split_seed": seed,
             "train_rows": int(train_n),
             "threshold": train_rate,
             "test_rows": int(n),

@@ -1,0 +1,187 @@
+"""Benchmark: label efficiency of self-supervised pretraining (issue 19; docs/self_supervised.md).
+
+On a built lake (``make demo``'s ``./lake``, or any lake with ``gold.sequences``, ``gold.labels``,
+the task's feature table and a pretrained ``sequences.encoder``), for one task: the sequence
+transformer fine-tuned from the pretrained encoder, the same model from random weights, and
+XGBoost on the task's point-in-time features, each trained on a share of the training patients'
+labels (the same patients for all three at a given seed, nested across shares), for several seeds.
+All are scored on one fixed test split, the tabular models' (patient split, seed 42), which holds
+real patients only: generated copies never reach it (``silver.patient_origin``). Each run reports
+AUROC with its 95% bootstrap interval; each share the mean over seeds.
+
+The lake is copied to a scratch folder first, so the runs' registrations stay out of its registry.
+XGBoost here is single-process on the training rows in pandas: a benchmark for lakes of sample
+size, not a production trainer (``ehrlake train`` is). Run in the deep-learning runtime:
+
+    .venv-dl/bin/python bench/ssl.py --lake lake --task readmission_30d \
+        [--fractions 0.05,0.25,1] [--seeds 42,43,44] [--epochs 5]
+
+Results: ``bench/results/ssl-<date>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from _lake import machine, save_result  # noqa: E402
+
+import ehrlake.lake  # noqa: E402
+from ehrlake import config  # noqa: E402
+from ehrlake import features as feats  # noqa: E402
+from ehrlake.dl import finetune, pretrain  # noqa: E402
+from ehrlake.errors import EhrlakeError  # noqa: E402
+from ehrlake.models import evaluate, registry  # noqa: E402
+from ehrlake.models.train import DEFAULT_SEED, split  # noqa: E402
+from ehrlake.session import get_spark  # noqa: E402
+
+XGBOOST = {"max_depth": 4, "n_estimators": 200, "learning_rate": 0.05, "subsample": 0.8,
+           "colsample_bytree": 0.8, "min_child_weight": 2, "tree_method": "hist"}  # fmt: skip
+LEARNERS = ("pretrained", "scratch", "xgboost")
+
+
+def xgboost_run(lake, task_name: str, fraction: float, label_seed: int) -> dict:
+    """XGBoost on the features of the same kept training patients, scored on the same test rows."""
+    import pandas as pd
+    import xgboost as xgb
+    from pyspark.sql import functions as F
+
+    t = feats.task(task_name)
+    inputs = feats.model_inputs(t)
+    train_df, test_df = split(feats.training_frame(lake, t), DEFAULT_SEED)
+    columns = [F.col(c).cast("double").alias(c) for c in inputs]
+    train = finetune.with_labels_kept(train_df, fraction, label_seed).select(*columns, "label").toPandas()
+    test = test_df.select(*columns, "label").toPandas()
+    started = time.perf_counter()
+    model = xgb.XGBClassifier(**XGBOOST, random_state=label_seed, n_jobs=2)
+    model.fit(train[inputs], train["label"])
+    scored = pd.DataFrame({"score": model.predict_proba(test[inputs])[:, 1], "label": test["label"]})
+    metrics = evaluate.summarise(evaluate.histogram(lake.spark.createDataFrame(scored)))
+    return _row("xgboost", fraction, label_seed, metrics, len(train), time.perf_counter() - started)
+
+
+def sequence_run(lake, task_name, encoder, fraction, label_seed, epochs) -> dict:
+    started = time.perf_counter()
+    mv = finetune.train_sequence_model(
+        lake, task_name, encoder, fraction, epochs=epochs, workers=1, launcher="local", label_seed=label_seed
+    )
+    seconds = time.perf_counter() - started
+    learner = "pretrained" if encoder else "scratch"
+    return _row(learner, fraction, label_seed, mv.metrics, mv.params["train_rows"], seconds)
+
+
+def _row(learner, fraction, seed, metrics, train_rows, seconds) -> dict:
+    auroc = metrics.get("auroc", {})
+    return {
+        "learner": learner,
+        "label_fraction": fraction,
+        "seed": seed,
+        "train_rows": int(train_rows),
+        "auroc": auroc.get("value"),
+        "ci_low": auroc.get("ci_low"),
+        "ci_high": auroc.get("ci_high"),
+        "test_rows": auroc.get("n"),
+        "test_positives": auroc.get("positives"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def summary(runs: list[dict], fractions: list[float]) -> list[dict]:
+    out = []
+    for fraction in fractions:
+        row = {"label_fraction": fraction}
+        for learner in LEARNERS:
+            values = [
+                r["auroc"]
+                for r in runs
+                if r["learner"] == learner and r["label_fraction"] == fraction and r["auroc"] is not None
+            ]
+            row[learner] = round(statistics.mean(values), 3) if values else None
+        out.append(row)
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# Label efficiency: {result['task']} (bench/ssl.py, {result['date']})",
+        "",
+        f"Test split: {result['test_rows']} rows, {result['test_positives']} positives (real patients "
+        f"only); {len(result['seeds'])} seed(s); {result['epochs']} fine-tuning epochs. Mean AUROC:",
+        "",
+        "| labels kept | " + " | ".join(LEARNERS) + " |",
+        "|---|" + "---|" * len(LEARNERS),
+    ]
+    for row in result["summary"]:
+        cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in LEARNERS]
+        lines.append(f"| {row['label_fraction']:.0%} | " + " | ".join(cells) + " |")
+    lines += ["", "Every run, AUROC [95% bootstrap interval]:", "", "| learner | labels | seed | "
+              "train rows | AUROC |", "|---|---|---|---|---|"]  # fmt: skip
+    for r in result["runs"]:
+        auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+        lines.append(
+            f"| {r['learner']} | {r['label_fraction']:.0%} | {r['seed']} | {r['train_rows']:,} | {auroc} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lake", type=Path, default=REPO / "lake")
+    parser.add_argument("--task", default="readmission_30d")
+    parser.add_argument("--fractions", default="0.01,0.05,0.1,0.25,1")
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--pretrain-epochs", type=int, default=5, help="when the lake has no encoder")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cfg = config.load()
+    spark = get_spark(cfg)
+    with tempfile.TemporaryDirectory(prefix="ehrlake-ssl-") as scratch:
+        root = Path(scratch) / "lake"
+        shutil.copytree(args.lake, root)
+        lake = ehrlake.lake.open(str(root), spark, cfg)
+        try:
+            encoder = registry.get(lake, pretrain.MODEL_ID)
+        except EhrlakeError:  # no encoder in this lake yet
+            encoder = pretrain.pretrain(lake, epochs=args.pretrain_epochs)
+        runs = []
+        for seed in seeds:
+            for fraction in fractions:
+                runs.append(sequence_run(lake, args.task, encoder, fraction, seed, args.epochs))
+                runs.append(sequence_run(lake, args.task, None, fraction, seed, args.epochs))
+                runs.append(xgboost_run(lake, args.task, fraction, seed))
+                print(*(f"{r['learner']} {r['label_fraction']:.0%} seed {r['seed']}: {r['auroc']}"
+                        for r in runs[-3:]), sep="\n", flush=True)  # fmt: skip
+    result = {
+        "benchmark": "ssl",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(spark),
+        "task": args.task,
+        "encoder": encoder.label,
+        "epochs": args.epochs,
+        "seeds": seeds,
+        "fractions": fractions,
+        "test_rows": runs[0]["test_rows"],
+        "test_positives": runs[0]["test_positives"],
+        "runs": runs,
+        "summary": summary(runs, fractions),
+    }
+    path = save_result(args.out, "ssl", result)
+    path.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
