@@ -185,3 +185,41 @@ def test_subgroup_figure_draws_intervals_and_colours_only_clear_gaps():
         and by_label["sex: male (n=850, 80 pos.)"] == "#55a868"
     )
     assert "2 of 3 subgroups" in caption
+
+
+def test_encoders_get_their_own_report_table_and_an_undefined_auroc_a_plain_headline():
+    """The report once crashed on the demo's pretrained encoder (no AUROC); a test split without
+    positives has an AUROC of None, which a listing must still print."""
+    import datetime as dt
+
+    from ehrlake.models import report
+
+    def version(model_id, metrics):
+        return registry.ModelVersion(
+            model_id,
+            1,
+            "t",
+            "a",
+            {"epochs": 5},
+            [],
+            {},
+            metrics,
+            {},
+            "",
+            dt.datetime(2026, 1, 1),
+            "candidate",
+        )
+
+    encoder = version("sequences.encoder", {
+        "masked_code_loss": {"value": 3.23, "frequency": 4.5, "untrained": 6.11},
+        "masked_code_accuracy": {"value": 0.34, "frequency": 0.138, "untrained": 0.01},
+    })  # fmt: skip
+    html = report.pretraining_table([encoder])
+    assert "sequences.encoder v1" in html and "3.23" in html and "34.0%" in html and "13.8%" in html
+    assert report.pretraining_table([]) == ""
+    assert encoder.headline() == "masked-code loss 3.23 (untrained 6.11)"
+    none = version(
+        "t.sequence", {"auroc": {"value": None, "ci_low": None, "ci_high": None, "n": 40, "positives": 0}}
+    )
+    assert none.headline() == "test AUROC undefined (0 positives in 40 rows)"
+    assert "t.sequence" not in report.comparison_table([]) and "<td></td>" in report.comparison_table([none])

@@ -68,6 +68,8 @@ class ModelVersion:
         loss on held-out records."""
         if "auroc" in self.metrics:
             a = self.metrics["auroc"]
+            if a.get("value") is None:  # a test split without positives or without negatives
+                return f"test AUROC undefined ({a.get('positives', 0)} positives in {a.get('n', 0)} rows)"
             return f"test AUROC {a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
         if "masked_code_loss" in self.metrics:
             m = self.metrics["masked_code_loss"]

@@ -19,11 +19,44 @@ from ehrlake.models import registry  # noqa: E402
 from ehrlake.models.evaluate import FINDING_THRESHOLD  # noqa: E402
 
 
-def _latest(lake) -> list[registry.ModelVersion]:
+def _latest(lake, supervised: bool = True) -> list[registry.ModelVersion]:
+    """The latest version of every model: those evaluated on test patients (AUROC), or with
+    ``supervised=False`` the self-supervised ones (an encoder's masked-code metrics)."""
     latest: dict[str, registry.ModelVersion] = {}
     for mv in registry.versions(lake):
         latest[mv.model_id] = mv  # versions come in ascending order
-    return list(latest.values())
+    return [m for m in latest.values() if ("auroc" in m.metrics) == supervised]
+
+
+def pretraining_table(encoders: list[registry.ModelVersion]) -> str:
+    """Self-supervised encoders: held-out loss and accuracy against the untrained encoder and the
+    codes' frequencies (docs/self_supervised.md)."""
+    if not encoders:
+        return ""
+    rows = []
+    for m in encoders:
+        loss, acc = m.metrics.get("masked_code_loss", {}), m.metrics.get("masked_code_accuracy", {})
+        rows.append(
+            f"<tr><td>{html.escape(m.label)}</td><td>{m.params.get('epochs', '')}</td>"
+            + "".join(
+                f"<td>{v:.2f}</td>" if isinstance(v, float) else "<td></td>"
+                for v in (loss.get("value"), loss.get("frequency"), loss.get("untrained"))
+            )
+            + "".join(
+                f"<td>{v:.1%}</td>" if isinstance(v, float) else "<td></td>"
+                for v in (acc.get("value"), acc.get("frequency"))
+            )
+            + "</tr>"
+        )
+    return (
+        "<h2>Self-supervised encoders (validation records, no labels used)</h2><table border='1' "
+        "cellpadding='4' style='border-collapse:collapse'><tr><th>model</th><th>epochs</th>"
+        "<th>masked-code loss (nats)</th><th>codes' frequencies</th><th>untrained</th>"
+        "<th>top-1 accuracy</th><th>most frequent code</th></tr>"
+        + "".join(rows)
+        + "</table><p>Lower loss than the frequencies' means the encoder learned from the records' "
+        "context; fine-tuned sequence models appear above with their test AUROC.</p>"
+    )
 
 
 def comparison_table(models: list[registry.ModelVersion]) -> str:
@@ -117,7 +150,7 @@ def subgroup_figure(sub, best, png) -> tuple[str, str]:
 def section(lake, png) -> str:
     if not lake.exists(registry.TABLE):
         return "<h2>Models</h2><p>no models trained yet (ehrlake train)</p>"
-    parts = [comparison_table(_latest(lake))]
+    parts = [comparison_table(_latest(lake)), pretraining_table(_latest(lake, supervised=False))]
     for data, caption in figures(lake, png) + saliency_maps(lake):
         parts.append(
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
