@@ -219,6 +219,7 @@ def test_pretraining_lowers_the_masked_code_loss_and_fine_tuning_starts_from_the
     assert loss["value"] < loss["untrained"] and accuracy["value"] > accuracy["untrained"], mv.metrics
     assert loss["frequency"] > 0 and 0 < accuracy["frequency"] < 1
     assert mv.training_data[sequences.VOCABULARY] == lake.version(sequences.VOCABULARY)
+    assert mv.params["vocabulary_fingerprint"] == sequences.vocabulary_fingerprint(lake)
     # the records a supervised model would be tested on (the same patient split) were not trained on
     tensors = lake.read(pretrain.TENSORS, version=mv.training_data[pretrain.TENSORS])
     held_out = {r.patient_key for r in tensors.where(F.col("split") == "test").collect()}

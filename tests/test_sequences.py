@@ -112,9 +112,13 @@ def test_the_job_writes_vocabulary_and_sequences_and_a_rerun_gives_the_same_tabl
     assert first["patients"] == 2 and first["sequences"] == 7
     rows = lambda t: sorted(map(str, lake.read(t).drop("vocabulary_version").collect()))  # noqa: E731
     before = {t: rows(t) for t in (sequences.VOCABULARY, sequences.SEQUENCES)}
+    fingerprint = sequences.vocabulary_fingerprint(lake)
     again = sequences.run(lake, settings=settings)
     assert {t: rows(t) for t in before} == before
     assert again["vocabulary_version"] == first["vocabulary_version"] + 1
+    # a pretrained encoder still fits: the same tokens under the same ids, whatever the version
+    assert sequences.vocabulary_fingerprint(lake) == fingerprint
+    assert sequences.vocabulary_fingerprint(lake, first["vocabulary_version"]) == fingerprint
     assert {r.vocabulary_version for r in lake.read(sequences.SEQUENCES).collect()} == {
         again["vocabulary_version"]
     }
@@ -127,3 +131,5 @@ def test_the_job_writes_vocabulary_and_sequences_and_a_rerun_gives_the_same_tabl
     assert "encounter:emergency" not in stay and "encounter:emergency" in [
         tokens[i] for i in rows[("future", "all")].token_ids
     ]
+    sequences.run(lake, settings=Settings(min_patients=2, lab_bins=2))  # codes of one patient go
+    assert sequences.vocabulary_fingerprint(lake) != fingerprint

@@ -37,7 +37,7 @@ def table(task_name: str) -> str:
 def with_labels_kept(train_df, label_fraction: float, label_seed: int):
     """The training rows of ``label_fraction`` of the training patients, chosen by a hash of the
     patient and ``label_seed``: nested (the patients of 5% are among those of 10%), and the same
-    patients for every learner given the same seed (``bench/ssl.py``'s XGBoost)."""
+    patients for every learner given the same seed (``bench/label_efficiency.py``'s XGBoost)."""
     if label_fraction >= 1:
         return train_df
     kept = F.abs(F.xxhash64(F.lit(label_seed), "patient_key")) % 10000 < int(label_fraction * 10000)
@@ -80,6 +80,16 @@ def write_tensors(
     return read
 
 
+def _same_vocabulary(lake, pretrained: registry.ModelVersion, version: int) -> None:
+    """The encoder's token embeddings index the vocabulary it was pretrained with: refuse another."""
+    if pretrained.params.get("vocabulary_fingerprint") != seqs.vocabulary_fingerprint(lake, version):
+        raise EhrlakeError(
+            f"{pretrained.label} was pretrained on vocabulary version "
+            f"{pretrained.training_data[seqs.VOCABULARY]}, and the tokens or their ids have changed since "
+            f"(now version {version}): pretrain again (ehrlake pretrain)"
+        )
+
+
 def train_sequence_model(
     lake,
     task_name: str,
@@ -109,12 +119,8 @@ def train_sequence_model(
     epochs = epochs or hyper.epochs
     with lake.security.job("train", ["gold"], role) as (_, audit):
         data = write_tensors(lake, task_name, e.length, seed, label_fraction, label_seed)
-        if pretrained is not None and pretrained.training_data[seqs.VOCABULARY] != data[seqs.VOCABULARY]:
-            raise EhrlakeError(
-                f"{pretrained.label} was pretrained with vocabulary version "
-                f"{pretrained.training_data[seqs.VOCABULARY]}; the sequences now use version "
-                f"{data[seqs.VOCABULARY]}: pretrain again (ehrlake pretrain)"
-            )
+        if pretrained is not None:
+            _same_vocabulary(lake, pretrained, data[seqs.VOCABULARY])
         vocab_size = lake.read(seqs.VOCABULARY, version=data[seqs.VOCABULARY]).agg(F.max("id")).first()[0] + 1
         snap = datasets.snapshot(lake.root, table(task_name))
         data[table(task_name)] = snap.version

@@ -253,6 +253,7 @@ def pretrain(
                 **dataclasses.asdict(e),
                 "epochs": epochs,
                 "vocab_size": vocab_size,
+                "vocabulary_fingerprint": seqs.vocabulary_fingerprint(lake, data[seqs.VOCABULARY]),
                 "seed": seed,
                 "launcher": launcher,
                 "workers": workers,

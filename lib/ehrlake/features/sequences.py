@@ -248,6 +248,14 @@ def indexes(lake) -> DataFrame:
     return out
 
 
+def vocabulary_fingerprint(lake, version: int | None = None) -> str:
+    """SHA-256 of the vocabulary's (id, token) pairs: what a model trained on token ids depends on.
+    Unlike the table's version, it stays put through maintenance commits (OPTIMIZE, properties)
+    and through a rebuild that gives the same tokens the same ids."""
+    pairs = lake.read(VOCABULARY, version=version).select(F.concat_ws("=", "id", "token").alias("pair"))
+    return pairs.agg(F.sha2(F.concat_ws("\n", F.sort_array(F.collect_list("pair"))), 256)).first()[0]
+
+
 def run(lake, role: str | None = None, settings: Settings | None = None) -> dict:
     """Rebuild the vocabulary and the sequences from silver (and the features' indexes); a rerun
     gives the same tables. Returns counts for the job's report."""

@@ -13,10 +13,10 @@ The lake is copied to a scratch folder first, so the runs' registrations stay ou
 XGBoost here is single-process on the training rows in pandas: a benchmark for lakes of sample
 size, not a production trainer (``ehrlake train`` is). Run in the deep-learning runtime:
 
-    .venv-dl/bin/python bench/ssl.py --lake lake --task readmission_30d \
+    .venv-dl/bin/python bench/label_efficiency.py --lake lake --task readmission_30d \
         [--fractions 0.05,0.25,1] [--seeds 42,43,44] [--epochs 5]
 
-Results: ``bench/results/ssl-<date>.json`` and ``.md``.
+Results: ``bench/results/label_efficiency-<date>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ehrlake import config  # noqa: E402
 from ehrlake import features as feats  # noqa: E402
 from ehrlake.dl import finetune, pretrain  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
+from ehrlake.features import sequences as seqs  # noqa: E402
 from ehrlake.models import evaluate, registry  # noqa: E402
 from ehrlake.models.train import DEFAULT_SEED, split  # noqa: E402
 from ehrlake.session import get_spark  # noqa: E402
@@ -111,7 +112,7 @@ def summary(runs: list[dict], fractions: list[float]) -> list[dict]:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"# Label efficiency: {result['task']} (bench/ssl.py, {result['date']})",
+        f"# Label efficiency: {result['task']} (bench/label_efficiency.py, {result['date']})",
         "",
         f"Test split: {result['test_rows']} rows, {result['test_positives']} positives (real patients "
         f"only); {len(result['seeds'])} seed(s); {result['epochs']} fine-tuning epochs. Mean AUROC:",
@@ -132,6 +133,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _encoder(lake, epochs: int) -> registry.ModelVersion:
+    """The lake's pretrained encoder if it fits the current vocabulary; else one pretrained now."""
+    try:
+        encoder = registry.get(lake, pretrain.MODEL_ID)
+    except EhrlakeError:
+        encoder = None
+    if encoder is None or encoder.params.get("vocabulary_fingerprint") != seqs.vocabulary_fingerprint(lake):
+        encoder = pretrain.pretrain(lake, epochs=epochs)
+    return encoder
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lake", type=Path, default=REPO / "lake")
@@ -150,10 +162,7 @@ def main() -> int:
         root = Path(scratch) / "lake"
         shutil.copytree(args.lake, root)
         lake = ehrlake.lake.open(str(root), spark, cfg)
-        try:
-            encoder = registry.get(lake, pretrain.MODEL_ID)
-        except EhrlakeError:  # no encoder in this lake yet
-            encoder = pretrain.pretrain(lake, epochs=args.pretrain_epochs)
+        encoder = _encoder(lake, args.pretrain_epochs)
         runs = []
         for seed in seeds:
             for fraction in fractions:
@@ -163,7 +172,7 @@ def main() -> int:
                 print(*(f"{r['learner']} {r['label_fraction']:.0%} seed {r['seed']}: {r['auroc']}"
                         for r in runs[-3:]), sep="\n", flush=True)  # fmt: skip
     result = {
-        "benchmark": "ssl",
+        "benchmark": "label_efficiency",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(spark),
         "task": args.task,
@@ -176,7 +185,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary(runs, fractions),
     }
-    path = save_result(args.out, "ssl", result)
+    path = save_result(args.out, "label_efficiency", result)
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     print(f"-> {path}")
