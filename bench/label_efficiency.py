@@ -41,7 +41,7 @@ from ehrlake.dl import finetune, pretrain  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
 from ehrlake.features import sequences as seqs  # noqa: E402
 from ehrlake.models import evaluate, registry  # noqa: E402
-from ehrlake.models.train import DEFAULT_SEED, split  # noqa: E402
+from ehrlake.models.train import DEFAULT_SEED, require_both_classes, split  # noqa: E402
 from ehrlake.session import get_spark  # noqa: E402
 
 XGBOOST = {"max_depth": 4, "n_estimators": 200, "learning_rate": 0.05, "subsample": 0.8,
@@ -60,6 +60,7 @@ def xgboost_run(lake, task_name: str, fraction: float, label_seed: int) -> dict:
     train_df, test_df = split(feats.training_frame(lake, t), DEFAULT_SEED)
     columns = [F.col(c).cast("double").alias(c) for c in inputs]
     train = finetune.with_labels_kept(train_df, fraction, label_seed).select(*columns, "label").toPandas()
+    require_both_classes(task_name, len(train), int(train["label"].sum()))
     test = test_df.select(*columns, "label").toPandas()
     started = time.perf_counter()
     model = xgb.XGBClassifier(**XGBOOST, random_state=label_seed, n_jobs=2)
@@ -77,6 +78,12 @@ def sequence_run(lake, task_name, encoder, fraction, label_seed, epochs) -> dict
     seconds = time.perf_counter() - started
     learner = "pretrained" if encoder else "scratch"
     return _row(learner, fraction, label_seed, mv.metrics, mv.params["train_rows"], seconds)
+
+
+def one_run(lake, task_name, learner, encoder, fraction, seed, epochs) -> dict:
+    if learner == "xgboost":
+        return xgboost_run(lake, task_name, fraction, seed)
+    return sequence_run(lake, task_name, encoder if learner == "pretrained" else None, fraction, seed, epochs)
 
 
 def _row(learner, fraction, seed, metrics, train_rows, seconds) -> dict:
@@ -126,6 +133,9 @@ def markdown(result: dict) -> str:
     lines += ["", "Every run, AUROC [95% bootstrap interval]:", "", "| learner | labels | seed | "
               "train rows | AUROC |", "|---|---|---|---|---|"]  # fmt: skip
     for r in result["runs"]:
+        if "skipped" in r:
+            lines.append(f"| {r['learner']} | {r['label_fraction']:.0%} | {r['seed']} | | {r['skipped']} |")
+            continue
         auroc = "-" if r["auroc"] is None else f"{r['auroc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
         lines.append(
             f"| {r['learner']} | {r['label_fraction']:.0%} | {r['seed']} | {r['train_rows']:,} | {auroc} |"
@@ -166,11 +176,13 @@ def main() -> int:
         runs = []
         for seed in seeds:
             for fraction in fractions:
-                runs.append(sequence_run(lake, args.task, encoder, fraction, seed, args.epochs))
-                runs.append(sequence_run(lake, args.task, None, fraction, seed, args.epochs))
-                runs.append(xgboost_run(lake, args.task, fraction, seed))
-                print(*(f"{r['learner']} {r['label_fraction']:.0%} seed {r['seed']}: {r['auroc']}"
-                        for r in runs[-3:]), sep="\n", flush=True)  # fmt: skip
+                for learner in LEARNERS:
+                    try:
+                        runs.append(one_run(lake, args.task, learner, encoder, fraction, seed, args.epochs))
+                    except EhrlakeError as e:  # e.g. a share of the labels without a positive
+                        runs.append({"learner": learner, "label_fraction": fraction, "seed": seed,
+                                     "auroc": None, "skipped": str(e)})  # fmt: skip
+                    print(f"{learner} {fraction:.0%} seed {seed}: {runs[-1]['auroc']}", flush=True)
     result = {
         "benchmark": "label_efficiency",
         "date": time.strftime("%Y-%m-%d"),
@@ -180,8 +192,8 @@ def main() -> int:
         "epochs": args.epochs,
         "seeds": seeds,
         "fractions": fractions,
-        "test_rows": runs[0]["test_rows"],
-        "test_positives": runs[0]["test_positives"],
+        "test_rows": next((r["test_rows"] for r in runs if "test_rows" in r), None),
+        "test_positives": next((r["test_positives"] for r in runs if "test_positives" in r), None),
         "runs": runs,
         "summary": summary(runs, fractions),
     }

@@ -27,7 +27,7 @@ from ehrlake.errors import EhrlakeError
 from ehrlake.features import sequences as seqs
 from ehrlake.lake import WriteMode
 from ehrlake.models import algorithms, evaluate, registry
-from ehrlake.models.train import DEFAULT_SEED, split
+from ehrlake.models.train import DEFAULT_SEED, require_both_classes, split
 
 
 def table(task_name: str) -> str:
@@ -121,6 +121,9 @@ def train_sequence_model(
         data = write_tensors(lake, task_name, e.length, seed, label_fraction, label_seed)
         if pretrained is not None:
             _same_vocabulary(lake, pretrained, data[seqs.VOCABULARY])
+        fit_rows = lake.read(table(task_name)).where(F.col("split") == "train")
+        n, positives = fit_rows.agg(F.count("*"), F.sum("label")).first()
+        require_both_classes(task_name, n, int(positives or 0))
         vocab_size = lake.read(seqs.VOCABULARY, version=data[seqs.VOCABULARY]).agg(F.max("id")).first()[0] + 1
         snap = datasets.snapshot(lake.root, table(task_name))
         data[table(task_name)] = snap.version

@@ -44,6 +44,15 @@ def split(df: DataFrame, seed: int, test_percent: int = 20, folds: int = 3) -> t
     return train.drop("_bucket", "template_key"), test.drop("_bucket", "template_key")
 
 
+def require_both_classes(task_name: str, n: int, positives: int) -> None:
+    """A learner given one class learns a constant: refuse, saying how many of each there were."""
+    if n == 0 or positives == 0 or positives == n:
+        raise EhrlakeError(
+            f"task {task_name}: {n} training rows with {positives} positives; both classes are needed "
+            "(run ehrlake features on more data)"
+        )
+
+
 def with_weights(train: DataFrame, pos_weight: float) -> DataFrame:
     return train.withColumn("weight", F.when(F.col("label") == 1, F.lit(pos_weight)).otherwise(F.lit(1.0)))
 
@@ -89,11 +98,7 @@ def train(
         .first()
     )
     positives, n = int(stats["pos"] or 0), int(stats["n"])
-    if n == 0 or positives == 0 or positives == n:
-        raise EhrlakeError(
-            f"task {task_name}: {n} training rows with {positives} positives; both classes are needed "
-            "(run ehrlake features on more data)"
-        )
+    require_both_classes(task_name, n, positives)
     pos_weight = (n - positives) / positives
     base_rate = positives / n  # decision threshold of the threshold metrics (calibrated scores)
     # a feature never observed in training cannot be imputed or learned; leave it out, recorded
