@@ -5,8 +5,9 @@ The rows are the task's labelled indexes of ``gold.labels`` with their sequence 
 ``gold.sequences`` (an index whose patient had nothing before it gets an empty sequence: the same
 rows as the tabular models), split by patient with the tabular models' split and seed, so the test
 rows, metrics and intervals compare one to one with XGBoost's and the ANN's. ``label_fraction``
-keeps that share of the training patients' labels (chosen by a hash of the patient, nested: the
-patients of 5% are among those of 10%): the label-efficiency curve.
+keeps that share of the training patients' labels (stratified by whether a patient has a positive,
+chosen by a hash of the patient, nested: the patients of 5% are among those of 10%): the
+label-efficiency curve.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import os
 
 import numpy as np
+from pyspark.sql import Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -35,13 +37,23 @@ def table(task_name: str) -> str:
 
 
 def with_labels_kept(train_df, label_fraction: float, label_seed: int):
-    """The training rows of ``label_fraction`` of the training patients, chosen by a hash of the
-    patient and ``label_seed``: nested (the patients of 5% are among those of 10%), and the same
-    patients for every learner given the same seed (``bench/label_efficiency.py``'s XGBoost)."""
+    """The training rows of ``label_fraction`` of the training patients, stratified: that share
+    (at least one) of the patients with a positive label and of those without, each stratum's
+    lowest hashes of patient and ``label_seed``. Nested (the patients of 5% are among those of
+    10%), the same patients for every learner given the same seed (``bench/label_efficiency.py``'s
+    XGBoost), and never one class only when the training split has both."""
     if label_fraction >= 1:
         return train_df
-    kept = F.abs(F.xxhash64(F.lit(label_seed), "patient_key")) % 10000 < int(label_fraction * 10000)
-    return train_df.where(kept)
+    stratum = Window.partitionBy("_positive")
+    patients = (
+        train_df.groupBy("patient_key")
+        .agg(F.max("label").alias("_positive"))
+        .withColumn("_hash", F.xxhash64(F.lit(label_seed), "patient_key"))
+        .withColumn("_rank", F.row_number().over(stratum.orderBy("_hash", "patient_key")))
+        .withColumn("_patients", F.count("*").over(stratum))
+    )
+    kept = patients.where(F.col("_rank") <= F.ceil(F.col("_patients") * F.lit(label_fraction)))
+    return train_df.join(kept.select("patient_key"), "patient_key", "left_semi")
 
 
 def write_tensors(
