@@ -41,6 +41,9 @@ def scored_lake(spark, tmp_path_factory, security_conf):
     clean.run(lake)
     features.run(lake, [dt.date(y, 1, 1) for y in range(2008, 2023)])
     models = train(lake, TASK, ("logreg",), grid="tiny", folds=2, bootstrap=100)
+    # generated patients only, no sample patient to test on: split by template, and said so
+    assert models[0].params["test_patients"] == "generated copies only"
+    assert models[0].headline().endswith("on generated copies")
     return lake, models[0]
 
 

@@ -70,7 +70,8 @@ class ModelVersion:
             a = self.metrics["auroc"]
             if a.get("value") is None:  # a test split without positives or without negatives
                 return f"test AUROC undefined ({a.get('positives', 0)} positives in {a.get('n', 0)} rows)"
-            return f"test AUROC {a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
+            copies = " on generated copies" if self.params.get("test_patients", "real") != "real" else ""
+            return f"test AUROC {a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f}){copies}"
         if "masked_code_loss" in self.metrics:
             m = self.metrics["masked_code_loss"]
             return f"masked-code loss {m['value']:.2f} (untrained {m['untrained']:.2f})"

@@ -29,14 +29,25 @@ def _bucket(seed: int, buckets: int) -> F.Column:
     return F.pmod(F.xxhash64(key, F.lit(seed)), F.lit(buckets)).cast("int")
 
 
+def only_generated(df: DataFrame) -> bool:
+    """Whether every row is a generated patient's (a throughput run over ``ehrlake synth`` output
+    alone): there is no real patient to test on."""
+    if "template_key" not in df.columns:
+        return False
+    return df.where(F.col("template_key").isNull()).limit(1).count() == 0
+
+
 def split(df: DataFrame, seed: int, test_percent: int = 20, folds: int = 3) -> tuple[DataFrame, DataFrame]:
     """(train with ``cv_fold``, test), grouped by patient.
 
     A generated patient (``template_key`` set: :func:`ehrlake.clean.origin.with_templates`) goes
     with the sample patient it copies: into train and its CV fold when the template is there, and
     nowhere when the template is a test patient (it would be that patient seen in training). So
-    the test split holds real patients only. Without the column every patient counts as real."""
-    if "template_key" not in df.columns:
+    the test split holds real patients only. Without the column every patient counts as real.
+    A frame of generated patients only (:func:`only_generated`: a throughput run) is split by
+    patient, so the machinery runs; copies of one template may then sit on both sides and the
+    metrics flatter, which ``train`` records (``params.test_patients``)."""
+    if "template_key" not in df.columns or only_generated(df):
         df = df.withColumn("template_key", F.lit(None).cast("string"))
     marked = df.withColumn("_bucket", _bucket(seed, 100))
     train = marked.where(F.col("_bucket") >= test_percent).withColumn("cv_fold", _bucket(seed + 1, folds))
@@ -87,6 +98,7 @@ def train(
     data_versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     wanted = feats.model_inputs(t)
     df = feats.training_frame(lake, t, data_versions)
+    generated_only = only_generated(df)
     train_df, test_df = split(df, seed, test_percent, folds)
     stats = (
         train_df.groupBy()
@@ -143,6 +155,7 @@ def train(
                     "seed": seed,
                     "folds": folds,
                     "test_percent": test_percent,
+                    "test_patients": "generated copies only" if generated_only else "real",
                     "pos_weight": pos_weight,
                     "threshold": base_rate,
                 }

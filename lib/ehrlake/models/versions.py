@@ -39,7 +39,7 @@ def register(
     the audit line of the job ``audit`` belongs to."""
     registry.register(lake, mv)
     record(lake, mv, test, "test", importance=importance)
-    audit.append((registry.TABLE, f"{mv.label}: test AUROC {mv.metrics['auroc']['value']:.3f}"))
+    audit.append((registry.TABLE, f"{mv.label}: {mv.headline()}"))
     return mv
 
 
