@@ -15,10 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 from pyspark.sql import Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from ehrlake import features as feats
 from ehrlake.clean import origin
@@ -78,13 +76,7 @@ def write_tensors(
     train_df, test_df = split(rows, seed)
     marked = tensors.with_split(with_labels_kept(train_df, label_fraction, label_seed), test_df)
 
-    def pack(ids, ages):
-        x = np.zeros((2, length), "<f4")
-        ids, ages = list(ids or [])[-length:], list(ages or [])[-length:]
-        x[0, : len(ids)], x[1, : len(ages)] = ids, [a if a is not None else 0 for a in ages]
-        return x.tobytes()
-
-    packed = F.udf(pack, T.BinaryType(), useArrow=False)
+    packed = tensors.packed_sequence(length)
     out = marked.select(
         "index_id", "patient_key", "split", "label", packed("token_ids", "ages").alias("x")
     ).repartition(8, "index_id")
@@ -133,12 +125,22 @@ def train_sequence_model(
         data = write_tensors(lake, task_name, e.length, seed, label_fraction, label_seed)
         if pretrained is not None:
             _same_vocabulary(lake, pretrained, data[seqs.VOCABULARY])
-        fit_rows = lake.read(table(task_name)).where(F.col("split") == "train")
-        n, positives = fit_rows.agg(F.count("*"), F.sum("label")).first()
-        require_both_classes(task_name, n, int(positives or 0))
-        vocab_size = lake.read(seqs.VOCABULARY, version=data[seqs.VOCABULARY]).agg(F.max("id")).first()[0] + 1
         snap = datasets.snapshot(lake.root, table(task_name))
         data[table(task_name)] = snap.version
+        fitted, trained = F.col("split") == "train", F.col("split") != "test"  # trained: train + val
+        counts = (
+            lake.read(table(task_name), version=snap.version)
+            .agg(
+                F.count(F.when(fitted, 1)).alias("fit_n"),
+                F.sum(F.when(fitted, F.col("label"))).alias("fit_positives"),
+                F.avg(F.when(trained, F.col("label"))).alias("train_rate"),
+                F.count(F.when(trained, 1)).alias("train_n"),
+            )
+            .first()
+        )
+        require_both_classes(task_name, counts["fit_n"], int(counts["fit_positives"] or 0))
+        train_rate, train_n = counts["train_rate"], counts["train_n"]
+        vocab_size = lake.read(seqs.VOCABULARY, version=data[seqs.VOCABULARY]).agg(F.max("id")).first()[0] + 1
         sel = Selection((("split", "=", "train"),), "x", (2, e.length))
         val_sel = dataclasses.replace(sel, filters=(("split", "=", "val"),))
         model_id = f"{task_name}.sequence" + ("" if pretrained else "_scratch")
@@ -161,8 +163,6 @@ def train_sequence_model(
         )
         test = scored.join(subgroups, ["patient_key", "index_id"], "left").cache()
         positives, n = test.agg(F.sum("label"), F.count("*")).first()
-        train_rows = lake.read(table(task_name), version=snap.version).where(F.col("split") != "test")
-        train_rate, train_n = train_rows.agg(F.avg("label"), F.count("*")).first()
         metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
         run = dl_train.Run(
             model_id, version, artifact, epochs, label_seed, launcher, "arrow", workers, results

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from ehrlake.clean import origin
 from ehrlake.dl import datasets, launch, runtime, tensors
@@ -44,13 +43,7 @@ def write_tensors(lake, length: int, seed: int = DEFAULT_SEED) -> dict[str, int]
     rows = lake.read(seqs.SEQUENCES, version=read[seqs.SEQUENCES]).where(F.col("index_id") == seqs.ALL)
     marked = tensors.with_split(*split(origin.with_templates(lake, rows), seed))
 
-    def pack(ids, ages):
-        x = np.zeros((2, length), "<f4")
-        ids, ages = list(ids)[-length:], list(ages)[-length:]
-        x[0, : len(ids)], x[1, : len(ages)] = ids, [a if a is not None else 0 for a in ages]
-        return x.tobytes()
-
-    packed = F.udf(pack, T.BinaryType(), useArrow=False)  # the DL runtime's PyArrow is too old for Spark's
+    packed = tensors.packed_sequence(length)
     out = marked.select(
         "patient_key", "split", F.lit(0).alias("label"), packed("token_ids", "ages").alias("x")
     ).repartition(8, "patient_key")

@@ -31,6 +31,21 @@ def tensor(scaling: dict[str, tuple[float, float]]) -> F.Column:
     return to_bytes(z)
 
 
+def packed_sequence(length: int):
+    """A column function (token_ids, ages) -> float32 bytes of shape (2, ``length``): the last
+    ``length`` tokens and their ages, padded with 0 at the end (an empty sequence: all padding);
+    the sequence models' ``x``. A plain UDF: the DL runtime's PyArrow is too old for Spark's Arrow
+    UDFs."""
+
+    def pack(ids, ages):
+        x = np.zeros((2, length), "<f4")
+        ids, ages = list(ids or [])[-length:], list(ages or [])[-length:]
+        x[0, : len(ids)], x[1, : len(ages)] = ids, [a if a is not None else 0 for a in ages]
+        return x.tobytes()
+
+    return F.udf(pack, T.BinaryType(), useArrow=False)
+
+
 def with_split(train_df, test_df):
     """The rows of :func:`ehrlake.models.train.split` in one frame with ``split``: ``test``, ``val``
     (cross-validation fold 0 of the rest) or ``train``; every deep model's tensors use it."""
