@@ -38,4 +38,4 @@ def with_templates(lake, df: DataFrame) -> DataFrame:
     if not lake.exists(TABLE):
         return df.withColumn("template_key", F.lit(None).cast("string"))
     templates = lake.read(TABLE).select("patient_key", "template_key")
-    return df.join(F.broadcast(templates), "patient_key", "left")
+    return df.join(templates, "patient_key", "left")  # one row per generated patient: may be large

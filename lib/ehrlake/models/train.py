@@ -37,7 +37,9 @@ def only_generated(df: DataFrame) -> bool:
     return df.where(F.col("template_key").isNull()).limit(1).count() == 0
 
 
-def split(df: DataFrame, seed: int, test_percent: int = 20, folds: int = 3) -> tuple[DataFrame, DataFrame]:
+def split(
+    df: DataFrame, seed: int, test_percent: int = 20, folds: int = 3, generated_only: bool | None = None
+) -> tuple[DataFrame, DataFrame]:
     """(train with ``cv_fold``, test), grouped by patient.
 
     A generated patient (``template_key`` set: :func:`ehrlake.clean.origin.with_templates`) goes
@@ -46,8 +48,11 @@ def split(df: DataFrame, seed: int, test_percent: int = 20, folds: int = 3) -> t
     the test split holds real patients only. Without the column every patient counts as real.
     A frame of generated patients only (:func:`only_generated`: a throughput run) is split by
     patient, so the machinery runs; copies of one template may then sit on both sides and the
-    metrics flatter, which ``train`` records (``params.test_patients``)."""
-    if "template_key" not in df.columns or only_generated(df):
+    metrics flatter, which ``train`` records (``params.test_patients``). ``generated_only``: that
+    answer when the caller has it already (None: asked here)."""
+    if generated_only is None:
+        generated_only = only_generated(df)
+    if "template_key" not in df.columns or generated_only:
         df = df.withColumn("template_key", F.lit(None).cast("string"))
     marked = df.withColumn("_bucket", _bucket(seed, 100))
     train = marked.where(F.col("_bucket") >= test_percent).withColumn("cv_fold", _bucket(seed + 1, folds))
@@ -99,7 +104,7 @@ def train(
     wanted = feats.model_inputs(t)
     df = feats.training_frame(lake, t, data_versions)
     generated_only = only_generated(df)
-    train_df, test_df = split(df, seed, test_percent, folds)
+    train_df, test_df = split(df, seed, test_percent, folds, generated_only)
     stats = (
         train_df.groupBy()
         .agg(
