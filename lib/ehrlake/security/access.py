@@ -36,7 +36,7 @@ class Role:
     name: str = field(default="", metadata={"key": None})  # not read from the file
     description: str = ""
     read: tuple[str, ...] = ()  # table name globs
-    write: tuple[str, ...] = ()  # layers its jobs may write
+    write: tuple[str, ...] = ()  # layers its jobs may write, or single tables (layer.table globs)
     sealed: str = "drop"  # what a read shows of a sealed column: nothing, or the ciphertext
     deny_columns: tuple[str, ...] = ()
     reveal: bool = False
@@ -48,8 +48,13 @@ class Role:
     def may_read(self, table: str) -> bool:
         return any(fnmatch.fnmatchcase(table, pattern) for pattern in self.read)
 
-    def may_write(self, layer: str) -> bool:
-        return layer in self.write
+    def may_write(self, target: str) -> bool:
+        """``target``: a layer (``gold``), granted by that layer; or a table (``gold.decision_support``),
+        granted by its layer or a table glob."""
+        layer = target.split(".", 1)[0]
+        return layer in self.write or any(
+            "." in pattern and fnmatch.fnmatchcase(target, pattern) for pattern in self.write
+        )
 
     def hidden(self, column: str, sealed: set[str]) -> bool:
         if column in sealed and self.sealed == "drop":
@@ -127,7 +132,8 @@ class Access:
     def require_write(
         self, role_name: str | None, layers: list[str], job: str, run_id: str | None = None
     ) -> Role:
-        """A job may write these layers under this role, or :class:`AccessDenied` (audited)."""
+        """A job may write these layers (or single tables) under this role, or :class:`AccessDenied`
+        (audited)."""
         role = self.role(role_name, "write", job=job)
         refused = [layer for layer in layers if not role.may_write(layer)]
         if refused:
