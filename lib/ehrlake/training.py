@@ -5,14 +5,16 @@ algorithms (``models.train``) and, with ``ann``, a TensorFlow ANN on the same ro
 (``dl.train``); with ``sequence`` / ``sequence_scratch``, the sequence transformer on the same
 indexes and split, from the pretrained encoder or from random weights (``dl.finetune``). Every
 fitted model is registered as a candidate; ``promote`` makes the one with the best held-out AUROC
-the task's production model (among those population scoring can run: not yet the sequence
-models). This module sits above ``models`` and ``dl`` so neither has to know the other's trainers.
+the task's production model (among those population scoring can run: a sequence model of a
+per-stay task cannot be, as population scoring reads patients as of a date). This module sits
+above ``models`` and ``dl`` so neither has to know the other's trainers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
 from ehrlake.models import registry
 from ehrlake.models.algorithms import SEQUENCE_TRANSFORMER
@@ -31,6 +33,8 @@ class DeepLearningOptions:
     epochs: int | None = None
     launcher: str | None = None
     backend: str | None = None
+    label_fraction: float = 1.0  # sequence models: the share of training patients' labels kept
+    label_seed: int | None = None  # which patients' labels are kept, and the fit's seed (None: the split's)
 
 
 @dataclass
@@ -80,10 +84,19 @@ def train_task(
                 encoder = _encoder(lake, MODEL_ID) if algorithm == "sequence" else None
                 result.models.append(
                     train_sequence_model(
-                        lake, task, encoder, role=role, epochs=deep.epochs, launcher=deep.launcher, seed=seed
-                    )
+                        lake,
+                        task,
+                        encoder,
+                        deep.label_fraction,
+                        role=role,
+                        epochs=deep.epochs,
+                        launcher=deep.launcher,
+                        seed=seed,
+                    )  # fmt: skip
                 )
-    scorable = [mv for mv in result.models if mv.algorithm != SEQUENCE_TRANSFORMER]
+    # population scoring builds sequences per patient as of a date: not per stay
+    per_row = task not in feats.TASKS or feats.task(task).level != "patient"
+    scorable = [mv for mv in result.models if not (per_row and mv.algorithm == SEQUENCE_TRANSFORMER)]
     if promote and scorable:  # the production model is the one scheduled scoring runs
         best = max(scorable, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
         registry.promote(lake, best.model_id, best.version)

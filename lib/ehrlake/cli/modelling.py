@@ -36,6 +36,19 @@ def register(sub) -> None:
         "--backend", choices=["petastorm", "arrow", "auto"], help="ann / cnn: dataset reader"
     )
     train_cmd.add_argument(
+        "--label-fraction",
+        type=float,
+        default=1.0,
+        help="sequence / sequence_scratch: keep this share of the training patients' labels (stratified; "
+        "a point of a label-efficiency curve, plotted in the report)",
+    )
+    train_cmd.add_argument(
+        "--label-seed",
+        type=int,
+        help="with --label-fraction: which patients' labels are kept and the fit's seed (default: --seed; "
+        "vary this, not --seed, for the same test patients)",
+    )
+    train_cmd.add_argument(
         "--promote",
         action="store_true",
         help="promote the version with the best held-out AUROC to production",
@@ -63,6 +76,29 @@ def register(sub) -> None:
     common.role_option(pretrain_cmd)
     pretrain_cmd.set_defaults(handler=cmd_pretrain)
 
+    explain_cmd = sub.add_parser(
+        "explain",
+        help="one patient's risk from a sequence model, the events behind it and similar patients' "
+        "outcomes (deep-learning runtime)",
+        description="Decision support for one patient: the risk and model version, the events that raised "
+        "or lowered it (integrated gradients), and the outcome rate among the most similar training "
+        "patients (shown only when at least security.small_cell_k exist); merged into "
+        "gold.decision_support and audited (docs/self_supervised.md).",
+    )
+    explain_cmd.add_argument("--patient-key", required=True, help="the pseudonymous patient_key")
+    explain_cmd.add_argument("--task", required=True, help="patient-level task, e.g. readmission_30d")
+    explain_cmd.add_argument(
+        "--as-of", default="today", help="date YYYY-MM-DD: events before it are read (default: today)"
+    )
+    explain_cmd.add_argument(
+        "--model", help="model id (default: the task's production sequence model, else <task>.sequence)"
+    )
+    explain_cmd.add_argument("--version", type=int, help="with --model: the version (default: latest)")
+    explain_cmd.add_argument("--json", action="store_true", help="the gold.decision_support row as JSON")
+    common.lake_options(explain_cmd)
+    common.role_option(explain_cmd)
+    explain_cmd.set_defaults(handler=cmd_explain)
+
     evaluate_cmd = sub.add_parser(
         "evaluate",
         help="evaluate a registered model on new data without retraining",
@@ -75,7 +111,9 @@ def register(sub) -> None:
     evaluate_cmd.add_argument("--version", type=int, help="model version (default: latest)")
     evaluate_cmd.add_argument(
         "--input",
-        help="a file of the format the model was trained on (image models: NPZ, PNG folders, DICOM)",
+        help="new data: an extract file of the format the model was trained on; for a model of silver "
+        "features or sequences, a new hospital's dump (FHIR NDJSON, FHIR bundles or Synthea CSV), ingested "
+        "into <lake>/_external/<folder name> first; image models: NPZ, PNG folders, DICOM",
     )
     evaluate_cmd.add_argument("--json", action="store_true", help="machine-readable output")
     common.lake_options(evaluate_cmd)
@@ -132,21 +170,26 @@ def register(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from ehrlake.models import evaluate
     from ehrlake.training import DeepLearningOptions, train_task
 
     lake, _ = common.open_lake(args)
     trained = train_task(
         lake, args.task, [a.strip() for a in args.algorithms.split(",") if a.strip()],
         grid=args.grid, folds=args.folds, seed=args.seed, workers=args.workers, role=args.role,
-        deep=DeepLearningOptions(args.epochs, args.launcher, args.backend), promote=args.promote,
+        deep=DeepLearningOptions(
+            args.epochs, args.launcher, args.backend, args.label_fraction, args.label_seed
+        ),
+        promote=args.promote,
     )  # fmt: skip
+    value = evaluate.format_value
     print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")
     for mv in trained.models:
-        m = mv.metrics
-        auroc = m["auroc"]
+        m = {name: v.get("value") for name, v in mv.metrics.items() if isinstance(v, dict)}
+        auroc = mv.metrics["auroc"]
         print(
-            f"{mv.label:<44} {auroc['value']:.3f} ({auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})"
-            f"   {m['auprc']['value']:>6.3f} {m['brier']['value']:>6.3f} {m['accuracy']['value']:>8.3f}"
+            f"{mv.label:<44} {value(auroc['value'])} ({value(auroc['ci_low'])}-{value(auroc['ci_high'])})"
+            f"   {value(m['auprc']):>6} {value(m['brier']):>6} {value(m['accuracy']):>8}"
         )
     if trained.promoted:
         print(f"promoted {trained.promoted.label} to production for {args.task}")
@@ -178,8 +221,20 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    import datetime as dt
+
+    from ehrlake.dl import decision
+
+    lake, _ = common.open_lake(args)
+    as_of = dt.date.today() if args.as_of == "today" else common.dates(args.as_of)[0]
+    result = decision.explain(lake, args.patient_key, args.task, as_of, args.role, args.model, args.version)
+    print(json.dumps(result.row, default=str, indent=2) if args.json else result.format())
+    return 0
+
+
 def cmd_evaluate(args) -> int:
-    from ehrlake.models import evaluate_model, registry
+    from ehrlake.models import evaluate, evaluate_model, registry
 
     lake, _ = common.open_lake(args)
     mv = registry.get(lake, args.model, args.version)
@@ -196,9 +251,18 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    if "next" in result:  # prepared here; a TensorFlow model is scored in the deep-learning runtime
+        done = "prepared" if result["prepared"] == "now" else "was prepared already"
+        print(f"{args.input} {done} as dataset {result['dataset']}; {result['model']} is a TensorFlow "
+              f"model, evaluated in the deep-learning runtime: {result['next']}")  # fmt: skip
+        return 0
     print(f"{result['model']} on {result['dataset']}:")
+    value = evaluate.format_value
     for name, m in result["metrics"].items():
-        print(f"  {name:<10} {m['value']:.3f}  (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f}, n={m['n']:,})")
+        print(
+            f"  {name:<10} {value(m['value'])}  (95% CI {value(m['ci_low'])}-{value(m['ci_high'])}, "
+            f"n={m['n']:,})"
+        )
     return 0
 
 

@@ -36,16 +36,17 @@ def table(task_name: str) -> str:
 
 def with_labels_kept(train_df, label_fraction: float, label_seed: int):
     """The training rows of ``label_fraction`` of the training patients, stratified: that share
-    (at least one) of the patients with a positive label and of those without, each stratum's
-    lowest hashes of patient and ``label_seed``. Nested (the patients of 5% are among those of
-    10%), the same patients for every learner given the same seed (``bench/label_efficiency.py``'s
-    XGBoost), and never one class only when the training split has both."""
+    (at least one) of the patients with a positive label and of those without, separately in the
+    fitted folds and in the validation fold (fold 0), each stratum's lowest hashes of patient and
+    ``label_seed``. Nested (the patients of 5% are among those of 10%), the same patients for every
+    learner given the same seed (``bench/label_efficiency.py``'s XGBoost), and never one class only
+    in the fitted rows when the training split's fitted folds have both."""
     if label_fraction >= 1:
         return train_df
-    stratum = Window.partitionBy("_positive")
+    stratum = Window.partitionBy("_positive", "_validation")
     patients = (
         train_df.groupBy("patient_key")
-        .agg(F.max("label").alias("_positive"))
+        .agg(F.max("label").alias("_positive"), F.max(F.col("cv_fold") == 0).alias("_validation"))
         .withColumn("_hash", F.xxhash64(F.lit(label_seed), "patient_key"))
         .withColumn("_rank", F.row_number().over(stratum.orderBy("_hash", "patient_key")))
         .withColumn("_patients", F.count("*").over(stratum))
@@ -84,9 +85,9 @@ def write_tensors(
     return read
 
 
-def _same_vocabulary(lake, pretrained: registry.ModelVersion, version: int) -> None:
+def _same_vocabulary(pretrained: registry.ModelVersion, fingerprint: str, version: int) -> None:
     """The encoder's token embeddings index the vocabulary it was pretrained with: refuse another."""
-    if pretrained.params.get("vocabulary_fingerprint") != seqs.vocabulary_fingerprint(lake, version):
+    if pretrained.params.get("vocabulary_fingerprint") != fingerprint:
         raise EhrlakeError(
             f"{pretrained.label} was pretrained on vocabulary version "
             f"{pretrained.training_data[seqs.VOCABULARY]}, and the tokens or their ids have changed since "
@@ -113,6 +114,8 @@ def train_sequence_model(
     ``<task>.sequence_scratch``). ``seed`` is the patient split's (the tabular models' default, so
     the test rows are theirs); ``label_seed`` (default ``seed``) chooses the kept labels of
     ``label_fraction`` and seeds the fit."""
+    if not 0 < label_fraction <= 1:
+        raise EhrlakeError(f"the share of labels kept must be in (0, 1], not {label_fraction}")
     cfg = cfg or runtime.load()
     label_seed = seed if label_seed is None else label_seed
     e = cfg.encoder
@@ -123,8 +126,9 @@ def train_sequence_model(
     epochs = epochs or hyper.epochs
     with lake.security.job("train", ["gold"], role) as (_, audit):
         data = write_tensors(lake, task_name, e.length, seed, label_fraction, label_seed)
+        fingerprint = seqs.vocabulary_fingerprint(lake, data[seqs.VOCABULARY])
         if pretrained is not None:
-            _same_vocabulary(lake, pretrained, data[seqs.VOCABULARY])
+            _same_vocabulary(pretrained, fingerprint, data[seqs.VOCABULARY])
         snap = datasets.snapshot(lake.root, table(task_name))
         data[table(task_name)] = snap.version
         fitted, trained = F.col("split") == "train", F.col("split") != "test"  # trained: train + val
@@ -171,6 +175,7 @@ def train_sequence_model(
             **dataclasses.asdict(hyper),
             **{k: v for k, v in sequence.items() if k != "pretrained"},
             "pretrained": pretrained.label if pretrained else None,
+            "vocabulary_fingerprint": fingerprint,
             "label_fraction": label_fraction,
             "split_seed": seed,
             "train_rows": int(train_n),
@@ -188,8 +193,37 @@ def train_sequence_model(
             ["token_ids", "ages"],
             data,
             metrics,
-            {},
+            evaluate.risk_bands(test),
             test,
         )
         test.unpersist()
     return mv
+
+
+def external_predictions(lake, scratch, mv: registry.ModelVersion):
+    """``mv``'s scores of every labelled index of its task in ``scratch`` (a new hospital's lake:
+    ``models.external``), each read from the sequence before it built from the scratch lake's silver
+    with the vocabulary ``mv`` was trained on, with the subgroup attributes of its features row."""
+    t = feats.task(mv.task)
+    length = mv.params["length"]
+    vocab = lake.read(seqs.VOCABULARY, version=mv.training_data[seqs.VOCABULARY])
+    labels = (
+        scratch.read("gold.labels")
+        .where((F.col("task") == mv.task) & F.col("label").isNotNull())
+        .select("patient_key", "index_id", "index_time", F.col("label").cast("int").alias("label"))
+    )
+    built = seqs.build(scratch, labels, vocab, seqs.load_settings()).select(
+        "patient_key", "index_id", "token_ids", "ages"
+    )
+    frame = labels.join(built, ["patient_key", "index_id"], "left").select(
+        "index_id",
+        "patient_key",
+        F.lit("external").alias("split"),
+        "label",
+        tensors.packed_sequence(length)("token_ids", "ages").alias("x"),
+    )
+    scored = predict.sequence_scores(frame, mv.artifact_path(lake), length)
+    attributes = scratch.read(t.feature_table).select(
+        "patient_key", F.col("index_id").cast("string").alias("index_id"), *feats.pointintime.ATTRIBUTES
+    )
+    return scored.join(attributes, ["patient_key", "index_id"], "left")

@@ -37,7 +37,7 @@ def load_model(path: str):
     return _MODELS[path]
 
 
-def _batched(rows, size: int = BATCH):
+def batched(rows, size: int = BATCH):
     batch = []
     for r in rows:
         batch.append(r)
@@ -51,7 +51,7 @@ def _batched(rows, size: int = BATCH):
 def _image_scorer(path: str, shape: tuple[int, ...], pixels_at: int):
     def score(rows):
         model = None
-        for batch in _batched(rows):
+        for batch in batched(rows):
             model = model or load_model(path)
             x = np.stack([np.frombuffer(r[pixels_at], "<f4").reshape(shape) for r in batch])
             p = model.predict_on_batch(x)[:, 0]
@@ -161,7 +161,7 @@ def _tabular_scorer(path: str, inputs: int, reasons: int, names: list[str]):
     def score(rows):
         tf = runtime.tensorflow()
         model = None
-        for batch in _batched(rows):
+        for batch in batched(rows):
             model = model or load_model(path)
             x = tf.constant(np.stack([np.frombuffer(r["x"], "<f4").reshape(inputs) for r in batch]))
             with tf.GradientTape() as tape:
@@ -195,7 +195,7 @@ def sequence_scores(frame: DataFrame, path: str, length: int) -> DataFrame:
 
     def score(rows):
         model = None
-        for batch in _batched(rows):
+        for batch in batched(rows):
             model = model or load_model(path)
             x = np.stack([np.frombuffer(r["x"], "<f4").reshape(2, length) for r in batch])
             for r, s in zip(batch, model(x, training=False).numpy()[:, 0], strict=True):
@@ -253,6 +253,30 @@ def ann_scores(lake, mv, as_of: dt.date, patients: DataFrame | None = None):
         ),
     )
     return scored, reasons
+
+
+def external_ann_predictions(lake, scratch, mv) -> DataFrame:
+    """The ANN's scores of every labelled row of its task in ``scratch`` (a new hospital's lake:
+    ``models.external``), standardised as in training, with the rows' subgroup attributes."""
+    from ehrlake import features as feats
+    from ehrlake.dl.tensors import tensor
+
+    rows = feats.training_frame(scratch, feats.task(mv.task)).withColumn(
+        "index_id", F.col("index_id").cast("string")
+    )
+    frame = rows.select(
+        "index_id",
+        "patient_key",
+        F.lit("external").alias("split"),
+        F.col("label").cast("int").alias("label"),
+        tensor({f: tuple(v) for f, v in mv.params["scaling"].items()}).alias("x"),
+    )
+    scored = tabular_scores(frame, mv.artifact_path(lake), mv.features)
+    return scored.join(
+        rows.select("patient_key", "index_id", *feats.pointintime.ATTRIBUTES),
+        ["patient_key", "index_id"],
+        "left",
+    )
 
 
 def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:

@@ -124,6 +124,20 @@ class EncoderSettings:
 
 
 @dataclass(frozen=True)
+class ExplainSettings:
+    """How a sequence model's decision is explained (``explain:``; dl/decision.py)."""
+
+    steps: int = 32  # integrated gradients' midpoint steps
+    events: int = 5  # events shown that raised the risk, and that lowered it
+    neighbours: int = 50  # most similar training patients the outcome rate is taken over
+    min_similarity: float = 0.9  # cosine similarity of patient embeddings a neighbour needs
+
+    def validate(self) -> None:
+        if min(self.steps, self.events, self.neighbours) < 1 or not -1 <= self.min_similarity <= 1:
+            raise ConfigError("explain: steps, events, neighbours >= 1 and min_similarity in [-1, 1]")
+
+
+@dataclass(frozen=True)
 class Config:
     """conf/deep_learning.yaml, typed and validated (unknown keys and wrong types stop the job)."""
 
@@ -132,6 +146,7 @@ class Config:
     cnn: NetSettings = field(default_factory=NetSettings)
     ann: NetSettings = field(default_factory=NetSettings)
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
+    explain: ExplainSettings = field(default_factory=ExplainSettings)
 
     @property
     def backend(self) -> str:

@@ -369,7 +369,6 @@ def train_tabular_ann(
             .first()[0]
         )
         metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
-        q = test.approxQuantile("score", [0.7, 0.9], 0.001)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
             **dataclasses.asdict(hyper),
@@ -379,8 +378,17 @@ def train_tabular_ann(
             "test_rows": int(n),
             "test_positives": int(positives or 0),
         }
-        bands = {"medium": q[0], "high": q[1]} if len(q) == 2 else {}
         mv = _register(
-            lake, audit, run, task_name, "ann", params, inputs, data_versions, metrics, bands, test
+            lake,
+            audit,
+            run,
+            task_name,
+            "ann",
+            params,
+            inputs,
+            data_versions,
+            metrics,
+            evaluate.risk_bands(test),
+            test,
         )
     return mv

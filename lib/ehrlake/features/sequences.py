@@ -231,6 +231,22 @@ def build(lake, index: DataFrame, vocab: DataFrame, settings: Settings) -> DataF
     )
 
 
+def displays(lake, patients: DataFrame) -> DataFrame:
+    """What the coded events of ``patients`` (a frame of ``patient_key``) are called in their
+    records: ``kind``, ``text`` (as in :func:`events`), ``display`` (the most frequent name)."""
+    parts = []
+    for kind, (entity, _, text) in KINDS.items():
+        if kind == "encounter":  # its token is its class: no other name
+            continue
+        df = silver(lake, entity).join(F.broadcast(patients), "patient_key", "left_semi")
+        parts.append(df.select(F.lit(kind).alias("kind"), F.expr(text).alias("text"), "display"))
+    union = parts[0]
+    for part in parts[1:]:
+        union = union.unionByName(part)
+    named = union.where(F.col("display").isNotNull() & (F.col("display") != ""))
+    return named.groupBy("kind", "text").agg(F.mode("display").alias("display"))
+
+
 def indexes(lake) -> DataFrame:
     """The features' indexes (``gold.features_patient``: patient x as-of date;
     ``gold.features_encounter``: an inpatient stay at discharge) and each patient's ``all`` index

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.config import SecurityConfig
@@ -27,6 +27,20 @@ BOOTSTRAP = 1000
 METRICS = ("auroc", "auprc", "accuracy", "precision", "recall", "f1", "brier")
 SUBGROUPS = ("sex", "age_band", "state", "race")
 MIN_SUBGROUP = 30  # fewer rows (or no positive / negative) in a subgroup: metrics not reported
+
+
+def risk_bands(scored: DataFrame) -> dict[str, float]:
+    """Cut points of the risk bands from held-out scores: the top 10% ``high``, the next 20%
+    ``medium`` (empty where there are no scores)."""
+    q = scored.approxQuantile("score", [0.7, 0.9], 0.001)
+    return {"medium": q[0], "high": q[1]} if len(q) == 2 else {}
+
+
+def risk_band(score: Column, cuts: dict) -> Column:
+    """``high`` / ``medium`` / ``low`` by :func:`risk_bands`' cut points (null without them)."""
+    if not cuts:
+        return F.lit(None).cast("string")
+    return F.when(score >= cuts["high"], "high").when(score >= cuts["medium"], "medium").otherwise("low")
 
 
 def histogram(pred: DataFrame, by: list[str] | None = None) -> pd.DataFrame:
@@ -119,6 +133,11 @@ def summarise(
             "positives": P,
         }
     return out
+
+
+def format_value(value: float | None, digits: int = 3) -> str:
+    """A metric for people: ``n/a`` where it is not defined (one class only, too few rows)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _num(x) -> float | None:

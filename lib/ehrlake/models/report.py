@@ -118,6 +118,39 @@ def figures(lake, png) -> list[tuple[str, str]]:
     return out
 
 
+def label_efficiency_figures(lake, png) -> list[tuple[str, str]]:
+    """Per task trained at several shares of its labels (``train --label-fraction``, the bench):
+    test AUROC against the share, the mean over seeds with their range, one line per model (the
+    fine-tuned encoder and the same network from scratch; docs/self_supervised.md)."""
+    points: dict[str, dict[str, dict[float, list[float]]]] = {}
+    for mv in registry.versions(lake):
+        share, auroc = mv.params.get("label_fraction"), (mv.metrics.get("auroc") or {}).get("value")
+        if share is not None and auroc is not None:
+            points.setdefault(mv.task, {}).setdefault(mv.model_id, {}).setdefault(float(share), []).append(
+                auroc
+            )
+    out = []
+    for task, lines in sorted(points.items()):
+        if len({share for by_share in lines.values() for share in by_share}) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for model_id, by_share in sorted(lines.items()):
+            shares = sorted(by_share)
+            mean = [sum(by_share[x]) / len(by_share[x]) for x in shares]
+            low = [m - min(by_share[x]) for m, x in zip(mean, shares, strict=True)]
+            high = [max(by_share[x]) - m for m, x in zip(mean, shares, strict=True)]
+            ax.errorbar(
+                shares, mean, yerr=[low, high], marker="o", capsize=3, label=model_id.split(".", 1)[1]
+            )
+        ax.axhline(0.5, color="#999", linestyle=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("share of training labels kept")
+        ax.set_ylabel("test AUROC (mean, range over seeds)")
+        ax.legend()
+        out.append((png(fig), f"Label efficiency of the sequence models for {task} (same test patients)"))
+    return out
+
+
 def subgroup_figure(sub, best, png) -> tuple[str, str]:
     """Each subgroup's AUROC with its 95% bootstrap interval against the overall figure: a gap is
     only a gap where the interval leaves the line (a handful of patients gives a wide bar)."""
@@ -151,7 +184,7 @@ def section(lake, png) -> str:
     if not lake.exists(registry.TABLE):
         return "<h2>Models</h2><p>no models trained yet (ehrlake train)</p>"
     parts = [comparison_table(_latest(lake)), pretraining_table(_latest(lake, supervised=False))]
-    for data, caption in figures(lake, png) + saliency_maps(lake):
+    for data, caption in figures(lake, png) + label_efficiency_figures(lake, png) + saliency_maps(lake):
         parts.append(
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"

@@ -149,7 +149,6 @@ def train(
             metrics = evaluate.summarise(h, bootstrap, threshold=base_rate)
             metrics["cv_auroc"] = {"value": float(fitted.avgMetrics[best]), "folds": folds}
             metrics["train_seconds"] = {"value": round(seconds, 1)}
-            q = pred.approxQuantile("score", [0.7, 0.9], 0.001)
             model_id = f"{task_name}.{algorithm}"
             version, artifact, path = versions.new_artifact(lake, model_id)
             model.save(path)
@@ -174,7 +173,7 @@ def train(
                 features=inputs,
                 training_data=data_versions,
                 metrics=metrics,
-                bands={"medium": q[0], "high": q[1]} if len(q) == 2 else {},
+                bands=evaluate.risk_bands(pred),
                 artifact=artifact,
                 created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
                 status="candidate",

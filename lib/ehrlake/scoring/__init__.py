@@ -24,7 +24,7 @@ from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions
 from ehrlake.lake import increments, watermarks
-from ehrlake.models import algorithms, explain, registry
+from ehrlake.models import algorithms, evaluate, explain, registry
 from ehrlake.models.train import score_column
 
 TABLE = "gold.risk_scores"
@@ -49,12 +49,6 @@ class ScoringRun:
             f"in {self.seconds:.1f} s ({self.scored / max(self.seconds, 1e-9):,.0f} patients/s) -> {TABLE}"
             f"\n  risk bands: {spread or 'none'}; {self.how}"
         )
-
-
-def band(score: F.Column, cuts: dict) -> F.Column:
-    if not cuts:
-        return F.lit(None).cast("string")
-    return F.when(score >= cuts["high"], "high").when(score >= cuts["medium"], "medium").otherwise("low")
 
 
 def score(
@@ -97,23 +91,22 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
     """Score the population (only ``patients`` where given) and bring the task's rows of the date
     in ``gold.risk_scores`` up to date in one commit, then record the watermark."""
     task_name = t.name
-    if mv.algorithm == algorithms.SEQUENCE_TRANSFORMER:
+    if t.level != "patient" and mv.algorithm != "ann":
         raise EhrlakeError(
-            f"{mv.label} reads event sequences, which population scoring does not build yet; score "
-            f"{task_name} with its tabular models (ehrlake models list --task {task_name})"
+            f"task {task_name} is predicted per {t.level} row, not per patient as of a date; "
+            "population scoring covers the patient-level tasks ("
+            + ", ".join(n for n, x in feats.TASKS.items() if x.level == "patient")
+            + "); evaluate per-stay models with ehrlake evaluate"
         )
     if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
         from ehrlake.dl.predict import ann_scores
 
         scored, reasons = ann_scores(lake, mv, as_of, patients)
+    elif mv.algorithm == algorithms.SEQUENCE_TRANSFORMER:  # the events before the date, as in training
+        from ehrlake.dl.decision import population_scores
+
+        scored, reasons = population_scores(lake, mv, as_of, patients)
     else:
-        if t.level != "patient":
-            raise EhrlakeError(
-                f"task {task_name} is predicted per {t.level} row, not per patient as of a date; "
-                "population scoring covers the patient-level tasks ("
-                + ", ".join(n for n, x in feats.TASKS.items() if x.level == "patient")
-                + "); evaluate per-stay models with ehrlake evaluate"
-            )
         model = mv.load(lake)
         explain.prepare(mv.algorithm, model)
         importance = explain.importance(mv.algorithm, model, mv.features)
@@ -128,7 +121,7 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         F.lit(task_name).alias("task"),
         F.lit(as_of).cast("date").alias("as_of"),
         F.col("score").cast("double").alias("score"),
-        band(F.col("score"), mv.bands).alias("risk_band"),
+        evaluate.risk_band(F.col("score"), mv.bands).alias("risk_band"),
         reasons.alias("top_reasons"),
         F.lit(mv.model_id).alias("model_id"),
         F.lit(mv.version).alias("model_version"),
