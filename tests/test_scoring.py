@@ -129,3 +129,47 @@ def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scor
     # what a full scoring would write is what is there: it finds nothing to change
     assert scoring.score(lake, TASK, AS_OF).how == "merged +0 ~0 -0"
     assert nightly.scored == features.patient_features(lake, [AS_OF]).count()
+
+
+def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_path):
+    """``ehrlake evaluate --input``: a FHIR bundle dump is ingested into its own scratch lake (the
+    lake's tables untouched), labelled at the lake's index dates and scored by the registered
+    model; every labelled row is a test row; a second run finds it prepared and gives the same
+    result; a folder of two kinds is one clear error."""
+    import shutil
+
+    from conftest import SAMPLE
+    from pyspark.sql import functions as F
+
+    from ehrlake import cli
+    from ehrlake.models import evaluate_model, external
+
+    lake, model = scored_lake
+    dump = tmp_path / "hospital_b"
+    shutil.copytree(SAMPLE / "fhir_bundles", dump)
+    patients_before = lake.read("silver.patient").count()
+    result = evaluate_model(lake, model.model_id, model.version, str(dump))
+    scratch = external.scratch_lake(lake, external.read_dump(str(dump)))
+    assert scratch.root == os.path.join(lake.root, "_external", "hospital_b")
+    labelled = features.training_frame(scratch, features.task(TASK)).count()
+    assert result["dataset"] == "hospital_b" and result["metrics"]["auroc"]["n"] == labelled > 0
+    dates = {
+        r.d for r in lake.read("gold.features_patient").select(F.to_date("index_time").alias("d")).collect()
+    }
+    scratch_dates = (
+        scratch.read("gold.features_patient").select(F.to_date("index_time").alias("d")).distinct()
+    )
+    assert {r.d for r in scratch_dates.collect()} <= dates
+    assert lake.read("silver.patient").count() == patients_before  # nothing of the dump in the lake
+    evaluation = f"{model.model_id}.v{model.version}.hospital_b"
+    assert lake.read("gold.model_metrics").where(F.col("evaluation") == evaluation).count() > 0
+    assert external.prepare(lake, external.read_dump(str(dump))) == {"prepared": "already"}
+    assert cli.main(["evaluate", "--model", model.model_id, "--input", str(dump), "--lake", lake.root]) == 0
+    again = evaluate_model(lake, model.model_id, model.version, str(dump))
+    assert again["metrics"]["auroc"] == result["metrics"]["auroc"]
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(SAMPLE / "fhir_bundles", mixed)
+    shutil.copytree(SAMPLE / "fhir_ndjson" / "encoders_r4_9p", mixed / "ndjson")
+    with pytest.raises(EhrlakeError, match="one kind per folder; found fhir-ndjson, fhir-bundles"):
+        evaluate_model(lake, model.model_id, model.version, str(mixed))

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import diabetes130
-from ehrlake.models import registry
+from ehrlake.models import evaluate, registry
 from ehrlake.models.train import DEFAULT_SEED, score_column, split, train
 from ehrlake.models.versions import record
 
@@ -29,17 +29,17 @@ __all__ = ["train", "evaluate_model", "registry"]
 def evaluate_model(
     lake, model_id: str, version: int | None = None, input_path: str | None = None, role=None
 ) -> dict:
-    """Evaluate a registered model without retraining: on a new extract file of the format it was
-    trained on (``input_path``), or else on its held-out patients in the current feature tables.
+    """Evaluate a registered model without retraining: on new data (``input_path``: an extract file
+    of the format it was trained on, or a new hospital's FHIR / Synthea dump for a model of silver
+    features or sequences, :mod:`ehrlake.models.external`), or else on its held-out patients.
     Results go to the gold model tables under the evaluation id ``<model>.v<N>.<dataset>``."""
     mv = registry.get(lake, model_id, version)
     t = feats.task(mv.task)
+    if input_path and t.level != "diabetes130":  # a new hospital's dump: ingested apart, then scored
+        from ehrlake.models import external
+
+        return external.evaluate(lake, mv, input_path, role)
     if input_path:
-        if t.level != "diabetes130":
-            raise EhrlakeError(
-                f"--input evaluates extract-format models; {mv.label} is trained on silver features "
-                "(load new data with ehrlake ingest + clean + features, then evaluate without --input)"
-            )
         if not os.path.exists(input_path):
             raise EhrlakeError(f"no file {input_path}")
         rows = diabetes130.build(diabetes130.read_file(lake.spark, input_path))
@@ -56,6 +56,9 @@ def evaluate_model(
     with lake.security.job("evaluate", ["gold"], role) as (_, audit):
         overall = record(lake, mv, pred, dataset)
         audit.append(
-            ("gold.model_metrics", f"{mv.label} on {dataset}: AUROC {overall['auroc']['value']:.3f}")
+            (
+                "gold.model_metrics",
+                f"{mv.label} on {dataset}: AUROC {evaluate.format_value(overall['auroc']['value'])}",
+            )
         )
     return {"model": mv.label, "dataset": dataset, "metrics": overall}

@@ -4,6 +4,7 @@ tamper-evident audit log (docs/security.md). :class:`Security` bundles them for 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,15 @@ class Security:
             result = self.protector.reencrypt(lake, table)
             written.append((table, f"sealed columns under {key_id}: Delta version {result.version}"))
         return result
+
+    def for_root(self, lake_root: str) -> Security:
+        """The same keys, policy, grants and default role for another lake (a scratch lake an
+        external dump is prepared in: its patient keys link with this lake's), audited in its own
+        log."""
+        a = self.access
+        audit = AuditLog(lake_root, self.protector.store, self.audit.checkpoint_every)
+        access = Access(a.policy, audit, self.protector, a.grants, a.reveals_per_hour)
+        return dataclasses.replace(self, access=access, audit=audit)
 
     @classmethod
     def from_config(cls, security, lake_root: str) -> Security:
