@@ -185,6 +185,38 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     assert scores.where(F.size("top_reasons") > 0).count() > 0
 
 
+def test_contrastive_pretraining_learns_to_pair_views_of_every_image(image_lake):
+    """SimCLR on BreastMNIST and the DICOM frames together, labels unused, on two Horovod workers:
+    the held-out images' views pair better than before, no test image is trained on, the saved
+    trunk loads into the CNN by layer name, and an image task fine-tunes from it."""
+    import dataclasses
+
+    from pyspark.sql import functions as F
+
+    from ehrlake.dl import contrastive, nets
+
+    cfg = _cfg()
+    cfg = dataclasses.replace(cfg, contrastive=dataclasses.replace(cfg.contrastive, batch_size=32))
+    mv = contrastive.pretrain_images(image_lake, cfg, epochs=6, workers=2, launcher="horovod")
+    loss, pairs = mv.metrics["contrastive_loss"], mv.metrics["pair_accuracy"]
+    assert loss["value"] < loss["untrained"] and pairs["value"] > pairs["untrained"], mv.metrics
+    tensors = image_lake.read(contrastive.TENSORS, version=mv.training_data[contrastive.TENSORS])
+    images = image_lake.read("silver.imaging")
+    assert tensors.count() == images.where(F.coalesce("split", F.lit("")) != "test").count()
+    assert images.where(F.col("source_system") == "pacs").count() > 0  # DICOM frames are in
+    encoder = runtime.keras().models.load_model(os.path.join(mv.artifact_path(image_lake), "encoder.keras"))
+    cnn = nets.cnn((*SHAPE, 1), filters=tuple(mv.params["filters"]))
+    for layer in encoder.layers:
+        if layer.weights:
+            cnn.get_layer(layer.name).set_weights(layer.get_weights())  # the same trunk, by name
+    # an image task fine-tuned from the trunk: its own model id, the encoder it started from
+    tuned = dl_train.train_image_model(
+        image_lake, "breastmnist_normal", cfg, epochs=2, workers=2, launcher="local", pretrained=mv
+    )
+    assert tuned.model_id == "breastmnist_normal.cnn_pretrained" and tuned.params["pretrained"] == mv.label
+    assert tuned.metrics["auroc"]["n"] > 0
+
+
 SEQUENCE_TASK = "hypertension_onset_12m"
 
 

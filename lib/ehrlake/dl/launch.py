@@ -77,7 +77,8 @@ def weights_digest(weights) -> str:
 
 
 def run(spark, fn, payload, workers: int = 2, launcher: str = "horovod") -> list[dict]:
-    """Run ``fn(worker, payload)`` on ``workers`` processes with ``launcher``; results by rank."""
+    """Run ``fn(worker, payload)`` on ``workers`` processes with ``launcher``; results by rank. Where
+    they report a ``digest`` of their weights, every rank's must be the same."""
     if launcher not in LAUNCHERS:
         raise EhrlakeError(f"launcher {launcher!r}: use one of {', '.join(LAUNCHERS)}")
     if launcher == "local" or workers == 1 and launcher != "horovod":
@@ -102,6 +103,9 @@ def run(spark, fn, payload, workers: int = 2, launcher: str = "horovod") -> list
     else:
         rdd = spark.sparkContext.parallelize(range(workers), workers)
         results = rdd.barrier().mapPartitions(lambda _: [_barrier_main(fn, payload)]).collect()
+    digests = {r["digest"] for r in results if "digest" in r}
+    if len(digests) > 1:  # data-parallel training ends with one model, or something went wrong
+        raise EhrlakeError(f"the {len(results)} workers ended with different weights: {sorted(digests)}")
     return sorted(results, key=lambda r: r["rank"])
 
 

