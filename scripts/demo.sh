@@ -34,6 +34,8 @@ if [ -x "$dlbin/ehrlake" ]; then
   dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
   dl train --task breastmnist_normal --epochs 15
   dl pretrain --epochs 5   # the sequence encoder, labels unused (docs/self_supervised.md)
+  dl pretrain --images --epochs 10   # the CNN trunk, contrastive (SimCLR) on every image, labels unused
+  dl train --task breastmnist_normal --algorithms cnn_pretrained --epochs 15   # fine-tuned from the trunk
   dl score-images --model breastmnist_normal.cnn --source-system pacs
 else
   echo; echo "(deep-learning steps skipped: make dl-env builds their runtime)"
