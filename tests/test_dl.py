@@ -313,15 +313,6 @@ def test_pretraining_lowers_the_masked_code_loss_and_fine_tuning_starts_from_the
         return {r.patient_key for r in rows.where(F.col("split") != "test").select("patient_key").collect()}
 
     assert trained_on(scratch) < trained_on(tuned) and trained_on(scratch)
-    # two shares of the labels: the report's label-efficiency figure has the task
-    import matplotlib.pyplot as plt
-
-    from ehrlake.models import report
-
-    figures = report.label_efficiency_figures(lake, lambda fig: plt.close(fig) or "png")
-    assert [c for _, c in figures] == [
-        f"Label efficiency of the sequence models for {task} (same test patients)"
-    ]
 
 
 def test_integrated_gradients_follow_the_saved_model_and_add_up_to_its_log_odds():

@@ -214,6 +214,23 @@ def test_encoders_get_their_own_report_table_and_an_undefined_auroc_a_plain_head
         "masked_code_loss": {"value": 3.23, "frequency": 4.5, "untrained": 6.11},
         "masked_code_accuracy": {"value": 0.34, "frequency": 0.138, "untrained": 0.01},
     })  # fmt: skip
+    # label-efficiency curves: a task at two shares gets a figure, one at a single share none, and a
+    # version without an AUROC (one class in its test split) is no point
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    def fitted(model_id, share, auroc):
+        mv = version(model_id, {"auroc": {"value": auroc}})
+        return dataclasses.replace(mv, task=model_id.split(".")[0], params={"label_fraction": share})
+
+    curves = report.label_efficiency_figures(
+        [fitted("a.sequence", 0.1, 0.6), fitted("a.sequence", 0.1, 0.7), fitted("a.sequence", 1.0, 0.8),
+         fitted("a.sequence_scratch", 1.0, 0.75), fitted("b.sequence", 0.1, 0.6), fitted("b.sequence", 1.0, None),
+         encoder],
+        lambda fig: plt.close(fig) or "png",
+    )  # fmt: skip
+    assert [c for _, c in curves] == ["Label efficiency of the sequence models for a (same test patients)"]
     trunk = version("images.encoder", {
         "contrastive_loss": {"value": 2.51, "untrained": 3.87},
         "pair_accuracy": {"value": 0.62, "untrained": 0.09},

@@ -120,12 +120,13 @@ def figures(lake, png) -> list[tuple[str, str]]:
     return out
 
 
-def label_efficiency_figures(lake, png) -> list[tuple[str, str]]:
+def label_efficiency_figures(models: list[registry.ModelVersion], png) -> list[tuple[str, str]]:
     """Per task trained at several shares of its labels (``train --label-fraction``, the bench):
     test AUROC against the share, the mean over seeds with their range, one line per model (the
-    fine-tuned encoder and the same network from scratch; docs/self_supervised.md)."""
+    fine-tuned encoder and the same network from scratch; docs/self_supervised.md). Versions
+    without a defined AUROC (a test split of one class) are left out."""
     points: dict[str, dict[str, dict[float, list[float]]]] = {}
-    for mv in registry.versions(lake):
+    for mv in models:
         share, auroc = mv.params.get("label_fraction"), (mv.metrics.get("auroc") or {}).get("value")
         if share is not None and auroc is not None:
             points.setdefault(mv.task, {}).setdefault(mv.model_id, {}).setdefault(float(share), []).append(
@@ -186,7 +187,8 @@ def section(lake, png) -> str:
     if not lake.exists(registry.TABLE):
         return "<h2>Models</h2><p>no models trained yet (ehrlake train)</p>"
     parts = [comparison_table(_latest(lake)), pretraining_table(_latest(lake, supervised=False))]
-    for data, caption in figures(lake, png) + label_efficiency_figures(lake, png) + saliency_maps(lake):
+    curves = label_efficiency_figures(registry.versions(lake), png)
+    for data, caption in figures(lake, png) + curves + saliency_maps(lake):
         parts.append(
             f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
