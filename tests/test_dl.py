@@ -209,12 +209,29 @@ def test_contrastive_pretraining_learns_to_pair_views_of_every_image(image_lake)
     for layer in encoder.layers:
         if layer.weights:
             cnn.get_layer(layer.name).set_weights(layer.get_weights())  # the same trunk, by name
-    # an image task fine-tuned from the trunk: its own model id, the encoder it started from
+    # an image task fine-tuned from the trunk on a tenth of its labels: its own model id, the
+    # encoder it started from, a tenth of each class's training images (147 malignant, 399 not)
     tuned = dl_train.train_image_model(
-        image_lake, "breastmnist_normal", cfg, epochs=2, workers=2, launcher="local", pretrained=mv
-    )
+        image_lake, "breastmnist_normal", cfg, epochs=2, workers=2, launcher="local", pretrained=mv,
+        label_fraction=0.1,
+    )  # fmt: skip
     assert tuned.model_id == "breastmnist_normal.cnn_pretrained" and tuned.params["pretrained"] == mv.label
-    assert tuned.metrics["auroc"]["n"] > 0
+    assert tuned.params["label_fraction"] == 0.1 and tuned.params["train_images"] == 15 + 40
+    assert tuned.metrics["auroc"]["n"] == 156  # the test split whole
+
+
+def test_a_share_of_image_labels_is_stratified_and_nested(image_lake):
+    from pyspark.sql import functions as F
+
+    snap = datasets.snapshot(image_lake.root, dl_train.IMAGES)
+    kept = {
+        share: dl_train.kept_images(image_lake, snap, "breastmnist", "train", share, 7)
+        for share in (0.05, 0.25)
+    }
+    labels = image_lake.read("silver.imaging").where(F.col("image_id").isin(list(kept[0.25])))
+    assert sorted(tuple(r) for r in labels.groupBy("label").count().collect()) == [(0.0, 37), (1.0, 100)]
+    assert set(kept[0.05]) < set(kept[0.25]) and len(kept[0.05]) == 8 + 20
+    assert dl_train.kept_images(image_lake, snap, "breastmnist", "train", 0.05, 8) != kept[0.05]
 
 
 SEQUENCE_TASK = "hypertension_onset_12m"

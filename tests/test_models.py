@@ -230,7 +230,7 @@ def test_encoders_get_their_own_report_table_and_an_undefined_auroc_a_plain_head
          encoder],
         lambda fig: plt.close(fig) or "png",
     )  # fmt: skip
-    assert [c for _, c in curves] == ["Label efficiency of the sequence models for a (same test patients)"]
+    assert [c for _, c in curves] == ["Label efficiency of the models of a (same test rows)"]
     trunk = version("images.encoder", {
         "contrastive_loss": {"value": 2.51, "untrained": 3.87},
         "pair_accuracy": {"value": 0.62, "untrained": 0.09},

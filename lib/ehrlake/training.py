@@ -33,7 +33,7 @@ class DeepLearningOptions:
     epochs: int | None = None
     launcher: str | None = None
     backend: str | None = None
-    label_fraction: float = 1.0  # sequence models: the share of training patients' labels kept
+    label_fraction: float = 1.0  # sequence and image models: the share of training labels kept
     label_seed: int | None = None  # which patients' labels are kept, and the fit's seed (None: the split's)
 
 
@@ -66,12 +66,16 @@ def train_task(
         from ehrlake.dl.contrastive import MODEL_ID as IMAGE_ENCODER
         from ehrlake.dl.train import train_image_model
 
+        # the image splits are the data set's own: the label seed picks the kept images and seeds the fit
+        image = {**options, "label_fraction": deep.label_fraction, "role": role}
+        if deep.label_seed is not None:
+            image["seed"] = deep.label_seed
         # cnn (the default) from random weights; cnn_pretrained from the contrastive trunk
         if "cnn" in algorithms or "cnn_pretrained" not in algorithms:
-            result.models.append(train_image_model(lake, task, role=role, **options))
+            result.models.append(train_image_model(lake, task, **image))
         if "cnn_pretrained" in algorithms:
             trunk = _encoder(lake, IMAGE_ENCODER, "ehrlake pretrain --images", "cnn")
-            result.models.append(train_image_model(lake, task, role=role, pretrained=trunk, **options))
+            result.models.append(train_image_model(lake, task, pretrained=trunk, **image))
     else:
         spark_ml = tuple(a for a in algorithms if a not in DEEP_TABULAR)
         if spark_ml:
@@ -102,6 +106,7 @@ def train_task(
                         epochs=deep.epochs,
                         launcher=deep.launcher,
                         seed=seed,
+                        label_seed=deep.label_seed,
                     )  # fmt: skip
                 )
     # population scoring builds sequences per patient as of a date: not per stay

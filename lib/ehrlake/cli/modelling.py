@@ -40,14 +40,14 @@ def register(sub) -> None:
         "--label-fraction",
         type=float,
         default=1.0,
-        help="sequence / sequence_scratch: keep this share of the training patients' labels (stratified; "
-        "a point of a label-efficiency curve, plotted in the report)",
+        help="sequence / sequence_scratch / cnn / cnn_pretrained: keep this share of the training labels "
+        "(stratified; a point of a label-efficiency curve, plotted in the report)",
     )
     train_cmd.add_argument(
         "--label-seed",
         type=int,
-        help="with --label-fraction: which patients' labels are kept and the fit's seed (default: --seed; "
-        "vary this, not --seed, for the same test patients)",
+        help="with --label-fraction: which patients' (images') labels are kept and the fit's seed (default: "
+        "--seed; vary this, not --seed, for the same test patients)",
     )
     train_cmd.add_argument(
         "--promote",

@@ -274,6 +274,45 @@ def image_selection(source_system: str, split_name: str | None, shape) -> Select
     return Selection(tuple(filters), "pixels", (*shape, 1))
 
 
+# A share of an image task's labels is kept as a list of image ids in the readers' filter: a
+# label-efficiency point keeps few labels by definition, and a list beyond this many is refused
+MAX_KEPT_IMAGES = 200_000
+
+
+def kept_images(lake, snap, source: str, split_name: str, label_fraction: float, label_seed: int):
+    """The ids of ``label_fraction`` of ``source``'s labelled ``split_name`` images, stratified:
+    that share (at least one) of each label's images, the lowest hashes of image and ``label_seed``.
+    Nested across shares at one seed, like the sequence models' kept patients (``finetune``)."""
+    from pyspark.sql import Window
+
+    stratum = Window.partitionBy("label")
+    images = (
+        lake.read(IMAGES, version=snap.version)
+        .where((F.col("source_system") == source) & (F.col("split") == split_name) & (F.col("label") >= 0))
+        .select("image_id", "label")
+        .withColumn(
+            "_rank",
+            F.row_number().over(stratum.orderBy(F.xxhash64(F.lit(label_seed), "image_id"), "image_id")),
+        )
+        .withColumn("_images", F.count("*").over(stratum))
+    )
+    kept = images.where(F.col("_rank") <= F.ceil(F.col("_images") * F.lit(label_fraction))).select("image_id")
+    count = kept.count()
+    if count > MAX_KEPT_IMAGES:
+        raise EhrlakeError(
+            f"{label_fraction:.0%} of {source}'s {split_name} labels is {count:,} images, over the "
+            f"{MAX_KEPT_IMAGES:,} a label share may name: train on all labels (--label-fraction 1)"
+        )
+    return tuple(sorted(r.image_id for r in kept.collect()))
+
+
+def _labels_kept(lake, snap, selection: Selection | None, source, split_name, label_fraction, label_seed):
+    if selection is None or label_fraction >= 1:
+        return selection
+    ids = kept_images(lake, snap, source, split_name, label_fraction, label_seed)
+    return replace(selection, filters=(*selection.filters, ("image_id", "in", ids)))
+
+
 def train_image_model(
     lake,
     task: str,
@@ -285,11 +324,16 @@ def train_image_model(
     seed: int = DEFAULT_SEED,
     role: str | None = None,
     pretrained: registry.ModelVersion | None = None,
+    label_fraction: float = 1.0,
 ) -> registry.ModelVersion:
     """Train the CNN of an image task on its ``train`` split (validation AUC per epoch on ``val``),
     evaluate it on its test split, write every image's finding to ``gold.image_findings`` and
     register it. ``pretrained``: an ``images.encoder`` version whose trunk it starts from
-    (registered as ``<task>.cnn_pretrained``; docs/self_supervised.md)."""
+    (registered as ``<task>.cnn_pretrained``; docs/self_supervised.md). ``label_fraction``: the
+    share of the training and validation labels kept (:func:`kept_images`, chosen by ``seed``,
+    which also seeds the fit); the test split is always whole."""
+    if not 0 < label_fraction <= 1:
+        raise EhrlakeError(f"the share of labels kept must be in (0, 1], not {label_fraction}")
     from ehrlake.ingest.images import load_spec
 
     cfg = cfg or runtime.load()
@@ -307,8 +351,18 @@ def train_image_model(
     snap = datasets.snapshot(lake.root, IMAGES)
     source = spec.source_system
     test_split = hyper.test
-    train_sel = image_selection(source, "train", shape)
-    val_sel = image_selection(source, hyper.validation, shape) if hyper.validation else None
+    train_sel = _labels_kept(
+        lake, snap, image_selection(source, "train", shape), source, "train", label_fraction, seed
+    )
+    val_sel = _labels_kept(
+        lake,
+        snap,
+        image_selection(source, hyper.validation, shape) if hyper.validation else None,
+        source,
+        hyper.validation,
+        label_fraction,
+        seed,
+    )
     trunk = None
     if pretrained is not None:
         if list(pretrained.params["filters"]) != list(hyper.filters):
@@ -344,6 +398,9 @@ def train_image_model(
             "shape": list(shape),
             "saliency": saliency,
             "pretrained": pretrained.label if pretrained else None,
+            "label_fraction": label_fraction,
+            "label_seed": seed,
+            "train_images": sum(shard.rows for shard in payload.shards),
         }
         # evaluation id <model>.v<N>.test, whichever split the task evaluates on
         mv = _register(

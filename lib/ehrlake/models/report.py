@@ -150,7 +150,7 @@ def label_efficiency_figures(models: list[registry.ModelVersion], png) -> list[t
         ax.set_xlabel("share of training labels kept")
         ax.set_ylabel("test AUROC (mean, range over seeds)")
         ax.legend()
-        out.append((png(fig), f"Label efficiency of the sequence models for {task} (same test patients)"))
+        out.append((png(fig), f"Label efficiency of the models of {task} (same test rows)"))
     return out
 
 

@@ -1,22 +1,28 @@
 """Benchmark: label efficiency of self-supervised pretraining (issue 19; docs/self_supervised.md).
 
-On a built lake (``make demo``'s ``./lake``, or any lake with ``gold.sequences``, ``gold.labels``,
-the task's feature table and a pretrained ``sequences.encoder``), for one task: the sequence
-transformer fine-tuned from the pretrained encoder, the same model from random weights, and
-XGBoost on the task's point-in-time features, each trained on a share of the training patients'
-labels (the same patients for all three at a given seed, nested across shares), for several seeds.
-All are scored on one fixed test split, the tabular models' (patient split, seed 42), which holds
-real patients only: generated copies never reach it (``silver.patient_origin``). Each run reports
-AUROC with its 95% bootstrap interval; each share the mean over seeds.
+On a built lake (``make demo``'s ``./lake``, or any lake with the task's data and pretrained
+encoder), for one task, each model trained on a share of the training labels (the same patients
+or images for all at a given seed, nested across shares), for several seeds, all scored on one
+fixed test split:
 
-The lake is copied to a scratch folder first, so the runs' registrations stay out of its registry.
-XGBoost here is single-process on the training rows in pandas: a benchmark for lakes of sample
-size, not a production trainer (``ehrlake train`` is). Run in the deep-learning runtime:
+- a patient task (``gold.sequences``, ``gold.labels``, the task's feature table): the sequence
+  transformer fine-tuned from ``sequences.encoder``, the same model from random weights, and
+  XGBoost on the point-in-time features. The test split is the tabular models' (patient split,
+  seed 42) and holds real patients only: generated copies never reach it (``silver.patient_origin``);
+- an image task (``silver.imaging``): the CNN fine-tuned from the contrastive trunk
+  (``images.encoder``) and the same CNN from random weights, on the data set's own test split.
 
-    .venv-dl/bin/python bench/label_efficiency.py --lake lake --task readmission_30d \
+Each run reports AUROC with its 95% bootstrap interval; each share the mean over seeds. The lake is
+copied to a scratch folder first, so the runs' registrations stay out of its registry (``ehrlake
+train --label-fraction F --label-seed S`` records one point in the lake itself). XGBoost here is
+single-process on the training rows in pandas: a benchmark for lakes of sample size, not a
+production trainer (``ehrlake train`` is). Run in the deep-learning runtime:
+
+    .venv-dl/bin/python bench/ssl.py --lake lake --task readmission_30d \
         [--fractions 0.05,0.25,1] [--seeds 42,43,44] [--epochs 5]
+    .venv-dl/bin/python bench/ssl.py --lake lake --task breastmnist_normal --epochs 15
 
-Results: ``bench/results/label_efficiency-<date>.json`` and ``.md``.
+Results: ``bench/results/ssl-<task>-<date>.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from _lake import machine, save_result  # noqa: E402
 import ehrlake.lake  # noqa: E402
 from ehrlake import config  # noqa: E402
 from ehrlake import features as feats  # noqa: E402
-from ehrlake.dl import finetune, pretrain  # noqa: E402
+from ehrlake.dl import contrastive, finetune, pretrain, runtime  # noqa: E402
+from ehrlake.dl.train import train_image_model  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
 from ehrlake.features import sequences as seqs  # noqa: E402
 from ehrlake.models import evaluate, registry  # noqa: E402
@@ -47,6 +54,7 @@ from ehrlake.session import get_spark  # noqa: E402
 XGBOOST = {"max_depth": 4, "n_estimators": 200, "learning_rate": 0.05, "subsample": 0.8,
            "colsample_bytree": 0.8, "min_child_weight": 2, "tree_method": "hist"}  # fmt: skip
 LEARNERS = ("pretrained", "scratch", "xgboost")
+IMAGE_LEARNERS = ("pretrained", "scratch")  # cnn_pretrained, cnn
 
 
 def xgboost_run(lake, task_name: str, fraction: float, label_seed: int) -> dict:
@@ -80,7 +88,22 @@ def sequence_run(lake, task_name, encoder, fraction, label_seed, epochs) -> dict
     return _row(learner, fraction, label_seed, mv.metrics, mv.params["train_rows"], seconds)
 
 
+def image_run(lake, task_name, encoder, fraction, seed, epochs) -> dict:
+    started = time.perf_counter()
+    mv = train_image_model(
+        lake, task_name, epochs=epochs, workers=1, launcher="local", seed=seed, pretrained=encoder,
+        label_fraction=fraction,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    learner = "pretrained" if encoder else "scratch"
+    return _row(learner, fraction, seed, mv.metrics, mv.params["train_images"], seconds)
+
+
 def one_run(lake, task_name, learner, encoder, fraction, seed, epochs) -> dict:
+    if _is_image(task_name):
+        return image_run(
+            lake, task_name, encoder if learner == "pretrained" else None, fraction, seed, epochs
+        )
     if learner == "xgboost":
         return xgboost_run(lake, task_name, fraction, seed)
     return sequence_run(lake, task_name, encoder if learner == "pretrained" else None, fraction, seed, epochs)
@@ -102,11 +125,15 @@ def _row(learner, fraction, seed, metrics, train_rows, seconds) -> dict:
     }
 
 
-def summary(runs: list[dict], fractions: list[float]) -> list[dict]:
+def _is_image(task_name: str) -> bool:
+    return task_name in runtime.load().image_tasks
+
+
+def summary(runs: list[dict], fractions: list[float], learners) -> list[dict]:
     out = []
     for fraction in fractions:
         row = {"label_fraction": fraction}
-        for learner in LEARNERS:
+        for learner in learners:
             values = [
                 r["auroc"]
                 for r in runs
@@ -118,17 +145,19 @@ def summary(runs: list[dict], fractions: list[float]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
+    learners = result["learners"]
     lines = [
-        f"# Label efficiency: {result['task']} (bench/label_efficiency.py, {result['date']})",
+        f"# Label efficiency: {result['task']} (bench/ssl.py, {result['date']})",
         "",
         f"Test split: {result['test_rows']} rows, {result['test_positives']} positives (real patients "
-        f"only); {len(result['seeds'])} seed(s); {result['epochs']} fine-tuning epochs. Mean AUROC:",
+        f"or the image set's own test split); {len(result['seeds'])} seed(s); {result['epochs']} "
+        f"fine-tuning epochs; pretrained from {result['encoder']}. Mean AUROC:",
         "",
-        "| labels kept | " + " | ".join(LEARNERS) + " |",
-        "|---|" + "---|" * len(LEARNERS),
+        "| labels kept | " + " | ".join(learners) + " |",
+        "|---|" + "---|" * len(learners),
     ]
     for row in result["summary"]:
-        cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in LEARNERS]
+        cells = ["-" if row[k] is None else f"{row[k]:.3f}" for k in learners]
         lines.append(f"| {row['label_fraction']:.0%} | " + " | ".join(cells) + " |")
     lines += ["", "Every run, AUROC [95% bootstrap interval]:", "", "| learner | labels | seed | "
               "train rows | AUROC |", "|---|---|---|---|---|"]  # fmt: skip
@@ -143,8 +172,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _encoder(lake, epochs: int) -> registry.ModelVersion:
-    """The lake's pretrained encoder if it fits the current vocabulary; else one pretrained now."""
+def _encoder(lake, task_name: str, epochs: int) -> registry.ModelVersion:
+    """The lake's pretrained encoder if it fits the current vocabulary (an image task: the lake's
+    contrastive trunk); else one pretrained now."""
+    if _is_image(task_name):
+        try:
+            return registry.get(lake, contrastive.MODEL_ID)
+        except EhrlakeError:
+            return contrastive.pretrain_images(lake, epochs=epochs)
     try:
         encoder = registry.get(lake, pretrain.MODEL_ID)
     except EhrlakeError:
@@ -172,11 +207,12 @@ def main() -> int:
         root = Path(scratch) / "lake"
         shutil.copytree(args.lake, root)
         lake = ehrlake.lake.open(str(root), spark, cfg)
-        encoder = _encoder(lake, args.pretrain_epochs)
+        encoder = _encoder(lake, args.task, args.pretrain_epochs)
+        learners = IMAGE_LEARNERS if _is_image(args.task) else LEARNERS
         runs = []
         for seed in seeds:
             for fraction in fractions:
-                for learner in LEARNERS:
+                for learner in learners:
                     try:
                         runs.append(one_run(lake, args.task, learner, encoder, fraction, seed, args.epochs))
                     except EhrlakeError as e:  # e.g. a share of the labels without a positive
@@ -184,20 +220,21 @@ def main() -> int:
                                      "auroc": None, "skipped": str(e)})  # fmt: skip
                     print(f"{learner} {fraction:.0%} seed {seed}: {runs[-1]['auroc']}", flush=True)
     result = {
-        "benchmark": "label_efficiency",
+        "benchmark": "ssl",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(spark),
         "task": args.task,
         "encoder": encoder.label,
         "epochs": args.epochs,
+        "learners": list(learners),
         "seeds": seeds,
         "fractions": fractions,
         "test_rows": next((r["test_rows"] for r in runs if "test_rows" in r), None),
         "test_positives": next((r["test_positives"] for r in runs if "test_positives" in r), None),
         "runs": runs,
-        "summary": summary(runs, fractions),
+        "summary": summary(runs, fractions, learners),
     }
-    path = save_result(args.out, "label_efficiency", result)
+    path = save_result(args.out, f"ssl-{args.task}", result)
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     print(f"-> {path}")
