@@ -220,6 +220,18 @@ def test_contrastive_pretraining_learns_to_pair_views_of_every_image(image_lake)
     assert tuned.metrics["auroc"]["n"] == 156  # the test split whole
 
 
+def test_pretraining_holds_out_every_image_tasks_evaluation_split(spark):
+    """PneumoniaMNIST evaluates on its val split (its file has no test array): those images are
+    as held out from contrastive pretraining as every test split."""
+    from ehrlake.dl import contrastive
+
+    rows = [("breastmnist", "test"), ("breastmnist", "val"), ("pneumoniamnist", "val"),
+            ("pneumoniamnist", "train"), ("pacs", None)]  # fmt: skip
+    frame = spark.createDataFrame(rows, "source_system string, split string")
+    held = frame.where(contrastive.held_out(runtime.load())).collect()
+    assert sorted(tuple(r) for r in held) == [("breastmnist", "test"), ("pneumoniamnist", "val")]
+
+
 def test_a_share_of_image_labels_is_stratified_and_nested(image_lake):
     from pyspark.sql import functions as F
 

@@ -4,7 +4,7 @@
 Each image is seen as two random views (flips, shifts, zoom, contrast, noise), and the encoder
 with a small projection head learns to tell which view of the batch belongs with which (NT-Xent:
 a softmax over the batch's other views at temperature ``contrastive.temperature``). The images are
-every image of ``silver.imaging`` outside a test split, every source together (MedMNIST sets,
+every image of ``silver.imaging`` outside a held-out split, every source together (MedMNIST sets,
 DICOM frames), written as ``gold.tensors_images_ssl`` with a ``train`` / ``val`` split by a hash of
 the image; no task's test image is pretrained on. Runs on the existing launchers; the encoder
 (``nets.image_encoder``: the CNN's trunk, layers named as the CNN's) is registered as
@@ -33,11 +33,24 @@ MODEL_ID = "images.encoder"
 VALIDATION_PERCENT = 10
 
 
-def write_tensors(lake) -> int:
-    """Every image outside a test split as ``pixels`` with ``split`` (``val`` for a hash tenth of
-    them); returns the version of ``silver.imaging`` read."""
+def held_out(cfg: runtime.Config):
+    """Images no pretraining may see: every ``test`` split, and each image task's evaluation split
+    where the task evaluates on another (PneumoniaMNIST's shared file has no test array: its
+    ``val`` is its test split)."""
+    split = F.coalesce(F.col("split"), F.lit(""))
+    out = split == "test"
+    for name, task in cfg.image_tasks.items():
+        evaluated = cfg.cnn_for(name).test
+        if evaluated != "test":
+            out = out | ((F.col("source_system") == task.source_system) & (split == evaluated))
+    return out
+
+
+def write_tensors(lake, cfg: runtime.Config) -> int:
+    """Every image outside a held-out split (:func:`held_out`) as ``pixels`` with ``split``
+    (``val`` for a hash tenth of them); returns the version of ``silver.imaging`` read."""
     version = lake.version(IMAGES)
-    images = lake.read(IMAGES, version=version).where(F.coalesce(F.col("split"), F.lit("")) != "test")
+    images = lake.read(IMAGES, version=version).where(~held_out(cfg))
     bucket = F.pmod(F.xxhash64("source_system", "image_id"), F.lit(100))
     out = images.select(
         F.when(bucket < VALIDATION_PERCENT, "val").otherwise("train").alias("split"),
@@ -179,8 +192,8 @@ def pretrain_images(
     seed: int = 42,
     role: str | None = None,
 ) -> registry.ModelVersion:
-    """Contrastive pretraining of the CNN trunk (``cnn.filters``) on every image outside a test
-    split; registered as ``images.encoder``."""
+    """Contrastive pretraining of the CNN trunk (``cnn.filters``) on every image outside a held-out
+    split (:func:`held_out`); registered as ``images.encoder``."""
     from ehrlake.ingest.images import load_spec
 
     cfg = cfg or runtime.load()
@@ -188,7 +201,7 @@ def pretrain_images(
     epochs, workers, launcher = epochs or s.epochs, workers or cfg.workers, launcher or cfg.launcher
     shape = (*load_spec().shape, 1)
     with lake.security.job("pretrain", ["gold"], role) as (_, audit):
-        data = {IMAGES: write_tensors(lake)}
+        data = {IMAGES: write_tensors(lake, cfg)}
         snap = datasets.snapshot(lake.root, TENSORS)
         data[TENSORS] = snap.version
         train, val = (Selection((("split", "=", x),), "pixels", shape) for x in ("train", "val"))

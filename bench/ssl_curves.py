@@ -18,11 +18,12 @@ train --label-fraction F --label-seed S`` records one point in the lake itself).
 single-process on the training rows in pandas: a benchmark for lakes of sample size, not a
 production trainer (``ehrlake train`` is). Run in the deep-learning runtime:
 
-    .venv-dl/bin/python bench/ssl.py --lake lake --task readmission_30d \
+    .venv-dl/bin/python bench/ssl_curves.py --lake lake --task readmission_30d \
         [--fractions 0.05,0.25,1] [--seeds 42,43,44] [--epochs 5]
-    .venv-dl/bin/python bench/ssl.py --lake lake --task breastmnist_normal --epochs 15
+    .venv-dl/bin/python bench/ssl_curves.py --lake lake --task breastmnist_normal --epochs 15
 
-Results: ``bench/results/ssl-<task>-<date>.json`` and ``.md``.
+Results: ``bench/results/ssl_curves-<task>-<date>.json`` and ``.md``. (Not ``bench/ssl.py``: a
+script's folder leads ``sys.path``, and that name would shadow the standard library's ``ssl``.)
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def summary(runs: list[dict], fractions: list[float], learners) -> list[dict]:
 def markdown(result: dict) -> str:
     learners = result["learners"]
     lines = [
-        f"# Label efficiency: {result['task']} (bench/ssl.py, {result['date']})",
+        f"# Label efficiency: {result['task']} (bench/ssl_curves.py, {result['date']})",
         "",
         f"Test split: {result['test_rows']} rows, {result['test_positives']} positives (real patients "
         f"or the image set's own test split); {len(result['seeds'])} seed(s); {result['epochs']} "
@@ -220,7 +221,7 @@ def main() -> int:
                                      "auroc": None, "skipped": str(e)})  # fmt: skip
                     print(f"{learner} {fraction:.0%} seed {seed}: {runs[-1]['auroc']}", flush=True)
     result = {
-        "benchmark": "ssl",
+        "benchmark": "ssl_curves",
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(spark),
         "task": args.task,
@@ -234,7 +235,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary(runs, fractions, learners),
     }
-    path = save_result(args.out, f"ssl-{args.task}", result)
+    path = save_result(args.out, f"ssl_curves-{args.task}", result)
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     print(f"-> {path}")
