@@ -32,10 +32,12 @@ run pipeline conf/pipelines/demo.yaml
 if [ -x "$dlbin/ehrlake" ]; then
   # TensorFlow on Horovod-on-Spark (2 workers); short runs here, docs/deep_learning.md for the full ones
   dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
-  dl train --task breastmnist_normal --epochs 15
   dl pretrain --epochs 5   # the sequence encoder, labels unused (docs/self_supervised.md)
   dl pretrain --images --epochs 10   # the CNN trunk, contrastive (SimCLR) on every image, labels unused
-  dl train --task breastmnist_normal --algorithms cnn_pretrained --epochs 15   # fine-tuned from the trunk
+  # the CNN from random weights and fine-tuned from the trunk, on a tenth of the labels and on all
+  # (two points of the label-efficiency curve in the report; bench/ssl_curves.py draws it whole)
+  dl train --task breastmnist_normal --algorithms cnn,cnn_pretrained --epochs 15 --label-fraction 0.1
+  dl train --task breastmnist_normal --algorithms cnn,cnn_pretrained --epochs 15
   dl score-images --model breastmnist_normal.cnn --source-system pacs
 else
   echo; echo "(deep-learning steps skipped: make dl-env builds their runtime)"

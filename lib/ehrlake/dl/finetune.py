@@ -39,7 +39,7 @@ def with_labels_kept(train_df, label_fraction: float, label_seed: int):
     (at least one) of the patients with a positive label and of those without, separately in the
     fitted folds and in the validation fold (fold 0), each stratum's lowest hashes of patient and
     ``label_seed``. Nested (the patients of 5% are among those of 10%), the same patients for every
-    learner given the same seed (``bench/label_efficiency.py``'s XGBoost), and never one class only
+    learner given the same seed (``bench/ssl_curves.py``'s XGBoost), and never one class only
     in the fitted rows when the training split's fitted folds have both."""
     if label_fraction >= 1:
         return train_df
