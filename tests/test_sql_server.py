@@ -93,7 +93,7 @@ def served(lake, tmp_path):
         assert server.poll() is None, server.stdout.read()[-3000:]
         assert time.monotonic() < deadline, "the server did not start within 3 minutes"
         time.sleep(1)
-    time.sleep(2)  # the token is written just before the port opens
+    # the token file is written once both ports take connections
     yield (
         lake,
         f"sc://localhost:{port}",
@@ -144,7 +144,8 @@ def test_connect_clients_read_the_analysts_views_and_nothing_else_all_audited(se
         ],
     )
     lines = by_jdbc.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.endswith("code,n"))  # after a prompt
+    header = next((i for i, line in enumerate(lines) if line.endswith("code,n")), None)  # after a prompt
+    assert header is not None, (by_jdbc.stdout[-2000:], by_jdbc.stderr[-3000:])
     assert lines[header + 1] == f"{result['gold']['rows'][0]['code']},2", by_jdbc
     assert "TABLE_OR_VIEW_NOT_FOUND" in by_jdbc.stderr and "ehrlake: only this role" in by_jdbc.stderr
     refused = _beeline(jdbc, "not-the-token", ["SELECT 1"])

@@ -16,7 +16,8 @@ views or data the client sent: reads by path, commands (DDL, writes, ``SET``), U
 scripts. Every client operation is a ``sql`` event in ``audit.events`` with the role, the statement
 (SQL text, or the plan a DataFrame sent), the views it read and the outcome: allowed, denied (by the
 guard, or a lake table the role may not see) or error. Clients authenticate with a bearer token,
-written (mode 0600) to a file only the server's user can read; the server listens on 127.0.0.1 only.
+written (mode 0600) to a file only the server's user can read once both ports take connections (a
+script may wait for the file); the server listens on 127.0.0.1 only.
 Tables jobs create while it runs are added every ``refresh_seconds``.
 """
 
@@ -26,16 +27,35 @@ import os
 import re
 import secrets
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
+from ehrlake.errors import EhrlakeError
 from ehrlake.lake.catalog import list_tables
 from ehrlake.security.audit import ALLOWED, DENIED, ERROR, Event
 from ehrlake.sql import guard
 from ehrlake.sql.views import RoleViews
 
 _NOT_FOUND = re.compile(r"TABLE_OR_VIEW_NOT_FOUND\] The table or view `([a-z_]+)`\.`([a-z0-9_]+)`")
+
+
+PORT_WAIT_SECONDS = 120
+
+
+def _wait_for_port(port: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise EhrlakeError(
+                    f"the SQL server's port {port} did not open within {seconds:.0f} s"
+                ) from None
+            time.sleep(0.2)
 
 
 class SqlServer:
@@ -74,10 +94,6 @@ class SqlServer:
         guard.arm(spark, self.views.views)  # before the port opens: no client is ever unchecked
         guard.listen(spark)
         token = secrets.token_urlsafe(32)
-        self.token_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(token)
         conf = spark.sparkContext._jsc.sc().conf()
         conf.set("spark.connect.grpc.binding.address", "127.0.0.1")
         conf.set("spark.connect.grpc.binding.port", str(self.port))
@@ -97,6 +113,15 @@ class SqlServer:
                 system.setProperty(key, value)  # Hive reads its login class from a HiveConf of its own
             thrift = spark._jvm.org.apache.spark.sql.hive.thriftserver.HiveThriftServer2
             self._jdbc = thrift.startWithContext(spark._jsparkSession.sqlContext())
+        # the token file is the sign that the server is ready: written once both ports take
+        # connections (the Thrift server binds its port on a thread of its own, later)
+        for port in (self.port, self.jdbc_port):
+            if port:
+                _wait_for_port(port, PORT_WAIT_SECONDS)
+        self.token_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(token)
 
     def serve(self, seconds: float | None = None) -> None:
         """Write the guard's events to the audit log until :meth:`stop`, SIGTERM/SIGINT or ``seconds``."""
