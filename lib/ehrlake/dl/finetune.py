@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from pyspark.sql import Window
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
@@ -27,7 +26,7 @@ from ehrlake.errors import EhrlakeError
 from ehrlake.features import sequences as seqs
 from ehrlake.lake import WriteMode
 from ehrlake.models import algorithms, evaluate, registry
-from ehrlake.models.train import DEFAULT_SEED, require_both_classes, split
+from ehrlake.models.train import DEFAULT_SEED, require_both_classes, split, stratified_share
 
 
 def table(task_name: str) -> str:
@@ -43,15 +42,10 @@ def with_labels_kept(train_df, label_fraction: float, label_seed: int):
     in the fitted rows when the training split's fitted folds have both."""
     if label_fraction >= 1:
         return train_df
-    stratum = Window.partitionBy("_positive", "_validation")
-    patients = (
-        train_df.groupBy("patient_key")
-        .agg(F.max("label").alias("_positive"), F.max(F.col("cv_fold") == 0).alias("_validation"))
-        .withColumn("_hash", F.xxhash64(F.lit(label_seed), "patient_key"))
-        .withColumn("_rank", F.row_number().over(stratum.orderBy("_hash", "patient_key")))
-        .withColumn("_patients", F.count("*").over(stratum))
+    patients = train_df.groupBy("patient_key").agg(
+        F.max("label").alias("_positive"), F.max(F.col("cv_fold") == 0).alias("_validation")
     )
-    kept = patients.where(F.col("_rank") <= F.ceil(F.col("_patients") * F.lit(label_fraction)))
+    kept = stratified_share(patients, "patient_key", ["_positive", "_validation"], label_fraction, label_seed)
     return train_df.join(kept.select("patient_key"), "patient_key", "left_semi")
 
 

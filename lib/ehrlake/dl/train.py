@@ -23,7 +23,7 @@ from ehrlake.dl import datasets, launch, predict, runtime, tensors
 from ehrlake.dl.datasets import Selection, Shard
 from ehrlake.errors import EhrlakeError
 from ehrlake.models import evaluate, registry, versions
-from ehrlake.models.train import DEFAULT_SEED
+from ehrlake.models.train import DEFAULT_SEED, stratified_share
 
 IMAGES = "silver.imaging"
 
@@ -280,23 +280,14 @@ MAX_KEPT_IMAGES = 200_000
 
 
 def kept_images(lake, snap, source: str, split_name: str, label_fraction: float, label_seed: int):
-    """The ids of ``label_fraction`` of ``source``'s labelled ``split_name`` images, stratified:
-    that share (at least one) of each label's images, the lowest hashes of image and ``label_seed``.
-    Nested across shares at one seed, like the sequence models' kept patients (``finetune``)."""
-    from pyspark.sql import Window
-
-    stratum = Window.partitionBy("label")
+    """The ids of ``label_fraction`` of ``source``'s labelled ``split_name`` images, stratified by
+    label (``models.train.stratified_share``, as the sequence models' kept patients are)."""
     images = (
         lake.read(IMAGES, version=snap.version)
         .where((F.col("source_system") == source) & (F.col("split") == split_name) & (F.col("label") >= 0))
         .select("image_id", "label")
-        .withColumn(
-            "_rank",
-            F.row_number().over(stratum.orderBy(F.xxhash64(F.lit(label_seed), "image_id"), "image_id")),
-        )
-        .withColumn("_images", F.count("*").over(stratum))
     )
-    kept = images.where(F.col("_rank") <= F.ceil(F.col("_images") * F.lit(label_fraction))).select("image_id")
+    kept = stratified_share(images, "image_id", ["label"], label_fraction, label_seed).select("image_id")
     count = kept.count()
     if count > MAX_KEPT_IMAGES:
         raise EhrlakeError(
@@ -306,8 +297,13 @@ def kept_images(lake, snap, source: str, split_name: str, label_fraction: float,
     return tuple(sorted(r.image_id for r in kept.collect()))
 
 
-def _labels_kept(lake, snap, selection: Selection | None, source, split_name, label_fraction, label_seed):
-    if selection is None or label_fraction >= 1:
+def kept_selection(lake, snap, source: str, split_name: str | None, shape, label_fraction, label_seed):
+    """The readers' selection of ``source``'s labelled ``split_name`` images (None without a split),
+    narrowed to the kept ids when only a share of the labels is kept."""
+    if not split_name:
+        return None
+    selection = image_selection(source, split_name, shape)
+    if label_fraction >= 1:
         return selection
     ids = kept_images(lake, snap, source, split_name, label_fraction, label_seed)
     return replace(selection, filters=(*selection.filters, ("image_id", "in", ids)))
@@ -351,17 +347,9 @@ def train_image_model(
     snap = datasets.snapshot(lake.root, IMAGES)
     source = spec.source_system
     test_split = hyper.test
-    train_sel = _labels_kept(
-        lake, snap, image_selection(source, "train", shape), source, "train", label_fraction, seed
-    )
-    val_sel = _labels_kept(
-        lake,
-        snap,
-        image_selection(source, hyper.validation, shape) if hyper.validation else None,
-        source,
-        hyper.validation,
-        label_fraction,
-        seed,
+    train_sel, val_sel = (
+        kept_selection(lake, snap, source, split_name, shape, label_fraction, seed)
+        for split_name in ("train", hyper.validation)
     )
     trunk = None
     if pretrained is not None:

@@ -60,6 +60,20 @@ def split(
     return train.drop("_bucket", "template_key"), test.drop("_bucket", "template_key")
 
 
+def stratified_share(df: DataFrame, key: str, strata: list, fraction: float, seed: int) -> DataFrame:
+    """The rows of ``df`` (one per ``key``) that are ``fraction`` of each stratum, at least one:
+    each stratum's lowest hashes of ``seed`` and ``key``. Nested across fractions at one seed (the
+    keys of 5% are among those of 10%), and the same keys for every caller given the seed: the
+    label-efficiency shares of the sequence models' patients and of the image tasks' images."""
+    from pyspark.sql import Window
+
+    stratum = Window.partitionBy(*strata)
+    ranked = df.withColumn(
+        "_rank", F.row_number().over(stratum.orderBy(F.xxhash64(F.lit(seed), key), key))
+    ).withColumn("_count", F.count("*").over(stratum))
+    return ranked.where(F.col("_rank") <= F.ceil(F.col("_count") * F.lit(fraction))).drop("_rank", "_count")
+
+
 def require_both_classes(task_name: str, n: int, positives: int) -> None:
     """A learner given one class learns a constant: refuse, saying how many of each there were."""
     if n == 0 or positives == 0 or positives == n:
