@@ -15,7 +15,7 @@ from conftest import REPO
 from ehrlake import clean, features, ingest, synth
 from ehrlake.errors import EhrlakeError
 from ehrlake.ingest import SourceKind
-from ehrlake.models import registry, train
+from ehrlake.models import evaluate, registry, train
 
 TASK = "mortality_12m"
 AS_OF = dt.date(2022, 1, 1)
@@ -72,6 +72,9 @@ def test_scores_every_eligible_patient_once_with_reasons_and_version(scored_lake
     assert all(0.0 <= r.score <= 1.0 and r.as_of == AS_OF for r in rows)
     high = [r for r in rows if r.risk_band == "high"]
     assert high and all(r.score >= model.bands["high"] for r in high)
+    # one patient's explanation bands its score without a job: the same band, at the cut points too
+    assert all(evaluate.band_of(r.score, model.bands) == r.risk_band for r in rows)
+    assert [evaluate.band_of(model.bands[b], model.bands) for b in ("high", "medium")] == ["high", "medium"]
     with_reasons = [r for r in rows if r.top_reasons]
     assert len(with_reasons) > 0.5 * len(rows) and all(len(r.top_reasons) <= 3 for r in rows)
     assert all(" = " in reason and "(+" in reason for r in with_reasons for reason in r.top_reasons)

@@ -210,12 +210,8 @@ def population_scores(lake, mv, as_of: dt.date, patients=None, cfg: runtime.Conf
             x = np.stack([np.frombuffer(r["x"], "<f4").reshape(2, length) for r in batch])
             a = attribution.integrated_gradients(model, x, steps)
             for i, r in enumerate(batch):
-                per: dict[int, float] = {}
-                for token_id, value in zip(x[i, 0].astype(int), a.events[i], strict=True):
-                    if token_id:
-                        per[token_id] = per.get(token_id, 0.0) + float(value)
-                top = sorted(((v, t) for t, v in per.items() if v > 0), reverse=True)[:3]
-                reasons = [f"{described.get(t, str(t))} ({v:+.2f})" for v, t in top]
+                top = [(t, v) for t, v in per_token(x[i, 0].astype(int), a.events[i]) if v > 0][:3]
+                reasons = [f"{described.get(t, str(t))} ({v:+.2f})" for t, v in top]
                 yield (r["patient_key"], float(1 / (1 + np.exp(-a.logit[i]))), reasons)
 
     scored = lake.spark.createDataFrame(
@@ -224,27 +220,36 @@ def population_scores(lake, mv, as_of: dt.date, patients=None, cfg: runtime.Conf
     return scored, F.col("top_reasons")
 
 
+def per_token(token_ids, attributions) -> list[tuple[int, float]]:
+    """Attributions summed per token (an outpatient visit twelve times is one reason), padding (id
+    0) left out, from the most raising down (ties by token id): the one ranking that population
+    scoring's reasons and an explanation's events share, so the two agree for a patient."""
+    per: dict[int, float] = {}
+    for token_id, value in zip(token_ids, attributions, strict=True):
+        if token_id:
+            per[int(token_id)] = per.get(int(token_id), 0.0) + float(value)
+    return sorted(per.items(), key=lambda tv: (-tv[1], tv[0]))
+
+
 def _events(record: dict, events: np.ndarray, n: int) -> tuple[list[dict], list[dict]]:
-    """Attributions summed per token: the ``n`` that raised the risk most, and lowered it most."""
-    per: dict[int, dict] = {}
-    for i, token_id in enumerate(record["ids"]):
-        token, description = record["texts"][token_id]
-        e = per.setdefault(
-            token_id,
-            {
-                "token": token,
-                "description": description,
-                "times": 0,
-                "last_days_before": None,
-                "log_odds": 0.0,
-            },
-        )
-        e["times"] += 1
-        e["log_odds"] += float(events[i])
-        days = record["days"][i]
-        if days is not None and (e["last_days_before"] is None or days < e["last_days_before"]):
-            e["last_days_before"] = int(days)
-    ranked = sorted(per.values(), key=lambda e: (-e["log_odds"], e["token"]))
+    """The ``n`` tokens that raised the risk most and lowered it most, each with how many times it
+    happened and how long before the date it last did."""
+    times: dict[int, int] = {}
+    last: dict[int, int] = {}
+    for token_id, days in zip(record["ids"], record["days"], strict=True):
+        times[token_id] = times.get(token_id, 0) + 1
+        if days is not None and (token_id not in last or days < last[token_id]):
+            last[token_id] = int(days)
+    ranked = [
+        {
+            "token": record["texts"][t][0],
+            "description": record["texts"][t][1],
+            "times": times[t],
+            "last_days_before": last.get(t),
+            "log_odds": v,
+        }
+        for t, v in per_token(record["ids"], events)
+    ]
     raised = [e for e in ranked if e["log_odds"] > 0][:n]
     lowered = [e for e in reversed(ranked) if e["log_odds"] < 0][:n]
     return raised, lowered
@@ -319,7 +324,7 @@ def explain(
             "task": task,
             "as_of": as_of,
             "score": score,
-            "risk_band": None,
+            "risk_band": evaluate.band_of(score, mv.bands),
             "model_id": mv.model_id,
             "model_version": mv.version,
             "method": attribution.METHOD.format(steps=settings.steps),
@@ -333,12 +338,9 @@ def explain(
             "min_similarity": settings.min_similarity,
             "explained_at": dt.datetime.now(dt.UTC).replace(tzinfo=None),
         }
-        out = lake.spark.createDataFrame([row], SCHEMA).withColumn(
-            "risk_band", evaluate.risk_band(F.col("score"), mv.bands)
-        )
         lake.create(TABLE, SCHEMA)
+        out = lake.spark.createDataFrame([row], SCHEMA)
         lake.merge(out, TABLE, KEYS, commit_info={"ehrlakeJob": "explain"})
-        row["risk_band"] = out.select("risk_band").first()[0]
         lake.security.audit.record(
             Event(
                 "explain",

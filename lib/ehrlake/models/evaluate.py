@@ -36,11 +36,25 @@ def risk_bands(scored: DataFrame) -> dict[str, float]:
     return {"medium": q[0], "high": q[1]} if len(q) == 2 else {}
 
 
+# the bands from the highest down; a score at or above a band's cut point is in it, else ``low``
+BANDS_DOWN = ("high", "medium")
+
+
 def risk_band(score: Column, cuts: dict) -> Column:
     """``high`` / ``medium`` / ``low`` by :func:`risk_bands`' cut points (null without them)."""
     if not cuts:
         return F.lit(None).cast("string")
-    return F.when(score >= cuts["high"], "high").when(score >= cuts["medium"], "medium").otherwise("low")
+    band = F.lit("low")
+    for name in reversed(BANDS_DOWN):
+        band = F.when(score >= cuts[name], name).otherwise(band)
+    return band
+
+
+def band_of(score: float, cuts: dict) -> str | None:
+    """:func:`risk_band` for one score in plain Python: one patient's explanation needs no job."""
+    if not cuts:
+        return None
+    return next((name for name in BANDS_DOWN if score >= cuts[name]), "low")
 
 
 def histogram(pred: DataFrame, by: list[str] | None = None) -> pd.DataFrame:
