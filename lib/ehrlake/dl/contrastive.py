@@ -171,9 +171,8 @@ def fit_worker(worker: launch.Worker, p: Payload) -> dict:
     after = _val_metrics(model, p)
     weights = model.get_weights()  # every rank: under MWMS reading batch-norm statistics is collective
     if worker.rank == 0 and p.save_to:
-        plain = nets.image_encoder(p.shape, p.filters)  # plain batch norm, the same weights
-        plain.set_weights(encoder.get_weights())
-        plain.save(os.path.join(p.save_to, "encoder.keras"))
+        path = os.path.join(p.save_to, "encoder.keras")
+        nets.save_portable(nets.image_encoder(p.shape, p.filters), encoder.get_weights(), path)
     return {
         "digest": launch.weights_digest(weights),
         "seconds": seconds,

@@ -189,3 +189,11 @@ def sequence_layers() -> dict:
             return tf.cast(x[:, 0, :], tf.int32), tf.cast(x[:, 1, :], tf.int32)
 
     return {c.__name__: c for c in (EventEmbedding, PaddingMask, MaskedMean, SplitSequence)}
+
+
+def save_portable(plain, weights, path: str) -> None:
+    """Save trained ``weights`` in ``plain``, the same network built with plain layers (no Horovod
+    or strategy classes, no optimizer state), so any TensorFlow process loads the file and saving
+    involves no other rank."""
+    plain.set_weights(weights)
+    plain.save(path)

@@ -130,8 +130,7 @@ def fit_worker(worker: launch.Worker, p: Payload) -> dict:
     probe = _probe(encoder, p)
     if worker.rank == 0 and p.save_to:
         plain = nets.sequence_encoder(p.vocab_size, e.length, e.dim, e.layers, e.heads)
-        plain.set_weights(encoder.get_weights())
-        plain.save(os.path.join(p.save_to, "encoder.keras"))
+        nets.save_portable(plain, encoder.get_weights(), os.path.join(p.save_to, "encoder.keras"))
     return {
         "digest": launch.weights_digest(weights),
         "seconds": seconds,

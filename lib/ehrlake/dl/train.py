@@ -108,7 +108,9 @@ def fit_worker(worker: launch.Worker, p: Payload) -> dict:
     # operation, and a rank 0 reading alone would wait forever for the others
     weights = model.get_weights()
     if worker.rank == 0 and p.save_to:
-        _portable(model, p, weights).save(os.path.join(p.save_to, "model.keras"))
+        from ehrlake.dl import nets
+
+        nets.save_portable(_network(p), weights, os.path.join(p.save_to, "model.keras"))
     return {
         "digest": launch.weights_digest(weights),
         "epochs": epochs_run,
@@ -144,14 +146,6 @@ def _network(p: Payload, norm=None):
             encoder.set_weights(saved.get_weights())
         return nets.sequence_classifier(encoder, h.dropout)
     return nets.ann(p.train.shape[0], tuple(h.hidden), h.dropout)
-
-
-def _portable(model, p: Payload, weights):
-    """The same network with plain layers (no Horovod / strategy classes, no optimizer state) and the
-    trained weights, so any TensorFlow process can load it and saving involves no other rank."""
-    plain = _network(p)
-    plain.set_weights(weights)
-    return plain
 
 
 def _validation(p: Payload, worker):
