@@ -33,6 +33,17 @@ if [ -x "$dlbin/ehrlake" ]; then
   # TensorFlow on Horovod-on-Spark (2 workers); short runs here, docs/deep_learning.md for the full ones
   dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
   dl pretrain --epochs 5   # the sequence encoder, labels unused (docs/self_supervised.md)
+  # decision support: the encoder fine-tuned for 30-day readmission, then one readmitted patient's
+  # risk at discharge explained to a clinician. The samples' test patients hold no readmission (one
+  # real patient has one; generated copies never enter a test split), so its test AUROC is n/a here:
+  # the demo shows the output, docs/self_supervised.md what the models are worth.
+  dl train --task readmission_30d --algorithms sequence --epochs 5
+  stay=$("$bin/ehrlake" sql "SELECT patient_key, CAST(CAST(index_time AS DATE) AS STRING) AS as_of FROM gold.labels
+    WHERE task = 'readmission_30d' AND label = 1 ORDER BY index_time DESC, patient_key LIMIT 1" \
+    --role clinician --json --lake "$lake")
+  key=$("$bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["patient_key"])' "$stay")
+  as_of=$("$bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["as_of"])' "$stay")
+  dl explain --patient-key "$key" --task readmission_30d --as-of "$as_of" --role clinician
   dl pretrain --images --epochs 10   # the CNN trunk, contrastive (SimCLR) on every image, labels unused
   # the CNN from random weights and fine-tuned from the trunk, on a tenth of the labels and on all
   # (two points of the label-efficiency curve in the report; bench/ssl_curves.py draws it whole)
@@ -53,7 +64,8 @@ patient_key; ops.quarantine = every record that could not be loaded, with its re
 silver = the common clinical model of docs/data_model.md;
 gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
 the model registry and evaluation tables (docs/features.md), image findings of the CNN
-(docs/deep_learning.md); the HTML report
+(docs/deep_learning.md), explained decisions (gold.decision_support, docs/self_supervised.md);
+the HTML report
 is $lake/report.html and the analyst notebook notebooks/analyst.ipynb;
 audit.events = who read or wrote what, hash-chained).
 Look at them with:

@@ -191,13 +191,19 @@ def cmd_train(args) -> int:
     )  # fmt: skip
     value = evaluate.format_value
     print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")
+    undefined = []
     for mv in trained.models:
         m = {name: v.get("value") for name, v in mv.metrics.items() if isinstance(v, dict)}
         auroc = mv.metrics["auroc"]
-        print(
-            f"{mv.label:<44} {value(auroc['value'])} ({value(auroc['ci_low'])}-{value(auroc['ci_high'])})"
-            f"   {value(m['auprc']):>6} {value(m['brier']):>6} {value(m['accuracy']):>8}"
-        )
+        if auroc["value"] is None:  # a test split of one class: said why under the table
+            undefined.append(f"  {mv.label}: {mv.headline()}")
+            shown = "undefined"
+        else:
+            shown = f"{value(auroc['value'])} ({value(auroc['ci_low'])}-{value(auroc['ci_high'])})"
+        scores = f"{value(m['auprc']):>6} {value(m['brier']):>6} {value(m['accuracy']):>8}"
+        print(f"{mv.label:<44} {shown:<22} {scores}")
+    for line in undefined:
+        print(line)
     if trained.promoted:
         print(f"promoted {trained.promoted.label} to production for {args.task}")
     return 0
