@@ -116,6 +116,27 @@ def test_help_everywhere_and_one_line_errors(tmp_path):
     assert result.returncode == 1 and "ehrlake: error:" in result.stderr
 
 
+def test_every_commands_help_renders_as_written():
+    """Every command's and subcommand's help formats (a stray ``%`` in a help string breaks
+    ``--help``) and shows no escape left over (``%%`` in a description is printed as is)."""
+    import argparse
+
+    from ehrlake.cli import build_parser
+
+    def walk(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from walk(sub)
+
+    parsers = list(walk(build_parser()))
+    assert len(parsers) > 20
+    for parser in parsers:
+        text = parser.format_help()
+        assert "%%" not in text and "%(" not in text, parser.prog
+
+
 def test_no_java_is_a_clear_one_line_error(tmp_path):
     result = subprocess.run(
         [str(BIN / "ehrlake"), "lake", "show", "--lake", str(tmp_path)],

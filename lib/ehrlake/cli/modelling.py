@@ -109,7 +109,7 @@ def register(sub) -> None:
     evaluate_cmd = sub.add_parser(
         "evaluate",
         help="evaluate a registered model on new data without retraining",
-        description="Metrics with 95%% bootstrap intervals, calibration, subgroup gaps and error cells "
+        description="Metrics with 95% bootstrap intervals, calibration, subgroup gaps and error cells "
         "of a model version, on a new extract file (--input) or its held-out patients.",
     )
     evaluate_cmd.add_argument(
