@@ -35,14 +35,13 @@ if [ -x "$dlbin/ehrlake" ]; then
   dl pretrain --epochs 5   # the sequence encoder, labels unused (docs/self_supervised.md)
   # decision support: the encoder fine-tuned for 30-day readmission, then one readmitted patient's
   # risk at discharge explained to a clinician. The samples' test patients hold no readmission (one
-  # real patient has one; generated copies never enter a test split), so its test AUROC is n/a here:
+  # real patient has one; generated copies never enter a test split), so its test AUROC is undefined here:
   # the demo shows the output, docs/self_supervised.md what the models are worth.
   dl train --task readmission_30d --algorithms sequence --epochs 5
   stay=$("$bin/ehrlake" sql "SELECT patient_key, CAST(CAST(index_time AS DATE) AS STRING) AS as_of FROM gold.labels
     WHERE task = 'readmission_30d' AND label = 1 ORDER BY index_time DESC, patient_key LIMIT 1" \
     --role clinician --json --lake "$lake")
-  key=$("$bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["patient_key"])' "$stay")
-  as_of=$("$bin/python" -c 'import json, sys; print(json.loads(sys.argv[1])["as_of"])' "$stay")
+  read -r key as_of < <("$bin/python" -c 'import json, sys; r = json.loads(sys.argv[1]); print(r["patient_key"], r["as_of"])' "$stay")
   dl explain --patient-key "$key" --task readmission_30d --as-of "$as_of" --role clinician
   dl pretrain --images --epochs 10   # the CNN trunk, contrastive (SimCLR) on every image, labels unused
   # the CNN from random weights and fine-tuned from the trunk, on a tenth of the labels and on all

@@ -477,14 +477,18 @@ def test_ingest_clean_quality_eda_give_the_same_tables_on_both_engines(spark, tm
 
 
 def test_lake_tables_are_known_by_name_in_sql_and_spark_table(lake, spark):
-    """The session's catalog (infra/spark) finds `layer.table` in the lake last opened, without
-    registering anything: a table written after the lake opened is there at once; time travel,
-    history and listings work by name; an unknown name is Spark's own error."""
+    """The session's catalog (infra/spark) finds `layer.table` in the lake opened for SQL (lake.open
+    does it), without registering anything: a table written after is there at once; time travel,
+    history and listings work by name; an unknown name is Spark's own error. A lake merely built
+    beside it (evaluate's scratch lake) leaves the catalog where it was."""
+    from ehrlake.lake import Lake
     from ehrlake.session import LAKE_CATALOG
 
     if spark.conf.get("spark.sql.catalog.spark_catalog", "") != LAKE_CATALOG:
         pytest.skip("the lake catalog's JAR is not on Spark's class path (make setup builds it)")
+    lake.use_in_sql()
     lake.write(sample(spark), "silver.things")
+    Lake(lake.root + "-scratch", spark).write(rows(spark, [("z", "KA", 9, None, None)]), "silver.things")
     assert as_set(spark.table("silver.things")) == as_set(sample(spark))
     lake.merge(rows(spark, [("a", "KA", 5, None, None)]), "silver.things", keys=["id"])
     assert spark.sql("SELECT n FROM silver.things WHERE id = 'a'").first().n == 5

@@ -53,10 +53,16 @@ class Lake:
     def __init__(self, root: str, spark: SparkSession, engine: str = "auto", security=None):
         self.root = os.path.abspath(root)
         self.spark = spark
-        # where the session's catalog finds `silver.condition` (session.LAKE_CATALOG): the lake last opened
-        spark.conf.set(LAKE_ROOT_SETTING, self.root)
         self.engine = _choose_engine(spark, engine)
         self.security = security
+
+    def use_in_sql(self) -> Lake:
+        """Make ``silver.condition`` in this session's SQL and ``spark.table`` name this lake's table
+        (the session catalog, session.LAKE_CATALOG). :func:`open` does it for the lake a job or
+        notebook opens; a lake built with the constructor (a scratch lake beside it, a test's lake)
+        leaves the session's catalog where it was."""
+        self.spark.conf.set(LAKE_ROOT_SETTING, self.root)
+        return self
 
     # --------------------------------------------------------------- paths
     def path(self, table: str | TableName) -> str:
@@ -274,4 +280,4 @@ def open(root: str | None = None, spark: SparkSession | None = None, config=None
     if not os.path.exists(root) and not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot create the lake root {root}: {parent} is not writable")
     spark = spark or get_spark(config)
-    return Lake(root, spark, config.lake.engine, Security.from_config(config.security, root))
+    return Lake(root, spark, config.lake.engine, Security.from_config(config.security, root)).use_in_sql()

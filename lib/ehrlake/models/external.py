@@ -29,7 +29,6 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import EhrlakeError, EnvironmentProblem
 from ehrlake.ingest.sources import SourceKind, discover
-from ehrlake.session import LAKE_ROOT_SETTING
 
 SCRATCH = "_external"
 MARKER = "prepared.json"
@@ -81,9 +80,8 @@ def scratch_lake(lake, dump: Dump):
     from ehrlake.lake import Lake
 
     root = os.path.join(lake.root, SCRATCH, dump.dataset)
-    scratch = Lake(root, lake.spark, security=lake.security.for_root(root) if lake.security else None)
-    lake.spark.conf.set(LAKE_ROOT_SETTING, lake.root)  # the session's catalog stays on the lake
-    return scratch
+    # built, not opened: the session's catalog stays on the lake (Lake.use_in_sql)
+    return Lake(root, lake.spark, security=lake.security.for_root(root) if lake.security else None)
 
 
 def prepared(lake, dump: Dump) -> bool:
