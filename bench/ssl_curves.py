@@ -70,12 +70,18 @@ def xgboost_run(lake, task_name: str, fraction: float, label_seed: int) -> dict:
     columns = [F.col(c).cast("double").alias(c) for c in inputs]
     train = finetune.with_labels_kept(train_df, fraction, label_seed).select(*columns, "label").toPandas()
     require_both_classes(task_name, len(train), int(train["label"].sum()))
-    test = test_df.select(*columns, "label").toPandas()
+    test = test_df.select(*columns, "label", evaluate.CLUSTER).toPandas()
     started = time.perf_counter()
     model = xgb.XGBClassifier(**XGBOOST, random_state=label_seed, n_jobs=2)
     model.fit(train[inputs], train["label"])
-    scored = pd.DataFrame({"score": model.predict_proba(test[inputs])[:, 1], "label": test["label"]})
-    metrics = evaluate.summarise(evaluate.histogram(lake.spark.createDataFrame(scored)))
+    scored = pd.DataFrame(
+        {
+            "score": model.predict_proba(test[inputs])[:, 1],
+            "label": test["label"],
+            evaluate.CLUSTER: test[evaluate.CLUSTER],
+        }
+    )
+    metrics = evaluate.metrics(lake.spark.createDataFrame(scored))  # patients resampled, as fine-tuning's
     return _row("xgboost", fraction, label_seed, metrics, len(train), time.perf_counter() - started)
 
 

@@ -246,3 +246,33 @@ def test_encoders_get_their_own_report_table_and_an_undefined_auroc_a_plain_head
     )
     assert none.headline() == "test AUROC undefined (0 positives in 40 rows)"
     assert "t.sequence" not in report.comparison_table([]) and "<td></td>" in report.comparison_table([none])
+
+
+def test_a_patients_several_rows_are_resampled_together(spark):
+    """Readmission scores a patient's every stay: 60 patients with 4 identical stays each hold no
+    more evidence than their 60 first stays, and the patient bootstrap's AUROC interval says so
+    (as wide as the 60 rows', where resampling the 240 rows would halve it); the draws are a
+    seeded function of the keys, and average one copy of each row."""
+    from ehrlake.models import evaluate
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 60)
+    scores = np.clip(0.5 + 0.25 * (labels - 0.5) + rng.normal(0, 0.25, 60), 0, 1)
+    once = [(f"p{i}", float(scores[i]), int(labels[i])) for i in range(60)]
+    schema = "patient_key string, score double, label int"
+    four = spark.createDataFrame(once * 4, schema)
+    single = spark.createDataFrame(once, schema)
+
+    def width(m):
+        return m["auroc"]["ci_high"] - m["auroc"]["ci_low"]
+
+    clustered, per_patient = evaluate.metrics(four), evaluate.metrics(single)
+    by_rows = evaluate.summarise(evaluate.histogram(four))
+    assert clustered["auroc"]["value"] == pytest.approx(per_patient["auroc"]["value"])
+    assert width(clustered) == pytest.approx(width(per_patient), rel=0.25)
+    assert width(by_rows) < 0.7 * width(clustered)
+    draws = evaluate.patient_draws(four, bootstrap=400)
+    assert np.array_equal(draws, evaluate.patient_draws(four, bootstrap=400))
+    assert not np.array_equal(draws, evaluate.patient_draws(four, bootstrap=400, seed=8))
+    assert draws.sum(axis=(1, 2)).mean() == pytest.approx(240, rel=0.05)
+    assert evaluate.resampling(single) is None  # one row a patient: rows, as before

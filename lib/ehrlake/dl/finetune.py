@@ -161,7 +161,7 @@ def train_sequence_model(
         )
         test = scored.join(subgroups, ["patient_key", "index_id"], "left").cache()
         positives, n = test.agg(F.sum("label"), F.count("*")).first()
-        metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
+        metrics = evaluate.metrics(test, train_rate)
         run = dl_train.Run(
             model_id, version, artifact, epochs, label_seed, launcher, "arrow", workers, results
         )

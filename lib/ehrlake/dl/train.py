@@ -437,7 +437,7 @@ def train_tabular_ann(
             .agg(F.avg("label"))
             .first()[0]
         )
-        metrics = evaluate.summarise(evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=train_rate)
+        metrics = evaluate.metrics(test, train_rate)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
             **dataclasses.asdict(hyper),

@@ -9,9 +9,16 @@ calibrated scores it flags patients at above-average risk, where 0.5 would flag 
 10% prevalence. Resampling rows
 with replacement is, for these metrics, the same as drawing the histogram's cells from a
 multinomial with the observed proportions, so the bootstrap runs on the histogram too.
+
+Rows of one patient are not independent (a patient's stays share the patient): where a patient has
+more than one row, :func:`metrics` resamples patients instead, by the Poisson bootstrap (each
+patient weighted by a Poisson(1) draw per replicate, from a hash of its key: deterministic, and
+computed in Spark, so only one histogram per replicate reaches the driver).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pandas as pd
@@ -24,6 +31,9 @@ BINS = 1000
 THRESHOLD = 0.5  # default decision threshold; a trained model uses its training base rate
 FINDING_THRESHOLD = 0.5  # an image model's finding; also the threshold MedMNIST reports accuracy at
 BOOTSTRAP = 1000
+CLUSTER = "patient_key"  # the unit :func:`metrics` resamples where it has more than one row
+# P(X <= k) for X ~ Poisson(1), k = 0..9: a uniform draw above j of them is a weight of j (at most 10)
+POISSON_1_CDF = tuple(sum(math.exp(-1) / math.factorial(i) for i in range(k + 1)) for k in range(10))
 METRICS = ("auroc", "auprc", "accuracy", "precision", "recall", "f1", "brier")
 SUBGROUPS = ("sex", "age_band", "state", "race")
 MIN_SUBGROUP = 30  # fewer rows (or no positive / negative) in a subgroup: metrics not reported
@@ -73,6 +83,48 @@ def histogram(pred: DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     )
 
 
+def metrics(
+    pred: DataFrame, threshold: float = THRESHOLD, bootstrap: int = BOOTSTRAP, seed: int = 7
+) -> dict[str, dict]:
+    """:func:`summarise` of ``pred`` (``score``, ``label``), resampling patients where a patient
+    has several rows (readmission's stays), else rows."""
+    return summarise(histogram(pred), bootstrap, seed, threshold, resampling(pred, bootstrap, seed))
+
+
+def resampling(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np.ndarray | None:
+    """:func:`patient_draws` where a patient has several rows of ``pred``; None (rows are resampled)
+    where each has one or ``pred`` names no patient. One job to tell."""
+    if CLUSTER not in pred.columns:
+        return None
+    rows, patients = pred.agg(F.count("*"), F.countDistinct(CLUSTER)).first()
+    return patient_draws(pred, bootstrap, seed) if patients < rows else None
+
+
+def patient_draws(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np.ndarray:
+    """(bootstrap, 2, BINS) counts [negatives, positives] of a Poisson bootstrap over patients.
+
+    Each patient's cells are weighted by a Poisson(1) draw per replicate (the inverse CDF of a
+    uniform from xxhash64 of key, replicate and seed). Spark does the weighting (patients' cells
+    times replicates rows) and sums per replicate; the driver gets at most bootstrap x 2 x BINS."""
+    b = F.least(F.floor(F.col("score") * BINS), F.lit(BINS - 1)).cast("int")
+    cells = pred.groupBy(
+        F.col(CLUSTER).alias("cluster"), b.alias("bin"), F.col("label").cast("int").alias("label")
+    ).agg(F.count("*").alias("n"))
+    replicates = pred.sparkSession.range(bootstrap).withColumnRenamed("id", "replicate")
+    u = F.pmod(F.xxhash64("cluster", "replicate", F.lit(seed)), F.lit(1 << 31)) / float(1 << 31)
+    weight = sum((u >= c).cast("int") for c in POISSON_1_CDF)
+    h = (
+        cells.crossJoin(F.broadcast(replicates))
+        .groupBy("replicate", "bin", "label")
+        .agg(F.sum(F.col("n") * weight).alias("n"))
+        .where("n > 0")
+        .toPandas()
+    )
+    draws = np.zeros((bootstrap, 2, BINS))
+    draws[h["replicate"].to_numpy(), h["label"].to_numpy(), h["bin"].to_numpy()] = h["n"].to_numpy()
+    return draws
+
+
 def _cells(h: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Counts as a (2, BINS) array [negatives, positives], and mean squared error per cell."""
     counts = np.zeros((2, BINS))
@@ -120,9 +172,15 @@ def _metrics(
 
 
 def summarise(
-    h: pd.DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7, threshold: float = THRESHOLD
+    h: pd.DataFrame,
+    bootstrap: int = BOOTSTRAP,
+    seed: int = 7,
+    threshold: float = THRESHOLD,
+    draws: np.ndarray | None = None,
 ) -> dict[str, dict]:
-    """Point estimate and 95% percentile-bootstrap interval of every metric of one histogram."""
+    """Point estimate and 95% percentile-bootstrap interval of every metric of one histogram:
+    resampled rows, or the given ``draws`` (:func:`patient_draws`). Brier's squared error per cell
+    is the observed cell's in every replicate (cells are 1/1000 of the score range wide)."""
     counts, mean_sq = _cells(h)
     n = int(counts.sum())
     P = int(counts[1].sum())
@@ -130,11 +188,12 @@ def summarise(
     if n == 0:
         return out
     point = _metrics(counts[0][None], counts[1][None], mean_sq, threshold)
-    draws = (
-        np.random.default_rng(seed)
-        .multinomial(n, counts.ravel() / n, size=bootstrap)
-        .reshape(bootstrap, 2, BINS)
-    )
+    if draws is None:
+        draws = (
+            np.random.default_rng(seed)
+            .multinomial(n, counts.ravel() / n, size=bootstrap)
+            .reshape(bootstrap, 2, BINS)
+        )
     boot = _metrics(draws[:, 0], draws[:, 1], mean_sq, threshold)
     for m in METRICS:
         values = boot[m][np.isfinite(boot[m])]

@@ -159,8 +159,7 @@ def train(
             model = fitted.bestModel
             best = max(range(len(grid_maps)), key=lambda i: fitted.avgMetrics[i])
             pred = model.transform(test_df).withColumn("score", score_column(pos_weight))
-            h = evaluate.histogram(pred)
-            metrics = evaluate.summarise(h, bootstrap, threshold=base_rate)
+            metrics = evaluate.metrics(pred, base_rate, bootstrap)
             metrics["cv_auroc"] = {"value": float(fitted.avgMetrics[best]), "folds": folds}
             metrics["train_seconds"] = {"value": round(seconds, 1)}
             model_id = f"{task_name}.{algorithm}"

@@ -53,7 +53,7 @@ def record(
     base = {"evaluation": evaluation, "model_id": mv.model_id, "version": mv.version, "dataset": dataset}
     h = evaluate.histogram(pred)
     threshold = float(mv.params.get("threshold", evaluate.THRESHOLD))
-    overall = evaluate.summarise(h, threshold=threshold)
+    overall = evaluate.summarise(h, threshold=threshold, draws=evaluate.resampling(pred))
     rows = [
         {**base, "kind": "overall", "subgroup": "all", "metric": m, **v, "gap": 0.0}
         for m, v in overall.items()
