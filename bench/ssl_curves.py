@@ -12,7 +12,8 @@ fixed test split:
 - an image task (``silver.imaging``): the CNN fine-tuned from the contrastive trunk
   (``images.encoder``) and the same CNN from random weights, on the data set's own test split.
 
-Each run reports AUROC with its 95% bootstrap interval; each share the mean over seeds. The lake is
+Each run reports AUROC with its 95% bootstrap interval (patients resampled where they have several
+rows, as readmission's stays do); each share the mean over seeds. The lake is
 copied to a scratch folder first, so the runs' registrations stay out of its registry (``ehrlake
 train --label-fraction F --label-seed S`` records one point in the lake itself). XGBoost here is
 single-process on the training rows in pandas: a benchmark for lakes of sample size, not a

@@ -137,8 +137,8 @@ def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scor
 def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_path):
     """``ehrlake evaluate --input``: a FHIR bundle dump is ingested into its own scratch lake (the
     lake's tables untouched), labelled at the lake's index dates and scored by the registered
-    model; every labelled row is a test row; a second run finds it prepared; a folder of two kinds
-    is one clear error."""
+    model; every labelled row is a test row; a file cut short in transfer is quarantined and the
+    result says so; a second run finds it prepared; a folder of two kinds is one clear error."""
     import shutil
 
     from conftest import SAMPLE
@@ -150,8 +150,13 @@ def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_p
     lake, model = scored_lake
     dump = tmp_path / "hospital_b"
     shutil.copytree(SAMPLE / "fhir_bundles", dump)
+    (dump / "cut-short.json").write_text('{"resourceType": "Bundle", "type": "transaction", "entry": [{"res')
     patients_before = lake.read("silver.patient").count()
     result = evaluate_model(lake, model.model_id, model.version, str(dump))
+    loaded = result["ingest"]
+    assert loaded["quarantined"] == 1 and loaded["files"] == len(list(dump.iterdir()))
+    assert loaded["records"] == loaded["loaded"] + loaded["duplicate"] + loaded["quarantined"]
+    assert "1 quarantined (with reasons in ops.quarantine of" in external.format_ingest(loaded)
     scratch = external.scratch_lake(lake, external.read_dump(str(dump)))
     assert scratch.root == os.path.join(lake.root, "_external", "hospital_b")
     labelled = features.training_frame(scratch, features.task(TASK)).count()
@@ -166,7 +171,7 @@ def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_p
     assert lake.read("silver.patient").count() == patients_before  # nothing of the dump in the lake
     evaluation = f"{model.model_id}.v{model.version}.hospital_b"
     assert lake.read("gold.model_metrics").where(F.col("evaluation") == evaluation).count() > 0
-    assert external.prepare(lake, external.read_dump(str(dump))) == {"prepared": "already"}
+    assert external.prepare(lake, external.read_dump(str(dump))) == {"prepared": "already", "ingest": loaded}
     assert cli.main(["evaluate", "--model", model.model_id, "--input", str(dump), "--lake", lake.root]) == 0
 
     mixed = tmp_path / "mixed"

@@ -268,7 +268,7 @@ def cmd_explain(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from ehrlake.models import evaluate, evaluate_model, registry
+    from ehrlake.models import evaluate, evaluate_model, external, registry
 
     lake, _ = common.open_lake(args)
     mv = registry.get(lake, args.model, args.version)
@@ -285,12 +285,15 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
+    loaded = external.format_ingest(result.get("ingest"))
     if "next" in result:  # prepared here; a TensorFlow model is scored in the deep-learning runtime
         done = "prepared" if result["prepared"] == "now" else "was prepared already"
         print(f"{args.input} {done} as dataset {result['dataset']}; {result['model']} is a TensorFlow "
               f"model, evaluated in the deep-learning runtime: {result['next']}")  # fmt: skip
+        if loaded:
+            print(loaded)
         return 0
-    print(f"{result['model']} on {result['dataset']}:")
+    print(f"{result['model']} on {result['dataset']}:" + (f"\n{loaded}" if loaded else ""))
     value = evaluate.format_value
     for name, m in result["metrics"].items():
         print(

@@ -84,30 +84,70 @@ def scratch_lake(lake, dump: Dump):
     return Lake(root, lake.spark, security=lake.security.for_root(root) if lake.security else None)
 
 
-def prepared(lake, dump: Dump) -> bool:
+def _marker(lake, dump: Dump) -> dict | None:
+    """What preparing this dump recorded, if the scratch lake holds this dump (same fingerprint)."""
     path = os.path.join(lake.root, SCRATCH, dump.dataset, MARKER)
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as fh:
-        return json.load(fh).get("fingerprint") == dump.fingerprint
+        marker = json.load(fh)
+    return marker if marker.get("fingerprint") == dump.fingerprint else None
+
+
+def prepared(lake, dump: Dump) -> bool:
+    return _marker(lake, dump) is not None
 
 
 def prepare(lake, dump: Dump, role: str | None = None) -> dict:
     """Ingest, clean and build features of the dump in its scratch lake (from nothing, unless it
-    holds this dump already). Returns the ingest and feature counts."""
+    holds this dump already). Returns whether it was prepared now, and what its ingest loaded and
+    quarantined (:func:`ingest_summary`, kept with the scratch lake for later runs)."""
     from ehrlake import clean, features, ingest
 
-    if prepared(lake, dump):
-        return {"prepared": "already"}
+    marker = _marker(lake, dump)
+    if marker is not None:
+        return {"prepared": "already", "ingest": marker.get("ingest")}
     root = os.path.join(lake.root, SCRATCH, dump.dataset)
     shutil.rmtree(root, ignore_errors=True)
     scratch = scratch_lake(lake, dump)
     report = ingest.run(scratch, dump.kind, dump.path, source_system=dump.dataset, role=role)
     clean.run(scratch, role=role)
-    summary = features.run(scratch, index_dates(lake), role=role)
+    features.run(scratch, index_dates(lake), role=role)
+    summary = ingest_summary(report, scratch.root)
     with open(os.path.join(root, MARKER), "w") as fh:
-        json.dump({"fingerprint": dump.fingerprint, "input": dump.path, "kind": dump.kind.value}, fh)
-    return {"prepared": "now", "records": report.as_dict().get("records"), "tasks": summary.get("tasks")}
+        marker = {"fingerprint": dump.fingerprint, "input": dump.path, "kind": dump.kind.value}
+        json.dump({**marker, "ingest": summary}, fh)
+    return {"prepared": "now", "ingest": summary}
+
+
+def ingest_summary(report, scratch_root: str) -> dict:
+    """What the evaluation stands on: a damaged dump is scored on what loaded, and says what did not."""
+    t = report.total
+    return {
+        "scratch_lake": scratch_root,
+        "files": report.files_new,
+        "records": report.records_read,
+        "loaded": t.inserted + t.updated + t.unchanged,
+        "duplicate": t.duplicate,
+        "quarantined": t.quarantined,
+        "with_issues": t.with_issues,
+        "notes": list(report.notes),
+    }
+
+
+def format_ingest(summary: dict | None) -> str:
+    """One line for the command's output (empty for a dump prepared before summaries were kept)."""
+    if not summary:
+        return ""
+    line = (
+        f"{summary['records']:,} records from {summary['files']:,} files: {summary['loaded']:,} loaded, "
+        f"{summary['duplicate']:,} duplicates, {summary['quarantined']:,} quarantined"
+    )
+    if summary["quarantined"]:
+        line += f" (with reasons in ops.quarantine of {summary['scratch_lake']})"
+    if summary["with_issues"]:
+        line += f"; {summary['with_issues']:,} loaded with conformance issues"
+    return "\n".join([line, *(f"note: {n}" for n in summary["notes"])])
 
 
 def index_dates(lake) -> list | None:
@@ -139,6 +179,7 @@ def evaluate(lake, mv, input_path: str, role: str | None = None) -> dict:
                 "model": mv.label,
                 "dataset": dump.dataset,
                 "prepared": how["prepared"],
+                "ingest": how["ingest"],
                 "next": f".venv-dl/bin/ehrlake evaluate --model {mv.model_id} --version {mv.version} "
                 f"--input {input_path}",
             }
@@ -173,4 +214,5 @@ def evaluate(lake, mv, input_path: str, role: str | None = None) -> dict:
         audit.append(
             ("gold.model_metrics", f"{mv.label} on {dump.dataset} ({dump.kind.value}): AUROC {auroc}")
         )
-    return {"model": mv.label, "dataset": dump.dataset, "metrics": overall}
+    marker = _marker(lake, dump) or {}
+    return {"model": mv.label, "dataset": dump.dataset, "ingest": marker.get("ingest"), "metrics": overall}
