@@ -133,3 +133,31 @@ def test_the_job_writes_vocabulary_and_sequences_and_a_rerun_gives_the_same_tabl
     ]
     sequences.run(lake, settings=Settings(min_patients=2, lab_bins=2))  # codes of one patient go
     assert sequences.vocabulary_fingerprint(lake) != fingerprint
+
+
+def test_a_date_shifted_extract_alone_is_on_its_own_clock(lake, tmp_path):
+    """MIMIC-IV's dates are shifted into 2110-2201, so clean flags every event ``future_date``. In a
+    lake beside other sources those events lie past the data's end and stay out; in a lake of the
+    extract alone its clock is the only one: the data's end is its latest encounter, and its
+    events make sequences (they made none, and its stays no labels, before)."""
+    from ehrlake.features.labels import data_clock
+    from ehrlake.lake import Lake
+
+    assert data_clock(lake) == (T("2021-06-01 09:00"), False)  # the twins: a real clock
+    shifted = Lake(str(tmp_path / "shifted"), lake.spark, security=lake.security)
+    years = dt.timedelta(days=365 * 150)
+    for entity, rows in _history("mimic", future=True).items():
+        moved = [
+            {k: v + years if isinstance(v, dt.datetime) else v for k, v in r.items()}
+            | {"quality_flags": ["future_date"]}
+            for r in rows
+        ]
+        _silver(shifted, entity, moved)
+    assert data_clock(shifted) == (T("2021-06-01 08:00") + years, True)
+    index = lake.spark.createDataFrame(
+        [("mimic", "all", T("2021-06-02 08:00") + years)],
+        "patient_key string, index_id string, index_time timestamp",
+    )
+    settings = Settings(min_patients=1, lab_bins=2)
+    (row,) = sequences.build(shifted, index, sequences.vocabulary(shifted, settings), settings).collect()
+    assert row.length == 10  # every event of the shifted record: 4 stays, 2 diagnoses, 2 labs, 2 drugs

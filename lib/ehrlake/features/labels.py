@@ -7,7 +7,8 @@ patient died before the index, already has the disease, or was not seen recently
 "under observation" (a patient never seen cannot be at risk in the data).
 
 The end of the data (``data_end``) is the latest encounter start in silver that is not flagged
-``future_date``.
+``future_date``; in a lake where every dated encounter is so flagged (a date-shifted extract on its
+own, as MIMIC-IV's 2110-2201), the data's own clock is the only one and its latest start is the end.
 """
 
 from __future__ import annotations
@@ -99,14 +100,23 @@ def task(name: str) -> Task:
 
 
 def data_end(lake) -> dt.datetime | None:
-    """The latest encounter start in silver that is not flagged as lying in the future."""
+    """The latest encounter start in silver not flagged as lying in the future; where every dated
+    one is (a date-shifted extract alone), the latest start. None without a dated encounter."""
+    return data_clock(lake)[0]
+
+
+def data_clock(lake) -> tuple[dt.datetime | None, bool]:
+    """(:func:`data_end`, whether it is a date-shifted extract's own clock: then events flagged
+    ``future_date`` are the data's present, not errors beyond its end)."""
+    future = F.array_contains(F.coalesce("quality_flags", F.array()), "future_date")
     row = (
         lake.read("silver.encounter")
-        .where(~F.array_contains(F.coalesce("quality_flags", F.array()), "future_date"))
-        .agg(F.max("start_at"))
+        .agg(F.max(F.when(~future, F.col("start_at"))).alias("now"), F.max("start_at").alias("shifted"))
         .first()
     )
-    return row[0]
+    if row["now"] is not None:
+        return row["now"], False
+    return row["shifted"], row["shifted"] is not None
 
 
 PAST_END = "follow-up past the end of the data"  # the one exclusion that the data's end decides

@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 from ehrlake.config import build as build_config
 from ehrlake.config import read_yaml
 from ehrlake.errors import ConfigError, EhrlakeError
-from ehrlake.features.labels import data_end
+from ehrlake.features.labels import data_clock, data_end
 from ehrlake.features.pointintime import INDEX, silver
 from ehrlake.home import CONF
 from ehrlake.lake import WriteMode
@@ -76,12 +76,16 @@ def unknown(kind: str) -> str:
 
 def events(lake) -> DataFrame:
     """Every event of silver: ``patient_key``, ``at``, ``kind``, ``text`` (system:code or class)
-    and ``value`` (labs' numbers), one per patient, kind, text and day (the earliest time)."""
+    and ``value`` (labs' numbers), one per patient, kind, text and day (the earliest time). Events
+    dated in the future are left out, unless the lake's clock is a date-shifted extract's own
+    (:func:`~ehrlake.features.labels.data_clock`), where every event is."""
     parts = []
+    shifted = data_clock(lake)[1]
     for kind, (entity, at, text) in KINDS.items():
         df = silver(lake, entity)
         flags = F.coalesce(F.col("quality_flags"), F.array())
-        df = df.where(~F.array_contains(flags, "future_date"))
+        if not shifted:
+            df = df.where(~F.array_contains(flags, "future_date"))
         value = F.lit(None).cast("double")
         if kind == "lab":  # an implausible value is no value (as the features have it)
             value = F.when(~F.array_contains(flags, "implausible_value"), F.col("value_number"))
