@@ -23,7 +23,7 @@ production trainer (``ehrlake train`` is). Run in the deep-learning runtime:
         [--fractions 0.05,0.25,1] [--seeds 42,43,44] [--epochs 5]
     .venv-dl/bin/python bench/ssl_curves.py --lake lake --task breastmnist_normal --epochs 15
 
-Results: ``bench/results/ssl_curves-<task>-<date>.json`` and ``.md``. (Not ``bench/ssl.py``: a
+Results: ``bench/results/ssl_curves-<task>-<lake folder>-<date>.json`` and ``.md``. (Not ``bench/ssl.py``: a
 script's folder leads ``sys.path``, and that name would shadow the standard library's ``ssl``.)
 """
 
@@ -242,7 +242,7 @@ def main() -> int:
         "runs": runs,
         "summary": summary(runs, fractions, learners),
     }
-    path = save_result(args.out, f"ssl_curves-{args.task}", result)
+    path = save_result(args.out, f"ssl_curves-{args.task}-{args.lake.resolve().name}", result)
     path.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     print(f"-> {path}")
