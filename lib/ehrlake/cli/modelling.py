@@ -1,4 +1,4 @@
-"""Commands of models and their use: train, pretrain, evaluate, score, score-images, models list|promote."""
+"""Commands of models and their use: train, pretrain, evaluate, score, score-images, hierarchy, models."""
 
 from __future__ import annotations
 
@@ -161,6 +161,26 @@ def register(sub) -> None:
     common.lake_options(images_cmd)
     common.role_option(images_cmd)
     images_cmd.set_defaults(handler=cmd_score_images)
+
+    hierarchy_cmd = sub.add_parser(
+        "hierarchy",
+        help="patient progress hierarchies: a decision tree per care programme",
+        description="Per care programme of conf/hierarchy.yaml (diabetes, hypertension, CKD): a "
+        "depth-limited decision tree over the point-in-time features, every leaf at least k "
+        "patients, its nodes in words in gold.hierarchy_nodes (docs/hierarchy.md).",
+    )
+    hierarchy_sub = hierarchy_cmd.add_subparsers(
+        dest="hierarchy_command", required=True, metavar="SUBCOMMAND"
+    )
+    hierarchy_build = hierarchy_sub.add_parser("build", help="fit, register and describe a programme's tree")
+    hierarchy_show = hierarchy_sub.add_parser("show", help="a programme's latest tree as text")
+    hierarchy_build.add_argument("--programme", help="one programme (default: every programme)")
+    hierarchy_show.add_argument("--programme", required=True, help="the programme, e.g. diabetes")
+    for p in (hierarchy_build, hierarchy_show):
+        common.lake_options(p)
+        common.role_option(p)
+    hierarchy_build.set_defaults(handler=cmd_hierarchy_build)
+    hierarchy_show.set_defaults(handler=cmd_hierarchy_show)
 
     models_cmd = sub.add_parser("models", help="the model registry", description="The model registry.")
     models_sub = models_cmd.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
@@ -332,6 +352,31 @@ def cmd_score_images(args) -> int:
     counts = predict.score_source(lake, mv, args.source_system, args.role)
     spread = ", ".join(f"{'positive' if f else 'negative'} {n:,}" for f, n in sorted(counts.items()))
     print(f"{args.source_system}: {spread or 'no images'} with {mv.label} -> {predict.FINDINGS}")
+    return 0
+
+
+def cmd_hierarchy_build(args) -> int:
+    from ehrlake import hierarchy
+
+    lake, _ = common.open_lake(args)
+    settings = hierarchy.load()
+    for name in [args.programme] if args.programme else list(settings.programmes):
+        try:
+            hierarchy.build(lake, name, role=args.role, settings=settings)
+        except EhrlakeError as e:  # every programme: one without the data for a tree says so, the rest go on
+            if args.programme:
+                raise
+            print(f"{name}: no tree ({e})")
+            continue
+        print(hierarchy.show(lake, name, settings=settings))
+    return 0
+
+
+def cmd_hierarchy_show(args) -> int:
+    from ehrlake import hierarchy
+
+    lake, _ = common.open_lake(args)
+    print(hierarchy.show(lake, args.programme, role=args.role))
     return 0
 
 

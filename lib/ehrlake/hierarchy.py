@@ -1,0 +1,399 @@
+"""Patient progress hierarchies: per care programme, a decision tree whose nodes are named groups.
+
+A programme (``conf/hierarchy.yaml``: diabetes, hypertension, CKD) follows a cohort of the
+point-in-time feature rows (``gold.features_patient``, patient x as-of date) and an outcome seen on
+the same patient's row at the next as-of date. A depth-limited Spark ML decision tree is fitted on
+those rows, every leaf holding at least ``min_leaf_patients`` patients (refitted with larger leaves
+until it does: rows are patient x date, so a leaf of enough rows may hold too few patients). Its
+nodes are written to ``gold.hierarchy_nodes`` with the rule that leads to each in words, the
+patients and outcome rate (hidden below k) and a risk band; the tree is a registered model
+(``hierarchy.<programme>``) evaluated like any other on the patient split's test rows.
+
+The rules are read from the fitted tree itself (its root node through Spark's JVM API) and applied
+as SQL, so a node's rule in words is the tree's decision: a test checks every row's leaf by rule
+against the model's own prediction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from ehrlake.config import read_yaml
+from ehrlake.errors import ConfigError, EhrlakeError
+from ehrlake.features import definitions
+from ehrlake.home import CONF
+
+HIERARCHY_FILE = CONF / "hierarchy.yaml"
+NODES = "gold.hierarchy_nodes"
+FEATURES = "gold.features_patient"
+ALGORITHM = "decision-tree"
+NEXT_WITHIN_DAYS = 400  # the next as-of counts as "a year on" when at most this far
+
+
+@dataclass(frozen=True)
+class Programme:
+    name: str
+    description: str
+    cohort: str
+    outcome: str
+    outcome_description: str
+    features: tuple[str, ...]
+    modifiable: tuple[str, ...]
+
+    @property
+    def model_id(self) -> str:
+        return f"hierarchy.{self.name}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    max_depth: int = 4
+    min_leaf_patients: int = 11
+    seed: int = 42
+    words: dict[str, str] = field(default_factory=dict)
+    programmes: dict[str, Programme] = field(default_factory=dict)
+
+    def programme(self, name: str) -> Programme:
+        if name not in self.programmes:
+            raise ConfigError(
+                f"unknown programme {name!r} (conf/hierarchy.yaml has: {', '.join(self.programmes)})"
+            )
+        return self.programmes[name]
+
+
+def load(path: str | Path | None = None) -> Settings:
+    path = Path(path or HIERARCHY_FILE)
+    data = read_yaml(path)
+    unknown = set(data) - {"max_depth", "min_leaf_patients", "seed", "words", "programmes"}
+    if unknown:
+        raise ConfigError(f"{path.name}: unknown key(s) {sorted(unknown)}")
+    programmes = {}
+    for name, p in (data.get("programmes") or {}).items():
+        try:
+            features, modifiable = tuple(p["features"]), tuple(p.get("modifiable") or ())
+            programme = Programme(
+                name, p.get("description", name), p["cohort"], p["outcome"]["when"],
+                p["outcome"].get("description", p["outcome"]["when"]), features, modifiable,
+            )  # fmt: skip
+        except (KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{path.name}: programme {name!r} needs cohort, outcome.when and features ({e})"
+            ) from None
+        if not set(modifiable) <= set(features):
+            raise ConfigError(f"{path.name}: {name}: modifiable features must be among its features")
+        programmes[name] = programme
+    settings = Settings(
+        int(data.get("max_depth", 4)), int(data.get("min_leaf_patients", 11)), int(data.get("seed", 42)),
+        dict(data.get("words") or {}), programmes,
+    )  # fmt: skip
+    if not 1 <= settings.max_depth <= 8 or settings.min_leaf_patients < 1 or not programmes:
+        raise ConfigError(f"{path.name}: max_depth 1-8, min_leaf_patients >= 1 and at least one programme")
+    return settings
+
+
+# ----------------------------------------------------------------------------------- rows
+def programme_rows(lake, p: Programme) -> DataFrame:
+    """The programme's cohort rows with ``label``: the outcome on the patient's next as-of row, if
+    that row lies a year on (rows without one are left out: their outcome is not seen yet)."""
+    if not lake.exists(FEATURES):
+        raise EhrlakeError(f"no {FEATURES} yet: run ehrlake features first")
+    rows = lake.read(FEATURES)
+    missing = [c for c in p.features if c not in rows.columns]
+    if missing:
+        raise ConfigError(f"programme {p.name}: no feature(s) {missing} in {FEATURES}")
+    by_patient = Window.partitionBy("patient_key").orderBy("index_time")
+    nxt = rows.select(
+        "*",
+        F.lead("index_time").over(by_patient).alias("_next_time"),
+        F.lead(F.expr(p.outcome)).over(by_patient).alias("_next_outcome"),
+    )
+    within = F.col("_next_time") <= F.col("index_time") + F.expr(f"INTERVAL {NEXT_WITHIN_DAYS} DAYS")
+    return (
+        nxt.where(F.expr(p.cohort) & within & F.col("_next_outcome").isNotNull())
+        .withColumn("label", F.col("_next_outcome").cast("int"))
+        .drop("_next_time", "_next_outcome")
+    )
+
+
+def inputs(p: Programme, columns: list[str]) -> list[str]:
+    """The tree's inputs: the programme's features and, for each lab, its missing flag."""
+    flags = [
+        f"missing_{c[5:]}" for c in p.features if c.startswith("last_") and f"missing_{c[5:]}" in columns
+    ]
+    return [*p.features, *flags]
+
+
+def medians(rows: DataFrame, features: list[str]) -> dict[str, float]:
+    """Per lab feature, the median of the fitted rows (what a missing value is filled with)."""
+    labs = [c for c in features if c.startswith("last_")]
+    if not labs:
+        return {}
+    got = rows.select(*[F.percentile_approx(c, 0.5).alias(c) for c in labs]).first()
+    return {c: float(got[c]) if got[c] is not None else 0.0 for c in labs}
+
+
+def filled(rows: DataFrame, names: list[str], fill: dict[str, float]) -> DataFrame:
+    """``rows`` with the inputs as doubles, a missing lab value as its median (its flag says so)."""
+    cols = [F.coalesce(F.col(c).cast("double"), F.lit(fill.get(c, 0.0))).alias(c) for c in names]
+    return rows.select(*[c for c in rows.columns if c not in names], *cols)
+
+
+# ----------------------------------------------------------------------------------- the tree
+@dataclass
+class Node:
+    """One node, numbered as a heap (root 1; children 2n and 2n + 1, left first)."""
+
+    node_id: int
+    depth: int
+    conditions: list[tuple[str, str, float]]  # (feature, "<=" or ">", threshold) from the root
+    leaf: bool
+    probability: float  # the fitted rows' outcome rate in the node: the tree's score at a leaf
+    split: tuple[str, float] | None = None
+
+    @property
+    def parent_id(self) -> int | None:
+        return self.node_id // 2 if self.node_id > 1 else None
+
+
+def nodes(model, names: list[str]) -> list[Node]:
+    """Every node of a fitted ``DecisionTreeClassificationModel``, pre-order, read from its JVM tree."""
+    out: list[Node] = []
+
+    def walk(java, node_id: int, depth: int, conditions: list) -> None:
+        stats = list(java.impurityStats().stats())
+        probability = stats[1] / sum(stats) if len(stats) > 1 and sum(stats) else 0.0
+        if java.getClass().getSimpleName() != "InternalNode":
+            out.append(Node(node_id, depth, conditions, True, probability))
+            return
+        split = java.split()
+        if split.getClass().getSimpleName() != "ContinuousSplit":
+            raise EhrlakeError("the hierarchy's tree has a categorical split: its inputs are all numbers")
+        feature, threshold = names[split.featureIndex()], float(split.threshold())
+        out.append(Node(node_id, depth, conditions, False, probability, (feature, threshold)))
+        walk(java.leftChild(), 2 * node_id, depth + 1, [*conditions, (feature, "<=", threshold)])
+        walk(java.rightChild(), 2 * node_id + 1, depth + 1, [*conditions, (feature, ">", threshold)])
+
+    walk(model._java_obj.rootNode(), 1, 0, [])
+    return out
+
+
+def leaf_of(tree: list[Node]) -> Column:
+    """The leaf a row falls in, by the nodes' rules as SQL (the tree's decision, not a copy of it)."""
+    expr = F.lit(None).cast("int")
+    for n in reversed([n for n in tree if n.leaf]):
+        rule = F.lit(True)
+        for feature, op, threshold in n.conditions:
+            rule = rule & (F.col(feature) <= threshold if op == "<=" else F.col(feature) > threshold)
+        expr = F.when(rule, F.lit(n.node_id)).otherwise(expr)
+    return expr
+
+
+def path_of(leaf: Column, depth: int) -> Column:
+    """The node ids from a leaf up to the root (heap numbering: a parent is n // 2)."""
+    return F.array_distinct(F.array(*[F.shiftright(leaf, i) for i in range(depth + 1)])).alias("_path")
+
+
+# ----------------------------------------------------------------------------------- words
+def describer(settings: Settings, defs=None):
+    """(feature, op, threshold) -> words: "glucose (mg/dL) > 126", "no diabetes", "no eGFR in 2 years"."""
+    defs = defs or definitions.load()
+    years = round(defs.windows.labs_days / 365)
+
+    def name(feature: str) -> str:
+        if feature in settings.words:
+            return settings.words[feature]
+        if feature.startswith("last_") and feature[5:] in defs.labs:
+            return defs.labs[feature[5:]].description
+        return feature.replace("_", " ")
+
+    def words(feature: str, op: str, threshold: float) -> str:
+        yes = op == ">" and threshold >= 0.0 and threshold < 1.0
+        if feature.startswith("has_") and feature[4:] in defs.condition_groups:
+            what = defs.condition_groups[feature[4:]].description
+            return what if yes else f"no {what}"
+        if feature.startswith("missing_"):
+            lab = defs.labs[feature[8:]].description if feature[8:] in defs.labs else feature[8:]
+            return f"no {lab} in {years} years" if yes else f"{lab} measured"
+        if feature == "sex_female":
+            return "female" if yes else "not female"
+        value = f"{threshold:.1f}".rstrip("0").rstrip(".")
+        return f"{name(feature)} {op} {value}"
+
+    return words
+
+
+def rule_words(n: Node, words) -> str:
+    return " and ".join(words(*c) for c in n.conditions) or "everyone in the programme"
+
+
+# ----------------------------------------------------------------------------------- build
+def build(lake, programme: str, role: str | None = None, settings: Settings | None = None):
+    """Fit, register and describe the programme's tree; returns its registered ModelVersion."""
+    from pyspark.ml.classification import DecisionTreeClassifier
+    from pyspark.ml.feature import VectorAssembler
+
+    from ehrlake.clean import origin
+    from ehrlake.models import evaluate, registry, versions
+    from ehrlake.models.train import split
+
+    settings = settings or load()
+    p = settings.programme(programme)
+    k = settings.min_leaf_patients
+    features_version = lake.version(FEATURES) if lake.exists(FEATURES) else None
+    rows = origin.with_templates(lake, programme_rows(lake, p))
+    names = inputs(p, rows.columns)
+    train, test = split(rows, settings.seed)
+    train = train.cache()
+    try:
+        counts = train.agg(F.count("*"), F.countDistinct("patient_key"), F.sum("label")).first()
+        if counts[1] < 2 * k or not 0 < (counts[2] or 0) < counts[0]:
+            raise EhrlakeError(
+                f"programme {p.name}: {counts[1]} training patients of the cohort ({p.cohort}) whose outcome "
+                f"a year on is known ({p.outcome}), {counts[2] or 0} of their {counts[0]} rows with it; "
+                f"leaves of {k} patients need {2 * k} and both outcomes"
+            )
+        fill = medians(train, names)
+        fitted_rows = filled(train, names, fill)
+        vectors = VectorAssembler(inputCols=names, outputCol="_features").transform(fitted_rows)
+        min_rows, model, tree = k, None, []
+        for _ in range(8):  # larger leaves until every leaf holds k patients
+            model = DecisionTreeClassifier(
+                featuresCol="_features", labelCol="label", maxDepth=settings.max_depth,
+                minInstancesPerNode=min_rows, seed=settings.seed,
+            ).fit(vectors)  # fmt: skip
+            tree = nodes(model, names)
+            smallest = (
+                fitted_rows.select("patient_key", leaf_of(tree).alias("_leaf"))
+                .groupBy("_leaf")
+                .agg(F.countDistinct("patient_key").alias("n"))
+                .agg(F.min("n"))
+                .first()[0]
+            )
+            if smallest >= k:
+                break
+            min_rows *= 2
+        else:
+            raise EhrlakeError(f"programme {p.name}: no tree with {k} patients in every leaf")
+        probability = {n.node_id: n.probability for n in tree}
+        score = F.element_at(
+            F.create_map(*[F.lit(x) for kv in probability.items() for x in kv]), F.col("_leaf")
+        )
+        pred = filled(test, names, fill).withColumn("_leaf", leaf_of(tree)).withColumn("score", score).cache()
+        version, artifact, path = versions.new_artifact(lake, p.model_id)
+        model.save(path)
+        with lake.security.job("hierarchy", ["gold"], role) as (_, audit):
+            mv = registry.ModelVersion(
+                model_id=p.model_id,
+                version=version,
+                task=p.model_id,
+                algorithm=ALGORITHM,
+                params={
+                    "programme": p.name,
+                    "max_depth": settings.max_depth,
+                    "min_leaf_patients": k,
+                    "min_leaf_rows": min_rows,
+                    "fill": fill,
+                    "outcome": p.outcome,
+                    "cohort": p.cohort,
+                    "modifiable": list(p.modifiable),
+                    "threshold": counts[2] / counts[0],
+                    "train_rows": counts[0],
+                    "train_patients": counts[1],
+                },  # fmt: skip
+                features=names,
+                training_data={FEATURES: features_version},
+                metrics=evaluate.metrics(pred, counts[2] / counts[0]),
+                bands=evaluate.risk_bands(pred),
+                artifact=artifact,
+                created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                status="candidate",
+            )
+            mv = versions.register(lake, audit, mv, pred)
+            _write_nodes(lake, p, mv, tree, fitted_rows, settings, k)
+            audit.append((NODES, f"{mv.label}: {sum(n.leaf for n in tree)} leaves"))
+        pred.unpersist()
+        return mv
+    finally:
+        train.unpersist()
+
+
+def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFrame, settings, k: int) -> None:
+    """Every node with its rule, patients, rows and outcome rate on the fitted rows (hidden below k)."""
+    from ehrlake.lake import WriteMode
+    from ehrlake.models import evaluate
+
+    words = describer(settings)
+    depth = max(n.depth for n in tree)
+    per_node = {
+        r["node"]: r
+        for r in fitted_rows.select("patient_key", "label", path_of(leaf_of(tree), depth))
+        .select("patient_key", "label", F.explode("_path").alias("node"))
+        .groupBy("node")
+        .agg(
+            F.countDistinct("patient_key").alias("patients"),
+            F.count("*").alias("rows"),
+            F.avg("label").alias("rate"),
+        )
+        .collect()
+    }  # one row per node: at most 2^(depth + 1)
+    rows = []
+    for n in tree:
+        got = per_node.get(n.node_id)
+        patients = int(got["patients"]) if got else 0
+        shown = patients >= k
+        split = None if n.split is None else words(n.split[0], ">", n.split[1])
+        rows.append(
+            (
+                p.name, mv.model_id, mv.version, n.node_id, n.parent_id, n.depth, n.leaf,
+                rule_words(n, words), split, patients if shown else None,
+                int(got["rows"]) if got and shown else None, float(got["rate"]) if got and shown else None,
+                evaluate.band_of(n.probability, mv.bands) if shown else None,
+            )
+        )  # fmt: skip
+    frame = lake.spark.createDataFrame(
+        rows,
+        "programme string, model_id string, version int, node_id int, parent_id int, depth int, "
+        "leaf boolean, rule string, split string, patients long, rows long, outcome_rate double, "
+        "risk_band string",
+    )
+    lake.create(NODES, frame.schema, ["programme"])  # the latest tree of each programme
+    lake.write(frame, NODES, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+
+
+# ----------------------------------------------------------------------------------- show
+def show(lake, programme: str, role: str | None = None, settings: Settings | None = None) -> str:
+    """The programme's latest tree as indented text: each node's own condition, its patients and
+    outcome rate (or that it has fewer than k), the risk band; read under the access policy."""
+    from ehrlake.models import registry
+
+    settings = settings or load()
+    p = settings.programme(programme)
+    if not lake.exists(NODES):
+        raise EhrlakeError(f"no {NODES} yet: run ehrlake hierarchy build --programme {p.name}")
+    read = lake.read(NODES, role=role) if role else lake.read(NODES)
+    rows = {r.node_id: r for r in read.where(F.col("programme") == p.name).collect()}  # at most 2^9 nodes
+    if not rows:
+        raise EhrlakeError(f"no tree of {p.name} yet: run ehrlake hierarchy build --programme {p.name}")
+    mv = registry.get(lake, rows[1].model_id, rows[1].version)
+    lines = [f"{p.description}: {mv.label}, {mv.headline()}", f"outcome: {p.outcome_description}"]
+
+    def line(node_id: int) -> None:
+        n = rows[node_id]
+        own = n.rule.rsplit(" and ", 1)[-1] if n.parent_id else n.rule
+        what = (
+            f"{n.patients:,} patients, outcome {n.outcome_rate:.0%}, {n.risk_band} risk"
+            if n.patients is not None
+            else f"fewer than {settings.min_leaf_patients} patients"
+        )
+        lines.append(f"{'  ' * n.depth}{'- ' if n.leaf else '+ '}{own}: {what}")
+        for child in (2 * node_id, 2 * node_id + 1):
+            if child in rows:
+                line(child)
+
+    line(1)
+    return "\n".join(lines)

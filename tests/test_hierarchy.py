@@ -1,0 +1,134 @@
+"""Progress hierarchies (lib/ehrlake/hierarchy.py): a programme's tree on patient x as-of feature rows,
+its nodes in words, leaves of at least k patients, and rules that are the tree's own decisions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+
+from ehrlake import hierarchy
+
+K = 11
+
+
+def _features(spark, patients: int = 130, years=(2019, 2020, 2021)):
+    """gold.features_patient rows of diabetic patients whose HbA1c level is their own (plus noise):
+    the outcome a year on (HbA1c >= 8 or a stay) follows it, so the tree should split on HbA1c.
+    Every tenth patient has no HbA1c on record; some are not in the cohort at all."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for i in range(patients):
+        level, age, female = rng.uniform(5.5, 10.5), int(rng.integers(35, 85)), int(i % 2)
+        for year in years:
+            hba1c = None if i % 10 == 0 else round(float(level + rng.normal(0, 0.3)), 1)
+            rows.append(
+                {
+                    "patient_key": f"p{i:03d}", "index_id": str(year), "index_time": dt.datetime(year, 1, 1),
+                    "sex": "female" if female else "male", "age_band": "40-64" if age < 65 else "65+",
+                    "state": "Kerala", "race": None, "age_years": age + year - 2019, "sex_female": female,
+                    "has_diabetes": int(i % 13 != 0), "last_hba1c": hba1c, "missing_hba1c": int(hba1c is None),
+                    "last_bmi": round(float(rng.normal(28, 4)), 1), "missing_bmi": 0,
+                    "last_systolic_bp": float(round(rng.normal(130, 12))), "missing_systolic_bp": 0,
+                    "last_total_cholesterol": None, "missing_total_cholesterol": 1,
+                    "last_egfr": float(round(rng.normal(80, 15))), "missing_egfr": 0,
+                    "days_since_last_encounter": int(rng.integers(10, 400)), "encounters_recent": int(rng.integers(0, 6)),
+                    "medications_active": int(rng.integers(0, 5)), "inpatient_long": 0,
+                    "inpatient_recent": int(rng.random() < 0.03), "has_hypertension": int(rng.random() < 0.4),
+                    "has_ckd": 0, "has_coronary_disease": 0, "has_obesity": 0,
+                }
+            )  # fmt: skip
+    schema = (
+        "patient_key string, index_id string, index_time timestamp, sex string, age_band string, "
+        "state string, race string, age_years int, sex_female int, has_diabetes int, last_hba1c double, "
+        "missing_hba1c int, last_bmi double, missing_bmi int, last_systolic_bp double, "
+        "missing_systolic_bp int, last_total_cholesterol double, missing_total_cholesterol int, "
+        "last_egfr double, missing_egfr int, days_since_last_encounter int, encounters_recent int, "
+        "medications_active int, inpatient_long int, inpatient_recent int, has_hypertension int, "
+        "has_ckd int, has_coronary_disease int, has_obesity int"
+    )
+    return spark.createDataFrame([tuple(r[f.split()[0]] for f in schema.split(", ")) for r in rows], schema)
+
+
+@pytest.fixture
+def built(lake):
+    lake.write(_features(lake.spark), hierarchy.FEATURES)
+    settings = hierarchy.load()
+    return lake, settings, hierarchy.build(lake, "diabetes", settings=settings)
+
+
+def test_a_programmes_rows_take_their_outcome_from_the_next_as_of(lake):
+    """A cohort row's label is the outcome on the same patient's row a year on; the last year has
+    none yet, and a row whose next year cannot decide it (no HbA1c and no stay) is left out."""
+    features = _features(lake.spark)
+    lake.write(features, hierarchy.FEATURES)
+    rows = hierarchy.programme_rows(lake, hierarchy.load().programme("diabetes"))
+    got = {
+        (r.patient_key, r.index_id): r.label
+        for r in rows.select("patient_key", "index_id", "label").collect()
+    }
+    expected = {}
+    for r in features.collect():
+        if r.index_id == "2019":
+            continue
+        decided = r.last_hba1c is not None or r.inpatient_recent > 0
+        cohort = int(r.patient_key[1:]) % 13 != 0  # every 13th patient is not diabetic
+        if decided and cohort:
+            expected[(r.patient_key, str(int(r.index_id) - 1))] = int(
+                (r.last_hba1c or 0) >= 8.0 or r.inpatient_recent > 0
+            )
+    assert got == expected and 200 < len(got) < 240 and 0 < sum(got.values()) < len(got)
+
+
+def test_the_tree_has_leaves_of_k_patients_and_rules_that_are_its_decisions(built, capsys):
+    from pyspark.ml.classification import DecisionTreeClassificationModel
+    from pyspark.ml.feature import VectorAssembler
+    from pyspark.sql import functions as F
+
+    lake, settings, mv = built
+    nodes = {r.node_id: r for r in lake.read(hierarchy.NODES).where("programme = 'diabetes'").collect()}
+    leaves = [n for n in nodes.values() if n.leaf]
+    assert len(leaves) >= 2 and all(n.patients is not None and n.patients >= K for n in leaves)
+    assert all(n.parent_id in nodes for n in nodes.values() if n.node_id != 1)
+    root = nodes[1]
+    assert root.rule == "everyone in the programme" and root.split.startswith("haemoglobin A1c (%) > ")
+    assert 7.0 <= float(root.split.rsplit(" ", 1)[1]) <= 9.0  # near the planted 8 (Spark bins thresholds)
+    assert all(nodes[n.parent_id].rule in n.rule or n.parent_id == 1 for n in nodes.values() if n.parent_id)
+
+    # every fitted row's leaf by the rules in SQL scores what the saved tree predicts
+    p = settings.programme("diabetes")
+    rows = hierarchy.programme_rows(lake, p)
+    names = mv.features
+    fill = {k: float(v) for k, v in mv.params["fill"].items()}
+    prepared = hierarchy.filled(rows, names, fill)
+    model = DecisionTreeClassificationModel.load(mv.artifact_path(lake))
+    tree = hierarchy.nodes(model, names)
+    scored = model.transform(VectorAssembler(inputCols=names, outputCol="_features").transform(prepared))
+    probability = {n.node_id: n.probability for n in tree}
+    pairs = scored.select(hierarchy.leaf_of(tree).alias("leaf"), F.col("probability")).collect()
+    assert all(abs(probability[r.leaf] - float(r.probability[1])) < 1e-9 for r in pairs)
+    # registered and evaluated on test patients like any model: the planted signal is found
+    assert mv.model_id == "hierarchy.diabetes" and mv.metrics["auroc"]["value"] > 0.8
+
+    from ehrlake import cli
+
+    assert cli.main(["hierarchy", "show", "--programme", "diabetes", "--lake", lake.root]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith("diabetes care: hierarchy.diabetes v1, test AUROC ")
+    assert shown[2].startswith(f"+ everyone in the programme: {root.patients:,} patients, outcome ")
+    assert len(shown) == 2 + len(nodes) and any(
+        line.lstrip().startswith("- haemoglobin A1c") for line in shown
+    )
+
+
+def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
+    words = hierarchy.describer(hierarchy.load())
+    assert words("has_ckd", ">", 0.5) == "chronic kidney disease"
+    assert words("has_ckd", "<=", 0.5) == "no chronic kidney disease"
+    assert words("missing_hba1c", ">", 0.5) == "no haemoglobin A1c (%) in 2 years"
+    assert words("age_years", "<=", 64.5) == "age (years) <= 64.5"
+    calm = "(last_hba1c < 8.0 OR last_hba1c IS NULL) AND inpatient_recent = 0"
+    lake.write(_features(lake.spark).where(calm), hierarchy.FEATURES)
+    with pytest.raises(Exception, match="need 22 and both outcomes"):
+        hierarchy.build(lake, "diabetes")
