@@ -248,7 +248,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
     rows = origin.with_templates(lake, programme_rows(lake, p))
     names = inputs(p, rows.columns)
     train, test = split(rows, settings.seed)
-    train = train.cache()
+    train, pred = train.cache(), None
     try:
         counts = train.agg(F.count("*"), F.countDistinct("patient_key"), F.sum("label")).first()
         if counts[1] < 2 * k or not 0 < (counts[2] or 0) < counts[0]:
@@ -316,10 +316,11 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             mv = versions.register(lake, audit, mv, pred)
             _write_nodes(lake, p, mv, tree, fitted_rows, settings, k)
             audit.append((NODES, f"{mv.label}: {sum(n.leaf for n in tree)} leaves"))
-        pred.unpersist()
         return mv
-    finally:
+    finally:  # failing or not, the fitted and the scored rows leave the cache
         train.unpersist()
+        if pred is not None:
+            pred.unpersist()
 
 
 def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFrame, settings, k: int) -> None:
