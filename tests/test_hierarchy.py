@@ -132,3 +132,43 @@ def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
     lake.write(_features(lake.spark).where(calm), hierarchy.FEATURES)
     with pytest.raises(Exception, match="need 22 and both outcomes"):
         hierarchy.build(lake, "diabetes")
+
+
+def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
+    """gold.patient_progress: each cohort patient at each as-of (the latest too) in a leaf, with the
+    previous node and the move between bands; a later year's records never move a past node; the
+    yearly moves between bands are counted with small counts hidden."""
+    from pyspark.ml.classification import DecisionTreeClassificationModel
+
+    lake, settings, mv = built
+    rows = {(r.patient_key, r.as_of.year): r for r in lake.read(hierarchy.PROGRESS).collect()}
+    leaves = {r.node_id for r in lake.read(hierarchy.NODES).where("leaf").collect()}
+    assert len(rows) == 120 * 3 and {r.node for r in rows.values()} <= leaves
+    order = hierarchy.BAND_ORDER
+    for (key, year), r in rows.items():
+        if year == 2019:
+            assert r.transition == "first" and r.previous_node is None
+            continue
+        before = rows[(key, year - 1)]
+        assert (r.previous_node, r.previous_band) == (before.node, before.risk_band)
+        moved = order[r.risk_band] - order[before.risk_band]
+        assert r.transition == ("improved" if moved < 0 else "worsened" if moved > 0 else "stable")
+    assert {r.transition for r in rows.values()} >= {"first", "stable"}
+
+    # the past stays where it was when a year is taken away: nodes depend on each row's own features
+    p = settings.programme("diabetes")
+    model = DecisionTreeClassificationModel.load(mv.artifact_path(lake))
+    tree = hierarchy.nodes(model, mv.features)
+    fill = {k: float(v) for k, v in mv.params["fill"].items()}
+    from ehrlake.lake import WriteMode
+
+    kept = lake.read(hierarchy.FEATURES).where("index_id <> '2021'")
+    lake.write(kept, hierarchy.FEATURES, mode=WriteMode.OVERWRITE)
+    earlier = hierarchy.progress(lake, p, tree, mv.features, fill, mv.bands).collect()
+    assert len(earlier) == 120 * 2 and all(
+        rows[(r.patient_key, r.as_of.year)].node == r.node for r in earlier
+    )
+
+    moves = lake.read(hierarchy.TRANSITIONS).collect()
+    assert {m.year for m in moves} == {2020, 2021}
+    assert all(m.patients is None or m.patients >= K for m in moves) and any(m.patients for m in moves)

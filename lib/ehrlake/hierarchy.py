@@ -7,7 +7,10 @@ those rows, every leaf holding at least ``min_leaf_patients`` patients (refitted
 until it does: rows are patient x date, so a leaf of enough rows may hold too few patients). Its
 nodes are written to ``gold.hierarchy_nodes`` with the rule that leads to each in words, the
 patients and outcome rate (hidden below k) and a risk band; the tree is a registered model
-(``hierarchy.<programme>``) evaluated like any other on the patient split's test rows.
+(``hierarchy.<programme>``) evaluated like any other on the patient split's test rows. Every cohort
+row is placed in its leaf (``gold.patient_progress``: node, risk, the previous node and whether the
+patient improved, worsened or stayed by risk band), and the moves between bands are counted per
+year (``gold.hierarchy_transitions``, small counts hidden).
 
 The rules are read from the fitted tree itself (its root node through Spark's JVM API) and applied
 as SQL, so a node's rule in words is the tree's decision: a test checks every row's leaf by rule
@@ -30,6 +33,9 @@ from ehrlake.home import CONF
 
 HIERARCHY_FILE = CONF / "hierarchy.yaml"
 NODES = "gold.hierarchy_nodes"
+PROGRESS = "gold.patient_progress"
+TRANSITIONS = "gold.hierarchy_transitions"
+BAND_ORDER = {"low": 0, "medium": 1, "high": 2}
 FEATURES = "gold.features_patient"
 ALGORITHM = "decision-tree"
 NEXT_WITHIN_DAYS = 400  # the next as-of counts as "a year on" when at most this far
@@ -315,7 +321,9 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             )
             mv = versions.register(lake, audit, mv, pred)
             _write_nodes(lake, p, mv, tree, fitted_rows, settings, k)
+            _write_progress(lake, p, mv, progress(lake, p, tree, names, fill, mv.bands), k)
             audit.append((NODES, f"{mv.label}: {sum(n.leaf for n in tree)} leaves"))
+            audit.append((PROGRESS, f"{mv.label}: every cohort row's node and transition"))
         return mv
     finally:  # failing or not, the fitted and the scored rows leave the cache
         train.unpersist()
@@ -364,6 +372,65 @@ def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFram
     )
     lake.create(NODES, frame.schema, ["programme"])  # the latest tree of each programme
     lake.write(frame, NODES, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+
+
+# ----------------------------------------------------------------------------------- progress
+def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict, bands: dict) -> DataFrame:
+    """Every cohort row's leaf (at every as-of, the latest too: no outcome is needed to place a
+    patient), its risk and band, the patient's previous node and band, and the transition:
+    ``first``, or ``improved`` / ``worsened`` / ``stable`` by risk band. A row's node depends on its
+    own point-in-time features only, so a later record never moves a past node."""
+    from ehrlake.models import evaluate
+
+    leaves = [n for n in tree if n.leaf]
+    risk = F.create_map(*[F.lit(x) for n in leaves for x in (n.node_id, n.probability)])
+    band = F.create_map(
+        *[F.lit(x) for n in leaves for x in (n.node_id, evaluate.band_of(n.probability, bands))]
+    )
+    rank = F.create_map(*[F.lit(x) for kv in BAND_ORDER.items() for x in kv])
+    rows = filled(lake.read(FEATURES).where(F.expr(p.cohort)), names, fill)
+    placed = rows.select("patient_key", F.col("index_time").alias("as_of"), leaf_of(tree).alias("node"))
+    placed = placed.withColumn("risk", F.element_at(risk, F.col("node"))).withColumn(
+        "risk_band", F.element_at(band, F.col("node"))
+    )
+    w = Window.partitionBy("patient_key").orderBy("as_of")
+    before = placed.select(
+        "*",
+        F.lag("as_of").over(w).alias("previous_as_of"),
+        F.lag("node").over(w).alias("previous_node"),
+        F.lag("risk_band").over(w).alias("previous_band"),
+    )
+    now, then = F.element_at(rank, F.col("risk_band")), F.element_at(rank, F.col("previous_band"))
+    transition = (
+        F.when(F.col("previous_node").isNull(), "first")
+        .when(now < then, "improved")
+        .when(now > then, "worsened")
+        .otherwise("stable")
+    )
+    return before.withColumn("transition", transition).withColumn("programme", F.lit(p.name))
+
+
+def _write_progress(lake, p: Programme, mv, placed: DataFrame, k: int) -> None:
+    """gold.patient_progress (one row per cohort patient and as-of) and gold.hierarchy_transitions
+    (patients per year, previous band and band; counts below k hidden), the programme's partition."""
+    from ehrlake.lake import WriteMode
+
+    rows = placed.select(
+        "programme", F.lit(mv.model_id).alias("model_id"), F.lit(mv.version).alias("version"),
+        "patient_key", "as_of", "node", "risk", "risk_band", "previous_as_of", "previous_node",
+        "previous_band", "transition",
+    )  # fmt: skip
+    lake.create(PROGRESS, rows.schema, ["programme"])
+    lake.write(rows, PROGRESS, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+    moves = (
+        lake.read(PROGRESS)
+        .where((F.col("programme") == p.name) & F.col("previous_band").isNotNull())
+        .groupBy("programme", F.year("as_of").alias("year"), "previous_band", "risk_band")
+        .agg(F.countDistinct("patient_key").alias("n"))
+    )
+    moves = moves.withColumn("patients", F.when(F.col("n") >= k, F.col("n"))).drop("n")
+    lake.create(TRANSITIONS, moves.schema, ["programme"])
+    lake.write(moves, TRANSITIONS, mode=WriteMode.OVERWRITE, where={"programme": p.name})
 
 
 # ----------------------------------------------------------------------------------- show

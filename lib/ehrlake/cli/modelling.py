@@ -167,7 +167,8 @@ def register(sub) -> None:
         help="patient progress hierarchies: a decision tree per care programme",
         description="Per care programme of conf/hierarchy.yaml (diabetes, hypertension, CKD): a "
         "depth-limited decision tree over the point-in-time features, every leaf at least k "
-        "patients, its nodes in words in gold.hierarchy_nodes (docs/hierarchy.md).",
+        "patients, its nodes in words in gold.hierarchy_nodes, every cohort row's node and move in "
+        "gold.patient_progress (docs/hierarchy.md).",
     )
     hierarchy_sub = hierarchy_cmd.add_subparsers(
         dest="hierarchy_command", required=True, metavar="SUBCOMMAND"
