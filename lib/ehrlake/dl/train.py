@@ -366,9 +366,7 @@ def train_image_model(
             raise EhrlakeError(
                 f"{IMAGES} has no labelled {test_split} images of {source}: nothing to evaluate on"
             )
-        metrics = evaluate.summarise(
-            evaluate.histogram(test), evaluate.BOOTSTRAP, threshold=evaluate.FINDING_THRESHOLD
-        )
+        metrics = evaluate.metrics(test, evaluate.FINDING_THRESHOLD)
         saliency = os.path.join(artifact, "gradcam.png")
         predict.saliency_figure(lake, path, snap, image_selection(source, test_split, shape), task, saliency)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)

@@ -92,16 +92,18 @@ def metrics(
 
 
 def resampling(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np.ndarray | None:
-    """:func:`patient_draws` where a patient has several rows of ``pred``; None (rows are resampled)
-    where each has one or ``pred`` names no patient. One job to tell."""
+    """:func:`patient_draws` where every row of ``pred`` names its patient and some patient has
+    several; None (rows are resampled) where each has one, or where rows name no patient (images
+    without one: a null key is no patient, and would make all of them one). One job to tell."""
     if CLUSTER not in pred.columns:
         return None
-    rows, patients = pred.agg(F.count("*"), F.countDistinct(CLUSTER)).first()
-    return patient_draws(pred, bootstrap, seed) if patients < rows else None
+    rows, keyed, patients = pred.agg(F.count("*"), F.count(CLUSTER), F.countDistinct(CLUSTER)).first()
+    return patient_draws(pred, bootstrap, seed) if keyed == rows and patients < rows else None
 
 
 def patient_draws(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np.ndarray:
-    """(bootstrap, 2, BINS) counts [negatives, positives] of a Poisson bootstrap over patients.
+    """(bootstrap, 2, BINS) counts [negatives, positives] of a Poisson bootstrap over patients
+    (every row's ``patient_key`` set: :func:`resampling` decides).
 
     Each patient's cells are weighted by a Poisson(1) draw per replicate (the inverse CDF of a
     uniform from xxhash64 of key, replicate and seed). Spark does the weighting (patients' cells

@@ -38,22 +38,32 @@ def register(
     predictions ``test`` (``patient_key``, ``label``, ``score`` and the subgroup columns), and add
     the audit line of the job ``audit`` belongs to."""
     registry.register(lake, mv)
-    record(lake, mv, test, "test", importance=importance)
+    # the trainer measured these on ``test`` already, as record would (evaluate.metrics at the
+    # model's threshold): the table holds the registry's figures, not a second bootstrap of them
+    overall = {m: mv.metrics[m] for m in evaluate.METRICS if m in mv.metrics}
+    record(lake, mv, test, "test", importance=importance, overall=overall or None)
     audit.append((registry.TABLE, f"{mv.label}: {mv.headline()}"))
     return mv
 
 
 def record(
-    lake, mv: registry.ModelVersion, pred: DataFrame, dataset: str, importance: dict | None = None
+    lake,
+    mv: registry.ModelVersion,
+    pred: DataFrame,
+    dataset: str,
+    importance: dict | None = None,
+    overall: dict | None = None,
 ) -> dict:
     """Write an evaluation (overall and subgroup metrics, calibration, error cells, importance) to the
-    gold model tables, replacing an earlier evaluation of the same model version on the same data."""
+    gold model tables, replacing an earlier evaluation of the same model version on the same data.
+    ``overall``: the overall metrics where the caller has them (:func:`evaluate.metrics` of ``pred``)."""
     evaluation = f"{mv.model_id}.v{mv.version}.{dataset}"
     spark = lake.spark
     base = {"evaluation": evaluation, "model_id": mv.model_id, "version": mv.version, "dataset": dataset}
     h = evaluate.histogram(pred)
     threshold = float(mv.params.get("threshold", evaluate.THRESHOLD))
-    overall = evaluate.summarise(h, threshold=threshold, draws=evaluate.resampling(pred))
+    if overall is None:
+        overall = evaluate.summarise(h, threshold=threshold, draws=evaluate.resampling(pred))
     rows = [
         {**base, "kind": "overall", "subgroup": "all", "metric": m, **v, "gap": 0.0}
         for m, v in overall.items()
