@@ -199,6 +199,11 @@ def leaf_of(tree: list[Node]) -> Column:
     return expr
 
 
+def by_node(values: dict, node: Column) -> Column:
+    """``values[node]`` as a column: a leaf's risk or band, a band's rank."""
+    return F.element_at(F.create_map(*[F.lit(x) for kv in values.items() for x in kv]), node)
+
+
 def path_of(leaf: Column, depth: int) -> Column:
     """The node ids from a leaf up to the root (heap numbering: a parent is n // 2)."""
     return F.array_distinct(F.array(*[F.shiftright(leaf, i) for i in range(depth + 1)])).alias("_path")
@@ -285,10 +290,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             min_rows *= 2
         else:
             raise EhrlakeError(f"programme {p.name}: no tree with {k} patients in every leaf")
-        probability = {n.node_id: n.probability for n in tree}
-        score = F.element_at(
-            F.create_map(*[F.lit(x) for kv in probability.items() for x in kv]), F.col("_leaf")
-        )
+        score = by_node({n.node_id: n.probability for n in tree if n.leaf}, F.col("_leaf"))
         pred = filled(test, names, fill).withColumn("_leaf", leaf_of(tree)).withColumn("score", score).cache()
         version, artifact, path = versions.new_artifact(lake, p.model_id)
         model.save(path)
@@ -356,10 +358,11 @@ def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFram
         patients = int(got["patients"]) if got else 0
         shown = patients >= k
         split = None if n.split is None else words(n.split[0], ">", n.split[1])
+        own = words(*n.conditions[-1]) if n.conditions else rule_words(n, words)
         rows.append(
             (
                 p.name, mv.model_id, mv.version, n.node_id, n.parent_id, n.depth, n.leaf,
-                rule_words(n, words), split, patients if shown else None,
+                rule_words(n, words), own, split, patients if shown else None,
                 int(got["rows"]) if got and shown else None, float(got["rate"]) if got and shown else None,
                 evaluate.band_of(n.probability, mv.bands) if shown else None,
             )
@@ -367,7 +370,8 @@ def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFram
     frame = lake.spark.createDataFrame(
         rows,
         "programme string, model_id string, version int, node_id int, parent_id int, depth int, "
-        "leaf boolean, rule string, split string, patients long, rows long, outcome_rate double, "
+        "leaf boolean, rule string, condition string, split string, patients long, rows long, "
+        "outcome_rate double, "
         "risk_band string",
     )
     lake.create(NODES, frame.schema, ["programme"])  # the latest tree of each programme
@@ -383,15 +387,12 @@ def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict,
     from ehrlake.models import evaluate
 
     leaves = [n for n in tree if n.leaf]
-    risk = F.create_map(*[F.lit(x) for n in leaves for x in (n.node_id, n.probability)])
-    band = F.create_map(
-        *[F.lit(x) for n in leaves for x in (n.node_id, evaluate.band_of(n.probability, bands))]
-    )
-    rank = F.create_map(*[F.lit(x) for kv in BAND_ORDER.items() for x in kv])
+    risk = {n.node_id: n.probability for n in leaves}
+    band = {n.node_id: evaluate.band_of(n.probability, bands) for n in leaves}
     rows = filled(lake.read(FEATURES).where(F.expr(p.cohort)), names, fill)
     placed = rows.select("patient_key", F.col("index_time").alias("as_of"), leaf_of(tree).alias("node"))
-    placed = placed.withColumn("risk", F.element_at(risk, F.col("node"))).withColumn(
-        "risk_band", F.element_at(band, F.col("node"))
+    placed = placed.withColumn("risk", by_node(risk, F.col("node"))).withColumn(
+        "risk_band", by_node(band, F.col("node"))
     )
     w = Window.partitionBy("patient_key").orderBy("as_of")
     before = placed.select(
@@ -400,7 +401,7 @@ def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict,
         F.lag("node").over(w).alias("previous_node"),
         F.lag("risk_band").over(w).alias("previous_band"),
     )
-    now, then = F.element_at(rank, F.col("risk_band")), F.element_at(rank, F.col("previous_band"))
+    now, then = by_node(BAND_ORDER, F.col("risk_band")), by_node(BAND_ORDER, F.col("previous_band"))
     transition = (
         F.when(F.col("previous_node").isNull(), "first")
         .when(now < then, "improved")
@@ -452,13 +453,12 @@ def show(lake, programme: str, role: str | None = None, settings: Settings | Non
 
     def line(node_id: int) -> None:
         n = rows[node_id]
-        own = n.rule.rsplit(" and ", 1)[-1] if n.parent_id else n.rule
         what = (
             f"{n.patients:,} patients, outcome {n.outcome_rate:.0%}, {n.risk_band} risk"
             if n.patients is not None
             else f"fewer than {settings.min_leaf_patients} patients"
         )
-        lines.append(f"{'  ' * n.depth}{'- ' if n.leaf else '+ '}{own}: {what}")
+        lines.append(f"{'  ' * n.depth}{'- ' if n.leaf else '+ '}{n.condition}: {what}")
         for child in (2 * node_id, 2 * node_id + 1):
             if child in rows:
                 line(child)
