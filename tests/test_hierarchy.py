@@ -172,3 +172,52 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     moves = lake.read(hierarchy.TRANSITIONS).collect()
     assert {m.year for m in moves} == {2020, 2021}
     assert all(m.patients is None or m.patients >= K for m in moves) and any(m.patients for m in moves)
+
+
+def _meets(row: dict, conditions) -> bool:
+    return all(row[f] <= t if op == "<=" else row[f] > t for f, op, t in conditions)
+
+
+def test_improvement_areas_change_modifiable_features_only_and_land_in_a_lower_risk_leaf(built):
+    """gold.improvement_areas, checked against a brute-force search over the leaves: the nearest
+    lower-risk leaf whose unchangeable conditions the row already meets; applying the changes puts
+    the row in that leaf; where no such leaf exists, no target and a status saying why."""
+    from pyspark.ml.classification import DecisionTreeClassificationModel
+
+    lake, settings, mv = built
+    p = settings.programme("diabetes")
+    tree = hierarchy.nodes(DecisionTreeClassificationModel.load(mv.artifact_path(lake)), mv.features)
+    leaves = [n for n in tree if n.leaf]
+    fill = {k: float(v) for k, v in mv.params["fill"].items()}
+    scale = {k: float(v) for k, v in mv.params["scales"].items()}
+    rows = {
+        (r.patient_key, r.index_time): r.asDict()
+        for r in hierarchy.placed(lake, p, tree, mv.features, fill).collect()
+    }
+    got = lake.read(hierarchy.IMPROVEMENT).collect()
+    assert len(got) == len(rows) == lake.read(hierarchy.PROGRESS).count()
+    fixed = {"age_years", "sex_female", "inpatient_long"} | {c for c in mv.features if c.startswith("has_")}
+    for r in got:
+        x = rows[(r.patient_key, r.as_of)]
+        risk = next(n.probability for n in leaves if n.node_id == x["node"])
+        options = []
+        for t in leaves:
+            unchangeable = [c for c in t.conditions if not hierarchy.movable(p, c[0], c[1])]
+            if t.probability < risk and _meets(x, unchangeable):
+                unmet = [c for c in t.conditions if c not in unchangeable and not _meets(x, [c])]
+                gap = sum(abs(x[f] - th) / scale[f] for f, _, th in unmet)
+                options.append((gap, len(unmet), t.probability, t.node_id, unmet))
+        if not options:
+            assert r.target_node is None and r.changes is None and r.status != "lower risk within reach"
+            continue
+        best = min(options)
+        assert (r.target_node, r.status) == (best[3], "lower risk within reach") and r.target_risk < r.risk
+        assert abs(r.distance - best[0]) < 1e-9 and r.summary == "; ".join(c.change for c in r.changes)
+        assert all(c.feature not in fixed for c in r.changes) and len(r.changes) == best[1]
+        changed = dict(x)
+        for c in r.changes:  # just across each threshold, the way the rule needs it
+            changed[c.feature] = c.threshold if c.op == "<=" else c.threshold + 1e-6
+        assert [n.node_id for n in leaves if _meets(changed, n.conditions)] == [r.target_node]
+    statuses = {r.status for r in got}
+    assert "lower risk within reach" in statuses and len(statuses) >= 2
+    assert any("haemoglobin A1c" in r.summary for r in got if r.summary)

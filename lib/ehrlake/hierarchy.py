@@ -35,6 +35,7 @@ HIERARCHY_FILE = CONF / "hierarchy.yaml"
 NODES = "gold.hierarchy_nodes"
 PROGRESS = "gold.patient_progress"
 TRANSITIONS = "gold.hierarchy_transitions"
+IMPROVEMENT = "gold.improvement_areas"
 BAND_ORDER = {"low": 0, "medium": 1, "high": 2}
 FEATURES = "gold.features_patient"
 ALGORITHM = "decision-tree"
@@ -270,6 +271,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             )
         fill = medians(train, names)
         fitted_rows = filled(train, names, fill)
+        scale = scales(fitted_rows, names)
         vectors = VectorAssembler(inputCols=names, outputCol="_features").transform(fitted_rows)
         min_rows, model, tree = k, None, []
         for _ in range(8):  # larger leaves until every leaf holds k patients
@@ -306,6 +308,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
                     "min_leaf_patients": k,
                     "min_leaf_rows": min_rows,
                     "fill": fill,
+                    "scales": scale,
                     "outcome": p.outcome,
                     "cohort": p.cohort,
                     "modifiable": list(p.modifiable),
@@ -324,8 +327,11 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             mv = versions.register(lake, audit, mv, pred)
             _write_nodes(lake, p, mv, tree, fitted_rows, settings, k)
             _write_progress(lake, p, mv, progress(lake, p, tree, names, fill, mv.bands), k)
+            nearer = improvements(lake, p, tree, names, fill, scale, describer(settings))
+            _write_improvements(lake, p, mv, nearer)
             audit.append((NODES, f"{mv.label}: {sum(n.leaf for n in tree)} leaves"))
             audit.append((PROGRESS, f"{mv.label}: every cohort row's node and transition"))
+            audit.append((IMPROVEMENT, f"{mv.label}: the nearest lower-risk leaf by modifiable features"))
         return mv
     finally:  # failing or not, the fitted and the scored rows leave the cache
         train.unpersist()
@@ -379,23 +385,29 @@ def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFram
 
 
 # ----------------------------------------------------------------------------------- progress
+def placed(lake, p: Programme, tree: list[Node], names: list[str], fill: dict) -> DataFrame:
+    """Every cohort row (every as-of, the latest too: placing a patient needs no outcome) with its
+    inputs filled as the tree was fitted and its leaf in ``node``. A row's node depends on its own
+    point-in-time features only, so a later record never moves a past node."""
+    rows = filled(lake.read(FEATURES).where(F.expr(p.cohort)), names, fill)
+    return rows.withColumn("node", leaf_of(tree))
+
+
 def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict, bands: dict) -> DataFrame:
-    """Every cohort row's leaf (at every as-of, the latest too: no outcome is needed to place a
-    patient), its risk and band, the patient's previous node and band, and the transition:
-    ``first``, or ``improved`` / ``worsened`` / ``stable`` by risk band. A row's node depends on its
-    own point-in-time features only, so a later record never moves a past node."""
+    """Every cohort row's leaf, its risk and band, the patient's previous node and band, and the
+    transition: ``first``, or ``improved`` / ``worsened`` / ``stable`` by risk band."""
     from ehrlake.models import evaluate
 
     leaves = [n for n in tree if n.leaf]
     risk = {n.node_id: n.probability for n in leaves}
     band = {n.node_id: evaluate.band_of(n.probability, bands) for n in leaves}
-    rows = filled(lake.read(FEATURES).where(F.expr(p.cohort)), names, fill)
-    placed = rows.select("patient_key", F.col("index_time").alias("as_of"), leaf_of(tree).alias("node"))
-    placed = placed.withColumn("risk", by_node(risk, F.col("node"))).withColumn(
+    rows = placed(lake, p, tree, names, fill)
+    rows = rows.select("patient_key", F.col("index_time").alias("as_of"), "node")
+    rows = rows.withColumn("risk", by_node(risk, F.col("node"))).withColumn(
         "risk_band", by_node(band, F.col("node"))
     )
     w = Window.partitionBy("patient_key").orderBy("as_of")
-    before = placed.select(
+    before = rows.select(
         "*",
         F.lag("as_of").over(w).alias("previous_as_of"),
         F.lag("node").over(w).alias("previous_node"),
@@ -432,6 +444,108 @@ def _write_progress(lake, p: Programme, mv, placed: DataFrame, k: int) -> None:
     moves = moves.withColumn("patients", F.when(F.col("n") >= k, F.col("n"))).drop("n")
     lake.create(TRANSITIONS, moves.schema, ["programme"])
     lake.write(moves, TRANSITIONS, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+
+
+# ----------------------------------------------------------------------------------- improvement
+def movable(p: Programme, feature: str, op: str) -> bool:
+    """Whether care can meet a rule's condition: a modifiable feature either way; a modifiable lab's
+    missing flag only towards "measured" (never "stop measuring"); nothing else."""
+    if feature.startswith("missing_"):
+        return f"last_{feature[8:]}" in p.modifiable and op == "<="
+    return feature in p.modifiable
+
+
+def scales(rows: DataFrame, names: list[str]) -> dict[str, float]:
+    """Per input, the fitted rows' standard deviation: a change is measured in these units."""
+    got = rows.select(*[F.stddev(c).alias(c) for c in names]).first()
+    return {c: float(got[c]) if got[c] else 1.0 for c in names}
+
+
+def improvements(lake, p: Programme, tree: list[Node], names: list[str], fill: dict, scale: dict, words):
+    """For every cohort row, the nearest leaf of lower risk that changing modifiable features alone
+    reaches, and the changes. A leaf is reachable when the row already meets every condition of its
+    rule that care cannot change; the changes are the rule's unmet modifiable conditions, and the
+    nearest is the one with the least total change in standard deviations (then the fewest changes,
+    then the lowest risk). A row in no such reach gets a ``status`` saying why, never a change to
+    age, sex or history."""
+    leaves = [n for n in tree if n.leaf]
+    risk = {n.node_id: n.probability for n in leaves}
+    rule = {n.node_id: rule_words(n, words) for n in leaves}
+    rows = placed(lake, p, tree, names, fill).withColumn("risk", by_node(risk, F.col("node")))
+
+    def met(feature: str, op: str, threshold: float) -> Column:
+        return F.col(feature) <= threshold if op == "<=" else F.col(feature) > threshold
+
+    def now(feature: str) -> Column:  # a missing lab's value is its fill: "not measured" is null
+        flag = f"missing_{feature[5:]}"
+        value = F.col(feature).cast("double")
+        return F.when(F.col(flag) != 1, value) if flag in names else value
+
+    candidates = []
+    for t in leaves:
+        fixed = F.lit(True)
+        changes, distance = [], F.lit(0.0)
+        for feature, op, threshold in t.conditions:
+            if not movable(p, feature, op):
+                fixed = fixed & met(feature, op, threshold)
+                continue
+            unmet = ~met(feature, op, threshold)
+            change = F.struct(
+                F.lit(feature).alias("feature"), F.lit(op).alias("op"), F.lit(threshold).alias("threshold"),
+                now(feature).alias("current"), F.lit(words(feature, op, threshold)).alias("change"),
+            )  # fmt: skip
+            changes.append(F.when(unmet, change))
+            gap = F.abs(F.col(feature) - F.lit(threshold)) / F.lit(scale.get(feature) or 1.0)
+            distance = distance + F.when(unmet, gap).otherwise(0.0)
+        if not changes:  # a row meeting all of such a leaf's conditions is in it already
+            continue
+        needed = F.filter(F.array(*changes), lambda c: c.isNotNull())
+        candidates.append(
+            F.when(
+                fixed & (F.lit(t.probability) < F.col("risk")),
+                F.struct(
+                    distance.alias("distance"),
+                    F.size(needed).alias("n"),
+                    F.lit(t.probability).alias("risk"),
+                    F.lit(t.node_id).alias("node"),
+                    needed.alias("changes"),
+                ),
+            )  # fmt: skip
+        )
+    if candidates:
+        reachable = F.filter(F.array(*candidates), lambda c: c.isNotNull())
+        best = F.try_element_at(F.array_sort(reachable), F.lit(1))
+    else:  # the tree splits on no modifiable feature: nothing is within reach
+        best = F.lit(None).cast(
+            "struct<distance: double, n: int, risk: double, node: int, changes: array<struct<"
+            "feature: string, op: string, threshold: double, current: double, change: string>>>"
+        )
+    lowest = min(risk.values())
+    status = (
+        F.when(F.col("_best").isNotNull(), "lower risk within reach")
+        .when(F.col("risk") <= lowest, "already in the lowest-risk group")
+        .otherwise("no lower-risk group by modifiable features")
+    )
+    target_rule = F.when(F.col("_best").isNotNull(), by_node(rule, F.col("_best.node")))
+    out = rows.select("patient_key", F.col("index_time").alias("as_of"), "node", "risk", best.alias("_best"))
+    return out.select(
+        F.lit(p.name).alias("programme"), "patient_key", "as_of", "node", "risk", status.alias("status"),
+        F.col("_best.node").alias("target_node"), F.col("_best.risk").alias("target_risk"),
+        target_rule.alias("target_rule"), F.col("_best.changes").alias("changes"),
+        F.concat_ws("; ", F.transform("_best.changes", lambda c: c["change"])).alias("summary"),
+        F.col("_best.distance").alias("distance"),
+    )  # fmt: skip
+
+
+def _write_improvements(lake, p: Programme, mv, rows: DataFrame) -> None:
+    from ehrlake.lake import WriteMode
+
+    rows = rows.select(
+        "programme", F.lit(mv.model_id).alias("model_id"), F.lit(mv.version).alias("version"),
+        *[c for c in rows.columns if c != "programme"],
+    )  # fmt: skip
+    lake.create(IMPROVEMENT, rows.schema, ["programme"])
+    lake.write(rows, IMPROVEMENT, mode=WriteMode.OVERWRITE, where={"programme": p.name})
 
 
 # ----------------------------------------------------------------------------------- show
