@@ -34,6 +34,22 @@ def quantity(oid, pid, loinc, value, unit, when="2021-01-01T10:00:00Z"):
     return obs
 
 
+def blood_pressure(oid, pid, systolic, diastolic, when="2021-02-01T10:00:00Z"):
+    obs = observation(oid, pid, None)
+    obs.pop("valueQuantity", None)
+    obs["code"] = {"coding": [{"system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure"}]}
+    obs["effectiveDateTime"] = when
+    obs["component"] = [
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8480-6"}]},
+         "valueQuantity": {"value": systolic, "unit": "mm[Hg]", "code": "mm[Hg]"}},
+        {"code": {"coding": [{"system": "http://loinc.org", "code": "8462-4"}]},
+         "valueQuantity": {"value": diastolic, "unit": "mmHg"}},  # a unit as written, no code
+        {"code": {"coding": [{"system": "http://snomed.info/sct", "code": "271649006"}]},
+         "valueCodeableConcept": {"text": "sitting"}},  # no quantity: a row without a value
+    ]  # fmt: skip
+    return obs
+
+
 @pytest.fixture
 def silver(lake, tmp_path):
     org = {
@@ -56,6 +72,7 @@ def silver(lake, tmp_path):
             quantity("w1", "p1", "29463-7", 154.0, "[lb_av]"),  # weight in pounds
             quantity("h1", "p1", "8867-4", 400.0, "/min"),  # heart rate of 400: implausible
             quantity("g1", "p1", "2339-0", 5.5, "mmol/L"),  # glucose in mmol/L
+            blood_pressure("bp1", "p1", 152.0, 94.0),  # a panel: its values are its components
         ],
     )
     ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
@@ -100,6 +117,17 @@ def test_codes_and_units_are_normalised(silver):
     )
     assert (glucose.unit, round(glucose.value_number, 1)) == ("mg/dL", 99.1)
     assert weight.code_system == "LOINC"
+    # a blood pressure panel's components are measurements of their own, at the panel's time
+    panel = [r for k, r in obs.items() if k.startswith("bp1")]
+    got = {(r.observation_id, r.code_system, r.code, r.value_number, r.unit) for r in panel}
+    assert got == {
+        ("bp1", "LOINC", "85354-9", None, None),
+        ("bp1#component-1", "LOINC", "8480-6", 152.0, "mm[Hg]"),
+        ("bp1#component-2", "LOINC", "8462-4", 94.0, "mm[Hg]"),
+        ("bp1#component-3", "SNOMED", "271649006", None, None),
+    }
+    assert {r.effective_at for r in panel} == {dt.datetime(2021, 2, 1, 10)}
+    assert len({r.patient_key for r in panel}) == 1 and obs["bp1#component-1"].patient_key is not None
 
 
 def test_inconsistencies_are_flagged_not_dropped(silver):
@@ -158,7 +186,7 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
     report = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)  # 3 of 1 patients changed
     assert report.how["organization"] == "merged +0 ~1 -0"
     assert report.how["encounter"] == "merged +0 ~2 -0"  # e1 in TN now, e2 also after p1's death
-    assert report.how["observation"] == "merged +0 ~3 -0"  # all after p1's death
+    assert report.how["observation"] == "merged +0 ~7 -0"  # all after p1's death (a panel: 1 + 3)
     assert report.how["condition"] == "merged +2 ~2 -1"  # c5, c9; c3 (p9 known now), c4 (after death); c2
     assert report.how["patient"] == "merged +2 ~1 -0"
     merged = {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER}

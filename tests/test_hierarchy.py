@@ -173,6 +173,14 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     assert {m.year for m in moves} == {2020, 2021}
     assert all(m.patients is None or m.patients >= K for m in moves) and any(m.patients for m in moves)
 
+    # the report shows the tree and the moves, hidden cells counted and never drawn
+    from ehrlake.eda import report
+
+    html = report.hierarchy_section(lake, report._png)
+    hidden = sum(m.patients is None for m in moves)
+    assert "diabetes care: hierarchy.diabetes v1" in html and "+ everyone in the programme: " in html
+    assert html.count("<img") == 1 and f"{hidden} small cells hidden, left out" in html
+
 
 def _meets(row: dict, conditions) -> bool:
     return all(row[f] <= t if op == "<=" else row[f] > t for f, op, t in conditions)

@@ -127,6 +127,57 @@ def nfhs5_comparison(cmp: pd.DataFrame):
     )
 
 
+def transitions(moves: pd.DataFrame, programme: str):
+    """Patients moving between risk bands a year on, per year (``gold.hierarchy_transitions``):
+    one stacked segment per previous band -> band; a hidden cell (fewer than k) is left out."""
+    from ehrlake.hierarchy import BAND_ORDER
+
+    colours = {"improved": "#55a868", "stable": "#8c8c8c", "worsened": "#c44e52"}
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    shown = moves[moves["patients"].notna()].copy()
+    step = shown["risk_band"].map(BAND_ORDER) - shown["previous_band"].map(BAND_ORDER)
+    shown["move"] = ["improved" if d < 0 else "worsened" if d > 0 else "stable" for d in step]
+    years = sorted(moves["year"].unique())
+    bottom = {y: 0.0 for y in years}
+    for (before, after, move), cells in shown.groupby(["previous_band", "risk_band", "move"]):
+        counts = cells.set_index("year")["patients"].reindex(years).fillna(0)
+        ax.bar([str(y) for y in years], counts, bottom=[bottom[y] for y in years], color=colours[move],
+               edgecolor="white", label=f"{before} -> {after}")  # fmt: skip
+        for y, n in counts.items():
+            if n:
+                ax.text(str(y), bottom[y] + n / 2, f"{before}->{after}", ha="center", va="center", fontsize=6)
+            bottom[y] += n
+    ax.set_ylabel("patients")
+    hidden = int(moves["patients"].isna().sum())
+    return fig, (
+        f"{programme}: patients by risk band now against a year before (green improved, grey stable, "
+        f"red worsened; {hidden} small cells hidden, left out)"
+    )
+
+
+def hierarchy_section(lake, png) -> str:
+    """Each programme's tree as text and its moves between risk bands (docs/hierarchy.md)."""
+    from ehrlake import hierarchy
+
+    if not lake.exists(hierarchy.NODES):
+        return ""
+    settings = hierarchy.load()
+    built = [r.programme for r in lake.read(hierarchy.NODES).select("programme").distinct().collect()]
+    parts = ["<h2>Patient progress hierarchies</h2>"]
+    moves = lake.read(hierarchy.TRANSITIONS).toPandas() if lake.exists(hierarchy.TRANSITIONS) else None
+    for name in sorted(p for p in built if p in settings.programmes):
+        parts.append(f"<h3>{html.escape(settings.programmes[name].description)}</h3>")
+        parts.append(f"<pre>{html.escape(hierarchy.show(lake, name, settings=settings))}</pre>")
+        own = moves[moves["programme"] == name] if moves is not None else None
+        if own is not None and not own.empty:
+            fig, caption = transitions(own, name)
+            parts.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png(fig)}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
+    return "".join(parts)
+
+
 def render(lake, title: str = "ehrlake population health report") -> str:
     """The report as one HTML string (see module docstring)."""
     sections = []
@@ -153,6 +204,7 @@ def render(lake, title: str = "ehrlake population health report") -> str:
     from ehrlake.models import report as models_report
 
     sections.append(models_report.section(lake, _png))
+    sections.append(hierarchy_section(lake, _png))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
