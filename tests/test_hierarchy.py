@@ -128,6 +128,11 @@ def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
     assert words("has_ckd", "<=", 0.5) == "no chronic kidney disease"
     assert words("missing_hba1c", ">", 0.5) == "no haemoglobin A1c (%) in 2 years"
     assert words("age_years", "<=", 64.5) == "age (years) <= 64.5"
+    diabetes = hierarchy.load().programme("diabetes")  # care lowers BMI, never raises it
+    assert hierarchy.movable(diabetes, "last_bmi", "<=") and not hierarchy.movable(diabetes, "last_bmi", ">")
+    assert hierarchy.movable(diabetes, "missing_hba1c", "<=") and not hierarchy.movable(
+        diabetes, "age_years", "<="
+    )
     calm = "(last_hba1c < 8.0 OR last_hba1c IS NULL) AND inpatient_recent = 0"
     lake.write(_features(lake.spark).where(calm), hierarchy.FEATURES)
     with pytest.raises(Exception, match="need 22 and both outcomes"):
@@ -222,6 +227,10 @@ def test_improvement_areas_change_modifiable_features_only_and_land_in_a_lower_r
         assert (r.target_node, r.status) == (best[3], "lower risk within reach") and r.target_risk < r.risk
         assert abs(r.distance - best[0]) < 1e-9 and r.summary == "; ".join(c.change for c in r.changes)
         assert all(c.feature not in fixed for c in r.changes) and len(r.changes) == best[1]
+        ways = {"<=": ("down", "any"), ">": ("up", "any")}
+        assert all(
+            p.modifiable[c.feature] in ways[c.op] for c in r.changes if not c.feature.startswith("missing_")
+        )
         changed = dict(x)
         for c in r.changes:  # just across each threshold, the way the rule needs it
             changed[c.feature] = c.threshold if c.op == "<=" else c.threshold + 1e-6

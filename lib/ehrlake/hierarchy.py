@@ -50,7 +50,7 @@ class Programme:
     outcome: str
     outcome_description: str
     features: tuple[str, ...]
-    modifiable: tuple[str, ...]
+    modifiable: dict[str, str]  # feature -> the way care may move it: down, up or any
 
     @property
     def model_id(self) -> str:
@@ -82,7 +82,8 @@ def load(path: str | Path | None = None) -> Settings:
     programmes = {}
     for name, p in (data.get("programmes") or {}).items():
         try:
-            features, modifiable = tuple(p["features"]), tuple(p.get("modifiable") or ())
+            features = tuple(p["features"])
+            modifiable = _directions(p.get("modifiable"), f"{path.name}: {name}")
             programme = Programme(
                 name, p.get("description", name), p["cohort"], p["outcome"]["when"],
                 p["outcome"].get("description", p["outcome"]["when"]), features, modifiable,
@@ -101,6 +102,17 @@ def load(path: str | Path | None = None) -> Settings:
     if not 1 <= settings.max_depth <= 8 or settings.min_leaf_patients < 1 or not programmes:
         raise ConfigError(f"{path.name}: max_depth 1-8, min_leaf_patients >= 1 and at least one programme")
     return settings
+
+
+def _directions(declared, where: str) -> dict[str, str]:
+    """``modifiable`` as {feature: down | up | any}: a list means any; a mapping names the way."""
+    if not declared:
+        return {}
+    if isinstance(declared, list):
+        return dict.fromkeys(declared, "any")
+    if not isinstance(declared, dict) or not set(declared.values()) <= {"down", "up", "any"}:
+        raise ConfigError(f"{where}: modifiable maps each feature to down, up or any")
+    return dict(declared)
 
 
 # ----------------------------------------------------------------------------------- rows
@@ -244,11 +256,37 @@ def rule_words(n: Node, words) -> str:
 
 
 # ----------------------------------------------------------------------------------- build
-def build(lake, programme: str, role: str | None = None, settings: Settings | None = None):
-    """Fit, register and describe the programme's tree; returns its registered ModelVersion."""
+def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme: str):
+    """(model, its nodes, the leaf size in rows) of a tree on filled rows with ``label``, every
+    leaf holding ``min_leaf_patients`` distinct patients: refitted with leaves of twice the rows
+    until it does (rows are patient x date, so a leaf of k rows may hold fewer than k patients)."""
     from pyspark.ml.classification import DecisionTreeClassifier
     from pyspark.ml.feature import VectorAssembler
 
+    k = settings.min_leaf_patients
+    vectors = VectorAssembler(inputCols=names, outputCol="_features").transform(fitted_rows)
+    min_rows = k
+    for _ in range(8):
+        model = DecisionTreeClassifier(
+            featuresCol="_features", labelCol="label", maxDepth=settings.max_depth,
+            minInstancesPerNode=min_rows, seed=settings.seed,
+        ).fit(vectors)  # fmt: skip
+        tree = nodes(model, names)
+        smallest = (
+            fitted_rows.select("patient_key", leaf_of(tree).alias("_leaf"))
+            .groupBy("_leaf")
+            .agg(F.countDistinct("patient_key").alias("n"))
+            .agg(F.min("n"))
+            .first()[0]
+        )
+        if smallest >= k:
+            return model, tree, min_rows
+        min_rows *= 2
+    raise EhrlakeError(f"programme {programme}: no tree with {k} patients in every leaf")
+
+
+def build(lake, programme: str, role: str | None = None, settings: Settings | None = None):
+    """Fit, register and describe the programme's tree; returns its registered ModelVersion."""
     from ehrlake.clean import origin
     from ehrlake.models import evaluate, registry, versions
     from ehrlake.models.train import split
@@ -272,26 +310,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
         fill = medians(train, names)
         fitted_rows = filled(train, names, fill)
         scale = scales(fitted_rows, names)
-        vectors = VectorAssembler(inputCols=names, outputCol="_features").transform(fitted_rows)
-        min_rows, model, tree = k, None, []
-        for _ in range(8):  # larger leaves until every leaf holds k patients
-            model = DecisionTreeClassifier(
-                featuresCol="_features", labelCol="label", maxDepth=settings.max_depth,
-                minInstancesPerNode=min_rows, seed=settings.seed,
-            ).fit(vectors)  # fmt: skip
-            tree = nodes(model, names)
-            smallest = (
-                fitted_rows.select("patient_key", leaf_of(tree).alias("_leaf"))
-                .groupBy("_leaf")
-                .agg(F.countDistinct("patient_key").alias("n"))
-                .agg(F.min("n"))
-                .first()[0]
-            )
-            if smallest >= k:
-                break
-            min_rows *= 2
-        else:
-            raise EhrlakeError(f"programme {p.name}: no tree with {k} patients in every leaf")
+        model, tree, min_rows = fit(fitted_rows, names, settings, p.name)
         score = by_node({n.node_id: n.probability for n in tree if n.leaf}, F.col("_leaf"))
         pred = filled(test, names, fill).withColumn("_leaf", leaf_of(tree)).withColumn("score", score).cache()
         version, artifact, path = versions.new_artifact(lake, p.model_id)
@@ -311,7 +330,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
                     "scales": scale,
                     "outcome": p.outcome,
                     "cohort": p.cohort,
-                    "modifiable": list(p.modifiable),
+                    "modifiable": dict(p.modifiable),
                     "threshold": counts[2] / counts[0],
                     "train_rows": counts[0],
                     "train_patients": counts[1],
@@ -448,11 +467,13 @@ def _write_progress(lake, p: Programme, mv, placed: DataFrame, k: int) -> None:
 
 # ----------------------------------------------------------------------------------- improvement
 def movable(p: Programme, feature: str, op: str) -> bool:
-    """Whether care can meet a rule's condition: a modifiable feature either way; a modifiable lab's
-    missing flag only towards "measured" (never "stop measuring"); nothing else."""
+    """Whether care can meet a rule's condition: a modifiable feature the way it may move (a
+    ``down`` feature to "<= x" only: never "raise BMI above 30"); a modifiable lab's missing flag
+    only towards "measured" (never "stop measuring"); nothing else."""
     if feature.startswith("missing_"):
         return f"last_{feature[8:]}" in p.modifiable and op == "<="
-    return feature in p.modifiable
+    way = p.modifiable.get(feature)
+    return way == "any" or (way == "down" and op == "<=") or (way == "up" and op == ">")
 
 
 def scales(rows: DataFrame, names: list[str]) -> dict[str, float]:

@@ -1,0 +1,183 @@
+"""Benchmark: each programme's progress hierarchy against XGBoost, and how stable its leaves are.
+
+Per programme of ``conf/hierarchy.yaml`` with a tree on the lake (docs/hierarchy.md):
+
+1. **Discrimination**: the tree exactly as ``ehrlake hierarchy build`` fits it (depth <= 4, leaves of
+   k patients) and XGBoost (``xgboost.spark``, depth 3, 200 rounds) on the same inputs, the same
+   filled values and the same patient split; test AUROC of each with a patient-level bootstrap
+   interval (``evaluate.metrics``). Aim: the tree within 0.03 of XGBoost.
+2. **Stability**: ``--refits`` (20) trees fitted on bootstrap resamples of the training patients
+   (each patient drawn with replacement, all their rows with them), every cohort row placed by each;
+   agreement with the build's tree is the share of row pairs that both trees put together or both
+   apart (Rand index), and its chance-corrected form (adjusted Rand index). Aim: agreement >= 0.8.
+   Leaf ids differ between trees, so pairs, not ids, are compared; the rows placed are at most
+   ``--max-rows`` (a seeded sample), the only thing brought to the driver.
+
+Results: ``bench/results/hierarchy-<lake folder>-<date>.json``.
+
+    .venv/bin/ehrlake pipeline conf/pipelines/smart_programmes.yaml --lake smart-lake
+    .venv/bin/python bench/hierarchy.py --lake smart-lake
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from _lake import machine, save_result  # noqa: E402
+from pyspark.ml.functions import vector_to_array  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
+
+import ehrlake.lake  # noqa: E402
+from ehrlake import hierarchy  # noqa: E402
+from ehrlake.clean import origin  # noqa: E402
+from ehrlake.errors import EhrlakeError  # noqa: E402
+from ehrlake.models import algorithms, evaluate  # noqa: E402
+from ehrlake.models.train import split  # noqa: E402
+
+
+def rand_indices(a: list, b: list) -> tuple[float, float]:
+    """(Rand index, adjusted Rand index) of two labellings of the same rows."""
+    from sklearn.metrics import adjusted_rand_score, rand_score
+
+    return float(rand_score(a, b)), float(adjusted_rand_score(a, b))
+
+
+def resample(train, seed: int):
+    """The training rows of a bootstrap sample of their patients: each patient's rows repeated as
+    many times as the patient is drawn (Poisson(1) per patient, seeded by key: about one copy each)."""
+    draws = F.expr(f"cast(pmod(xxhash64(patient_key, {seed}), 1000000) as double) / 1000000")
+    # inverse Poisson(1) CDF: 0.3679, 0.7358, 0.9197, 0.9810, 0.9963
+    copies = (
+        F.when(draws < 0.3679, 0)
+        .when(draws < 0.7358, 1)
+        .when(draws < 0.9197, 2)
+        .when(draws < 0.9810, 3)
+        .when(draws < 0.9963, 4)
+        .otherwise(5)
+    )
+    repeated = train.withColumn("_copy", F.explode(F.sequence(F.lit(1), copies)))
+    # a patient drawn twice is two patients for the leaf-size rule, as in any bootstrap
+    return repeated.withColumn("patient_key", F.concat_ws("#", "patient_key", F.col("_copy").cast("string")))
+
+
+def one(lake, settings, p, refits: int, max_rows: int) -> dict:
+    rows = origin.with_templates(lake, hierarchy.programme_rows(lake, p))
+    names = hierarchy.inputs(p, rows.columns)
+    train, test = split(rows, settings.seed)
+    train = train.cache()
+    counts = train.agg(F.count("*"), F.countDistinct("patient_key"), F.sum("label")).first()
+    fill = hierarchy.medians(train, names)
+    fitted = hierarchy.filled(train, names, fill).cache()
+    started = time.perf_counter()
+    model, tree, min_rows = hierarchy.fit(fitted, names, settings, p.name)
+    tree_s = time.perf_counter() - started
+    risk = {n.node_id: n.probability for n in tree if n.leaf}
+    scored = hierarchy.filled(test, names, fill).withColumn("_leaf", hierarchy.leaf_of(tree))
+    tree_pred = scored.withColumn("score", hierarchy.by_node(risk, F.col("_leaf"))).cache()
+    rate = counts[2] / counts[0]
+    tree_metrics = evaluate.metrics(tree_pred, rate)
+
+    pipe, grid = algorithms.pipeline("xgboost", names, settings.seed, grid="small")
+    started = time.perf_counter()
+    xgb = pipe.fit(fitted.withColumn("weight", F.lit(1.0)), params=grid[0])  # depth 3, 200 rounds
+    xgb_s = time.perf_counter() - started
+    xgb_pred = (
+        xgb.transform(hierarchy.filled(test, names, fill))
+        .withColumn("score", vector_to_array("probability")[1])
+        .cache()
+    )
+    xgb_metrics = evaluate.metrics(xgb_pred, rate)
+
+    cohort = hierarchy.placed(lake, p, tree, names, fill)
+    total = cohort.count()
+    sample = cohort.sample(fraction=min(1.0, max_rows / max(total, 1)), seed=settings.seed).cache()
+    base = [r.node for r in sample.orderBy("patient_key", "index_time").select("node").collect()]
+    agreements, adjusted, leaves = [], [], []
+    for i in range(refits):
+        again = hierarchy.filled(resample(train, settings.seed + 1 + i), names, fill)
+        try:
+            _, other, _ = hierarchy.fit(again, names, settings, p.name)
+        except EhrlakeError:
+            continue  # a resample with no tree of k-patient leaves: counted below
+        got = sample.select("patient_key", "index_time", hierarchy.leaf_of(other).alias("_other"))
+        placed = [r._other for r in got.orderBy("patient_key", "index_time").select("_other").collect()]
+        rand, ari = rand_indices(base, placed)
+        agreements.append(rand)
+        adjusted.append(ari)
+        leaves.append(sum(n.leaf for n in other))
+    for frame in (train, fitted, tree_pred, xgb_pred, sample):
+        frame.unpersist()
+    if not tree_metrics:
+        raise EhrlakeError(f"programme {p.name}: no test rows")
+    auroc = tree_metrics["auroc"]["value"], xgb_metrics["auroc"]["value"]
+    return {
+        "programme": p.name,
+        "train_rows": counts[0],
+        "train_patients": counts[1],
+        "train_outcome_rate": round(rate, 4),
+        "test_rows": tree_metrics["auroc"]["n"],
+        "test_positives": tree_metrics["auroc"]["positives"],
+        "tree": {"leaves": len(risk), "min_leaf_rows": min_rows, "fit_s": round(tree_s, 1), **tree_metrics},
+        "xgboost": {"max_depth": 3, "rounds": 200, "fit_s": round(xgb_s, 1), **xgb_metrics},
+        "auroc_gap": None if None in auroc else round(auroc[1] - auroc[0], 4),
+        "auroc_within_0_03": None if None in auroc else auroc[1] - auroc[0] <= 0.03,
+        "stability": {
+            "refits": refits,
+            "refits_with_a_tree": len(agreements),
+            "rows_compared": len(base),
+            "rand_index_mean": round(statistics.mean(agreements), 4) if agreements else None,
+            "rand_index_min": round(min(agreements), 4) if agreements else None,
+            "adjusted_rand_mean": round(statistics.mean(adjusted), 4) if adjusted else None,
+            "leaves_per_refit": sorted(leaves),
+            "aim_met": bool(agreements) and statistics.mean(agreements) >= 0.8,
+        },
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lake", required=True, help="a lake with gold.features_patient")
+    parser.add_argument("--programme", action="append", help="one programme (default: every one)")
+    parser.add_argument("--refits", type=int, default=20)
+    parser.add_argument("--max-rows", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    lake = ehrlake.lake.open(str(Path(args.lake).resolve()))
+    settings = hierarchy.load()
+    results, skipped = [], {}
+    for name in args.programme or list(settings.programmes):
+        p = settings.programme(name)
+        try:
+            result = one(lake, settings, p, args.refits, args.max_rows)
+        except EhrlakeError as e:
+            skipped[name] = str(e)
+            print(f"{name}: skipped ({e})")
+            continue
+        results.append(result)
+        t, x, s = result["tree"]["auroc"], result["xgboost"]["auroc"], result["stability"]
+        print(
+            f"{name}: tree AUROC {evaluate.format_value(t['value'])} ({evaluate.format_value(t['ci_low'])}-"
+            f"{evaluate.format_value(t['ci_high'])}), XGBoost {evaluate.format_value(x['value'])} "
+            f"({evaluate.format_value(x['ci_low'])}-{evaluate.format_value(x['ci_high'])}); "
+            f"leaf agreement over {s['refits_with_a_tree']} refits: Rand {s['rand_index_mean']}, "
+            f"adjusted {s['adjusted_rand_mean']}"
+        )
+    path = save_result(
+        args.out,
+        f"hierarchy-{Path(args.lake).resolve().name}",
+        {"benchmark": "hierarchy", "lake": str(args.lake), "machine": machine(lake.spark),
+         "programmes": results, "skipped": skipped},
+    )  # fmt: skip
+    print(f"results: {path}")
+    return 0 if results else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
