@@ -1,4 +1,5 @@
-"""Commands of models and their use: train, pretrain, evaluate, score, score-images, hierarchy, models."""
+"""Commands of models and their use: train, pretrain, evaluate, score, score-images, hierarchy, estimate,
+models."""
 
 from __future__ import annotations
 
@@ -182,6 +183,20 @@ def register(sub) -> None:
         common.role_option(p)
     hierarchy_build.set_defaults(handler=cmd_hierarchy_build)
     hierarchy_show.set_defaults(handler=cmd_hierarchy_show)
+
+    estimate_cmd = sub.add_parser(
+        "estimate",
+        help="ANN estimates of missing labs, beside the observations (record update)",
+        description="Estimate each feature row's missing labs with the registered panel model (a "
+        "masked-value MLP per lab with 80% conformal intervals; trained first if there is none) into "
+        "silver.observation_estimates, never over an observation. Only rows whose inputs changed are "
+        "re-estimated; estimates of changed or since-measured rows are marked superseded "
+        "(docs/record_update.md).",
+    )
+    estimate_cmd.add_argument("--retrain", action="store_true", help="train a new panel model first")
+    common.lake_options(estimate_cmd)
+    common.role_option(estimate_cmd)
+    estimate_cmd.set_defaults(handler=cmd_estimate)
 
     models_cmd = sub.add_parser("models", help="the model registry", description="The model registry.")
     models_sub = models_cmd.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
@@ -370,6 +385,19 @@ def cmd_hierarchy_build(args) -> int:
             print(f"{name}: no tree ({e})")
             continue
         print(hierarchy.show(lake, name, settings=settings))
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from ehrlake import estimates
+
+    lake, _ = common.open_lake(args)
+    got = estimates.run(lake, role=args.role, retrain=args.retrain)
+    superseded = ", ".join(f"{n} {why}" for why, n in sorted(got["superseded"].items())) or "none"
+    print(
+        f"{estimates.TABLE}: {got['estimates_written']:,} estimates for {got['rows_estimated']:,} "
+        f"patient x as-of rows with {got['model']}; superseded: {superseded}; {got['active']:,} active"
+    )
     return 0
 
 

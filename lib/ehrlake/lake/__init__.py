@@ -78,13 +78,23 @@ class Lake:
         version: int | None = None,
         timestamp: datetime | str | None = None,
         role: str | None = None,
+        include_estimates: bool = False,
     ) -> DataFrame:
         """The table at its latest version, or as of a version number or a timestamp (time travel).
 
         With ``role``, the access policy applies: a table the role may not read raises
         :class:`~ehrlake.errors.AccessDenied`, hidden columns are dropped, and the read is audited.
         Sealed identifier columns are never opened by a read (see :meth:`reveal`).
+        ``include_estimates`` (silver.observation only): the ANN's active estimates of missing labs
+        as rows too, every row with a ``provenance`` of ``observed`` or ``estimated``.
         """
+        if include_estimates:
+            from ehrlake import estimates
+
+            if str(TableName.parse(table)) != estimates.OBSERVATIONS:
+                raise ConfigError(f"include_estimates is for {estimates.OBSERVATIONS}, not {table}")
+            observed = self.read(table, version, timestamp, role)
+            return estimates.with_estimates(self, observed, role)
         if role is not None:
             return self._guard().access.read(self, table, role, version=version, timestamp=timestamp)
         if version is not None and timestamp is not None:

@@ -72,6 +72,9 @@ class ModelVersion:
                 return f"test AUROC undefined ({a.get('positives', 0)} positives in {a.get('n', 0)} rows)"
             copies = " on generated copies" if self.params.get("test_patients", "real") != "real" else ""
             return f"test AUROC {a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f}){copies}"
+        if "held_out_nrmse" in self.metrics:  # the record update's panel model (ehrlake.estimates)
+            m = self.metrics["held_out_nrmse"]
+            return f"held-out normalised RMSE {m['value']:.2f} over {len(m.get('per_lab', {}))} labs"
         for key, name in (("masked_code_loss", "masked-code loss"), ("contrastive_loss", "contrastive loss")):
             if key in self.metrics:
                 m = self.metrics[key]
