@@ -33,10 +33,10 @@ from pyspark.sql import functions as F
 
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions
+from ehrlake.lake.provenance import ESTIMATES as TABLE
+from ehrlake.lake.provenance import OBSERVATIONS
 
-TABLE = "silver.observation_estimates"
 FEATURES = "gold.features_patient"
-OBSERVATIONS = "silver.observation"
 MODEL_ID = "record_update"
 ALGORITHM = "masked-value-mlp"
 LEVEL = 0.8  # the stated interval
@@ -382,21 +382,3 @@ def run(lake, role: str | None = None, retrain: bool = False) -> dict:
         "superseded": counts,
         "active": lake.read(TABLE).where(~F.col("superseded")).count(),
     }
-
-
-def with_estimates(lake, observed: DataFrame, role: str | None = None) -> DataFrame:
-    """``observed`` (silver.observation rows) with ``provenance = observed``, and the active
-    estimates as observation rows with ``provenance = estimated``, their interval and model."""
-    observed = observed.withColumn("provenance", F.lit("observed"))
-    if not lake.exists(TABLE):
-        return observed
-    est = (lake.read(TABLE, role=role) if role else lake.read(TABLE)).where(~F.col("superseded"))
-    as_rows = est.select(
-        F.col("estimate_id").alias("observation_id"), "patient_key", F.lit("ehrlake").alias("source_system"),
-        F.lit("estimated").alias("source"), "code_system", "code", "display",
-        F.col("value").alias("value_number"), "unit", F.col("as_of").alias("effective_at"),
-        F.lit("estimated").alias("provenance"), F.col("low").alias("estimate_low"),
-        F.col("high").alias("estimate_high"), F.col("model_id").alias("estimate_model_id"),
-        F.col("model_version").alias("estimate_model_version"),
-    )  # fmt: skip
-    return observed.unionByName(as_rows, allowMissingColumns=True)

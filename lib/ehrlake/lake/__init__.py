@@ -89,12 +89,11 @@ class Lake:
         as rows too, every row with a ``provenance`` of ``observed`` or ``estimated``.
         """
         if include_estimates:
-            from ehrlake import estimates
+            from ehrlake.lake import provenance
 
-            if str(TableName.parse(table)) != estimates.OBSERVATIONS:
-                raise ConfigError(f"include_estimates is for {estimates.OBSERVATIONS}, not {table}")
-            observed = self.read(table, version, timestamp, role)
-            return estimates.with_estimates(self, observed, role)
+            if str(TableName.parse(table)) != provenance.OBSERVATIONS:
+                raise ConfigError(f"include_estimates is for {provenance.OBSERVATIONS}, not {table}")
+            return provenance.with_estimates(self, self.read(table, version, timestamp, role), role)
         if role is not None:
             return self._guard().access.read(self, table, role, version=version, timestamp=timestamp)
         if version is not None and timestamp is not None:
