@@ -140,7 +140,8 @@ def test_a_rerun_estimates_only_changed_rows_and_equals_a_rebuild(estimated):
         )
         .where(~((F.col("patient_key") == "p009") & (F.col("index_time") == t2021)))
     )
-    lake.write(changed.localCheckpoint(), estimates.FEATURES, mode=WriteMode.OVERWRITE)
+    frozen = lake.spark.createDataFrame(changed.collect(), changed.schema)  # read before it is overwritten
+    lake.write(frozen, estimates.FEATURES, mode=WriteMode.OVERWRITE)
     report = estimates.run(lake)
     modelled = {k[2] for k in before}
     now = {(r.patient_key, r.index_time): r.asDict() for r in lake.read(estimates.FEATURES).collect()}
@@ -165,3 +166,30 @@ def test_a_rerun_estimates_only_changed_rows_and_equals_a_rebuild(estimated):
     estimates.run(lake)
     assert {k: round(r.value, 9) for k, r in _active(lake).items()} == incremental
     assert estimates.run(lake)["estimates_written"] == 0  # and a re-run with nothing new does nothing
+
+
+def test_history_is_the_measurement_before_the_one_a_panel_holds(lake):
+    """Where the lab is in the panel's window, its history is the measurement before the latest;
+    where it is not, the latest of all (older than the window), each with its age in days."""
+    obs = [
+        ("h1", "p1", "LOINC", "4548-4", 9.0, dt.datetime(2015, 6, 1)),
+        ("h2", "p1", "LOINC", "4548-4", 7.0, dt.datetime(2019, 6, 1)),
+        ("h3", "p1", "LOINC", "4548-4", 6.5, dt.datetime(2020, 6, 1)),
+        ("h4", "p1", "LOINC", "4548-4", 5.0, dt.datetime(2022, 6, 1)),  # after both anchors: never seen
+    ]
+    lake.write(
+        lake.spark.createDataFrame(
+            [(*o, [], "%") for o in obs],
+            "observation_id string, patient_key string, code_system string, code string, value_number double, "
+            "effective_at timestamp, quality_flags array<string>, unit string",
+        ),
+        estimates.OBSERVATIONS,
+    )
+    anchors = lake.spark.createDataFrame(
+        [("p1", dt.datetime(2021, 1, 1)), ("p1", dt.datetime(2018, 1, 1)), ("p2", dt.datetime(2021, 1, 1))],
+        "patient_key string, index_time timestamp",
+    )
+    got = {(r.patient_key, r.index_time.year): r for r in estimates.history(lake, anchors, LABS).collect()}
+    assert (got[("p1", 2021)].prior_hba1c, round(got[("p1", 2021)].prior_days_hba1c)) == (7.0, 580)
+    assert (got[("p1", 2018)].prior_hba1c, round(got[("p1", 2018)].prior_days_hba1c)) == (9.0, 945)
+    assert got[("p2", 2021)].prior_hba1c is None and got[("p1", 2021)].prior_bmi is None

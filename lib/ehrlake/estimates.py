@@ -1,7 +1,8 @@
 """Record update: an ANN estimates a patient's missing lab values, beside the observations, never over them.
 
 The panel is a patient's point-in-time feature row (``gold.features_patient``: the latest value of
-each lab of ``conf/features.yaml`` in its window, age, sex, conditions, use of care). Per lab a
+each lab of ``conf/features.yaml`` in its window, age, sex, conditions) with each lab's history
+(:func:`history`: the measurement before the one the panel holds, and its age). Per lab a
 masked-value MLP (scikit-learn's ``MLPRegressor``) learns the lab from the rest of the panel; it is
 trained as a denoising model, each training row also seen with a fifth of its other labs hidden, so
 it works on the gaps it will meet. Its 80% interval is split-conformal: the 80th percentile of the
@@ -96,7 +97,15 @@ class PanelModel:
             missing = missing | hide
         values = np.where(missing, 0.0, values)
         context = frame[self.context].to_numpy(float) if self.context else np.zeros((len(frame), 0))
-        return np.column_stack([values, missing.astype(float), np.nan_to_num(context)])
+        # the patient's own history of the target: its measurement before the one estimated, and how old
+        prior = frame.get(f"prior_{target}", pd.Series(np.nan, index=frame.index)).to_numpy(float)
+        age = frame.get(f"prior_days_{target}", pd.Series(np.nan, index=frame.index)).to_numpy(float)
+        known = ~np.isnan(prior)
+        own = np.column_stack([
+            np.where(known, (prior - self.mean[target]) / self.std[target], 0.0), (~known).astype(float),
+            np.where(known, np.log1p(np.clip(np.nan_to_num(age), 0, None)) / np.log1p(3650.0), 0.0),
+        ])  # fmt: skip
+        return np.column_stack([values, missing.astype(float), np.nan_to_num(context), own])
 
     def estimate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per row and missing lab with a model: value, low and high (in the lab's unit)."""
@@ -215,10 +224,68 @@ def _hash(columns: list[str]):
     return F.xxhash64(*[F.coalesce(F.col(c).cast("string"), F.lit("∅")) for c in columns]).alias("input_hash")
 
 
-def panel_rows(lake, labs: list[str]) -> DataFrame:
-    rows = lake.read(FEATURES)
-    inputs = [*[f"last_{lab}" for lab in labs], *context_columns(rows.columns)]
+def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
+    """Per anchor (``patient_key``, ``index_time``) and lab, ``prior_<lab>`` and ``prior_days_<lab>``:
+    the patient's measurement before the one a panel holds (the one before the latest, where the
+    lab is in its window), or the latest of all (where it is not: older than the window), and its
+    age in days. What LOCF would carry forward, as an input beside the other labs."""
+    defs = defs or definitions.load()
+    keys = anchors.select("patient_key", "index_time").distinct()
+    empty = [F.lit(None).cast("double").alias(f"{p}{lab}") for lab in labs for p in ("prior_", "prior_days_")]
+    if not lake.exists(OBSERVATIONS):
+        return keys.select("*", *empty)
+    name = F.lit(None).cast("string")
+    for n in labs:
+        name = F.when(defs.labs[n].matches(F.col("code_system"), F.col("code")), F.lit(n)).otherwise(name)
+    obs = (
+        lake.read(OBSERVATIONS)
+        .where(F.col("value_number").isNotNull() & ~F.array_contains("quality_flags", "implausible_value"))
+        .select("patient_key", "effective_at", "value_number", name.alias("lab"))
+        .where(F.col("lab").isNotNull())
+    )
+    from pyspark.sql import Window
+
+    before = keys.join(obs, "patient_key").where(F.col("effective_at") < F.col("index_time"))
+    order = Window.partitionBy("patient_key", "index_time", "lab").orderBy(F.desc("effective_at"))
+    ranked = before.withColumn("_rank", F.row_number().over(order)).where("_rank <= 2")
+    at = lambda rank, c: F.max(F.when(F.col("_rank") == rank, F.col(c)))  # noqa: E731
+    per_lab = ranked.groupBy("patient_key", "index_time", "lab").agg(
+        at(1, "value_number").alias("v1"), at(1, "effective_at").alias("t1"),
+        at(2, "value_number").alias("v2"), at(2, "effective_at").alias("t2"),
+    )  # fmt: skip
+    in_window = F.col("t1") >= F.col("index_time") - F.expr(f"INTERVAL {defs.windows.labs_days} DAYS")
+    when = F.when(in_window, F.col("t2")).otherwise(F.col("t1"))
+    per_lab = per_lab.select(
+        "patient_key", "index_time", "lab", F.when(in_window, F.col("v2")).otherwise(F.col("v1")).alias("v"),
+        ((F.unix_timestamp("index_time") - F.unix_timestamp(when)) / 86400.0).alias("d"),
+    )  # fmt: skip
+    wide = (
+        per_lab.groupBy("patient_key", "index_time")
+        .pivot("lab", labs)
+        .agg(F.first("v").alias("v"), F.first("d").alias("d"))
+    )
+    cols = []
+    for lab in labs:
+        cols += [
+            F.col(f"{lab}_v").alias(f"prior_{lab}"),
+            F.col(f"{lab}_d").alias(f"prior_days_{lab}"),
+        ]
+    return keys.join(wide.select("patient_key", "index_time", *cols), ["patient_key", "index_time"], "left")
+
+
+def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:
+    """Feature-like rows (``patient_key``, ``index_time``, ``last_<lab>``, context) as the model's
+    panel: with each lab's history and the hash of everything the model reads."""
+    rows = rows.join(history(lake, rows, labs), ["patient_key", "index_time"], "left")
+    inputs = [
+        *[f"last_{lab}" for lab in labs], *context_columns(rows.columns),
+        *[f"{p}{lab}" for lab in labs for p in ("prior_", "prior_days_")],
+    ]  # fmt: skip
     return rows.select("patient_key", "index_time", *inputs, _hash(inputs))
+
+
+def panel_rows(lake, labs: list[str]) -> DataFrame:
+    return panel(lake, lake.read(FEATURES), labs)
 
 
 def train(lake, role: str | None = None, seed: int = 42, max_rows: int = MAX_TRAIN_ROWS):
