@@ -60,7 +60,8 @@ Done. The Delta tables are under $lake/<layer>/<table> (bronze = typed records w
 names, identifiers and the records as sent sealed to the reveal key (ek2:..., ek2z:...), the
 records without identifiers for jobs (raw_deid) under a data key (ek1z:...), a pseudonymous
 patient_key; ops.quarantine = every record that could not be loaded, with its reason;
-silver = the common clinical model of docs/data_model.md;
+silver = the common clinical model of docs/data_model.md, with ANN estimates of missing labs kept
+apart in silver.observation_estimates (docs/record_update.md);
 gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
 the model registry and evaluation tables (docs/features.md), image findings of the CNN
 (docs/deep_learning.md), explained decisions (gold.decision_support, docs/self_supervised.md);
