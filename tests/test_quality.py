@@ -30,7 +30,7 @@ def test_check_results_count_the_rows_that_fail(silver):  # noqa: F811
     assert (
         results["observation_value_plausible"].rows_checked,
         results["observation_value_plausible"].rows_failed,
-    ) == (3, 1)
+    ) == (7, 1)  # weight, heart rate (400: implausible), glucose; a blood pressure panel and its 3 components
     assert results["encounter_end_after_start"].rows_failed == 1 and results["patient_key_unique"].passed
     assert (
         results["condition_snomed_code_format"].rows_checked == 4
