@@ -64,15 +64,18 @@ def resample(train, seed: int):
     )
     repeated = train.withColumn("_copy", F.explode(F.sequence(F.lit(1), copies)))
     # a patient drawn twice is two patients for the leaf-size rule, as in any bootstrap
-    return repeated.withColumn("patient_key", F.concat_ws("#", "patient_key", F.col("_copy").cast("string")))
+    copy = F.col("_copy").cast("string")
+    return repeated.withColumn("patient_key", F.concat_ws("#", "patient_key", copy)).withColumn(
+        hierarchy.PERSON, F.concat_ws("#", hierarchy.PERSON, copy)
+    )
 
 
 def one(lake, settings, p, refits: int, max_rows: int) -> dict:
-    rows = origin.with_templates(lake, hierarchy.programme_rows(lake, p))
+    rows = hierarchy.with_people(origin.with_templates(lake, hierarchy.programme_rows(lake, p)))
     names = hierarchy.inputs(p, rows.columns)
     train, test = split(rows, settings.seed)
     train = train.cache()
-    counts = train.agg(F.count("*"), F.countDistinct("patient_key"), F.sum("label")).first()
+    counts = train.agg(F.count("*"), F.countDistinct(hierarchy.PERSON), F.sum("label")).first()
     fill = hierarchy.medians(train, names)
     fitted = hierarchy.filled(train, names, fill).cache()
     started = time.perf_counter()

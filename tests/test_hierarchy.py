@@ -238,3 +238,34 @@ def test_improvement_areas_change_modifiable_features_only_and_land_in_a_lower_r
     statuses = {r.status for r in got}
     assert "lower risk within reach" in statuses and len(statuses) >= 2
     assert any("haemoglobin A1c" in r.summary for r in got if r.summary)
+
+
+def test_generated_copies_count_as_the_patient_they_copy(lake):
+    """Leaves of k patients mean k people: forty generated copies of one training patient are that
+    one patient in every node's count (the split keeps them with their template)."""
+    from pyspark.sql import functions as F
+
+    from ehrlake.clean import origin
+    from ehrlake.models.train import split
+
+    features = _features(lake.spark)
+    p = hierarchy.load().programme("diabetes")
+    lake.write(features, hierarchy.FEATURES)
+    train, _ = split(hierarchy.programme_rows(lake, p), 42)
+    template = sorted(r.patient_key for r in train.select("patient_key").distinct().collect())[0]
+    copies = [f"g{i:03d}" for i in range(40)]
+    one = features.where(F.col("patient_key") == template)
+    for key in copies:
+        lake.write(one.withColumn("patient_key", F.lit(key)), hierarchy.FEATURES)
+    lake.write(
+        lake.spark.createDataFrame(
+            [(key, template) for key in copies], "patient_key string, template_key string"
+        ),
+        origin.TABLE,
+    )
+    mv = hierarchy.build(lake, "diabetes")
+    rows = hierarchy.with_people(origin.with_templates(lake, hierarchy.programme_rows(lake, p)))
+    fitted, _ = split(rows, 42)
+    people, keys = fitted.agg(F.countDistinct(hierarchy.PERSON), F.countDistinct("patient_key")).first()
+    root = lake.read(hierarchy.NODES).where("node_id = 1").first()
+    assert keys == people + 40 and root.patients == people and mv.params["train_patients"] == people

@@ -40,6 +40,7 @@ BAND_ORDER = {"low": 0, "medium": 1, "high": 2}
 FEATURES = "gold.features_patient"
 ALGORITHM = "decision-tree"
 NEXT_WITHIN_DAYS = 400  # the next as-of counts as "a year on" when at most this far
+PERSON = "_person"  # who a row is about: a generated copy counts as the sample patient it copies
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,12 @@ def programme_rows(lake, p: Programme) -> DataFrame:
         .withColumn("label", F.col("_next_outcome").cast("int"))
         .drop("_next_time", "_next_outcome")
     )
+
+
+def with_people(rows: DataFrame) -> DataFrame:
+    """``rows`` (with ``template_key``: :func:`ehrlake.clean.origin.with_templates`) and the person
+    each is about: k patients in a leaf means k people, not k copies of one sample patient."""
+    return rows.withColumn(PERSON, F.coalesce(F.col("template_key"), F.col("patient_key")))
 
 
 def inputs(p: Programme, columns: list[str]) -> list[str]:
@@ -273,9 +280,9 @@ def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme:
         ).fit(vectors)  # fmt: skip
         tree = nodes(model, names)
         smallest = (
-            fitted_rows.select("patient_key", leaf_of(tree).alias("_leaf"))
+            fitted_rows.select(PERSON, leaf_of(tree).alias("_leaf"))
             .groupBy("_leaf")
-            .agg(F.countDistinct("patient_key").alias("n"))
+            .agg(F.countDistinct(PERSON).alias("n"))
             .agg(F.min("n"))
             .first()[0]
         )
@@ -295,12 +302,12 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
     p = settings.programme(programme)
     k = settings.min_leaf_patients
     features_version = lake.version(FEATURES) if lake.exists(FEATURES) else None
-    rows = origin.with_templates(lake, programme_rows(lake, p))
+    rows = with_people(origin.with_templates(lake, programme_rows(lake, p)))
     names = inputs(p, rows.columns)
     train, test = split(rows, settings.seed)
     train, pred = train.cache(), None
     try:
-        counts = train.agg(F.count("*"), F.countDistinct("patient_key"), F.sum("label")).first()
+        counts = train.agg(F.count("*"), F.countDistinct(PERSON), F.sum("label")).first()
         if counts[1] < 2 * k or not 0 < (counts[2] or 0) < counts[0]:
             raise EhrlakeError(
                 f"programme {p.name}: {counts[1]} training patients of the cohort ({p.cohort}) whose outcome "
@@ -367,11 +374,11 @@ def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFram
     depth = max(n.depth for n in tree)
     per_node = {
         r["node"]: r
-        for r in fitted_rows.select("patient_key", "label", path_of(leaf_of(tree), depth))
-        .select("patient_key", "label", F.explode("_path").alias("node"))
+        for r in fitted_rows.select(PERSON, "label", path_of(leaf_of(tree), depth))
+        .select(PERSON, "label", F.explode("_path").alias("node"))
         .groupBy("node")
         .agg(
-            F.countDistinct("patient_key").alias("patients"),
+            F.countDistinct(PERSON).alias("patients"),
             F.count("*").alias("rows"),
             F.avg("label").alias("rate"),
         )
