@@ -37,6 +37,7 @@ from pyspark.sql import functions as F  # noqa: E402
 import ehrlake.lake  # noqa: E402
 from ehrlake import hierarchy  # noqa: E402
 from ehrlake.clean import origin  # noqa: E402
+from ehrlake.clean.codes import lookup  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
 from ehrlake.models import algorithms, evaluate  # noqa: E402
 from ehrlake.models.train import split  # noqa: E402
@@ -83,7 +84,7 @@ def one(lake, settings, p, refits: int, max_rows: int) -> dict:
     tree_s = time.perf_counter() - started
     risk = {n.node_id: n.probability for n in tree if n.leaf}
     scored = hierarchy.filled(test, names, fill).withColumn("_leaf", hierarchy.leaf_of(tree))
-    tree_pred = scored.withColumn("score", hierarchy.by_node(risk, F.col("_leaf"))).cache()
+    tree_pred = scored.withColumn("score", lookup(risk, F.col("_leaf"))).cache()
     rate = counts[2] / counts[0]
     tree_metrics = evaluate.metrics(tree_pred, rate)
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from ehrlake.clean.codes import lookup
 from ehrlake.errors import EhrlakeError
-from ehrlake.features import definitions
+from ehrlake.features import definitions, pointintime
 from ehrlake.lake.provenance import ESTIMATES as TABLE
 from ehrlake.lake.provenance import OBSERVATIONS
 
@@ -45,10 +46,6 @@ HIDE = 0.2  # the share of other labs hidden in a denoising copy
 MAX_TRAIN_ROWS = 50_000
 MIN_ROWS = 30  # a lab observed in fewer training rows gets no model (and no estimates)
 CONTEXT = ("age_years", "sex_female")  # with every has_<condition>: what the panel knows besides labs
-
-
-def _labs(defs=None) -> dict:
-    return (defs or definitions.load()).labs
 
 
 def context_columns(columns: list[str]) -> list[str]:
@@ -231,20 +228,7 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
     age in days. What LOCF would carry forward, as an input beside the other labs."""
     defs = defs or definitions.load()
     keys = anchors.select("patient_key", "index_time").distinct()
-    empty = [F.lit(None).cast("double").alias(f"{p}{lab}") for lab in labs for p in ("prior_", "prior_days_")]
-    if not lake.exists(OBSERVATIONS):
-        return keys.select("*", *empty)
-    name = F.lit(None).cast("string")
-    for n in labs:
-        name = F.when(defs.labs[n].matches(F.col("code_system"), F.col("code")), F.lit(n)).otherwise(name)
-    obs = (
-        lake.read(OBSERVATIONS)
-        .where(F.col("value_number").isNotNull() & ~F.array_contains("quality_flags", "implausible_value"))
-        .select("patient_key", "effective_at", "value_number", name.alias("lab"))
-        .where(F.col("lab").isNotNull())
-    )
-    from pyspark.sql import Window
-
+    obs = pointintime.lab_values(lake, {n: defs.labs[n] for n in labs})
     before = keys.join(obs, "patient_key").where(F.col("effective_at") < F.col("index_time"))
     order = Window.partitionBy("patient_key", "index_time", "lab").orderBy(F.desc("effective_at"))
     ranked = before.withColumn("_rank", F.row_number().over(order)).where("_rank <= 2")
@@ -294,7 +278,7 @@ def train(lake, role: str | None = None, seed: int = 42, max_rows: int = MAX_TRA
 
     if not lake.exists(FEATURES):
         raise EhrlakeError(f"no {FEATURES} yet: run ehrlake features first")
-    labs = list(_labs())
+    labs = list(definitions.load().labs)
     rows = panel_rows(lake, labs)
     total = rows.count()
     sample = rows.sample(fraction=min(1.0, max_rows / max(total, 1)), seed=seed) if total > max_rows else rows
@@ -338,9 +322,7 @@ def units(lake, labs: dict) -> dict[str, str | None]:
         out[name] = known[0] if known else None
     unknown = [n for n, u in out.items() if u is None]
     if unknown and lake.exists(OBSERVATIONS):
-        name = F.lit(None).cast("string")
-        for n in unknown:
-            name = F.when(labs[n].matches(F.col("code_system"), F.col("code")), F.lit(n)).otherwise(name)
+        name = pointintime.lab_of({n: labs[n] for n in unknown}, F.col("code_system"), F.col("code"))
         counted = (
             lake.read(OBSERVATIONS).where(F.col("unit").isNotNull())
             .select(name.alias("lab"), "unit").where(F.col("lab").isNotNull())
@@ -366,8 +348,6 @@ def run(lake, role: str | None = None, retrain: bool = False) -> dict:
     """Estimate the missing labs of the feature rows whose inputs changed since the last run (all
     of them the first time, or under a new model); supersede the estimates those rows had. Returns
     counts: rows re-estimated, estimates written, kept, superseded (by reason)."""
-    from pyspark.sql import Window
-
     mv = latest_model(lake, retrain, role)
     model = PanelModel.load(mv.artifact_path(lake))
     defs = definitions.load()
@@ -395,7 +375,7 @@ def run(lake, role: str | None = None, retrain: bool = False) -> dict:
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     versions = {t: lake.version(t) for t in (FEATURES, OBSERVATIONS) if lake.exists(t)}
     code = {n: lab.codes.get("LOINC", [None])[0] for n, lab in labs.items()}
-    by = lambda d: F.element_at(F.create_map(*[F.lit(x) for kv in d.items() for x in kv]), F.col("lab"))  # noqa: E731
+    by = lambda d: lookup(d, F.col("lab"))  # noqa: E731
     fresh = raw.select(
         F.concat_ws("#", "patient_key", F.date_format("as_of", "yyyy-MM-dd'T'HH:mm:ss"), "lab",
                     F.lit(f"v{mv.version}"), F.col("input_hash").cast("string")).alias("estimate_id"),

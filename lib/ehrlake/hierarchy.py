@@ -26,6 +26,7 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from ehrlake.clean.codes import lookup
 from ehrlake.config import read_yaml
 from ehrlake.errors import ConfigError, EhrlakeError
 from ehrlake.features import definitions
@@ -208,20 +209,20 @@ def nodes(model, names: list[str]) -> list[Node]:
     return out
 
 
+def met(feature: str, op: str, threshold: float) -> Column:
+    """One condition of a rule ("<=" goes left in the tree, ">" right) as SQL."""
+    return F.col(feature) <= threshold if op == "<=" else F.col(feature) > threshold
+
+
 def leaf_of(tree: list[Node]) -> Column:
     """The leaf a row falls in, by the nodes' rules as SQL (the tree's decision, not a copy of it)."""
     expr = F.lit(None).cast("int")
     for n in reversed([n for n in tree if n.leaf]):
         rule = F.lit(True)
         for feature, op, threshold in n.conditions:
-            rule = rule & (F.col(feature) <= threshold if op == "<=" else F.col(feature) > threshold)
+            rule = rule & met(feature, op, threshold)
         expr = F.when(rule, F.lit(n.node_id)).otherwise(expr)
     return expr
-
-
-def by_node(values: dict, node: Column) -> Column:
-    """``values[node]`` as a column: a leaf's risk or band, a band's rank."""
-    return F.element_at(F.create_map(*[F.lit(x) for kv in values.items() for x in kv]), node)
 
 
 def path_of(leaf: Column, depth: int) -> Column:
@@ -318,7 +319,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
         fitted_rows = filled(train, names, fill)
         scale = scales(fitted_rows, names)
         model, tree, min_rows = fit(fitted_rows, names, settings, p.name)
-        score = by_node({n.node_id: n.probability for n in tree if n.leaf}, F.col("_leaf"))
+        score = lookup({n.node_id: n.probability for n in tree if n.leaf}, F.col("_leaf"))
         pred = filled(test, names, fill).withColumn("_leaf", leaf_of(tree)).withColumn("score", score).cache()
         version, artifact, path = versions.new_artifact(lake, p.model_id)
         model.save(path)
@@ -429,8 +430,8 @@ def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict,
     band = {n.node_id: evaluate.band_of(n.probability, bands) for n in leaves}
     rows = placed(lake, p, tree, names, fill)
     rows = rows.select("patient_key", F.col("index_time").alias("as_of"), "node")
-    rows = rows.withColumn("risk", by_node(risk, F.col("node"))).withColumn(
-        "risk_band", by_node(band, F.col("node"))
+    rows = rows.withColumn("risk", lookup(risk, F.col("node"))).withColumn(
+        "risk_band", lookup(band, F.col("node"))
     )
     w = Window.partitionBy("patient_key").orderBy("as_of")
     before = rows.select(
@@ -439,7 +440,7 @@ def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict,
         F.lag("node").over(w).alias("previous_node"),
         F.lag("risk_band").over(w).alias("previous_band"),
     )
-    now, then = by_node(BAND_ORDER, F.col("risk_band")), by_node(BAND_ORDER, F.col("previous_band"))
+    now, then = lookup(BAND_ORDER, F.col("risk_band")), lookup(BAND_ORDER, F.col("previous_band"))
     transition = (
         F.when(F.col("previous_node").isNull(), "first")
         .when(now < then, "improved")
@@ -499,10 +500,7 @@ def improvements(lake, p: Programme, tree: list[Node], names: list[str], fill: d
     leaves = [n for n in tree if n.leaf]
     risk = {n.node_id: n.probability for n in leaves}
     rule = {n.node_id: rule_words(n, words) for n in leaves}
-    rows = placed(lake, p, tree, names, fill).withColumn("risk", by_node(risk, F.col("node")))
-
-    def met(feature: str, op: str, threshold: float) -> Column:
-        return F.col(feature) <= threshold if op == "<=" else F.col(feature) > threshold
+    rows = placed(lake, p, tree, names, fill).withColumn("risk", lookup(risk, F.col("node")))
 
     def now(feature: str) -> Column:  # a missing lab's value is its fill: "not measured" is null
         flag = f"missing_{feature[5:]}"
@@ -554,7 +552,7 @@ def improvements(lake, p: Programme, tree: list[Node], names: list[str], fill: d
         .when(F.col("risk") <= lowest, "already in the lowest-risk group")
         .otherwise("no lower-risk group by modifiable features")
     )
-    target_rule = F.when(F.col("_best").isNotNull(), by_node(rule, F.col("_best.node")))
+    target_rule = F.when(F.col("_best").isNotNull(), lookup(rule, F.col("_best.node")))
     out = rows.select("patient_key", F.col("index_time").alias("as_of"), "node", "risk", best.alias("_best"))
     return out.select(
         F.lit(p.name).alias("programme"), "patient_key", "as_of", "node", "risk", status.alias("status"),

@@ -40,7 +40,7 @@ SYSTEMS: dict[str, str] = {
 }
 
 
-def lookup(table: dict[str, str], key: Column) -> Column:
+def lookup(table: dict, key: Column) -> Column:
     """``table[key]`` as a Spark map lookup (null where the key is not in the table)."""
     return F.create_map(*[F.lit(x) for pair in table.items() for x in pair])[key]
 

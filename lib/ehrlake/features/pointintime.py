@@ -41,6 +41,30 @@ def silver(lake, entity: str) -> DataFrame:
     return lake.read(e.table) if lake.exists(e.table) else lake.spark.createDataFrame([], e.schema())
 
 
+def lab_of(labs: dict, system: Column, code: Column) -> Column:
+    """The name of the lab of ``labs`` (``conf/features.yaml``) an observation's code is, or null."""
+    name = F.lit(None).cast("string")
+    for n, lab in labs.items():
+        name = F.when(lab.matches(system, code), F.lit(n)).otherwise(name)
+    return name
+
+
+def lab_values(lake, labs: dict) -> DataFrame:
+    """The numeric, plausible observations of ``labs``: ``patient_key``, ``effective_at``,
+    ``value_number`` and the ``lab``'s name (what a feature's latest value is taken from)."""
+    return (
+        silver(lake, "observation")
+        .where(F.col("value_number").isNotNull() & ~F.array_contains("quality_flags", "implausible_value"))
+        .select(
+            "patient_key",
+            "effective_at",
+            "value_number",
+            lab_of(labs, F.col("code_system"), F.col("code")).alias("lab"),
+        )
+        .where(F.col("lab").isNotNull())
+    )
+
+
 def descriptions(defs: Definitions) -> dict[str, str]:
     """Feature name -> what it means, for docs and readable prediction reasons."""
     w = defs.windows
@@ -173,15 +197,7 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
         before(proc, "start_at", w.recent_days).groupBy(*INDEX).agg(F.count("*").alias("procedures_recent"))
     )
 
-    lab_name = F.lit(None).cast("string")
-    for name, lab in defs.labs.items():
-        lab_name = F.when(lab.matches(F.col("code_system"), F.col("code")), F.lit(name)).otherwise(lab_name)
-    obs = (
-        silver(lake, "observation")
-        .where(F.col("value_number").isNotNull() & ~F.array_contains("quality_flags", "implausible_value"))
-        .select("patient_key", "effective_at", "value_number", lab_name.alias("lab"))
-        .where(F.col("lab").isNotNull())
-    )
+    obs = lab_values(lake, defs.labs)
     labs = (
         before(obs, "effective_at", w.labs_days)
         .groupBy(*INDEX)
