@@ -169,7 +169,9 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
 
     kept = lake.read(hierarchy.FEATURES).where("index_id <> '2021'")
     lake.write(kept, hierarchy.FEATURES, mode=WriteMode.OVERWRITE)
-    earlier = hierarchy.progress(lake, p, tree, mv.features, fill, mv.bands).collect()
+    earlier = hierarchy.progress(
+        hierarchy.placed(lake, p, tree, mv.features, fill), p, tree, mv.bands
+    ).collect()
     assert len(earlier) == 120 * 2 and all(
         rows[(r.patient_key, r.as_of.year)].node == r.node for r in earlier
     )

@@ -306,7 +306,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
     rows = with_people(origin.with_templates(lake, programme_rows(lake, p)))
     names = inputs(p, rows.columns)
     train, test = split(rows, settings.seed)
-    train, pred = train.cache(), None
+    train, pred, cohort = train.cache(), None, None
     try:
         counts = train.agg(F.count("*"), F.countDistinct(PERSON), F.sum("label")).first()
         if counts[1] < 2 * k or not 0 < (counts[2] or 0) < counts[0]:
@@ -353,17 +353,18 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             )
             mv = versions.register(lake, audit, mv, pred)
             _write_nodes(lake, p, mv, tree, fitted_rows, settings, k)
-            _write_progress(lake, p, mv, progress(lake, p, tree, names, fill, mv.bands), k)
-            nearer = improvements(lake, p, tree, names, fill, scale, describer(settings))
-            _write_improvements(lake, p, mv, nearer)
+            cohort = placed(lake, p, tree, names, fill).cache()  # read once for both tables
+            _write_progress(lake, p, mv, progress(cohort, p, tree, mv.bands), k)
+            _write_improvements(lake, p, mv, improvements(cohort, p, tree, scale, describer(settings)))
             audit.append((NODES, f"{mv.label}: {sum(n.leaf for n in tree)} leaves"))
             audit.append((PROGRESS, f"{mv.label}: every cohort row's node and transition"))
             audit.append((IMPROVEMENT, f"{mv.label}: the nearest lower-risk leaf by modifiable features"))
         return mv
-    finally:  # failing or not, the fitted and the scored rows leave the cache
+    finally:  # failing or not, the fitted, scored and placed rows leave the cache
         train.unpersist()
-        if pred is not None:
-            pred.unpersist()
+        for frame in (pred, cohort):
+            if frame is not None:
+                frame.unpersist()
 
 
 def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFrame, settings, k: int) -> None:
@@ -420,15 +421,15 @@ def placed(lake, p: Programme, tree: list[Node], names: list[str], fill: dict) -
     return rows.withColumn("node", leaf_of(tree))
 
 
-def progress(lake, p: Programme, tree: list[Node], names: list[str], fill: dict, bands: dict) -> DataFrame:
-    """Every cohort row's leaf, its risk and band, the patient's previous node and band, and the
-    transition: ``first``, or ``improved`` / ``worsened`` / ``stable`` by risk band."""
+def progress(rows: DataFrame, p: Programme, tree: list[Node], bands: dict) -> DataFrame:
+    """Every cohort row's leaf (``rows``: :func:`placed`), its risk and band, the patient's previous
+    node and band, and the transition: ``first``, or ``improved`` / ``worsened`` / ``stable`` by
+    risk band."""
     from ehrlake.models import evaluate
 
     leaves = [n for n in tree if n.leaf]
     risk = {n.node_id: n.probability for n in leaves}
     band = {n.node_id: evaluate.band_of(n.probability, bands) for n in leaves}
-    rows = placed(lake, p, tree, names, fill)
     rows = rows.select("patient_key", F.col("index_time").alias("as_of"), "node")
     rows = rows.withColumn("risk", lookup(risk, F.col("node"))).withColumn(
         "risk_band", lookup(band, F.col("node"))
@@ -490,22 +491,22 @@ def scales(rows: DataFrame, names: list[str]) -> dict[str, float]:
     return {c: float(got[c]) if got[c] else 1.0 for c in names}
 
 
-def improvements(lake, p: Programme, tree: list[Node], names: list[str], fill: dict, scale: dict, words):
-    """For every cohort row, the nearest leaf of lower risk that changing modifiable features alone
-    reaches, and the changes. A leaf is reachable when the row already meets every condition of its
-    rule that care cannot change; the changes are the rule's unmet modifiable conditions, and the
-    nearest is the one with the least total change in standard deviations (then the fewest changes,
-    then the lowest risk). A row in no such reach gets a ``status`` saying why, never a change to
-    age, sex or history."""
+def improvements(rows: DataFrame, p: Programme, tree: list[Node], scale: dict, words) -> DataFrame:
+    """For every cohort row (``rows``: :func:`placed`), the nearest leaf of lower risk that changing
+    modifiable features alone reaches, and the changes. A leaf is reachable when the row already
+    meets every condition of its rule that care cannot change; the changes are the rule's unmet
+    modifiable conditions, and the nearest is the one with the least total change in standard
+    deviations (then the fewest changes, then the lowest risk). A row in no such reach gets a
+    ``status`` saying why, never a change to age, sex or history."""
     leaves = [n for n in tree if n.leaf]
     risk = {n.node_id: n.probability for n in leaves}
     rule = {n.node_id: rule_words(n, words) for n in leaves}
-    rows = placed(lake, p, tree, names, fill).withColumn("risk", lookup(risk, F.col("node")))
+    rows = rows.withColumn("risk", lookup(risk, F.col("node")))
 
     def now(feature: str) -> Column:  # a missing lab's value is its fill: "not measured" is null
         flag = f"missing_{feature[5:]}"
         value = F.col(feature).cast("double")
-        return F.when(F.col(flag) != 1, value) if flag in names else value
+        return F.when(F.col(flag) != 1, value) if flag in rows.columns else value
 
     candidates = []
     for t in leaves:
