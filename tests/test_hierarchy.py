@@ -183,7 +183,7 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     # the report shows the tree and the moves, hidden cells counted and never drawn
     from ehrlake.eda import report
 
-    html = report.hierarchy_section(lake, report._png)
+    html = report.hierarchy_section(lake)
     hidden = sum(m.patients is None for m in moves)
     assert "diabetes care: hierarchy.diabetes v1" in html and "+ everyone in the programme: " in html
     assert html.count("<img") == 1 and f"{hidden} small cells hidden, left out" in html

@@ -32,6 +32,14 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _figure(fig, caption: str) -> str:
+    """A plot inlined as PNG with its caption (the caption is its alt text too)."""
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{_png(fig)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
 def _hidden(df: pd.DataFrame) -> int:
     return int(df["suppressed"].notna().sum()) if "suppressed" in df else 0
 
@@ -155,7 +163,7 @@ def transitions(moves: pd.DataFrame, programme: str):
     )
 
 
-def hierarchy_section(lake, png) -> str:
+def hierarchy_section(lake) -> str:
     """Each programme's tree as text and its moves between risk bands (docs/hierarchy.md)."""
     from ehrlake import hierarchy
 
@@ -171,10 +179,7 @@ def hierarchy_section(lake, png) -> str:
         own = moves[moves["programme"] == name] if moves is not None else None
         if own is not None and not own.empty:
             fig, caption = transitions(own, name)
-            parts.append(
-                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{png(fig)}">'
-                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            )
+            parts.append(_figure(fig, caption))
     return "".join(parts)
 
 
@@ -197,14 +202,11 @@ def render(lake, title: str = "ehrlake population health report") -> str:
         if table == "gold.dq_results" and not frame.empty:
             frame = frame[frame["run_id"] == frame["run_id"].max()]
         fig, caption = plot(frame)
-        sections.append(
-            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{_png(fig)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
+        sections.append(_figure(fig, caption))
     from ehrlake.models import report as models_report
 
     sections.append(models_report.section(lake, _png))
-    sections.append(hierarchy_section(lake, _png))
+    sections.append(hierarchy_section(lake))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
