@@ -52,22 +52,15 @@ def rand_indices(a: list, b: list) -> tuple[float, float]:
 
 def resample(train, seed: int):
     """The training rows of a bootstrap sample of their patients: each patient's rows repeated as
-    many times as the patient is drawn (Poisson(1) per patient, seeded by key: about one copy each)."""
-    draws = F.expr(f"cast(pmod(xxhash64(patient_key, {seed}), 1000000) as double) / 1000000")
-    # inverse Poisson(1) CDF: 0.3679, 0.7358, 0.9197, 0.9810, 0.9963
-    copies = (
-        F.when(draws < 0.3679, 0)
-        .when(draws < 0.7358, 1)
-        .when(draws < 0.9197, 2)
-        .when(draws < 0.9810, 3)
-        .when(draws < 0.9963, 4)
-        .otherwise(5)
-    )
-    repeated = train.withColumn("_copy", F.explode(F.sequence(F.lit(1), copies)))
+    many times as the patient is drawn (``evaluate.poisson_weight`` of the key: about once each)."""
+    copies = evaluate.poisson_weight(F.col("patient_key"), seed=seed)
+    repeated = train.select("*", F.posexplode(F.array_repeat(F.lit(0), copies)).alias("_copy", "_drawn"))
     # a patient drawn twice is two patients for the leaf-size rule, as in any bootstrap
     copy = F.col("_copy").cast("string")
-    return repeated.withColumn("patient_key", F.concat_ws("#", "patient_key", copy)).withColumn(
-        hierarchy.PERSON, F.concat_ws("#", hierarchy.PERSON, copy)
+    return (
+        repeated.withColumn("patient_key", F.concat_ws("#", "patient_key", copy))
+        .withColumn(hierarchy.PERSON, F.concat_ws("#", hierarchy.PERSON, copy))
+        .drop("_copy", "_drawn")
     )
 
 

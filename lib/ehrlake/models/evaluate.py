@@ -101,6 +101,13 @@ def resampling(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np
     return patient_draws(pred, bootstrap, seed) if keyed == rows and patients < rows else None
 
 
+def poisson_weight(*keys: Column, seed: int) -> Column:
+    """How many times a bootstrap draws what ``keys`` name: Poisson(1), by the inverse CDF of a
+    uniform from xxhash64 of the keys and ``seed`` (seeded, no shuffle, the same on every executor)."""
+    u = F.pmod(F.xxhash64(*keys, F.lit(seed)), F.lit(1 << 31)) / float(1 << 31)
+    return sum((u >= c).cast("int") for c in POISSON_1_CDF)
+
+
 def patient_draws(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np.ndarray:
     """(bootstrap, 2, BINS) counts [negatives, positives] of a Poisson bootstrap over patients
     (every row's ``patient_key`` set: :func:`resampling` decides).
@@ -113,8 +120,7 @@ def patient_draws(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) ->
         F.col(CLUSTER).alias("cluster"), b.alias("bin"), F.col("label").cast("int").alias("label")
     ).agg(F.count("*").alias("n"))
     replicates = pred.sparkSession.range(bootstrap).withColumnRenamed("id", "replicate")
-    u = F.pmod(F.xxhash64("cluster", "replicate", F.lit(seed)), F.lit(1 << 31)) / float(1 << 31)
-    weight = sum((u >= c).cast("int") for c in POISSON_1_CDF)
+    weight = poisson_weight(F.col("cluster"), F.col("replicate"), seed=seed)
     h = (
         cells.crossJoin(F.broadcast(replicates))
         .groupBy("replicate", "bin", "label")
