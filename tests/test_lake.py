@@ -238,15 +238,16 @@ def test_maintain_compacts_sets_retention_and_leaves_rows_history_and_audit_as_t
         maintain(lake, retain_days=0, role="engineer")
 
 
-def in_threads(writer, tags: str = "pq") -> list[Exception]:
-    """Run ``writer(tag)`` for each tag at once; the exceptions they raised, for the test to assert on."""
-    errors: list[Exception] = []
+def in_threads(writer, tags: str = "pq") -> list[str]:
+    """Run ``writer(tag)`` for each tag at once; the errors they raised, as text for the test's
+    assertion to show (an exception's repr alone hides Spark's message)."""
+    errors: list[str] = []
 
     def run(tag):
         try:
             writer(tag)
         except Exception as exc:  # surfaced through the caller's assertion
-            errors.append(exc)
+            errors.append(f"{type(exc).__name__}: {str(exc)[:1000]}")
 
     threads = [threading.Thread(target=run, args=(t,)) for t in tags]
     [t.start() for t in threads]

@@ -7,7 +7,8 @@ the same tables, the same :class:`CommitResult`, the same errors, and the same r
 columns carry no statistics (``stats.stats_columns`` becomes ``delta.dataSkippingStatsColumns``).
 
 Concurrency: Delta's optimistic commits refuse a merge whose snapshot another writer changed; the
-merge is then planned again, up to :data:`MERGE_ATTEMPTS` times, as the delta-rs engine does.
+merge is then planned again, up to :data:`MERGE_ATTEMPTS` times, as the delta-rs engine does. Two
+first writes at once both create the table: the one that loses waits for the other's first commit.
 Within one process, writes go one at a time: a merge's commit metadata is a session setting, and
 each commit is found again by the token in it to report its own version, not a racing writer's.
 """
@@ -32,6 +33,8 @@ from ehrlake.lake.modes import CommitResult, WriteMode, check_write
 from ehrlake.lake.stats import parquet_options, stats_columns
 
 MERGE_ATTEMPTS = 8
+CREATE_WAIT_S = 10.0
+_CREATING = "DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION"  # another writer's create is under way
 _CONFLICTS = (
     "ConcurrentAppendException",
     "ConcurrentDeleteReadException",
@@ -69,7 +72,10 @@ class NativeDeltaEngine:
 
     # ----------------------------------------------------------------- table state
     def exists(self, path: str) -> bool:
-        return bool(self._DeltaTable.isDeltaTable(self.spark, path))
+        """A table with a committed version. Delta's own ``isDeltaTable`` only looks for a
+        ``_delta_log`` folder, which a writer creating the table makes before its first commit: two
+        first writes at once then saw a table that was not there yet (DELTA_TABLE_NOT_FOUND)."""
+        return DeltaLog.is_deltatable(path)
 
     def _table(self, path: str):
         if not self.exists(path):
@@ -138,8 +144,19 @@ class NativeDeltaEngine:
         try:
             builder.execute()
         except Exception as exc:
-            if not (_is_conflict(exc) and self.exists(path)):
+            if not ((_is_conflict(exc) or _CREATING in str(exc)) and self._created_by_another(path)):
                 raise
+
+    def _created_by_another(self, path: str, wait_s: float = CREATE_WAIT_S) -> bool:
+        """Whether another writer's first commit of the table lands within ``wait_s``: a create that
+        lost the race finds the log folder made but not yet committed to. A folder that stays
+        without a commit is no Delta table, and the create's own error stands."""
+        deadline = time.monotonic() + wait_s
+        while not self.exists(path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def write(self, df, path, table, mode, partition_by, where, evolve, commit_info) -> CommitResult:
         self.create(path, df.schema, list(partition_by or []))  # a no-op when the table exists
