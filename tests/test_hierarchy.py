@@ -187,6 +187,25 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     hidden = sum(m.patients is None for m in moves)
     assert "diabetes care: hierarchy.diabetes v1" in html and "+ everyone in the programme: " in html
     assert html.count("<img") == 1 and f"{hidden} small cells hidden, left out" in html
+    assert "diabetes: what would move people" in html and "<td>change</td>" in html
+    assert "No tree yet for hypertension care, chronic kidney disease care" in html
+
+
+def assert_counts_people_per_area(lake, areas, person_of) -> None:
+    """gold.improvement_summary against the improvement rows counted by hand: each person's latest
+    row, under each change it names (or its status), hidden below k."""
+    latest = {}
+    for r in sorted(areas, key=lambda r: (r.as_of, r.patient_key)):
+        latest[person_of(r)] = r
+    expected = {}
+    for r in latest.values():
+        for area in [c.change for c in r.changes] if r.changes else [r.status]:
+            expected[area] = expected.get(area, 0) + 1
+    table = {r.area: r for r in lake.read(hierarchy.IMPROVEMENT_SUMMARY).collect()}
+    assert set(table) == set(expected) and any(r.kind == "change" for r in table.values())
+    for area, n in expected.items():
+        shown = table[area]
+        assert (shown.patients, shown.share) == ((n, round(n / len(latest), 3)) if n >= K else (None, None))
 
 
 def _meets(row: dict, conditions) -> bool:
@@ -241,6 +260,9 @@ def test_improvement_areas_change_modifiable_features_only_and_land_in_a_lower_r
     assert "lower risk within reach" in statuses and len(statuses) >= 2
     assert any("haemoglobin A1c" in r.summary for r in got if r.summary)
 
+    # gold.improvement_summary: people at their latest date per change (or status), hidden below k
+    assert_counts_people_per_area(lake, got, lambda r: r.patient_key)
+
 
 def test_generated_copies_count_as_the_patient_they_copy(lake):
     """Leaves of k patients mean k people: forty generated copies of one training patient are that
@@ -271,3 +293,24 @@ def test_generated_copies_count_as_the_patient_they_copy(lake):
     people, keys = fitted.agg(F.countDistinct(hierarchy.PERSON), F.countDistinct("patient_key")).first()
     root = lake.read(hierarchy.NODES).where("node_id = 1").first()
     assert keys == people + 40 and root.patients == people and mv.params["train_patients"] == people
+
+    # the moves between bands and the areas for improvement count people too
+    progress = hierarchy.with_people(origin.with_templates(lake, lake.read(hierarchy.PROGRESS)))
+    expected = {
+        (r.year, r.previous_band, r.risk_band): (r.people, r.keys)
+        for r in progress.where("previous_band IS NOT NULL")
+        .groupBy(F.year("as_of").alias("year"), "previous_band", "risk_band")
+        .agg(F.countDistinct(hierarchy.PERSON).alias("people"), F.countDistinct("patient_key").alias("keys"))
+        .collect()
+    }
+    moves = {
+        (m.year, m.previous_band, m.risk_band): m.patients for m in lake.read(hierarchy.TRANSITIONS).collect()
+    }
+    assert moves == {cell: people if people >= K else None for cell, (people, _) in expected.items()}
+    assert any(keys == people + 40 for people, keys in expected.values())
+    template_of = {r.patient_key: r.template_key for r in lake.read(origin.TABLE).collect()}
+    assert_counts_people_per_area(
+        lake,
+        lake.read(hierarchy.IMPROVEMENT).collect(),
+        lambda r: template_of.get(r.patient_key, r.patient_key),
+    )

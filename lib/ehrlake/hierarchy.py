@@ -10,7 +10,11 @@ patients and outcome rate (hidden below k) and a risk band; the tree is a regist
 (``hierarchy.<programme>``) evaluated like any other on the patient split's test rows. Every cohort
 row is placed in its leaf (``gold.patient_progress``: node, risk, the previous node and whether the
 patient improved, worsened or stayed by risk band), and the moves between bands are counted per
-year (``gold.hierarchy_transitions``, small counts hidden).
+year (``gold.hierarchy_transitions``, small counts hidden). Every row also gets its area for
+improvement (``gold.improvement_areas``: the nearest lower-risk leaf that care can reach), and the
+people at their latest as-of are counted by each change that would move them
+(``gold.improvement_summary``, small counts hidden): what an analyst or the report reads. Counts are
+of people: a generated copy counts as the sample patient it copies.
 
 The rules are read from the fitted tree itself (its root node through Spark's JVM API) and applied
 as SQL, so a node's rule in words is the tree's decision: a test checks every row's leaf by rule
@@ -37,6 +41,7 @@ NODES = "gold.hierarchy_nodes"
 PROGRESS = "gold.patient_progress"
 TRANSITIONS = "gold.hierarchy_transitions"
 IMPROVEMENT = "gold.improvement_areas"
+IMPROVEMENT_SUMMARY = "gold.improvement_summary"
 BAND_ORDER = {"low": 0, "medium": 1, "high": 2}
 FEATURES = "gold.features_patient"
 ALGORITHM = "decision-tree"
@@ -355,10 +360,11 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
             _write_nodes(lake, p, mv, tree, fitted_rows, settings, k)
             cohort = placed(lake, p, tree, names, fill).cache()  # read once for both tables
             _write_progress(lake, p, mv, progress(cohort, p, tree, mv.bands), k)
-            _write_improvements(lake, p, mv, improvements(cohort, p, tree, scale, describer(settings)))
+            _write_improvements(lake, p, mv, improvements(cohort, p, tree, scale, describer(settings)), k)
             audit.append((NODES, f"{mv.label}: {sum(n.leaf for n in tree)} leaves"))
             audit.append((PROGRESS, f"{mv.label}: every cohort row's node and transition"))
             audit.append((IMPROVEMENT, f"{mv.label}: the nearest lower-risk leaf by modifiable features"))
+            audit.append((IMPROVEMENT_SUMMARY, f"{mv.label}: people per area for improvement, k={k}"))
         return mv
     finally:  # failing or not, the fitted, scored and placed rows leave the cache
         train.unpersist()
@@ -416,9 +422,12 @@ def _write_nodes(lake, p: Programme, mv, tree: list[Node], fitted_rows: DataFram
 def placed(lake, p: Programme, tree: list[Node], names: list[str], fill: dict) -> DataFrame:
     """Every cohort row (every as-of, the latest too: placing a patient needs no outcome) with its
     inputs filled as the tree was fitted and its leaf in ``node``. A row's node depends on its own
-    point-in-time features only, so a later record never moves a past node."""
-    rows = filled(lake.read(FEATURES).where(F.expr(p.cohort)), names, fill)
-    return rows.withColumn("node", leaf_of(tree))
+    point-in-time features only, so a later record never moves a past node. With :data:`PERSON`,
+    for counts of people."""
+    from ehrlake.clean import origin
+
+    rows = with_people(origin.with_templates(lake, lake.read(FEATURES).where(F.expr(p.cohort))))
+    return filled(rows, names, fill).withColumn("node", leaf_of(tree))
 
 
 def progress(rows: DataFrame, p: Programme, tree: list[Node], bands: dict) -> DataFrame:
@@ -430,7 +439,7 @@ def progress(rows: DataFrame, p: Programme, tree: list[Node], bands: dict) -> Da
     leaves = [n for n in tree if n.leaf]
     risk = {n.node_id: n.probability for n in leaves}
     band = {n.node_id: evaluate.band_of(n.probability, bands) for n in leaves}
-    rows = rows.select("patient_key", F.col("index_time").alias("as_of"), "node")
+    rows = rows.select("patient_key", PERSON, F.col("index_time").alias("as_of"), "node")
     rows = rows.withColumn("risk", lookup(risk, F.col("node"))).withColumn(
         "risk_band", lookup(band, F.col("node"))
     )
@@ -464,10 +473,9 @@ def _write_progress(lake, p: Programme, mv, placed: DataFrame, k: int) -> None:
     lake.create(PROGRESS, rows.schema, ["programme"])
     lake.write(rows, PROGRESS, mode=WriteMode.OVERWRITE, where={"programme": p.name})
     moves = (
-        lake.read(PROGRESS)
-        .where((F.col("programme") == p.name) & F.col("previous_band").isNotNull())
+        placed.where(F.col("previous_band").isNotNull())
         .groupBy("programme", F.year("as_of").alias("year"), "previous_band", "risk_band")
-        .agg(F.countDistinct("patient_key").alias("n"))
+        .agg(F.countDistinct(PERSON).alias("n"))
     )
     moves = moves.withColumn("patients", F.when(F.col("n") >= k, F.col("n"))).drop("n")
     lake.create(TRANSITIONS, moves.schema, ["programme"])
@@ -554,9 +562,12 @@ def improvements(rows: DataFrame, p: Programme, tree: list[Node], scale: dict, w
         .otherwise("no lower-risk group by modifiable features")
     )
     target_rule = F.when(F.col("_best").isNotNull(), lookup(rule, F.col("_best.node")))
-    out = rows.select("patient_key", F.col("index_time").alias("as_of"), "node", "risk", best.alias("_best"))
+    out = rows.select(
+        "patient_key", PERSON, F.col("index_time").alias("as_of"), "node", "risk", best.alias("_best")
+    )
     return out.select(
-        F.lit(p.name).alias("programme"), "patient_key", "as_of", "node", "risk", status.alias("status"),
+        F.lit(p.name).alias("programme"), "patient_key", PERSON, "as_of", "node", "risk",
+        status.alias("status"),
         F.col("_best.node").alias("target_node"), F.col("_best.risk").alias("target_risk"),
         target_rule.alias("target_rule"), F.col("_best.changes").alias("changes"),
         F.concat_ws("; ", F.transform("_best.changes", lambda c: c["change"])).alias("summary"),
@@ -564,15 +575,47 @@ def improvements(rows: DataFrame, p: Programme, tree: list[Node], scale: dict, w
     )  # fmt: skip
 
 
-def _write_improvements(lake, p: Programme, mv, rows: DataFrame) -> None:
+def improvement_counts(rows: DataFrame, k: int) -> DataFrame:
+    """People at their latest as-of (``rows``: :func:`improvements`) by area: each change that
+    would move them to a lower-risk group ("systolic blood pressure (mm Hg) <= 170.9"), or their
+    status where none would; a person with two changes counts under both. ``patients`` and
+    ``share`` (of the programme's people) are hidden below k."""
+    latest = rows.withColumn(
+        "_n", F.row_number().over(Window.partitionBy(PERSON).orderBy(F.col("as_of").desc(), "patient_key"))
+    ).where("_n = 1")
+    areas = latest.select(
+        "programme",
+        PERSON,
+        "status",
+        F.explode_outer(F.transform("changes", lambda c: c["change"])).alias("change"),
+    )
+    counted = areas.groupBy(
+        "programme",
+        F.when(F.col("change").isNotNull(), "change").otherwise("status").alias("kind"),
+        F.coalesce("change", "status").alias("area"),
+    ).agg(F.countDistinct(PERSON).alias("n"))
+    people = latest.select(F.countDistinct(PERSON)).first()[0]
+    shown = F.col("n") >= k
+    return counted.select(
+        "programme", "kind", "area",
+        F.when(shown, F.col("n")).alias("patients"),
+        F.when(shown & (F.lit(people) >= k), F.round(F.col("n") / F.lit(people), 3)).alias("share"),
+    )  # fmt: skip
+
+
+def _write_improvements(lake, p: Programme, mv, rows: DataFrame, k: int) -> None:
+    """gold.improvement_areas (a row per cohort row) and gold.improvement_summary (people per area,
+    hidden below k), the programme's partition of each."""
     from ehrlake.lake import WriteMode
 
-    rows = rows.select(
-        "programme", F.lit(mv.model_id).alias("model_id"), F.lit(mv.version).alias("version"),
-        *[c for c in rows.columns if c != "programme"],
-    )  # fmt: skip
-    lake.create(IMPROVEMENT, rows.schema, ["programme"])
-    lake.write(rows, IMPROVEMENT, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+    stamp = [F.lit(mv.model_id).alias("model_id"), F.lit(mv.version).alias("version")]
+    areas = rows.select("programme", *stamp, *[c for c in rows.columns if c not in ("programme", PERSON)])
+    lake.create(IMPROVEMENT, areas.schema, ["programme"])
+    lake.write(areas, IMPROVEMENT, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+    counts = improvement_counts(rows, k)
+    counts = counts.select("programme", *stamp, *counts.columns[1:])
+    lake.create(IMPROVEMENT_SUMMARY, counts.schema, ["programme"])
+    lake.write(counts, IMPROVEMENT_SUMMARY, mode=WriteMode.OVERWRITE, where={"programme": p.name})
 
 
 # ----------------------------------------------------------------------------------- show

@@ -163,8 +163,22 @@ def transitions(moves: pd.DataFrame, programme: str):
     )
 
 
+def improvement_table(areas: pd.DataFrame, programme: str, top: int = 8) -> str:
+    """The areas for improvement that would move the most people (``gold.improvement_summary``),
+    with how many areas hold too few people to show."""
+    shown = areas[areas["patients"].notna()].sort_values(["patients", "area"], ascending=[False, True])
+    hidden = int(areas["patients"].isna().sum())
+    table = shown.head(top)[["area", "kind", "patients", "share"]].astype({"patients": int})
+    return (
+        f"<p>{html.escape(programme)}: what would move people, at their latest date, to a lower-risk "
+        f"group (a change to a feature care can move), or why nothing would ({hidden} areas of fewer "
+        f"than k people hidden)</p>" + table.to_html(index=False, border=0)
+    )
+
+
 def hierarchy_section(lake) -> str:
-    """Each programme's tree as text and its moves between risk bands (docs/hierarchy.md)."""
+    """Each programme's tree as text, its moves between risk bands and its areas for improvement
+    (docs/hierarchy.md); a programme without a tree is named, not left out."""
     from ehrlake import hierarchy
 
     if not lake.exists(hierarchy.NODES):
@@ -173,6 +187,11 @@ def hierarchy_section(lake) -> str:
     built = [r.programme for r in lake.read(hierarchy.NODES).select("programme").distinct().collect()]
     parts = ["<h2>Patient progress hierarchies</h2>"]
     moves = lake.read(hierarchy.TRANSITIONS).toPandas() if lake.exists(hierarchy.TRANSITIONS) else None
+    areas = (
+        lake.read(hierarchy.IMPROVEMENT_SUMMARY).toPandas()
+        if lake.exists(hierarchy.IMPROVEMENT_SUMMARY)
+        else None
+    )
     for name in sorted(p for p in built if p in settings.programmes):
         parts.append(f"<h3>{html.escape(settings.programmes[name].description)}</h3>")
         parts.append(f"<pre>{html.escape(hierarchy.show(lake, name, settings=settings))}</pre>")
@@ -180,6 +199,16 @@ def hierarchy_section(lake) -> str:
         if own is not None and not own.empty:
             fig, caption = transitions(own, name)
             parts.append(_figure(fig, caption))
+        own = areas[areas["programme"] == name] if areas is not None else None
+        if own is not None and not own.empty:
+            parts.append(improvement_table(own, name))
+    missing = [settings.programmes[p].description for p in settings.programmes if p not in built]
+    if missing:
+        parts.append(
+            f"<p>No tree yet for {html.escape(', '.join(missing))}: `ehrlake hierarchy build` says "
+            "how many of the cohort's patients have an outcome a year on (a tree needs twice k "
+            "training patients, with both outcomes).</p>"
+        )
     return "".join(parts)
 
 
