@@ -63,7 +63,8 @@ patient_key; ops.quarantine = every record that could not be loaded, with its re
 silver = the common clinical model of docs/data_model.md, with ANN estimates of missing labs kept
 apart in silver.observation_estimates (docs/record_update.md);
 gold = data-quality results, readiness scorecard, suppressed EDA aggregates, features, labels,
-the model registry and evaluation tables (docs/features.md), image findings of the CNN
+the model registry and evaluation tables (docs/features.md), a care programme's progress
+hierarchy and each patient's area for improvement (docs/hierarchy.md), image findings of the CNN
 (docs/deep_learning.md), explained decisions (gold.decision_support, docs/self_supervised.md);
 the HTML report
 is $lake/report.html and the analyst notebook notebooks/analyst.ipynb;

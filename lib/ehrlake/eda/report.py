@@ -205,8 +205,8 @@ def hierarchy_section(lake) -> str:
     missing = [settings.programmes[p].description for p in settings.programmes if p not in built]
     if missing:
         parts.append(
-            f"<p>No tree yet for {html.escape(', '.join(missing))}: `ehrlake hierarchy build` says "
-            "how many of the cohort's patients have an outcome a year on (a tree needs twice k "
+            f"<p>No tree yet for {html.escape(', '.join(missing))}: <code>ehrlake hierarchy build</code> "
+            "says how many of the cohort's patients have an outcome a year on (a tree needs twice k "
             "training patients, with both outcomes).</p>"
         )
     return "".join(parts)
