@@ -4,6 +4,7 @@ and each label follows its written definition."""
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import pytest
 
@@ -205,7 +206,90 @@ def test_incremental_features_equal_a_rebuild_also_when_the_data_end_moves(lake)
     assert _gold(lake) == incremental
 
 
+def _estimate(key: str, lab: str, at: dt.datetime, value: float, superseded: bool = False) -> tuple:
+    """A row of silver.observation_estimates as the record update writes it."""
+    from ehrlake import estimates
+
+    made = dt.datetime(2024, 1, 1)
+    row = {
+        "estimate_id": f"{key}#{at:%Y-%m-%d}#{lab}", "patient_key": key, "code_system": "LOINC",
+        "code": "39156-5", "lab": lab, "display": lab, "as_of": at, "value": value, "unit": None,
+        "low": value - 1, "high": value + 1, "level": 0.8, "model_id": estimates.MODEL_ID,
+        "model_version": 1, "input_versions": {}, "input_hash": 0, "source": "estimated",
+        "estimated_at": made, "superseded": superseded, "superseded_at": made if superseded else None,
+        "superseded_reason": "measured" if superseded else None,
+    }  # fmt: skip
+    return tuple(row.values())
+
+
+def test_a_lab_that_opts_in_takes_an_estimate_only_where_nothing_was_measured(lake):
+    """With ``estimates: true``, a row without a measurement in the window takes the latest active
+    estimate up to its own date, and says so; a measurement always wins, a superseded estimate or
+    one from after the row's date is never taken, and a new estimate is a change the incremental
+    run recomputes its patient for. The record update's panel still reads measurements only."""
+    from ehrlake import estimates
+    from ehrlake.lake.provenance import ESTIMATES
+
+    for key, future in (("same", False), ("future", True)):
+        for entity, rows in _history(key, future).items():
+            _silver(lake, entity, rows, WriteMode.APPEND)
+    base = definitions.load()
+    defs = replace(
+        base, labs={n: replace(lab, estimates=n in ("bmi", "hba1c")) for n, lab in base.labs.items()}
+    )
+    write = lambda rows: lake.write(lake.spark.createDataFrame(rows, estimates.SCHEMA), ESTIMATES)  # noqa: E731
+    write([
+        _estimate("same", "bmi", T("2020-01-01 00:00"), 31.0),  # at the row's date: taken
+        _estimate("same", "bmi", T("2019-03-01 00:00"), 25.0),  # older than the one above
+        _estimate("same", "hba1c", T("2019-12-01 00:00"), 9.9),  # HbA1c was measured in 2019: never
+        _estimate("future", "bmi", T("2019-12-01 00:00"), 28.0, superseded=True),
+        _estimate("future", "bmi", T("2020-03-01 00:00"), 40.0),  # after the row's date
+    ])  # fmt: skip
+    features.run(lake, [AS_OF], defs=defs)
+
+    def row(key):
+        return lake.read("gold.features_patient").where(f"patient_key = '{key}'").first()
+
+    same, future = row("same"), row("future")
+    assert (same.last_bmi, same.estimated_bmi, same.missing_bmi) == (31.0, 1.0, 1.0)
+    assert (same.last_hba1c, same.estimated_hba1c, same.missing_hba1c) == (6.0, 0.0, 0.0)
+    assert (future.last_bmi, future.estimated_bmi, future.missing_bmi) == (None, 0.0, 1.0)
+    columns = lake.read("gold.features_patient").columns
+    assert "estimated_bmi" in columns and "estimated_glucose" not in columns  # glucose did not opt in
+
+    write([_estimate("future", "bmi", T("2019-11-01 00:00"), 29.0)])
+    merged = features.run(lake, [AS_OF], incremental=True, rebuild_share=1.0, defs=defs)
+    assert merged["how"]["gold.features_patient"] == "merged +0 ~1 -0"
+    assert (row("future").last_bmi, row("future").estimated_bmi) == (29.0, 1.0) and row("same") == same
+
+    panel = {
+        r.patient_key: r
+        for r in estimates.panel(lake, lake.read("gold.features_patient"), ["bmi", "hba1c"]).collect()
+    }
+    assert (
+        panel["same"].last_bmi is None
+        and panel["future"].last_bmi is None
+        and panel["same"].last_hba1c == 6.0
+    )
+
+
 def test_default_index_dates_leave_a_year_of_follow_up():
     assert features.default_as_of(dt.datetime(2021, 6, 1), years=3) == [
         dt.date(2018, 1, 1), dt.date(2019, 1, 1), dt.date(2020, 1, 1)
     ]  # fmt: skip
+
+
+def test_only_a_lab_can_take_estimates(tmp_path):
+    from ehrlake.errors import ConfigError
+
+    path = tmp_path / "features.yaml"
+    path.write_text(
+        "condition_groups:\n  diabetes: {SNOMED: ['44054006'], estimates: true}\n"
+        "labs:\n  bmi: {LOINC: ['39156-5'], estimates: true}\n"
+    )
+    with pytest.raises(ConfigError, match="condition_groups.diabetes: only a lab can take estimates"):
+        definitions.load(path)
+    path.write_text("labs:\n  bmi: {LOINC: ['39156-5'], estimates: true}\n")
+    assert definitions.load(path).labs["bmi"].estimates and definitions.load(path).labs["bmi"].codes == {
+        "LOINC": ("39156-5",)
+    }

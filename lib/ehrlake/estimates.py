@@ -259,7 +259,13 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
 
 def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:
     """Feature-like rows (``patient_key``, ``index_time``, ``last_<lab>``, context) as the model's
-    panel: with each lab's history and the hash of everything the model reads."""
+    panel: with each lab's history and the hash of everything the model reads. A lab whose feature
+    takes estimates (``estimated_<lab>``) is read as measured only: the model never learns from,
+    or re-estimates because of, its own estimates."""
+    for lab in labs:
+        if f"estimated_{lab}" in rows.columns:
+            measured = F.when(F.col(f"estimated_{lab}") != 1, F.col(f"last_{lab}"))
+            rows = rows.withColumn(f"last_{lab}", measured)
     rows = rows.join(history(lake, rows, labs), ["patient_key", "index_time"], "left")
     inputs = [
         *[f"last_{lab}" for lab in labs], *context_columns(rows.columns),

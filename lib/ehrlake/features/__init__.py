@@ -25,6 +25,7 @@ from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions, diabetes130, labels, pointintime
 from ehrlake.features.labels import LABEL_COLUMNS, TASKS, Task, task
 from ehrlake.lake import WriteMode, increments, watermarks
+from ehrlake.lake.provenance import ESTIMATES
 
 __all__ = ["run", "default_as_of", "TASKS", "Task", "task", "model_inputs", "descriptions", "training_frame"]
 
@@ -90,12 +91,21 @@ def patient_features(lake, as_of: list[dt.date], defs=None, patients: DataFrame 
     return pointintime.build(lake, index, defs, "patient")
 
 
+def sources_of(defs: definitions.Definitions) -> tuple[str, ...]:
+    """The silver tables the features read: the record update's estimates too where a lab takes
+    them, so a new or superseded estimate recomputes its patient's rows like a new record."""
+    if any(lab.estimates for lab in defs.labs.values()):
+        return (*SOURCES, ESTIMATES)
+    return SOURCES
+
+
 def run(
     lake,
     as_of: list[dt.date] | None = None,
     role: str | None = None,
     incremental: bool = False,
     rebuild_share: float = increments.REBUILD_SHARE,
+    defs: definitions.Definitions | None = None,
 ) -> dict:
     """Build the feature and label tables from silver (and the Diabetes 130-US bronze table where
     it exists). Returns rows per table, how each was written, and labelled / positive counts per task.
@@ -105,13 +115,13 @@ def run(
     their rows; everything is rebuilt when that cannot be told or would not pay (first run, other
     definitions, index dates or code, a changed Diabetes 130-US table, more than ``rebuild_share``
     of the patients)."""
-    defs = definitions.load()
+    defs = defs or definitions.load()
     has_silver = lake.exists("silver.patient") and lake.exists("silver.encounter")
     has_d130 = lake.exists(DIABETES130_BRONZE)
     if not has_silver and not has_d130:
         raise EhrlakeError("no silver tables yet: run ehrlake clean first")
     # the versions before any read: a commit racing this run is seen again by the next one
-    sources = {t: lake.version(t) for t in (*SOURCES, DIABETES130_BRONZE) if lake.exists(t)}
+    sources = {t: lake.version(t) for t in (*sources_of(defs), DIABETES130_BRONZE) if lake.exists(t)}
     written: dict[str, DataFrame] = {}
     label_parts: list[DataFrame] = []
     summary: dict = {"as_of": [], "skipped": [], "how": {}}

@@ -25,6 +25,7 @@ class CodeSet:
     name: str
     description: str
     codes: dict[str, tuple[str, ...]]  # system -> codes or prefixes
+    estimates: bool = False  # a lab only: a row without a measurement takes the record update's estimate
 
     def matches(self, system: Column, code: Column) -> Column:
         terms = []
@@ -61,6 +62,7 @@ class _CodeSetSpec:
     """A code set as written in the file (one list per code system)."""
 
     description: str | None = None
+    estimates: bool = False
     SNOMED: tuple = ()
     LOINC: tuple = ()
     ICD9CM: tuple = ()
@@ -86,11 +88,13 @@ def _code_sets(data: dict, where: str) -> dict[str, CodeSet]:
     out = {}
     for name, spec in (data or {}).items():
         read = build(_CodeSetSpec, spec, f"{where}.{name}")
-        systems = [key for key in spec if key != "description"]  # in the file's order
+        systems = [key for key in spec if key not in ("description", "estimates")]  # in the file's order
         codes = {s: tuple(str(c) for c in getattr(read, s)) for s in systems if getattr(read, s)}
         if not codes:
             raise ConfigError(f"{where}.{name} lists no codes")
-        out[name] = CodeSet(name, read.description or name, codes)
+        if read.estimates and where != "labs":
+            raise ConfigError(f"{where}.{name}: only a lab can take estimates (estimates: true)")
+        out[name] = CodeSet(name, read.description or name, codes, bool(read.estimates))
     return out
 
 

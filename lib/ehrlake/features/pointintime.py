@@ -65,6 +65,47 @@ def lab_values(lake, labs: dict) -> DataFrame:
     )
 
 
+def with_estimates(lake, rows: DataFrame, defs: Definitions) -> DataFrame:
+    """``rows`` (``INDEX``, ``index_time``, ``last_<lab>``) where each lab that opts in
+    (``estimates: true`` in conf/features.yaml) and has no measurement in the window takes the
+    latest active estimate of the record update in it (``silver.observation_estimates``), and
+    ``estimated_<lab>`` says which. An estimate is never taken over a measurement, and never from
+    after the row's date: one at the row's own date is made from the panel of what came before it.
+    ``missing_<lab>`` keeps saying "not measured"."""
+    from ehrlake.lake.provenance import ESTIMATES
+
+    opted = [n for n, lab in defs.labs.items() if lab.estimates]
+    if not opted:
+        return rows
+    if lake.exists(ESTIMATES):
+        active = (
+            lake.read(ESTIMATES)
+            .where(~F.col("superseded") & F.col("lab").isin(*opted))
+            .select("patient_key", "lab", F.col("as_of").alias("_at"), "value")
+        )
+        window = (F.col("_at") <= F.col("index_time")) & (
+            F.col("_at") > F.col("index_time") - _days(defs.windows.labs_days)
+        )
+        latest = (
+            rows.select(*INDEX, "index_time")
+            .join(active, "patient_key")
+            .where(window)
+            .groupBy(*INDEX)
+            .pivot("lab", opted)
+            .agg(F.max_by("value", "_at"))
+        )
+        rows = rows.join(
+            latest.select(*INDEX, *[F.col(n).alias(f"_estimate_{n}") for n in opted]), INDEX, "left"
+        )
+    else:
+        rows = rows.select("*", *[F.lit(None).cast("double").alias(f"_estimate_{n}") for n in opted])
+    for n in opted:
+        observed, estimate = F.col(f"last_{n}"), F.col(f"_estimate_{n}")
+        rows = rows.withColumn(f"estimated_{n}", (observed.isNull() & estimate.isNotNull()).cast("int"))
+        rows = rows.withColumn(f"last_{n}", F.coalesce(observed, estimate)).drop(f"_estimate_{n}")
+    return rows
+
+
 def descriptions(defs: Definitions) -> dict[str, str]:
     """Feature name -> what it means, for docs and readable prediction reasons."""
     w = defs.windows
@@ -92,6 +133,8 @@ def descriptions(defs: Definitions) -> dict[str, str]:
     for name, lab in defs.labs.items():
         out[f"last_{name}"] = f"latest {lab.description} (last {w.labs_days} days)"
         out[f"missing_{name}"] = f"no {lab.description} in the last {w.labs_days} days"
+        if lab.estimates:
+            out[f"estimated_{name}"] = f"latest {lab.description} is the record update's estimate"
     return out
 
 
@@ -225,12 +268,13 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
     counts = [
         c
         for c in feature_columns(defs, level)
-        if not c.startswith(("last_", "missing_", "age_", "days_since", "index_length"))
+        if not c.startswith(("last_", "missing_", "estimated_", "age_", "days_since", "index_length"))
     ]
     out = out.fillna(0, subset=counts)
     out = out.withColumn("days_since_last_encounter", F.coalesce("days_since_last_encounter", F.lit(3650.0)))
     for name in defs.labs:
         out = out.withColumn(f"missing_{name}", F.col(f"last_{name}").isNull().cast("int"))
+    out = with_estimates(lake, out, defs)
     columns = feature_columns(defs, level)
     return out.select(
         *INDEX,
