@@ -163,3 +163,12 @@ def test_connect_clients_read_the_analysts_views_and_nothing_else_all_audited(se
     assert sum(e["detail"] == "SELECT code, n FROM gold.condition_counts" for e in allowed) == 1  # JDBC
     assert any("SET spark.sql.runSQLOnFiles" in d for d in denied)
     assert len(denied) >= 6
+
+
+def test_a_session_token_can_be_passed_on_any_command_line():
+    """beeline read a token starting with "-" as an option (its usage text, no connection): one
+    URL-safe base64 token in 64 did. Tokens are 256 bits and never start so."""
+    from ehrlake.sql.server import new_token
+
+    tokens = {new_token() for _ in range(3000)}
+    assert len(tokens) == 3000 and all(len(t) == 64 and t.isalnum() for t in tokens)

@@ -58,6 +58,13 @@ def _wait_for_port(port: int, seconds: float) -> None:
             time.sleep(0.2)
 
 
+def new_token() -> str:
+    """A session's secret: 256 bits as hex. Not URL-safe base64, whose tokens start with "-" one
+    time in 64, and a command-line client reads such a password as an option (``beeline -p
+    -hNS6...`` printed its usage and never connected)."""
+    return secrets.token_hex(32)
+
+
 class SqlServer:
     """One role's SQL endpoint over ``lake`` (whose session becomes the server's, trusted one)."""
 
@@ -93,7 +100,7 @@ class SqlServer:
         self.views.add_readable()
         guard.arm(spark, self.views.views)  # before the port opens: no client is ever unchecked
         guard.listen(spark)
-        token = secrets.token_urlsafe(32)
+        token = new_token()
         conf = spark.sparkContext._jsc.sc().conf()
         conf.set("spark.connect.grpc.binding.address", "127.0.0.1")
         conf.set("spark.connect.grpc.binding.port", str(self.port))
