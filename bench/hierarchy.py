@@ -36,7 +36,6 @@ from pyspark.sql import functions as F  # noqa: E402
 
 import ehrlake.lake  # noqa: E402
 from ehrlake import hierarchy  # noqa: E402
-from ehrlake.clean import origin  # noqa: E402
 from ehrlake.clean.codes import lookup  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
 from ehrlake.models import algorithms, evaluate  # noqa: E402
@@ -65,7 +64,7 @@ def resample(train, seed: int):
 
 
 def one(lake, settings, p, refits: int, max_rows: int) -> dict:
-    rows = hierarchy.with_people(origin.with_templates(lake, hierarchy.programme_rows(lake, p)))
+    rows = hierarchy.with_people(lake, hierarchy.programme_rows(lake, p))
     names = hierarchy.inputs(p, rows.columns)
     train, test = split(rows, settings.seed)
     train = train.cache()

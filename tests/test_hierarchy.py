@@ -288,14 +288,14 @@ def test_generated_copies_count_as_the_patient_they_copy(lake):
         origin.TABLE,
     )
     mv = hierarchy.build(lake, "diabetes")
-    rows = hierarchy.with_people(origin.with_templates(lake, hierarchy.programme_rows(lake, p)))
+    rows = hierarchy.with_people(lake, hierarchy.programme_rows(lake, p))
     fitted, _ = split(rows, 42)
     people, keys = fitted.agg(F.countDistinct(hierarchy.PERSON), F.countDistinct("patient_key")).first()
     root = lake.read(hierarchy.NODES).where("node_id = 1").first()
     assert keys == people + 40 and root.patients == people and mv.params["train_patients"] == people
 
     # the moves between bands and the areas for improvement count people too
-    progress = hierarchy.with_people(origin.with_templates(lake, lake.read(hierarchy.PROGRESS)))
+    progress = hierarchy.with_people(lake, lake.read(hierarchy.PROGRESS))
     expected = {
         (r.year, r.previous_band, r.risk_band): (r.people, r.keys)
         for r in progress.where("previous_band IS NOT NULL")

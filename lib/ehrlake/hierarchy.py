@@ -146,9 +146,13 @@ def programme_rows(lake, p: Programme) -> DataFrame:
     )
 
 
-def with_people(rows: DataFrame) -> DataFrame:
-    """``rows`` (with ``template_key``: :func:`ehrlake.clean.origin.with_templates`) and the person
-    each is about: k patients in a leaf means k people, not k copies of one sample patient."""
+def with_people(lake, rows: DataFrame) -> DataFrame:
+    """``rows`` (with ``patient_key``) and the person each is about: a generated copy is the sample
+    patient it copies (:func:`ehrlake.clean.origin.with_templates`), so k patients in a leaf means k
+    people, not k copies of one sample patient."""
+    from ehrlake.clean import origin
+
+    rows = origin.with_templates(lake, rows)
     return rows.withColumn(PERSON, F.coalesce(F.col("template_key"), F.col("patient_key")))
 
 
@@ -300,7 +304,6 @@ def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme:
 
 def build(lake, programme: str, role: str | None = None, settings: Settings | None = None):
     """Fit, register and describe the programme's tree; returns its registered ModelVersion."""
-    from ehrlake.clean import origin
     from ehrlake.models import evaluate, registry, versions
     from ehrlake.models.train import split
 
@@ -308,7 +311,7 @@ def build(lake, programme: str, role: str | None = None, settings: Settings | No
     p = settings.programme(programme)
     k = settings.min_leaf_patients
     features_version = lake.version(FEATURES) if lake.exists(FEATURES) else None
-    rows = with_people(origin.with_templates(lake, programme_rows(lake, p)))
+    rows = with_people(lake, programme_rows(lake, p))
     names = inputs(p, rows.columns)
     train, test = split(rows, settings.seed)
     train, pred, cohort = train.cache(), None, None
@@ -424,9 +427,7 @@ def placed(lake, p: Programme, tree: list[Node], names: list[str], fill: dict) -
     inputs filled as the tree was fitted and its leaf in ``node``. A row's node depends on its own
     point-in-time features only, so a later record never moves a past node. With :data:`PERSON`,
     for counts of people."""
-    from ehrlake.clean import origin
-
-    rows = with_people(origin.with_templates(lake, lake.read(FEATURES).where(F.expr(p.cohort))))
+    rows = with_people(lake, lake.read(FEATURES).where(F.expr(p.cohort)))
     return filled(rows, names, fill).withColumn("node", leaf_of(tree))
 
 
@@ -594,7 +595,7 @@ def improvement_counts(rows: DataFrame, k: int) -> DataFrame:
         F.when(F.col("change").isNotNull(), "change").otherwise("status").alias("kind"),
         F.coalesce("change", "status").alias("area"),
     ).agg(F.countDistinct(PERSON).alias("n"))
-    people = latest.select(F.countDistinct(PERSON)).first()[0]
+    people = latest.count()  # one row per person
     shown = F.col("n") >= k
     return counted.select(
         "programme", "kind", "area",
