@@ -163,9 +163,26 @@ def test_a_rerun_estimates_only_changed_rows_and_equals_a_rebuild(estimated):
     # the same model from scratch gives the same active estimates
     incremental = {k: round(r.value, 9) for k, r in after.items()}
     lake.write(lake.read(estimates.TABLE).limit(0), estimates.TABLE, mode=WriteMode.OVERWRITE)
-    estimates.run(lake)
+    assert estimates.run(lake)["patients_read"] is None  # emptied by another hand: every patient is read
     assert {k: round(r.value, 9) for k, r in _active(lake).items()} == incremental
-    assert estimates.run(lake)["estimates_written"] == 0  # and a re-run with nothing new does nothing
+    again = estimates.run(lake)  # and a re-run with nothing new reads no patient and writes nothing
+    assert again["estimates_written"] == 0 and again["patients_read"] == 0
+
+
+def test_a_rerun_reads_only_the_patients_whose_rows_changed(estimated):
+    """A new patient's feature rows appended: the re-run reads that patient alone (the changed data
+    files of the Delta log since its last run), estimates their gaps and keeps every other estimate."""
+    lake, first = estimated
+    assert first["patients_read"] is None  # the first run reads everyone
+    before = _active(lake)
+    new = _panel(lake.spark, patients=1, seed=5).withColumn("patient_key", F.lit("q001"))
+    lake.write(new.withColumn("last_hba1c", F.lit(None).cast("double")), estimates.FEATURES)  # appended
+    report = estimates.run(lake)
+    assert report["patients_read"] == 1
+    after = _active(lake)
+    added = set(after) - set(before)
+    assert {k[0] for k in added} == {"q001"} and {k[1].year for k in added if k[2] == "hba1c"} == {2020, 2021}
+    assert all(after[k].estimate_id == before[k].estimate_id for k in before)  # nothing else redone
 
 
 def test_history_is_the_measurement_before_the_one_a_panel_holds(lake):

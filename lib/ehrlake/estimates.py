@@ -13,7 +13,9 @@ value, unit, interval, model id and version, the Delta versions of its inputs an
 estimated``. ``lake.read("silver.observation", include_estimates=True)`` returns both with a
 ``provenance`` column. A re-run estimates only the rows whose inputs changed (a hash of the panel):
 the estimates of unchanged rows are kept, and an estimate whose row changed, or whose lab has been
-measured since, is marked superseded (kept for provenance, never deleted).
+measured since, is marked superseded (kept for provenance, never deleted). It reads only the patients
+whose feature or observation rows changed since the versions its last run read (``ops.watermarks``,
+from the Delta log); a new model, a first run, or a table written by another hand scans them all.
 
 Weights are stored as ``.npz`` arrays (no pickle) and applied in executors by a numpy forward pass,
 so estimating a population never brings it to the driver; training reads a bounded sample.
@@ -25,7 +27,8 @@ import datetime as dt
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -35,10 +38,12 @@ from pyspark.sql import functions as F
 from ehrlake.clean.codes import lookup
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions, pointintime
+from ehrlake.lake import increments, locks, watermarks
 from ehrlake.lake.provenance import ESTIMATES as TABLE
 from ehrlake.lake.provenance import OBSERVATIONS
 
 FEATURES = "gold.features_patient"
+JOB = "estimate"
 MODEL_ID = "record_update"
 ALGORITHM = "masked-value-mlp"
 LEVEL = 0.8  # the stated interval
@@ -274,10 +279,6 @@ def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:
     return rows.select("patient_key", "index_time", *inputs, _hash(inputs))
 
 
-def panel_rows(lake, labs: list[str]) -> DataFrame:
-    return panel(lake, lake.read(FEATURES), labs)
-
-
 def train(lake, role: str | None = None, seed: int = 42, max_rows: int = MAX_TRAIN_ROWS):
     """Fit the panel model on a bounded sample of feature rows and register it; its ModelVersion."""
     from ehrlake.models import registry, versions
@@ -285,7 +286,7 @@ def train(lake, role: str | None = None, seed: int = 42, max_rows: int = MAX_TRA
     if not lake.exists(FEATURES):
         raise EhrlakeError(f"no {FEATURES} yet: run ehrlake features first")
     labs = list(definitions.load().labs)
-    rows = panel_rows(lake, labs)
+    rows = panel(lake, lake.read(FEATURES), labs)
     total = rows.count()
     sample = rows.sample(fraction=min(1.0, max_rows / max(total, 1)), seed=seed) if total > max_rows else rows
     model = fit(sample.toPandas(), labs, seed)  # at most ~max_rows rows reach the driver
@@ -353,16 +354,41 @@ def latest_model(lake, retrain: bool = False, role: str | None = None):
 def run(lake, role: str | None = None, retrain: bool = False) -> dict:
     """Estimate the missing labs of the feature rows whose inputs changed since the last run (all
     of them the first time, or under a new model); supersede the estimates those rows had. Returns
-    counts: rows re-estimated, estimates written, kept, superseded (by reason)."""
+    counts: rows re-estimated, estimates written, kept, superseded (by reason), and the patients
+    read (None: all of them)."""
+    with locks.alone(lake.root, JOB):
+        return _run(lake, role, retrain)
+
+
+def _scope(lake, sources: dict[str, int], fp: str) -> DataFrame | None:
+    """The patients whose panel rows may have changed since the last run, or None: all. A row
+    reads its patient's feature row and observations, and the model (in ``fp``); an estimate table
+    written since by another hand (emptied, restored) is not what the mark describes. Not cached:
+    it reads the patient keys of the changed data files only, pinned to ``sources``."""
+    mark = watermarks.read(lake, JOB).get(TABLE)
+    if mark is None or mark.sources.get(TABLE) != lake.version(TABLE):
+        return None
+    behind = replace(mark, sources={t: v for t, v in mark.sources.items() if t != TABLE})
+    return increments.changed_patients(lake, behind, sources, fp)
+
+
+def _run(lake, role: str | None, retrain: bool) -> dict:
     mv = latest_model(lake, retrain, role)
     model = PanelModel.load(mv.artifact_path(lake))
     defs = definitions.load()
     labs = {n: defs.labs[n] for n in model.labs}
     unit = units(lake, labs)
-    rows = panel_rows(lake, model.labs)
     lake.create(TABLE, lake.spark.createDataFrame([], SCHEMA).schema, description=__doc__.splitlines()[0])
+    sources = {t: lake.version(t) for t in (FEATURES, OBSERVATIONS) if lake.exists(t)}  # what this run reads
+    fp = watermarks.fingerprint(mv.label, labs, defs.windows, watermarks.code(Path(__file__)))
+    scope = _scope(lake, sources, fp)
+    features = lake.read(FEATURES, version=sources[FEATURES])
     existing = lake.read(TABLE, version=lake.version(TABLE))  # pinned: the merge below writes it
     active = existing.where(~F.col("superseded"))
+    if scope is not None:
+        features = features.join(scope, "patient_key", "left_semi")
+        active = active.join(scope, "patient_key", "left_semi")
+    rows = panel(lake, features, model.labs)
     current = active.where(F.col("model_version") == mv.version)
     done = current.select("patient_key", F.col("as_of").alias("index_time"), "input_hash").distinct()
     estimable = F.lit(False)
@@ -379,7 +405,7 @@ def run(lake, role: str | None = None, retrain: bool = False) -> dict:
         "low double, high double",
     )  # fmt: skip
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    versions = {t: lake.version(t) for t in (FEATURES, OBSERVATIONS) if lake.exists(t)}
+    versions = sources
     code = {n: lab.codes.get("LOINC", [None])[0] for n, lab in labs.items()}
     by = lambda d: lookup(d, F.col("lab"))  # noqa: E731
     fresh = raw.select(
@@ -423,9 +449,14 @@ def run(lake, role: str | None = None, retrain: bool = False) -> dict:
         fresh_rows = changes.where(~F.col("superseded")).select("patient_key", "as_of").distinct()
         rows_estimated = fresh_rows.count() if counts else 0
         with lake.security.job("estimate", ["silver"], role) as (_, audit):
+            commit = {"ehrlakeJob": JOB}
             if counts:
-                lake.merge(changes, TABLE, ["estimate_id"], commit_info={"ehrlakeJob": "estimate"})
+                lake.merge(changes, TABLE, ["estimate_id"], commit_info=commit)
             audit.append((TABLE, f"{mv.label}: {rows_estimated} rows estimated, {counts}"))
+        # after the merge committed: a crash before this line re-reads a little more next time
+        mark = {**sources, TABLE: lake.version(TABLE)}
+        watermarks.record(lake, [watermarks.Watermark(JOB, TABLE, mark, fp, now.isoformat())], commit)
+        read = scope.count() if scope is not None else None
     finally:
         changes.unpersist()
     return {
@@ -434,4 +465,5 @@ def run(lake, role: str | None = None, retrain: bool = False) -> dict:
         "estimates_written": counts.pop("estimated", 0),
         "superseded": counts,
         "active": lake.read(TABLE).where(~F.col("superseded")).count(),
+        "patients_read": read,
     }

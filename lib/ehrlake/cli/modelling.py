@@ -394,9 +394,11 @@ def cmd_estimate(args) -> int:
     lake, _ = common.open_lake(args)
     got = estimates.run(lake, role=args.role, retrain=args.retrain)
     superseded = ", ".join(f"{n} {why}" for why, n in sorted(got["superseded"].items())) or "none"
+    read = "every patient" if got["patients_read"] is None else f"{got['patients_read']:,} changed patients"
     print(
-        f"{estimates.TABLE}: {got['estimates_written']:,} estimates for {got['rows_estimated']:,} "
-        f"patient x as-of rows with {got['model']}; superseded: {superseded}; {got['active']:,} active"
+        f"{estimates.TABLE}: read {read}; {got['estimates_written']:,} estimates for "
+        f"{got['rows_estimated']:,} patient x as-of rows with {got['model']}; superseded: {superseded}; "
+        f"{got['active']:,} active"
     )
     return 0
 
