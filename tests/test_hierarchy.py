@@ -137,6 +137,11 @@ def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
     lake.write(_features(lake.spark).where(calm), hierarchy.FEATURES)
     with pytest.raises(Exception, match="need 22 and both outcomes"):
         hierarchy.build(lake, "diabetes")
+    from ehrlake.eda import report  # the report still has the section, naming what has no tree
+
+    html = report.hierarchy_section(lake)
+    assert "<h2>Patient progress hierarchies</h2>" in html and "<pre>" not in html
+    assert "No tree yet for diabetes care, hypertension care, chronic kidney disease care" in html
 
 
 def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):

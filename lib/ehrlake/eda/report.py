@@ -181,10 +181,12 @@ def hierarchy_section(lake) -> str:
     (docs/hierarchy.md); a programme without a tree is named, not left out."""
     from ehrlake import hierarchy
 
-    if not lake.exists(hierarchy.NODES):
-        return ""
     settings = hierarchy.load()
-    built = [r.programme for r in lake.read(hierarchy.NODES).select("programme").distinct().collect()]
+    built = (
+        [r.programme for r in lake.read(hierarchy.NODES).select("programme").distinct().collect()]
+        if lake.exists(hierarchy.NODES)
+        else []
+    )
     parts = ["<h2>Patient progress hierarchies</h2>"]
     moves = lake.read(hierarchy.TRANSITIONS).toPandas() if lake.exists(hierarchy.TRANSITIONS) else None
     areas = (
