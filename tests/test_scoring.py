@@ -122,8 +122,13 @@ def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scor
     assert scoring.score(lake, TASK, AS_OF, incremental=True).how == "merged +0 ~0 -0 (changed patients only)"
     # a new batch of patients arrives, and the nightly clean brings silver up to date
     synth.run(lake.spark, 40, str(tmp_path / "batch"), seed=4, tables=("encounters", "conditions"))
+    events = {"encounter": "bronze.synthea_encounters", "condition": "bronze.synthea_conditions"}
+    bronze = {entity: lake.row_count(table) for entity, table in events.items()}
     ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp_path / "batch"))
-    clean.run(lake, incremental=True)
+    cleaned = clean.run(lake, incremental=True)
+    for entity, table in events.items():  # every event the new patients brought reaches silver
+        added = lake.row_count(table) - bronze[entity]
+        assert added > 0 and cleaned.how[entity] == f"merged +{added:,} ~0 -0", cleaned.how
     before = lake.read("gold.risk_scores").where(f"task = '{TASK}' AND as_of = DATE'{AS_OF}'").count()
     nightly = scoring.score(lake, TASK, AS_OF, incremental=True)
     assert nightly.how.endswith("(changed patients only)")
