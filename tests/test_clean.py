@@ -206,34 +206,6 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
     assert {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER} == merged
 
 
-def test_an_increment_of_new_patients_only_keeps_every_row_they_bring(silver, tmp_path):
-    """The usual nightly batch: patients silver has never seen, with their visits and conditions.
-    Their rows come from the files added since the last clean; writing the patients first must not
-    change which patients count as new for the event tables after (a native Delta write refreshes
-    cached frames that read silver: the batch's events were lost so, at 10,000 patients)."""
-    lake, _ = silver
-    lake.use_in_sql()  # as a job's lake (lake.open): silver known by name
-    write_ndjson(
-        tmp_path / "batch2" / "all.ndjson",
-        [
-            patient("p5", family="Rao"),
-            patient("p6", family="Sen"),
-            encounter("e5", "p5", "2021-05-01T08:00:00Z", "2021-05-02T08:00:00Z"),
-            condition("c50", "p5", onset="2021-05-01"),
-            condition("c60", "p6", onset="2022-02-01"),
-            quantity("g5", "p6", "2339-0", 5.1, "mmol/L"),
-        ],
-    )
-    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "batch2"))
-    report = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)
-    assert report.how["patient"] == "merged +2 ~0 -0"
-    assert report.how["encounter"] == "merged +1 ~0 -0" and report.how["condition"] == "merged +2 ~0 -0"
-    assert report.how["observation"] == "merged +1 ~0 -0"
-    merged = {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER}
-    clean.run(lake, today=TODAY)
-    assert {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER} == merged
-
-
 def test_a_second_clean_on_the_same_lake_is_refused_while_one_runs(silver):
     """Two cleans at once could both append the same new rows: the second is refused in one line,
     before it reads or writes anything, and runs once the first has finished."""
