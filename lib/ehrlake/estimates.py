@@ -380,6 +380,8 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
     unit = units(lake, labs)
     lake.create(TABLE, lake.spark.createDataFrame([], SCHEMA).schema, description=__doc__.splitlines()[0])
     sources = {t: lake.version(t) for t in (FEATURES, OBSERVATIONS) if lake.exists(t)}  # what this run reads
+    if FEATURES not in sources:
+        raise EhrlakeError(f"no {FEATURES} yet: run ehrlake features first")
     fp = watermarks.fingerprint(mv.label, labs, defs.windows, watermarks.code(Path(__file__)))
     scope = _scope(lake, sources, fp)
     features = lake.read(FEATURES, version=sources[FEATURES])

@@ -19,7 +19,7 @@ from ehrlake.lake import WriteMode
 
 STATUSES = ("inserted", "updated", "deleted")
 # Above this share of the patients to recompute, a job rebuilds instead. A bound, not a measurement:
-# at 1% the incremental clean already cost 0.9x a rebuild at 10k patients (bench/engines.py).
+# a 1% incremental clean cost 0.95x a rebuild at 10k patients and 0.31x at 100k (bench/engines.py).
 REBUILD_SHARE = 0.2
 
 
