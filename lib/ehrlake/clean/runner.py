@@ -168,9 +168,11 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
         plan.how["organization"] = UNCHANGED
     plan.since = {t: min(mark[t] for mark in behind) for t in sources}
     # pinned: the plan must say what silver held *before* this run writes it. A native Delta write
-    # refreshes the cached frames that read the written table at its latest version, and ``known``
-    # read so counted the patients just appended as known: the event tables that followed took no
-    # rows of the batch's new patients (bench/engines.py at 10,000 patients lost them all).
+    # rebuilds the cached frames that read the written table (Spark 4 invalidates caches by table on
+    # a write, SPARK-53732; pinned reads too, SPARK-59631), and ``known`` read at the latest version
+    # then counted the patients just appended as known: the event tables that followed took no
+    # rows of the batch's new patients (bench/engines.py at 10,000 patients lost them all). Read at
+    # a version, a rebuilt cache holds the same rows.
     silver = [
         lake.read(ENTITIES[n].table, version=lake.version(ENTITIES[n].table)).select("patient_key")
         for n in tables
