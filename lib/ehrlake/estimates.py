@@ -385,7 +385,7 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
     fp = watermarks.fingerprint(mv.label, labs, defs.windows, watermarks.code(Path(__file__)))
     scope = _scope(lake, sources, fp)
     features = lake.read(FEATURES, version=sources[FEATURES])
-    existing = lake.read(TABLE, version=lake.version(TABLE))  # pinned: the merge below writes it
+    existing = lake.snapshot(TABLE)  # the merge below writes it
     active = existing.where(~F.col("superseded"))
     if scope is not None:
         features = features.join(scope, "patient_key", "left_semi")
@@ -407,7 +407,6 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
         "low double, high double",
     )  # fmt: skip
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    versions = sources
     code = {n: lab.codes.get("LOINC", [None])[0] for n, lab in labs.items()}
     by = lambda d: lookup(d, F.col("lab"))  # noqa: E731
     fresh = raw.select(
@@ -417,7 +416,7 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
         by({n: lab.description for n, lab in labs.items()}).alias("display"), "as_of", "value",
         by({n: u for n, u in unit.items() if u}).alias("unit"), "low", "high", F.lit(LEVEL).alias("level"),
         F.lit(MODEL_ID).alias("model_id"), F.lit(mv.version).alias("model_version"),
-        F.create_map(*[F.lit(x) for kv in versions.items() for x in kv]).alias("input_versions"),
+        F.create_map(*[F.lit(x) for kv in sources.items() for x in kv]).alias("input_versions"),
         "input_hash", F.lit("estimated").alias("source"), F.lit(now).alias("estimated_at"),
         F.lit(False).alias("superseded"), F.lit(None).cast("timestamp").alias("superseded_at"),
         F.lit(None).cast("string").alias("superseded_reason"),

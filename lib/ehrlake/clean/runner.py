@@ -167,17 +167,11 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     if not changed[1] and "organization" in tables:
         plan.how["organization"] = UNCHANGED
     plan.since = {t: min(mark[t] for mark in behind) for t in sources}
-    # pinned: the plan must say what silver held *before* this run writes it. A native Delta write
-    # rebuilds the cached frames that read the written table (Spark 4 invalidates caches by table on
-    # a write, SPARK-53732; pinned reads too, SPARK-59631), and ``known`` read at the latest version
-    # then counted the patients just appended as known: the event tables that followed took no
-    # rows of the batch's new patients (bench/engines.py at 10,000 patients lost them all). Read at
-    # a version, a rebuilt cache holds the same rows.
-    silver = [
-        lake.read(ENTITIES[n].table, version=lake.version(ENTITIES[n].table)).select("patient_key")
-        for n in tables
-        if n != "organization"
-    ]
+    # a snapshot: the plan must say what silver held *before* this run writes it. ``known`` read at
+    # the latest version counted the patients the run had just appended as known once its cache was
+    # rebuilt, and the event tables that followed took no rows of the batch's new patients
+    # (bench/engines.py at 10,000 patients lost them all).
+    silver = [lake.snapshot(ENTITIES[n].table).select("patient_key") for n in tables if n != "organization"]
     held = silver[0]
     for frame in silver[1:]:
         held = held.unionByName(frame)
@@ -236,8 +230,7 @@ def _changed_patients(lake, mappings, behind: list[dict[str, int]], now: dict[st
             moved = moved.unionByName(org)
         # encounters silver holds; a new one's patient is among the changed already
         at = ["source_system", "organization_id"]
-        encounters = ENTITIES["encounter"].table  # pinned, as silver is in _plan
-        visits = lake.read(encounters, version=lake.version(encounters)).select("patient_key", *at)
+        visits = lake.snapshot(ENTITIES["encounter"].table).select("patient_key", *at)  # as in _plan
         parts.append(visits.join(moved, at, "left_semi").select("patient_key"))
     union = parts[0] if parts else lake.spark.createDataFrame([], "patient_key string")
     for p in parts[1:]:

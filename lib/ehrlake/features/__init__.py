@@ -219,7 +219,6 @@ def _scope(lake, sources: dict[str, int], fp: str, end: dt.datetime, share: floa
     changed = increments.changed_patients(lake, behind, silver, fp)
     if changed is None:
         return None
-    mark_version = lake.version(LABELS)
     horizon = F.lit(None).cast("timestamp")
     for t in TASKS.values():
         if t.name in SILVER_TASKS:
@@ -227,7 +226,7 @@ def _scope(lake, sources: dict[str, int], fp: str, end: dt.datetime, share: floa
                 F.col("task") == t.name, F.col("index_time") + F.expr(f"INTERVAL {t.horizon_days} DAYS")
             ).otherwise(horizon)
     decided_by_end = (
-        lake.read(LABELS, version=mark_version)  # pinned: this run writes LABELS, the scope is cached
+        lake.snapshot(LABELS)  # this run writes LABELS, and the scope is cached
         .where(
             F.col("task").isin(*SILVER_TASKS)
             & ((F.col("excluded") == labels.PAST_END) | (F.col("label").isNotNull() & (horizon > F.lit(end))))

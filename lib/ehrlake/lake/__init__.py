@@ -102,6 +102,13 @@ class Lake:
             timestamp = datetime.fromisoformat(timestamp)
         return self.engine.read(self.path(table), version if version is not None else timestamp)
 
+    def snapshot(self, table: str) -> DataFrame:
+        """``table`` as it is now, pinned to its current version: what a job that goes on to write
+        the table must read. A native Delta write rebuilds the cached frames that read the written
+        table (Spark 4 invalidates caches by table, SPARK-53732); one read at the latest version
+        then holds the job's own new rows, one read at a version the same rows as before."""
+        return self.read(table, version=self.version(table))
+
     def reveal(self, table: str, patient_key: str, role: str, purpose: str) -> DataFrame:
         """One patient's rows with identifiers opened, for a role allowed to reveal; always audited."""
         return self._guard().access.reveal(self, table, role, patient_key, purpose)
