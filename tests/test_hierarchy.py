@@ -103,11 +103,16 @@ def test_the_tree_has_leaves_of_k_patients_and_rules_that_are_its_decisions(buil
     fill = {k: float(v) for k, v in mv.params["fill"].items()}
     prepared = hierarchy.filled(rows, names, fill)
     model = DecisionTreeClassificationModel.load(mv.artifact_path(lake))
-    tree = hierarchy.nodes(model, names)
+    tree = hierarchy.nodes(model, names)  # as the model weighs its rows (classes balanced)
     scored = model.transform(VectorAssembler(inputCols=names, outputCol="_features").transform(prepared))
     probability = {n.node_id: n.probability for n in tree}
     pairs = scored.select(hierarchy.leaf_of(tree).alias("leaf"), F.col("probability")).collect()
     assert all(abs(probability[r.leaf] - float(r.probability[1])) < 1e-9 for r in pairs)
+    # and the risks the hierarchy states are the outcome rates of the rows, not the weighted ones
+    risk = {n.node_id: n.probability for n in hierarchy.nodes(model, names, mv.params["positive_weight"])}
+    assert mv.params["positive_weight"] != 1 and all(
+        abs(risk[n.node_id] - n.outcome_rate) < 1e-9 for n in leaves
+    )
     # registered and evaluated on test patients like any model: the planted signal is found
     assert mv.model_id == "hierarchy.diabetes" and mv.metrics["auroc"]["value"] > 0.8
 
@@ -120,6 +125,34 @@ def test_the_tree_has_leaves_of_k_patients_and_rules_that_are_its_decisions(buil
     assert len(shown) == 2 + len(nodes) and any(
         line.lstrip().startswith("- haemoglobin A1c") for line in shown
     )
+
+
+def test_a_rare_outcome_still_gives_groups_on_both_sides_of_its_rate(spark):
+    """An outcome in one row of eight: 4% below x = 0.5, 20% above. Unweighted, both groups
+    predict "no" and Spark merges them into one leaf (SPARK-3159): the tree says nothing. With the
+    classes balanced the tree splits at 0.5, and each leaf states its rows' own outcome rate."""
+    from pyspark.sql import functions as F
+
+    rng = np.random.default_rng(11)
+    x = rng.uniform(0, 1, 2000)
+    label = (rng.uniform(0, 1, 2000) < np.where(x < 0.5, 0.04, 0.20)).astype(int)
+    rows = spark.createDataFrame(
+        [(f"p{i}", float(v), int(y)) for i, (v, y) in enumerate(zip(x, label, strict=True))],
+        f"{hierarchy.PERSON} string, x double, label int",
+    )
+    settings = hierarchy.Settings(max_depth=1, min_leaf_patients=K, seed=42, programmes={}, words={})
+    _, tree, _, weight = hierarchy.fit(rows, ["x"], settings, "rare")
+    leaves = [n for n in tree if n.leaf]
+    assert len(leaves) == 2 and abs(tree[0].split[1] - 0.5) < 0.05
+    assert abs(weight - (len(label) - label.sum()) / label.sum()) < 1e-9
+    rates = {
+        r["leaf"]: r["rate"]
+        for r in rows.groupBy(hierarchy.leaf_of(tree).alias("leaf"))
+        .agg(F.avg("label").alias("rate"))
+        .collect()
+    }
+    assert all(abs(n.probability - rates[n.node_id]) < 1e-9 for n in leaves)
+    assert rates[2] < 0.07 < 0.15 < rates[3]
 
 
 def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
