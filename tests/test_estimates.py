@@ -210,3 +210,36 @@ def test_history_is_the_measurement_before_the_one_a_panel_holds(lake):
     assert (got[("p1", 2021)].prior_hba1c, round(got[("p1", 2021)].prior_days_hba1c)) == (7.0, 580)
     assert (got[("p1", 2018)].prior_hba1c, round(got[("p1", 2018)].prior_days_hba1c)) == (9.0, 945)
     assert got[("p2", 2021)].prior_hba1c is None and got[("p1", 2021)].prior_bmi is None
+    # stale: the latest is in the window but older than labs_stale_days (365): it is the history itself
+    assert not got[("p1", 2021)].stale_hba1c and not got[("p1", 2018)].stale_hba1c  # fresh; out of window
+    late = anchors.where("index_time = '2021-01-01'").selectExpr(
+        "patient_key", "timestamp'2021-09-01' AS index_time"
+    )
+    row = {r.patient_key: r for r in estimates.history(lake, late, LABS).collect()}["p1"]
+    assert (row.prior_hba1c, round(row.prior_days_hba1c), row.stale_hba1c) == (6.5, 457, True)
+
+
+def test_a_stale_value_is_estimated_anew_and_a_recent_one_is_not(lake):
+    """p005's HbA1c in its 2020 row was measured 15 months before (stale: over 365 days), p006's 4
+    months before: the record update estimates p005's current HbA1c from the rest of the panel and
+    the old value, leaves p006's alone, and the observation itself stays as it was."""
+    panel = _panel(lake.spark)
+    at_2020 = F.col("index_time") == F.lit(dt.datetime(2020, 1, 1))
+    for key, value in (("p005", 7.7), ("p006", 6.1)):
+        chosen = (F.col("patient_key") == key) & at_2020
+        panel = panel.withColumn("last_hba1c", F.when(chosen, F.lit(value)).otherwise(F.col("last_hba1c")))
+    lake.write(panel, estimates.FEATURES, mode=WriteMode.OVERWRITE)
+    observed = lake.spark.createDataFrame(
+        [("o5", "p005", "LOINC", "4548-4", 7.7, dt.datetime(2018, 10, 1), [], "%"),
+         ("o6", "p006", "LOINC", "4548-4", 6.1, dt.datetime(2019, 9, 1), [], "%")],
+        "observation_id string, patient_key string, code_system string, code string, value_number double, "
+        "effective_at timestamp, quality_flags array<string>, unit string",
+    )  # fmt: skip
+    lake.write(observed, estimates.OBSERVATIONS)
+    estimates.run(lake)
+    hba1c = {(r.patient_key, r.as_of.year): r for r in _active(lake).values() if r.lab == "hba1c"}
+    stale = hba1c[("p005", 2020)]
+    assert stale.low < stale.value < stale.high and ("p006", 2020) not in hba1c
+    assert sorted(map(str, lake.read(estimates.OBSERVATIONS).collect())) == sorted(
+        map(str, observed.collect())
+    )

@@ -1,4 +1,4 @@
-"""Record update: an ANN estimates a patient's missing lab values, beside the observations, never over them.
+"""Record update: an ANN estimates missing and stale lab values, beside the observations, never over them.
 
 The panel is a patient's point-in-time feature row (``gold.features_patient``: the latest value of
 each lab of ``conf/features.yaml`` in its window, age, sex, conditions) with each lab's history
@@ -228,9 +228,11 @@ def _hash(columns: list[str]):
 
 def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
     """Per anchor (``patient_key``, ``index_time``) and lab, ``prior_<lab>`` and ``prior_days_<lab>``:
-    the patient's measurement before the one a panel holds (the one before the latest, where the
-    lab is in its window), or the latest of all (where it is not: older than the window), and its
-    age in days. What LOCF would carry forward, as an input beside the other labs."""
+    the patient's latest measurement that the panel does not hold as current, and its age in days;
+    what LOCF would carry forward, an input beside the other labs. Where the latest is recent (within
+    ``windows.labs_stale_days``) the panel holds it and the history is the one before; where it is
+    stale (older, still in the lab window) or out of the window, it is the latest itself, and
+    ``stale_<lab>`` says the panel's value is stale (:func:`panel` estimates it anew)."""
     defs = defs or definitions.load()
     keys = anchors.select("patient_key", "index_time").distinct()
     obs = pointintime.lab_values(lake, {n: defs.labs[n] for n in labs})
@@ -242,36 +244,45 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
         at(1, "value_number").alias("v1"), at(1, "effective_at").alias("t1"),
         at(2, "value_number").alias("v2"), at(2, "effective_at").alias("t2"),
     )  # fmt: skip
-    in_window = F.col("t1") >= F.col("index_time") - F.expr(f"INTERVAL {defs.windows.labs_days} DAYS")
-    when = F.when(in_window, F.col("t2")).otherwise(F.col("t1"))
+    since = lambda days: F.col("index_time") - F.expr(f"INTERVAL {days} DAYS")  # noqa: E731
+    in_window = F.col("t1") >= since(defs.windows.labs_days)
+    current = in_window & (F.col("t1") >= since(defs.windows.labs_stale_days))
+    when = F.when(current, F.col("t2")).otherwise(F.col("t1"))
     per_lab = per_lab.select(
-        "patient_key", "index_time", "lab", F.when(in_window, F.col("v2")).otherwise(F.col("v1")).alias("v"),
+        "patient_key", "index_time", "lab", F.when(current, F.col("v2")).otherwise(F.col("v1")).alias("v"),
         ((F.unix_timestamp("index_time") - F.unix_timestamp(when)) / 86400.0).alias("d"),
+        (in_window & ~current).alias("s"),
     )  # fmt: skip
     wide = (
         per_lab.groupBy("patient_key", "index_time")
         .pivot("lab", labs)
-        .agg(F.first("v").alias("v"), F.first("d").alias("d"))
+        .agg(F.first("v").alias("v"), F.first("d").alias("d"), F.first("s").alias("s"))
     )
     cols = []
     for lab in labs:
         cols += [
             F.col(f"{lab}_v").alias(f"prior_{lab}"),
             F.col(f"{lab}_d").alias(f"prior_days_{lab}"),
+            F.coalesce(F.col(f"{lab}_s"), F.lit(False)).alias(f"stale_{lab}"),
         ]
-    return keys.join(wide.select("patient_key", "index_time", *cols), ["patient_key", "index_time"], "left")
+    out = keys.join(wide.select("patient_key", "index_time", *cols), ["patient_key", "index_time"], "left")
+    return out.fillna(False, subset=[f"stale_{lab}" for lab in labs])
 
 
 def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:
     """Feature-like rows (``patient_key``, ``index_time``, ``last_<lab>``, context) as the model's
-    panel: with each lab's history and the hash of everything the model reads. A lab whose feature
-    takes estimates (``estimated_<lab>``) is read as measured only: the model never learns from,
-    or re-estimates because of, its own estimates."""
+    panel: with each lab's history and the hash of everything the model reads. A stale value
+    (measured, but longer ago than ``windows.labs_stale_days``) is not current: the panel holds
+    it as the lab's history and the lab as a gap, so the model learns and estimates today's value
+    from it. A lab whose feature takes estimates (``estimated_<lab>``) is read as measured only:
+    the model never learns from, or re-estimates because of, its own estimates."""
     for lab in labs:
         if f"estimated_{lab}" in rows.columns:
             measured = F.when(F.col(f"estimated_{lab}") != 1, F.col(f"last_{lab}"))
             rows = rows.withColumn(f"last_{lab}", measured)
     rows = rows.join(history(lake, rows, labs), ["patient_key", "index_time"], "left")
+    for lab in labs:
+        rows = rows.withColumn(f"last_{lab}", F.when(~F.col(f"stale_{lab}"), F.col(f"last_{lab}")))
     inputs = [
         *[f"last_{lab}" for lab in labs], *context_columns(rows.columns),
         *[f"{p}{lab}" for lab in labs for p in ("prior_", "prior_days_")],

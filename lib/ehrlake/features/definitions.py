@@ -50,6 +50,7 @@ class Windows:
     long_days: int = 1825
     labs_days: int = 730
     observed_days: int = 730
+    labs_stale_days: int = 365  # the record update: a lab value older than this is estimated anew
 
     def validate(self) -> None:
         for name, days in vars(self).items():
