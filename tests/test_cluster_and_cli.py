@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -190,10 +191,19 @@ def test_the_commands_last_error_line_survives_its_exit_every_time():
     assert outcomes == [(1, "ehrlake: error: the one line\n")] * len(runs)
 
 
+@pytest.fixture(scope="module")
+def cli_ingested(tmp_path_factory):
+    """(lake, the command's result) of one CLI ingest of the NDJSON sample, shared by the tests that
+    need one: each spark-submit ingest costs a minute or two of the CI."""
+    lake = tmp_path_factory.mktemp("cli") / "lake"
+    return lake, ehrlake("ingest", *ndjson_ingest_args(lake))
+
+
 @pytest.mark.slow
-def test_cli_ingest_then_lake_show_json(tmp_path):
+def test_cli_ingest_then_lake_show_json(cli_ingested, tmp_path):
+    ingested, result = cli_ingested
     lake = tmp_path / "lake"
-    result = ehrlake("ingest", *ndjson_ingest_args(lake))
+    shutil.copytree(ingested, lake)  # this test rotates keys: the shared lake stays as ingested
     assert result.returncode == 0, result.stderr[-2000:]
     assert "check: 6,021 records read" in result.stdout and ": OK" in result.stdout
     # quiet by default: no Spark start-up log, WARN lines, progress bars or the JVM's own notice
@@ -280,13 +290,10 @@ def test_two_ingests_at_once_of_the_same_patients_load_each_patient_once(tmp_pat
 
 
 @pytest.mark.slow
-def test_ingest_killed_mid_run_then_rerun_equals_uninterrupted_run(tmp_path):
+def test_ingest_killed_mid_run_then_rerun_equals_uninterrupted_run(cli_ingested, tmp_path):
     source = shared("fhir_ndjson_pathling")
-    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    assert (
-        ehrlake("ingest", "--source", "fhir-ndjson", "--input", str(source), "--lake", str(clean)).returncode
-        == 0
-    )
+    (clean, uninterrupted), crashed = cli_ingested, tmp_path / "crashed"
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
     proc = subprocess.Popen(
         [
             str(BIN / "ehrlake"),
