@@ -4,6 +4,7 @@ its nodes in words, leaves of at least k patients, and rules that are the tree's
 from __future__ import annotations
 
 import datetime as dt
+from html import escape
 
 import numpy as np
 import pytest
@@ -174,7 +175,15 @@ def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
 
     html = report.hierarchy_section(lake)
     assert "<h2>Patient progress hierarchies</h2>" in html and "<pre>" not in html
-    assert "No tree yet for diabetes care, hypertension care, chronic kidney disease care" in html
+    # the refusal is recorded for the programme, and the report gives its reason
+    (last,) = lake.read(hierarchy.BUILDS).collect()
+    assert (last.programme, last.status, last.model_id) == ("diabetes", "refused", None)
+    assert "need 22 and both outcomes" in last.reason and escape(last.reason) in html
+    assert "<li>diabetes care: the latest build (" in html
+    assert (
+        "<li>hypertension care: not built yet" in html
+        and "<li>chronic kidney disease care: not built" in html
+    )
 
 
 def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
@@ -226,7 +235,13 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     assert "diabetes care: hierarchy.diabetes v1" in html and "+ everyone in the programme: " in html
     assert html.count("<img") == 1 and f"{hidden} small cells hidden, left out" in html
     assert "diabetes: what would move people" in html and "<td>change</td>" in html
-    assert "No tree yet for hypertension care, chronic kidney disease care" in html
+    assert "<li>hypertension care: not built yet" in html and "<li>diabetes care" not in html
+    builds = {r.programme: r for r in lake.read(hierarchy.BUILDS).collect()}
+    assert (builds["diabetes"].status, builds["diabetes"].version, builds["diabetes"].reason) == (
+        "built",
+        1,
+        None,
+    )
 
 
 def assert_counts_people_per_area(lake, areas, person_of) -> None:

@@ -23,6 +23,7 @@ against the model's own prediction.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pyspark.sql import functions as F
 
 from ehrlake.clean.codes import lookup
 from ehrlake.config import read_yaml
-from ehrlake.errors import ConfigError, EhrlakeError
+from ehrlake.errors import AccessDenied, ConfigError, EhrlakeError, JobRunning
 from ehrlake.features import definitions
 from ehrlake.home import CONF
 
@@ -42,6 +43,7 @@ PROGRESS = "gold.patient_progress"
 TRANSITIONS = "gold.hierarchy_transitions"
 IMPROVEMENT = "gold.improvement_areas"
 IMPROVEMENT_SUMMARY = "gold.improvement_summary"
+BUILDS = "gold.hierarchy_builds"  # per programme, its latest build: a tree, or why none
 BAND_ORDER = {"low": 0, "medium": 1, "high": 2}
 FEATURES = "gold.features_patient"
 ALGORITHM = "decision-tree"
@@ -318,12 +320,44 @@ def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme:
 
 
 def build(lake, programme: str, role: str | None = None, settings: Settings | None = None):
-    """Fit, register and describe the programme's tree; returns its registered ModelVersion."""
+    """Fit, register and describe the programme's tree; returns its registered ModelVersion. The
+    outcome, a tree or the one-line reason there is none, is recorded in ``gold.hierarchy_builds``
+    (the report names each refused programme with its reason)."""
+    settings = settings or load()
+    p = settings.programme(programme)
+    try:
+        mv = _build(lake, p, role, settings)
+    except (AccessDenied, JobRunning):
+        raise  # about who runs it and when, not about the programme
+    except EhrlakeError as e:
+        with contextlib.suppress(EhrlakeError):  # the build's own reason is the one to say
+            _record(lake, p, role, None, str(e))
+        raise
+    _record(lake, p, role, mv, None)
+    return mv
+
+
+def _record(lake, p: Programme, role: str | None, mv, reason: str | None) -> None:
+    from ehrlake.lake import WriteMode
+
+    row = [(p.name, p.description, "refused" if mv is None else "built", reason,
+            None if mv is None else mv.model_id, None if mv is None else mv.version,
+            dt.datetime.now(dt.UTC).replace(tzinfo=None))]  # fmt: skip
+    frame = lake.spark.createDataFrame(
+        row,
+        "programme string, description string, status string, reason string, model_id string, "
+        "version int, built_at timestamp",
+    )
+    with lake.security.job("hierarchy", ["gold"], role) as (_, audit):
+        lake.create(BUILDS, frame.schema, ["programme"])
+        lake.write(frame, BUILDS, mode=WriteMode.OVERWRITE, where={"programme": p.name})
+        audit.append((BUILDS, f"{p.name}: {reason or mv.label}"))
+
+
+def _build(lake, p: Programme, role: str | None, settings: Settings):
     from ehrlake.models import evaluate, registry, versions
     from ehrlake.models.train import split
 
-    settings = settings or load()
-    p = settings.programme(programme)
     k = settings.min_leaf_patients
     features_version = lake.version(FEATURES) if lake.exists(FEATURES) else None
     rows = with_people(lake, programme_rows(lake, p))

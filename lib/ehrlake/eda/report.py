@@ -204,12 +204,30 @@ def hierarchy_section(lake) -> str:
         own = areas[areas["programme"] == name] if areas is not None else None
         if own is not None and not own.empty:
             parts.append(improvement_table(own, name))
-    missing = [settings.programmes[p].description for p in settings.programmes if p not in built]
-    if missing:
+    latest = (
+        {r.programme: r for r in lake.read(hierarchy.BUILDS).collect()}  # one row per programme
+        if lake.exists(hierarchy.BUILDS)
+        else {}
+    )
+    refused = []
+    for name, p in settings.programmes.items():
+        last = latest.get(name)
+        if last is not None and last.status == "refused":
+            when = f"{last.built_at:%Y-%m-%d}"
+            note = f"the latest build ({when}) made no tree" + (
+                ": an earlier tree is shown" if name in built else ""
+            )
+            refused.append(
+                f"<li>{html.escape(p.description)}: {html.escape(note)}: {html.escape(last.reason)}</li>"
+            )
+        elif name not in built:
+            refused.append(
+                f"<li>{html.escape(p.description)}: not built yet (<code>ehrlake hierarchy build</code>)</li>"
+            )
+    if refused:
         parts.append(
-            f"<p>No tree yet for {html.escape(', '.join(missing))}: <code>ehrlake hierarchy build</code> "
-            "says how many of the cohort's patients have an outcome a year on (a tree needs twice k "
-            "training patients, with both outcomes).</p>"
+            "<p>Programmes without a tree (a tree needs twice k training patients whose outcome a "
+            f"year on is known, with both outcomes):</p><ul>{''.join(refused)}</ul>"
         )
     return "".join(parts)
 
