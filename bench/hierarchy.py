@@ -110,6 +110,9 @@ def compare(name, rows, names, settings, placed, order: list[str], refits: int, 
     train, test = split(rows, settings.seed)
     train = train.cache()
     counts = train.agg(F.count("*"), F.countDistinct(hierarchy.PERSON), F.sum("label")).first()
+    if not 0 < (counts[2] or 0) < counts[0]:
+        train.unpersist()
+        raise EhrlakeError(f"{name}: {counts[2] or 0} of {counts[0]} training rows with the outcome")
     fill = hierarchy.medians(train, names)
     fitted = hierarchy.filled(train, names, fill).cache()
     started = time.perf_counter()
