@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ehrlake import hierarchy
+from ehrlake.errors import EhrlakeError
 
 K = 11
 
@@ -184,6 +185,12 @@ def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
         "<li>hypertension care: not built yet" in html
         and "<li>chronic kidney disease care: not built" in html
     )
+    with pytest.raises(
+        EhrlakeError, match=r"no tree of diabetes: its latest build \(.*\) made none: .*need 22"
+    ):
+        hierarchy.show(lake, "diabetes")
+    with pytest.raises(EhrlakeError, match="no tree of ckd yet: run ehrlake hierarchy build --programme ckd"):
+        hierarchy.show(lake, "ckd")
 
 
 def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):

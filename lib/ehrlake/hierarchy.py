@@ -677,11 +677,18 @@ def show(lake, programme: str, role: str | None = None, settings: Settings | Non
 
     settings = settings or load()
     p = settings.programme(programme)
-    if not lake.exists(NODES):
-        raise EhrlakeError(f"no {NODES} yet: run ehrlake hierarchy build --programme {p.name}")
-    read = lake.read(NODES, role=role) if role else lake.read(NODES)
-    rows = {r.node_id: r for r in read.where(F.col("programme") == p.name).collect()}  # at most 2^9 nodes
+    read = lambda t: lake.read(t, role=role) if role else lake.read(t)  # noqa: E731
+    # at most 2^9 nodes; one row per programme
+    rows = (
+        {r.node_id: r for r in read(NODES).where(F.col("programme") == p.name).collect()}
+        if lake.exists(NODES)
+        else {}
+    )
     if not rows:
+        last = read(BUILDS).where(F.col("programme") == p.name).collect() if lake.exists(BUILDS) else []
+        if last and last[0].status == "refused":
+            when = f"{last[0].built_at:%Y-%m-%d}"
+            raise EhrlakeError(f"no tree of {p.name}: its latest build ({when}) made none: {last[0].reason}")
         raise EhrlakeError(f"no tree of {p.name} yet: run ehrlake hierarchy build --programme {p.name}")
     mv = registry.get(lake, rows[1].model_id, rows[1].version)
     lines = [f"{p.description}: {mv.label}, {mv.headline()}", f"outcome: {p.outcome_description}"]
