@@ -182,8 +182,8 @@ def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
     assert "need 22 and both outcomes" in last.reason and escape(last.reason) in html
     assert "<li>diabetes care: the latest build (" in html
     assert (
-        "<li>hypertension care: not built yet" in html
-        and "<li>chronic kidney disease care: not built" in html
+        "<li>hypertension care: no build yet" in html
+        and "<li>chronic kidney disease care: no build yet" in html
     )
     with pytest.raises(
         EhrlakeError, match=r"no tree of diabetes: its latest build \(.*\) made none: .*need 22"
@@ -242,7 +242,7 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     assert "diabetes care: hierarchy.diabetes v1" in html and "+ everyone in the programme: " in html
     assert html.count("<img") == 1 and f"{hidden} small cells hidden, left out" in html
     assert "diabetes: what would move people" in html and "<td>change</td>" in html
-    assert "<li>hypertension care: not built yet" in html and "<li>diabetes care" not in html
+    assert "<li>hypertension care: no build yet" in html and "<li>diabetes care" not in html
     builds = {r.programme: r for r in lake.read(hierarchy.BUILDS).collect()}
     assert (builds["diabetes"].status, builds["diabetes"].version, builds["diabetes"].reason) == (
         "built",

@@ -222,7 +222,7 @@ def hierarchy_section(lake) -> str:
             )
         elif name not in built:
             refused.append(
-                f"<li>{html.escape(p.description)}: not built yet (<code>ehrlake hierarchy build</code>)</li>"
+                f"<li>{html.escape(p.description)}: no build yet (<code>ehrlake hierarchy build</code>)</li>"
             )
     if refused:
         parts.append(
