@@ -263,10 +263,10 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
         cols += [
             F.col(f"{lab}_v").alias(f"prior_{lab}"),
             F.col(f"{lab}_d").alias(f"prior_days_{lab}"),
-            F.coalesce(F.col(f"{lab}_s"), F.lit(False)).alias(f"stale_{lab}"),
+            F.col(f"{lab}_s").alias(f"stale_{lab}"),
         ]
     out = keys.join(wide.select("patient_key", "index_time", *cols), ["patient_key", "index_time"], "left")
-    return out.fillna(False, subset=[f"stale_{lab}" for lab in labs])
+    return out.fillna(False, subset=[f"stale_{lab}" for lab in labs])  # no measurement: not stale
 
 
 def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:

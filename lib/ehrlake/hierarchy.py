@@ -280,9 +280,9 @@ def rule_words(n: Node, words) -> str:
 # ----------------------------------------------------------------------------------- build
 def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme: str):
     """(model, its nodes, the leaf size in rows, the weight of a positive row) of a tree on filled
-    rows with ``label``, every
-    leaf holding ``min_leaf_patients`` distinct patients: refitted with leaves of twice the rows
-    until it does (rows are patient x date, so a leaf of k rows may hold fewer than k patients).
+    rows with ``label``, every leaf holding ``min_leaf_patients`` distinct patients: refitted with
+    leaves of twice the rows until it does (rows are patient x date, so a leaf of k rows may hold
+    fewer than k patients).
 
     The classes are balanced by weight (each positive row counts negatives / positives). Spark
     merges sibling leaves that predict the same class (SPARK-3159; no switch before Spark 4.3),
