@@ -7,18 +7,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "data" / "sample"
 ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "auditor")
+# Spark compiles generated code for every plan; on the suite's tiny tables compiling costs more than
+# it saves (two modules: 355 s with it, 281 s without, 2 cores). The suite runs Spark's interpreted
+# expressions, in process and in every CLI or spark-submit it starts ($EHRLAKE_CONF below); the demo
+# and the benches run generated code, as production does.
+TEST_SPARK_CONF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def security_conf(tmp_path_factory):
     """One master key and key store for the session, outside every lake (as in production), and a
     configuration pointing at them that CLI and spark-submit subprocesses pick up via $EHRLAKE_CONF."""
-    from ehrlake.config import SecurityConfig
+    from ehrlake.config import SecurityConfig, SparkConfig
     from ehrlake.security import init_keys
     from ehrlake.security.grants import Grants, current_user
 
@@ -40,6 +46,7 @@ def security_conf(tmp_path_factory):
         f"  access_policy: {REPO / 'conf' / 'access_policy.yaml'}\n"
         f"  grants: {secrets / 'grants'}\n"
         f"  grant_admin_key: {secrets / 'grant-admin.key'}\n"
+        + yaml.safe_dump({"spark": {"conf": {**SparkConfig().conf, **TEST_SPARK_CONF}}})
     )
     previous = os.environ.get("EHRLAKE_CONF")
     os.environ["EHRLAKE_CONF"] = str(conf)
@@ -59,6 +66,7 @@ def spark():
     conf = dict(SparkConfig().conf)
     conf["spark.sql.shuffle.partitions"] = "4"
     conf["spark.driver.memory"] = "2g"
+    conf.update(TEST_SPARK_CONF)
     # the native engine's Delta JARs on the class path (where `make setup` fetched them): lakes use
     # delta-rs unless a test asks for native (tests/test_lake.py runs the lake layer on both)
     lake = LakeConfig(engine="native")
