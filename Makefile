@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DLVENV ?= .venv-dl
 LAKE ?= ./lake
 
-.PHONY: demo test test-fast bench bench-quick lint setup java clean dl-env pathling-env
+.PHONY: demo test test-heavy test-fast bench bench-quick lint setup java clean dl-env pathling-env
 
 setup: java $(VENV)/.installed .jars/delta/.fetched
 
@@ -51,8 +51,14 @@ demo: setup dl-env
 # the main suite in the main runtime (it skips tests/test_dl.py, which needs TensorFlow), then the
 # deep-learning tests in the deep-learning runtime
 test: setup dl-env
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not heavy"
 	$(DLVENV)/bin/python -m pytest -q tests/test_dl.py
+
+# the crash, concurrency, cluster, whole-lake and whole-data-set tests (about 30 minutes on 2 cores,
+# which CI's limit has no room for): run them before changing ingest, the lake's commits, the security
+# of what is written, features or scoring
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -200,6 +200,7 @@ def cli_ingested(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_cli_ingest_then_lake_show_json(cli_ingested, tmp_path):
     ingested, result = cli_ingested
     lake = tmp_path / "lake"
@@ -253,6 +254,7 @@ def test_cli_ingest_then_lake_show_json(cli_ingested, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_two_ingests_at_once_of_the_same_patients_load_each_patient_once(tmp_path):
     """Two OS processes ingest the same 100 patients and their conditions (in files of their own)
     into one lake at the same time, twice over: every key lands once, the two run reports say so
@@ -290,6 +292,7 @@ def test_two_ingests_at_once_of_the_same_patients_load_each_patient_once(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ingest_killed_mid_run_then_rerun_equals_uninterrupted_run(cli_ingested, tmp_path):
     source = shared("fhir_ndjson_pathling")
     (clean, uninterrupted), crashed = cli_ingested, tmp_path / "crashed"
@@ -341,6 +344,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_spark_submit_ingest_on_a_standalone_cluster_with_two_workers(tmp_path):
     cluster = {
         "EHRLAKE_CLUSTER_DIR": str(tmp_path / "cluster"),

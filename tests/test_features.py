@@ -170,6 +170,7 @@ def _gold(lake) -> dict[str, list[tuple]]:
     return {t: sorted(tuple(r) for r in lake.read(t).collect()) for t in features.KEYS}
 
 
+@pytest.mark.heavy
 def test_incremental_features_equal_a_rebuild_also_when_the_data_end_moves(lake):
     for key, future in (("same", False), ("future", True)):
         for entity, rows in _history(key, future).items():

@@ -8,7 +8,7 @@ entries have relative fullUrls: those ids are local to the document (the ABDM sa
 The two Synthea sets (625 and 79 patients, 31 MB and 7 MB gzipped) are ingested as the few bundles
 that between them hold every shape found in the whole set (each resource type with each combination of
 fields it comes with: 46 shapes in 8 bundles of the 625): what could fail to land typed is a shape, not
-a count, and the whole set took 4.5 minutes of CI. Whole sets go through the benches."""
+a count, and the whole set took 4.5 minutes on 2 cores. Whole sets go through the benches."""
 
 from __future__ import annotations
 
@@ -67,8 +67,16 @@ def _every_shape(folder, into):
 
 
 DATA_SETS = [
-    pytest.param(("synthea_fhir_r4_smart", "bundles"), SourceKind.FHIR_BUNDLES, True, id="smart-625-shapes"),
-    pytest.param(("synthea_fhir_r4_hiv",), SourceKind.FHIR_BUNDLES, True, id="hiv-79-shapes"),
+    pytest.param(
+        ("synthea_fhir_r4_smart", "bundles"),
+        SourceKind.FHIR_BUNDLES,
+        True,
+        id="smart-625-shapes",
+        marks=pytest.mark.heavy,
+    ),
+    pytest.param(
+        ("synthea_fhir_r4_hiv",), SourceKind.FHIR_BUNDLES, True, id="hiv-79-shapes", marks=pytest.mark.heavy
+    ),
     pytest.param(("fhir_ndjson_pathling",), SourceKind.FHIR_NDJSON, False, id="pathling-ndjson"),
     pytest.param(("india_abdm_fhir",), SourceKind.FHIR_BUNDLES, False, id="abdm-documents"),
 ]

@@ -424,6 +424,7 @@ def test_a_table_written_by_one_engine_reads_back_equal_through_the_other(spark,
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_ingest_clean_quality_eda_give_the_same_tables_on_both_engines(spark, tmp_path, security_conf):
     """The pipeline end to end on each engine (bundled NDJSON sample, in two batches, the second
     cleaned incrementally and the result checked against a rebuild): every table has the same rows,

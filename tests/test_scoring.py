@@ -139,6 +139,7 @@ def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scor
     assert nightly.scored == features.patient_features(lake, [AS_OF]).count()
 
 
+@pytest.mark.heavy
 def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_path):
     """``ehrlake evaluate --input``: a FHIR bundle dump is ingested into its own scratch lake (the
     lake's tables untouched), labelled at the lake's index dates and scored by the registered

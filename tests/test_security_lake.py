@@ -103,6 +103,7 @@ def test_the_scan_finds_a_name_in_clear_and_not_inside_a_word_or_ciphertext():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_sample_ingest_leaves_no_patient_identifier_in_clear_in_any_lake_file(lake, tmp_path):
     needles = sorted(sample_identifiers())
     assert len(needles) > 500  # names, SSNs, streets and phones of hundreds of patients
@@ -220,6 +221,7 @@ def _key_material(secrets: Path, store_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_no_key_material_in_event_logs_logs_plans_delta_log_or_data(tmp_path, security_conf):
     """An ingest with Spark event logging on (every plan and task is logged): searched byte by byte
     for every key it used (master, data keys, linkage secret) raw, in hex and in base64."""
