@@ -52,13 +52,14 @@ demo: setup dl-env
 # deep-learning tests in the deep-learning runtime
 test: setup dl-env
 	$(PY) -m pytest -q -m "not heavy"
-	$(DLVENV)/bin/python -m pytest -q tests/test_dl.py
+	$(DLVENV)/bin/python -m pytest -q -m "not heavy" tests/test_dl.py
 
-# the crash, concurrency, cluster, whole-lake and whole-data-set tests (about 30 minutes on 2 cores,
+# the crash, concurrency, cluster, whole-lake and whole-data-set tests (about 40 minutes on 2 cores,
 # which CI's limit has no room for): run them before changing ingest, the lake's commits, the security
 # of what is written, features or scoring
-test-heavy: setup
+test-heavy: setup dl-env
 	$(PY) -m pytest -q -m heavy
+	$(DLVENV)/bin/python -m pytest -q -m heavy tests/test_dl.py
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -156,6 +156,7 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_conf):
     from pyspark.sql import functions as F
 
@@ -448,6 +449,7 @@ def test_explain_gives_the_risk_its_events_and_similar_patients_only_at_k(sequen
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_a_sequence_model_is_evaluated_on_a_new_hospitals_dump(sequence_models, tmp_path):
     """External validation across the two runtimes: the main runtime's ``ehrlake evaluate --input``
     prepares the dump (ingest needs it) and names the second command; this runtime scores every
