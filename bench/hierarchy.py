@@ -116,7 +116,7 @@ def compare(name, rows, names, settings, placed, order: list[str], refits: int, 
     fill = hierarchy.medians(train, names)
     fitted = hierarchy.filled(train, names, fill).cache()
     started = time.perf_counter()
-    model, tree, min_rows, _ = hierarchy.fit(fitted, names, settings, name)
+    model, tree, min_rows, _ = hierarchy.fit(fitted, names, settings, name, (counts[2], counts[0]))
     tree_s = time.perf_counter() - started
     risk = {n.node_id: n.probability for n in tree if n.leaf}
     scored = hierarchy.filled(test, names, fill).withColumn("_leaf", hierarchy.leaf_of(tree))
@@ -207,10 +207,10 @@ def main() -> int:
     programmes = args.programme or ([] if args.diabetes130 else list(settings.programmes))
     runs = {n: (one, settings.programme(n)) for n in programmes}
     if args.diabetes130:
-        runs["diabetes130_readmission_30d"] = (lambda lake, s, _, *a: diabetes130(lake, s, *a), None)
+        runs["diabetes130_readmission_30d"] = (diabetes130, None)
     for name, (bench, p) in runs.items():
         try:
-            result = bench(lake, settings, p, args.refits, args.max_rows)
+            result = bench(lake, settings, *([p] if p else []), args.refits, args.max_rows)
         except EhrlakeError as e:
             skipped[name] = str(e)
             print(f"{name}: skipped ({e})")

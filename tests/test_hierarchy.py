@@ -84,8 +84,8 @@ def test_a_programmes_rows_take_their_outcome_from_the_next_as_of(lake):
 
 
 def test_the_tree_has_leaves_of_k_patients_and_rules_that_are_its_decisions(built, capsys):
-    from pyspark.ml.classification import DecisionTreeClassificationModel
     from pyspark.ml.feature import VectorAssembler
+    from pyspark.ml.regression import DecisionTreeRegressionModel
     from pyspark.sql import functions as F
 
     lake, settings, mv = built
@@ -104,12 +104,12 @@ def test_the_tree_has_leaves_of_k_patients_and_rules_that_are_its_decisions(buil
     names = mv.features
     fill = {k: float(v) for k, v in mv.params["fill"].items()}
     prepared = hierarchy.filled(rows, names, fill)
-    model = DecisionTreeClassificationModel.load(mv.artifact_path(lake))
+    model = DecisionTreeRegressionModel.load(mv.artifact_path(lake))
     tree = hierarchy.nodes(model, names)  # as the model weighs its rows (classes balanced)
     scored = model.transform(VectorAssembler(inputCols=names, outputCol="_features").transform(prepared))
     probability = {n.node_id: n.probability for n in tree}
-    pairs = scored.select(hierarchy.leaf_of(tree).alias("leaf"), F.col("probability")).collect()
-    assert all(abs(probability[r.leaf] - float(r.probability[1])) < 1e-9 for r in pairs)
+    pairs = scored.select(hierarchy.leaf_of(tree).alias("leaf"), F.col("prediction")).collect()
+    assert all(abs(probability[r.leaf] - r.prediction) < 1e-9 for r in pairs)
     # and the risks the hierarchy states are the outcome rates of the rows, not the weighted ones
     risk = {n.node_id: n.probability for n in hierarchy.nodes(model, names, mv.params["positive_weight"])}
     assert mv.params["positive_weight"] != 1 and all(
@@ -130,22 +130,26 @@ def test_the_tree_has_leaves_of_k_patients_and_rules_that_are_its_decisions(buil
 
 
 def test_a_rare_outcome_still_gives_groups_on_both_sides_of_its_rate(spark):
-    """An outcome in one row of eight: 4% below x = 0.5, 20% above. Unweighted, both groups
-    predict "no" and Spark merges them into one leaf (SPARK-3159): the tree says nothing. With the
-    classes balanced the tree splits at 0.5, and each leaf states its rows' own outcome rate."""
+    """An outcome in one row of six: 4% below x = 0.5; above it 20% or 40% by y. Unweighted, every
+    group predicts "no" and Spark's classification tree merges them into one leaf (SPARK-3159); a
+    balanced classification tree still merges the 20% and 40% groups, both above the population's
+    rate. The hierarchy's tree (regression, balanced) keeps the three groups apart, and each leaf
+    states its rows' own outcome rate."""
     from pyspark.sql import functions as F
 
     rng = np.random.default_rng(11)
-    x = rng.uniform(0, 1, 2000)
-    label = (rng.uniform(0, 1, 2000) < np.where(x < 0.5, 0.04, 0.20)).astype(int)
+    x, y = rng.uniform(0, 1, 4000), rng.uniform(0, 1, 4000)
+    rate = np.where(x < 0.5, 0.04, np.where(y < 0.5, 0.20, 0.40))
+    label = (rng.uniform(0, 1, 4000) < rate).astype(int)
     rows = spark.createDataFrame(
-        [(f"p{i}", float(v), int(y)) for i, (v, y) in enumerate(zip(x, label, strict=True))],
-        f"{hierarchy.PERSON} string, x double, label int",
+        [(f"p{i}", float(a), float(b), int(c)) for i, (a, b, c) in enumerate(zip(x, y, label, strict=True))],
+        f"{hierarchy.PERSON} string, x double, y double, label int",
     )
-    settings = hierarchy.Settings(max_depth=1, min_leaf_patients=K, seed=42, programmes={}, words={})
-    _, tree, _, weight = hierarchy.fit(rows, ["x"], settings, "rare")
-    leaves = [n for n in tree if n.leaf]
-    assert len(leaves) == 2 and abs(tree[0].split[1] - 0.5) < 0.05
+    settings = hierarchy.Settings(max_depth=2, min_leaf_patients=K, seed=42, programmes={}, words={})
+    _, tree, _, weight = hierarchy.fit(rows, ["x", "y"], settings, "rare")
+    node = {n.node_id: n for n in tree}
+    assert node[1].split[0] == "x" and abs(node[1].split[1] - 0.5) < 0.05
+    assert node[3].split[0] == "y" and abs(node[3].split[1] - 0.5) < 0.05 and node[6].leaf and node[7].leaf
     assert abs(weight - (len(label) - label.sum()) / label.sum()) < 1e-9
     rates = {
         r["leaf"]: r["rate"]
@@ -153,8 +157,9 @@ def test_a_rare_outcome_still_gives_groups_on_both_sides_of_its_rate(spark):
         .agg(F.avg("label").alias("rate"))
         .collect()
     }
+    leaves = [n for n in tree if n.leaf]
     assert all(abs(n.probability - rates[n.node_id]) < 1e-9 for n in leaves)
-    assert rates[2] < 0.07 < 0.15 < rates[3]
+    assert max(rates.get(2, 0), rates.get(4, 0), rates.get(5, 0)) < 0.07 < 0.15 < rates[6] < 0.3 < rates[7]
 
 
 def test_rules_read_in_words_and_a_programme_needs_its_outcome(lake):
@@ -197,8 +202,6 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
     """gold.patient_progress: each cohort patient at each as-of (the latest too) in a leaf, with the
     previous node and the move between bands; a later year's records never move a past node; the
     yearly moves between bands are counted with small counts hidden."""
-    from pyspark.ml.classification import DecisionTreeClassificationModel
-
     lake, settings, mv = built
     rows = {(r.patient_key, r.as_of.year): r for r in lake.read(hierarchy.PROGRESS).collect()}
     leaves = {r.node_id for r in lake.read(hierarchy.NODES).where("leaf").collect()}
@@ -216,8 +219,7 @@ def test_every_cohort_row_is_placed_and_its_move_is_named_by_risk_band(built):
 
     # the past stays where it was when a year is taken away: nodes depend on each row's own features
     p = settings.programme("diabetes")
-    model = DecisionTreeClassificationModel.load(mv.artifact_path(lake))
-    tree = hierarchy.nodes(model, mv.features)
+    tree = hierarchy.load_tree(lake, mv)
     fill = {k: float(v) for k, v in mv.params["fill"].items()}
     from ehrlake.lake import WriteMode
 
@@ -276,11 +278,9 @@ def test_improvement_areas_change_modifiable_features_only_and_land_in_a_lower_r
     """gold.improvement_areas, checked against a brute-force search over the leaves: the nearest
     lower-risk leaf whose unchangeable conditions the row already meets; applying the changes puts
     the row in that leaf; where no such leaf exists, no target and a status saying why."""
-    from pyspark.ml.classification import DecisionTreeClassificationModel
-
     lake, settings, mv = built
     p = settings.programme("diabetes")
-    tree = hierarchy.nodes(DecisionTreeClassificationModel.load(mv.artifact_path(lake)), mv.features)
+    tree = hierarchy.load_tree(lake, mv)
     leaves = [n for n in tree if n.leaf]
     fill = {k: float(v) for k, v in mv.params["fill"].items()}
     scale = {k: float(v) for k, v in mv.params["scales"].items()}

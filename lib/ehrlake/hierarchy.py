@@ -199,14 +199,20 @@ class Node:
 
 
 def nodes(model, names: list[str], positive_weight: float = 1.0) -> list[Node]:
-    """Every node of a fitted ``DecisionTreeClassificationModel``, pre-order, read from its JVM tree;
-    each node's outcome rate unweighted (a tree fitted with ``positive_weight`` per positive row
-    holds weighted counts)."""
+    """Every node of a fitted tree, pre-order, read from its JVM tree; each node's outcome rate
+    unweighted (a tree fitted with ``positive_weight`` per positive row holds weighted counts). The
+    hierarchy's trees are ``DecisionTreeRegressionModel`` (:func:`fit`); a classification tree's
+    nodes read the same."""
     out: list[Node] = []
 
     def walk(java, node_id: int, depth: int, conditions: list) -> None:
         stats = list(java.impurityStats().stats())
-        negatives, positives = (stats[0], stats[1] / positive_weight) if len(stats) > 1 else (sum(stats), 0.0)
+        if len(stats) == 3:  # variance: weighted (count, sum, sum of squares) of a 0/1 label
+            negatives, positives = stats[0] - stats[1], stats[1] / positive_weight
+        else:  # gini or entropy: weighted count per class
+            negatives, positives = (
+                (stats[0], stats[1] / positive_weight) if len(stats) > 1 else (sum(stats), 0.0)
+            )
         probability = positives / (negatives + positives) if negatives + positives else 0.0
         if java.getClass().getSimpleName() != "InternalNode":
             out.append(Node(node_id, depth, conditions, True, probability))
@@ -221,6 +227,14 @@ def nodes(model, names: list[str], positive_weight: float = 1.0) -> list[Node]:
 
     walk(model._java_obj.rootNode(), 1, 0, [])
     return out
+
+
+def load_tree(lake, mv) -> list[Node]:
+    """The nodes of a registered hierarchy model as it was fitted (its rows weighted, so a
+    node's ``probability`` is what the saved model predicts there, not the rows' outcome rate)."""
+    from pyspark.ml.regression import DecisionTreeRegressionModel
+
+    return nodes(DecisionTreeRegressionModel.load(mv.artifact_path(lake)), mv.features)
 
 
 def met(feature: str, op: str, threshold: float) -> Column:
@@ -278,30 +292,32 @@ def rule_words(n: Node, words) -> str:
 
 
 # ----------------------------------------------------------------------------------- build
-def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme: str):
+def fit(fitted_rows: DataFrame, names: list[str], settings: Settings, programme: str, counts=None):
     """(model, its nodes, the leaf size in rows, the weight of a positive row) of a tree on filled
     rows with ``label``, every leaf holding ``min_leaf_patients`` distinct patients: refitted with
     leaves of twice the rows until it does (rows are patient x date, so a leaf of k rows may hold
-    fewer than k patients).
+    fewer than k patients). ``counts``: (positive rows, rows) when the caller has them.
 
-    The classes are balanced by weight (each positive row counts negatives / positives). Spark
-    merges sibling leaves that predict the same class (SPARK-3159; no switch before Spark 4.3),
-    and with an outcome in one row of eight every leaf predicts "no": the tree kept only the
-    branches to the few groups above 50%, and its groups barely ranked risk (Diabetes 130-US
-    readmission: test AUROC 0.586 unweighted, 0.636 balanced, XGBoost 0.667; bench/hierarchy.py).
-    Balanced, a leaf predicts "yes" when its rate is above the population's, so the groups on
-    either side of it stay apart. The nodes' rates are given unweighted (:func:`nodes`)."""
-    from pyspark.ml.classification import DecisionTreeClassifier
+    A regression tree on the 0/1 outcome, its classes balanced by weight (each positive row counts
+    negatives / positives). Its variance splits are the Gini splits of a classification tree, but
+    Spark's classification trees merge sibling leaves that predict the same class (SPARK-3159; no
+    switch before Spark 4.3): with an outcome in one row of eight every leaf predicts "no" and only
+    the branches to groups above 50% survive; balanced, siblings that are both above (or both
+    below) the population's rate still merge. A regression tree keeps every leaf its depth and
+    leaf size allow. Diabetes 130-US readmission, test AUROC: classification 0.586 unweighted,
+    0.636 balanced, regression balanced 0.648; XGBoost 0.667 (bench/hierarchy.py, docs/hierarchy.md).
+    The nodes' rates are given unweighted (:func:`nodes`)."""
     from pyspark.ml.feature import VectorAssembler
+    from pyspark.ml.regression import DecisionTreeRegressor
 
     k = settings.min_leaf_patients
-    positives, total = fitted_rows.agg(F.sum("label"), F.count("*")).first()
+    positives, total = counts or fitted_rows.agg(F.sum("label"), F.count("*")).first()
     weight = (total - positives) / positives if positives else 1.0
     vectors = VectorAssembler(inputCols=names, outputCol="_features").transform(fitted_rows)
     vectors = vectors.withColumn("_weight", F.when(F.col("label") == 1, F.lit(weight)).otherwise(F.lit(1.0)))
     min_rows = k
     for _ in range(8):
-        model = DecisionTreeClassifier(
+        model = DecisionTreeRegressor(
             featuresCol="_features", labelCol="label", weightCol="_weight", maxDepth=settings.max_depth,
             minInstancesPerNode=min_rows, seed=settings.seed,
         ).fit(vectors)  # fmt: skip
@@ -375,7 +391,7 @@ def _build(lake, p: Programme, role: str | None, settings: Settings):
         fill = medians(train, names)
         fitted_rows = filled(train, names, fill)
         scale = scales(fitted_rows, names)
-        model, tree, min_rows, weight = fit(fitted_rows, names, settings, p.name)
+        model, tree, min_rows, weight = fit(fitted_rows, names, settings, p.name, (counts[2], counts[0]))
         score = lookup({n.node_id: n.probability for n in tree if n.leaf}, F.col("_leaf"))
         pred = filled(test, names, fill).withColumn("_leaf", leaf_of(tree)).withColumn("score", score).cache()
         version, artifact, path = versions.new_artifact(lake, p.model_id)
