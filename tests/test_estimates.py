@@ -5,6 +5,7 @@ touches only the rows whose inputs changed and leaves what a rebuild would."""
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -72,6 +73,7 @@ def test_estimates_fill_gaps_only_with_intervals_and_provenance(estimated):
     for r in active.values():
         assert r.low < r.value < r.high and r.source == "estimated" and r.level == 0.8
         assert r.model_id == estimates.MODEL_ID and r.input_versions[estimates.FEATURES] >= 0
+        assert r.gap == "missing"  # the fixture's panel holds no observations: nothing is stale
     units = {r.lab: r.unit for r in active.values()}
     assert units["systolic_bp"] == "mm[Hg]" and units["hba1c"] == "%" and active[next(iter(active))].code
 
@@ -203,20 +205,25 @@ def test_history_is_the_measurement_before_the_one_a_panel_holds(lake):
         estimates.OBSERVATIONS,
     )
     anchors = lake.spark.createDataFrame(
-        [("p1", dt.datetime(2021, 1, 1)), ("p1", dt.datetime(2018, 1, 1)), ("p2", dt.datetime(2021, 1, 1))],
+        [("p1", dt.datetime(2020, 9, 1)), ("p1", dt.datetime(2018, 1, 1)), ("p2", dt.datetime(2021, 1, 1))],
         "patient_key string, index_time timestamp",
     )
     got = {(r.patient_key, r.index_time.year): r for r in estimates.history(lake, anchors, LABS).collect()}
-    assert (got[("p1", 2021)].prior_hba1c, round(got[("p1", 2021)].prior_days_hba1c)) == (7.0, 580)
+    assert (got[("p1", 2020)].prior_hba1c, round(got[("p1", 2020)].prior_days_hba1c)) == (7.0, 458)
     assert (got[("p1", 2018)].prior_hba1c, round(got[("p1", 2018)].prior_days_hba1c)) == (9.0, 945)
-    assert got[("p2", 2021)].prior_hba1c is None and got[("p1", 2021)].prior_bmi is None
-    # stale: the latest is in the window but older than labs_stale_days (365): it is the history itself
-    assert not got[("p1", 2021)].stale_hba1c and not got[("p1", 2018)].stale_hba1c  # fresh; out of window
-    late = anchors.where("index_time = '2021-01-01'").selectExpr(
-        "patient_key", "timestamp'2021-09-01' AS index_time"
+    assert got[("p2", 2021)].prior_hba1c is None and got[("p1", 2020)].prior_bmi is None
+    # stale: the latest is in the window but older than the lab's stale_days (HbA1c: 180): it is the
+    # history itself; where the lab sets none, windows.labs_stale_days (365) holds
+    assert not got[("p1", 2020)].stale_hba1c and not got[("p1", 2018)].stale_hba1c  # fresh; out of window
+    late = anchors.where("index_time = '2020-09-01'").selectExpr(
+        "patient_key", "timestamp'2021-01-01' AS index_time"
     )
     row = {r.patient_key: r for r in estimates.history(lake, late, LABS).collect()}["p1"]
-    assert (row.prior_hba1c, round(row.prior_days_hba1c), row.stale_hba1c) == (6.5, 457, True)
+    assert (row.prior_hba1c, round(row.prior_days_hba1c), row.stale_hba1c) == (6.5, 214, True)
+    defs = definitions.load()
+    defs = replace(defs, labs={**defs.labs, "hba1c": replace(defs.labs["hba1c"], stale_days=None)})
+    row = {r.patient_key: r for r in estimates.history(lake, late, LABS, defs).collect()}["p1"]
+    assert (row.prior_hba1c, round(row.prior_days_hba1c), row.stale_hba1c) == (7.0, 580, False)
 
 
 def test_a_stale_value_is_estimated_anew_and_a_recent_one_is_not(lake):
@@ -236,10 +243,13 @@ def test_a_stale_value_is_estimated_anew_and_a_recent_one_is_not(lake):
         "effective_at timestamp, quality_flags array<string>, unit string",
     )  # fmt: skip
     lake.write(observed, estimates.OBSERVATIONS)
-    estimates.run(lake)
+    report = estimates.run(lake)
     hba1c = {(r.patient_key, r.as_of.year): r for r in _active(lake).values() if r.lab == "hba1c"}
     stale = hba1c[("p005", 2020)]
-    assert stale.low < stale.value < stale.high and ("p006", 2020) not in hba1c
+    assert stale.low < stale.value < stale.high and ("p006", 2020) not in hba1c and stale.gap == "stale"
+    stale_rows = [r for r in _active(lake).values() if r.gap == "stale"]
+    assert report["estimates_of_stale_values"] == len(stale_rows) >= 1
+    assert {r.gap for k, r in hba1c.items() if k[0] not in ("p005", "p006")} == {"missing"}  # no HbA1c seen
     assert sorted(map(str, lake.read(estimates.OBSERVATIONS).collect())) == sorted(
         map(str, observed.collect())
     )

@@ -218,7 +218,7 @@ def _estimate(key: str, lab: str, at: dt.datetime, value: float, superseded: boo
         "low": value - 1, "high": value + 1, "level": 0.8, "model_id": estimates.MODEL_ID,
         "model_version": 1, "input_versions": {}, "input_hash": 0, "source": "estimated",
         "estimated_at": made, "superseded": superseded, "superseded_at": made if superseded else None,
-        "superseded_reason": "measured" if superseded else None,
+        "superseded_reason": "measured" if superseded else None, "gap": "missing",
     }  # fmt: skip
     return tuple(row.values())
 
@@ -267,11 +267,10 @@ def test_a_lab_that_opts_in_takes_an_estimate_only_where_nothing_was_measured(la
         r.patient_key: r
         for r in estimates.panel(lake, lake.read("gold.features_patient"), ["bmi", "hba1c"]).collect()
     }
-    assert (
-        panel["same"].last_bmi is None
-        and panel["future"].last_bmi is None
-        and panel["same"].last_hba1c == 6.0
-    )
+    assert panel["same"].last_bmi is None and panel["future"].last_bmi is None
+    # the HbA1c measured 214 days before: past HbA1c's stale_days (180), so the panel's history
+    same = panel["same"]
+    assert (same.last_hba1c, same.prior_hba1c, same.stale_hba1c) == (None, 6.0, True)
 
 
 def test_default_index_dates_leave_a_year_of_follow_up():
@@ -294,3 +293,23 @@ def test_only_a_lab_can_take_estimates(tmp_path):
     assert definitions.load(path).labs["bmi"].estimates and definitions.load(path).labs["bmi"].codes == {
         "LOINC": ("39156-5",)
     }
+
+
+def test_a_labs_stale_days_is_its_own_and_within_the_lab_window(tmp_path):
+    from ehrlake.errors import ConfigError
+
+    path = tmp_path / "features.yaml"
+    path.write_text("labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: 180}\n  bmi: {LOINC: ['39156-5']}\n")
+    defs = definitions.load(path)
+    assert (defs.stale_days("hba1c"), defs.stale_days("bmi")) == (180, defs.windows.labs_stale_days)
+    for bad, says in (
+        ("labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: 0}\n", "stale_days is a lab's positive number"),
+        ("labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: 900}\n", "past windows.labs_days \\(730\\)"),
+        (
+            "condition_groups:\n  ckd: {ICD10CM: ['N18'], stale_days: 90}\n",
+            "condition_groups.ckd: stale_days",
+        ),
+    ):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=says):
+            definitions.load(path)

@@ -110,13 +110,18 @@ class PanelModel:
         return np.column_stack([values, missing.astype(float), np.nan_to_num(context), own])
 
     def estimate(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """Per row and missing lab with a model: value, low and high (in the lab's unit)."""
+        """Per row and missing lab with a model: value, low and high (in the lab's unit), and the
+        gap it fills: ``stale`` where the panel says the lab's value is (``stale_<lab>``), else
+        ``missing``."""
         out = []
         for lab, model in self.models.items():
             gaps = frame[frame[f"last_{lab}"].isna()]
             if gaps.empty:
                 continue
             z = model.predict(self.design(gaps, lab))
+            stale = (
+                gaps[f"stale_{lab}"].fillna(False) if f"stale_{lab}" in gaps else pd.Series(False, gaps.index)
+            )
             scale = self.std[lab]
             value = self.mean[lab] + z * scale
             out.append(
@@ -129,6 +134,7 @@ class PanelModel:
                         "value": value,
                         "low": value - model.half_width * scale,
                         "high": value + model.half_width * scale,
+                        "gap": np.where(stale.to_numpy(dtype=bool), "stale", "missing"),
                     }
                 )
             )
@@ -168,7 +174,7 @@ class PanelModel:
         return cls(meta["labs"], meta["context"], meta["mean"], meta["std"], models)
 
 
-ESTIMATE_COLUMNS = ["patient_key", "as_of", "input_hash", "lab", "value", "low", "high"]
+ESTIMATE_COLUMNS = ["patient_key", "as_of", "input_hash", "lab", "value", "low", "high", "gap"]
 
 
 def _held_out(keys: pd.Series, seed: int) -> np.ndarray:
@@ -230,9 +236,10 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
     """Per anchor (``patient_key``, ``index_time``) and lab, ``prior_<lab>`` and ``prior_days_<lab>``:
     the patient's latest measurement that the panel does not hold as current, and its age in days;
     what LOCF would carry forward, an input beside the other labs. Where the latest is recent (within
-    ``windows.labs_stale_days``) the panel holds it and the history is the one before; where it is
-    stale (older, still in the lab window) or out of the window, it is the latest itself, and
-    ``stale_<lab>`` says the panel's value is stale (:func:`panel` estimates it anew)."""
+    the lab's ``stale_days``, else ``windows.labs_stale_days``) the panel holds it and the history is
+    the one before; where it is stale (older, still in the lab window) or out of the window, it is
+    the latest itself, and ``stale_<lab>`` says the panel's value is stale (:func:`panel` estimates
+    it anew)."""
     defs = defs or definitions.load()
     keys = anchors.select("patient_key", "index_time").distinct()
     obs = pointintime.lab_values(lake, {n: defs.labs[n] for n in labs})
@@ -244,9 +251,9 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
         at(1, "value_number").alias("v1"), at(1, "effective_at").alias("t1"),
         at(2, "value_number").alias("v2"), at(2, "effective_at").alias("t2"),
     )  # fmt: skip
-    since = lambda days: F.col("index_time") - F.expr(f"INTERVAL {days} DAYS")  # noqa: E731
-    in_window = F.col("t1") >= since(defs.windows.labs_days)
-    current = in_window & (F.col("t1") >= since(defs.windows.labs_stale_days))
+    age = F.unix_timestamp("index_time") - F.unix_timestamp("t1")  # seconds
+    in_window = age <= defs.windows.labs_days * 86400
+    current = in_window & (age <= lookup({n: defs.stale_days(n) * 86400 for n in labs}, F.col("lab")))
     when = F.when(current, F.col("t2")).otherwise(F.col("t1"))
     per_lab = per_lab.select(
         "patient_key", "index_time", "lab", F.when(current, F.col("v2")).otherwise(F.col("v1")).alias("v"),
@@ -272,7 +279,7 @@ def history(lake, anchors: DataFrame, labs: list[str], defs=None) -> DataFrame:
 def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:
     """Feature-like rows (``patient_key``, ``index_time``, ``last_<lab>``, context) as the model's
     panel: with each lab's history and the hash of everything the model reads. A stale value
-    (measured, but longer ago than ``windows.labs_stale_days``) is not current: the panel holds
+    (measured, but longer ago than the lab's stale days) is not current: the panel holds
     it as the lab's history and the lab as a gap, so the model learns and estimates today's value
     from it. A lab whose feature takes estimates (``estimated_<lab>``) is read as measured only:
     the model never learns from, or re-estimates because of, its own estimates."""
@@ -287,7 +294,8 @@ def panel(lake, rows: DataFrame, labs: list[str]) -> DataFrame:
         *[f"last_{lab}" for lab in labs], *context_columns(rows.columns),
         *[f"{p}{lab}" for lab in labs for p in ("prior_", "prior_days_")],
     ]  # fmt: skip
-    return rows.select("patient_key", "index_time", *inputs, _hash(inputs))
+    stale = [f"stale_{lab}" for lab in labs]  # not an input: why a gap is one (estimate's ``gap``)
+    return rows.select("patient_key", "index_time", *inputs, _hash(inputs), *stale)
 
 
 def train(lake, role: str | None = None, seed: int = 42, max_rows: int = MAX_TRAIN_ROWS):
@@ -325,7 +333,8 @@ SCHEMA = (
     "estimate_id string, patient_key string, code_system string, code string, lab string, display string, "
     "as_of timestamp, value double, unit string, low double, high double, level double, model_id string, "
     "model_version int, input_versions map<string, bigint>, input_hash bigint, source string, "
-    "estimated_at timestamp, superseded boolean, superseded_at timestamp, superseded_reason string"
+    "estimated_at timestamp, superseded boolean, superseded_at timestamp, superseded_reason string, "
+    "gap string"  # missing: no value in the lab window; stale: one older than the lab's stale days
 )
 
 
@@ -415,7 +424,7 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
 
     raw = todo.mapInPandas(
         apply, "patient_key string, as_of timestamp, input_hash bigint, lab string, value double, "
-        "low double, high double",
+        "low double, high double, gap string",
     )  # fmt: skip
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     code = {n: lab.codes.get("LOINC", [None])[0] for n, lab in labs.items()}
@@ -430,7 +439,7 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
         F.create_map(*[F.lit(x) for kv in sources.items() for x in kv]).alias("input_versions"),
         "input_hash", F.lit("estimated").alias("source"), F.lit(now).alias("estimated_at"),
         F.lit(False).alias("superseded"), F.lit(None).cast("timestamp").alias("superseded_at"),
-        F.lit(None).cast("string").alias("superseded_reason"),
+        F.lit(None).cast("string").alias("superseded_reason"), "gap",
     )  # fmt: skip
 
     # an active estimate whose row is gone or changed, or made by another model, is superseded
@@ -454,16 +463,17 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
         .select(*existing.columns)
     )
     fresh = fresh.withColumn("_n", F.row_number().over(Window.partitionBy("estimate_id").orderBy("lab")))
-    changes = stale.unionByName(fresh.where("_n = 1").drop("_n")).cache()
+    # a table written before ``gap`` existed gains it (its older rows read null)
+    changes = stale.unionByName(fresh.where("_n = 1").drop("_n"), allowMissingColumns=True).cache()
     try:
-        what = F.coalesce("superseded_reason", F.lit("estimated")).alias("what")
+        what = F.coalesce("superseded_reason", F.concat(F.lit("estimated "), "gap")).alias("what")
         counts = {r["what"]: r["n"] for r in changes.groupBy(what).agg(F.count("*").alias("n")).collect()}
         fresh_rows = changes.where(~F.col("superseded")).select("patient_key", "as_of").distinct()
         rows_estimated = fresh_rows.count() if counts else 0
         with lake.security.job("estimate", ["silver"], role) as (_, audit):
             commit = {"ehrlakeJob": JOB}
             if counts:
-                lake.merge(changes, TABLE, ["estimate_id"], commit_info=commit)
+                lake.merge(changes, TABLE, ["estimate_id"], evolve_schema=True, commit_info=commit)
             audit.append((TABLE, f"{mv.label}: {rows_estimated} rows estimated, {counts}"))
         # after the merge committed: a crash before this line re-reads a little more next time
         mark = {**sources, TABLE: lake.version(TABLE)}
@@ -471,10 +481,12 @@ def _run(lake, role: str | None, retrain: bool) -> dict:
         read = scope.count() if scope is not None else None
     finally:
         changes.unpersist()
+    missing, stale_values = counts.pop("estimated missing", 0), counts.pop("estimated stale", 0)
     return {
         "model": mv.label,
         "rows_estimated": rows_estimated,
-        "estimates_written": counts.pop("estimated", 0),
+        "estimates_written": missing + stale_values,
+        "estimates_of_stale_values": stale_values,
         "superseded": counts,
         "active": lake.read(TABLE).where(~F.col("superseded")).count(),
         "patients_read": read,

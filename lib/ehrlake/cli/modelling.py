@@ -396,7 +396,8 @@ def cmd_estimate(args) -> int:
     superseded = ", ".join(f"{n} {why}" for why, n in sorted(got["superseded"].items())) or "none"
     read = "every patient" if got["patients_read"] is None else f"{got['patients_read']:,} changed patients"
     print(
-        f"{estimates.TABLE}: read {read}; {got['estimates_written']:,} estimates for "
+        f"{estimates.TABLE}: read {read}; {got['estimates_written']:,} estimates "
+        f"({got['estimates_of_stale_values']:,} of stale values) for "
         f"{got['rows_estimated']:,} patient x as-of rows with {got['model']}; superseded: {superseded}; "
         f"{got['active']:,} active"
     )

@@ -26,6 +26,7 @@ class CodeSet:
     description: str
     codes: dict[str, tuple[str, ...]]  # system -> codes or prefixes
     estimates: bool = False  # a lab only: a row without a measurement takes the record update's estimate
+    stale_days: int | None = None  # a lab only: older than this the record update estimates it anew
 
     def matches(self, system: Column, code: Column) -> Column:
         terms = []
@@ -64,6 +65,7 @@ class _CodeSetSpec:
 
     description: str | None = None
     estimates: bool = False
+    stale_days: int | None = None
     SNOMED: tuple = ()
     LOINC: tuple = ()
     ICD9CM: tuple = ()
@@ -77,6 +79,10 @@ class Definitions:
     condition_groups: dict[str, CodeSet]
     labs: dict[str, CodeSet]
 
+    def stale_days(self, lab: str) -> int:
+        """How old a lab's latest value may be and still count as today's (the record update)."""
+        return self.labs[lab].stale_days or self.windows.labs_stale_days
+
     def group(self, name: str) -> CodeSet:
         if name not in self.condition_groups:
             raise ConfigError(f"no condition group {name!r} in conf/features.yaml")
@@ -89,13 +95,24 @@ def _code_sets(data: dict, where: str) -> dict[str, CodeSet]:
     out = {}
     for name, spec in (data or {}).items():
         read = build(_CodeSetSpec, spec, f"{where}.{name}")
-        systems = [key for key in spec if key not in ("description", "estimates")]  # in the file's order
+        systems = [
+            key for key in spec if key not in ("description", "estimates", "stale_days")
+        ]  # file's order
         codes = {s: tuple(str(c) for c in getattr(read, s)) for s in systems if getattr(read, s)}
         if not codes:
             raise ConfigError(f"{where}.{name} lists no codes")
         if read.estimates and where != "labs":
             raise ConfigError(f"{where}.{name}: only a lab can take estimates (estimates: true)")
-        out[name] = CodeSet(name, read.description or name, codes, bool(read.estimates))
+        if read.stale_days is not None and (
+            where != "labs"
+            or not isinstance(read.stale_days, int)
+            or isinstance(read.stale_days, bool)
+            or read.stale_days < 1
+        ):
+            raise ConfigError(
+                f"{where}.{name}: stale_days is a lab's positive number of days, not {read.stale_days!r}"
+            )
+        out[name] = CodeSet(name, read.description or name, codes, bool(read.estimates), read.stale_days)
     return out
 
 
@@ -105,8 +122,15 @@ def load(path: str | Path | None = None) -> Definitions:
     unknown = set(data) - {"windows", "condition_groups", "labs"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
-    return Definitions(
+    defs = Definitions(
         build(Windows, data.get("windows"), "windows"),
         _code_sets(data.get("condition_groups"), "condition_groups"),
         _code_sets(data.get("labs"), "labs"),
     )
+    for lab in defs.labs.values():
+        if (lab.stale_days or 0) > defs.windows.labs_days:  # the panel never holds a value that old
+            raise ConfigError(
+                f"labs.{lab.name}: stale_days {lab.stale_days} is past windows.labs_days "
+                f"({defs.windows.labs_days}), so a value could never be stale"
+            )
+    return defs
