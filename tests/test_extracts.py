@@ -107,6 +107,44 @@ def test_diabetes_extract_maps_through_its_declaration(lake, tmp_path):
     assert built["gold.features_diabetes130"] == 2 and "gold.features_patient" not in built
     assert [s.split(" (")[0] for s in built["skipped"]] == ["patient and encounter tasks"]
     assert set(built["tasks"]) == {"diabetes130_readmission_30d"}
+    stays = {r.index_id: r.earlier_stays for r in lake.read("gold.features_diabetes130").collect()}
+    assert stays == {"1001": 0.0, "1002": 1.0}  # linked by the pseudonymous key
+
+
+def test_diabetes_history_is_the_patients_earlier_encounters_only(spark, tmp_path):
+    """Features from a patient's earlier encounters in the extract (by encounter_id as a number: 99
+    comes before 1001), never from this one or a later one: removing or changing a later encounter
+    leaves every earlier row's features as they were."""
+    from ehrlake.features import diabetes130 as d130
+
+    def built(lines):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.csv.gz"
+        write_csv(path, [diabetes_header(), *lines])
+        return {r.index_id: r.asDict() for r in d130.build(d130.read_file(spark, str(path))).collect()}
+
+    first = diabetes_row(99, 77, diags=("428", "401", "?"), discharge_disposition_id="1", readmitted="<30")
+    second = diabetes_row(
+        1001, 77, drugs={}, discharge_disposition_id="1", readmitted=">30", time_in_hospital="3"
+    )
+    third = diabetes_row(1002, 77, discharge_disposition_id="1", readmitted="NO")
+    other = diabetes_row(1003, 78, discharge_disposition_id="1")
+    rows = built([third, other, second, first])
+    history = lambda i: {f: rows[i][f] for f in d130.HISTORY}  # noqa: E731
+    assert set(history("99").values()) == {0.0} and set(history("1003").values()) == {0.0}
+    assert history("1001") == {
+        "earlier_stays": 1.0, "earlier_readmitted_30d": 1.0, "earlier_readmitted": 1.0,
+        "previous_readmitted_30d": 1.0, "earlier_days_in_hospital": 5.0, "earlier_emergency_admissions": 1.0,
+        "earlier_heart_failure": 1.0, "earlier_renal": 0.0, "earlier_insulin": 1.0,
+    }  # fmt: skip
+    assert history("1002") == {
+        "earlier_stays": 2.0, "earlier_readmitted_30d": 1.0, "earlier_readmitted": 2.0,
+        "previous_readmitted_30d": 0.0, "earlier_days_in_hospital": 8.0, "earlier_emergency_admissions": 2.0,
+        "earlier_heart_failure": 1.0, "earlier_renal": 0.0, "earlier_insulin": 1.0,
+    }  # fmt: skip
+    changed = third.replace(",NO", ",<30").replace("[60-70)", "[80-90)")
+    for later in ([first, second, other], [first, second, changed, other]):
+        again = built(later)
+        assert all(again[i] == rows[i] for i in ("99", "1001", "1003"))
 
 
 MIMIC = {

@@ -165,8 +165,8 @@ def run(
     try:
         with lake.security.job(JOB, ["gold"], role, run_id) as (_, audit):
             for table, df in written.items():
-                if scope is None:
-                    lake.write(df, table, mode=WriteMode.OVERWRITE, commit_info=commit)
+                if scope is None:  # a feature added to the definitions is a new column
+                    lake.write(df, table, mode=WriteMode.OVERWRITE, evolve_schema=True, commit_info=commit)
                     how = "rebuilt"
                 else:
                     silver_tasks = F.col("task").isin(*SILVER_TASKS) if table == LABELS else None

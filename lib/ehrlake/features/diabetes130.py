@@ -5,6 +5,8 @@ row already describes the stay and the patient's prior year (``number_inpatient`
 *before* the encounter, so they are known at discharge). The encoding follows Strack et al. 2014:
 primary diagnosis grouped by ICD-9 chapter, HbA1c and glucose results, medication changes, the
 admission and discharge categories. Race is kept for subgroup metrics but is not a model input.
+The patient's earlier encounters in the extract add :data:`HISTORY` (issue 21): the extract links
+them by ``patient_nbr`` and ``encounter_id`` orders them.
 
 The same function reads a bronze table (``bronze.diabetes130_encounters``) or a file of the same
 format read with :func:`read_file` (``ehrlake evaluate --input``), so a model is evaluated on new
@@ -13,7 +15,7 @@ data through exactly the code it was trained with.
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from ehrlake.eda.aggregates import UNKNOWN
@@ -86,6 +88,20 @@ DESCRIPTIONS = {
     "payer_missing": "payer not recorded",
     **{name: f"seen by {values[0]}" for name, values in SPECIALTIES.items()},
 }
+# the patient's earlier encounters in the extract (linked by patient_nbr, ordered by encounter_id):
+# known at this stay's discharge, since each earlier stay's first readmission is this stay or before it
+HISTORY = {
+    "earlier_stays": "earlier stays of the patient in the extract",
+    "earlier_readmitted_30d": "earlier stays followed by a readmission within 30 days",
+    "earlier_readmitted": "earlier stays followed by any readmission",
+    "previous_readmitted_30d": "this stay began within 30 days of the previous one (its readmission)",
+    "earlier_days_in_hospital": "days in hospital on earlier stays",
+    "earlier_emergency_admissions": "earlier stays admitted as an emergency",
+    "earlier_heart_failure": "heart failure on an earlier stay",
+    "earlier_renal": "kidney disease on an earlier stay",
+    "earlier_insulin": "on insulin on an earlier stay",
+}
+DESCRIPTIONS.update(HISTORY)
 FEATURES = list(DESCRIPTIONS)
 
 
@@ -151,6 +167,7 @@ def build(rows: DataFrame) -> DataFrame:
         "payer_missing": F.col("payer_code").isNull() if "payer_code" in rows.columns else F.lit(True),
         **{name: s("medical_specialty").isin(*values) for name, values in SPECIALTIES.items()},
     }
+    features.update(_history(rows, features))
     excluded = F.when(disposition.isin(*EXCLUDED_DISPOSITIONS), F.lit("discharged to hospice or died"))
     label = F.when(excluded.isNull(), (s("readmitted") == "<30").cast("int"))
     # a file read for evaluation has no pseudonymous key, and its patient ids are not needed
@@ -170,6 +187,37 @@ def build(rows: DataFrame) -> DataFrame:
         label.alias("label"),
         excluded.alias("excluded"),
     )
+
+
+def _history(rows: DataFrame, features: dict[str, Column]) -> dict[str, Column]:
+    """:data:`HISTORY` as window columns over the patient's encounters before this one (never
+    this one or a later one). A patient is ``patient_key`` where the lake pseudonymised it, else
+    the file's ``patient_nbr`` (``evaluate --input``), else every row is its own patient."""
+    if "patient_key" in rows.columns:
+        person = F.col("patient_key")
+    elif "patient_nbr" in rows.columns:
+        person = F.col("patient_nbr").cast("string")
+    else:
+        person = F.col("encounter_id").cast("string")
+    before = (
+        Window.partitionBy(person)
+        .orderBy(F.col("encounter_id").cast("long"))
+        .rowsBetween(Window.unboundedPreceding, -1)
+    )
+    readmitted = F.col("readmitted").cast("string")
+    earlier = lambda c: F.sum(c.cast("double")).over(before)  # noqa: E731
+    ever = lambda c: F.max(c.cast("double")).over(before)  # noqa: E731
+    return {
+        "earlier_stays": F.count(F.lit(1)).over(before),
+        "earlier_readmitted_30d": earlier(readmitted == "<30"),
+        "earlier_readmitted": earlier(readmitted.isin("<30", ">30")),
+        "previous_readmitted_30d": F.last(readmitted == "<30").over(before),
+        "earlier_days_in_hospital": earlier(features["time_in_hospital"]),
+        "earlier_emergency_admissions": earlier(features["admission_emergency"]),
+        "earlier_heart_failure": ever(features["any_heart_failure"]),
+        "earlier_renal": ever(features["any_renal"]),
+        "earlier_insulin": ever(features["insulin_given"]),
+    }
 
 
 def read_file(spark, path: str) -> DataFrame:
