@@ -111,8 +111,8 @@ class PanelModel:
 
     def estimate(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Per row and missing lab with a model: value, low and high (in the lab's unit), and the
-        gap it fills: ``stale`` where the panel says the lab's value is (``stale_<lab>``), else
-        ``missing``."""
+        gap it fills: ``stale`` where the panel's ``stale_<lab>`` says its value is too old to be
+        today's, else ``missing``."""
         out = []
         for lab, model in self.models.items():
             gaps = frame[frame[f"last_{lab}"].isna()]
