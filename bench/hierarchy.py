@@ -30,6 +30,7 @@ Results: ``bench/results/hierarchy-<lake folder>-<date>.json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -205,12 +206,12 @@ def main() -> int:
     settings = hierarchy.load()
     results, skipped = [], {}
     programmes = args.programme or ([] if args.diabetes130 else list(settings.programmes))
-    runs = {n: (one, settings.programme(n)) for n in programmes}
+    runs = {n: functools.partial(one, lake, settings, settings.programme(n)) for n in programmes}
     if args.diabetes130:
-        runs["diabetes130_readmission_30d"] = (diabetes130, None)
-    for name, (bench, p) in runs.items():
+        runs["diabetes130_readmission_30d"] = functools.partial(diabetes130, lake, settings)
+    for name, bench in runs.items():
         try:
-            result = bench(lake, settings, *([p] if p else []), args.refits, args.max_rows)
+            result = bench(args.refits, args.max_rows)
         except EhrlakeError as e:
             skipped[name] = str(e)
             print(f"{name}: skipped ({e})")
