@@ -19,6 +19,7 @@ def test_default_yaml_mirrors_built_in_defaults():
         ("lake:\n  rooot: x\n", "unknown key config.lake.rooot"),
         ("lake:\n  engine: parquet\n", "lake.engine must be one of auto, delta-rs, native"),
         ("ingest:\n  lines_per_batch: many\n", "config.ingest.lines_per_batch must be int"),
+        ("ingest:\n  lines_per_batch: true\n", "config.ingest.lines_per_batch must be int, not bool"),
         ("spark:\n  conf:\n    sql.shuffle: 3\n", "must start with 'spark.'"),
         ("lake: [1, 2]\n", "config.lake must be a mapping"),
     ],
@@ -58,3 +59,21 @@ def test_deep_learning_settings_are_typed_and_every_mistake_named(tmp_path):
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(says)):
             runtime.load(path)
+
+
+def test_an_optional_scalar_is_checked_as_its_type():
+    """A field that may be null (``int | None = None``) still refuses a value of another type."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec:
+        days: int | None = None
+        name: str | None = None
+
+    assert config.build(Spec, {"days": 7, "name": None}, "spec") == Spec(7, None)
+    for bad, says in (
+        ({"days": "abc"}, "spec.days must be int, not str"),
+        ({"name": 3}, "spec.name must be str"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            config.build(Spec, bad, "spec")

@@ -306,6 +306,14 @@ def test_a_labs_stale_days_is_its_own_and_within_the_lab_window(tmp_path):
         ("labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: 0}\n", "stale_days is a lab's positive number"),
         ("labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: 900}\n", "past windows.labs_days \\(730\\)"),
         (
+            "labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: abc}\n",
+            "labs.hba1c.stale_days must be int, not str",
+        ),
+        (
+            "labs:\n  hba1c: {LOINC: ['4548-4'], stale_days: true}\n",
+            "labs.hba1c.stale_days must be int, not bool",
+        ),
+        (
             "condition_groups:\n  ckd: {ICD10CM: ['N18'], stale_days: 90}\n",
             "condition_groups.ckd: stale_days",
         ),

@@ -138,7 +138,8 @@ def build(cls: type, data: Any, where: str):
     dataclasses where annotated ``tuple[X, ...]``), a mapping (of dataclasses where annotated
     ``dict[str, X]``, of ints where ``dict[str, int]``), a float (an integer is accepted), an int, a
     bool or a str; a field whose default is None, or whose annotation allows None, accepts null
-    (or a mapping, where the annotation names a dataclass). A field read from a key that is not a
+    (or a mapping, where the annotation names a dataclass; or a value of the one scalar type it
+    names, ``int | None``). A field read from a key that is not a
     Python name (``from``) says so in its metadata: ``field(default="", metadata={"key": "from"})``;
     one that is never read from a file has ``metadata={"key": None}``."""
     if data is None:
@@ -168,6 +169,9 @@ def _value(default: Any, value: Any, where: str, hint: Any):
         return None
     if default is None and nested:
         default = nested[0]()  # an optional section (``to: Reference | None``) given a value
+    scalar = [t for t in args if t in (str, int, float, bool)]
+    if default is None and len(scalar) == 1:
+        default = scalar[0]()  # ``stale_days: int | None = None`` given a value: checked as an int
     if dataclasses.is_dataclass(default):
         return build(type(default), value, where)
     if isinstance(default, dict):
@@ -190,7 +194,10 @@ def _value(default: Any, value: Any, where: str, hint: Any):
         return tuple(value)
     if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
-    if default is None or (isinstance(value, type(default)) and not isinstance(default, bool)):
+    # a bool is an int to Python, never to a configuration (``epochs: true`` is a mistake)
+    if default is None or (
+        isinstance(value, type(default)) and not isinstance(value, bool) and not isinstance(default, bool)
+    ):
         return value
     if isinstance(default, bool) and isinstance(value, bool):
         return value

@@ -103,12 +103,7 @@ def _code_sets(data: dict, where: str) -> dict[str, CodeSet]:
             raise ConfigError(f"{where}.{name} lists no codes")
         if read.estimates and where != "labs":
             raise ConfigError(f"{where}.{name}: only a lab can take estimates (estimates: true)")
-        if read.stale_days is not None and (
-            where != "labs"
-            or not isinstance(read.stale_days, int)
-            or isinstance(read.stale_days, bool)
-            or read.stale_days < 1
-        ):
+        if read.stale_days is not None and (where != "labs" or read.stale_days < 1):  # an int (build)
             raise ConfigError(
                 f"{where}.{name}: stale_days is a lab's positive number of days, not {read.stale_days!r}"
             )
