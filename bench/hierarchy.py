@@ -101,10 +101,6 @@ def diabetes130(lake, settings, refits: int, max_rows: int) -> dict:
     return compare(name, rows, names, settings, placed, ["index_id"], refits, max_rows)
 
 
-def rule(node) -> str:
-    return " and ".join(f"{f} {op} {t:.4g}" for f, op, t in node.conditions) or "everyone"
-
-
 def compare(name, rows, names, settings, placed, order: list[str], refits: int, max_rows: int) -> dict:
     """The tree against XGBoost on ``rows`` (``label``, ``patient_key``, the person), and its
     leaves' agreement across bootstrap refits over the rows ``placed(tree, fill)`` puts in a node."""
@@ -169,7 +165,11 @@ def compare(name, rows, names, settings, placed, order: list[str], refits: int, 
             "leaves": len(risk),
             "min_leaf_rows": min_rows,
             "fit_s": round(tree_s, 1),
-            "leaf_rules": {rule(n): round(n.probability, 4) for n in tree if n.leaf},
+            "leaf_rules": {
+                hierarchy.rule_words(n, lambda f, op, t: f"{f} {op} {t:.4g}"): round(n.probability, 4)
+                for n in tree
+                if n.leaf
+            },
             **tree_metrics,
         },
         "xgboost": {"max_depth": 3, "rounds": 200, "fit_s": round(xgb_s, 1), **xgb_metrics},

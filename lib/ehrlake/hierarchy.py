@@ -201,18 +201,13 @@ class Node:
 def nodes(model, names: list[str], positive_weight: float = 1.0) -> list[Node]:
     """Every node of a fitted tree, pre-order, read from its JVM tree; each node's outcome rate
     unweighted (a tree fitted with ``positive_weight`` per positive row holds weighted counts). The
-    hierarchy's trees are ``DecisionTreeRegressionModel`` (:func:`fit`); a classification tree's
-    nodes read the same."""
+    hierarchy's trees are ``DecisionTreeRegressionModel`` on the 0/1 outcome (:func:`fit`)."""
     out: list[Node] = []
 
     def walk(java, node_id: int, depth: int, conditions: list) -> None:
-        stats = list(java.impurityStats().stats())
-        if len(stats) == 3:  # variance: weighted (count, sum, sum of squares) of a 0/1 label
-            negatives, positives = stats[0] - stats[1], stats[1] / positive_weight
-        else:  # gini or entropy: weighted count per class
-            negatives, positives = (
-                (stats[0], stats[1] / positive_weight) if len(stats) > 1 else (sum(stats), 0.0)
-            )
+        # variance statistics: the weighted count, sum and sum of squares of a 0/1 label
+        count, total, _ = list(java.impurityStats().stats())
+        negatives, positives = count - total, total / positive_weight
         probability = positives / (negatives + positives) if negatives + positives else 0.0
         if java.getClass().getSimpleName() != "InternalNode":
             out.append(Node(node_id, depth, conditions, True, probability))
@@ -686,6 +681,12 @@ def _write_improvements(lake, p: Programme, mv, rows: DataFrame, k: int) -> None
 
 
 # ----------------------------------------------------------------------------------- show
+def refusal(build) -> str:
+    """Why a programme's latest build (its ``gold.hierarchy_builds`` row, refused) made no tree,
+    in the words ``show`` and the report both use."""
+    return f"latest build ({build.built_at:%Y-%m-%d}) made no tree: {build.reason}"
+
+
 def show(lake, programme: str, role: str | None = None, settings: Settings | None = None) -> str:
     """The programme's latest tree as indented text: each node's own condition, its patients and
     outcome rate (or that it has fewer than k), the risk band; read under the access policy."""
@@ -703,8 +704,7 @@ def show(lake, programme: str, role: str | None = None, settings: Settings | Non
     if not rows:
         last = read(BUILDS).where(F.col("programme") == p.name).collect() if lake.exists(BUILDS) else []
         if last and last[0].status == "refused":
-            when = f"{last[0].built_at:%Y-%m-%d}"
-            raise EhrlakeError(f"no tree of {p.name}: its latest build ({when}) made none: {last[0].reason}")
+            raise EhrlakeError(f"no tree of {p.name}: its {refusal(last[0])}")
         raise EhrlakeError(f"no tree of {p.name} yet: run ehrlake hierarchy build --programme {p.name}")
     mv = registry.get(lake, rows[1].model_id, rows[1].version)
     lines = [f"{p.description}: {mv.label}, {mv.headline()}", f"outcome: {p.outcome_description}"]

@@ -213,13 +213,8 @@ def hierarchy_section(lake) -> str:
     for name, p in settings.programmes.items():
         last = latest.get(name)
         if last is not None and last.status == "refused":
-            when = f"{last.built_at:%Y-%m-%d}"
-            note = f"the latest build ({when}) made no tree" + (
-                ": an earlier tree is shown" if name in built else ""
-            )
-            refused.append(
-                f"<li>{html.escape(p.description)}: {html.escape(note)}: {html.escape(last.reason)}</li>"
-            )
+            note = f"the {hierarchy.refusal(last)}" + ("; an earlier tree is shown" if name in built else "")
+            refused.append(f"<li>{html.escape(p.description)}: {html.escape(note)}</li>")
         elif name not in built:
             refused.append(
                 f"<li>{html.escape(p.description)}: no build yet (<code>ehrlake hierarchy build</code>)</li>"
