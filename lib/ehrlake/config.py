@@ -195,13 +195,9 @@ def _value(default: Any, value: Any, where: str, hint: Any):
     if isinstance(default, float) and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     # a bool is an int to Python, never to a configuration (``epochs: true`` is a mistake)
-    if default is None or (
-        isinstance(value, type(default)) and not isinstance(value, bool) and not isinstance(default, bool)
-    ):
+    if default is None or (isinstance(value, type(default)) and not isinstance(value, bool)):
         return value
     if isinstance(default, bool) and isinstance(value, bool):
-        return value
-    if isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
         return value
     raise ConfigError(f"{where} must be {type(default).__name__}, not {type(value).__name__} ({value!r})")
 
