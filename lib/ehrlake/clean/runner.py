@@ -180,13 +180,13 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     return plan
 
 
-def _bronze(lake, table: str, read_at: dict[str, int], plan: _Plan | None) -> DataFrame:
+def _bronze(lake, table: str, read_at: _Pinned, plan: _Plan | None) -> DataFrame:
     """A bronze table at its version in ``read_at``; with an incremental ``plan``, only its rows of
     the plan's patients. A patient silver does not hold yet has every row that counts in the files
     added since the last clean (an older row of theirs was filtered out by its mapping, or they
     would be in silver), so only those files are read for them; the table is scanned (a semi-join)
     only when patients silver knows changed, for their older rows."""
-    full = lake.read(table, version=read_at[table])
+    full = read_at.frame(lake, table)
     if plan is None:
         return full
     if "patient_key" not in full.columns:
@@ -243,17 +243,39 @@ def _read_tables(mappings: list[Mapping]) -> set[str]:
     return {t for m in mappings for t in (m.table, *[j.table for j in m.joins])}
 
 
-def _source_versions(lake, mappings: list[Mapping]) -> dict[str, int]:
+class _Pinned(dict):
+    """Bronze table -> the version this run reads, and one frame per table at that version for
+    the whole run. Each read at a version makes Delta build a snapshot of its own (a log replay,
+    then a file listing for every scan of it); one frame reused keeps one snapshot, whose file
+    list Delta keeps."""
+
+    def __init__(self, versions: dict[str, int]):
+        super().__init__(versions)
+        self._frames: dict[str, DataFrame] = {}
+
+    def only(self, tables: set[str]) -> _Pinned:
+        """The versions of ``tables``, sharing this run's frames."""
+        part = _Pinned({t: v for t, v in self.items() if t in tables})
+        part._frames = self._frames
+        return part
+
+    def frame(self, lake, table: str) -> DataFrame:
+        if table not in self._frames:
+            self._frames[table] = lake.read(table, version=self[table])
+        return self._frames[table]
+
+
+def _source_versions(lake, mappings: list[Mapping]) -> _Pinned:
     tables = _read_tables(mappings) | set(BIRTH_DATES)
-    return {t: lake.version(t) for t in sorted(tables) if lake.exists(t)}
+    return _Pinned({t: lake.version(t) for t in sorted(tables) if lake.exists(t)})
 
 
-def _sources(mappings: list[Mapping], read_at: dict[str, int], imaging: bool) -> dict[str, int]:
+def _sources(mappings: list[Mapping], read_at: _Pinned, imaging: bool) -> _Pinned:
     """The bronze tables (and versions) one group's tables are built from."""
     tables = _read_tables([m for m in mappings if (m.entity == "imaging") == imaging])
     if not imaging:
         tables |= set(BIRTH_DATES)
-    return {t: v for t, v in read_at.items() if t in tables}
+    return read_at.only(tables)
 
 
 def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) -> CleanReport:
@@ -384,17 +406,17 @@ def _clinical(lake, frames: dict[str, DataFrame], tables, today, read_at, plan: 
         tables[name] = _events(frame, ENTITIES[name], patients, births, regions, today)
 
 
-def _mapped(lake, mapping: Mapping, entity: Entity, read_at: dict[str, int], rows=None) -> DataFrame:
+def _mapped(lake, mapping: Mapping, entity: Entity, read_at: _Pinned, rows=None) -> DataFrame:
     """The bronze table (at the version in ``read_at``; or only ``rows`` of it) through one
     mapping, cast to the silver types; unmapped columns are null."""
-    df = lake.read(mapping.table, version=read_at[mapping.table]) if rows is None else rows
+    df = read_at.frame(lake, mapping.table) if rows is None else rows
     for join in mapping.joins:
         if not lake.exists(join.table):
             raise ConfigError(
                 f"mapping {mapping.source}.{mapping.entity}: joined table {join.table} does not exist"
             )
         other = (
-            lake.read(join.table, version=read_at[join.table])
+            read_at.frame(lake, join.table)
             .select(*join.using, *join.columns)
             .dropDuplicates(list(join.using))
         )
@@ -423,7 +445,7 @@ def _mapped(lake, mapping: Mapping, entity: Entity, read_at: dict[str, int], row
     return df.select(*columns, issues.alias(SOURCE_ISSUES))
 
 
-def _birth_dates(lake, read_at: dict[str, int], plan: _Plan | None) -> DataFrame | None:
+def _birth_dates(lake, read_at: _Pinned, plan: _Plan | None) -> DataFrame | None:
     """patient_key -> exact birth date, opened from the sealed bronze column for computing ages
     inside this job only (it is never written to silver); only an incremental ``plan``'s patients
     where given."""
