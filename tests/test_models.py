@@ -143,8 +143,14 @@ def test_xgboost_reasons_come_from_shap_contributions_that_add_up(trained):
         reasons.alias("reasons"),
         F.aggregate(explain.shap_values(scored), F.lit(0.0), lambda a, x: a + x).alias("margin"),
         vector_to_array("probability")[1].alias("p"),
+        "score",
+        score_column(1.0, F.col("score")).alias("unchanged"),
     ).collect()
     for r in out:
+        # the class weighting's odds taken back out, from the vector or from a given column
+        odds = lambda q: q / (1 - q)  # noqa: E731
+        assert odds(r.score) == pytest.approx(odds(r.p) / xgb.params["pos_weight"], rel=1e-6)
+        assert r.unchanged == pytest.approx(r.score, rel=1e-9)
         # TreeSHAP: contributions (with the bias term) add up to the model's log-odds
         assert r.margin == pytest.approx(float(np.log(r.p / (1 - r.p))), abs=1e-3)
         assert len(r.reasons) <= 3 and all(" = " in x and "(+" in x for x in r.reasons)

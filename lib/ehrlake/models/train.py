@@ -87,14 +87,17 @@ def with_weights(train: DataFrame, pos_weight: float) -> DataFrame:
     return train.withColumn("weight", F.when(F.col("label") == 1, F.lit(pos_weight)).otherwise(F.lit(1.0)))
 
 
-def score_column(pos_weight: float = 1.0) -> F.Column:
-    """The calibrated probability of the positive class.
+def score_column(pos_weight: float = 1.0, probability: F.Column | None = None) -> F.Column:
+    """The calibrated probability of the positive class (``probability``: the learner's weighted
+    one, by default the second entry of its ``probability`` vector).
 
     Weighting positives by ``w`` during training multiplies the odds the learner predicts by ``w``;
     subtracting ``log(w)`` from the log-odds undoes it (exact for logistic regression's intercept,
     close for boosted trees' log-loss), so scores read as risks and calibration is meaningful.
     Monotone, so ranking metrics (AUROC, AUPRC) are unchanged."""
-    p = F.least(F.greatest(vector_to_array(F.col("probability"))[1], F.lit(1e-7)), F.lit(1 - 1e-7))
+    if probability is None:
+        probability = vector_to_array(F.col("probability"))[1]
+    p = F.least(F.greatest(probability, F.lit(1e-7)), F.lit(1 - 1e-7))
     logit = F.log(p / (1 - p)) - F.lit(float(np.log(pos_weight)))
     return 1 / (1 + F.exp(-logit))
 
