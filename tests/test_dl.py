@@ -122,7 +122,7 @@ def test_two_workers_end_with_identical_weights(image_lake, launcher, tmp_path):
 def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake):
     from pyspark.sql import functions as F
 
-    from ehrlake.models import registry
+    from ehrlake.models import evaluate, registry
 
     mv = dl_train.train_image_model(image_lake, "breastmnist_normal", _cfg(), epochs=3, workers=2)
     assert mv.algorithm == "cnn" and mv.training_data == {
@@ -133,6 +133,11 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
     assert os.path.getsize(os.path.join(image_lake.root, mv.params["saliency"])) > 10_000
     findings = image_lake.read("gold.image_findings").where(F.col("model_id") == mv.model_id)
     assert findings.count() == 780 and findings.where(F.col("model_version") == mv.version).count() == 780
+    # the finding's threshold is the most accurate on the validation labels, and the findings use it
+    threshold = mv.params["threshold"]
+    validation = findings.where((F.col("split") == "val") & (F.col("label") >= 0))
+    assert threshold == evaluate.accuracy_threshold(validation)
+    assert findings.where(F.col("finding") != (F.col("score") >= threshold)).count() == 0
     metrics = image_lake.read("gold.model_metrics").where(
         F.col("evaluation") == f"{mv.model_id}.v{mv.version}.test"
     )
@@ -148,10 +153,10 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
     snap_version = image_lake.version("silver.imaging")
     dicom = predict.image_findings(image_lake, mv.artifact_path(image_lake), snap_version, "pacs", mv.task,
                                    mv.model_id, mv.version)  # fmt: skip
-    predict.write_findings(image_lake, dicom)
+    predict.write_findings(image_lake, dicom, threshold)
     rows = image_lake.read("gold.image_findings").where(F.col("source_system") == "pacs").collect()
     assert {r.format for r in rows} == {"dicom"} and all(0 <= r.score <= 1 for r in rows)
-    predict.write_findings(image_lake, dicom)  # re-running replaces, never duplicates
+    predict.write_findings(image_lake, dicom, threshold)  # re-running replaces, never duplicates
     assert image_lake.read("gold.image_findings").where(F.col("source_system") == "pacs").count() == len(rows)
 
 

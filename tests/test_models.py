@@ -282,3 +282,20 @@ def test_a_patients_several_rows_are_resampled_together(spark):
     assert not np.array_equal(draws, evaluate.patient_draws(four, bootstrap=400, seed=8))
     assert draws.sum(axis=(1, 2)).mean() == pytest.approx(240, rel=0.05)
     assert evaluate.resampling(single) is None  # one row a patient: rows, as before
+
+
+def test_accuracy_threshold_is_the_most_accurate_cut_nearest_the_default(spark):
+    """An image model's finding threshold is chosen on its validation labels: the cut with the most
+    correct calls (here only cuts in (0.65, 0.70] call all five right, where 0.5 calls four), the
+    nearest to the default among equals; one class only keeps the default."""
+    from ehrlake.models import evaluate
+
+    rows = spark.createDataFrame(
+        [(0.1, 0), (0.2, 0), (0.65, 0), (0.7, 1), (0.9, 1)], "score double, label int"
+    )
+    cut = evaluate.accuracy_threshold(rows)
+    assert 0.65 < cut <= 0.70
+    accuracy = lambda t: evaluate.metrics(rows, threshold=t, bootstrap=10)["accuracy"]["value"]  # noqa: E731
+    assert accuracy(cut) == 1.0 and accuracy(0.5) == pytest.approx(0.8)
+    assert evaluate.accuracy_threshold(rows.where("label = 1")) == evaluate.FINDING_THRESHOLD
+    assert evaluate.accuracy_threshold(rows, default=0.95) == pytest.approx(0.70)

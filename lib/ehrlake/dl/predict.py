@@ -91,9 +91,9 @@ def image_findings(lake, path, version: int, source: str, task: str, model_id: s
     )
 
 
-def write_findings(lake, findings: DataFrame) -> None:
+def write_findings(lake, findings: DataFrame, threshold: float) -> None:
     """Merge into ``gold.image_findings`` with the finding at the model's threshold."""
-    out = findings.withColumn("finding", F.col("score") >= F.lit(evaluate.FINDING_THRESHOLD))
+    out = findings.withColumn("finding", F.col("score") >= F.lit(threshold))
     lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"})
 
 
@@ -110,7 +110,7 @@ def score_source(lake, mv, source_system: str, role: str | None = None) -> dict[
         findings = image_findings(
             lake, mv.artifact_path(lake), version, source_system, mv.task, mv.model_id, mv.version
         )
-        write_findings(lake, findings)
+        write_findings(lake, findings, float(mv.params.get("threshold", evaluate.FINDING_THRESHOLD)))
         counts = (
             lake.read(FINDINGS)
             .where((F.col("model_id") == mv.model_id) & (F.col("source_system") == source_system))

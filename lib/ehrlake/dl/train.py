@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
@@ -291,6 +292,14 @@ def kept_images(lake, snap, source: str, split_name: str, label_fraction: float,
     return tuple(sorted(r.image_id for r in kept.collect()))
 
 
+def _selected(findings: DataFrame, selection: Selection) -> DataFrame:
+    """The rows of ``findings`` a readers' selection names (source, split, labelled, kept ids)."""
+    ops = {"=": lambda c, v: c == v, ">=": lambda c, v: c >= v, "in": lambda c, v: c.isin(list(v))}
+    for column, op, value in selection.filters:
+        findings = findings.where(ops[op](F.col(column), value))
+    return findings
+
+
 def kept_selection(lake, snap, source: str, split_name: str | None, shape, label_fraction, label_seed):
     """The readers' selection of ``source``'s labelled ``split_name`` images (None without a split),
     narrowed to the kept ids when only a share of the labels is kept."""
@@ -366,13 +375,19 @@ def train_image_model(
             raise EhrlakeError(
                 f"{IMAGES} has no labelled {test_split} images of {source}: nothing to evaluate on"
             )
-        metrics = evaluate.metrics(test, evaluate.FINDING_THRESHOLD)
+        # the finding's threshold: the most accurate on the validation labels training saw
+        threshold = (
+            evaluate.accuracy_threshold(_selected(findings, val_sel))
+            if val_sel is not None
+            else evaluate.FINDING_THRESHOLD
+        )
+        metrics = evaluate.metrics(test, threshold)
         saliency = os.path.join(artifact, "gradcam.png")
         predict.saliency_figure(lake, path, snap, image_selection(source, test_split, shape), task, saliency)
         run = Run(model_id, version, artifact, epochs, seed, launcher, backend, workers, results)
         params = {
             **dataclasses.asdict(hyper),
-            "threshold": evaluate.FINDING_THRESHOLD,
+            "threshold": threshold,
             "source_system": source,
             "test_split": test_split,
             "shape": list(shape),
@@ -386,7 +401,7 @@ def train_image_model(
         mv = _register(
             lake, audit, run, task, "cnn", params, ["pixels"], {IMAGES: snap.version}, metrics, {}, test
         )
-        predict.write_findings(lake, findings)
+        predict.write_findings(lake, findings, threshold)
         test.unpersist()
     return mv
 

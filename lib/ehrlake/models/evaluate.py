@@ -83,6 +83,21 @@ def histogram(pred: DataFrame, by: list[str] | None = None) -> pd.DataFrame:
     )
 
 
+def accuracy_threshold(pred: DataFrame, default: float = FINDING_THRESHOLD) -> float:
+    """The decision threshold (a score bin's lower edge) with the most correct calls on ``pred``
+    (``score``, ``label``: a validation split, so the test split's accuracy is not fitted to its
+    own labels); among equals the nearest to ``default``, and ``default`` where ``pred`` lacks a
+    class. The driver gets the histogram only."""
+    counts, _ = _cells(histogram(pred))
+    neg, pos = counts
+    if neg.sum() == 0 or pos.sum() == 0:
+        return default
+    # calling positive from bin c up: true positives pos[c:], true negatives neg[:c]
+    correct = np.cumsum(pos[::-1])[::-1] + np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+    cuts = np.flatnonzero(correct == correct.max())
+    return float(cuts[np.argmin(np.abs(cuts / BINS - default))] / BINS)
+
+
 def metrics(
     pred: DataFrame, threshold: float = THRESHOLD, bootstrap: int = BOOTSTRAP, seed: int = 7
 ) -> dict[str, dict]:

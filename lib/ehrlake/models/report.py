@@ -81,7 +81,8 @@ def comparison_table(models: list[registry.ModelVersion]) -> str:
         "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>accuracy</th><th>recall</th></tr>"
         + rows
         + "</table><p>Threshold of accuracy and recall: the training base rate (calibrated risks); image "
-        f"findings (cnn): {FINDING_THRESHOLD}. cnn / ann: TensorFlow (docs/deep_learning.md).</p>"
+        f"findings (cnn): the most accurate on the validation split (without one, {FINDING_THRESHOLD}). "
+        "cnn / ann: TensorFlow (docs/deep_learning.md).</p>"
     )
 
 
