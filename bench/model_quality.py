@@ -64,13 +64,18 @@ import ehrlake.lake  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
 from ehrlake.features import DIABETES130_BRONZE  # noqa: E402
 from ehrlake.features import diabetes130 as d130  # noqa: E402
-from ehrlake.models import algorithms, evaluate  # noqa: E402
+from ehrlake.models import algorithms, evaluate, target_encoding  # noqa: E402
 from ehrlake.models.train import score_column, split, with_weights  # noqa: E402
 
 FEATURE_SETS = {
     "stay": [f for f in d130.FEATURES if f not in d130.HISTORY],
     "stay+history": list(d130.FEATURES),
+    "stay+history+codes": list(d130.FEATURES),
 }
+# the extract's many-valued codes, target-encoded inside the folds (``models.target_encoding``)
+CODES = ["diag_1", "diag_2", "diag_3", "medical_specialty", "payer_code", "admission_source_id",
+         "discharge_disposition_id", "admission_type_id"]  # fmt: skip
+ENCODED = {"stay+history+codes": CODES}
 
 
 TUNED = "xgboost-es"
@@ -170,21 +175,36 @@ def scored(model, rows, learner: str):
     )
 
 
-def one(learner: str, features: list[str], train, test, folds: int, seed: int, rate: float):
-    """(table row, out-of-fold scores of the training rows, held-out scores) of one learner."""
+def encoded(fitting, evaluated, codes: list[str]):
+    """(fitting, evaluated) with ``codes`` target-encoded: the fitting rows out of fold, the
+    evaluated ones from every fitting row; as they are without codes."""
+    if not codes:
+        return fitting, evaluated
+    return target_encoding.out_of_fold(fitting, codes).cache(), target_encoding.encode(
+        fitting, evaluated, codes
+    )
+
+
+def one(learner: str, features: list[str], train, test, folds: int, seed: int, rate: float, codes=()):
+    """(table row, out-of-fold scores of the training rows, held-out scores) of one learner;
+    ``codes``: columns target-encoded inside each fit's rows and added to ``features``."""
     auroc = BinaryClassificationEvaluator(rawPredictionCol=learner, labelCol="label")
+    features = [*features, *map(target_encoding.name, codes)]
     per_fold, out_of_fold, chosen = [], [], []
     started = time.perf_counter()
     for fold in range(folds):
-        fitting = train.where(F.col("cv_fold") != fold)
+        fitting, evaluated = encoded(
+            train.where(F.col("cv_fold") != fold), train.where(F.col("cv_fold") == fold), list(codes)
+        )
         model = fit(learner, features, fitting, seed, validation_fold=(fold + 1) % folds)
         chosen.append(getattr(model, "chosen", None))
-        held = scored(model, train.where(F.col("cv_fold") == fold), learner).cache()
+        held = scored(model, evaluated, learner).cache()
         per_fold.append(auroc.evaluate(held))
         out_of_fold.append(held)
-    model = fit(learner, features, train, seed)
+    fitting, evaluated = encoded(train, test.withColumn("cv_fold", F.lit(-1)), list(codes))
+    model = fit(learner, features, fitting, seed)
     pos_weight = 1.0 if learner == ANN else (1 - rate) / rate  # the ANN is fitted unweighted
-    held_out = scored(model, test.withColumn("cv_fold", F.lit(-1)), learner).cache()
+    held_out = scored(model, evaluated, learner).cache()
     risk = held_out.withColumn("score", score_column(pos_weight, F.col(learner)))
     row = _row(per_fold, evaluate.metrics(risk, rate), started)
     if chosen[0]:
@@ -266,7 +286,9 @@ def main() -> int:
     lake = ehrlake.lake.open(str(Path(args.lake).resolve()))
     if not lake.exists(DIABETES130_BRONZE):
         raise EhrlakeError(f"no {DIABETES130_BRONZE}: ingest --source csv-extract --extract diabetes130")
-    rows = d130.build(lake.read(DIABETES130_BRONZE)).where(F.col("label").isNotNull())
+    bronze = lake.read(DIABETES130_BRONZE)
+    codes = bronze.select(F.col("encounter_id").cast("string").alias("index_id"), *CODES)
+    rows = d130.build(bronze).where(F.col("label").isNotNull()).join(codes, "index_id")
     train, test = split(rows, args.seed, folds=args.folds)
     train, test = train.cache(), test.cache()
     positives, n = train.agg(F.sum("label"), F.count("*")).first()
@@ -275,7 +297,14 @@ def main() -> int:
         scores: dict[str, tuple] = {}
         for learner in learners:
             got, oof, held_out = one(
-                learner, FEATURE_SETS[name], train, test, args.folds, args.seed, positives / n
+                learner,
+                FEATURE_SETS[name],
+                train,
+                test,
+                args.folds,
+                args.seed,
+                positives / n,
+                ENCODED.get(name, ()),
             )
             table[f"{learner} / {name}"] = _report(learner, name, got)
             scores[learner] = (oof, held_out)

@@ -299,3 +299,25 @@ def test_accuracy_threshold_is_the_most_accurate_cut_nearest_the_default(spark):
     assert accuracy(cut) == 1.0 and accuracy(0.5) == pytest.approx(0.8)
     assert evaluate.accuracy_threshold(rows.where("label = 1")) == evaluate.FINDING_THRESHOLD
     assert evaluate.accuracy_threshold(rows, default=0.95) == pytest.approx(0.70)
+
+
+def test_target_encodings_never_see_the_fold_they_encode(spark):
+    """Code A is only in fold 0, all readmitted; fold 1 holds code B (2 of 5 readmitted) and a
+    missing code. Out of fold, A's rows get fold 1's rate (2 of 6), never their own labels, and
+    fold 1's rows fold 0's (1.0);
+    rows a model is not fitted on get every fitting row's statistics, shrunk towards the rate."""
+    from ehrlake.models import target_encoding as te
+
+    rows = spark.createDataFrame(
+        [(0, "A", 1)] * 5 + [(1, "B", 1)] * 2 + [(1, "B", 0)] * 3 + [(1, None, 0)],
+        "cv_fold int, code string, label int",
+    )
+    encoded = {(r.cv_fold, r.code): r.te_code for r in te.out_of_fold(rows, ["code"], strength=4.0).collect()}
+    assert encoded[(0, "A")] == pytest.approx(2 / 6)  # fold 1's rate: A unseen there
+    assert encoded[(1, "B")] == pytest.approx(1.0) and encoded[(1, None)] == pytest.approx(1.0)
+    new = spark.createDataFrame([("A",), ("C",), (None,)], "code string")
+    got = {r.code: r.te_code for r in te.encode(rows, new, ["code"], strength=4.0).collect()}
+    rate = 7 / 11
+    assert got["A"] == pytest.approx((5 + 4 * rate) / (5 + 4))
+    assert got["C"] == pytest.approx(rate)  # never seen: the rate
+    assert got[None] == pytest.approx((0 + 4 * rate) / (1 + 4))  # missing is a level of its own
