@@ -103,6 +103,13 @@ def _conjunction(filters, column_of):
     return combined
 
 
+def spark_condition(filters):
+    """The same conjunction as a Spark condition: the rows of a frame the readers would select."""
+    from pyspark.sql import functions as F
+
+    return _conjunction(filters, F.col)
+
+
 def _expression(filters):
     import pyarrow.dataset as ds
 

@@ -16,7 +16,6 @@ import os
 import time
 from dataclasses import dataclass, replace
 
-from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
@@ -292,14 +291,6 @@ def kept_images(lake, snap, source: str, split_name: str, label_fraction: float,
     return tuple(sorted(r.image_id for r in kept.collect()))
 
 
-def _selected(findings: DataFrame, selection: Selection) -> DataFrame:
-    """The rows of ``findings`` a readers' selection names (source, split, labelled, kept ids)."""
-    ops = {"=": lambda c, v: c == v, ">=": lambda c, v: c >= v, "in": lambda c, v: c.isin(list(v))}
-    for column, op, value in selection.filters:
-        findings = findings.where(ops[op](F.col(column), value))
-    return findings
-
-
 def kept_selection(lake, snap, source: str, split_name: str | None, shape, label_fraction, label_seed):
     """The readers' selection of ``source``'s labelled ``split_name`` images (None without a split),
     narrowed to the kept ids when only a share of the labels is kept."""
@@ -377,7 +368,7 @@ def train_image_model(
             )
         # the finding's threshold: the most accurate on the validation labels training saw
         threshold = (
-            evaluate.accuracy_threshold(_selected(findings, val_sel))
+            evaluate.accuracy_threshold(findings.where(datasets.spark_condition(val_sel.filters)))
             if val_sel is not None
             else evaluate.FINDING_THRESHOLD
         )

@@ -32,6 +32,11 @@ def _key(column: str):
     return F.coalesce(F.col(column).cast("string"), F.lit(MISSING))
 
 
+def _shrunk(positives, rows, rate, strength: float):
+    """A code's label rate shrunk towards ``rate`` by ``strength`` pseudo-rows."""
+    return (positives + F.lit(strength) * rate) / (rows + F.lit(strength))
+
+
 def encode(
     fitted_on: DataFrame, rows: DataFrame, columns: list[str], strength: float = STRENGTH
 ) -> DataFrame:
@@ -46,8 +51,9 @@ def encode(
             .join(F.broadcast(counts), "_code", "left")
             .withColumn(
                 name(column),
-                (F.coalesce("_positives", F.lit(0.0)) + F.lit(strength * rate))
-                / (F.coalesce("_rows", F.lit(0)) + F.lit(strength)),
+                _shrunk(
+                    F.coalesce("_positives", F.lit(0.0)), F.coalesce("_rows", F.lit(0)), F.lit(rate), strength
+                ),
             )
             .drop("_code", "_positives", "_rows")
         )
@@ -79,7 +85,7 @@ def out_of_fold(rows: DataFrame, columns: list[str], fold: str = "cv_fold", stre
             .join(elsewhere, [fold, "_code"], "left")
             .withColumn(
                 name(column),
-                (F.col("_positives") + F.lit(strength) * F.col("_rate")) / (F.col("_rows") + F.lit(strength)),
+                _shrunk(F.col("_positives"), F.col("_rows"), F.col("_rate"), strength),
             )
             .drop("_code", "_positives", "_rows")
         )
