@@ -72,10 +72,8 @@ FEATURE_SETS = {
     "stay+history": list(d130.FEATURES),
     "stay+history+codes": list(d130.FEATURES),
 }
-# the extract's many-valued codes, target-encoded inside the folds (``models.target_encoding``)
-CODES = ["diag_1", "diag_2", "diag_3", "medical_specialty", "payer_code", "admission_source_id",
-         "discharge_disposition_id", "admission_type_id"]  # fmt: skip
-ENCODED = {"stay+history+codes": CODES}
+# the extract's many-valued codes (kept by d130.build), target-encoded inside the folds
+ENCODED = {"stay+history+codes": list(d130.CODES)}
 
 
 TUNED = "xgboost-es"
@@ -287,8 +285,7 @@ def main() -> int:
     if not lake.exists(DIABETES130_BRONZE):
         raise EhrlakeError(f"no {DIABETES130_BRONZE}: ingest --source csv-extract --extract diabetes130")
     bronze = lake.read(DIABETES130_BRONZE)
-    codes = bronze.select(F.col("encounter_id").cast("string").alias("index_id"), *CODES)
-    rows = d130.build(bronze).where(F.col("label").isNotNull()).join(codes, "index_id")
+    rows = d130.build(bronze).where(F.col("label").isNotNull())
     train, test = split(rows, args.seed, folds=args.folds)
     train, test = train.cache(), test.cache()
     positives, n = train.agg(F.sum("label"), F.count("*")).first()

@@ -321,3 +321,37 @@ def test_target_encodings_never_see_the_fold_they_encode(spark):
     assert got["A"] == pytest.approx((5 + 4 * rate) / (5 + 4))
     assert got["C"] == pytest.approx(rate)  # never seen: the rate
     assert got[None] == pytest.approx((0 + 4 * rate) / (1 + 4))  # missing is a level of its own
+
+
+def test_a_fold_encoded_learner_is_fitted_out_of_fold_and_saves_its_encoding(spark, tmp_path):
+    """Each patient's code is unique and their label is the code's: an in-sample encoding would
+    hand the learner every label. The learner sees out-of-fold encodings, in which a unique code
+    says only its other folds' rate (both labels share every value); the saved model encodes new
+    rows from every fitting row."""
+    from pyspark.ml import Estimator, Pipeline, PipelineModel
+    from pyspark.ml.feature import SQLTransformer
+
+    from ehrlake.models import target_encoding as te
+
+    seen = []
+
+    class Looks(Estimator):  # the learner's place: keeps what it is fitted on
+        def _fit(self, df):
+            seen.extend(df.select("te_code", "label").collect())
+            return SQLTransformer(statement="SELECT * FROM __THIS__")
+
+    rows = spark.createDataFrame(
+        [(f"p{i}", f"c{i}", i % 2) for i in range(200)], "patient_key string, code string, label int"
+    )
+    model = te.FoldEncoded(Pipeline(stages=[Looks()]), ["code"], seed=3).fit(rows)
+    by_value: dict[float, set] = {}
+    for r in seen:
+        by_value.setdefault(r.te_code, set()).add(r.label)
+    assert len(seen) == 200 and 2 <= len(by_value) <= te.INNER_FOLDS
+    assert all(labels == {0, 1} for labels in by_value.values())  # the encoding tells no label apart
+    model.save(str(tmp_path / "m"))
+    again = PipelineModel.load(str(tmp_path / "m"))
+    new = spark.createDataFrame([("c1",), ("c2",), ("never",), (None,)], "code string")
+    got = {r.code: r.te_code for r in again.transform(new).collect()}
+    assert got["c1"] == pytest.approx((1 + 20 * 0.5) / 21) and got["c2"] == pytest.approx(10 / 21)
+    assert got["never"] == pytest.approx(0.5) and got[None] == pytest.approx(0.5)

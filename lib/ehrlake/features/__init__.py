@@ -27,7 +27,17 @@ from ehrlake.features.labels import LABEL_COLUMNS, TASKS, Task, task
 from ehrlake.lake import WriteMode, increments, watermarks
 from ehrlake.lake.provenance import ESTIMATES
 
-__all__ = ["run", "default_as_of", "TASKS", "Task", "task", "model_inputs", "descriptions", "training_frame"]
+__all__ = [
+    "run",
+    "default_as_of",
+    "TASKS",
+    "Task",
+    "task",
+    "model_inputs",
+    "model_codes",
+    "descriptions",
+    "training_frame",
+]
 
 DIABETES130_BRONZE = "bronze.diabetes130_encounters"
 JOB, LABELS = "features", "gold.labels"
@@ -56,6 +66,12 @@ def model_inputs(t: Task) -> list[str]:
     if t.level == "diabetes130":
         return list(diabetes130.FEATURES)
     return pointintime.feature_columns(definitions.load(), t.level)
+
+
+def model_codes(t: Task) -> list[str]:
+    """The many-valued code columns a model of task ``t`` reads through target encodings learnt
+    in its training folds (``ehrlake.models.target_encoding``); none for silver's tasks."""
+    return list(diabetes130.CODES) if t.level == "diabetes130" else []
 
 
 def descriptions(t: Task) -> dict[str, str]:

@@ -103,6 +103,18 @@ HISTORY = {
 }
 DESCRIPTIONS.update(HISTORY)
 FEATURES = list(DESCRIPTIONS)
+# many-valued codes kept as they are in the feature table; a model reads each as its readmission
+# rate, target-encoded inside its training folds (ehrlake.models.target_encoding), never here
+CODES = {
+    "diag_1": "primary diagnosis code",
+    "diag_2": "secondary diagnosis code",
+    "diag_3": "additional diagnosis code",
+    "medical_specialty": "admitting physician's specialty",
+    "payer_code": "payer",
+    "admission_source_id": "admission source",
+    "discharge_disposition_id": "discharge disposition",
+    "admission_type_id": "admission type",
+}
 
 
 def _icd9_number(code: Column) -> Column:
@@ -118,7 +130,7 @@ def _in_ranges(value: Column, ranges) -> Column:
 
 
 def build(rows: DataFrame) -> DataFrame:
-    """Extract rows (canonical column names) -> (patient_key, index_id, attributes, features, label,
+    """Extract rows (canonical column names) -> (patient_key, index_id, attributes, features, codes, label,
     excluded)."""
     missing = [
         c for c in ("encounter_id", "readmitted", "age", "discharge_disposition_id") if c not in rows.columns
@@ -183,6 +195,7 @@ def build(rows: DataFrame) -> DataFrame:
         F.lit(UNKNOWN).alias("state"),
         F.coalesce(s("race"), F.lit(UNKNOWN)).alias("race"),
         *[F.coalesce(col.cast("double"), F.lit(0.0)).alias(name) for name, col in features.items()],
+        *[(s(c) if c in rows.columns else F.lit(None).cast("string")).alias(c) for c in CODES],
         F.lit(TASK).alias("task"),
         label.alias("label"),
         excluded.alias("excluded"),

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
-from ehrlake.models import algorithms, evaluate, explain, registry, versions
+from ehrlake.models import algorithms, evaluate, explain, registry, target_encoding, versions
 
 DEFAULT_SEED = 42
 
@@ -136,7 +136,8 @@ def train(
     pos_weight = (n - positives) / positives
     base_rate = positives / n  # decision threshold of the threshold metrics (calibrated scores)
     # a feature never observed in training cannot be imputed or learned; leave it out, recorded
-    inputs = [c for c in wanted if stats[f"nonnull_{c}"] > 0]
+    codes = feats.model_codes(t)
+    inputs = [c for c in wanted if stats[f"nonnull_{c}"] > 0] + [target_encoding.name(c) for c in codes]
     train_df = (
         with_weights(train_df, pos_weight)
         .repartition(num_workers, "patient_key")
@@ -147,6 +148,8 @@ def train(
     with lake.security.job("train", ["gold"], role) as (_, audit):
         for algorithm in algorithms_:
             pipe, grid_maps = algorithms.pipeline(algorithm, inputs, seed, num_workers, grid)
+            if codes:  # encoded inside every fit's rows, so no row's label reaches its own features
+                pipe = target_encoding.FoldEncoded(pipe, codes, seed)
             search = CrossValidator(
                 estimator=pipe,
                 estimatorParamMaps=grid_maps,
@@ -178,6 +181,8 @@ def train(
                     "test_patients": "generated copies only" if generated_only else "real",
                     "pos_weight": pos_weight,
                     "threshold": base_rate,
+                    "target_encoded": codes,
+                    "target_encoding_strength": target_encoding.STRENGTH,
                 }
             )
             mv = registry.ModelVersion(
