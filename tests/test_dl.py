@@ -138,6 +138,14 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
     validation = findings.where((F.col("split") == "val") & (F.col("label") >= 0))
     assert threshold == evaluate.accuracy_threshold(validation)
     assert findings.where(F.col("finding") != (F.col("score") >= threshold)).count() == 0
+    # mirror_at_test (conf): a score is the mean of the image's and its left-right mirror's
+    assert mv.params["mirror_at_test"] is True
+    one = image_lake.read("silver.imaging").where(F.col("source_system") == "breastmnist").first()
+    x = np.frombuffer(one.pixels, "<f4").reshape(1, *SHAPE, 1)
+    model = predict.load_model(mv.artifact_path(image_lake))
+    views = [model.predict_on_batch(v)[0, 0] for v in (x, np.ascontiguousarray(x[:, :, ::-1]))]
+    score = findings.where(F.col("image_id") == one.image_id).first().score
+    assert score == pytest.approx(float(np.mean(views)), abs=1e-5) and views[0] != views[1]
     metrics = image_lake.read("gold.model_metrics").where(
         F.col("evaluation") == f"{mv.model_id}.v{mv.version}.test"
     )
@@ -152,7 +160,7 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
     # the same code path scores DICOM slices (no labels: findings only)
     snap_version = image_lake.version("silver.imaging")
     dicom = predict.image_findings(image_lake, mv.artifact_path(image_lake), snap_version, "pacs", mv.task,
-                                   mv.model_id, mv.version)  # fmt: skip
+                                   mv.model_id, mv.version, predict.mirrored(mv))  # fmt: skip
     predict.write_findings(image_lake, dicom, threshold)
     rows = image_lake.read("gold.image_findings").where(F.col("source_system") == "pacs").collect()
     assert {r.format for r in rows} == {"dicom"} and all(0 <= r.score <= 1 for r in rows)

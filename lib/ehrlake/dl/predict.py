@@ -48,13 +48,15 @@ def batched(rows, size: int = BATCH):
         yield batch
 
 
-def _image_scorer(path: str, shape: tuple[int, ...], pixels_at: int):
+def _image_scorer(path: str, shape: tuple[int, ...], pixels_at: int, mirrored: bool):
     def score(rows):
         model = None
         for batch in batched(rows):
             model = model or load_model(path)
             x = np.stack([np.frombuffer(r[pixels_at], "<f4").reshape(shape) for r in batch])
             p = model.predict_on_batch(x)[:, 0]
+            if mirrored:  # batch, height, width, channel: the left-right mirror
+                p = (p + model.predict_on_batch(np.ascontiguousarray(x[:, :, ::-1]))[:, 0]) / 2
             for r, s in zip(batch, p, strict=True):
                 yield (*r[:pixels_at], *r[pixels_at + 1 :], float(s))
 
@@ -64,10 +66,11 @@ def _image_scorer(path: str, shape: tuple[int, ...], pixels_at: int):
 IMAGE_COLUMNS = ["image_id", "patient_key", "source_system", "format", "modality", "split", "label"]
 
 
-def score_images(frame: DataFrame, path: str, shape) -> DataFrame:
-    """``frame`` (``IMAGE_COLUMNS`` + ``pixels``) with a ``score`` column instead of pixels."""
+def score_images(frame: DataFrame, path: str, shape, mirrored: bool = False) -> DataFrame:
+    """``frame`` (``IMAGE_COLUMNS`` + ``pixels``) with a ``score`` column instead of pixels;
+    ``mirrored``: the mean of each image's and its mirror's scores (the model's ``mirror_at_test``)."""
     rows = frame.select(*IMAGE_COLUMNS, "pixels").rdd.mapPartitions(
-        _image_scorer(path, tuple(shape) + (1,), len(IMAGE_COLUMNS))
+        _image_scorer(path, tuple(shape) + (1,), len(IMAGE_COLUMNS), mirrored)
     )
     schema = T.StructType(
         [*frame.select(*IMAGE_COLUMNS).schema.fields, T.StructField("score", T.DoubleType())]
@@ -75,12 +78,14 @@ def score_images(frame: DataFrame, path: str, shape) -> DataFrame:
     return frame.sparkSession.createDataFrame(rows, schema)
 
 
-def image_findings(lake, path, version: int, source: str, task: str, model_id: str, model_version: int):
+def image_findings(
+    lake, path, version: int, source: str, task: str, model_id: str, model_version: int, mirrored: bool
+):
     """Every image of ``source`` in ``silver.imaging`` (at ``version``) scored by the model."""
     from ehrlake.ingest.images import load_spec
 
     images = lake.read("silver.imaging", version=version).where(F.col("source_system") == source)
-    scored = score_images(images, path, load_spec().shape)
+    scored = score_images(images, path, load_spec().shape, mirrored)
     return scored.select(
         *IMAGE_COLUMNS,
         "score",
@@ -89,6 +94,11 @@ def image_findings(lake, path, version: int, source: str, task: str, model_id: s
         F.lit(model_version).alias("model_version"),
         F.current_timestamp().alias("scored_at"),
     )
+
+
+def mirrored(mv) -> bool:
+    """Whether image model ``mv`` scores with its mirror (as it was evaluated and thresholded)."""
+    return bool(mv.params.get("mirror_at_test", False))
 
 
 def write_findings(lake, findings: DataFrame, threshold: float) -> None:
@@ -108,7 +118,14 @@ def score_source(lake, mv, source_system: str, role: str | None = None) -> dict[
     with lake.security.job("score-images", ["gold"], role) as (_, audit):
         version = lake.version("silver.imaging")
         findings = image_findings(
-            lake, mv.artifact_path(lake), version, source_system, mv.task, mv.model_id, mv.version
+            lake,
+            mv.artifact_path(lake),
+            version,
+            source_system,
+            mv.task,
+            mv.model_id,
+            mv.version,
+            mirrored(mv),
         )
         write_findings(lake, findings, float(mv.params.get("threshold", evaluate.FINDING_THRESHOLD)))
         counts = (
@@ -319,7 +336,7 @@ def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:
         "image_id string, patient_key string, source_system string, format string, modality string, "
         "split string, label int, pixels binary",
     )
-    pred = score_images(frame, mv.artifact_path(lake), spec.shape).cache()
+    pred = score_images(frame, mv.artifact_path(lake), spec.shape, mirrored(mv)).cache()
     if pred.limit(1).count() == 0:
         raise EhrlakeError(
             f"no labelled images in {input_path} (a label comes from an NPZ's labels or a PNG folder)"

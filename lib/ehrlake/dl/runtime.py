@@ -49,8 +49,8 @@ def has_horovod() -> bool:
 @dataclass(frozen=True)
 class NetSettings:
     """How one network trains (``cnn:`` and ``ann:`` of conf/deep_learning.yaml; an image task's
-    ``cnn:`` overrides some of them). ``filters``, ``augment`` and ``bn_momentum`` are the CNN's;
-    ``hidden`` is the ANN's."""
+    ``cnn:`` overrides some of them). ``filters``, ``augment``, ``mirror_at_test`` and
+    ``bn_momentum`` are the CNN's; ``hidden`` is the ANN's."""
 
     epochs: int = 30
     batch_size: int = 32  # per worker
@@ -61,6 +61,7 @@ class NetSettings:
     patience: int = 12
     filters: tuple = (32, 64, 128)
     augment: bool = True
+    mirror_at_test: bool = False  # score an image as the mean of it and its mirror (CNN)
     bn_momentum: float = 0.9
     hidden: tuple = (64, 32)
     validation: str | None = "val"  # split scored every epoch; None: no validation

@@ -360,7 +360,9 @@ def train_image_model(
     )
     with lake.security.job("train", ["gold"], role) as (_, audit):
         results = _launch(lake, payload, workers, launcher)
-        findings = predict.image_findings(lake, path, snap.version, source, task, model_id, version)
+        findings = predict.image_findings(
+            lake, path, snap.version, source, task, model_id, version, hyper.mirror_at_test
+        )
         test = findings.where((F.col("split") == test_split) & F.col("label").isNotNull()).cache()
         if test.limit(1).count() == 0:
             raise EhrlakeError(
