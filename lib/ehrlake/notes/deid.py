@@ -1,0 +1,204 @@
+"""De-identification of clinical note text, before anyone but the sealed column sees it.
+
+Three kinds of finder, their spans merged (the longest wins an overlap) and each replaced by a
+typed placeholder (``[NAME]``, ``[ADDRESS]``, ``[PHONE]``...), except dates, which are shifted:
+
+- **the patient's own identifiers** (:class:`Known`: names, street lines, places, phones, record
+  numbers; the clean job opens them from the sealed bronze columns), removed wherever they occur,
+  case-insensitive, Synthea's digit-suffixed names ("Masako522") with or without their digits;
+- **patterns** that identify whoever they belong to: phone numbers (US and Indian), e-mail and ABHA
+  addresses, SSN-, ABHA- and MRN-like numbers, street addresses, URLs, titled names ("Dr. Clint766
+  Marquardt819") and Synthea's digit-suffixed ones, ages over 89 (written "90+"); other persons'
+  untitled names need a recogniser of names, not yet here;
+- **dates** moved by the patient's own offset (:func:`date_offset`: the same in every note of the
+  patient, so intervals between notes and records still read true), written back in the format
+  they came in; a date that cannot be read becomes ``[DATE]``.
+
+Pure Python on strings: the same function runs per note on the executors and in a unit test. Its
+result keeps the spans it replaced (kind and offsets in the original text), so a benchmark can
+measure what it missed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+
+MAX_SHIFT_DAYS = 365
+MONTHS = (
+    "january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+    "november", "december",
+)  # fmt: skip
+_MONTH = r"(?:jan|feb|mar|apr|may|jun|jul|aug|sep|sept|oct|nov|dec)[a-z]*\.?"
+STREET_TYPES = (
+    "street", "st", "avenue", "ave", "road", "rd", "lane", "ln", "drive", "dr", "boulevard", "blvd",
+    "court", "ct", "place", "pl", "way", "square", "sq", "terrace", "parkway", "pkwy", "highway", "hwy",
+    "skyway", "trail", "circle", "nagar", "marg", "colony",
+)  # fmt: skip
+MIN_NAME = 2  # shorter name parts ("Al", initials) are too common a word to remove everywhere
+
+
+@dataclass(frozen=True)
+class Known:
+    """One patient's identifiers as recorded in the structured data."""
+
+    names: tuple[str, ...] = ()  # given and family names (Synthea's carry digits)
+    streets: tuple[str, ...] = ()  # address lines
+    places: tuple[str, ...] = ()  # city, district, postcode
+    phones: tuple[str, ...] = ()
+    numbers: tuple[str, ...] = ()  # MRN, SSN, ABHA number, licence
+
+
+@dataclass(frozen=True)
+class Span:
+    start: int  # offsets in the original text
+    end: int
+    kind: str  # NAME, ADDRESS, LOCATION, PHONE, EMAIL, ID, URL, AGE, DATE
+    replacement: str
+
+
+@dataclass
+class Deidentified:
+    text: str
+    spans: list[Span] = field(default_factory=list)
+
+
+def date_offset(patient_key: str, secret: bytes, max_days: int = MAX_SHIFT_DAYS) -> int:
+    """The patient's date shift in days: from an HMAC of their key, between 1 and ``max_days``
+    either way (never 0); the same for every note of the patient, unknowable without ``secret``."""
+    digest = hmac.new(secret, patient_key.encode(), hashlib.sha256).digest()
+    days = 1 + int.from_bytes(digest[:4], "big") % max_days
+    return days if digest[4] % 2 else -days
+
+
+def _flexible(text: str) -> str:
+    """``text`` as a pattern: case as written is ignored by the caller, runs of spaces and
+    punctuation between words match any such run."""
+    words = [re.escape(w) for w in re.split(r"[\s,.\-]+", text.strip()) if w]
+    return r"[\s,.\-]+".join(words)
+
+
+def _known_spans(text: str, known: Known) -> list[Span]:
+    spans: list[Span] = []
+
+    def find(pattern: str, kind: str) -> None:
+        for m in re.finditer(pattern, text, flags=re.IGNORECASE):
+            spans.append(Span(m.start(), m.end(), kind, f"[{kind}]"))
+
+    for name in known.names:
+        for part in re.split(r"[\s\-]+", name):
+            bare = re.sub(r"\d+$", "", part)
+            if len(bare) >= MIN_NAME:  # "Masako522" and "Masako", possessive or not
+                find(rf"\b{re.escape(bare)}\d*\b", "NAME")
+    for street in known.streets:
+        if street.strip():
+            find(rf"\b{_flexible(street)}\b", "ADDRESS")
+    for place in known.places:
+        if len(place.strip()) >= MIN_NAME:
+            find(rf"\b{_flexible(place)}\b", "LOCATION")
+    for phone in known.phones:
+        digits = re.sub(r"\D", "", phone)
+        if len(digits) >= 6:  # the same digits whatever separates them
+            find(r"(?<!\d)" + r"[\s\-.()]*".join(digits) + r"(?!\d)", "PHONE")
+    for number in known.numbers:
+        if len(number.strip()) >= 4:
+            find(rf"(?<![\w-]){_flexible(number)}(?![\w-])", "ID")
+    return spans
+
+
+PATTERNS: tuple[tuple[str, str], ...] = (
+    ("URL", r"\b(?:https?://|www\.)[^\s<>\"']+"),
+    ("EMAIL", r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\b"),  # e-mail, and ABHA addresses (name@abdm)
+    ("ID", r"\b\d{3}-\d{2}-\d{4}\b"),  # SSN
+    ("ID", r"\b\d{2}-\d{4}-\d{4}-\d{4}\b"),  # ABHA number
+    ("ID", r"\b(?:mrn|medical record(?: number)?|record no\.?|uhid|abha(?: number)?)[\s:#]*[\w-]*\d[\w-]*"),
+    ("ID", r"\b\d{8,}\b"),  # long digit runs: account, insurance, licence numbers
+    ("PHONE", r"(?<!\d)(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}(?!\d)"),
+    ("PHONE", r"(?<!\d)(?:\+91[\s-]?|0)?[6-9]\d{4}[\s-]?\d{5}(?!\d)"),
+    (
+        "ADDRESS",
+        rf"\b\d+[a-z]?\s+(?:[A-Z][\w'-]*\s+){{1,4}}(?i:{'|'.join(STREET_TYPES)})\b"
+        r"(?:,?\s+(?i:apt|apartment|suite|unit|flat)\.?\s*#?\s*\w+)?",
+    ),  # fmt: skip
+    ("NAME", r"\b[A-Z][a-z]+\d{1,4}\b"),  # Synthea's names carry digits: another person's, unknown here
+    ("NAME", r"\b(?i:dr|mr|mrs|ms|miss|prof)\.?\s+[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*){0,2}"),
+)
+_AGE = re.compile(r"\b(\d{2,3})(\s*|-)(years?|yrs?|y/?o)\b|\baged?\s+(\d{2,3})\b", re.IGNORECASE)
+_TIME = r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+_DATES = (  # pattern, how it is written back, its (year, month, day) groups
+    (re.compile(rf"\b(\d{{4}})-(\d{{2}})-(\d{{2}}){_TIME}\b"), "iso", (1, 2, 3)),
+    (re.compile(r"\b(\d{1,2})/(\d{1,2})/(\d{4})\b"), "us", (3, 1, 2)),
+    (re.compile(rf"\b({_MONTH})\s+(\d{{1,2}})(?:st|nd|rd|th)?,?\s+(\d{{4}})\b", re.I), "mdy", (3, 1, 2)),
+    (re.compile(rf"\b(\d{{1,2}})(?:st|nd|rd|th)?\s+({_MONTH})\s+(\d{{4}})\b", re.I), "dmy", (3, 2, 1)),
+)
+
+
+def _pattern_spans(text: str) -> list[Span]:
+    spans = []
+    for kind, pattern in PATTERNS:
+        for m in re.finditer(pattern, text, flags=re.IGNORECASE if kind in ("ID", "URL", "EMAIL") else 0):
+            spans.append(Span(m.start(), m.end(), kind, f"[{kind}]"))
+    for m in _AGE.finditer(text):
+        value = int(m.group(1) or m.group(4))
+        if value > 89:  # HIPAA's safe harbour: ages over 89 as one group
+            group = 1 if m.group(1) else 4
+            spans.append(Span(m.start(group), m.end(group), "AGE", "90+"))
+    return spans
+
+
+def _month(name: str) -> int | None:
+    name = name.lower().rstrip(".")
+    return next((i + 1 for i, m in enumerate(MONTHS) if m.startswith(name[:3])), None)
+
+
+def _written(moved: dt.date, how: str, original: str) -> str:
+    if how == "iso":  # a time of day stays as written: the date part is what identifies
+        return moved.isoformat() + original[10:]
+    month = MONTHS[moved.month - 1].capitalize()
+    if how == "mdy":
+        return f"{month} {moved.day}, {moved.year}"
+    if how == "dmy":
+        return f"{moved.day} {month} {moved.year}"
+    return f"{moved.month}/{moved.day}/{moved.year}"
+
+
+def _date_spans(text: str, offset: int) -> list[Span]:
+    spans = []
+    for pattern, how, (year, month, day) in _DATES:
+        for m in pattern.finditer(text):
+            named = how in ("mdy", "dmy")
+            try:
+                month_ = (_month(m.group(month)) or 0) if named else int(m.group(month))
+                moved = dt.date(int(m.group(year)), month_, int(m.group(day))) + dt.timedelta(days=offset)
+            except (ValueError, OverflowError):  # "13/45/2020": a date, unreadable
+                spans.append(Span(m.start(), m.end(), "DATE", "[DATE]"))
+                continue
+            spans.append(Span(m.start(), m.end(), "DATE", _written(moved, how, m.group(0))))
+    return spans
+
+
+def _merged(spans: list[Span]) -> list[Span]:
+    """Non-overlapping spans in text order: of overlapping ones the longest (then the first)."""
+    chosen: list[Span] = []
+    for span in sorted(spans, key=lambda s: (-(s.end - s.start), s.start)):
+        if all(span.end <= c.start or span.start >= c.end for c in chosen):
+            chosen.append(span)
+    return sorted(chosen, key=lambda s: s.start)
+
+
+def deidentify(text: str, known: Known = Known(), offset: int = 0) -> Deidentified:
+    """``text`` without the patient's ``known`` identifiers and the patterns above, dates moved by
+    ``offset`` days (:func:`date_offset`)."""
+    if not text:
+        return Deidentified(text or "")
+    spans = _merged(_known_spans(text, known) + _pattern_spans(text) + _date_spans(text, offset))
+    out, last = [], 0
+    for s in spans:
+        out.append(text[last : s.start])
+        out.append(s.replacement)
+        last = s.end
+    out.append(text[last:])
+    return Deidentified("".join(out), spans)

@@ -1,0 +1,112 @@
+"""Clinical notes: de-identification of note text (pure Python: no Spark session)."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+
+import pytest
+from conftest import shared
+
+from ehrlake.notes import deid
+
+KNOWN = deid.Known(
+    names=("Masako522", "Mayer370"),
+    streets=("612 Kuhlman Skyway Apt 45",),
+    places=("Amherst",),
+    phones=("555-194-2761",),
+    numbers=("999-12-3456",),
+)
+NOTE = """2019-07-31T14:26:37+00:00
+
+# History of Present Illness
+Masako522 Mayer370 is a 54 year-old female, seen by Dr. Clint766 Marquardt819 on July 31, 2019.
+Masako's husband Rolando41 is 92 years old. Follow-up 8/14/2019; lab drawn 13/45/2019.
+Lives at 612 Kuhlman Skyway, Apt 45, AMHERST. Call (555) 194-2761 or +91 98765 43210,
+masako@example.com, ABHA 12-3456-7890-1234, MRN: A1234567, SSN 999-12-3456, see www.example.org/p.
+# Assessment and Plan
+Hypertension. Prediabetes. Continue metformin 500 mg.
+"""
+
+
+def test_a_note_loses_names_contacts_numbers_and_its_dates_move_by_the_patients_offset():
+    offset = 30
+    got = deid.deidentify(NOTE, KNOWN, offset)
+    for gone in (
+        "Masako", "Mayer", "Clint766", "Marquardt819", "Rolando41", "Kuhlman", "Amherst", "AMHERST",
+        "194-2761", "98765", "example", "3456", "A1234567", "2019-07-31", "July 31", "8/14/2019", "13/45",
+        "92",
+    ):  # fmt: skip
+        assert gone not in got.text, gone
+    # dates moved by the offset, written as they came; an impossible one replaced
+    assert got.text.startswith("2019-08-30T14:26:37+00:00")
+    assert "August 30, 2019" in got.text and "9/13/2019" in got.text and "[DATE]" in got.text
+    # typed placeholders, ages over 89 grouped, the clinical text and a younger age untouched
+    for placeholder in ("[NAME]", "[ADDRESS]", "[LOCATION]", "[PHONE]", "[EMAIL]", "[ID]", "[URL]"):
+        assert placeholder in got.text, placeholder
+    assert "90+ years old" in got.text and "54 year-old" in got.text
+    assert "Hypertension. Prediabetes. Continue metformin 500 mg." in got.text
+    # every span names what it replaced in the original text, without overlaps
+    names = [NOTE[s.start : s.end] for s in got.spans if s.kind == "NAME"]
+    assert {"Masako522", "Mayer370", "Masako", "Rolando41"} <= set(names)
+    assert all(a.end <= b.start for a, b in zip(got.spans, got.spans[1:], strict=False))
+
+
+def test_the_date_offset_is_the_patients_own_the_same_in_every_note_and_never_zero():
+    secret = b"lake secret"
+    offsets = [deid.date_offset(f"patient-{i}", secret) for i in range(200)]
+    assert offsets[7] == deid.date_offset("patient-7", secret)  # every note of the patient alike
+    assert all(0 < abs(o) <= deid.MAX_SHIFT_DAYS for o in offsets) and len(set(offsets)) > 100
+    assert min(offsets) < 0 < max(offsets)
+    assert [deid.date_offset(f"patient-{i}", b"other") for i in range(200)] != offsets  # needs the secret
+    first = deid.deidentify("Seen 2020-01-10.", offset=offsets[7]).text
+    second = deid.deidentify("Back on 2020-01-20.", offset=offsets[7]).text
+    moved = [re.search(r"\d{4}-\d{2}-\d{2}", t).group(0) for t in (first, second)]
+    import datetime as dt
+
+    days = (dt.date.fromisoformat(moved[1]) - dt.date.fromisoformat(moved[0])).days
+    assert days == 10 and moved[0] != "2020-01-10"  # intervals read true, dates do not
+
+
+def test_a_real_synthea_note_keeps_none_of_its_patients_identifiers():
+    """The shared HIV bundles' notes name their patient ("Masako522 is a newborn ..."): every
+    name, street, city and phone of the bundle's Patient is gone from every note of the bundle."""
+    folder = shared("synthea_fhir_r4_hiv", "bundles")
+    path = sorted(folder.glob("*.json.gz"))[0]
+    with gzip.open(path, "rt") as f:
+        resources = [e["resource"] for e in json.load(f)["entry"]]
+    patient = next(r for r in resources if r["resourceType"] == "Patient")
+    names = tuple(p for n in patient["name"] for p in (*n.get("given", []), n.get("family", "")) if p)
+    address = patient.get("address", [{}])[0]
+    known = deid.Known(
+        names=names,
+        streets=tuple(address.get("line", [])),
+        places=tuple(x for x in (address.get("city"),) if x),
+        phones=tuple(t["value"] for t in patient.get("telecom", []) if t.get("system") == "phone"),
+    )
+    notes = [
+        base64.b64decode(r["content"][0]["attachment"]["data"]).decode()
+        for r in resources
+        if r["resourceType"] == "DocumentReference"
+    ]
+    assert notes and any(names[0] in n for n in notes)  # the notes do name the patient
+    for note in notes:
+        text = deid.deidentify(note, known, offset=11).text
+        for name in names:
+            assert re.sub(r"\d+$", "", name) not in text
+        for date in re.findall(r"\b\d{4}-\d{2}-\d{2}\b", note):  # every date moved
+            assert date not in text
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Aged 95, walks daily.", "Aged 90+, walks daily."),
+        ("No known allergies.", "No known allergies."),
+        ("Dose 10 mg on day 3 at 12 Main Street.", "Dose 10 mg on day 3 at [ADDRESS]."),
+    ],
+)
+def test_patterns_replace_only_what_identifies(text, expected):
+    assert deid.deidentify(text).text == expected
