@@ -10,6 +10,11 @@ ones it opens from bronze, and measured without any manual labels:
 - **clinical terms kept** (a precision proxy): of the display names of the patient's conditions,
   medications, procedures, immunizations and allergies that occur in the note, the share still
   found after. Aim: at least 0.99; a term lost is a clinical word a pattern took for an identifier.
+- **concepts** (part b), found in the de-identified text by targets made of every code's display
+  name in the structured data: precision = share of affirmed mentions (no ConText flag) that are a
+  code on the patient's record by the note's date (a note lists active medications prescribed
+  earlier); recall = share of the codes recorded at the note's own encounter that the note
+  mentions affirmed. Aim: 0.95 both, per kind.
 - **throughput**: notes per second on one core (pure Python, the function executors will run).
 
     .venv/bin/python bench/notes.py [--bundles DIR] [--out DIR]
@@ -33,7 +38,7 @@ sys.path.insert(0, str(REPO / "lib"))
 
 from _lake import save_result  # noqa: E402
 
-from ehrlake.notes import deid  # noqa: E402
+from ehrlake.notes import concepts, deid  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "synthea_fhir_r4_hiv" / "bundles"
 SECRET = b"bench secret"
@@ -63,6 +68,12 @@ def _occurs(term: str, text: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(term)}(?!\w)", text, flags=re.IGNORECASE) is not None
 
 
+KIND = {
+    "Condition": "condition",
+    "MedicationRequest": "medication",
+    "Procedure": "procedure",
+    "Immunization": "immunization",
+}
 CLINICAL = {  # resource type -> its concept element
     "Condition": "code",
     "MedicationRequest": "medicationCodeableConcept",
@@ -84,6 +95,62 @@ def _clinical_terms(resources: list[dict]) -> set[str]:
     return out
 
 
+def _codes(r: dict) -> list[tuple[str, str, str]]:
+    """(display, system, code) of a clinical resource's concept."""
+    concept = r.get(CLINICAL.get(r["resourceType"], ""), {})
+    return [
+        (c["display"], c.get("system", ""), c["code"]) for c in concept.get("coding", []) if c.get("display")
+    ]
+
+
+def _targets(bundles: list[list[dict]]) -> list[concepts.Target]:
+    """Every code of the structured data (all patients), as the lake would list them."""
+    seen = {}
+    for resources in bundles:
+        for r in resources:
+            for display, system, code in _codes(r):
+                seen.setdefault(
+                    (display, code), concepts.Target(display, system, code, KIND[r["resourceType"]])
+                )
+    return list(seen.values())
+
+
+def _encounter_codes(resources: list[dict]) -> dict[str, set[tuple[str, str]]]:
+    """encounter reference -> (kind, code) of the clinical resources recorded at it."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    for r in resources:
+        encounter = (r.get("encounter") or {}).get("reference")
+        if encounter and r["resourceType"] in KIND:
+            out.setdefault(encounter, set()).update((KIND[r["resourceType"]], c) for _, _, c in _codes(r))
+    return out
+
+
+DATED = ("onsetDateTime", "recordedDate", "authoredOn", "performedDateTime", "occurrenceDateTime")
+
+
+def _dated_codes(resources: list[dict]) -> list[tuple[str, tuple[str, str]]]:
+    """(date, (kind, code)) of every clinical resource of the patient."""
+    out = []
+    for r in resources:
+        if r["resourceType"] in KIND:
+            when = next((r[k] for k in DATED if k in r), None) or r.get("performedPeriod", {}).get("start")
+            out.extend((when[:10], (KIND[r["resourceType"]], c)) for _, _, c in _codes(r) if when)
+    return out
+
+
+def _concept_scores(counts: dict[str, list[int]]) -> dict:
+    """kind -> precision and recall from [mentions right, mentions, codes found, codes]."""
+    return {
+        kind: {
+            "mentions": n,
+            "precision": round(right / n, 4) if n else None,
+            "codes": total,
+            "recall": round(hit / total, 4) if total else None,
+        }
+        for kind, (right, n, hit, total) in sorted(counts.items())
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundles", type=Path, default=SHARED)
@@ -94,16 +161,25 @@ def main() -> int:
     lost: dict[str, int] = {}
     kinds: dict[str, int] = {}
     replaced: dict[str, int] = {}  # what was taken out, to read for false alarms
-    seconds = 0.0
+    seconds = concept_seconds = 0.0
+    bundles = []
     for path in sorted(args.bundles.glob("*.json*")):
         with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as f:
-            resources = [e["resource"] for e in json.load(f).get("entry", [])]
+            bundles.append([e["resource"] for e in json.load(f).get("entry", [])])
+    matcher = concepts.Matcher(_targets(bundles))
+    scores: dict[str, list[int]] = {kind: [0, 0, 0, 0] for kind in KIND.values()}
+    flagged = {flag: 0 for flag in concepts.FLAGS}
+    mentions = 0
+    examples: list[str] = []  # flagged mentions in their words, to read
+    for resources in bundles:
         if (found_patient := _patient(resources)) is None:
             continue
         patient_id, known = found_patient
         offset = deid.date_offset(patient_id, SECRET)
         identifiers = _identifiers(known)
         clinical = _clinical_terms(resources)
+        at_encounter = _encounter_codes(resources)
+        dated = _dated_codes(resources)
         for r in resources:
             if r["resourceType"] != "DocumentReference":
                 continue
@@ -124,6 +200,28 @@ def main() -> int:
                     if _occurs(term, out):
                         left += 1
                         missed[term] = missed.get(term, 0) + 1
+            # concepts, in the de-identified text, against what the note's encounter recorded
+            started = time.perf_counter()
+            found_here = matcher.find(out)
+            concept_seconds += time.perf_counter() - started
+            encounter = next(iter(r.get("context", {}).get("encounter", [])), {}).get("reference")
+            truth = at_encounter.get(encounter, set())
+            on_record = {key for when, key in dated if when <= r.get("date", "")[:10]} | truth
+            asserted = set()
+            for m in found_here:
+                mentions += 1
+                for flag in concepts.FLAGS:
+                    flagged[flag] += getattr(m, flag)
+                    if getattr(m, flag) and len(examples) < 5:
+                        examples.append(f"{flag}: ...{out[max(0, m.start - 60) : m.end + 10]}...")
+                if not any(getattr(m, flag) for flag in concepts.FLAGS):
+                    key = (m.target.kind, m.target.code)
+                    scores[m.target.kind][0] += key in on_record
+                    scores[m.target.kind][1] += 1
+                    asserted.add(key)
+            for kind, code in truth:
+                scores[kind][2] += (kind, code) in asserted
+                scores[kind][3] += 1
             for term in clinical:
                 if _occurs(term, text):
                     terms += 1
@@ -145,7 +243,13 @@ def main() -> int:
         "lost_terms": dict(sorted(lost.items(), key=lambda kv: -kv[1])[:20]),
         "replaced_by_kind": kinds,
         "most_replaced": dict(sorted(replaced.items(), key=lambda kv: -kv[1])[:25]),
+        "concepts": _concept_scores(scores),
+        "mentions": mentions,
+        "mentions_flagged": flagged,
+        "flagged_examples": examples,
+        "targets": sum(len(c) for c in matcher.index.values()),
         "notes_per_second_one_core": round(notes / seconds, 1) if seconds else None,
+        "concept_notes_per_second_one_core": round(notes / concept_seconds, 1) if concept_seconds else None,
     }
     print(json.dumps(result, indent=2))
     print(f"saved {save_result(args.out, 'notes', result)}")

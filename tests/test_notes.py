@@ -110,3 +110,53 @@ def test_a_real_synthea_note_keeps_none_of_its_patients_identifiers():
 )
 def test_patterns_replace_only_what_identifies(text, expected):
     assert deid.deidentify(text).text == expected
+
+
+def _matcher():
+    from ehrlake.notes import concepts
+
+    codes = [
+        ("Cardiac Arrest", "410429000", "condition"),
+        ("History of cardiac arrest (situation)", "429007001", "condition"),
+        ("Hypertension", "38341003", "condition"),
+        ("Diabetes", "44054006", "condition"),
+        ("Asthma", "195967001", "condition"),
+        ("Echocardiography (procedure)", "40701008", "procedure"),
+        ("1 ML Epinephrine 1 MG/ML Injection", "1660014", "medication"),
+    ]
+    return concepts, concepts.Matcher(concepts.Target(p, "http://snomed.info/sct", c, k) for p, c, k in codes)
+
+
+def test_mentions_map_to_codes_with_negation_history_family_and_hypothetical_context():
+    concepts, matcher = _matcher()
+    text = (
+        "# Assessment and Plan\n"
+        "Patient is presenting with cardiac arrest, history of cardiac arrest (situation).\n"
+        "No hypertension. Mother has diabetes but the patient denies asthma.\n"
+        "History of asthma. If hypertension develops, return. Echocardiography (procedure) was done.\n"
+        "- 1 ml epinephrine 1 mg/ml injection\n"
+        "# Family History\n"
+        "Diabetes.\n"
+    )
+    found = [(text[m.start : m.end], m.target.code, {f for f in concepts.FLAGS if getattr(m, f)}, m.section)
+             for m in matcher.find(text)]  # fmt: skip
+    assert found == [
+        ("cardiac arrest", "410429000", set(), "Assessment and Plan"),
+        # the longest display wins, and "history of" inside a target's own words is no trigger
+        ("history of cardiac arrest (situation)", "429007001", set(), "Assessment and Plan"),
+        ("hypertension", "38341003", {"negated"}, "Assessment and Plan"),
+        ("diabetes", "44054006", {"family"}, "Assessment and Plan"),  # "but" ends the mother's scope
+        ("asthma", "195967001", {"negated"}, "Assessment and Plan"),
+        ("asthma", "195967001", {"historical"}, "Assessment and Plan"),
+        ("hypertension", "38341003", {"hypothetical"}, "Assessment and Plan"),
+        ("Echocardiography (procedure)", "40701008", set(), "Assessment and Plan"),
+        ("1 ml epinephrine 1 mg/ml injection", "1660014", set(), "Assessment and Plan"),
+        ("Diabetes", "44054006", {"family"}, "Family History"),  # from its section
+    ]
+
+
+def test_pseudo_triggers_and_sentence_ends_bound_a_triggers_scope():
+    concepts, matcher = _matcher()
+    text = "No increase in asthma symptoms. Denies chest pain. Hypertension noted."
+    flags = [{f for f in concepts.FLAGS if getattr(m, f)} for m in matcher.find(text)]
+    assert flags == [set(), set()]  # "no increase" is no negation; "denies" stops at its sentence

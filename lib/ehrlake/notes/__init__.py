@@ -1,2 +1,2 @@
-"""Clinical notes (issue 23): de-identification of note text (``deid.py``), before notes reach silver
-and their concepts reach features."""
+"""Clinical notes (issue 23, docs/notes.md): de-identification of note text (``deid.py``) and
+concepts with their ConText (``concepts.py``), before notes reach silver and features."""
