@@ -17,7 +17,7 @@ KNOWN = deid.Known(
     streets=("612 Kuhlman Skyway Apt 45",),
     places=("Amherst",),
     phones=("555-194-2761",),
-    numbers=("999-12-3456",),
+    numbers=("999-12-3456", "4471-22"),
 )
 NOTE = """2019-07-31T14:26:37+00:00
 
@@ -26,6 +26,7 @@ Masako522 Mayer370 is a 54 year-old female, seen by Dr. Clint766 Marquardt819 on
 Masako's husband Rolando41 is 92 years old. Follow-up 8/14/2019; lab drawn 13/45/2019.
 Lives at 612 Kuhlman Skyway, Apt 45, AMHERST. Call (555) 194-2761 or +91 98765 43210,
 masako@example.com, ABHA 12-3456-7890-1234, MRN: A1234567, SSN 999-12-3456, see www.example.org/p.
+Old chart 4471 22 reviewed.
 # Assessment and Plan
 Hypertension. Prediabetes. Continue metformin 500 mg.
 """
@@ -36,7 +37,7 @@ def test_a_note_loses_names_contacts_numbers_and_its_dates_move_by_the_patients_
     got = deid.deidentify(NOTE, KNOWN, offset)
     for gone in (
         "Masako", "Mayer", "Clint766", "Marquardt819", "Rolando41", "Kuhlman", "Amherst", "AMHERST",
-        "194-2761", "98765", "example", "3456", "A1234567", "2019-07-31", "July 31", "8/14/2019", "13/45",
+        "194-2761", "98765", "example", "3456", "A1234567", "4471", "2019-07-31", "July 31", "8/14/2019", "13/45",
         "92",
     ):  # fmt: skip
         assert gone not in got.text, gone
@@ -52,6 +53,19 @@ def test_a_note_loses_names_contacts_numbers_and_its_dates_move_by_the_patients_
     names = [NOTE[s.start : s.end] for s in got.spans if s.kind == "NAME"]
     assert {"Masako522", "Mayer370", "Masako", "Rolando41"} <= set(names)
     assert all(a.end <= b.start for a, b in zip(got.spans, got.spans[1:], strict=False))
+
+
+def test_keyed_fingerprints_find_the_same_identifiers_without_holding_them():
+    """What a table keeps under its data key (keyed hashes of the identifiers' normal forms) finds
+    exactly what the identifiers themselves find, and reads as none of them."""
+    key = b"k" * 32
+    prints = deid.fingerprints(KNOWN, key)
+    assert deid.deidentify(NOTE, prints, 30).text == deid.deidentify(NOTE, KNOWN, 30).text
+    stored = " ".join(prints.prints)
+    assert not any(v.lower() in stored for v in ("masako", "mayer", "amherst", "kuhlman", "2761"))
+    other = deid.fingerprints(KNOWN, b"x" * 32)  # another key: other hashes, nothing found
+    assert other.prints.isdisjoint(prints.prints)
+    assert "Masako" in deid.deidentify(NOTE, deid.Fingerprints(key, other.prints, other.window)).text
 
 
 def test_the_date_offset_is_the_patients_own_the_same_in_every_note_and_never_zero():

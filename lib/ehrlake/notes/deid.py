@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -74,38 +75,77 @@ def date_offset(patient_key: str, secret: bytes, max_days: int = MAX_SHIFT_DAYS)
     return days if digest[4] % 2 else -days
 
 
-def _flexible(text: str) -> str:
-    """``text`` as a pattern: case as written is ignored by the caller, runs of spaces and
-    punctuation between words match any such run."""
-    words = [re.escape(w) for w in re.split(r"[\s,.\-]+", text.strip()) if w]
-    return r"[\s,.\-]+".join(words)
+_WORDS = re.compile(r"[a-z0-9]+")
+MAX_WINDOW = 8  # words of the longest street line or place matched as one identifier
+# how an identifier of each kind is compared: as its words spaced, or packed (digits of a phone or
+# record number, whatever separates them in the text)
+SPACED, PACKED = ("NAME", "ADDRESS", "LOCATION"), ("PHONE", "ID")
 
 
-def _known_spans(text: str, known: Known) -> list[Span]:
-    spans: list[Span] = []
+@dataclass(frozen=True)
+class Fingerprints:
+    """A patient's identifiers as keyed hashes (:func:`fingerprints`): what a table can keep under
+    its data key so that a job holding no reveal key still finds them in text, word for word."""
 
-    def find(pattern: str, kind: str) -> None:
-        for m in re.finditer(pattern, text, flags=re.IGNORECASE):
-            spans.append(Span(m.start(), m.end(), kind, f"[{kind}]"))
+    key: bytes
+    prints: frozenset[str]
+    window: int = 1  # the most words one identifier spans
 
+
+def _words(text: str) -> list[tuple[str, int, int]]:
+    return [(m.group(0), m.start(), m.end()) for m in _WORDS.finditer(text.lower())]
+
+
+def _digest(key: bytes, kind: str, form: str) -> str:
+    return hashlib.blake2b(f"{kind}:{form}".encode(), key=key, digest_size=16).hexdigest()
+
+
+def fingerprints(known: Known, key: bytes) -> Fingerprints:
+    """Keyed hashes of each identifier of ``known`` in its normal form: names by part (with and
+    without Synthea's digits), streets and places as their words, phones and numbers as their
+    letters and digits packed; and of the first word of each longer one (``HEAD``), so a search
+    tries longer runs only from where one may start."""
+    forms: set[tuple[str, str]] = set()
     for name in known.names:
-        for part in re.split(r"[\s\-]+", name):
-            bare = re.sub(r"\d+$", "", part)
-            if len(bare) >= MIN_NAME:  # "Masako522" and "Masako", possessive or not
-                find(rf"\b{re.escape(bare)}\d*\b", "NAME")
-    for street in known.streets:
-        if street.strip():
-            find(rf"\b{_flexible(street)}\b", "ADDRESS")
-    for place in known.places:
-        if len(place.strip()) >= MIN_NAME:
-            find(rf"\b{_flexible(place)}\b", "LOCATION")
-    for phone in known.phones:
-        digits = re.sub(r"\D", "", phone)
-        if len(digits) >= 6:  # the same digits whatever separates them
-            find(r"(?<!\d)" + r"[\s\-.()]*".join(digits) + r"(?!\d)", "PHONE")
-    for number in known.numbers:
-        if len(number.strip()) >= 4:
-            find(rf"(?<![\w-]){_flexible(number)}(?![\w-])", "ID")
+        for part, _, _ in _words(name):
+            forms |= {("NAME", p) for p in (part, part.rstrip("0123456789")) if len(p) >= MIN_NAME}
+    window = 1
+    for kind, values, shortest in (
+        ("ADDRESS", known.streets, MIN_NAME),
+        ("LOCATION", known.places, MIN_NAME),
+        ("PHONE", known.phones, 6),
+        ("ID", known.numbers, 4),
+    ):
+        for value in values:
+            words = [w for w, _, _ in _words(value)]
+            form = ("".join if kind in PACKED else " ".join)(words)
+            if len(form) >= shortest:
+                forms.add((kind, form))
+                if len(words) > 1:
+                    forms.add(("HEAD", words[0]))
+                    window = max(window, min(len(words), MAX_WINDOW))
+    return Fingerprints(key, frozenset(_digest(key, kind, form) for kind, form in forms), window)
+
+
+def _known_spans(text: str, known: Fingerprints) -> list[Span]:
+    """Every run of up to ``known.window`` words whose normal form is one of the patient's
+    identifiers: a name part is one word (possessive or not), a phone or number has digits."""
+    if not known.prints:
+        return []
+    words = _words(text)
+    spans = []
+    for i in range(len(words)):
+        longest = known.window if _digest(known.key, "HEAD", words[i][0]) in known.prints else 1
+        for n in range(1, min(longest, len(words) - i) + 1):
+            run = [w for w, _, _ in words[i : i + n]]
+            forms = [(kind, " ".join(run)) for kind in SPACED if n == 1 or kind != "NAME"]
+            if all(any(c.isdigit() for c in w) for w in run):
+                forms += [(kind, "".join(run)) for kind in PACKED]
+            spans += [
+                Span(words[i][1], words[i + n - 1][2], kind, f"[{kind}]")
+                for kind, form in forms
+                if _digest(known.key, kind, form) in known.prints
+            ]
     return spans
 
 
@@ -189,11 +229,14 @@ def _merged(spans: list[Span]) -> list[Span]:
     return sorted(chosen, key=lambda s: s.start)
 
 
-def deidentify(text: str, known: Known = Known(), offset: int = 0) -> Deidentified:
-    """``text`` without the patient's ``known`` identifiers and the patterns above, dates moved by
-    ``offset`` days (:func:`date_offset`)."""
+def deidentify(text: str, known: Known | Fingerprints = Known(), offset: int = 0) -> Deidentified:
+    """``text`` without the patient's ``known`` identifiers (as recorded, or as their
+    :func:`fingerprints`) and the patterns above, dates moved by ``offset`` days
+    (:func:`date_offset`)."""
     if not text:
         return Deidentified(text or "")
+    if isinstance(known, Known):  # one finder: the identifiers hashed under a key of this call
+        known = fingerprints(known, os.urandom(16))
     spans = _merged(_known_spans(text, known) + _pattern_spans(text) + _date_spans(text, offset))
     out, last = [], 0
     for s in spans:
