@@ -174,3 +174,48 @@ def test_pseudo_triggers_and_sentence_ends_bound_a_triggers_scope():
     text = "No increase in asthma symptoms. Denies chest pain. Hypertension noted."
     flags = [{f for f in concepts.FLAGS if getattr(m, f)} for m in matcher.find(text)]
     assert flags == [set(), set()]  # "no increase" is no negation; "denies" stops at its sentence
+
+
+def test_notes_come_out_of_references_and_document_narratives_and_what_has_no_text_is_skipped():
+    """ABDM's OPConsultNote (India): the Composition's narrative and its sections from their
+    entries' narratives; its PDF lab report is skipped with the reason; a Synthea-style text note
+    by a Binary's url; and the ABDM note de-identified with its patient's identifiers."""
+    from ehrlake.notes import documents
+
+    bundle = json.loads(shared("india_abdm_fhir", "OPConsultNote_for_ABDMTrack_usecase.json").read_text())
+    index = documents.bundle_index(bundle)
+    found, skipped = [], []
+    for entry in bundle["entry"]:
+        n, s = documents.notes(entry["resource"], index)
+        found += n
+        skipped += s
+    assert [(n.resource_type, n.patient, n.encounter, n.author_role) for n in found] == [
+        ("Composition", "Patient/1", "Encounter/1", "Practitioner")
+    ]
+    note = found[0]
+    assert note.kind == "Clinical Consultation report" and note.date.startswith("2021-11-25")
+    assert "# Chief complaints\nIncreased frequency of urination\nHazy vision" in note.text
+    assert "# Family History\nMother had type 2 diabetes" in note.text and "<" not in note.text
+    assert [(s.note_id, s.reason) for s in skipped] == [("1", "attachment is application/pdf: no text read")]
+
+    patient = index["Patient/1"]
+    known = deid.Known(
+        names=tuple(p for n in patient["name"] for p in re.split(r"\s+", n.get("text", ""))),
+        phones=tuple(t["value"] for t in patient.get("telecom", [])),
+    )
+    clean = deid.deidentify(note.text, known, offset=-40).text
+    for gone in ("Prakash", "Kumar", "9818512600", "1958-11-26", "= 1234"):
+        assert gone not in clean, gone
+    assert "Mother had type 2 diabetes" in clean  # a family member's condition is no identifier
+
+    text = base64.b64encode(b"<p>Seen today.</p><p>Plan: rest.</p>").decode()
+    reference = {
+        "resourceType": "DocumentReference",
+        "id": "d1",
+        "subject": {"reference": "urn:uuid:p1"},
+        "content": [{"attachment": {"contentType": "text/html", "url": "urn:uuid:b1"}}],
+    }
+    binary = {"resourceType": "Binary", "id": "b1", "contentType": "text/html", "data": text}
+    (got,), () = documents.notes(reference, {"urn:uuid:b1": binary})
+    assert got.text == "Seen today.\nPlan: rest." and got.patient == "urn:uuid:p1"
+    assert documents.notes(reference, {})[1][0].reason.startswith("attachment has no readable data")

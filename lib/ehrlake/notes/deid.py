@@ -150,11 +150,14 @@ def _known_spans(text: str, known: Fingerprints) -> list[Span]:
 
 
 PATTERNS: tuple[tuple[str, str], ...] = (
-    ("URL", r"\b(?:https?://|www\.)[^\s<>\"']+"),
+    (
+        "URL",
+        r"\b(?:https?://|www\.)[^\s<>\"'(){}\[\]]*[^\s<>\"'(){}\[\].,;:!?]",
+    ),  # not its closing punctuation
     ("EMAIL", r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)*\b"),  # e-mail, and ABHA addresses (name@abdm)
     ("ID", r"\b\d{3}-\d{2}-\d{4}\b"),  # SSN
     ("ID", r"\b\d{2}-\d{4}-\d{4}-\d{4}\b"),  # ABHA number
-    ("ID", r"\b(?:mrn|medical record(?: number)?|record no\.?|uhid|abha(?: number)?)[\s:#]*[\w-]*\d[\w-]*"),
+    ("ID", r"\b(?:mrn|medical record(?: number)?|record no\.?|uhid|abha(?: number)?)[\s:#=]*[\w-]*\d[\w-]*"),
     ("ID", r"\b\d{8,}\b"),  # long digit runs: account, insurance, licence numbers
     ("PHONE", r"(?<!\d)(?:\+?1[\s.-]?)?\(?\d{3}\)?[\s.-]\d{3}[\s.-]\d{4}(?!\d)"),
     ("PHONE", r"(?<!\d)(?:\+91[\s-]?|0)?[6-9]\d{4}[\s-]?\d{5}(?!\d)"),
