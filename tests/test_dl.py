@@ -157,7 +157,7 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
     result = predict.evaluate_images(image_lake, mv, str(shared("medmnist", "breastmnist_png_sample")))
     assert result["metrics"]["auroc"]["n"] == 32 and result["metrics"]["accuracy"]["value"] is not None
 
-    # the same code path scores DICOM slices (no labels: findings only)
+    # the same code path scores DICOM slices (no labels: findings only) where no modality is asked
     snap_version = image_lake.version("silver.imaging")
     dicom = predict.image_findings(image_lake, mv.artifact_path(image_lake), snap_version, "pacs", mv.task,
                                    mv.model_id, mv.version, predict.mirrored(mv))  # fmt: skip
@@ -166,6 +166,18 @@ def test_cnn_trains_registers_writes_findings_and_evaluates_new_files(image_lake
     assert {r.format for r in rows} == {"dicom"} and all(0 <= r.score <= 1 for r in rows)
     predict.write_findings(image_lake, dicom, threshold)  # re-running replaces, never duplicates
     assert image_lake.read("gold.image_findings").where(F.col("source_system") == "pacs").count() == len(rows)
+
+    # but the ultrasound model refuses CT and MR slices: score-images counts them, scores none, and
+    # takes away the findings made of them above
+    assert mv.params["modalities"] == ["US"]
+    pacs = image_lake.read("silver.imaging").where(F.col("source_system") == "pacs")
+    recorded = {r.modality: r["count"] for r in pacs.groupBy("modality").count().collect()}
+    assert set(recorded) <= {"CT", "MR"} and recorded
+    counts, refused = predict.score_source(image_lake, mv, "pacs")
+    assert counts == {} and refused == recorded
+    assert image_lake.read("gold.image_findings").where(F.col("source_system") == "pacs").count() == 0
+    audited = image_lake.read("audit.events").where(F.col("job") == "score-images").select("detail").collect()
+    assert any(r.detail and all(f"{n} {m}" in r.detail for m, n in recorded.items()) for r in audited)
 
 
 @pytest.mark.slow

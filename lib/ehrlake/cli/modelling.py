@@ -365,9 +365,15 @@ def cmd_score_images(args) -> int:
 
     lake, _ = common.open_lake(args)
     mv = registry.get(lake, args.model, args.version)
-    counts = predict.score_source(lake, mv, args.source_system, args.role)
+    counts, refused = predict.score_source(lake, mv, args.source_system, args.role)
     spread = ", ".join(f"{'positive' if f else 'negative'} {n:,}" for f, n in sorted(counts.items()))
-    print(f"{args.source_system}: {spread or 'no images'} with {mv.label} -> {predict.FINDINGS}")
+    print(f"{args.source_system}: {spread or 'no images scored'} with {mv.label} -> {predict.FINDINGS}")
+    if refused:
+        kinds = ", ".join(f"{n:,} {m}" for m, n in sorted(refused.items()))
+        print(
+            f"  refused {sum(refused.values()):,} image(s) of another modality ({kinds}): "
+            f"{mv.label} reads {', '.join(predict.modalities(mv))}"
+        )
     return 0
 
 

@@ -78,13 +78,41 @@ def score_images(frame: DataFrame, path: str, shape, mirrored: bool = False) -> 
     return frame.sparkSession.createDataFrame(rows, schema)
 
 
+def in_scope(modalities) -> F.Column:
+    """Whether an image is one a model reading ``modalities`` may score: its recorded modality is
+    one of them, or none is recorded (an NPZ or PNG says nothing); no ``modalities``: every image."""
+    if not modalities:
+        return F.lit(True)
+    return F.col("modality").isNull() | F.upper(F.col("modality")).isin(*[m.upper() for m in modalities])
+
+
+def modalities(mv) -> tuple[str, ...]:
+    """The modalities image model ``mv`` reads: recorded at training, else its task's declaration."""
+    recorded = mv.params.get("modalities")
+    if recorded is not None:
+        return tuple(recorded)
+    task = runtime.load().image_tasks.get(mv.task)
+    return tuple(task.modalities) if task else ()
+
+
 def image_findings(
-    lake, path, version: int, source: str, task: str, model_id: str, model_version: int, mirrored: bool
+    lake,
+    path,
+    version: int,
+    source: str,
+    task: str,
+    model_id: str,
+    model_version: int,
+    mirrored: bool,
+    reads: tuple[str, ...] = (),
 ):
-    """Every image of ``source`` in ``silver.imaging`` (at ``version``) scored by the model."""
+    """Every image of ``source`` in ``silver.imaging`` (at ``version``) that a model reading the
+    modalities ``reads`` may score (:func:`in_scope`), scored by the model."""
     from ehrlake.ingest.images import load_spec
 
-    images = lake.read("silver.imaging", version=version).where(F.col("source_system") == source)
+    images = lake.read("silver.imaging", version=version).where(
+        (F.col("source_system") == source) & in_scope(reads)
+    )
     scored = score_images(images, path, load_spec().shape, mirrored)
     return scored.select(
         *IMAGE_COLUMNS,
@@ -101,33 +129,39 @@ def mirrored(mv) -> bool:
     return bool(mv.params.get("mirror_at_test", False))
 
 
-def write_findings(lake, findings: DataFrame, threshold: float) -> None:
-    """Merge into ``gold.image_findings`` with the finding at the model's threshold."""
+def write_findings(lake, findings: DataFrame, threshold: float, delete: DataFrame | None = None) -> None:
+    """Merge into ``gold.image_findings`` with the finding at the model's threshold; in the same
+    commit, delete the findings whose keys ``delete`` holds."""
     out = findings.withColumn("finding", F.col("score") >= F.lit(threshold))
-    lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"})
+    lake.merge(out, FINDINGS, keys=FINDING_KEYS, commit_info={"ehrlakeJob": "score-images"}, delete=delete)
 
 
-def score_source(lake, mv, source_system: str, role: str | None = None) -> dict[bool, int]:
-    """``ehrlake score-images``: every image of ``source_system`` in ``silver.imaging`` scored by
-    image model ``mv`` on the executors, merged into ``gold.image_findings`` as one audited job;
-    returns images per finding (positive / negative) of this model and source."""
+def score_source(
+    lake, mv, source_system: str, role: str | None = None
+) -> tuple[dict[bool, int], dict[str, int]]:
+    """``ehrlake score-images``: every image of ``source_system`` in ``silver.imaging`` that image
+    model ``mv`` may read (:func:`in_scope`) scored on the executors, merged into
+    ``gold.image_findings`` as one audited job; returns (images per finding of this model and
+    source, images refused per recorded modality)."""
     from ehrlake.errors import EhrlakeError
 
     if mv.algorithm != "cnn":
         raise EhrlakeError(f"{mv.label} is not an image model")
+    reads = modalities(mv)
     with lake.security.job("score-images", ["gold"], role) as (_, audit):
         version = lake.version("silver.imaging")
+        images = lake.read("silver.imaging", version=version).where(F.col("source_system") == source_system)
+        refused = {
+            r.modality: int(r["count"])
+            for r in images.where(~in_scope(reads)).groupBy("modality").count().collect()  # per modality
+        }
+        path = mv.artifact_path(lake)
         findings = image_findings(
-            lake,
-            mv.artifact_path(lake),
-            version,
-            source_system,
-            mv.task,
-            mv.model_id,
-            mv.version,
-            mirrored(mv),
+            lake, path, version, source_system, mv.task, mv.model_id, mv.version, mirrored(mv), reads
         )
-        write_findings(lake, findings, float(mv.params.get("threshold", evaluate.FINDING_THRESHOLD)))
+        # a finding an earlier run made of an image this model may not read goes
+        stale = images.where(~in_scope(reads)).select(*FINDING_KEYS[:2], F.lit(mv.model_id).alias("model_id"))
+        write_findings(lake, findings, float(mv.params.get("threshold", evaluate.FINDING_THRESHOLD)), stale)
         counts = (
             lake.read(FINDINGS)
             .where((F.col("model_id") == mv.model_id) & (F.col("source_system") == source_system))
@@ -135,8 +169,14 @@ def score_source(lake, mv, source_system: str, role: str | None = None) -> dict[
             .count()
             .collect()  # two rows at most
         )
-        audit.append((FINDINGS, f"{source_system} scored with {mv.label}"))
-    return {bool(r.finding): int(r["count"]) for r in counts}
+        refusal = ", ".join(f"{n} {m}" for m, n in sorted(refused.items()))
+        audit.append(
+            (
+                FINDINGS,
+                f"{source_system} scored with {mv.label}" + (f"; refused {refusal}" if refused else ""),
+            )
+        )
+    return {bool(r.finding): int(r["count"]) for r in counts}, refused
 
 
 def saliency_figure(
@@ -336,10 +376,15 @@ def evaluate_images(lake, mv, input_path: str, role: str | None = None) -> dict:
         "image_id string, patient_key string, source_system string, format string, modality string, "
         "split string, label int, pixels binary",
     )
-    pred = score_images(frame, mv.artifact_path(lake), spec.shape, mirrored(mv)).cache()
+    reads = modalities(mv)
+    pred = score_images(
+        frame.where(in_scope(reads)), mv.artifact_path(lake), spec.shape, mirrored(mv)
+    ).cache()
     if pred.limit(1).count() == 0:
+        pred.unpersist()
         raise EhrlakeError(
-            f"no labelled images in {input_path} (a label comes from an NPZ's labels or a PNG folder)"
+            f"no labelled images {mv.label} may read in {input_path} (a label comes from an NPZ's labels "
+            f"or a PNG folder; the model reads {', '.join(reads) or 'any modality'})"
         )
     dataset = os.path.basename(input_path.rstrip("/")).split(".")[0]
     with lake.security.job("evaluate", ["gold"], role) as (_, audit):

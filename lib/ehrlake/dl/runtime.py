@@ -79,6 +79,9 @@ class ImageTask:
     source_system: str = ""
     description: str = ""
     positive: str = ""
+    # DICOM modalities the task's images are (US, CR...): a model of the task refuses images whose
+    # recorded modality is another (a CT slice for an ultrasound model); none recorded: accepted
+    modalities: tuple[str, ...] = ()
     cnn: dict[str, Any] = field(default_factory=dict)  # overrides of the cnn settings (Config.cnn_for)
 
     def validate(self) -> None:

@@ -361,7 +361,7 @@ def train_image_model(
     with lake.security.job("train", ["gold"], role) as (_, audit):
         results = _launch(lake, payload, workers, launcher)
         findings = predict.image_findings(
-            lake, path, snap.version, source, task, model_id, version, hyper.mirror_at_test
+            lake, path, snap.version, source, task, model_id, version, hyper.mirror_at_test, spec.modalities
         )
         test = findings.where((F.col("split") == test_split) & F.col("label").isNotNull()).cache()
         if test.limit(1).count() == 0:
@@ -382,6 +382,7 @@ def train_image_model(
             **dataclasses.asdict(hyper),
             "threshold": threshold,
             "source_system": source,
+            "modalities": list(spec.modalities),
             "test_split": test_split,
             "shape": list(shape),
             "saliency": saliency,
