@@ -49,14 +49,7 @@ def _patient(resources: list[dict]) -> tuple[str, deid.Known] | None:
     patient = next((r for r in resources if r["resourceType"] == "Patient"), None)
     if patient is None:  # the hospitals' and practitioners' bundles
         return None
-    names = tuple(p for n in patient.get("name", []) for p in (*n.get("given", []), n.get("family", "")) if p)
-    addresses = patient.get("address", [])
-    return patient["id"], deid.Known(
-        names=names,
-        streets=tuple(line for a in addresses for line in a.get("line", [])),
-        places=tuple(a["city"] for a in addresses if a.get("city")),
-        phones=tuple(t["value"] for t in patient.get("telecom", []) if t.get("system") == "phone"),
-    )
+    return patient["id"], deid.known_of_patient(patient)
 
 
 def _identifiers(known: deid.Known) -> list[str]:

@@ -53,6 +53,23 @@ class Known:
     numbers: tuple[str, ...] = ()  # MRN, SSN, ABHA number, licence
 
 
+def known_of_patient(patient: dict) -> Known:
+    """A FHIR ``Patient`` resource's identifiers as :class:`Known`: every given and family name
+    (or the words of a name's ``text`` where it has no parts, as ABDM's do), address lines,
+    cities and phone numbers."""
+    names = []
+    for name in patient.get("name", []):
+        parts = [*name.get("given", []), name.get("family", "")]
+        names += [p for p in parts if p] or name.get("text", "").split()
+    addresses = patient.get("address", [])
+    return Known(
+        names=tuple(names),
+        streets=tuple(line for a in addresses for line in a.get("line", [])),
+        places=tuple(a["city"] for a in addresses if a.get("city")),
+        phones=tuple(t["value"] for t in patient.get("telecom", []) if t.get("system") == "phone"),
+    )
+
+
 @dataclass(frozen=True)
 class Span:
     start: int  # offsets in the original text
