@@ -48,10 +48,11 @@ pathling-env: .venv-pathling/.installed
 demo: setup dl-env
 	bash scripts/demo.sh $(LAKE)
 
-# the main suite in the main runtime (it skips tests/test_dl.py, which needs TensorFlow), then the
-# deep-learning tests in the deep-learning runtime
+# the main suite in the main runtime (it skips tests/test_dl.py, which needs TensorFlow), two test
+# files at a time (pytest-xdist, a SparkSession per worker: on the suite's small tables Spark waits
+# on itself more than on the two cores), then the deep-learning tests in the deep-learning runtime
 test: setup dl-env
-	$(PY) -m pytest -q -m "not heavy"
+	$(PY) -m pytest -q -m "not heavy" -n 2 --dist loadfile
 	$(DLVENV)/bin/python -m pytest -q -m "not heavy" tests/test_dl.py
 
 # the crash, concurrency, cluster, whole-lake and whole-data-set tests (about 40 minutes on 2 cores,
