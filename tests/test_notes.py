@@ -1,8 +1,10 @@
-"""Clinical notes: de-identification of note text (pure Python: no Spark session)."""
+"""Clinical notes: de-identification, concepts and text extraction (pure Python), and the notes the
+clean job writes to silver from an ingested export."""
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import gzip
 import json
 import re
@@ -208,3 +210,118 @@ def test_notes_come_out_of_references_and_document_narratives_and_what_has_no_te
     (got,), () = documents.notes(reference, {"urn:uuid:b1": binary})
     assert got.text == "Seen today.\nPlan: rest." and got.patient == "urn:uuid:p1"
     assert documents.notes(reference, {})[1][0].reason.startswith("attachment has no readable data")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def _reference(rid: str, patient: str, date: str, text: str | None, kind: str = "text/plain") -> dict:
+    data = {"data": _b64(text)} if text is not None else {}
+    return {
+        "resourceType": "DocumentReference",
+        "id": rid,
+        "status": "current",
+        "type": {
+            "coding": [
+                {"system": "http://loinc.org", "code": "34117-2", "display": "History and physical note"}
+            ]
+        },
+        "subject": {"reference": f"Patient/{patient}"},
+        "date": date,
+        "author": [{"reference": "Practitioner/dr1", "display": "Dr. Clint766 Marquardt819"}],
+        "content": [{"attachment": {"contentType": kind, **data}}],
+        "context": {"encounter": [{"reference": "Encounter/e1"}]},
+    }
+
+
+LAKE_NOTE = """{date}
+
+# Chief Complaint
+Masako522 Kuhn96 (MRN A7654321) came in from 12 Elm Street, Springfield. Call (555) 194-2761.
+
+# History of Present Illness
+She has diabetes mellitus type 2. Denies essential hypertension.
+"""
+
+
+def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_what_has_no_text(
+    lake, tmp_path
+):
+    from ehrlake import clean, ingest
+    from ehrlake.ingest.sources import SourceKind
+
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "gender": "female",
+        "birthDate": "1961-02-03",
+        "name": [{"given": ["Masako522"], "family": "Kuhn96"}],
+        "address": [{"line": ["12 Elm Street"], "city": "Springfield", "postalCode": "01103"}],
+        "telecom": [{"system": "phone", "value": "555-194-2761"}],
+        "identifier": [{"system": "urn:mrn", "value": "A7654321"}],
+    }
+
+    def condition(cid: str, code: str, display: str) -> dict:
+        concept = {"coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]}
+        return {
+            "resourceType": "Condition",
+            "id": cid,
+            "subject": {"reference": "Patient/p1"},
+            "code": concept,
+        }
+
+    records = [
+        patient,
+        condition("c1", "44054006", "Diabetes mellitus type 2 (disorder)"),
+        condition("c2", "59621000", "Essential hypertension (disorder)"),
+        _reference("d1", "p1", "2019-08-14T10:00:00Z", LAKE_NOTE.format(date="2019-08-14")),
+        _reference("d2", "p1", "2019-09-01T10:00:00Z", LAKE_NOTE.format(date="2019-09-01")),
+        _reference("d3", "p1", "2019-09-02T10:00:00Z", None, kind="application/pdf"),
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "all.ndjson").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
+    # ingest keeps the notes and the identifiers' fingerprints only as ciphertext
+    for table, copy in (
+        ("bronze.fhir_document_reference", "note_text"),
+        ("bronze.fhir_patient", "id_prints"),
+    ):
+        values = [r[0] for r in lake.read(table).select(copy).collect()]
+        assert values and all(v and "Masako" not in v and "Kuhn" not in v for v in values)
+    report = clean.run(lake)
+    assert report.rows["note"] == 3 and report.rows["note_concept"] == 4
+
+    notes = {r.note_id: r for r in lake.read("silver.note").collect()}
+    assert (
+        notes["d3"].text_deid is None and notes["d3"].no_text == "attachment is application/pdf: no text read"
+    )
+    moved = {}
+    for nid, written in (("d1", "2019-08-14"), ("d2", "2019-09-01")):
+        r = notes[nid]
+        assert r.note_type == "History and physical note" and r.encounter_id == "e1"
+        assert r.author_role == "Practitioner" and r.no_text is None
+        for identifier in ("Masako", "Kuhn", "A7654321", "Elm Street", "Springfield", "194-2761", written):
+            assert identifier.lower() not in r.text_deid.lower(), (identifier, r.text_deid)
+            assert identifier not in r.text  # the note as sent is sealed to the reveal key
+        assert "[NAME] [NAME]" in r.text_deid and "[PHONE]" in r.text_deid
+        moved[nid] = dt.date.fromisoformat(r.text_deid[:10])
+        assert [s.title for s in r.sections] == ["Chief Complaint", "History of Present Illness"]
+        history = r.sections[1]
+        assert r.text_deid[history.start : history.end].lstrip().startswith("# History")
+    assert (moved["d2"] - moved["d1"]).days == 18  # one offset per patient: intervals read true
+    assert moved["d1"] != dt.date(2019, 8, 14)
+
+    mentions = lake.read("silver.note_concept").collect()
+    for m in mentions:
+        words = notes[m.note_id].text_deid[m.start : m.end].lower()
+        assert words in m.display.lower() and m.section == "History of Present Illness"
+    assert {(m.note_id, m.code, m.negated) for m in mentions} == {
+        (n, "44054006", False) for n in ("d1", "d2")
+    } | {(n, "59621000", True) for n in ("d1", "d2")}
+
+    # a rerun gives the same tables
+    before = sorted((r.note_id, r.text_deid) for r in lake.read("silver.note").collect())
+    clean.run(lake)
+    assert sorted((r.note_id, r.text_deid) for r in lake.read("silver.note").collect()) == before
+    assert lake.read("silver.note_concept").count() == 4

@@ -11,7 +11,7 @@ from pathlib import Path
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from ehrlake.clean import codes, origin, units
+from ehrlake.clean import codes, notes, origin, units
 from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
@@ -123,6 +123,8 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
         if copies is not None:
             report.rows[origin.NAME], report.sources[origin.NAME] = copies, [origin.SOURCE]
             report.how[origin.NAME] = REBUILT
+        for name, (rows, sources) in (notes.refresh(lake, run_id) or {}).items():
+            report.rows[name], report.sources[name], report.how[name] = rows, sources, REBUILT
         watermarks.record(
             lake,
             [

@@ -19,6 +19,7 @@ from pathlib import Path
 from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
+from ehrlake.security import copies
 from ehrlake.security.protection import TableProtection
 from ehrlake.views import definition
 from ehrlake.views.compiler import Drift
@@ -52,9 +53,14 @@ class BronzeView:
 
     @property
     def protection(self) -> TableProtection:
-        """The view's sealed columns, plus the FHIR record's processing copy (``raw_deid``)."""
+        """The view's sealed columns, plus the FHIR record's processing copies (``raw_deid``; a
+        patient's fingerprints, a document's note text: :mod:`ehrlake.security.copies`)."""
         patient = "id" if self.resource_type == "Patient" else self.patient_column
-        return dataclasses.replace(definition.protection(self.columns, patient), fhir_records=True)
+        return dataclasses.replace(
+            definition.protection(self.columns, patient),
+            fhir_records=True,
+            copies=copies.BY_RESOURCE.get(self.resource_type, ()),
+        )
 
 
 @dataclass(frozen=True)

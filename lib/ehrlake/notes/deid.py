@@ -56,17 +56,18 @@ class Known:
 def known_of_patient(patient: dict) -> Known:
     """A FHIR ``Patient`` resource's identifiers as :class:`Known`: every given and family name
     (or the words of a name's ``text`` where it has no parts, as ABDM's do), address lines,
-    cities and phone numbers."""
+    cities, districts and postcodes, phone numbers and identifier values (MRN, SSN, ABHA...)."""
     names = []
     for name in patient.get("name", []):
         parts = [*name.get("given", []), name.get("family", "")]
-        names += [p for p in parts if p] or name.get("text", "").split()
-    addresses = patient.get("address", [])
+        names += [p for p in parts if isinstance(p, str) and p] or str(name.get("text", "")).split()
+    addresses = [a for a in patient.get("address", []) if isinstance(a, dict)]
     return Known(
         names=tuple(names),
-        streets=tuple(line for a in addresses for line in a.get("line", [])),
-        places=tuple(a["city"] for a in addresses if a.get("city")),
+        streets=tuple(line for a in addresses for line in a.get("line", []) if isinstance(line, str)),
+        places=tuple(a[k] for a in addresses for k in ("city", "district", "postalCode") if a.get(k)),
         phones=tuple(t["value"] for t in patient.get("telecom", []) if t.get("system") == "phone"),
+        numbers=tuple(i["value"] for i in patient.get("identifier", []) if isinstance(i.get("value"), str)),
     )
 
 

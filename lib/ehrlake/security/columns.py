@@ -22,13 +22,14 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.errors import KeyAccessError
-from ehrlake.security import crypto, deidentify
+from ehrlake.security import copies, crypto
 from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
 from ehrlake.security.pseudonym import patient_key
 from ehrlake.security.reveal_key import KEY_ID_PREFIX, RevealPublicKey, private_key, require_public
 
 SEPARATOR = "\x1f"
-COMPRESSED = frozenset({"raw", "raw_deid"})  # whole records: compressed before sealing (see crypto)
+# records and texts: compressed before sealing (see crypto)
+COMPRESSED = frozenset({"raw"}) | copies.COMPRESSED
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def _sealer(
 ):
     """One Arrow UDF that seals ``names`` (those in ``to_reveal`` to the ``reveal`` public key, the
     rest under data key ``key_id``), then each ``deidentified`` (target, source) pair: the processing
-    copy of ``source`` (:func:`deidentify.fhir_record`) under the data key as ``target``; given a
+    copy ``target`` of ``source`` (:mod:`ehrlake.security.copies`) under the data key; given a
     linkage key id, it also computes patient_key. One Python round trip per batch for everything a
     table needs."""
     fields = [*names, *(t for t, _ in deidentified), *(["patient_key"] if linkage_id else [])]
@@ -148,9 +149,11 @@ def _sealer(
                 else:
                     sealed = crypto.seal_many(key, plain[n], ids, n, n in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
+            secret = _key(ref, linkage_id).material if linkage_id else None
             for target, source in deidentified:
-                copy = [deidentify.fhir_record(v) for v in plain[source]]
-                sealed = crypto.seal_many(key, copy, ids, target, compress=True)
+                make = copies.MAKERS[target]
+                copy = [make(v, secret) for v in plain[source]]
+                sealed = crypto.seal_many(key, copy, ids, target, compress=target in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
         if linkage_id:
             secret = _key(ref, linkage_id).material

@@ -30,11 +30,11 @@ from pyspark.sql import functions as F
 from ehrlake.errors import SchemaMismatch
 from ehrlake.lake.modes import WriteMode
 from ehrlake.security.columns import KeyRef, key_errors, open_columns, row_id, seal_columns
+from ehrlake.security.copies import RAW_DEID  # the record's processing copy without direct identifiers
 
 SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns], "to"?}
 TO_REVEAL = "reveal"  # metadata "to": sealed to the reveal public key (absent: under the data key)
 RAW = "raw"  # the record as sent (sealed to the reveal key)
-RAW_DEID = "raw_deid"  # its processing copy without direct identifiers (under the data key)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class TableProtection:
     # e.g. survey answers such as "What address do you live at?" stored beside numeric results
     free_text: tuple[tuple[str, str], ...] = ()
     fhir_records: bool = False  # ``raw`` holds FHIR resources: keep their processing copy ``raw_deid``
+    copies: tuple[str, ...] = ()  # further processing copies of ``raw`` (ehrlake.security.copies)
 
 
 _FHIR_PATIENT_REF = TableProtection(patient_id="patient_id", fhir_records=True)
@@ -172,15 +173,16 @@ class Protector:
 
     @staticmethod
     def sealing(spec: TableProtection, schema, keys: list[str]) -> Sealing:
-        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw`` and, for
-        FHIR records, its processing copy ``raw_deid``), and which of them to the reveal key: all but
-        what the pipeline reads itself (``raw_deid``, the birth date)."""
+        """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw`` and its
+        processing copies: ``raw_deid`` for FHIR records, the spec's ``copies``), and which of them
+        to the reveal key: all but what the pipeline reads itself (the copies, the birth date)."""
         types = {f.name: f.dataType.simpleString() for f in schema.fields}
-        if spec.fhir_records and RAW in types:
-            types[RAW_DEID] = "string"
-        wanted = [*spec.identifiers, RAW, RAW_DEID]
+        made = ((RAW_DEID,) if spec.fhir_records else ()) + spec.copies
+        if RAW in types:
+            types |= dict.fromkeys(made, "string")
+        wanted = [*spec.identifiers, RAW, RAW_DEID, *spec.copies]
         columns = {c: types[c] for c in wanted if c in types}
-        read_by_jobs = {RAW_DEID, spec.birth_date}
+        read_by_jobs = {RAW_DEID, *spec.copies, spec.birth_date}
         return Sealing(columns, tuple(keys), frozenset(columns) - read_by_jobs)
 
     def protect(
@@ -199,7 +201,9 @@ class Protector:
             df = df.withColumn("birth_year", F.year(F.col(spec.birth_date).cast("date")))
         patient = (self.store.linkage_id(), spec.patient_id) if spec.patient_id in df.columns else None
         sealing = self.sealing(spec, df.schema, keys)
-        copies = {RAW_DEID: RAW} if RAW_DEID in sealing.columns and RAW_DEID not in df.columns else {}
+        copies = {
+            c: RAW for c in (RAW_DEID, *spec.copies) if c in sealing.columns and c not in df.columns
+        }
         sealed = seal_columns(
             df,
             self.ref,

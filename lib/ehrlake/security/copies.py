@@ -1,0 +1,96 @@
+"""Processing copies: what jobs must read of a record sealed to the reveal key, made from the plain
+record inside ingest's one sealing UDF (the only place it is in the clear) and sealed under the
+table's data key.
+
+- ``raw_deid`` (every FHIR table): the record without its direct identifiers
+  (:func:`ehrlake.security.deidentify.fhir_record`), which views over lake tables flatten;
+- ``note_text`` (``DocumentReference``, ``Composition``): the notes the record carries, text as
+  sent and header (:mod:`ehrlake.notes.documents`), for the clean job to de-identify; the text
+  quotes names, so it is a copy jobs can open, like the exact birth date, and silver keeps only
+  its de-identified form in the clear;
+- ``id_prints`` (``Patient``): the patient's names, address, phones and identifier numbers as
+  keyed fingerprints (:func:`ehrlake.notes.deid.fingerprints`), which find them in that patient's
+  notes without anyone holding them in the clear.
+
+The fingerprint key and the notes' date-shift secret are derived from the linkage secret (one per
+lake, never rotated, as patient keys are), so every run and table agrees on them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+
+from ehrlake.notes import deid, documents
+from ehrlake.security import deidentify
+
+RAW_DEID = "raw_deid"
+NOTE_TEXT = "note_text"
+ID_PRINTS = "id_prints"
+# the copies a FHIR resource type's table keeps beside raw_deid
+BY_RESOURCE = {"Patient": (ID_PRINTS,), "DocumentReference": (NOTE_TEXT,), "Composition": (NOTE_TEXT,)}
+COMPRESSED = frozenset({RAW_DEID, NOTE_TEXT})
+
+
+def derived(linkage_secret: bytes, purpose: str) -> bytes:
+    """A secret of its own for ``purpose`` (``"note-fingerprints"``, ``"note-date-shift"``)."""
+    return hmac.new(linkage_secret, f"ehrlake:{purpose}".encode(), hashlib.sha256).digest()
+
+
+def prints_key(linkage_secret: bytes) -> bytes:
+    return derived(linkage_secret, "note-fingerprints")[:32]
+
+
+def shift_secret(linkage_secret: bytes) -> bytes:
+    return derived(linkage_secret, "note-date-shift")
+
+
+def _resource(text: bytes | str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def note_text(text: bytes | str | None, linkage_secret: bytes | None = None) -> bytes | None:
+    """The notes of one ``DocumentReference`` or ``Composition`` and what was skipped, as JSON."""
+    resource = _resource(text)
+    if resource is None:
+        return None
+    found, skipped = documents.notes(resource)
+    copy = {"notes": [asdict(n) for n in found], "skipped": [asdict(s) for s in skipped]}
+    return json.dumps(copy, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def id_prints(text: bytes | str | None, linkage_secret: bytes | None = None) -> bytes | None:
+    """A ``Patient``'s identifiers as fingerprints under the lake's key, as JSON."""
+    resource = _resource(text)
+    if resource is None:
+        return None
+    if linkage_secret is None:
+        raise ValueError("fingerprints need the linkage secret (the patient table has patient keys)")
+    prints = deid.fingerprints(deid.known_of_patient(resource), prints_key(linkage_secret))
+    return json.dumps({"prints": sorted(prints.prints), "window": prints.window}).encode()
+
+
+def read_prints(copy: str | None, linkage_secret: bytes) -> deid.Fingerprints:
+    """The :class:`~ehrlake.notes.deid.Fingerprints` of an ``id_prints`` copy (none: no prints)."""
+    data = json.loads(copy) if copy else {"prints": [], "window": 1}
+    return deid.Fingerprints(prints_key(linkage_secret), frozenset(data["prints"]), data["window"])
+
+
+def _record(text: bytes | str | None, linkage_secret: bytes | None = None) -> bytes | None:
+    return deidentify.fhir_record(text)
+
+
+MAKERS: dict[str, Callable[[bytes | str | None, bytes | None], bytes | None]] = {
+    RAW_DEID: _record,
+    NOTE_TEXT: note_text,
+    ID_PRINTS: id_prints,
+}
