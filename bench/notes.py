@@ -17,8 +17,13 @@ manual labels:
   earlier); recall = share of the codes recorded at the note's own encounter that the note
   mentions affirmed. Aim: 0.95 both, per kind.
 - **throughput**: notes per second on one core (pure Python, the function executors will run).
+- **in the lake** (``--spark``): the same bundles ingested into a scratch lake, then the clean
+  job's notes step (``clean/notes.py``: open the sealed copies, de-identify, sections, concepts,
+  write both silver tables) timed against a bare read of the same notes (open the sealed copies,
+  explode the notes, sum their lengths), in the same run and session: notes/s per core and the
+  ratio.
 
-    .venv/bin/python bench/notes.py [--bundles DIR] [--out DIR]
+    .venv/bin/python bench/notes.py [--bundles DIR] [--out DIR] [--spark]
 
 Results go to ``bench/results/notes-<date>.json``.
 """
@@ -145,10 +150,66 @@ def _concept_scores(counts: dict[str, list[int]]) -> dict:
     }
 
 
+def in_the_lake(bundles: Path, repeats: int = 3) -> dict:
+    """Ingest ``bundles`` into a scratch lake; then, ``repeats`` times each, alternating, a bare
+    read of the notes and the clean job's notes step (median seconds)."""
+    import os
+    import shutil
+    import statistics
+    import tempfile
+
+    from _lake import machine, secured_lake
+    from pyspark.sql import functions as F
+
+    from ehrlake import clean, ingest
+    from ehrlake.clean import notes as silver_notes
+    from ehrlake.config import Config, SparkConfig
+    from ehrlake.security import copies
+    from ehrlake.session import get_spark
+
+    work = Path(tempfile.mkdtemp(prefix="ehrlake-bench-notes-"))
+    try:
+        spark = get_spark(Config(spark=SparkConfig(master="local[*]", app_name="bench-notes")))
+        lake = secured_lake(work / "lake", spark, work / "secrets")
+        ingest.run(lake, ingest.SourceKind.FHIR_BUNDLES, str(bundles))
+        clean.run(lake)  # the silver tables whose codes are the concept targets
+
+        def bare() -> int:
+            df = silver_notes._opened(lake, silver_notes.SOURCES[0], copies.NOTE_TEXT)
+            copy = F.from_json(copies.NOTE_TEXT, silver_notes._COPY)
+            text = df.select(F.explode(copy["notes"]).alias("n")).select(F.length("n.text").alias("chars"))
+            return text.agg(F.sum("chars")).first()[0]
+
+        timings: dict[str, list[float]] = {"bare_read": [], "notes_step": []}
+        for _ in range(repeats):
+            start = time.perf_counter()
+            characters = bare()
+            timings["bare_read"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            written = silver_notes.refresh(lake, "bench")
+            timings["notes_step"].append(time.perf_counter() - start)
+        median = {k: statistics.median(v) for k, v in timings.items()}
+        notes = written["note"][0]
+        cores = os.cpu_count() or 1
+        return {
+            "notes": notes,
+            "concepts": written["note_concept"][0],
+            "characters": characters,
+            "seconds_median": {k: round(v, 2) for k, v in median.items()},
+            "seconds_all": {k: [round(x, 2) for x in v] for k, v in timings.items()},
+            "notes_per_second_per_core": round(notes / median["notes_step"] / cores, 1),
+            "ratio_to_bare_read": round(median["notes_step"] / median["bare_read"], 1),
+            "machine": machine(spark),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundles", type=Path, default=SHARED)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--spark", action="store_true", help="also time the clean job's notes step")
     args = parser.parse_args()
     found = left = terms = kept = notes = characters = 0
     missed: dict[str, int] = {}
@@ -246,6 +307,8 @@ def main() -> int:
         "notes_per_second_one_core": round(notes / seconds, 1) if seconds else None,
         "concept_notes_per_second_one_core": round(notes / concept_seconds, 1) if concept_seconds else None,
     }
+    if args.spark:
+        result["in_the_lake"] = in_the_lake(args.bundles)
     print(json.dumps(result, indent=2))
     print(f"saved {save_result(args.out, 'notes', result)}")
     return 0

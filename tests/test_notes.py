@@ -296,6 +296,7 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     assert (
         notes["d3"].text_deid is None and notes["d3"].no_text == "attachment is application/pdf: no text read"
     )
+    assert (notes["d3"].note_type, notes["d3"].encounter_id) == ("History and physical note", "e1")
     moved = {}
     for nid, written in (("d1", "2019-08-14"), ("d2", "2019-09-01")):
         r = notes[nid]
@@ -319,6 +320,43 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     assert {(m.note_id, m.code, m.negated) for m in mentions} == {
         (n, "44054006", False) for n in ("d1", "d2")
     } | {(n, "59621000", True) for n in ("d1", "d2")}
+
+    # analysts see volumes and concepts, suppressed: one patient is below every k
+    from ehrlake.eda import aggregates
+    from ehrlake.eda import report as eda_report
+
+    by_type = [tuple(r) for r in aggregates.notes_by_type(lake).collect()]
+    assert by_type == [("History and physical note", 1, 3, 1)]
+    found = sorted(
+        (r.concept, r.mentions, r.negated_share) for r in aggregates.note_concepts(lake, 10).collect()
+    )
+    assert found == [
+        ("Diabetes mellitus type 2 (disorder)", 2, 0.0),
+        ("Essential hypertension (disorder)", 2, 1.0),
+    ]
+    aggregates.run(lake)
+    published = lake.read("gold.eda_notes").collect()
+    assert [(r.patients, r.notes, r.suppressed) for r in published] == [(None, None, "primary")]
+    section = eda_report.notes_section(lake)
+    assert "Clinical notes" in section and "Diabetes" not in section
+
+    # note features: a note counts only once written, a negated mention never
+    import dataclasses
+
+    from ehrlake.features import definitions, pointintime
+
+    defs = dataclasses.replace(definitions.load(), note_features=True)
+    key = notes["d1"].patient_key
+    index = lake.spark.createDataFrame(
+        [(key, when, dt.datetime.fromisoformat(when)) for when in ("2019-08-01", "2019-08-20", "2019-09-05")],
+        "patient_key string, index_id string, index_time timestamp",
+    )
+    features = {r.index_id: r for r in pointintime.build(lake, index, defs).collect()}
+    assert [features[w].notes_type2_diabetes for w in ("2019-08-01", "2019-08-20", "2019-09-05")] == [0, 1, 2]
+    assert {features[w].notes_hypertension for w in features} == {0}  # denied in every note
+    assert "notes_diabetes" not in pointintime.feature_columns(
+        definitions.load(), "patient"
+    )  # off by default
 
     # a rerun gives the same tables
     before = sorted((r.note_id, r.text_deid) for r in lake.read("silver.note").collect())

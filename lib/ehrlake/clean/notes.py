@@ -45,7 +45,7 @@ CODED = {
     "allergy": "silver.allergy",
 }
 NOTE_KEYS = ["source_system", "note_id"]
-HEADER = ("encounter", "date", "kind", "author_role", "text")
+SKIPPED_HEADER = ("date", "type_code_display")
 SEALED_TEXT = TableProtection(("text",))  # the note as sent: to the reveal key
 _COPY = (
     "struct<notes:array<struct<note_id:string,encounter:string,date:string,kind:string,"
@@ -109,11 +109,22 @@ def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
             "n.text",
             F.lit(None).cast("string").alias("no_text"),
         )
-        skipped = df.select(*base, F.explode(copy["skipped"]).alias("s")).select(
+        # a record without text keeps its header from the typed columns
+        encounter = "encounter_ids[0]" if "encounter_ids" in df.columns else "encounter_id"
+        skipped = df.select(
+            *base,
+            *SKIPPED_HEADER,
+            F.expr(encounter).alias("encounter"),
+            F.explode(copy["skipped"]).alias("s"),
+        ).select(
             *base[:-1],
             "source_table",
             "s.note_id",
-            *[F.lit(None).cast("string").alias(c) for c in HEADER],
+            "encounter",
+            F.col("date").cast("string").alias("date"),
+            F.col("type_code_display").alias("kind"),
+            F.lit(None).cast("string").alias("author_role"),
+            F.lit(None).cast("string").alias("text"),
             F.col("s.reason").alias("no_text"),
         )
         parts += [found, skipped]
@@ -221,9 +232,10 @@ def refresh(lake, run_id: str) -> dict[str, tuple[int, list[str]]] | None:
             "_r.sections",
         ).withColumn("encounter_id", F.nullif("encounter_id", F.lit("")))
         note, _ = protector.protect(note, NOTE, NOTE_KEYS, SEALED_TEXT)
+        written_at = F.expr("try_cast(date AS TIMESTAMP)").alias("date")
         mentions = done.select(
-            "source_system", "note_id", "patient_key", F.explode("_r.mentions").alias("m")
-        ).select("source_system", "note_id", "patient_key", "m.*")
+            "source_system", "note_id", "patient_key", written_at, F.explode("_r.mentions").alias("m")
+        ).select("source_system", "note_id", "patient_key", "date", "m.*")
         commit = {"ehrlakeJob": "clean", "ehrlakeRunId": run_id}
         lake.write(note, NOTE, mode=WriteMode.OVERWRITE, commit_info=commit)
         lake.write(mentions, CONCEPT, mode=WriteMode.OVERWRITE, commit_info=commit)

@@ -195,6 +195,29 @@ def readmission_by_facility(lake, years: int, last_year: int, k: int) -> DataFra
     return out.join(names, "facility", "left") if names is not None else out
 
 
+def notes_by_type(lake) -> DataFrame:
+    """Notes per document type: the patients they are about, how many notes, and how many had no
+    text to read (a PDF report): what the notes tables hold, for analysts."""
+    notes = lake.read("silver.note")
+    return notes.groupBy(F.coalesce("note_type", F.lit(UNKNOWN)).alias("note_type")).agg(
+        F.countDistinct("patient_key").alias("patients"),
+        F.count("*").alias("notes"),
+        F.sum(F.col("no_text").isNotNull().cast("int")).alias("without_text"),
+    )
+
+
+def note_concepts(lake, top: int) -> DataFrame:
+    """The ``top`` concepts found in notes by the patients whose notes mention them, with how often
+    a mention is negated (a note that says "denies chest pain" is not a case of chest pain)."""
+    mentions = lake.read("silver.note_concept")
+    per = mentions.groupBy("kind", F.col("display").alias("concept")).agg(
+        F.countDistinct("patient_key").alias("patients"),
+        F.count("*").alias("mentions"),
+        F.round(F.avg(F.col("negated").cast("double")), 3).alias("negated_share"),
+    )
+    return per.orderBy(F.desc("patients"), "kind", "concept").limit(top)
+
+
 def run(
     lake, k: int | None = None, years: int = 10, top: int = 20, reference: dt.date | None = None, role=None
 ) -> dict:
@@ -202,7 +225,10 @@ def run(
     ``security.small_cell_k``); returns rows and hidden cells per table."""
     k = k or lake.security.small_cell_k
     reference = reference or dt.date.today()
-    has = {t: lake.exists(f"silver.{t}") for t in ("patient", "encounter", "condition", "observation")}
+    has = {
+        t: lake.exists(f"silver.{t}")
+        for t in ("patient", "encounter", "condition", "observation", "note", "note_concept")
+    }
     last = reference.year
     if has["encounter"]:
         last = min(lake.read("silver.encounter").agg(F.max(F.year("start_at"))).first()[0] or last, last)
@@ -264,10 +290,29 @@ def run(
             "persons_meeting",
             ["lake_percent", "difference"],
         ),
+        "gold.eda_notes": (
+            ["note"],
+            lambda: notes_by_type(lake),
+            ["note_type"],
+            "patients",
+            ["notes", "without_text"],
+        ),
+        "gold.eda_note_concepts": (
+            ["note_concept"],
+            lambda: note_concepts(lake, top),
+            ["kind", "concept"],
+            "patients",
+            ["mentions", "negated_share"],
+        ),
     }
     # the indicators count the same persons (not additive across them), and the denominator is a
-    # person count too: each indicator is suppressed on its own, on both counts
-    options = {"gold.eda_nfhs5_comparison": {"independent": ["indicator"], "counts": ["persons_measured"]}}
+    # person count too: each indicator is suppressed on its own, on both counts. A patient has
+    # notes of several types and mentions of several concepts: each row stands alone too.
+    options = {
+        "gold.eda_nfhs5_comparison": {"independent": ["indicator"], "counts": ["persons_measured"]},
+        "gold.eda_notes": {"independent": ["note_type"]},
+        "gold.eda_note_concepts": {"independent": ["kind", "concept"]},
+    }
     tables = {  # a table whose silver inputs do not exist yet is skipped, not failed
         name: (build(), dims, count, derived)
         for name, (inputs, build, dims, count, derived) in specs.items()

@@ -227,6 +227,28 @@ def hierarchy_section(lake) -> str:
     return "".join(parts)
 
 
+def notes_section(lake) -> str:
+    """Clinical notes: volume per document type and the concepts most often found, with their
+    negated share (``gold.eda_notes``, ``gold.eda_note_concepts``; small cells hidden)."""
+    parts = ["<h2>Clinical notes</h2>"]
+    for table, caption in (
+        ("gold.eda_notes", "notes per document type, the patients they are about and those without text"),
+        ("gold.eda_note_concepts", "concepts most often found in notes, and the share of mentions negated"),
+    ):
+        if not lake.exists(table):
+            parts.append(f"<p>{html.escape(table)}: not built yet (notes reach silver with clean)</p>")
+            continue
+        frame = lake.read(table).toPandas()
+        hidden = _hidden(frame)
+        shown = frame[frame["suppressed"].isna()].drop(columns=["suppressed"])
+        shown = shown.sort_values("patients", ascending=False, kind="stable").astype({"patients": int})
+        parts.append(
+            f"<p>{html.escape(caption)} ({hidden} rows of fewer than k patients hidden)</p>"
+            + shown.to_html(index=False, border=0)
+        )
+    return "".join(parts)
+
+
 def render(lake, title: str = "ehrlake population health report") -> str:
     """The report as one HTML string (see module docstring)."""
     sections = []
@@ -251,6 +273,7 @@ def render(lake, title: str = "ehrlake population health report") -> str:
 
     sections.append(models_report.section(lake, _png))
     sections.append(hierarchy_section(lake))
+    sections.append(notes_section(lake))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"

@@ -78,6 +78,8 @@ class Definitions:
     windows: Windows
     condition_groups: dict[str, CodeSet]
     labs: dict[str, CodeSet]
+    # optional: per condition group, the notes of the long window that mention it (silver.note_concept)
+    note_features: bool = False
 
     def stale_days(self, lab: str) -> int:
         """How old a lab's latest value may be and still count as today's (the record update)."""
@@ -111,16 +113,23 @@ def _code_sets(data: dict, where: str) -> dict[str, CodeSet]:
     return out
 
 
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    return value
+
+
 def load(path: str | Path | None = None) -> Definitions:
     path = Path(path or FEATURES_FILE)
     data = read_yaml(path)
-    unknown = set(data) - {"windows", "condition_groups", "labs"}
+    unknown = set(data) - {"windows", "condition_groups", "labs", "note_features"}
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}")
     defs = Definitions(
         build(Windows, data.get("windows"), "windows"),
         _code_sets(data.get("condition_groups"), "condition_groups"),
         _code_sets(data.get("labs"), "labs"),
+        _flag(data.get("note_features", False), f"{path}: note_features"),
     )
     for lab in defs.labs.values():
         if (lab.stale_days or 0) > defs.windows.labs_days:  # the panel never holds a value that old

@@ -130,6 +130,12 @@ def descriptions(defs: Definitions) -> dict[str, str]:
     }
     for name, group in defs.condition_groups.items():
         out[f"has_{name}"] = f"history of {group.description}"
+    if defs.note_features:
+        for name, group in defs.condition_groups.items():
+            out[f"notes_{name}"] = (
+                f"notes of the last {w.long_days} days that mention {group.description} "
+                "(not negated, nor about family, nor hypothetical)"
+            )
     for name, lab in defs.labs.items():
         out[f"last_{name}"] = f"latest {lab.description} (last {w.labs_days} days)"
         out[f"missing_{name}"] = f"no {lab.description} in the last {w.labs_days} days"
@@ -144,6 +150,31 @@ def feature_columns(defs: Definitions, level: str) -> list[str]:
     if level != "encounter":
         names = [n for n in names if not n.startswith("index_")]
     return names
+
+
+def _note_mentions(lake, before, defs: Definitions) -> DataFrame:
+    """Per index row and condition group, the notes written in the long window before the index
+    time that affirm a condition of the group (``silver.note_concept``; none without notes)."""
+    affirmed = ~(F.col("negated") | F.col("family") | F.col("hypothetical"))
+    if lake.exists("silver.note_concept"):
+        mentions = lake.read("silver.note_concept").where((F.col("kind") == "condition") & affirmed)
+    else:
+        mentions = lake.spark.createDataFrame(
+            [], "patient_key string, note_id string, date timestamp, code_system string, code string"
+        )
+    mentions = mentions.select("patient_key", "note_id", "date", "code_system", "code")
+    return (
+        before(mentions, "date", defs.windows.long_days)
+        .groupBy(*INDEX)
+        .agg(
+            *[
+                F.countDistinct(
+                    F.when(g.matches(F.col("code_system"), F.col("code")), F.col("note_id"))
+                ).alias(f"notes_{name}")
+                for name, g in defs.condition_groups.items()
+            ]
+        )
+    )
 
 
 def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> DataFrame:
@@ -249,7 +280,10 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
     )
     labs = labs.select(*INDEX, *[F.col(n).alias(f"last_{n}") for n in defs.labs])
 
-    for part in (utilisation, conditions, medications, procedures, labs):
+    parts = [utilisation, conditions, medications, procedures, labs]
+    if defs.note_features:
+        parts.append(_note_mentions(lake, before, defs))
+    for part in parts:
         out = out.join(part, INDEX, "left")
 
     if level == "encounter":
