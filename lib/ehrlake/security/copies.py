@@ -63,9 +63,16 @@ def note_text(text: bytes | str | None, linkage_secret: bytes | None = None) -> 
     resource = _resource(text)
     if resource is None:
         return None
-    found, skipped = documents.notes(resource)
+    try:
+        found, skipped = documents.notes(resource)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a shape FHIR does not allow
+        found, skipped = [], [documents.Skipped(str(resource.get("id", "")), _unreadable(exc))]
     copy = {"notes": [asdict(n) for n in found], "skipped": [asdict(s) for s in skipped]}
     return json.dumps(copy, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _unreadable(exc: Exception) -> str:
+    return f"notes not readable: the record's content has a shape FHIR does not allow ({type(exc).__name__})"
 
 
 def id_prints(text: bytes | str | None, linkage_secret: bytes | None = None) -> bytes | None:
@@ -75,7 +82,11 @@ def id_prints(text: bytes | str | None, linkage_secret: bytes | None = None) -> 
         return None
     if linkage_secret is None:
         raise ValueError("fingerprints need the linkage secret (the patient table has patient keys)")
-    prints = deid.fingerprints(deid.known_of_patient(resource), prints_key(linkage_secret))
+    try:
+        known = deid.known_of_patient(resource)
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:  # the patterns still apply
+        return json.dumps({"prints": [], "window": 1, "unreadable": _unreadable(exc)}).encode()
+    prints = deid.fingerprints(known, prints_key(linkage_secret))
     return json.dumps({"prints": sorted(prints.prints), "window": prints.window}).encode()
 
 
