@@ -231,12 +231,17 @@ def notes_section(lake) -> str:
     """Clinical notes: volume per document type and the concepts most often found, with their
     negated share (``gold.eda_notes``, ``gold.eda_note_concepts``; small cells hidden)."""
     parts = ["<h2>Clinical notes</h2>"]
+    if not lake.exists("silver.note"):
+        return parts[0] + (
+            "<p>This lake holds no notes: none of its sources carried FHIR DocumentReference or "
+            "Composition records (docs/notes.md).</p>"
+        )
     for table, caption in (
         ("gold.eda_notes", "notes per document type, the patients they are about and those without text"),
         ("gold.eda_note_concepts", "concepts most often found in notes, and the share of mentions negated"),
     ):
         if not lake.exists(table):
-            parts.append(f"<p>{html.escape(table)}: not built yet (notes reach silver with clean)</p>")
+            parts.append(f"<p>{html.escape(table)}: not built yet (ehrlake eda)</p>")
             continue
         frame = lake.read(table).toPandas()
         hidden = _hidden(frame)
