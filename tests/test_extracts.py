@@ -251,3 +251,37 @@ def test_mapping_lookups_are_expanded_and_unknown_ones_refused(tmp_path):
 def test_icd_codes_get_one_spelling(spark, system, code, expected):
     df = spark.createDataFrame([(system, code)], "s string, c string")
     assert df.select(codes.normalise_code(df.s, df.c)).first()[0] == expected
+
+
+def test_a_quoted_field_over_several_lines_is_one_record_numbered_by_its_first_line(tmp_path, monkeypatch):
+    """Hospital extracts quote a note's text over many lines (RFC 4180): the CSV reader joins a
+    record's lines while a quote is open, blank lines inside included; a quote never closed ends
+    its record at the end of the file or after MAX_RECORD_LINES lines (then quarantined whole
+    by the typing). NDJSON and the like stay one record per line."""
+    import pyarrow as pa
+
+    from ehrlake.ingest import sources
+
+    path = tmp_path / "notes.csv"
+    path.write_bytes(
+        b'id,text\r\n1,"first line\r\n\r\nsaid ""no"", then left"\r\n2,plain\r\n\r\n3,"never closed\r\n4,x\r\n'
+    )
+
+    def records(quoted: bool) -> list[tuple[int, str]]:
+        paths = pa.record_batch([pa.array([str(path)])], names=["path"])
+        out = sources._stream(iter([paths]), False, 2, quoted)  # batches of 2: joins cross them
+        return [
+            (i, t)
+            for b in out
+            for i, t in zip(b["record_index"].to_pylist(), b["text"].to_pylist(), strict=True)
+        ]
+
+    assert records(True) == [
+        (1, "id,text"),
+        (2, '1,"first line\n\nsaid ""no"", then left"'),
+        (5, "2,plain"),
+        (7, '3,"never closed\n4,x'),
+    ]
+    assert [i for i, _ in records(False)] == [1, 2, 4, 5, 7, 8]
+    monkeypatch.setattr(sources, "MAX_RECORD_LINES", 2)
+    assert records(True)[1] == (2, '1,"first line\n')

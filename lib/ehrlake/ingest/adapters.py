@@ -173,7 +173,7 @@ class CsvSource(Adapter):
         return [f for f in files if not self.catalog.is_ignored(table_stem(f.path))]
 
     def read(self, spark, todo, ctx):
-        records = read_records(spark, todo, whole_file=False, batch_lines=ctx.batch_lines)
+        records = read_records(spark, todo, whole_file=False, batch_lines=ctx.batch_lines, quoted=True)
         # line 1 is the header; a file that cannot be read is one row at UNREADABLE_INDEX
         return records.where("record_index > 1 OR read_error IS NOT NULL").persist(
             StorageLevel.MEMORY_AND_DISK

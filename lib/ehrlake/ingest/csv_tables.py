@@ -3,7 +3,9 @@
 A :class:`CsvCatalog` names a source's tables and which files feed each; a :class:`CsvTable` says how
 one table is keyed and typed. Each file's header is read on the driver (one line per file), rows
 are parsed in the JVM with ``from_csv`` against that header, so files of one table may differ in
-column order and in which columns they have. A row that cannot be typed is quarantined with its
+column order and in which columns they have. Quoting is RFC 4180's (a quote inside a quoted field
+is doubled; a quoted field may span lines: the reader joins them into one record, so a note's
+text is one value). A row that cannot be typed is quarantined with its
 reason; the whole original line is kept (sealed) in ``raw``.
 """
 
@@ -132,7 +134,11 @@ def type_rows(
         by_canonical.setdefault(column_name(spec, h), h.replace("`", ""))
     parsed = rows.withColumn(
         "r",
-        F.from_csv("text", _csv_schema(header), {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}),
+        F.from_csv(
+            "text",
+            _csv_schema(header),
+            {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT, "escape": '"'},
+        ),
     )
 
     def raw(col: str) -> Column:

@@ -133,6 +133,7 @@ _ARROW_LINES = pa.schema(
         ("read_error", pa.string()),
     ]
 )
+MAX_RECORD_LINES = 5000  # a CSV record's quoted fields span at most this many lines (a long note)
 UNREADABLE_INDEX = -1  # record_index of the row that stands for a file (or its rest) that cannot be read
 READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip.BadGzipFile is an OSError
 
@@ -150,10 +151,14 @@ def _decode(data: bytes) -> tuple[str, bool]:
 
 
 def _stream(
-    batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: int
+    batches: Iterator[pa.RecordBatch], whole_file: bool, batch_lines: int, quoted: bool = False
 ) -> Iterator[pa.RecordBatch]:
     """Executor side: turn batches of file paths into batches of (file, index, text) records.
 
+    ``quoted`` (CSV): a line that leaves a quoted field open (an odd count of ``"``, doubled
+    quotes counting twice) continues on the next lines, so a note's text over many lines is one
+    record, numbered by its first line; a quote never closed ends its record after
+    :data:`MAX_RECORD_LINES` lines or at the end of the file, and the typing quarantines it.
     A file that cannot be read (missing, not gzip, cut short) ends with one row at
     :data:`UNREADABLE_INDEX` saying why and after which line; the lines read before stay records.
     """
@@ -179,7 +184,7 @@ def _stream(
                 files.append(path), indexes.append(index), texts.append(text), bad.append(was_bad)
                 errors.append(error)
 
-            number = 0
+            number, open_lines, first = 0, [], 0
             try:
                 with _open(path) as handle:
                     if whole_file:
@@ -187,11 +192,23 @@ def _stream(
                     else:
                         for number, line in enumerate(handle, start=1):  # noqa: B007 - read after the loop
                             line = line.rstrip(b"\r\n")
-                            if not line.strip():
+                            if open_lines:  # inside a quoted field: blank lines are its text
+                                open_lines.append(line)
+                                closed = sum(part.count(b'"') for part in open_lines) % 2 == 0
+                                if closed or len(open_lines) >= MAX_RECORD_LINES:
+                                    add(first, *_decode(b"\n".join(open_lines)))
+                                    open_lines = []
+                            elif not line.strip():
                                 continue  # blank lines are not records
-                            add(number, *_decode(line))
+                            elif quoted and line.count(b'"') % 2:
+                                open_lines, first = [line], number
+                                continue
+                            else:
+                                add(number, *_decode(line))
                             if len(files) >= batch_lines:
                                 yield flush()
+                        if open_lines:  # a quote left open at the end of the file
+                            add(first, *_decode(b"\n".join(open_lines)))
             except READ_ERRORS as exc:
                 add(UNREADABLE_INDEX, None, False, read_error(exc, number))
             if files:
@@ -212,16 +229,17 @@ def read_error(exc: BaseException, lines_read: int) -> str:
 
 
 def read_records(
-    spark: SparkSession, files: list[InputFile], whole_file: bool, batch_lines: int
+    spark: SparkSession, files: list[InputFile], whole_file: bool, batch_lines: int, quoted: bool = False
 ) -> DataFrame:
-    """One row per line (or per file with ``whole_file``): source_file, record_index, text, bad_utf8."""
+    """One row per line (or per file with ``whole_file``; per CSV record, over the lines of its
+    quoted fields, with ``quoted``): source_file, record_index, text, bad_utf8."""
     # A few tasks per core, each streaming several files: one task per file would make every later
     # stage schedule thousands of tiny tasks. Largest files first, dealt round-robin, to balance bytes.
     slots = max(1, min(len(files), spark.sparkContext.defaultParallelism * 2))
     ordered = sorted(files, key=lambda f: -f.size)
     rows = [(i % slots, f.path) for i, f in enumerate(ordered)]
     frame = spark.createDataFrame(rows, "slot int, path string").repartition(slots, "slot").select("path")
-    return frame.mapInArrow(lambda it: _stream(it, whole_file, batch_lines), LINES_SCHEMA)
+    return frame.mapInArrow(lambda it: _stream(it, whole_file, batch_lines, quoted), LINES_SCHEMA)
 
 
 def first_line(path: str) -> str | None:
