@@ -363,3 +363,69 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     clean.run(lake)
     assert sorted((r.note_id, r.text_deid) for r in lake.read("silver.note").collect()) == before
     assert lake.read("silver.note_concept").count() == 4
+
+
+WARD_NOTES = """extract: ward_notes
+source_system: district-hospital
+tables:
+  discharge:
+    keys: [note_id]
+    patient_id: subject_id
+    timestamps: [charttime]
+    notes: {text: text, encounter: hadm_id, date: charttime, type: note_type}
+"""
+
+
+def test_a_declared_csv_note_table_reaches_silver_de_identified_with_its_multi_line_text(lake, tmp_path):
+    """A hospital's note table in MIMIC-IV-Note's shape (the text quoted over many lines, a quote
+    doubled inside it): ingest seals the text to the reveal key and keeps the clean job's copy; the
+    notes job finds the table by that copy, de-identifies each note whole, and keeps a row without
+    text as a note saying so, with its header."""
+    from ehrlake import ingest
+    from ehrlake.clean import notes as silver_notes
+    from ehrlake.ingest.sources import SourceKind
+    from ehrlake.security import copies
+
+    declaration = tmp_path / "ward_notes.yaml"
+    declaration.write_text(WARD_NOTES)
+    text = (
+        '"# Chief Complaint\nSeen by Dr. Okafor on 2024-03-05; call (555) 194-2761.\n\n'
+        '# Assessment and Plan\nPatient said ""no more pain"". Review 2024-03-19."'
+    )
+    rows = [
+        "note_id,subject_id,hadm_id,note_type,charttime,text",
+        f"n1,s1,h1,DS,2024-03-05 10:00:00,{text}",
+        f"n2,s1,h2,DS,2024-03-19 09:30:00,{text.replace('2024-03-05', '2024-03-12')}",
+        "n3,s2,h3,RR,2024-04-01 08:00:00,",
+    ]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "discharge.csv").write_text("\r\n".join(rows) + "\r\n")
+    report = ingest.run(lake, SourceKind.CSV_EXTRACT, str(tmp_path / "in"), extract=str(declaration))
+    assert report.balanced and report.total.quarantined == 0, report.format()
+    bronze = lake.read("bronze.ward_notes_discharge")
+    assert bronze.count() == 3
+    for column in ("text", copies.NOTE_TEXT):
+        assert all("Okafor" not in (r[0] or "") for r in bronze.select(column).collect())
+
+    assert silver_notes.sources(lake) == ["bronze.ward_notes_discharge"]
+    counts = silver_notes.refresh(lake, "test-run")
+    assert counts["note"] == (3, ["bronze.ward_notes_discharge"])
+    got = {r.note_id: r for r in lake.read("silver.note").collect()}
+    assert sorted(got) == ["n1", "n2", "n3"]
+    for nid in ("n1", "n2"):
+        r = got[nid]
+        assert (r.source_system, r.encounter_id, r.note_type, r.no_text) == (
+            "district-hospital",
+            {"n1": "h1", "n2": "h2"}[nid],
+            "DS",
+            None,
+        )
+        assert r.text_deid.count("\n") == 4 and 'said "no more pain"' in r.text_deid  # one note, whole
+        for identifier in ("Okafor", "194-2761", "2024-03-05", "2024-03-12", "2024-03-19"):
+            assert identifier not in r.text_deid and identifier not in r.text
+        assert [s.title for s in r.sections] == ["Chief Complaint", "Assessment and Plan"]
+    assert got["n1"].patient_key == got["n2"].patient_key != got["n3"].patient_key
+    assert got["n1"].date == dt.datetime(2024, 3, 5, 10, 0)
+    assert (got["n3"].text_deid, got["n3"].no_text, got["n3"].encounter_id, got["n3"].note_type) == (
+        None, copies.NO_TEXT, "h3", "RR"
+    )  # fmt: skip

@@ -1,11 +1,12 @@
 """``silver.note`` and ``silver.note_concept``: clinical notes de-identified, split into sections,
 and their mentions of the lake's codes with ConText flags.
 
-Sources are the bronze tables whose records carry notes (``DocumentReference``, ``Composition``):
-ingest kept each record's notes as a processing copy under the table's data key (``note_text``,
-:mod:`ehrlake.security.copies`) and each patient's identifiers as keyed fingerprints
-(``id_prints`` of ``bronze.fhir_patient``), so this job de-identifies without any identifier in
-the clear. Per note, in one Python pass on the executors (:mod:`ehrlake.notes`):
+Sources are the bronze tables whose records carry notes (``DocumentReference``, ``Composition``,
+and the note tables CSV extracts declare): ingest kept each record's notes as a processing copy
+under the table's data key (``note_text``, :mod:`ehrlake.security.copies`) and each patient's
+identifiers as keyed fingerprints (``id_prints`` of ``bronze.fhir_patient``), so this job
+de-identifies without any identifier in the clear. Per note, in one Python pass on the
+executors (:mod:`ehrlake.notes`):
 
 - ``text_deid``: the patient's own identifiers and the identifying patterns replaced by typed
   placeholders, dates moved by the patient's own offset (:func:`ehrlake.notes.deid.date_offset`
@@ -26,8 +27,10 @@ from __future__ import annotations
 import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_type
 
 from ehrlake.lake import WriteMode
+from ehrlake.lake.catalog import list_tables
 from ehrlake.notes import concepts, deid
 from ehrlake.security import copies
 from ehrlake.security.columns import KeyRef
@@ -45,11 +48,11 @@ CODED = {
     "allergy": "silver.allergy",
 }
 NOTE_KEYS = ["source_system", "note_id"]
-SKIPPED_HEADER = ("date", "type_code_display")
 SEALED_TEXT = TableProtection(("text",))  # the note as sent: to the reveal key
 _COPY = (
     "struct<notes:array<struct<note_id:string,encounter:string,date:string,kind:string,"
-    "author_role:string,text:string>>,skipped:array<struct<note_id:string,reason:string>>>"
+    "author_role:string,text:string>>,skipped:array<struct<note_id:string,reason:string,"
+    "encounter:string,date:string,kind:string>>>"
 )
 _SECTION = pa.struct([("title", pa.string()), ("start", pa.int32()), ("end", pa.int32())])
 _MENTION = pa.struct(
@@ -67,12 +70,7 @@ _MENTION = pa.struct(
 _RESULT = pa.struct(
     [("text_deid", pa.string()), ("sections", pa.list_(_SECTION)), ("mentions", pa.list_(_MENTION))]
 )
-_RESULT_DDL = (
-    "struct<text_deid:string,sections:array<struct<title:string,start:int,end:int>>,"
-    "mentions:array<struct<kind:string,code_system:string,code:string,display:string,start:int,end:int,"
-    + ",".join(f"{flag}:boolean" for flag in concepts.FLAGS)
-    + ",section:string>>>"
-)
+_RESULT_DDL = from_arrow_type(_RESULT).simpleString()  # the same type, for Spark
 
 
 def _opened(lake, table: str, column: str) -> DataFrame | None:
@@ -85,44 +83,61 @@ def _opened(lake, table: str, column: str) -> DataFrame | None:
     return lake.security.protector.open(df, table, sealing.only([column]))
 
 
+def sources(lake) -> list[str]:
+    """The bronze tables with a ``note_text`` copy: FHIR's note resources, then any declared note
+    table of a CSV extract (found by its sealed copy, so a declaration outside ``conf/extracts``
+    counts too)."""
+    found = [t for t in SOURCES if lake.exists(t)]
+    for name in list_tables(lake.root):
+        table = str(name)
+        if name.layer == "bronze" and table not in SOURCES:
+            sealing = Sealing.of(lake.schema(table))
+            if sealing is not None and copies.NOTE_TEXT in sealing.columns:
+                found.append(table)
+    return found
+
+
+def _header(df: DataFrame, name: str) -> F.Column:
+    """A record's own typed header column where its table has it (FHIR's), else null."""
+    return F.col(name).cast("string") if name in df.columns else F.lit(None).cast("string")
+
+
 def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
     """One row per note (or per record without readable text), with the text as sent; the
     source tables read."""
     parts, read = [], []
-    for table in SOURCES:
-        if not lake.exists(table):
-            continue
+    for table in sources(lake):
         df = _opened(lake, table, copies.NOTE_TEXT)
         if df is None:
             continue
         read.append(table)
         copy = F.from_json(copies.NOTE_TEXT, _COPY)
-        base = ["source_system", "id", "patient_key", F.lit(table).alias("source_table")]
+        # a FHIR record's key (document-scoped where ingest made it so) names its notes
+        record = F.col("id") if table in SOURCES else F.lit(None).cast("string")
+        base = ["source_system", "patient_key", record.alias("_record"), F.lit(table).alias("source_table")]
+        names = ["source_system", "patient_key", "_record", "source_table"]
         found = df.select(*base, F.explode(copy["notes"]).alias("n")).select(
-            *base[:-1],
-            "source_table",
-            "n.note_id",
-            "n.encounter",
-            "n.date",
-            "n.kind",
-            "n.author_role",
-            "n.text",
+            *names,
+            *[f"n.{f}" for f in copies.NOTE_FIELDS],
             F.lit(None).cast("string").alias("no_text"),
         )
-        # a record without text keeps its header from the typed columns
-        encounter = "encounter_ids[0]" if "encounter_ids" in df.columns else "encounter_id"
+        # a record without text keeps its header: the copy's (a declared table's), else the
+        # record's typed columns (a FHIR table's)
+        if "encounter_ids" in df.columns:
+            encounter = F.col("encounter_ids")[0]
+        else:
+            encounter = _header(df, "encounter_id")
+        typed = {
+            "encounter": encounter,
+            "date": _header(df, "date"),
+            "kind": _header(df, "type_code_display"),
+        }
         skipped = df.select(
-            *base,
-            *SKIPPED_HEADER,
-            F.expr(encounter).alias("encounter"),
-            F.explode(copy["skipped"]).alias("s"),
+            *base, *[v.alias(f"_{k}") for k, v in typed.items()], F.explode(copy["skipped"]).alias("s")
         ).select(
-            *base[:-1],
-            "source_table",
+            *names,
             "s.note_id",
-            "encounter",
-            F.col("date").cast("string").alias("date"),
-            F.col("type_code_display").alias("kind"),
+            *[F.coalesce(f"s.{k}", f"_{k}").alias(k) for k in typed],
             F.lit(None).cast("string").alias("author_role"),
             F.lit(None).cast("string").alias("text"),
             F.col("s.reason").alias("no_text"),
@@ -133,9 +148,9 @@ def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
     rows = parts[0]
     for part in parts[1:]:
         rows = rows.unionByName(part)
-    # the record's key (document-scoped where ingest made it so), with the attachment's position
-    note_id = F.concat(F.col("id"), F.regexp_extract("note_id", r"(#\d+)$", 1))
-    return rows.withColumn("note_id", note_id).drop("id"), read
+    # with the attachment's position where a record has several
+    note_id = F.concat(F.col("_record"), F.regexp_extract("note_id", r"(#\d+)$", 1))
+    return rows.withColumn("note_id", F.coalesce(note_id, "note_id")).drop("_record"), read
 
 
 def _prints(lake) -> DataFrame | None:
@@ -215,14 +230,18 @@ def refresh(lake, run_id: str) -> dict[str, tuple[int, list[str]]] | None:
         rows = rows.join(prints, "patient_key", "left")
     protector = lake.security.protector
     reader = _reader(protector.ref, protector.store.linkage_id(), targets(lake))
-    done = rows.withColumn("_r", reader("patient_key", "text", copies.ID_PRINTS)).persist()
+    done = (
+        rows.withColumn("_r", reader("patient_key", "text", copies.ID_PRINTS))
+        .withColumn("date", F.expr("try_cast(date AS TIMESTAMP)"))
+        .persist()
+    )
     try:
         note = done.select(
             "source_system",
             "note_id",
             "patient_key",
             F.regexp_extract("encounter", r"([^/:]+)$", 1).alias("encounter_id"),
-            F.expr("try_cast(date AS TIMESTAMP)").alias("date"),
+            "date",
             F.col("kind").alias("note_type"),
             "author_role",
             "source_table",
@@ -232,9 +251,8 @@ def refresh(lake, run_id: str) -> dict[str, tuple[int, list[str]]] | None:
             "_r.sections",
         ).withColumn("encounter_id", F.nullif("encounter_id", F.lit("")))
         note, _ = protector.protect(note, NOTE, NOTE_KEYS, SEALED_TEXT)
-        written_at = F.expr("try_cast(date AS TIMESTAMP)").alias("date")
         mentions = done.select(
-            "source_system", "note_id", "patient_key", written_at, F.explode("_r.mentions").alias("m")
+            "source_system", "note_id", "patient_key", "date", F.explode("_r.mentions").alias("m")
         ).select("source_system", "note_id", "patient_key", "date", "m.*")
         commit = {"ehrlakeJob": "clean", "ehrlakeRunId": run_id}
         lake.write(note, NOTE, mode=WriteMode.OVERWRITE, commit_info=commit)

@@ -139,6 +139,7 @@ def _sealer(
     @F.arrow_udf(_struct_type(fields))
     def seal(row_ids: pa.Array, values: pa.Array, systems: pa.Array, patients: pa.Array) -> pa.Array:
         out = []
+        secret = _key(ref, linkage_id).material if linkage_id else None  # copies' and patient_key's
         if names:
             key = _key(ref, key_id) if set(names) - to_reveal or deidentified else None
             ids = row_ids.cast(pa.binary()).to_pylist()
@@ -149,14 +150,12 @@ def _sealer(
                 else:
                     sealed = crypto.seal_many(key, plain[n], ids, n, n in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
-            secret = _key(ref, linkage_id).material if linkage_id else None
             for target, source in deidentified:
                 make = copies.MAKERS[target]
                 copy = [make(v, secret) for v in plain[source]]
                 sealed = crypto.seal_many(key, copy, ids, target, compress=target in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
         if linkage_id:
-            secret = _key(ref, linkage_id).material
             out.append(
                 pa.array(
                     [

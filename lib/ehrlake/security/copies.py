@@ -8,6 +8,8 @@ table's data key.
   sent and header (:mod:`ehrlake.notes.documents`), for the clean job to de-identify; the text
   quotes names, so it is a copy jobs can open, like the exact birth date, and silver keeps only
   its de-identified form in the clear;
+  a declared note table of a CSV extract (``notes:`` in ``conf/extracts``) has the same copy,
+  made from its columns (:func:`note_of_row`);
 - ``id_prints`` (``Patient``): the patient's names, address, phones and identifier numbers as
   keyed fingerprints (:func:`ehrlake.notes.deid.fingerprints`), which find them in that patient's
   notes without anyone holding them in the clear.
@@ -24,6 +26,9 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict
 
+from pyspark.sql import Column
+from pyspark.sql import functions as F
+
 from ehrlake.notes import deid, documents
 from ehrlake.security import deidentify
 
@@ -33,6 +38,9 @@ ID_PRINTS = "id_prints"
 # the copies a FHIR resource type's table keeps beside raw_deid
 BY_RESOURCE = {"Patient": (ID_PRINTS,), "DocumentReference": (NOTE_TEXT,), "Composition": (NOTE_TEXT,)}
 COMPRESSED = frozenset({RAW_DEID, NOTE_TEXT})
+# the header fields of a note, as a declared note table names its columns (``text`` required)
+NOTE_FIELDS = ("note_id", "encounter", "date", "kind", "author_role", "text")
+NO_TEXT = "the extract's row has no text"
 
 
 def derived(linkage_secret: bytes, purpose: str) -> bytes:
@@ -69,6 +77,27 @@ def note_text(text: bytes | str | None, linkage_secret: bytes | None = None) -> 
         found, skipped = [], [documents.Skipped(str(resource.get("id", "")), _unreadable(exc))]
     copy = {"notes": [asdict(n) for n in found], "skipped": [asdict(s) for s in skipped]}
     return json.dumps(copy, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def note_of_row(columns: dict[str, str]) -> Column:
+    """The ``note_text`` copy of one row of a declared note table: the JSON a ``DocumentReference``'s
+    copy holds, from the columns that ``columns`` names per field of :data:`NOTE_FIELDS` (a field
+    not named is null); a row with a blank text is a skipped note with its header, not a note."""
+    field = lambda name: (  # noqa: E731
+        F.col(columns[name]).cast("string") if columns.get(name) else F.lit(None).cast("string")
+    ).alias(name)
+    has_text = F.coalesce(F.length(F.trim(F.col(columns["text"]))) > 0, F.lit(False))
+    note = F.struct(*[field(name) for name in NOTE_FIELDS])
+    skipped = F.struct(
+        field("note_id"), F.lit(NO_TEXT).alias("reason"), field("encounter"), field("date"), field("kind")
+    )
+    # a null array is left out of the JSON and read back as no entries
+    return F.to_json(
+        F.struct(
+            F.when(has_text, F.array(note)).alias("notes"),
+            F.when(~has_text, F.array(skipped)).alias("skipped"),
+        )
+    )
 
 
 def _unreadable(exc: Exception) -> str:

@@ -30,7 +30,11 @@ from pyspark.sql import functions as F
 from ehrlake.errors import SchemaMismatch
 from ehrlake.lake.modes import WriteMode
 from ehrlake.security.columns import KeyRef, key_errors, open_columns, row_id, seal_columns
-from ehrlake.security.copies import RAW_DEID  # the record's processing copy without direct identifiers
+from ehrlake.security.copies import (  # processing copies: raw_deid, the record without direct identifiers
+    NOTE_TEXT,
+    RAW_DEID,
+    note_of_row,
+)
 
 SEALED = "ehrlake.sealed"  # field metadata: {"type": original DDL, "bound_to": [key columns], "to"?}
 TO_REVEAL = "reveal"  # metadata "to": sealed to the reveal public key (absent: under the data key)
@@ -49,6 +53,8 @@ class TableProtection:
     free_text: tuple[tuple[str, str], ...] = ()
     fhir_records: bool = False  # ``raw`` holds FHIR resources: keep their processing copy ``raw_deid``
     copies: tuple[str, ...] = ()  # further processing copies of ``raw`` (ehrlake.security.copies)
+    # a declared note table: (note field, column) pairs its ``note_text`` copy is made from
+    note_from: tuple[tuple[str, str], ...] = ()
 
 
 _FHIR_PATIENT_REF = TableProtection(patient_id="patient_id", fhir_records=True)
@@ -174,15 +180,17 @@ class Protector:
     @staticmethod
     def sealing(spec: TableProtection, schema, keys: list[str]) -> Sealing:
         """Which columns of ``schema`` are sealed (the declared identifiers, plus ``raw`` and its
-        processing copies: ``raw_deid`` for FHIR records, the spec's ``copies``), and which of them
-        to the reveal key: all but what the pipeline reads itself (the copies, the birth date)."""
+        processing copies: ``raw_deid`` for FHIR records, the spec's ``copies``, a note table's
+        ``note_text``), and which of them to the reveal key: all but what the pipeline reads itself
+        (the copies, the birth date)."""
         types = {f.name: f.dataType.simpleString() for f in schema.fields}
         made = ((RAW_DEID,) if spec.fhir_records else ()) + spec.copies
         if RAW in types:
             types |= dict.fromkeys(made, "string")
-        wanted = [*spec.identifiers, RAW, RAW_DEID, *spec.copies]
+        of_columns = (NOTE_TEXT,) if spec.note_from else ()
+        wanted = [*spec.identifiers, RAW, RAW_DEID, *spec.copies, *of_columns]
         columns = {c: types[c] for c in wanted if c in types}
-        read_by_jobs = {RAW_DEID, *spec.copies, spec.birth_date}
+        read_by_jobs = {RAW_DEID, *spec.copies, *of_columns, spec.birth_date}
         return Sealing(columns, tuple(keys), frozenset(columns) - read_by_jobs)
 
     def protect(
@@ -197,13 +205,14 @@ class Protector:
                 df = df.withColumn(f"{column}_text", F.when(text, F.col(column))).withColumn(
                     column, F.when(~text, F.col(column))
                 )
+        note_from = {f: c for f, c in spec.note_from if c in df.columns}  # a drifted header: null
+        if "text" in note_from:
+            df = df.withColumn(NOTE_TEXT, note_of_row(note_from))
         if spec.birth_date and spec.birth_date in df.columns:
             df = df.withColumn("birth_year", F.year(F.col(spec.birth_date).cast("date")))
         patient = (self.store.linkage_id(), spec.patient_id) if spec.patient_id in df.columns else None
         sealing = self.sealing(spec, df.schema, keys)
-        copies = {
-            c: RAW for c in (RAW_DEID, *spec.copies) if c in sealing.columns and c not in df.columns
-        }
+        copies = {c: RAW for c in (RAW_DEID, *spec.copies) if c in sealing.columns and c not in df.columns}
         sealed = seal_columns(
             df,
             self.ref,
