@@ -115,6 +115,15 @@ def test_a_real_synthea_note_keeps_none_of_its_patients_identifiers():
         ("Aged 95, walks daily.", "Aged 90+, walks daily."),
         ("No known allergies.", "No known allergies."),
         ("Dose 10 mg on day 3 at 12 Main Street.", "Dose 10 mg on day 3 at [ADDRESS]."),
+        # untitled names and places, by the words before them on their line
+        ("Her husband Ravi Kumar brought her in.", "Her husband [NAME] brought her in."),
+        (
+            "Seen by Anita Rao; her sister named Priya waited.",
+            "Seen by [NAME]; her sister named [NAME] waited.",
+        ),
+        ("She lives in Lucknow, moved from Pune.", "She lives in [LOCATION], moved from [LOCATION]."),
+        ("Lives with Her husband. Mother had Diabetes.", "Lives with Her husband. Mother had Diabetes."),
+        ("Family history: father\nHypertension.", "Family history: father\nHypertension."),
     ],
 )
 def test_patterns_replace_only_what_identifies(text, expected):

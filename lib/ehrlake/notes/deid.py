@@ -8,8 +8,11 @@ typed placeholder (``[NAME]``, ``[ADDRESS]``, ``[PHONE]``...), except dates, whi
   case-insensitive, Synthea's digit-suffixed names ("Masako522") with or without their digits;
 - **patterns** that identify whoever they belong to: phone numbers (US and Indian), e-mail and ABHA
   addresses, SSN-, ABHA- and MRN-like numbers, street addresses, URLs, titled names ("Dr. Clint766
-  Marquardt819") and Synthea's digit-suffixed ones, ages over 89 (written "90+"); other persons'
-  untitled names need a recogniser of names, not yet here;
+  Marquardt819") and Synthea's digit-suffixed ones, ages over 89 (written "90+"); and, by their
+  context (:data:`IN_CONTEXT`, medspaCy-style rules), other persons' untitled names after a
+  relation or role ("her husband Ravi", "seen by Anita Rao") and places after where someone lives
+  or comes from ("lives in Lucknow"): no name list or model holds every name, the words around
+  one say that it is one;
 - **dates** moved by the patient's own offset (:func:`date_offset`: the same in every note of the
   patient, so intervals between notes and records still read true), written back in the format
   they came in; a date that cannot be read becomes ``[DATE]``.
@@ -187,6 +190,40 @@ PATTERNS: tuple[tuple[str, str], ...] = (
     ("NAME", r"\b[A-Z][a-z]+\d{1,4}\b"),  # Synthea's names carry digits: another person's, unknown here
     ("NAME", r"\b(?i:dr|mr|mrs|ms|miss|prof)\.?\s+[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*){0,2}"),
 )
+# (kind, pattern): the group ``v`` identifies, where the words before it on its line say what it is
+_CAPITALISED = r"[A-Z][a-z'-]+(?:[ -][A-Z][a-z'-]+){0,2}"
+_RELATIONS = (
+    "husband|wife|spouse|partner|son|daughter|mother|father|brother|sister|child|grandson|"
+    "granddaughter|grandmother|grandfather|uncle|aunt|cousin|niece|nephew|friend|neighbou?r|"
+    "boyfriend|girlfriend|fianc[eé]e?|caregiver|carer|guardian|roommate|colleague"
+)
+_NOT_NAMES = frozenset(  # capitalised words a context may be followed by that name nobody
+    ("The", "A", "An", "Her", "His", "Their", "Our", "My", "This", "That", "Patient", "Family",
+     "Nurse", "Doctor", "Physician", "Team", "Staff", "Emergency", "Hospital", "Clinic", "Home",
+     "Ward", "Unit", "Today", "Yesterday", "Tomorrow", "He", "She", "They", "It")
+)  # fmt: skip
+IN_CONTEXT: tuple[tuple[str, re.Pattern], ...] = (
+    (
+        "NAME",
+        re.compile(rf"\b(?i:{_RELATIONS}),?[ \t]+(?:(?i:named|called|is|was)[ \t]+)?(?P<v>{_CAPITALISED})"),
+    ),
+    (
+        "NAME",
+        re.compile(
+            r"\b(?i:seen by|examined by|referred by|signed by|dictated by|accompanied by|lives with|"
+            r"living with|named|called|contact person|emergency contact|next of kin),?:?[ \t]+"
+            rf"(?P<v>{_CAPITALISED})"
+        ),
+    ),
+    (
+        "LOCATION",
+        re.compile(
+            r"\b(?i:lives in|living in|resides in|resident of|born in|moved (?:here )?from|moved to|"
+            r"native of|hometown(?: of| is)?|visiting from|comes from|came from),?[ \t]+"
+            rf"(?P<v>{_CAPITALISED})"
+        ),
+    ),
+)
 _AGE = re.compile(r"\b(\d{2,3})(\s*|-)(years?|yrs?|y/?o)\b|\baged?\s+(\d{2,3})\b", re.IGNORECASE)
 _TIME = r"(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
 _DATES = (  # pattern, how it is written back, its (year, month, day) groups
@@ -202,6 +239,14 @@ def _pattern_spans(text: str) -> list[Span]:
     for kind, pattern in PATTERNS:
         for m in re.finditer(pattern, text, flags=re.IGNORECASE if kind in ("ID", "URL", "EMAIL") else 0):
             spans.append(Span(m.start(), m.end(), kind, f"[{kind}]"))
+    for kind, pattern in IN_CONTEXT:
+        for m in pattern.finditer(text):
+            words = m.group("v").split()
+            while words and words[0] in _NOT_NAMES:  # "lives with Her ..." names nobody
+                words = words[1:]
+            if words:
+                end = m.end("v")
+                spans.append(Span(end - len(" ".join(words)), end, kind, f"[{kind}]"))
     for m in _AGE.finditer(text):
         value = int(m.group(1) or m.group(4))
         if value > 89:  # HIPAA's safe harbour: ages over 89 as one group
