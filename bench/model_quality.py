@@ -33,17 +33,29 @@ TensorFlow (``.venv-dl``), whose PyArrow is too old for ``xgboost.spark``: so it
 keeping its scores under ``--scores``, and the run of the other learners with the same ``--scores``
 puts its row in the table and its scores in the stack.
 
-Results: ``bench/results/model_quality-<lake folder>-<date>.json``.
+``--task`` names a task of silver's point-in-time features instead (``readmission_30d``,
+``mortality_12m``, ...: ``gold.features_*`` joined to ``gold.labels`` as ``ehrlake train`` reads
+them), with two feature sets: ``structured`` (what ``conf/features.yaml`` gives without notes) and
+``structured+notes`` (the same and ``notes_<group>``: issue 23's note-concept counts). Where the
+feature table lacks the note columns, the features are rebuilt in the lake with ``note_features``
+on first (said on the output; the other columns do not change). Each learner's held-out AUROC
+with notes is compared with its AUROC without them on the same patients, by a paired bootstrap
+interval of the difference (``evaluate.paired_difference``).
+
+Results: ``bench/results/model_quality-<lake folder>[-<task>]-<date>.json``.
 
     .venv/bin/ehrlake ingest --source csv-extract --extract diabetes130 \\
         --input data/sample/diabetes_130_us --lake d130
     .venv-dl/bin/python bench/model_quality.py --lake d130 --algorithms ann --scores /tmp/mq
     .venv/bin/python bench/model_quality.py --lake d130 --scores /tmp/mq
+    .venv/bin/ehrlake pipeline conf/pipelines/hiv_readmission.yaml --lake hiv-lake
+    .venv/bin/python bench/model_quality.py --lake hiv-lake --task readmission_30d
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -61,8 +73,9 @@ from pyspark.ml.functions import vector_to_array  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
 import ehrlake.lake  # noqa: E402
+from ehrlake import features as feats  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
-from ehrlake.features import DIABETES130_BRONZE  # noqa: E402
+from ehrlake.features import DIABETES130_BRONZE, definitions, pointintime  # noqa: E402
 from ehrlake.features import diabetes130 as d130  # noqa: E402
 from ehrlake.models import algorithms, evaluate, target_encoding  # noqa: E402
 from ehrlake.models.train import score_column, split, with_weights  # noqa: E402
@@ -74,6 +87,8 @@ FEATURE_SETS = {
 }
 # the extract's many-valued codes (kept by d130.build), target-encoded inside the folds
 ENCODED = {"stay+history+codes": list(d130.CODES)}
+D130_TASK = "diabetes130_readmission_30d"
+STRUCTURED, WITH_NOTES = "structured", "structured+notes"
 
 
 TUNED = "xgboost-es"
@@ -257,15 +272,40 @@ def _row(per_fold: list[float], held: dict, started: float) -> dict:
     }
 
 
+def task_rows(lake, task_name: str, names: list[str]):
+    """(labelled rows, feature sets) of a task of silver's point-in-time features; the features
+    rebuilt with ``note_features`` on where ``names`` asks for the notes and the table lacks them."""
+    t = feats.task(task_name)
+    defs = definitions.load()
+    sets = {
+        STRUCTURED: pointintime.feature_columns(dataclasses.replace(defs, note_features=False), t.level),
+        WITH_NOTES: pointintime.feature_columns(dataclasses.replace(defs, note_features=True), t.level),
+    }
+    have = set(lake.read(t.feature_table).columns) if lake.exists(t.feature_table) else set()
+    if WITH_NOTES in names and not set(sets[WITH_NOTES]) <= have:
+        if not lake.exists("silver.note_concept"):
+            raise EhrlakeError("no silver.note_concept: clean a lake whose export holds notes first")
+        print(f"rebuilding the features with note_features on (the lake's {t.feature_table} lacks them)")
+        feats.run(lake, defs=dataclasses.replace(defs, note_features=True))
+    return feats.training_frame(lake, t), sets
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lake", required=True, help="a lake with bronze.diabetes130_encounters")
+    parser.add_argument("--lake", required=True, help="a lake with the task's rows (see above)")
+    parser.add_argument(
+        "--task", default=D130_TASK, help=f"{D130_TASK} (bronze's extract, default) or a silver task"
+    )
     parser.add_argument(
         "--algorithms",
         default=",".join(learner for learner in LEARNERS if learner != ANN),
         help=f"of {', '.join(LEARNERS)}; with two or more (here or under --scores), a stack too",
     )
-    parser.add_argument("--feature-sets", default=",".join(FEATURE_SETS), help=", ".join(FEATURE_SETS))
+    parser.add_argument(
+        "--feature-sets",
+        help=f"{D130_TASK}: {', '.join(FEATURE_SETS)}; other tasks: {STRUCTURED}, {WITH_NOTES} "
+        "(default: every one)",
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -274,34 +314,37 @@ def main() -> int:
     )
     args = parser.parse_args()
     learners = args.algorithms.split(",")
-    unknown = sorted(set(learners) - set(LEARNERS)) + sorted(
-        set(args.feature_sets.split(",")) - set(FEATURE_SETS)
-    )
+    known_sets = FEATURE_SETS if args.task == D130_TASK else {STRUCTURED: [], WITH_NOTES: []}
+    names = args.feature_sets.split(",") if args.feature_sets else list(known_sets)
+    unknown = sorted(set(learners) - set(LEARNERS)) + sorted(set(names) - set(known_sets))
     if unknown:
         raise EhrlakeError(f"unknown learner(s) or feature set(s) {unknown}")
     if args.folds < 3 and {TUNED, ANN} & set(learners):
         raise EhrlakeError(f"{TUNED} and {ANN} stop on a fold of the fitting folds: --folds 3 or more")
     lake = ehrlake.lake.open(str(Path(args.lake).resolve()))
-    if not lake.exists(DIABETES130_BRONZE):
-        raise EhrlakeError(f"no {DIABETES130_BRONZE}: ingest --source csv-extract --extract diabetes130")
-    bronze = lake.read(DIABETES130_BRONZE)
-    rows = d130.build(bronze).where(F.col("label").isNotNull())
+    if args.task == D130_TASK:
+        if not lake.exists(DIABETES130_BRONZE):
+            raise EhrlakeError(f"no {DIABETES130_BRONZE}: ingest --source csv-extract --extract diabetes130")
+        rows, sets, codes = d130.build(lake.read(DIABETES130_BRONZE)), FEATURE_SETS, ENCODED
+        rows = rows.where(F.col("label").isNotNull())
+    else:
+        (rows, sets), codes = task_rows(lake, args.task, names), {}
     train, test = split(rows, args.seed, folds=args.folds)
     train, test = train.cache(), test.cache()
-    positives, n = train.agg(F.sum("label"), F.count("*")).first()
-    table = {}
-    for name in args.feature_sets.split(","):
+    every = sorted({c for name in names for c in sets[name]})
+    stats = train.agg(F.sum("label"), F.count("*"), *[F.count(c).alias(c) for c in every]).first()
+    positives, n = stats[0], stats[1]
+    # as ``ehrlake train``: a feature never observed in training is left out (and said so)
+    unseen = [c for c in every if stats[c] == 0]
+    if unseen:
+        print(f"left out, never observed in training: {', '.join(unseen)}")
+    sets = {name: [c for c in sets[name] if c not in unseen] for name in names}
+    table, held = {}, {}
+    for name in names:
         scores: dict[str, tuple] = {}
         for learner in learners:
             got, oof, held_out = one(
-                learner,
-                FEATURE_SETS[name],
-                train,
-                test,
-                args.folds,
-                args.seed,
-                positives / n,
-                ENCODED.get(name, ()),
+                learner, sets[name], train, test, args.folds, args.seed, positives / n, codes.get(name, ())
             )
             table[f"{learner} / {name}"] = _report(learner, name, got)
             scores[learner] = (oof, held_out)
@@ -321,27 +364,54 @@ def main() -> int:
                         spark.read.parquet(str(kept.parent / part)) for part in ("oof", "held_out")
                     )
                     table[f"{learner} / {name}"] = _report(learner, name, json.loads(kept.read_text()))
+        held[name] = {learner: got[1] for learner, got in scores.items()}
         if len(scores) > 1:
             started = time.perf_counter()
             table[f"{STACK} / {name}"] = _report(
                 STACK, name, stack(scores, args.folds, positives / n, started)
             )
     best = max(table, key=lambda k: table[k]["test_auroc"])
-    aims = {
-        "best": best,
-        "best_test_auroc_at_least_0_70": table[best]["test_auroc"] >= 0.70,
-        "cv_mean_within_0_01_of_test": abs(table[best]["cv_auroc_mean"] - table[best]["test_auroc"]) <= 0.01,
-    }
+    if args.task == D130_TASK:
+        aims = {
+            "best": best,
+            "best_test_auroc_at_least_0_70": table[best]["test_auroc"] >= 0.70,
+            "cv_mean_within_0_01_of_test": abs(table[best]["cv_auroc_mean"] - table[best]["test_auroc"])
+            <= 0.01,
+        }
+    else:
+        aims = {"best": best, "notes_minus_structured": notes_gain(held)}
     print(f"best: {best}; aims: {aims}")
+    suffix = "" if args.task == D130_TASK else f"-{args.task}"
     path = save_result(
         args.out,
-        f"model_quality-{Path(args.lake).resolve().name}",
-        {"benchmark": "model_quality", "lake": str(args.lake), "machine": machine(lake.spark),
-         "train_rows": n, "train_positives": positives, "folds": args.folds, "seed": args.seed,
-         "features": {k: len(v) for k, v in FEATURE_SETS.items()}, "table": table, "aims": aims},
+        f"model_quality-{Path(args.lake).resolve().name}{suffix}",
+        {"benchmark": "model_quality", "lake": str(args.lake), "task": args.task,
+         "machine": machine(lake.spark), "train_rows": n, "train_positives": positives,
+         "test_rows": test.count(), "folds": args.folds, "seed": args.seed,
+         "features": {k: len(v) for k, v in sets.items()}, "left_out_unseen": unseen, "table": table,
+         "aims": aims},
     )  # fmt: skip
     print(f"results: {path}")
     return 0
+
+
+def notes_gain(held: dict[str, dict]) -> dict[str, dict]:
+    """Per learner run on both feature sets: held-out AUROC with notes minus without, with a
+    paired patient-bootstrap interval (the same patients drawn for both)."""
+    if STRUCTURED not in held or WITH_NOTES not in held:
+        return {}
+    out = {}
+    for learner in sorted(set(held[STRUCTURED]) & set(held[WITH_NOTES])):
+        base, other = (
+            held[name][learner].withColumn("score", F.col(learner)) for name in (STRUCTURED, WITH_NOTES)
+        )
+        got = evaluate.paired_difference(base, other)
+        out[learner] = {k: None if v is None else round(v, 4) for k, v in got.items()}
+        print(
+            f"{learner:10} AUROC with notes minus without: {got['value']:+.3f} "
+            f"({got['ci_low']:+.3f} to {got['ci_high']:+.3f}), above 0 in {got['share_above_0']:.0%} of draws"
+        )
+    return out
 
 
 def _report(learner: str, feature_set: str, got: dict) -> dict:

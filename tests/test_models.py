@@ -284,6 +284,34 @@ def test_a_patients_several_rows_are_resampled_together(spark):
     assert evaluate.resampling(single) is None  # one row a patient: rows, as before
 
 
+def test_two_models_on_the_same_patients_are_compared_by_a_paired_interval(spark):
+    """A model compared with itself differs by exactly 0 in every draw; a second model that ranks
+    most patients alike but some better gains its point difference, with a paired interval above
+    0 and much narrower than either model's own interval (the same patients drawn for both)."""
+    from ehrlake.models import evaluate
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 150)
+    base = np.clip(0.5 + 0.2 * (labels - 0.5) + rng.normal(0, 0.25, 150), 0, 1)
+    better = base.copy()
+    helped = rng.random(150) < 0.3  # a third of the patients scored nearer their label
+    better[helped] = np.clip(better[helped] + 0.3 * (labels[helped] - 0.5), 0, 1)
+    frame = lambda s: spark.createDataFrame(  # noqa: E731
+        [(f"p{i // 2}", float(s[i]), int(labels[i])) for i in range(150)],
+        "patient_key string, score double, label int",
+    )
+    a, b = frame(base), frame(better)
+
+    same = evaluate.paired_difference(a, a, bootstrap=200)
+    assert same["value"] == 0 and same["ci_low"] == 0 and same["ci_high"] == 0
+
+    got = evaluate.paired_difference(a, b, bootstrap=200)
+    alone = [evaluate.metrics(df, bootstrap=200)["auroc"] for df in (a, b)]
+    assert got["value"] == pytest.approx(alone[1]["value"] - alone[0]["value"])
+    assert 0 < got["ci_low"] < got["value"] < got["ci_high"] and got["share_above_0"] > 0.975
+    assert got["ci_high"] - got["ci_low"] < 0.5 * (alone[0]["ci_high"] - alone[0]["ci_low"])
+
+
 def test_accuracy_threshold_is_the_most_accurate_cut_nearest_the_default(spark):
     """An image model's finding threshold is chosen on its validation labels: the cut with the most
     correct calls (here only cuts in (0.65, 0.70] call all five right, where 0.5 calls four), the

@@ -363,6 +363,9 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     features = {r.index_id: r for r in pointintime.build(lake, index, defs).collect()}
     assert [features[w].notes_type2_diabetes for w in ("2019-08-01", "2019-08-20", "2019-09-05")] == [0, 1, 2]
     assert {features[w].notes_hypertension for w in features} == {0}  # denied in every note
+    dates = ("2019-08-01", "2019-08-20", "2019-09-05")
+    assert [features[w].notes_recent for w in dates] == [0, 1, 3]  # the PDF is a note written too
+    assert [features[w].note_concepts_recent for w in dates] == [0, 1, 1]  # one code affirmed, twice
     assert "notes_diabetes" not in pointintime.feature_columns(
         definitions.load(), "patient"
     )  # off by default

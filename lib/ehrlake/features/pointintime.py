@@ -131,6 +131,11 @@ def descriptions(defs: Definitions) -> dict[str, str]:
     for name, group in defs.condition_groups.items():
         out[f"has_{name}"] = f"history of {group.description}"
     if defs.note_features:
+        out["notes_recent"] = f"notes written in the last {w.recent_days} days (with or without text)"
+        out["note_concepts_recent"] = (
+            f"distinct codes the notes of the last {w.recent_days} days mention (not negated, nor about "
+            "family, nor hypothetical)"
+        )
         for name, group in defs.condition_groups.items():
             out[f"notes_{name}"] = (
                 f"notes of the last {w.long_days} days that mention {group.description} "
@@ -152,29 +157,51 @@ def feature_columns(defs: Definitions, level: str) -> list[str]:
     return names
 
 
-def _note_mentions(lake, before, defs: Definitions) -> DataFrame:
-    """Per index row and condition group, the notes written in the long window before the index
-    time that affirm a condition of the group (``silver.note_concept``; none without notes)."""
+def _notes(lake, before, defs: Definitions) -> DataFrame:
+    """Per index row, from the notes written before the index time (``silver.note`` and
+    ``silver.note_concept``; none without notes): the notes of the recent window, the distinct
+    codes those notes affirm, and per condition group the notes of the long window affirming one."""
+    w = defs.windows
     affirmed = ~(F.col("negated") | F.col("family") | F.col("hypothetical"))
     if lake.exists("silver.note_concept"):
-        mentions = lake.read("silver.note_concept").where((F.col("kind") == "condition") & affirmed)
+        mentions = lake.read("silver.note_concept").where(affirmed)
     else:
         mentions = lake.spark.createDataFrame(
-            [], "patient_key string, note_id string, date timestamp, code_system string, code string"
+            [],
+            "patient_key string, note_id string, date timestamp, kind string, code_system string, "
+            "code string",
         )
-    mentions = mentions.select("patient_key", "note_id", "date", "code_system", "code")
-    return (
-        before(mentions, "date", defs.windows.long_days)
+    mentions = mentions.select("patient_key", "note_id", "date", "kind", "code_system", "code")
+    if lake.exists("silver.note"):
+        notes = lake.read("silver.note").select("patient_key", "note_id", "date")
+    else:
+        notes = lake.spark.createDataFrame([], "patient_key string, note_id string, date timestamp")
+    since = lambda days: F.col("date") >= F.col("index_time") - _days(days)  # noqa: E731
+    condition = F.col("kind") == "condition"
+    found = (
+        before(mentions, "date", max(w.long_days, w.recent_days))
         .groupBy(*INDEX)
         .agg(
+            F.countDistinct(F.when(since(w.recent_days), F.concat_ws("|", "code_system", "code"))).alias(
+                "note_concepts_recent"
+            ),
             *[
                 F.countDistinct(
-                    F.when(g.matches(F.col("code_system"), F.col("code")), F.col("note_id"))
+                    F.when(
+                        since(w.long_days) & condition & g.matches(F.col("code_system"), F.col("code")),
+                        F.col("note_id"),
+                    )
                 ).alias(f"notes_{name}")
                 for name, g in defs.condition_groups.items()
-            ]
+            ],
         )
     )
+    written = (
+        before(notes, "date", w.recent_days)
+        .groupBy(*INDEX)
+        .agg(F.countDistinct("note_id").alias("notes_recent"))
+    )
+    return written.join(found, INDEX, "full")
 
 
 def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> DataFrame:
@@ -282,7 +309,7 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
 
     parts = [utilisation, conditions, medications, procedures, labs]
     if defs.note_features:
-        parts.append(_note_mentions(lake, before, defs))
+        parts.append(_notes(lake, before, defs))
     for part in parts:
         out = out.join(part, INDEX, "left")
 
