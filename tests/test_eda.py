@@ -91,6 +91,7 @@ def test_report_is_one_html_file_with_every_plot_rendered(gold, tmp_path):
         assert png.startswith(b"\x89PNG") and len(png) > 5_000  # a drawn plot, not an empty canvas
     assert "small cells hidden" in page and "<script" not in page  # self-contained, no scripts
     assert "This lake holds no notes" in page  # said, not left empty
+    assert "No scoring run has measured drift" in page
 
 
 def test_national_tables_sum_out_the_state_and_show_true_counts(gold):

@@ -78,9 +78,17 @@ def test_scores_every_eligible_patient_once_with_reasons_and_version(scored_lake
     with_reasons = [r for r in rows if r.top_reasons]
     assert len(with_reasons) > 0.5 * len(rows) and all(len(r.top_reasons) <= 3 for r in rows)
     assert all(" = " in reason and "(+" in reason for r in with_reasons for reason in r.top_reasons)
+    # drift against the training snapshot: the score and every input, once per date
+    from ehrlake.scoring import drift
+
+    measured = {r.input: r for r in lake.read(drift.TABLE).collect()}
+    assert set(measured) == {"score", *model.features} and "gold.model_drift" in first.drift
+    assert all(r.psi >= 0 and r.status == drift.status(r.psi) and r.as_of == AS_OF for r in measured.values())
+    assert {r.scored_rows for r in measured.values()} == {eligible}
     # re-scoring the same date replaces the rows
     again = scoring.score(lake, TASK, AS_OF, role="scheduler")
     assert again.scored == eligible and lake.read("gold.risk_scores").count() == eligible
+    assert lake.read(drift.TABLE).count() == len(measured)
 
 
 def test_the_scheduled_script_scores_with_spark_submit(scored_lake):
@@ -185,3 +193,54 @@ def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_p
     shutil.copytree(SAMPLE / "fhir_ndjson" / "encoders_r4_9p", mixed / "ndjson")
     with pytest.raises(EhrlakeError, match="one kind per folder; found fhir-ndjson, fhir-bundles"):
         evaluate_model(lake, model.model_id, model.version, str(mixed))
+
+
+def test_a_shifted_input_is_flagged_and_a_stable_one_is_not(lake):
+    """PSI over the training snapshot's deciles: the same distribution reads stable, ages ten
+    years older and a flag turned on for most patients read shifted, a missing value is a bin of
+    its own; the figures go to gold.model_drift, one row per input and date."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ehrlake.scoring import drift
+
+    rng = np.random.default_rng(11)
+    schema = "age double, flag double, lab double, score double"
+
+    def population(n, age_shift, flag_share, lab_missing, seed):
+        r = np.random.default_rng(seed)
+        return lake.spark.createDataFrame(
+            [
+                (
+                    float(r.normal(50 + age_shift, 12)),
+                    float(r.random() < flag_share),
+                    None if r.random() < lab_missing else float(r.normal(7, 1)),
+                    float(r.random()),
+                )
+                for _ in range(n)
+            ],
+            schema,
+        )
+
+    then = population(3000, 0, 0.2, 0.1, int(rng.integers(1 << 30)))
+    same = population(2000, 0, 0.2, 0.1, int(rng.integers(1 << 30)))
+    moved = population(2000, 10, 0.7, 0.6, int(rng.integers(1 << 30)))
+    figures, n_then, n_now = drift.compare(then, same, ["age", "flag", "lab", "score"])
+    assert (n_then, n_now) == (3000, 2000) and max(figures.values()) < drift.MODERATE
+    figures, _, _ = drift.compare(then, moved, ["age", "flag", "lab", "score"])
+    assert min(figures["age"], figures["flag"], figures["lab"]) > drift.SHIFTED and figures["score"] < 0.1
+
+    mv = SimpleNamespace(model_id="t.logreg", version=1, features=["age", "flag", "lab"])
+    as_of = dt.date(2024, 1, 1)
+    for _ in range(2):  # a rerun of the date replaces its rows
+        shifted = drift.record(lake, "t", as_of, mv, then, moved, {"ehrlakeJob": "test"})
+    assert shifted == ["age", "flag", "lab"]
+    rows = {r.input: r.status for r in lake.read(drift.TABLE).collect()}
+    assert rows == {"score": "stable", "age": "shifted", "flag": "shifted", "lab": "shifted"}
+    from ehrlake.eda import report  # the report's section: the latest date per model
+
+    drift.record(lake, "t", dt.date(2023, 1, 1), mv, then, same, {"ehrlakeJob": "test"})
+    section = report.drift_section(lake)
+    assert "t.logreg v1" in section and "2024-01-01" in section and "age, flag, lab" in section
+    assert "2023-01-01" not in section

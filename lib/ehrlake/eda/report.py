@@ -254,6 +254,52 @@ def notes_section(lake) -> str:
     return "".join(parts)
 
 
+def drift_section(lake) -> str:
+    """Per task and model, the latest scored date's drift against the training snapshot: the
+    score's PSI and the inputs past each threshold (``gold.model_drift``, docs/features.md)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from ehrlake.scoring import drift
+
+    head = "<h2>Model drift</h2>"
+    if not lake.exists(drift.TABLE):
+        return head + (
+            "<p>No scoring run has measured drift in this lake yet: each full <code>ehrlake score</code> "
+            "run compares the scored population with the model's training snapshot.</p>"
+        )
+    model = ["task", "model_id", "model_version"]
+    latest = F.max("as_of").over(Window.partitionBy(*model))
+    rows = (
+        lake.read(drift.TABLE)
+        .withColumn("_latest", latest)
+        .where(F.col("as_of") == F.col("_latest"))
+        .groupBy(*model, "as_of")
+        .agg(
+            F.max(F.when(F.col("input") == drift.SCORE, F.col("psi"))).alias("score_psi"),
+            F.count(F.when(F.col("input") != drift.SCORE, 1)).alias("inputs"),
+            F.sort_array(F.collect_list(F.when(F.col("status") == "moderate", F.col("input")))).alias(
+                "moderate"
+            ),
+            F.sort_array(F.collect_list(F.when(F.col("status") == "shifted", F.col("input")))).alias(
+                "shifted"
+            ),
+        )
+        .orderBy(*model)
+        .toPandas()  # one row per task and model version
+    )
+    rows["model"] = rows["model_id"] + " v" + rows["model_version"].astype(str)
+    for column in ("moderate", "shifted"):
+        rows[column] = rows[column].map(lambda names: ", ".join(names) or "none")
+    rows["score_psi"] = rows["score_psi"].round(3)
+    table = rows[["task", "model", "as_of", "score_psi", "inputs", "moderate", "shifted"]]
+    return head + (
+        f"<p>Population stability index against each model's training snapshot, latest scored date "
+        f"(moderate above {drift.MODERATE}, shifted above {drift.SHIFTED}: a population the model "
+        "was not built for)</p>" + table.to_html(index=False, border=0)
+    )
+
+
 def render(lake, title: str = "ehrlake population health report") -> str:
     """The report as one HTML string (see module docstring)."""
     sections = []
@@ -277,6 +323,7 @@ def render(lake, title: str = "ehrlake population health report") -> str:
     from ehrlake.models import report as models_report
 
     sections.append(models_report.section(lake, _png))
+    sections.append(drift_section(lake))
     sections.append(hierarchy_section(lake))
     sections.append(notes_section(lake))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

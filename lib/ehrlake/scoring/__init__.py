@@ -8,6 +8,10 @@ and version. ``gold.risk_scores`` is updated by merge on (patient_key, task, as_
 same date again replaces those rows (a patient no longer eligible loses theirs), never duplicates
 them; a score that came out the same keeps the ``scored_at`` of when it was first computed.
 
+A full scoring run with a Spark ML model also measures drift (:mod:`ehrlake.scoring.drift`): the
+population stability index of each input and of the score against the model's training snapshot,
+into ``gold.model_drift``; the run says which moved past 0.25.
+
 ``incremental``: a nightly re-scoring of the same date needs only the patients whose silver rows
 changed since the last scoring with the same model (the Delta log since its watermark,
 :mod:`ehrlake.lake.increments`): a patient's features as of a date depend on their own rows alone.
@@ -26,6 +30,7 @@ from ehrlake.features import definitions
 from ehrlake.lake import increments, watermarks
 from ehrlake.models import algorithms, evaluate, explain, registry
 from ehrlake.models.train import score_column
+from ehrlake.scoring import drift
 
 TABLE = "gold.risk_scores"
 KEYS = ["patient_key", "task", "as_of"]
@@ -41,6 +46,7 @@ class ScoringRun:
     bands: dict
     seconds: float
     how: str = "scored all"  # or what an incremental run merged
+    drift: str = ""  # what the drift measurement found, or why there is none
 
     def format(self) -> str:
         spread = ", ".join(f"{k} {v:,}" for k, v in sorted(self.bands.items()))
@@ -48,6 +54,7 @@ class ScoringRun:
             f"scored {self.scored:,} patients for {self.task} as of {self.as_of} with {self.model} "
             f"in {self.seconds:.1f} s ({self.scored / max(self.seconds, 1e-9):,.0f} patients/s) -> {TABLE}"
             f"\n  risk bands: {spread or 'none'}; {self.how}"
+            + (f"\n  drift: {self.drift}" if self.drift else "")
         )
 
 
@@ -115,6 +122,12 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
             "score", score_column(mv.params.get("pos_weight", 1.0))
         )
         reasons = explain.reasons(mv.algorithm, model, scored, mv.features, feats.descriptions(t), importance)
+    if patients is not None:
+        drift_of = "measured by full scorings only (gold.model_drift keeps the last)"
+    elif mv.algorithm in (algorithms.SEQUENCE_TRANSFORMER, "ann"):
+        drift_of = f"not measured for {mv.algorithm} models"
+    else:
+        drift_of = None  # measured below, in the job
     scored_at = started.replace(tzinfo=None)
     out = scored.select(
         "patient_key",
@@ -135,6 +148,15 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         found = increments.replace_patients(
             lake, out, TABLE, KEYS, patients, commit, where=slice_, ignore=("scored_at",)
         )
+        if drift_of is None:  # the training snapshot, scored by the same model, against today's
+            then = model.transform(feats.training_frame(lake, t, mv.training_data))
+            then = then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
+            shifted = drift.record(lake, task_name, as_of, mv, then, scored, commit)
+            drift_of = (
+                f"PSI of the score and {len(mv.features)} inputs against the training snapshot -> "
+                f"{drift.TABLE}: "
+                + (f"shifted (> {drift.SHIFTED}): {', '.join(shifted)}" if shifted else "none shifted")
+            )
         watermarks.record(lake, [watermarks.Watermark(job, TABLE, sources, fp, run_id)], commit)
         counts = (
             lake.read(TABLE).where(slice_).groupBy("risk_band").count().collect()  # one row per band
@@ -144,4 +166,4 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         audit.append((TABLE, f"{task_name} as of {as_of}: {total} patients scored with {mv.label}"))
     seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
     how = increments.describe(found) + (" (changed patients only)" if patients is not None else "")
-    return ScoringRun(task_name, as_of, mv.label, total, bands, seconds, how)
+    return ScoringRun(task_name, as_of, mv.label, total, bands, seconds, how, drift_of)
