@@ -246,7 +246,10 @@ def notes_section(lake) -> str:
         frame = lake.read(table).toPandas()
         hidden = _hidden(frame)
         shown = frame[frame["suppressed"].isna()].drop(columns=["suppressed"])
-        shown = shown.sort_values("patients", ascending=False, kind="stable").astype({"patients": int})
+        counts = [c for c in ("patients", "notes", "without_text", "mentions") if c in shown.columns]
+        shown = shown.sort_values("patients", ascending=False, kind="stable").astype(
+            dict.fromkeys(counts, int)
+        )
         parts.append(
             f"<p>{html.escape(caption)} ({hidden} rows of fewer than k patients hidden)</p>"
             + shown.to_html(index=False, border=0)
