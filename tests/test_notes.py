@@ -124,6 +124,10 @@ def test_a_real_synthea_note_keeps_none_of_its_patients_identifiers():
         ("She lives in Lucknow, moved from Pune.", "She lives in [LOCATION], moved from [LOCATION]."),
         ("Lives with Her husband. Mother had Diabetes.", "Lives with Her husband. Mother had Diabetes."),
         ("Family history: father\nHypertension.", "Family history: father\nHypertension."),
+        (
+            "Started a drug called Lisinopril, named Zestril.",
+            "Started a drug called Lisinopril, named Zestril.",
+        ),
     ],
 )
 def test_patterns_replace_only_what_identifies(text, expected):

@@ -211,7 +211,7 @@ IN_CONTEXT: tuple[tuple[str, re.Pattern], ...] = (
         "NAME",
         re.compile(
             r"\b(?i:seen by|examined by|referred by|signed by|dictated by|accompanied by|lives with|"
-            r"living with|named|called|contact person|emergency contact|next of kin),?:?[ \t]+"
+            r"living with|contact person|emergency contact|next of kin),?:?[ \t]+"
             rf"(?P<v>{_CAPITALISED})"
         ),
     ),
