@@ -124,7 +124,7 @@ def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
         # a record without text keeps its header: the copy's (a declared table's), else the
         # record's typed columns (a FHIR table's)
         if "encounter_ids" in df.columns:
-            encounter = F.col("encounter_ids")[0]
+            encounter = F.get("encounter_ids", 0)  # null where the record names none
         else:
             encounter = _header(df, "encounter_id")
         typed = {
