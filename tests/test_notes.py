@@ -307,11 +307,15 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
 
     notes = {r.note_id: r for r in lake.read("silver.note").collect()}
     assert (
-        notes["d3"].text_deid is None and notes["d3"].no_text == "attachment is application/pdf: no text read"
+        notes["DocumentReference/d3"].text_deid is None
+        and notes["DocumentReference/d3"].no_text == "attachment is application/pdf: no text read"
     )
-    assert (notes["d3"].note_type, notes["d3"].encounter_id) == ("History and physical note", "e1")
+    assert (notes["DocumentReference/d3"].note_type, notes["DocumentReference/d3"].encounter_id) == (
+        "History and physical note",
+        "e1",
+    )
     moved = {}
-    for nid, written in (("d1", "2019-08-14"), ("d2", "2019-09-01")):
+    for nid, written in (("DocumentReference/d1", "2019-08-14"), ("DocumentReference/d2", "2019-09-01")):
         r = notes[nid]
         assert r.note_type == "History and physical note" and r.encounter_id == "e1"
         assert r.author_role == "Practitioner" and r.no_text is None
@@ -323,16 +327,18 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
         assert [s.title for s in r.sections] == ["Chief Complaint", "History of Present Illness"]
         history = r.sections[1]
         assert r.text_deid[history.start : history.end].lstrip().startswith("# History")
-    assert (moved["d2"] - moved["d1"]).days == 18  # one offset per patient: intervals read true
-    assert moved["d1"] != dt.date(2019, 8, 14)
+    assert (
+        moved["DocumentReference/d2"] - moved["DocumentReference/d1"]
+    ).days == 18  # one offset per patient: intervals read true
+    assert moved["DocumentReference/d1"] != dt.date(2019, 8, 14)
 
     mentions = lake.read("silver.note_concept").collect()
     for m in mentions:
         words = notes[m.note_id].text_deid[m.start : m.end].lower()
         assert words in m.display.lower() and m.section == "History of Present Illness"
     assert {(m.note_id, m.code, m.negated) for m in mentions} == {
-        (n, "44054006", False) for n in ("d1", "d2")
-    } | {(n, "59621000", True) for n in ("d1", "d2")}
+        (f"DocumentReference/{n}", "44054006", False) for n in ("d1", "d2")
+    } | {(f"DocumentReference/{n}", "59621000", True) for n in ("d1", "d2")}
 
     # analysts see volumes and concepts, suppressed: one patient is below every k
     from ehrlake.eda import aggregates
@@ -359,7 +365,7 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     from ehrlake.features import definitions, pointintime
 
     defs = dataclasses.replace(definitions.load(), note_features=True)
-    key = notes["d1"].patient_key
+    key = notes["DocumentReference/d1"].patient_key
     index = lake.spark.createDataFrame(
         [(key, when, dt.datetime.fromisoformat(when)) for when in ("2019-08-01", "2019-08-20", "2019-09-05")],
         "patient_key string, index_id string, index_time timestamp",
@@ -379,6 +385,25 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     clean.run(lake)
     assert sorted((r.note_id, r.text_deid) for r in lake.read("silver.note").collect()) == before
     assert lake.read("silver.note_concept").count() == 4
+
+    # a document's Composition may share its id with a DocumentReference (ABDM's bundles do): two notes
+    composition = {
+        "resourceType": "Composition",
+        "id": "d1",
+        "status": "final",
+        "type": {"text": "Clinical consultation note"},
+        "subject": {"reference": "Patient/p1"},
+        "date": "2019-09-03T10:00:00Z",
+        "title": "Consultation",
+        "text": {"status": "generated", "div": "<div>Follow-up in two weeks.</div>"},
+    }
+    (tmp_path / "in2").mkdir()
+    (tmp_path / "in2" / "more.ndjson").write_text(json.dumps(composition) + "\n")
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in2"))
+    assert clean.run(lake).rows["note"] == 4
+    ids = {r.note_id: r.note_type for r in lake.read("silver.note").collect()}
+    assert ids["Composition/d1"] == "Clinical consultation note"
+    assert ids["DocumentReference/d1"] == "History and physical note"
 
 
 WARD_NOTES = """extract: ward_notes

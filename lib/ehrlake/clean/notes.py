@@ -37,7 +37,9 @@ from ehrlake.security.columns import KeyRef
 from ehrlake.security.protection import Sealing, TableProtection
 
 NOTE, CONCEPT = "silver.note", "silver.note_concept"
-SOURCES = ("bronze.fhir_document_reference", "bronze.fhir_composition")
+# FHIR's note tables and the resource type of their records: a note id names the type, since a
+# document bundle may give a Composition and a DocumentReference the same id (ABDM's do)
+SOURCES = {"bronze.fhir_document_reference": "DocumentReference", "bronze.fhir_composition": "Composition"}
 PATIENTS = "bronze.fhir_patient"
 # silver tables whose codes are looked for in notes, and the kind a mention of one has
 CODED = {
@@ -112,8 +114,11 @@ def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
             continue
         read.append(table)
         copy = F.from_json(copies.NOTE_TEXT, _COPY)
-        # a FHIR record's key (document-scoped where ingest made it so) names its notes
-        record = F.col("id") if table in SOURCES else F.lit(None).cast("string")
+        # a FHIR record's type and key (document-scoped where ingest made it so) name its notes
+        if table in SOURCES:
+            record = F.concat(F.lit(SOURCES[table] + "/"), F.col("id"))
+        else:
+            record = F.lit(None).cast("string")
         base = ["source_system", "patient_key", record.alias("_record"), F.lit(table).alias("source_table")]
         names = ["source_system", "patient_key", "_record", "source_table"]
         found = df.select(*base, F.explode(copy["notes"]).alias("n")).select(
