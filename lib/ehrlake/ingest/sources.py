@@ -184,7 +184,7 @@ def _stream(
                 files.append(path), indexes.append(index), texts.append(text), bad.append(was_bad)
                 errors.append(error)
 
-            number, open_lines, first = 0, [], 0
+            number, open_lines, first, quotes = 0, [], 0, 0
             try:
                 with _open(path) as handle:
                     if whole_file:
@@ -194,14 +194,14 @@ def _stream(
                             line = line.rstrip(b"\r\n")
                             if open_lines:  # inside a quoted field: blank lines are its text
                                 open_lines.append(line)
-                                closed = sum(part.count(b'"') for part in open_lines) % 2 == 0
-                                if closed or len(open_lines) >= MAX_RECORD_LINES:
+                                quotes += line.count(b'"')  # running parity: each line counted once
+                                if quotes % 2 == 0 or len(open_lines) >= MAX_RECORD_LINES:
                                     add(first, *_decode(b"\n".join(open_lines)))
                                     open_lines = []
                             elif not line.strip():
                                 continue  # blank lines are not records
                             elif quoted and line.count(b'"') % 2:
-                                open_lines, first = [line], number
+                                open_lines, first, quotes = [line], number, 1
                                 continue
                             else:
                                 add(number, *_decode(line))
