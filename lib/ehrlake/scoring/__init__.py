@@ -127,7 +127,8 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
     elif mv.algorithm in (algorithms.SEQUENCE_TRANSFORMER, "ann"):
         drift_of = f"not measured for {mv.algorithm} models"
     else:
-        drift_of = None  # measured below, in the job
+        drift_of = None  # measured below, in the job, from the same features: computed once
+        scored = scored.persist()
     scored_at = started.replace(tzinfo=None)
     out = scored.select(
         "patient_key",
@@ -142,28 +143,31 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
     )
     run_id = started.strftime("%Y%m%dT%H%M%S")
     commit = {"ehrlakeJob": "score", "ehrlakeRunId": run_id}
-    with lake.security.job("score", ["gold"], role, run_id) as (_, audit):
-        lake.create(TABLE, out.schema)
-        slice_ = (F.col("task") == task_name) & (F.col("as_of") == F.lit(as_of))
-        found = increments.replace_patients(
-            lake, out, TABLE, KEYS, patients, commit, where=slice_, ignore=("scored_at",)
-        )
-        if drift_of is None:  # the training snapshot, scored by the same model, against today's
-            then = model.transform(feats.training_frame(lake, t, mv.training_data))
-            then = then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
-            shifted = drift.record(lake, task_name, as_of, mv, then, scored, commit)
-            drift_of = (
-                f"PSI of the score and {len(mv.features)} inputs against the training snapshot -> "
-                f"{drift.TABLE}: "
-                + (f"shifted (> {drift.SHIFTED}): {', '.join(shifted)}" if shifted else "none shifted")
+    try:
+        with lake.security.job("score", ["gold"], role, run_id) as (_, audit):
+            lake.create(TABLE, out.schema)
+            slice_ = (F.col("task") == task_name) & (F.col("as_of") == F.lit(as_of))
+            found = increments.replace_patients(
+                lake, out, TABLE, KEYS, patients, commit, where=slice_, ignore=("scored_at",)
             )
-        watermarks.record(lake, [watermarks.Watermark(job, TABLE, sources, fp, run_id)], commit)
-        counts = (
-            lake.read(TABLE).where(slice_).groupBy("risk_band").count().collect()  # one row per band
-        )
-        bands = {r.risk_band or "none": int(r["count"]) for r in counts}
-        total = sum(bands.values())
-        audit.append((TABLE, f"{task_name} as of {as_of}: {total} patients scored with {mv.label}"))
+            if drift_of is None:  # the training snapshot, scored by the same model, against today's
+                then = model.transform(feats.training_frame(lake, t, mv.training_data))
+                then = then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
+                shifted = drift.record(lake, task_name, as_of, mv, then, scored, commit)
+                drift_of = (
+                    f"PSI of the score and {len(mv.features)} inputs against the training snapshot -> "
+                    f"{drift.TABLE}: "
+                    + (f"shifted (> {drift.SHIFTED}): {', '.join(shifted)}" if shifted else "none shifted")
+                )
+            watermarks.record(lake, [watermarks.Watermark(job, TABLE, sources, fp, run_id)], commit)
+            counts = (
+                lake.read(TABLE).where(slice_).groupBy("risk_band").count().collect()  # one row per band
+            )
+            bands = {r.risk_band or "none": int(r["count"]) for r in counts}
+            total = sum(bands.values())
+            audit.append((TABLE, f"{task_name} as of {as_of}: {total} patients scored with {mv.label}"))
+    finally:
+        scored.unpersist()  # a no-op where it was not persisted
     seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
     how = increments.describe(found) + (" (changed patients only)" if patients is not None else "")
     return ScoringRun(task_name, as_of, mv.label, total, bands, seconds, how, drift_of)
