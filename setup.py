@@ -30,7 +30,9 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # nbclient + ipykernel execute the notebooks headless in the tests
-    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "ruff==0.17.6", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+    # fhir.resources validates every exported resource against the R4(B) models
+    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "ruff==0.17.6", "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+             "fhir.resources==8.3.0"],
     # TensorFlow installs beside the base pins (checked with pip --dry-run), enough for the Arrow-native
     # dataset backend. Petastorm 0.13.1 needs pyarrow < 15 and Horovod a patched build, which conflict
     # with pyspark 4.2's pyarrow >= 18, so those get their own runtime (issue 8), not an extra here.

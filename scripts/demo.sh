@@ -67,7 +67,8 @@ the model registry and evaluation tables (docs/features.md), a care programme's 
 hierarchy and each patient's area for improvement (docs/hierarchy.md), image findings of the CNN
 (docs/deep_learning.md), explained decisions (gold.decision_support, docs/self_supervised.md);
 the HTML report
-is $lake/report.html and the analyst notebook notebooks/analyst.ipynb;
+is $lake/report.html, the results as FHIR R4 resources (RiskAssessment, Observation, MeasureReport)
+are in gen/fhir_export and the analyst notebook notebooks/analyst.ipynb;
 audit.events = who read or wrote what, hash-chained).
 Look at them with:
   .venv/bin/ehrlake lake show --json --lake $lake

@@ -5,6 +5,7 @@ schedule's own script runs it."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,93 @@ def test_scores_every_eligible_patient_once_with_reasons_and_version(scored_lake
     again = scoring.score(lake, TASK, AS_OF, role="scheduler")
     assert again.scored == eligible and lake.read("gold.risk_scores").count() == eligible
     assert lake.read(drift.TABLE).count() == len(measured)
+
+
+def test_results_export_as_valid_fhir_and_come_back_in_through_ingest(scored_lake, tmp_path, security_conf):
+    """Every score a RiskAssessment (probability, band, the stored reasons, the model), every
+    published aggregate table and year a MeasureReport whose suppressed counts are masked, never
+    shown; each valid FHIR R4 (fhir.resources); the export, ingested as FHIR NDJSON, lands every
+    resource; exporting again gives the same files."""
+    from collections import Counter
+
+    from fhir.resources.R4B import get_fhir_model_class
+    from pydantic import ValidationError
+
+    from ehrlake import config, fhir_export, scoring
+    from ehrlake.eda import aggregates
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+
+    lake, model = scored_lake
+    if not lake.exists("gold.risk_scores"):  # this file's earlier test scores; alone, score here
+        registry.promote(lake, model.model_id, model.version)
+        scoring.score(lake, TASK, AS_OF)
+    aggregates.run(lake)
+    out = tmp_path / "fhir"
+    done = fhir_export.run(lake, str(out), role="analyst")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["output"] == done.files and {f["type"] for f in done.files} == {
+        "RiskAssessment",
+        "MeasureReport",
+    }
+    resources = []
+    for entry in manifest["output"]:
+        lines = (out / entry["url"]).read_text().splitlines()
+        assert len(lines) == entry["count"]
+        for line in lines:
+            get_fhir_model_class(entry["type"]).model_validate_json(line)  # raises on an invalid resource
+            resources.append(json.loads(line))
+    risks = [r for r in resources if r["resourceType"] == "RiskAssessment"]
+    # not a check that cannot fail: the same validator refuses a risk assessment without its status
+    with pytest.raises(ValidationError):
+        get_fhir_model_class("RiskAssessment").model_validate(
+            {k: v for k, v in risks[0].items() if k != "status"}
+        )
+
+    scores = {r.patient_key: r for r in lake.read("gold.risk_scores").collect()}
+    assert len(risks) == len(scores) and len({r["id"] for r in risks}) == len(risks)
+    for r in risks:
+        s = scores[r["subject"]["reference"].removeprefix("Patient/")]
+        prediction = r["prediction"][0]
+        assert prediction["probabilityDecimal"] == pytest.approx(s.score, abs=1e-6)
+        band = {"high": "high", "medium": "moderate", "low": "low"}[s.risk_band]
+        assert prediction["qualitativeRisk"]["coding"][0]["code"] == band
+        assert [b["display"] for b in r.get("basis", [])] == list(s.top_reasons or [])
+        assert (
+            r["method"]["coding"][0]["code"] == model.model_id
+            and r["occurrenceDateTime"] == AS_OF.isoformat()
+        )
+
+    published = lake.read("gold.eda_demographics").collect()
+    report = next(r for r in resources if r.get("measure") == fhir_export.MEASURE_BASE + "eda_demographics")
+    strata = report["group"][0]["stratifier"][0]["stratum"]
+    assert report["group"][0]["code"]["text"] == "persons" and len(strata) == len(published)
+    masked = [s for s in strata if "count" not in s["population"][0]]
+    assert len(masked) == sum(r.persons is None for r in published) > 0
+    assert all(s["population"][0]["extension"][0]["valueCode"] == "masked" for s in masked)
+    shown = sorted(s["population"][0]["count"] for s in strata if s not in masked)
+    assert shown == sorted(r.persons for r in published if r.persons is not None)
+
+    before = {f["url"]: (out / f["url"]).read_bytes() for f in done.files}
+    again = fhir_export.run(lake, str(out), role="analyst")
+    assert {f["url"]: (out / f["url"]).read_bytes() for f in again.files} == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not an export")
+    with pytest.raises(EhrlakeError, match="holds no earlier export"):
+        fhir_export.run(lake, str(tmp_path / "mine"))
+
+    root = str(tmp_path / "back")
+    back = Lake(root, lake.spark, security=Security.from_config(config.load(security_conf).security, root))
+    landed = ingest.run(back, SourceKind.FHIR_NDJSON, str(out))
+    expected = Counter()
+    for f in done.files:
+        expected[f["type"]] += f["count"]
+    # no bronze view for either type: both land whole in bronze.fhir_other, none quarantined
+    assert {e: (c.inserted, c.quarantined) for e, c in landed.entities.items()} == {
+        "bronze.fhir_other": (sum(expected.values()), 0)
+    }
+    kept = back.read("bronze.fhir_other").groupBy("resource_type").count().collect()
+    assert {r.resource_type: r["count"] for r in kept} == dict(expected)
 
 
 def test_the_scheduled_script_scores_with_spark_submit(scored_lake):

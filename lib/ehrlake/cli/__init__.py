@@ -2,7 +2,7 @@
 
 Every command: ``--help``; exit 0 on success; on failure one clear line on stderr and exit 1
 (2 for bad arguments, as argparse does). Each command lives in a module of this package beside its
-arguments (``stages``, ``access``, ``keys``, ``modelling``, ``views``, ``pipeline``) and calls the
+arguments (``stages``, ``access``, ``keys``, ``modelling``, ``views``, ``export``, ``pipeline``) and calls the
 library; this module builds the parser from them and runs the chosen command.
 """
 
@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from ehrlake.cli import access, common, keys, modelling, pipeline, stages, views
+from ehrlake.cli import access, common, export, keys, modelling, pipeline, stages, views
 from ehrlake.errors import EhrlakeError
 
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true", help="show Spark's own log and full stack traces on errors"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (stages, access, keys, modelling, views):
+    for module in (stages, access, keys, modelling, views, export):
         module.register(sub)
     pipeline.register(sub, build_parser, dispatch)
     return parser
