@@ -12,7 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "data" / "sample"
-ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "auditor")
+ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "reviewer", "auditor")
 # Spark compiles generated code for every plan; on the suite's tiny tables compiling costs more than
 # it saves (two modules: 355 s with it, 281 s without, 2 cores). The suite runs Spark's interpreted
 # expressions, in process and in every CLI or spark-submit it starts ($EHRLAKE_CONF below); the demo
@@ -146,3 +146,11 @@ def isolated_lake(spark, tmp_path):
     init_keys(security)
     root = str(tmp_path / "lake")
     return Lake(root, spark, security=Security.from_config(security, root))
+
+
+def production(lake, model) -> None:
+    """The governed way to production: a reviewer approves ``model``, an engineer promotes it."""
+    from ehrlake.models import governance
+
+    governance.decide(lake, model.model_id, model.version, "reviewer", "approved for the tests")
+    governance.promote(lake, model.model_id, model.version, role="engineer")

@@ -11,6 +11,7 @@ import pytest
 from conftest import SAMPLE
 
 from ehrlake import features, ingest
+from ehrlake.errors import EhrlakeError
 from ehrlake.ingest import SourceKind
 from ehrlake.models import evaluate_model, registry, train
 from ehrlake.models.train import split
@@ -68,7 +69,8 @@ def test_split_keeps_each_patient_on_one_side(trained):
 
 def test_same_seed_reproduces_the_same_metrics_and_promotion_picks_the_best(trained):
     """Through ``ehrlake train``'s entry (``training.train_task``): the same seed gives the same
-    model again, and ``promote`` makes the best held-out AUROC the task's production model."""
+    model again, and ``promote`` nominates the best held-out AUROC for production (a reviewer's
+    approval makes it production: the next test)."""
     from ehrlake.models import registry
     from ehrlake.training import train_task
 
@@ -78,7 +80,50 @@ def test_same_seed_reproduces_the_same_metrics_and_promotion_picks_the_best(trai
     assert again.version == models[0].version + 1
     assert again.metrics["auroc"]["value"] == models[0].metrics["auroc"]["value"]
     assert again.metrics["brier"]["value"] == models[0].metrics["brier"]["value"]
-    assert registry.production(lake, TASK).model_id == result.promoted.model_id == again.model_id
+    assert (result.promoted.model_id, result.promoted.status) == (again.model_id, registry.NOMINATED)
+    with pytest.raises(EhrlakeError, match="no production model"):
+        registry.production(lake, TASK)
+
+
+def test_production_needs_a_reviewers_approval_and_the_card_shows_it(trained, tmp_path):
+    """Promotion without an approval is refused; an analyst, and the role that trained the model,
+    may not approve (both audited); a reviewer's approval of the nominee makes it production; a
+    later rejection withdraws the approval; the card shows metrics, ranges and the decisions."""
+    from ehrlake.errors import AccessDenied
+    from ehrlake.models import card, governance, registry
+
+    lake, _, _ = trained
+    mv = registry.get(lake, f"{TASK}.xgboost")  # the latest: nominated by the previous test, or here
+    if mv.status != registry.NOMINATED:
+        mv = registry.nominate(lake, mv.model_id, mv.version)
+    assert mv.params["trained_by"] == "engineer" and set(mv.params["accepts"]) <= set(mv.features)
+    with pytest.raises(EhrlakeError, match="has no approval"):
+        governance.promote(lake, mv.model_id, mv.version, role="engineer")
+    with pytest.raises(AccessDenied, match="may not approve models"):
+        governance.decide(lake, mv.model_id, mv.version, "analyst", "looks fine to me")
+    with pytest.raises(AccessDenied, match="trained as engineer"):
+        governance.decide(lake, mv.model_id, mv.version, "engineer", "my own model")
+    with pytest.raises(EhrlakeError, match="states why"):
+        governance.decide(lake, mv.model_id, mv.version, "reviewer", "  ")
+    denied = lake.read("audit.events").where("action = 'models.approve' AND outcome = 'denied'").collect()
+    assert {r.role for r in denied} >= {"analyst", "engineer"}
+
+    note = "subgroups and calibration checked"
+    assert governance.decide(lake, mv.model_id, mv.version, "reviewer", note).status == "production"
+    assert registry.production(lake, TASK).version == mv.version
+    assert governance.approval(lake, mv.model_id, mv.version).role == "reviewer"
+    written, page = card.write(lake, mv.model_id, mv.version, str(tmp_path))
+    text = open(written).read()
+    auroc = mv.metrics["auroc"]
+    assert f"{auroc['value']:.3f} ({auroc['ci_low']:.3f}-{auroc['ci_high']:.3f})" in text
+    assert "## Subgroups (AUROC)" in text and "| sex = " in text and "## Calibration" in text
+    assert "Accepted ranges" in text and note in text and "| approved | reviewer |" in text
+    assert "<table>" in open(page).read()
+
+    governance.decide(lake, mv.model_id, mv.version, "reviewer", "withdrawn: drift", approve=False)
+    assert governance.approval(lake, mv.model_id, mv.version) is None
+    with pytest.raises(EhrlakeError, match="has no approval"):
+        governance.promote(lake, mv.model_id, mv.version, role="engineer")
 
 
 def test_evaluation_tables_hold_subgroups_calibration_errors_and_importance(trained):

@@ -55,6 +55,7 @@ def train_task(
     role: str | None = None,
     deep: DeepLearningOptions | None = None,
     promote: bool = False,
+    with_feedback: bool = False,
 ) -> Trained:
     """Train ``task`` with ``algorithms`` (ignored for image tasks: a CNN); see the module docstring."""
     from ehrlake.dl import runtime
@@ -80,8 +81,9 @@ def train_task(
         spark_ml = tuple(a for a in algorithms if a not in DEEP_TABULAR)
         if spark_ml:
             result.models += train_spark_ml(
-                lake, task, spark_ml, grid=grid, folds=folds, seed=seed, num_workers=workers, role=role
-            )
+                lake, task, spark_ml, grid=grid, folds=folds, seed=seed, num_workers=workers, role=role,
+                with_feedback=with_feedback,
+            )  # fmt: skip
         if "ann" in algorithms:
             from ehrlake.dl.train import train_tabular_ann
 
@@ -112,10 +114,9 @@ def train_task(
     # population scoring builds sequences per patient as of a date: not per stay
     per_row = task not in feats.TASKS or feats.task(task).level != "patient"
     scorable = [mv for mv in result.models if not (per_row and mv.algorithm == SEQUENCE_TRANSFORMER)]
-    if promote and scorable:  # the production model is the one scheduled scoring runs
+    if promote and scorable:  # put forward: a reviewer's approval makes it production (governance)
         best = max(scorable, key=lambda mv: mv.metrics["auroc"]["value"] or 0)
-        registry.promote(lake, best.model_id, best.version)
-        result.promoted = best
+        result.promoted = registry.nominate(lake, best.model_id, best.version)
     return result
 
 

@@ -5,7 +5,8 @@ records the parameters, the feature list, the Delta version of every table it wa
 any model traces to the exact data: ``lake.read(table, version=...)``), test metrics with their
 confidence intervals, the risk-band thresholds, and where the fitted pipeline is saved
 (``<lake>/models/<model_id>/v<version>``, Spark ML format). Status: ``candidate`` when trained,
-``production`` once promoted (one per task: promoting demotes the previous one to ``retired``).
+``nominated`` when a training run put it forward, ``production`` once a reviewer approved it
+(:mod:`ehrlake.models.governance`; one per task: the previous one becomes ``retired``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pyspark.sql import types as T
 from ehrlake.errors import EhrlakeError
 
 TABLE = "gold.model_registry"
-STATUSES = ("candidate", "production", "retired")
+CANDIDATE, NOMINATED, PRODUCTION, RETIRED = "candidate", "nominated", "production", "retired"
+STATUSES = (CANDIDATE, NOMINATED, PRODUCTION, RETIRED)
 SCHEMA = T.StructType(
     [
         T.StructField("model_id", T.StringType(), False),
@@ -159,24 +161,41 @@ def production(lake, task: str) -> ModelVersion:
     rows = [m for m in versions(lake, task) if m.status == "production"]
     if not rows:
         raise EhrlakeError(
-            f"no production model for task {task}: promote one with "
-            "ehrlake models promote --model ID --version N (ehrlake models list shows candidates)"
+            f"no production model for task {task}: a reviewer approves one (ehrlake models approve "
+            "--model ID --version N --note '...' --role reviewer), then ehrlake models promote; "
+            "ehrlake models list shows candidates"
         )
     return rows[-1]
 
 
-def promote(lake, model_id: str, version: int) -> ModelVersion:
-    """Make this version the task's production model; the previous one becomes ``retired``."""
+def set_production(lake, model_id: str, version: int) -> ModelVersion:
+    """Make this version the task's production model, the previous one ``retired``. No check:
+    :func:`ehrlake.models.governance.promote` is the way in, after an approval."""
     chosen = get(lake, model_id, version)
+    _update(lake, chosen, PRODUCTION, {PRODUCTION: RETIRED})
+    return get(lake, model_id, version)
+
+
+def nominate(lake, model_id: str, version: int) -> ModelVersion:
+    """Put this version forward for production (a reviewer's approval promotes it); an earlier
+    nominee of the task goes back to ``candidate``."""
+    chosen = get(lake, model_id, version)
+    _update(lake, chosen, NOMINATED, {NOMINATED: CANDIDATE})
+    return get(lake, model_id, version)
+
+
+def _update(lake, chosen: ModelVersion, status: str, others: dict[str, str]) -> None:
+    """Give ``chosen`` ``status`` and move the task's other versions by ``others`` (old -> new
+    status), in one merge."""
     changed = []
     for m in versions(lake, chosen.task):
-        status = m.status
-        if (m.model_id, m.version) == (chosen.model_id, chosen.version):
-            status = "production"
-        elif m.status == "production":
-            status = "retired"
-        if status != m.status:
-            changed.append((m.model_id, m.version, status))
+        new = (
+            status
+            if (m.model_id, m.version) == (chosen.model_id, chosen.version)
+            else others.get(m.status, m.status)
+        )
+        if new != m.status:
+            changed.append((m.model_id, m.version, new))
     if changed:
         updates = lake.spark.createDataFrame(changed, "model_id string, version int, status string")
         current = _table(lake).drop("status").join(updates, ["model_id", "version"])
@@ -184,6 +203,5 @@ def promote(lake, model_id: str, version: int) -> ModelVersion:
             current.select(*SCHEMA.fieldNames()),
             TABLE,
             keys=["model_id", "version"],
-            commit_info={"ehrlakeJob": "promote"},
+            commit_info={"ehrlakeJob": f"models.{status}"},
         )
-    return get(lake, model_id, version)

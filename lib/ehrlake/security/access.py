@@ -40,6 +40,7 @@ class Role:
     sealed: str = "drop"  # what a read shows of a sealed column: nothing, or the ciphertext
     deny_columns: tuple[str, ...] = ()
     reveal: bool = False
+    approve_models: bool = False  # may approve or reject model versions for production
 
     def validate(self) -> None:
         if self.sealed not in SEALED_MODES:
@@ -139,6 +140,15 @@ class Access:
         if refused:
             self._deny(Event("write", role=role.name, job=job, detail=f"layers {refused}", run_id=run_id))
             raise AccessDenied(f"role {role.name} may not write the {', '.join(refused)} layer(s) ({job})")
+        return role
+
+    def require_approver(self, role_name: str | None, subject: str) -> Role:
+        """A role that may decide on model versions (``approve_models``), or :class:`AccessDenied`
+        (audited)."""
+        role = self.role(role_name, "models.approve")
+        if not role.approve_models:
+            self._deny(Event("models.approve", role=role.name, detail=subject))
+            raise AccessDenied(f"role {role.name} may not approve models (the policy's approve_models)")
         return role
 
     def read(self, lake, table: str, role_name: str | None, **at) -> DataFrame:
