@@ -14,11 +14,12 @@ if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secr
   echo "\$ ehrlake keys init"; "$bin/ehrlake" keys init
 fi
 # Roles are bound to OS users by grants a key administrator signs (here: you, for every role).
-if [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secrets/grants/admin.pub ]; then
-  echo "\$ ehrlake grants init"; "$bin/ehrlake" grants init
-  me="$(id -un)"
-  echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role auditor"
-  "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role auditor
+me="$(id -un)"
+if [ -z "${EHRLAKE_CONF:-}" ] && { [ ! -f secrets/grants/admin.pub ] || ! grep -q reviewer "secrets/grants/$me.grant.json" 2>/dev/null; }; then
+  # (a grant made before the reviewer role existed is issued again with it)
+  [ -f secrets/grants/admin.pub ] || { echo "\$ ehrlake grants init"; "$bin/ehrlake" grants init; }
+  echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role reviewer --role auditor"
+  "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role reviewer --role auditor
 fi
 # The samples hold no Indian patients: 1,500 generated ones (copies of the sample patients, new ids and
 # dates, the four most populous states weighted by population) give the NFHS-5 comparison and state
@@ -51,6 +52,12 @@ if [ -x "$dlbin/ehrlake" ]; then
   dl score-images --model breastmnist_normal.cnn --source-system pacs
 else
   echo; echo "(deep-learning steps skipped: make dl-env builds their runtime)"
+fi
+# a clinician decides the top open case (ehrlake review decide; train --with-feedback learns from it)
+case=$("$bin/ehrlake" review list --task mortality_12m --limit 1 --json --role clinician --lake "$lake" \
+  | "$bin/python" -c 'import json, sys; line = sys.stdin.readline(); print(json.loads(line)["case_id"] if line else "")')
+if [ -n "$case" ]; then
+  run review decide --case "${case:0:12}" --accept --reason "demo: the reasons match the record" --role clinician
 fi
 run pipeline conf/pipelines/report.yaml
 

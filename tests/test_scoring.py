@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, production
 
 from ehrlake import clean, features, ingest, synth
 from ehrlake.errors import EhrlakeError
 from ehrlake.ingest import SourceKind
-from ehrlake.models import evaluate, registry, train
+from ehrlake.models import evaluate, train
 
 TASK = "mortality_12m"
 AS_OF = dt.date(2022, 1, 1)
@@ -60,7 +61,7 @@ def test_scores_every_eligible_patient_once_with_reasons_and_version(scored_lake
     from ehrlake import scoring
 
     lake, model = scored_lake
-    registry.promote(lake, model.model_id, model.version)
+    production(lake, model)
     first = scoring.score(lake, TASK, AS_OF, role="scheduler")
     eligible = features.patient_features(lake, [AS_OF]).count()
     assert first.scored == eligible > 100
@@ -109,7 +110,7 @@ def test_results_export_as_valid_fhir_and_come_back_in_through_ingest(scored_lak
 
     lake, model = scored_lake
     if not lake.exists("gold.risk_scores"):  # this file's earlier test scores; alone, score here
-        registry.promote(lake, model.model_id, model.version)
+        production(lake, model)
         scoring.score(lake, TASK, AS_OF)
     aggregates.run(lake)
     out = tmp_path / "fhir"
@@ -179,9 +180,70 @@ def test_results_export_as_valid_fhir_and_come_back_in_through_ingest(scored_lak
     assert {r.resource_type: r["count"] for r in kept} == dict(expected)
 
 
+def test_scoring_queues_cases_and_a_clinicians_override_feeds_training(scored_lake):
+    """Top-band patients and those near the high band's cut point are queued, once (re-scoring
+    adds none); an analyst may not decide; a clinician's override is kept, audited and closes the
+    case; the reviewed label replaces the computed one in training rows; the report shows the
+    override rate; ``show --purpose`` reveals the patient's identity to a clinician only."""
+    from ehrlake import review, scoring
+    from ehrlake.eda import report
+    from ehrlake.errors import AccessDenied
+    from ehrlake.models.train import reviewed_labels
+
+    lake, model = scored_lake
+    if not lake.exists("gold.risk_scores"):  # this file's earlier tests promote; alone, here
+        production(lake, model)
+    run = scoring.score(lake, TASK, AS_OF, role="scheduler")
+    dated = f"task = '{TASK}' AND as_of = DATE'{AS_OF}'"
+    scores = {r.patient_key: r for r in lake.read("gold.risk_scores").where(dated).collect()}
+    cut = model.bands["high"]
+    high = {k for k, r in scores.items() if r.risk_band == "high"}
+    ranked = sorted((r for r in scores.values() if r.score < cut), key=lambda r: (-r.score, r.patient_key))
+    near = {r.patient_key for r in ranked[: math.ceil(review.rules().near_cut_share * len(scores))]}
+    queue = lake.read(review.QUEUE).where(dated).collect()
+    assert len(queue) == min(len(high | near), review.rules().max_cases) > len(high) > 0
+    assert {c.patient_key for c in queue if c.rule == review.TOP} <= high
+    assert {c.patient_key for c in queue if c.rule == review.NEAR} <= near
+    assert "meet the review rules" in run.format()
+    scoring.score(lake, TASK, AS_OF, role="scheduler")
+    assert lake.read(review.QUEUE).where(dated).count() == len(queue)
+
+    case = max((c for c in queue if c.rule == review.TOP), key=lambda c: c.score)
+    with pytest.raises(AccessDenied):
+        review.decide(lake, case.case_id, "analyst", "not at risk", override=0)
+    with pytest.raises(AccessDenied):
+        review.identity(lake, case.patient_key, "analyst", "curious")
+    shown = review.identity(lake, case.patient_key, "clinician", "reviewing case before a call")
+    assert shown and shown[0]["id"] and {"first", "last"} <= set(shown[0])
+    assert review.decide(lake, case.case_id[:12], "clinician", "already in palliative care", 0) == (
+        "override",
+        0,
+    )
+    assert case.case_id not in {c.case_id for c in review.cases(lake, TASK, limit=1000, role="clinician")}
+    decided = lake.read(review.DECISIONS).collect()
+    assert [(d.patient_key, d.label, d.role, d.decision) for d in decided] == [
+        (case.patient_key, 0, "clinician", "override")
+    ]
+    audited = lake.read("audit.events").where(f"table_name = '{review.DECISIONS}' AND action = 'write'")
+    assert audited.count() == 1
+    assert [(r.risk_band, r.decided, r.overridden) for r in review.override_rates(lake)] == [("high", 1, 1)]
+    assert "override rate" in report.review_section(lake)
+
+    rows = lake.spark.createDataFrame(
+        [(case.patient_key, AS_OF.isoformat(), 1), ("someone-else", AS_OF.isoformat(), 1)],
+        "patient_key string, index_id string, label int",
+    )
+    relabelled, used = reviewed_labels(lake, TASK, rows)
+    assert used == {"rows": 1, "changed": 1, "weight": review.rules().feedback_weight}
+    assert {(r.patient_key, r.label, r._reviewed) for r in relabelled.collect()} == {
+        (case.patient_key, 0, True),
+        ("someone-else", 1, False),
+    }
+
+
 def test_the_scheduled_script_scores_with_spark_submit(scored_lake):
     lake, model = scored_lake
-    registry.promote(lake, model.model_id, model.version)
+    production(lake, model)
     bin_dir = os.path.dirname(sys.executable)
     as_of = "2021-01-01"
     run = subprocess.run(
@@ -213,7 +275,7 @@ def test_incremental_scoring_scores_only_changed_patients_and_equals_a_full_scor
     from ehrlake import scoring
 
     lake, model = scored_lake
-    registry.promote(lake, model.model_id, model.version)
+    production(lake, model)
     scoring.score(lake, TASK, AS_OF)  # the watermark a nightly run starts from
     assert scoring.score(lake, TASK, AS_OF, incremental=True).how == "merged +0 ~0 -0 (changed patients only)"
     # a new batch of patients arrives, and the nightly clean brings silver up to date
@@ -281,6 +343,38 @@ def test_a_new_hospitals_dump_is_evaluated_without_retraining(scored_lake, tmp_p
     shutil.copytree(SAMPLE / "fhir_ndjson" / "encoders_r4_9p", mixed / "ndjson")
     with pytest.raises(EhrlakeError, match="one kind per folder; found fhir-ndjson, fhir-bundles"):
         evaluate_model(lake, model.model_id, model.version, str(mixed))
+
+
+def test_a_patient_outside_the_training_range_is_refused_not_scored(scored_lake, tmp_path):
+    """The model records each input's training range; a 131-year-old seen last year (no such age
+    in training) is refused, with the input named, in gold.scoring_refusals, and has no score;
+    everyone else is scored as before."""
+    from ehrlake import scoring
+    from ehrlake.models import scope
+
+    lake, model = scored_lake
+    accepts = model.params["accepts"]
+    assert set(accepts) <= set(model.features) and accepts["age_years"][1] < 125
+    oldest = {
+        "resourceType": "Patient", "id": "oldest", "gender": "female", "birthDate": "1890-03-01",
+    }  # fmt: skip
+    visit = {
+        "resourceType": "Encounter", "id": "oldest-visit", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": "Patient/oldest"},
+        "period": {"start": "2021-06-01T09:00:00Z", "end": "2021-06-01T09:30:00Z"},
+    }  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "oldest.ndjson").write_text("\n".join(json.dumps(r) for r in (oldest, visit)) + "\n")
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in"))
+    clean.run(lake, incremental=True)
+    run = scoring.score(lake, TASK, AS_OF, role="scheduler")
+    refused = lake.read(scope.TABLE).where(f"task = '{TASK}'").collect()  # this date's alone
+    assert len(refused) == 1 and refused[0].inputs == ["age_years = 132.00"]
+    assert run.refused == 1 and "age_years" in run.format()
+    dated = f"task = '{TASK}' AND as_of = DATE'{AS_OF}'"
+    scored = {r.patient_key for r in lake.read("gold.risk_scores").where(dated).collect()}
+    assert refused[0].patient_key not in scored and run.scored == len(scored) > 100
 
 
 def test_a_shifted_input_is_flagged_and_a_stable_one_is_not(lake):

@@ -51,9 +51,16 @@ def register(sub) -> None:
         "--seed; vary this, not --seed, for the same test patients)",
     )
     train_cmd.add_argument(
+        "--with-feedback",
+        action="store_true",
+        help="training rows a clinician reviewed (ehrlake review decide) take the reviewed label, "
+        "weighted by conf/review.yaml's feedback_weight; the test split keeps the outcome",
+    )
+    train_cmd.add_argument(
         "--promote",
         action="store_true",
-        help="promote the version with the best held-out AUROC to production",
+        help="nominate the version with the best held-out AUROC for production: a reviewer's approval "
+        "(ehrlake models approve) makes it the production model",
     )
     common.lake_options(train_cmd)
     common.role_option(train_cmd)
@@ -203,13 +210,44 @@ def register(sub) -> None:
     models_list = models_sub.add_parser("list", help="model versions with task, status and test AUROC")
     models_list.add_argument("--task", help="only this task")
     models_list.add_argument("--json", action="store_true", help="machine-readable output")
-    promote = models_sub.add_parser("promote", help="make a model version its task's production model")
+    approve = models_sub.add_parser(
+        "approve",
+        help="a reviewer's approval (or --reject) of a model version, kept with the model",
+        description="Record a reviewer's decision on a model version in gold.model_approvals (audited). "
+        "Approving the task's nominated version (train --promote) makes it the production model. The "
+        "role that trained a model may not decide on it; the default policy lets only 'reviewer' decide.",
+    )
+    which = approve.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model id")
+    which.add_argument("--task", help="the task's nominated version")
+    approve.add_argument("--version", type=int, help="with --model: the version (default: the latest)")
+    approve.add_argument("--note", required=True, help="why: kept with the decision and on the model card")
+    approve.add_argument("--reject", action="store_true", help="record a rejection instead")
+    promote = models_sub.add_parser(
+        "promote",
+        help="make an approved model version its task's production model",
+        description="Make a model version its task's production model (audited); refused without a "
+        "reviewer's approval (ehrlake models approve).",
+    )
     promote.add_argument("--model", required=True, help="model id")
     promote.add_argument("--version", type=int, required=True, help="version")
-    for p in (models_list, promote):
+    card = models_sub.add_parser(
+        "card",
+        help="write a model version's card (Markdown and HTML)",
+        description="Intended use, inputs and accepted ranges, population and data versions, metrics "
+        "with intervals, subgroups, calibration, limitations and approvals, from the lake.",
+    )
+    card.add_argument("--model", required=True, help="model id")
+    card.add_argument("--version", type=int, help="version (default: the latest)")
+    card.add_argument("--out", help="folder for card.md and card.html (default: beside the model's artifact)")
+    for p in (models_list, approve, promote, card):
         common.lake_options(p)
+    for p in (approve, promote):
+        common.role_option(p)
     models_list.set_defaults(handler=cmd_models_list)
+    approve.set_defaults(handler=cmd_models_approve)
     promote.set_defaults(handler=cmd_models_promote)
+    card.set_defaults(handler=cmd_models_card)
 
 
 def cmd_train(args) -> int:
@@ -223,7 +261,7 @@ def cmd_train(args) -> int:
         deep=DeepLearningOptions(
             args.epochs, args.launcher, args.backend, args.label_fraction, args.label_seed
         ),
-        promote=args.promote,
+        promote=args.promote, with_feedback=args.with_feedback,
     )  # fmt: skip
     value = evaluate.format_value
     print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")
@@ -240,8 +278,21 @@ def cmd_train(args) -> int:
         print(f"{mv.label:<44} {shown:<22} {scores}")
     for line in undefined:
         print(line)
+    used = next((mv.params.get("feedback") for mv in trained.models if mv.params.get("feedback")), None)
+    if args.with_feedback:
+        print(
+            f"clinician feedback: {used['rows']:,} reviewed training rows, {used['changed']:,} labels "
+            f"changed, weight {used['weight']:g}"
+            if used
+            else "clinician feedback: applies to the Spark ML learners only (none trained here)"
+        )
     if trained.promoted:
-        print(f"promoted {trained.promoted.label} to production for {args.task}")
+        mv = trained.promoted
+        print(
+            f"nominated {mv.label} for production of {args.task}: a reviewer reads its card (ehrlake models "
+            f"card --model {mv.model_id}) and approves it (ehrlake models approve --task {args.task} --note "
+            "'...' --role reviewer)"
+        )
     return 0
 
 
@@ -435,10 +486,41 @@ def cmd_models_list(args) -> int:
     return 0
 
 
-def cmd_models_promote(args) -> int:
-    from ehrlake.models import registry
+def cmd_models_approve(args) -> int:
+    from ehrlake.models import governance, registry
 
     lake, _ = common.open_lake(args)
-    mv = registry.promote(lake, args.model, args.version)
+    if args.task:
+        nominated = [m for m in registry.versions(lake, args.task) if m.status == registry.NOMINATED]
+        if not nominated:
+            raise EhrlakeError(
+                f"no nominated model of {args.task}: train --task {args.task} --promote nominates one"
+            )
+        model_id, version = nominated[-1].model_id, nominated[-1].version
+    else:
+        model_id, version = args.model, args.version
+    mv = governance.decide(lake, model_id, version, args.role, args.note, approve=not args.reject)
+    decision = "rejected" if args.reject else "approved"
+    print(
+        f"{mv.label} {decision}"
+        + (f": now the production model of {mv.task}" if mv.status == "production" else "")
+    )
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    from ehrlake.models import governance
+
+    lake, _ = common.open_lake(args)
+    mv = governance.promote(lake, args.model, args.version, args.role)
     print(f"{mv.label} is now the production model of {mv.task}")
+    return 0
+
+
+def cmd_models_card(args) -> int:
+    from ehrlake.models import card
+
+    lake, _ = common.open_lake(args)
+    markdown, page = card.write(lake, args.model, args.version, args.out)
+    print(f"model card: {markdown} and {page}")
     return 0

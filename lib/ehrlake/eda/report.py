@@ -303,6 +303,38 @@ def drift_section(lake) -> str:
     )
 
 
+def review_section(lake) -> str:
+    """The clinician review loop: open cases per task, and how often clinicians overrode each
+    model's call, by risk band (``gold.review_queue`` / ``gold.review_decisions``)."""
+    from ehrlake import review
+
+    head = "<h2>Clinician review</h2>"
+    if not lake.exists(review.QUEUE):
+        return head + "<p>No cases queued yet: each <code>ehrlake score</code> run queues them.</p>"
+    queue = (
+        lake.read(review.QUEUE).groupBy("task", "status").count().orderBy("task", "status").collect()
+    )  # one row per task and status
+    counts = "; ".join(f"{r.task}: {r['count']:,} {r.status}" for r in queue)
+    rates = review.override_rates(lake)
+    if not rates:
+        return (
+            head
+            + f"<p>Cases: {html.escape(counts)}. No decision yet (<code>ehrlake review decide</code>).</p>"
+        )
+    rows = "".join(
+        f"<tr><td>{html.escape(r.model_id)} v{r.model_version}</td><td>{html.escape(r.risk_band or '')}</td>"
+        f"<td>{r.decided:,}</td><td>{r.overridden:,}</td><td>{r.override_rate:.0%}</td></tr>"
+        for r in rates
+    )
+    return head + (
+        f"<p>Cases: {html.escape(counts)}. Decisions per model and band, and the share in which the "
+        "clinician overrode the model's call (a high share in a band: the model is not trusted "
+        "there; <code>train --with-feedback</code> learns from the reviewed labels).</p>"
+        "<table><tr><th>model</th><th>band</th><th>decided</th><th>overridden</th>"
+        f"<th>override rate</th></tr>{rows}</table>"
+    )
+
+
 def render(lake, title: str = "ehrlake population health report") -> str:
     """The report as one HTML string (see module docstring)."""
     sections = []
@@ -327,6 +359,7 @@ def render(lake, title: str = "ehrlake population health report") -> str:
 
     sections.append(models_report.section(lake, _png))
     sections.append(drift_section(lake))
+    sections.append(review_section(lake))
     sections.append(hierarchy_section(lake))
     sections.append(notes_section(lake))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -19,7 +19,7 @@ from pyspark.sql import functions as F
 
 from ehrlake import features as feats
 from ehrlake.errors import EhrlakeError
-from ehrlake.models import algorithms, evaluate, explain, registry, target_encoding, versions
+from ehrlake.models import algorithms, evaluate, explain, registry, scope, target_encoding, versions
 
 DEFAULT_SEED = 42
 
@@ -83,6 +83,32 @@ def require_both_classes(task_name: str, n: int, positives: int) -> None:
         )
 
 
+_REVIEWED = "_reviewed"
+
+
+def reviewed_labels(lake, task_name: str, train_df: DataFrame) -> tuple[DataFrame, dict]:
+    """``train_df`` with each reviewed row's label replaced by the clinician's, and what changed."""
+    from ehrlake import review
+
+    reviewed = review.feedback(lake, task_name)
+    weight = review.rules().feedback_weight
+    if reviewed is None:
+        return train_df.withColumn(_REVIEWED, F.lit(False)), {"rows": 0, "changed": 0, "weight": weight}
+    joined = train_df.join(reviewed, ["patient_key", "index_id"], "left")
+    counts = joined.agg(
+        F.count("reviewed_label").alias("rows"),
+        F.sum((F.col("reviewed_label") != F.col("label")).cast("int")).alias("changed"),
+    ).first()
+    out = joined.withColumn(_REVIEWED, F.col("reviewed_label").isNotNull()).withColumn(
+        "label", F.coalesce(F.col("reviewed_label"), F.col("label"))
+    )
+    return out.drop("reviewed_label"), {
+        "rows": counts["rows"],
+        "changed": counts["changed"] or 0,
+        "weight": weight,
+    }
+
+
 def with_weights(train: DataFrame, pos_weight: float) -> DataFrame:
     return train.withColumn("weight", F.when(F.col("label") == 1, F.lit(pos_weight)).otherwise(F.lit(1.0)))
 
@@ -113,15 +139,20 @@ def train(
     test_percent: int = 20,
     role: str | None = None,
     bootstrap: int = evaluate.BOOTSTRAP,
+    with_feedback: bool = False,
 ) -> list[registry.ModelVersion]:
     """Train each algorithm for a task; every fitted model is registered as a candidate and
-    evaluated on the held-out patients (gold.model_metrics and friends)."""
+    evaluated on the held-out patients (gold.model_metrics and friends). ``with_feedback``: the
+    training rows a clinician reviewed take the reviewed label, weighted (:mod:`ehrlake.review`)."""
     t = feats.task(task_name)
     data_versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     wanted = feats.model_inputs(t)
     df = feats.training_frame(lake, t, data_versions)
     generated_only = only_generated(df)
     train_df, test_df = split(df, seed, test_percent, folds, generated_only)
+    feedback = {}
+    if with_feedback:  # training rows only: the test split keeps the outcome it is judged by
+        train_df, feedback = reviewed_labels(lake, task_name, train_df)
     stats = (
         train_df.groupBy()
         .agg(
@@ -138,12 +169,19 @@ def train(
     # a feature never observed in training cannot be imputed or learned; leave it out, recorded
     codes = feats.model_codes(t)
     inputs = [c for c in wanted if stats[f"nonnull_{c}"] > 0] + [target_encoding.name(c) for c in codes]
+    weighted = with_weights(train_df, pos_weight)
+    if feedback:
+        reviewed = F.col(_REVIEWED)
+        weighted = weighted.withColumn(
+            "weight", F.when(reviewed, F.col("weight") * feedback["weight"]).otherwise(F.col("weight"))
+        ).drop(_REVIEWED)
     train_df = (
-        with_weights(train_df, pos_weight)
-        .repartition(num_workers, "patient_key")
+        weighted.repartition(num_workers, "patient_key")
         .sortWithinPartitions("patient_key", "index_id")
         .cache()
     )
+    # what the models accept: each input's range over the training rows (ehrlake.models.scope)
+    accepts = scope.ranges(train_df, [c for c in inputs if c in wanted])
     trained = []
     with lake.security.job("train", ["gold"], role) as (_, audit):
         for algorithm in algorithms_:
@@ -183,6 +221,9 @@ def train(
                     "threshold": base_rate,
                     "target_encoded": codes,
                     "target_encoding_strength": target_encoding.STRENGTH,
+                    "accepts": accepts,
+                    "trained_by": role or lake.security.default_role,  # who may not approve it
+                    "feedback": feedback or None,  # reviewed labels used: rows, changed, weight
                 }
             )
             mv = registry.ModelVersion(

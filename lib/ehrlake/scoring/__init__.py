@@ -8,9 +8,12 @@ and version. ``gold.risk_scores`` is updated by merge on (patient_key, task, as_
 same date again replaces those rows (a patient no longer eligible loses theirs), never duplicates
 them; a score that came out the same keeps the ``scored_at`` of when it was first computed.
 
-A full scoring run with a Spark ML model also measures drift (:mod:`ehrlake.scoring.drift`): the
-population stability index of each input and of the score against the model's training snapshot,
-into ``gold.model_drift``; the run says which moved past 0.25.
+A patient with an input far outside the model's training range is refused, not scored
+(:mod:`ehrlake.models.scope`): named with the inputs in ``gold.scoring_refusals``, counted in the
+run's output. Every run queues cases for clinician review by the rules of ``conf/review.yaml``
+(:mod:`ehrlake.review`). A full scoring run with a Spark ML model also measures drift
+(:mod:`ehrlake.scoring.drift`): the population stability index of each input and of the score
+against the model's training snapshot, into ``gold.model_drift``; the run says which moved past 0.25.
 
 ``incremental``: a nightly re-scoring of the same date needs only the patients whose silver rows
 changed since the last scoring with the same model (the Delta log since its watermark,
@@ -25,10 +28,11 @@ from dataclasses import dataclass
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
+from ehrlake import review
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions
 from ehrlake.lake import increments, watermarks
-from ehrlake.models import algorithms, evaluate, explain, registry
+from ehrlake.models import algorithms, evaluate, explain, registry, scope
 from ehrlake.models.train import score_column
 from ehrlake.scoring import drift
 
@@ -47,6 +51,9 @@ class ScoringRun:
     seconds: float
     how: str = "scored all"  # or what an incremental run merged
     drift: str = ""  # what the drift measurement found, or why there is none
+    refused: int = 0  # patients with inputs outside the model's training range: not scored
+    scope: str = ""  # what the check of the inputs found, or why there is none
+    review: str = ""  # the cases put before a clinician
 
     def format(self) -> str:
         spread = ", ".join(f"{k} {v:,}" for k, v in sorted(self.bands.items()))
@@ -54,6 +61,8 @@ class ScoringRun:
             f"scored {self.scored:,} patients for {self.task} as of {self.as_of} with {self.model} "
             f"in {self.seconds:.1f} s ({self.scored / max(self.seconds, 1e-9):,.0f} patients/s) -> {TABLE}"
             f"\n  risk bands: {spread or 'none'}; {self.how}"
+            + (f"\n  inputs: {self.scope}" if self.scope else "")
+            + (f"\n  review: {self.review}" if self.review else "")
             + (f"\n  drift: {self.drift}" if self.drift else "")
         )
 
@@ -118,17 +127,19 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         explain.prepare(mv.algorithm, model)
         importance = explain.importance(mv.algorithm, model, mv.features)
         population = feats.patient_features(lake, [as_of], patients=patients)
+        accepts = mv.params.get("accepts")  # absent in models trained before ranges were recorded
+        population = population.withColumn(scope.OUTSIDE, scope.outside(accepts or {}))
         scored = model.transform(population).withColumn(
             "score", score_column(mv.params.get("pos_weight", 1.0))
         )
         reasons = explain.reasons(mv.algorithm, model, scored, mv.features, feats.descriptions(t), importance)
+        scored = scored.persist()  # read for the scores, the refusals and the drift: computed once
     if patients is not None:
         drift_of = "measured by full scorings only (gold.model_drift keeps the last)"
     elif mv.algorithm in (algorithms.SEQUENCE_TRANSFORMER, "ann"):
         drift_of = f"not measured for {mv.algorithm} models"
     else:
-        drift_of = None  # measured below, in the job, from the same features: computed once
-        scored = scored.persist()
+        drift_of = None  # measured below, in the job
     scored_at = started.replace(tzinfo=None)
     out = scored.select(
         "patient_key",
@@ -140,7 +151,15 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         F.lit(mv.model_id).alias("model_id"),
         F.lit(mv.version).alias("model_version"),
         F.lit(scored_at).cast("timestamp").alias("scored_at"),
+        *([scope.OUTSIDE] if scope.OUTSIDE in scored.columns else []),
     )
+    refusals = None
+    if scope.OUTSIDE in out.columns:  # a patient outside the training range is refused, not scored
+        refusals = out.where(F.size(scope.OUTSIDE) > 0).select(
+            *KEYS, F.col(scope.OUTSIDE).alias("inputs"), "model_id", "model_version",
+            F.col("scored_at").alias("refused_at"),
+        )  # fmt: skip
+        out = out.where(F.size(scope.OUTSIDE) == 0).drop(scope.OUTSIDE)
     run_id = started.strftime("%Y%m%dT%H%M%S")
     commit = {"ehrlakeJob": "score", "ehrlakeRunId": run_id}
     try:
@@ -150,6 +169,20 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
             found = increments.replace_patients(
                 lake, out, TABLE, KEYS, patients, commit, where=slice_, ignore=("scored_at",)
             )
+            if refusals is not None:
+                lake.create(scope.TABLE, refusals.schema)
+                increments.replace_patients(
+                    lake, refusals, scope.TABLE, KEYS, patients, commit, where=slice_, ignore=("refused_at",)
+                )
+                refused, checked = scope.summary(lake.read(scope.TABLE).where(slice_))
+                if not accepts:
+                    checked = f"not checked: {mv.label} was trained before input ranges were recorded"
+                audit.append((scope.TABLE, f"{task_name} as of {as_of}: {refused} patients refused"))
+            else:
+                refused, checked = 0, f"not checked for {mv.algorithm} models"
+            rules = review.rules()
+            queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules)
+            audit.append((review.QUEUE, f"{task_name} as of {as_of}: {queued} new cases"))
             if drift_of is None:  # the training snapshot, scored by the same model, against today's
                 then = model.transform(feats.training_frame(lake, t, mv.training_data))
                 then = then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
@@ -170,4 +203,9 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         scored.unpersist()  # a no-op where it was not persisted
     seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
     how = increments.describe(found) + (" (changed patients only)" if patients is not None else "")
-    return ScoringRun(task_name, as_of, mv.label, total, bands, seconds, how, drift_of)
+    cap = rules.max_cases
+    capped = f" (the {selected - cap:,} lowest left out: max_cases)" if selected > cap else ""
+    queue = f"{selected:,} patients meet the review rules{capped}; {queued:,} new cases -> {review.QUEUE}"
+    return ScoringRun(
+        task_name, as_of, mv.label, total, bands, seconds, how, drift_of, refused, checked, queue
+    )

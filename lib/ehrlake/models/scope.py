@@ -1,0 +1,61 @@
+"""What a tabular model accepts, and which patients fall outside it.
+
+A model is fitted on a population; a patient whose inputs lie far outside what that population
+held (an age of 131, a lab value ten times the largest seen) gets a score the model has no
+evidence for. Training records each input's range over the training rows (``accepts`` in the
+model's params: input -> [lowest, highest]); scoring refuses a patient with any input beyond
+that range by more than :data:`MARGIN` of its width (a constant input: any other value), and
+names the inputs. A missing value is not out of scope: the model imputes it as it did in training.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+MARGIN = 0.1  # how far past the training range, as a share of its width, a value is still accepted
+TABLE = "gold.scoring_refusals"
+OUTSIDE = "_outside_training_range"  # the column scoring carries the out-of-range inputs in
+
+
+def ranges(df: DataFrame, inputs: list[str]) -> dict[str, list[float]]:
+    """input -> [lowest, highest] over ``df``'s rows (inputs never observed are left out)."""
+    if not inputs:
+        return {}
+    row = df.agg(*[F.min(c).alias(f"lo_{i}") for i, c in enumerate(inputs)],
+                 *[F.max(c).alias(f"hi_{i}") for i, c in enumerate(inputs)]).first()  # fmt: skip
+    return {
+        c: [float(row[f"lo_{i}"]), float(row[f"hi_{i}"])]
+        for i, c in enumerate(inputs)
+        if row[f"lo_{i}"] is not None
+    }
+
+
+def outside(accepts: dict[str, list[float]]) -> Column:
+    """The inputs of a row beyond the accepted ranges, as ``name = value`` (an empty array when
+    every input is in scope)."""
+    flags = []
+    for name, (lo, hi) in sorted(accepts.items()):
+        slack = MARGIN * (hi - lo)
+        value = F.col(f"`{name}`").cast("double")
+        beyond = (value < lo - slack) | (value > hi + slack)
+        flags.append(F.when(beyond, F.concat(F.lit(f"{name} = "), F.format_number(value, 2))))
+    if not flags:
+        return F.array().cast("array<string>")
+    return F.filter(F.array(*flags), lambda flag: flag.isNotNull())
+
+
+def summary(refusals: DataFrame, top: int = 3) -> tuple[int, str]:
+    """(patients refused, one line naming the inputs that refused most) of a scoring's refusals."""
+    names = refusals.select(F.explode("inputs").alias("i")).select(
+        F.regexp_extract("i", r"^(.*) = ", 1).alias("input")
+    )
+    counts = names.groupBy("input").count().orderBy(F.desc("count"), "input").limit(top).collect()
+    refused = refusals.count()
+    if not refused:
+        return 0, "every patient within the training range of every input"
+    spread = ", ".join(f"{r.input} {r['count']:,}" for r in counts)
+    return (
+        refused,
+        f"refused {refused:,} patient(s) with inputs outside the training range ({spread}) -> {TABLE}",
+    )
