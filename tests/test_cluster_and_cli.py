@@ -395,6 +395,18 @@ def test_spark_submit_ingest_on_a_standalone_cluster_with_two_workers(tmp_path):
         subprocess.run(["bash", "infra/standalone/stop.sh"], env=env(**cluster), cwd=REPO, timeout=60)
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "conf" / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_pipeline_step_is_a_command_line_the_cli_accepts(path):
+    """A shipped pipeline (the demo's among them) stops before its first step on a mistake in any
+    step; this finds the mistake before a newcomer does (a note with ': ' in it once made a step
+    a YAML mapping)."""
+    from ehrlake import pipeline
+    from ehrlake.cli import build_parser
+
+    for step in pipeline.load(str(path)):
+        build_parser().parse_args(list(step.argv))  # argparse exits on a bad line: the test fails
+
+
 def test_pipeline_runs_declared_steps_in_one_session_and_stops_at_the_first_failure(
     spark, tmp_path, capsys, security_conf
 ):
