@@ -204,6 +204,9 @@ def test_notes_come_out_of_references_and_document_narratives_and_what_has_no_te
     assert note.kind == "Clinical Consultation report" and note.date.startswith("2021-11-25")
     assert "# Chief complaints\nIncreased frequency of urination\nHazy vision" in note.text
     assert "# Family History\nMother had type 2 diabetes" in note.text and "<" not in note.text
+    assert note.text.endswith(
+        "# Document Reference\nLaboratory report"
+    )  # an entry without narrative: its type
     assert [(s.note_id, s.reason) for s in skipped] == [("1", "attachment is application/pdf: no text read")]
 
     known = deid.known_of_patient(index["Patient/1"])  # a name's text only: "Prakash Kumar"

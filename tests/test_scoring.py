@@ -426,3 +426,14 @@ def test_a_shifted_input_is_flagged_and_a_stable_one_is_not(lake):
     section = report.drift_section(lake)
     assert "t.logreg v1" in section and "2024-01-01" in section and "age, flag, lab" in section
     assert "2023-01-01" not in section
+
+
+def test_an_input_is_out_of_scope_past_a_tenth_of_its_range_and_a_constant_one_never(spark):
+    from ehrlake.models import scope
+
+    accepts = {"age": [0.0, 100.0], "flag": [0.0, 0.0], "lab": [5.0, 7.0]}
+    rows = [(105.0, 1.0, 6.0), (111.0, 0.0, None), (50.0, 0.0, 4.7), (50.0, 0.0, 4.9)]
+    df = spark.createDataFrame(rows, "age double, flag double, lab double")
+    found = [r.o for r in df.select(scope.outside(accepts).alias("o")).collect()]
+    assert found == [[], ["age = 111.00"], ["lab = 4.70"], []]
+    assert scope.ranges(df, ["age", "lab"]) == {"age": [50.0, 111.0], "lab": [4.7, 6.0]}

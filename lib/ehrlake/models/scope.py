@@ -4,8 +4,9 @@ A model is fitted on a population; a patient whose inputs lie far outside what t
 held (an age of 131, a lab value ten times the largest seen) gets a score the model has no
 evidence for. Training records each input's range over the training rows (``accepts`` in the
 model's params: input -> [lowest, highest]); scoring refuses a patient with any input beyond
-that range by more than :data:`MARGIN` of its width (a constant input: any other value), and
-names the inputs. A missing value is not out of scope: the model imputes it as it did in training.
+that range by more than :data:`MARGIN` of its width, and names the inputs. A missing value is not
+out of scope (the model imputes it as it did in training), nor is any value of an input that was
+constant in training (no learner can have used it).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def outside(accepts: dict[str, list[float]]) -> Column:
     every input is in scope)."""
     flags = []
     for name, (lo, hi) in sorted(accepts.items()):
+        if hi == lo:  # constant in training: no model can have learnt from it, any value is ignored
+            continue
         slack = MARGIN * (hi - lo)
         value = F.col(f"`{name}`").cast("double")
         beyond = (value < lo - slack) | (value > hi + slack)

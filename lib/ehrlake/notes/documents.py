@@ -80,6 +80,20 @@ def _display(concept: dict | None) -> str | None:
     )
 
 
+# where an entry without a narrative names what it is: a condition's or observation's code, a
+# medication, a document's or report's type
+_NAMED_BY = ("code", "medicationCodeableConcept", "vaccineCode", "type")
+
+
+def _entry_words(entry: dict) -> str:
+    """A section entry without a narrative, in words: what it names, and an observation's value."""
+    named = next((_display(entry.get(k)) for k in _NAMED_BY if _display(entry.get(k))), None)
+    value = entry.get("valueQuantity") or {}
+    if named and value.get("value") is not None:
+        named += f": {value['value']} {value.get('unit') or value.get('code') or ''}".rstrip()
+    return named or ""
+
+
 def _ref(value: dict | list | None) -> str | None:
     if isinstance(value, list):
         value = value[0] if value else None
@@ -148,7 +162,7 @@ def _from_composition(resource: dict, in_bundle: dict[str, dict]) -> tuple[list[
     parts = [_narrative(resource)]
     for section in resource.get("section", []):
         body = _narrative(section) or "\n".join(
-            _narrative(entry) or _display(entry.get("code")) or ""
+            _narrative(entry) or _entry_words(entry)
             for entry in (in_bundle.get(_ref(e) or "", {}) for e in section.get("entry", []))
         )
         parts.append(
