@@ -437,3 +437,12 @@ def test_an_input_is_out_of_scope_past_a_tenth_of_its_range_and_a_constant_one_n
     found = [r.o for r in df.select(scope.outside(accepts).alias("o")).collect()]
     assert found == [[], ["age = 111.00"], ["lab = 4.70"], []]
     assert scope.ranges(df, ["age", "lab"]) == {"age": [50.0, 111.0], "lab": [4.7, 6.0]}
+    refusals = spark.createDataFrame(
+        [(["age = 111.00", "lab = 4.70"],), (["age = 120.00"],), (["lab = 3.00"],), (["age = 130.00"],)],
+        "inputs array<string>",
+    )
+    assert scope.summary(refusals) == (
+        4,
+        f"refused 4 patient(s) with inputs outside the training range (age 3, lab 2) -> {scope.TABLE}",
+    )
+    assert scope.summary(refusals.limit(0))[0] == 0

@@ -202,36 +202,35 @@ def decide(lake, case_id_: str, role: str | None, reason: str, override: int | N
         lake.create(DECISIONS, DECISION_SCHEMA, description="clinicians' decisions on review cases")
         commit = {"ehrlakeJob": "review.decide"}
         lake.write(lake.spark.createDataFrame([row], DECISION_SCHEMA), DECISIONS, commit_info=commit)
-        closed = lake.read(QUEUE).where(F.col("case_id") == c.case_id).withColumn("status", F.lit("decided"))
+        closed = lake.spark.createDataFrame([{**c.asDict(), "status": "decided"}], QUEUE_SCHEMA)
         lake.merge(closed, QUEUE, keys=["case_id"], commit_info=commit)
         audit.append((DECISIONS, f"case {c.case_id[:12]} ({c.task} {c.as_of}): {decision}, label {label}"))
     return decision, label
+
+
+def _latest(df: DataFrame, keys: list[str]) -> DataFrame:
+    """The latest decision of each ``keys``: a case decided twice counts by its last decision."""
+    latest = Window.partitionBy(*keys).orderBy(F.desc("decided_at"))
+    return df.withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n")
 
 
 def feedback(lake, task: str) -> DataFrame | None:
     """The latest reviewed label of each (patient, date) of ``task``: patient_key, index_id, label."""
     if not lake.exists(DECISIONS):
         return None
-    latest = Window.partitionBy("patient_key", "as_of").orderBy(F.desc("decided_at"))
-    return (
-        lake.read(DECISIONS)
-        .where(F.col("task") == task)
-        .withColumn("_n", F.row_number().over(latest))
-        .where("_n = 1")
-        .select("patient_key", F.date_format("as_of", "yyyy-MM-dd").alias("index_id"),
-                F.col("label").alias("reviewed_label"))
-    )  # fmt: skip
+    return _latest(lake.read(DECISIONS).where(F.col("task") == task), ["patient_key", "as_of"]).select(
+        "patient_key",
+        F.date_format("as_of", "yyyy-MM-dd").alias("index_id"),
+        F.col("label").alias("reviewed_label"),
+    )
 
 
 def override_rates(lake) -> list:
     """Per model, version and band: cases decided, overridden, and the share overridden."""
     if not lake.exists(DECISIONS):
         return []
-    latest = Window.partitionBy("case_id").orderBy(F.desc("decided_at"))
     return (
-        lake.read(DECISIONS)
-        .withColumn("_n", F.row_number().over(latest))
-        .where("_n = 1")
+        _latest(lake.read(DECISIONS), ["case_id"])
         .groupBy("model_id", "model_version", "risk_band")
         .agg(
             F.count("*").alias("decided"),

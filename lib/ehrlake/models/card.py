@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import functions as F
 
-from ehrlake.models import governance, registry
+from ehrlake.models import governance, registry, versions
 
 GAP_WORTH_NAMING = 0.05  # a subgroup AUROC this far below the whole test set's is a limitation
 
@@ -40,7 +40,7 @@ def _figure(metric: dict) -> str:
 def _evaluation_rows(lake, table: str, mv) -> list:
     if not lake.exists(table):
         return []
-    rows = lake.read(table).where(F.col("evaluation") == f"{mv.model_id}.v{mv.version}.test")
+    rows = lake.read(table).where(F.col("evaluation") == versions.evaluation_name(mv.model_id, mv.version))
     return rows.collect()  # one evaluation: tens of rows
 
 

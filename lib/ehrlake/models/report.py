@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from pyspark.sql import functions as F  # noqa: E402
 
-from ehrlake.models import registry  # noqa: E402
+from ehrlake.models import registry, versions  # noqa: E402
 from ehrlake.models.evaluate import FINDING_THRESHOLD  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def figures(lake, png) -> list[tuple[str, str]]:
     out = []
     if not models or not lake.exists("gold.model_calibration"):
         return out
-    evaluations = {f"{m.model_id}.v{m.version}.test": m for m in models}
+    evaluations = {versions.evaluation_name(m.model_id, m.version): m for m in models}
     calib = lake.read("gold.model_calibration").where(F.col("evaluation").isin(list(evaluations))).toPandas()
     metrics = (
         lake.read("gold.model_metrics")
@@ -112,7 +112,7 @@ def figures(lake, png) -> list[tuple[str, str]]:
         out.append((png(fig), f"Calibration of the latest {task} models (held-out patients)"))
         best = max((m for m in models if m.task == task), key=lambda m: m.metrics["auroc"]["value"] or 0)
         sub = metrics[
-            (metrics["evaluation"] == f"{best.model_id}.v{best.version}.test")
+            (metrics["evaluation"] == versions.evaluation_name(best.model_id, best.version))
             & (metrics["kind"] != "overall")
         ]
         sub = sub[sub["value"].notna()]

@@ -49,15 +49,21 @@ def outside(accepts: dict[str, list[float]]) -> Column:
 
 
 def summary(refusals: DataFrame, top: int = 3) -> tuple[int, str]:
-    """(patients refused, one line naming the inputs that refused most) of a scoring's refusals."""
-    names = refusals.select(F.explode("inputs").alias("i")).select(
-        F.regexp_extract("i", r"^(.*) = ", 1).alias("input")
-    )
-    counts = names.groupBy("input").count().orderBy(F.desc("count"), "input").limit(top).collect()
-    refused = refusals.count()
+    """(patients refused, one line naming the inputs that refused most) of a scoring's refusals,
+    in one aggregation: each refusal counts once under ``*`` and once under each input it names."""
+    names = F.transform("inputs", lambda i: F.regexp_extract(i, r"^(.*) = ", 1))
+    counts = {
+        r.input: r["count"]
+        for r in refusals.select(F.explode(F.array_union(F.array(F.lit("*")), names)).alias("input"))
+        .groupBy("input")
+        .count()
+        .collect()  # one row per input the model has, at most
+    }
+    refused = counts.pop("*", 0)
     if not refused:
         return 0, "every patient within the training range of every input"
-    spread = ", ".join(f"{r.input} {r['count']:,}" for r in counts)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    spread = ", ".join(f"{name} {n:,}" for name, n in ranked)
     return (
         refused,
         f"refused {refused:,} patient(s) with inputs outside the training range ({spread}) -> {TABLE}",

@@ -19,6 +19,11 @@ from ehrlake.lake import WriteMode
 from ehrlake.models import evaluate, registry
 
 
+def evaluation_name(model_id: str, version: int, dataset: str = "test") -> str:
+    """The key of a model version's evaluation on ``dataset`` in the gold model tables."""
+    return f"{model_id}.v{version}.{dataset}"
+
+
 def new_artifact(lake, model_id: str) -> tuple[int, str, str]:
     """The next version number of ``model_id``, its artifact folder relative to the lake root, and
     that folder's absolute path, which does not exist (one left by a run that crashed before it
@@ -57,7 +62,7 @@ def record(
     """Write an evaluation (overall and subgroup metrics, calibration, error cells, importance) to the
     gold model tables, replacing an earlier evaluation of the same model version on the same data.
     ``overall``: the overall metrics where the caller has them (:func:`evaluate.metrics` of ``pred``)."""
-    evaluation = f"{mv.model_id}.v{mv.version}.{dataset}"
+    evaluation = evaluation_name(mv.model_id, mv.version, dataset)
     spark = lake.spark
     base = {"evaluation": evaluation, "model_id": mv.model_id, "version": mv.version, "dataset": dataset}
     h = evaluate.histogram(pred)
