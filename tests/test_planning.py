@@ -133,6 +133,11 @@ def test_the_forecast_beats_seasonal_naive_on_held_out_weeks_covers_its_interval
         assert r["expected_unmet_after"] <= r["expected_unmet_before"]
     stored = {r.unit: r.allocated for r in lake.read(allocate.TABLE).collect()}
     assert stored == {u: r["allocated"] for u, r in plan.items()}
+    from ehrlake.eda import report
+
+    section = report.planning_section(lake)
+    assert "<img" in section and "seasonal_naive" in section and "Kerala" in section
+    assert "admission_slots" in section  # the plan's table
     caps.write_text("unit,capacity\nBihar,20\n")
     with pytest.raises(EhrlakeError, match="no capacity for 1 unit.*Kerala"):
         allocate.run(lake, "admission_slots", caps, pool=12, s=s)

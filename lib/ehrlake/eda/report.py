@@ -335,6 +335,60 @@ def review_section(lake) -> str:
     )
 
 
+def planning_section(lake) -> str:
+    """The demand forecast per unit with its interval, its backtest against the baselines, and the
+    latest allocation plans (``gold.utilisation_forecast``, ``gold.forecast_backtest``,
+    ``gold.allocation_plan``; docs/planning.md)."""
+    from pyspark.sql import functions as F
+
+    from ehrlake.planning import allocate, forecast
+
+    head = "<h2>Resource planning</h2>"
+    if not lake.exists(forecast.FORECAST):
+        return head + "<p>No forecast yet: <code>ehrlake forecast</code>, then <code>ehrlake plan</code>.</p>"
+    parts = [head]
+    ahead = lake.read(forecast.FORECAST).toPandas()  # units x horizon weeks per resource
+    resources = sorted(ahead["resource"].unique())
+    fig, axes = plt.subplots(1, len(resources), figsize=(3.2 * len(resources), 3), squeeze=False)
+    for ax, name in zip(axes[0], resources, strict=True):
+        own = ahead[ahead["resource"] == name]
+        top = own.groupby("unit")["forecast"].sum().nlargest(4).index
+        for unit in top:
+            u = own[own["unit"] == unit].sort_values("week_start")
+            ax.plot(u["week_start"], u["forecast"], marker=".", label=str(unit)[:18])
+            ax.fill_between(u["week_start"], u["lower"], u["upper"], alpha=0.15)
+        ax.set_title(f"{name} by {own['level'].iloc[0]}", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+        ax.legend(fontsize=6)
+    level = f"{ahead['interval'].iloc[0]:.0%}"
+    after = ahead["trained_through"].max()
+    caption = f"Weekly demand forecast, largest units, with {level} intervals (weeks after {after})"
+    parts.append(_figure(fig, caption))
+    if lake.exists(forecast.BACKTEST):
+        bt = lake.read(forecast.BACKTEST).where("horizon = 0").toPandas()  # 3 rows per resource
+        wide = bt.pivot_table(index=["resource", "level", "units", "backtest_weeks"], columns="method",
+                              values="mape").reset_index()  # fmt: skip
+        cover = bt[bt["method"] == forecast.MODEL].set_index("resource")["coverage"]
+        wide["interval coverage"] = wide["resource"].map(cover)
+        for c in wide.columns[4:]:
+            wide[c] = wide[c].map(lambda v: "" if pd.isna(v) else f"{v:.0%}")
+        parts.append(
+            "<p>Backtest: mean absolute percentage error over the held-out weeks with demand, forecast "
+            "from every held-out week 1 to 8 weeks ahead, against the same week a year earlier (seasonal "
+            "naive) and the mean of the last four weeks.</p>" + wide.to_html(index=False, border=0)
+        )
+    if lake.exists(allocate.TABLE):
+        plan = lake.read(allocate.TABLE).orderBy("resource", F.desc("allocated"), "unit").toPandas()
+        shown = plan[["resource", "unit", "capacity", "allocated", "expected_demand",
+                      "expected_unmet_before", "expected_unmet_after"]].round(2)  # fmt: skip
+        parts.append(
+            "<p>Allocation plans (<code>ehrlake plan</code>): the pool placed where it minimises the "
+            "expected unmet demand per week over the forecast weeks.</p>"
+            + shown.to_html(index=False, border=0)
+        )
+    return "".join(parts)
+
+
 def render(lake, title: str = "ehrlake population health report") -> str:
     """The report as one HTML string (see module docstring)."""
     sections = []
@@ -360,6 +414,7 @@ def render(lake, title: str = "ehrlake population health report") -> str:
     sections.append(models_report.section(lake, _png))
     sections.append(drift_section(lake))
     sections.append(review_section(lake))
+    sections.append(planning_section(lake))
     sections.append(hierarchy_section(lake))
     sections.append(notes_section(lake))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
