@@ -67,7 +67,7 @@ def test_every_feature_is_known_at_the_origin_and_the_target_is_h_weeks_later(sp
         assert (r.y, r.lag1, r.lag3) == (60.0, 59.0, 57.0)
         assert r.rm4 == pytest.approx(58.5) and r.rm52 == pytest.approx(34.5)  # weeks 9..60
         assert r.target == 60.0 + r.h and r.seasonal == 60.0 + r.h - 52  # the target week a year before
-        assert r.season3 == r.seasonal and r.level == r.rm52 and r.y_rel == pytest.approx(60.0 / 34.5)
+        assert r.season3 == r.seasonal and r.level == r.rm13 == 54.0 and r.y_rel == pytest.approx(60.0 / 54.0)
         assert r.target_week == weeks[60 + r.h]
     assert (
         forecast.rows(series, 2).agg({"week": "min"}).first()[0] == weeks[53]
@@ -136,7 +136,7 @@ def test_the_forecast_beats_seasonal_naive_on_held_out_weeks_covers_its_interval
     from ehrlake.eda import report
 
     section = report.planning_section(lake)
-    assert "<img" in section and "seasonal_naive" in section and "Kerala" in section
+    assert "<img" in section and "MAPE seasonal_naive" in section and "Kerala" in section
     assert "admission_slots" in section  # the plan's table
     caps.write_text("unit,capacity\nBihar,20\n")
     with pytest.raises(EhrlakeError, match="no capacity for 1 unit.*Kerala"):

@@ -201,7 +201,9 @@ def test_scoring_queues_cases_and_a_clinicians_override_feeds_training(scored_la
     ranked = sorted((r for r in scores.values() if r.score < cut), key=lambda r: (-r.score, r.patient_key))
     near = {r.patient_key for r in ranked[: math.ceil(review.rules().near_cut_share * len(scores))]}
     queue = lake.read(review.QUEUE).where(dated).collect()
-    assert len(queue) == min(len(high | near), review.rules().max_cases) > len(high) > 0
+    ruled = {c.patient_key for c in queue if c.rule in (review.TOP, review.NEAR)}
+    assert len(queue) < review.rules().max_cases  # not capped: every selected patient is a case
+    assert ruled == high | near and len(ruled) > len(high) > 0  # (a weak subgroup's cases: below)
     assert {c.patient_key for c in queue if c.rule == review.TOP} <= high
     assert {c.patient_key for c in queue if c.rule == review.NEAR} <= near
     assert "meet the review rules" in run.format()
@@ -239,6 +241,65 @@ def test_scoring_queues_cases_and_a_clinicians_override_feeds_training(scored_la
         (case.patient_key, 0, True),
         ("someone-else", 1, False),
     }
+
+
+def test_a_challenger_that_calls_differently_and_a_weaker_subgroup_queue_cases(scored_lake):
+    """The task's newest candidate is the challenger: every patient it puts on the other side of its
+    cut from the production model is a case (one case per patient, under the first rule that took
+    it); a subgroup whose test AUROC is far below overall has its near misses queued."""
+    from pyspark.sql import functions as F
+
+    from ehrlake import review, scoring
+    from ehrlake.models.train import score_column
+
+    lake, model = scored_lake
+    if not lake.exists("gold.risk_scores"):
+        production(lake, model)
+    rival = train(lake, TASK, ("rf",), grid="tiny", folds=2, bootstrap=50)[0]
+    assert rival.status == "candidate" and review.challenger(lake, model).label == rival.label
+    as_of = dt.date(2021, 1, 1)
+    scoring.score(lake, TASK, as_of, role="scheduler")
+    dated = f"task = '{TASK}' AND as_of = DATE'{as_of}'"
+    queue = lake.read(review.QUEUE).where(dated).collect()
+    scored = {r.patient_key for r in lake.read("gold.risk_scores").where(dated).collect()}
+
+    population = features.patient_features(lake, [as_of])
+
+    def high(mv):
+        out = (
+            mv.load(lake)
+            .transform(population)
+            .withColumn("s", score_column(mv.params.get("pos_weight", 1.0)))
+        )
+        return {
+            r.patient_key: r.b == "high"
+            for r in out.select("patient_key", evaluate.risk_band(F.col("s"), mv.bands).alias("b")).collect()
+        }
+
+    ours, theirs = high(model), high(rival)
+    differ = {k for k in scored if ours[k] != theirs[k]}
+    taken = {c.patient_key for c in queue if c.rule in (review.TOP, review.NEAR)}
+    flagged = {c.patient_key for c in queue if c.rule.startswith("production and challenger disagree")}
+    assert differ, "the two learners agree on everyone: no disagreement to queue"
+    if len(queue) < review.rules().max_cases:
+        assert flagged == differ - taken
+    assert flagged <= differ and len({c.patient_key for c in queue}) == len(queue)
+
+    # weak subgroups as the registry's evaluation has them, and their near misses
+    weak = review.weak_subgroups(lake, model, 1e-9)
+    metrics = lake.read("gold.model_metrics").where(
+        f"model_id = '{model.model_id}' AND version = {model.version} AND metric = 'auroc'"
+    )
+    below = metrics.where("kind != 'overall' AND gap < 0 AND dataset = 'test'").count()
+    assert len(weak) == below and all(g < 0 for _, _, g in weak)
+    rows = [(f"p{i}", "female" if i % 2 else "male", i / 10) for i in range(10)]
+    frame = lake.spark.createDataFrame(rows, "patient_key string, sex string, score double")
+    cases = review.weak_subgroup_cases(frame, [("sex", "female", -0.2), ("race", "x", -0.3)], 0.4, 0.8)
+    assert len(cases) == 1  # no race column: that subgroup cannot be told here
+    assert [(r.patient_key, r.rule) for r in cases[0].collect()] == [
+        ("p7", "subgroup sex=female: test AUROC -0.20 below overall"),
+        ("p5", "subgroup sex=female: test AUROC -0.20 below overall"),
+    ]  # 40% of 5 women: the two highest below the cut 0.8 (p9 is above it)
 
 
 def test_the_scheduled_script_scores_with_spark_submit(scored_lake):

@@ -3,8 +3,12 @@ labels those decisions give back to training.
 
 Scoring queues cases by the rules of ``conf/review.yaml`` (:class:`Rules`): every patient in the
 top risk band, and a share of the population ranked just below the high band's cut point (the calls
-the model is least sure of, at the line that triggers action); at most ``max_cases`` per task and date, the
-highest scores first, so a day's review is a workload a team can do. A case is keyed by what it is
+the model is least sure of, at the line that triggers action); every patient whom the task's
+challenger (a nominated or candidate version) puts on the other side of its own cut; and, in each
+subgroup where the model's test AUROC is ``subgroup_gap`` below its overall figure, a share of the
+subgroup's patients ranked just below the cut. At most ``max_cases`` per task and date, the highest
+scores first, so a day's review is a workload a team can do; a patient several rules select is one
+case, under the first. A case is keyed by what it is
 about (task, date, patient, model and version): re-scoring adds no duplicate.
 
 ``ehrlake review list | show | decide`` (role ``clinician``): ``show --purpose`` opens the
@@ -79,6 +83,9 @@ class Rules:
     near_cut_share: float = 0.02  # queue this share of the scored patients, those just below the cut
     max_cases: int = 200  # per task and date, the highest scores first
     feedback_weight: float = 2.0  # a reviewed label's weight in train --with-feedback (others: 1)
+    challenger: bool = True  # patients the production model and the task's challenger call differently
+    subgroup_gap: float = 0.10  # subgroups whose test AUROC is this far below the model's overall...
+    subgroup_share: float = 0.05  # ...: this share of their scored patients, the highest below the cut
 
 
 def rules(path: str | Path | None = None) -> Rules:
@@ -86,6 +93,8 @@ def rules(path: str | Path | None = None) -> Rules:
     found = build(Rules, read_yaml(path), f"review rules {path}")
     if not 0 <= found.near_cut_share <= 1 or found.max_cases < 0 or found.feedback_weight <= 0:
         raise EhrlakeError(f"{path}: near_cut_share must be in [0, 1], max_cases >= 0, feedback_weight > 0")
+    if not 0 <= found.subgroup_share <= 1 or found.subgroup_gap <= 0:
+        raise EhrlakeError(f"{path}: subgroup_share must be in [0, 1] and subgroup_gap > 0")
     return found
 
 
@@ -95,10 +104,18 @@ def case_id() -> F.Column:
 
 
 def enqueue(
-    lake, task: str, as_of: dt.date, cuts: dict, commit: dict, found: Rules | None = None
+    lake,
+    task: str,
+    as_of: dt.date,
+    cuts: dict,
+    commit: dict,
+    found: Rules | None = None,
+    extra: list[DataFrame] = (),
 ) -> tuple[int, int]:
     """Queue the task's scores of the date that the rules select (inside the scoring job); returns
-    (cases new to the queue, cases the rules selected before the cap)."""
+    (cases new to the queue, cases the rules selected before the cap). ``extra``: frames of
+    ``(patient_key, rule)`` that scoring selected (:func:`disagreements`, :func:`weak_subgroup_cases`);
+    a patient selected by several rules is one case, under the first rule."""
     found = found or rules()
     scores = lake.read(SCORES).where((F.col("task") == task) & (F.col("as_of") == F.lit(as_of)))
     parts = []
@@ -110,9 +127,17 @@ def enqueue(
             scores.where(F.col("score") < cuts["high"]).orderBy(F.desc("score"), "patient_key").limit(near)
         )
         parts.append(below.withColumn("rule", F.lit(NEAR)))
+    parts += [scores.join(e.select("patient_key", "rule"), "patient_key") for e in extra]
     if not parts:
         return 0, 0
-    selected = functools.reduce(DataFrame.unionByName, parts)
+    ranked = [p.withColumn("_rule_order", F.lit(i)) for i, p in enumerate(parts)]
+    first = Window.partitionBy("patient_key").orderBy("_rule_order")
+    selected = (
+        functools.reduce(DataFrame.unionByName, ranked)
+        .withColumn("_n", F.row_number().over(first))
+        .where("_n = 1")
+        .drop("_n", "_rule_order")
+    )
     total = selected.count()
     chosen = selected.orderBy(F.desc("score"), "patient_key").limit(found.max_cases)
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
@@ -130,6 +155,78 @@ def enqueue(
     finally:
         new.unpersist()
     return added, total
+
+
+def challenger(lake, mv):
+    """The task's challenger of production model ``mv``: its newest version that is nominated, else
+    a candidate, of a Spark ML learner (scored beside the production model); None where none."""
+    from ehrlake.models import algorithms, registry
+
+    others = [
+        m for m in registry.versions(lake, mv.task)
+        if m.status in (registry.NOMINATED, registry.CANDIDATE)
+        and (m.model_id, m.version) != (mv.model_id, mv.version)
+        and m.algorithm not in ("ann", algorithms.SEQUENCE_TRANSFORMER)
+    ]  # fmt: skip
+    others.sort(key=lambda m: (m.status == registry.NOMINATED, m.created_at), reverse=True)
+    return others[0] if others else None
+
+
+def disagreements(lake, population: DataFrame, production_high: DataFrame, rival) -> DataFrame:
+    """``(patient_key, rule)`` of the patients ``rival`` (a challenger) puts on the other side of its
+    high band's cut from the production model (``production_high``: patient_key, high)."""
+    from ehrlake.models import evaluate
+    from ehrlake.models.train import score_column
+
+    score = score_column(rival.params.get("pos_weight", 1.0))
+    theirs = (
+        rival.load(lake)
+        .transform(population)
+        .select("patient_key", (evaluate.risk_band(score, rival.bands) == "high").alias("theirs"))
+    )
+    rule = f"production and challenger disagree ({rival.label})"
+    return (
+        production_high.join(theirs, "patient_key")
+        .where(F.col("high") != F.col("theirs"))
+        .select("patient_key", F.lit(rule).alias("rule"))
+    )
+
+
+def weak_subgroups(lake, mv, gap: float) -> list[tuple[str, str, float]]:
+    """``(kind, value, AUROC gap)`` of the subgroups where ``mv``'s test AUROC is ``gap`` or more
+    below its overall figure (``gold.model_metrics``)."""
+    from ehrlake.models import versions
+
+    if not lake.exists("gold.model_metrics"):
+        return []
+    rows = (
+        lake.read("gold.model_metrics")
+        .where(
+            (F.col("evaluation") == versions.evaluation_name(mv.model_id, mv.version))
+            & (F.col("metric") == "auroc") & (F.col("kind") != "overall") & (F.col("gap") <= -gap)
+        )
+        .orderBy("gap", "kind", "subgroup")
+        .collect()  # one row per subgroup value at most
+    )  # fmt: skip
+    return [(r.kind, r.subgroup, float(r.gap)) for r in rows]
+
+
+def weak_subgroup_cases(scored: DataFrame, weak: list, share: float, cut: float | None) -> list[DataFrame]:
+    """Per weak subgroup, ``(patient_key, rule)`` of ``share`` of its scored patients: the highest
+    scores below the high band's cut (the top band is queued anyway), where the model is known to
+    rank worse."""
+    if cut is None or share <= 0:
+        return []
+    found = []
+    for kind, value, gap in weak:
+        if kind not in scored.columns:
+            continue
+        members = scored.where(F.col(kind).cast("string") == value)
+        n = math.ceil(share * members.count())
+        rule = f"subgroup {kind}={value}: test AUROC {gap:+.2f} below overall"
+        below = members.where(F.col("score") < cut).orderBy(F.desc("score"), "patient_key").limit(n)
+        found.append(below.select("patient_key", F.lit(rule).alias("rule")))
+    return found
 
 
 def cases(lake, task: str | None = None, status: str | None = "open", limit: int = 20, role=None) -> list:

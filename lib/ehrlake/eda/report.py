@@ -368,6 +368,8 @@ def planning_section(lake) -> str:
         bt = lake.read(forecast.BACKTEST).where("horizon = 0").toPandas()  # 3 rows per resource
         wide = bt.pivot_table(index=["resource", "level", "units", "backtest_weeks"], columns="method",
                               values="mape").reset_index()  # fmt: skip
+        wide.columns.name = None
+        wide = wide.rename(columns={m: f"MAPE {m}" for m in bt["method"].unique()})
         cover = bt[bt["method"] == forecast.MODEL].set_index("resource")["coverage"]
         wide["interval coverage"] = wide["resource"].map(cover)
         for c in wide.columns[4:]:

@@ -9,9 +9,10 @@ Encounters dated after today (MIMIC's shifted years) have no place on a calendar
 counted in the run's line.
 
 The **forecast** is one gradient-boosted model (XGBoost, Poisson objective) over every unit and
-horizon: from what is known at the forecast origin (the week's demand, the three before, means of
-the last 4, 13 and 52 weeks, the demand of the target week a year earlier, the target's week of the
-year, the horizon) it predicts demand ``h`` weeks ahead, one model for all horizons (direct, not
+horizon: from what is known at the forecast origin (the week's demand, the three before, the means of
+the last 4 and 52 weeks and the target's week a year earlier with and without its neighbours, each
+relative to the mean of the last 13 weeks, which is the log offset; the target's week of the year;
+the horizon) it predicts demand ``h`` weeks ahead, one model for all horizons (direct, not
 recursive). The training rows (units x origins x horizons) are built in Spark with window functions;
 a seeded sample of at most ``max_training_rows`` is fitted on the driver and the fitted booster is
 applied in the executors, so nothing unbounded reaches the driver.
@@ -42,14 +43,15 @@ from ehrlake.planning.settings import LEVELS, Settings, load
 FORECAST, BACKTEST = "gold.utilisation_forecast", "gold.forecast_backtest"
 OTHER = "(other)"
 MODEL = "xgboost-poisson"
-# known at the origin, each divided by the unit's level (its mean of the last 52 weeks), so one model
-# serves units of any size and a level it never saw in training: the level enters as the log offset
-SCALED = ["y", "lag1", "lag2", "lag3", "rm4", "rm13", "seasonal", "season3"]
+# known at the origin, each divided by the unit's level (its mean of the last 13 weeks), so one model
+# serves units of any size and a level it never saw in training: the level enters as the log offset,
+# and a model that learnt nothing forecasts the recent level (a series that trends keeps its level)
+SCALED = ["y", "lag1", "lag2", "lag3", "rm4", "rm52", "seasonal", "season3"]
 FEATURES = ["h", *[f"{c}_rel" for c in SCALED], "woy_sin", "woy_cos"]
 FLOOR = 1 / 52  # a unit's level: at least one a year (a log offset needs it above zero)
 BASELINES = {"seasonal_naive": "seasonal", "mean_4_weeks": "rm4"}
-PARAMS = {"n_estimators": 300, "max_depth": 4, "learning_rate": 0.05, "subsample": 0.8,
-          "min_child_weight": 5, "objective": "count:poisson", "tree_method": "hist", "n_jobs": 2,
+PARAMS = {"n_estimators": 150, "max_depth": 3, "learning_rate": 0.05, "subsample": 0.8,
+          "min_child_weight": 10, "objective": "count:poisson", "tree_method": "hist", "n_jobs": 2,
           "random_state": 7}  # fmt: skip
 
 
@@ -174,7 +176,7 @@ def rows(series: DataFrame, horizon: int) -> DataFrame:
     )
     target_week = F.date_add("week", (F.col("h") * 7).cast("int"))
     angle = F.weekofyear(target_week) * (2 * 3.141592653589793 / 52.18)
-    level = F.greatest(F.col("rm52"), F.lit(FLOOR))
+    level = F.greatest(F.col("rm13"), F.lit(FLOOR))
     return out.select(
         "*",
         level.alias("level"),

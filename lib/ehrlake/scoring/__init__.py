@@ -103,6 +103,21 @@ def score(
             patients.unpersist()
 
 
+def review_selections(lake, mv, scored, inputs: list[str], rules) -> list:
+    """The review cases of the rules that need the scored population (``conf/review.yaml``): the
+    patients the task's challenger calls differently, and the near misses of subgroups where the
+    model ranks worse than overall."""
+    extra = []
+    rival = review.challenger(lake, mv) if rules.challenger else None
+    if rival is not None:
+        high = scored.select(
+            "patient_key", (evaluate.risk_band(F.col("score"), mv.bands) == "high").alias("high")
+        )
+        extra.append(review.disagreements(lake, scored.select(*inputs), high, rival))
+    weak = review.weak_subgroups(lake, mv, rules.subgroup_gap)
+    return extra + review.weak_subgroup_cases(scored, weak, rules.subgroup_share, mv.bands.get("high"))
+
+
 def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> ScoringRun:
     """Score the population (only ``patients`` where given) and bring the task's rows of the date
     in ``gold.risk_scores`` up to date in one commit, then record the watermark."""
@@ -114,6 +129,8 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
             + ", ".join(n for n, x in feats.TASKS.items() if x.level == "patient")
             + "); evaluate per-stay models with ehrlake evaluate"
         )
+    rules = review.rules()
+    extra = []  # review cases only a Spark ML model's scoring can select: a challenger, weak subgroups
     if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
         from ehrlake.dl.predict import ann_scores
 
@@ -134,6 +151,7 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         )
         reasons = explain.reasons(mv.algorithm, model, scored, mv.features, feats.descriptions(t), importance)
         scored = scored.persist()  # read for the scores, the refusals and the drift: computed once
+        extra = review_selections(lake, mv, scored, population.columns, rules)
     if patients is not None:
         drift_of = "measured by full scorings only (gold.model_drift keeps the last)"
     elif mv.algorithm in (algorithms.SEQUENCE_TRANSFORMER, "ann"):
@@ -180,8 +198,7 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
                 audit.append((scope.TABLE, f"{task_name} as of {as_of}: {refused} patients refused"))
             else:
                 refused, checked = 0, f"not checked for {mv.algorithm} models"
-            rules = review.rules()
-            queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules)
+            queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules, extra)
             audit.append((review.QUEUE, f"{task_name} as of {as_of}: {queued} new cases"))
             if drift_of is None:  # the training snapshot, scored by the same model, against today's
                 then = model.transform(feats.training_frame(lake, t, mv.training_data))
