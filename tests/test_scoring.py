@@ -179,6 +179,39 @@ def test_results_export_as_valid_fhir_and_come_back_in_through_ingest(scored_lak
     kept = back.read("bronze.fhir_other").groupBy("resource_type").count().collect()
     assert {r.resource_type: r["count"] for r in kept} == dict(expected)
 
+    # the export back to the source system: its patients only, by their record ids there, for a role
+    # that may reveal, with a purpose, audited; an analyst, or no purpose, is refused and audited
+    from ehrlake.errors import AccessDenied
+
+    ids_out = str(tmp_path / "ids")
+    with pytest.raises(AccessDenied, match="may not release"):
+        fhir_export.run(lake, ids_out, ("risk",), role="analyst", source_system="local", purpose="curious")
+    with pytest.raises(AccessDenied, match="purpose"):
+        fhir_export.run(lake, ids_out, ("risk",), role="clinician", source_system="local", purpose=" ")
+    home = fhir_export.run(
+        lake, ids_out, ("risk",), role="clinician", source_system="local", purpose="risks back to the record"
+    )
+    assert "local's record ids" in home.format()
+    record_id = {
+        r.patient_key: r.source_id for r in fhir_export.source_ids(lake, "local", "engineer").collect()
+    }
+    sent = [
+        json.loads(line)
+        for f in home.files
+        for line in (tmp_path / "ids" / f["url"]).read_text().splitlines()
+    ]
+    expected_ids = {record_id[k] for k in scores if k in record_id}
+    assert len(sent) == len(expected_ids) > 0
+    assert {r["subject"]["identifier"]["value"] for r in sent} == expected_ids
+    for r in sent:
+        subject = r["subject"]
+        assert subject["reference"] == "Patient/" + subject["identifier"]["value"]
+        assert subject["identifier"]["system"] == "urn:ehrlake:source:local"
+    get_fhir_model_class("RiskAssessment").model_validate(sent[0])
+    events = lake.read("audit.events").where("action = 'export.source_ids'").collect()
+    assert sorted(e.outcome for e in events) == ["allowed", "denied", "denied"]
+    assert any(f"{len(sent):,} resources with record ids of local" in e.detail for e in events)
+
 
 def test_scoring_queues_cases_and_a_clinicians_override_feeds_training(scored_lake):
     """Top-band patients and those near the high band's cut point are queued, once (re-scoring

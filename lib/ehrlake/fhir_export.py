@@ -13,7 +13,12 @@ its count):
   ``data-absent-reason`` ``masked``, never a number.
 
 Subjects are the pseudonymous patient keys (``Patient/<patient_key>``): an export carries no
-identifier, so it is what any role that may read the tables may take away. Risk and findings are
+identifier, so it is what any role that may read the tables may take away. ``--source-ids S
+--purpose P`` is the export back to source system ``S`` (a hospital taking its patients' risks into
+its own record): only S's patients, each subject its record id there (``Patient/<id>`` with the
+identifier system ``urn:ehrlake:source:S``), for a role that may reveal, with a purpose, audited
+with the count released. Record ids are the source's own keys, not the identifiers sealed in bronze
+(names, addresses, phone numbers stay sealed). Risk and findings are
 built on the executors (a population's scores never pass through the driver); aggregates are small
 by construction. Ids are hashes of what a resource is about, so exporting again gives the same files.
 """
@@ -21,6 +26,7 @@ by construction. Ids are hashes of what a resource is about, so exporting again 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import glob
 import hashlib
 import json
@@ -29,6 +35,7 @@ import shutil
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.errors import EhrlakeError
@@ -46,6 +53,7 @@ DATA_ABSENT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 # the lake's risk bands as FHIR's qualitative risk codes
 QUALITATIVE = {"high": "high", "medium": "moderate", "low": "low"}
 MANIFEST = "manifest.json"
+SOURCE_SYSTEM = "urn:ehrlake:source:"
 
 
 def resource_id(*parts) -> str:
@@ -66,8 +74,14 @@ def _model(model_id: str, version: int) -> dict:
     }
 
 
-def _subject(patient_key: str | None) -> dict:
-    return {"subject": {"reference": f"Patient/{patient_key}"}} if patient_key else {}
+def _subject(row: dict) -> dict:
+    """The pseudonymous key, or (``source_id`` present: an export back to a source system) the
+    patient's record id in that system."""
+    if row.get("source_id"):
+        system = f"{SOURCE_SYSTEM}{row['source_system_of_id']}"
+        return {"subject": {"reference": f"Patient/{row['source_id']}",
+                            "identifier": {"system": system, "value": row["source_id"]}}}  # fmt: skip
+    return {"subject": {"reference": f"Patient/{row['patient_key']}"}} if row.get("patient_key") else {}
 
 
 def risk_assessment(row: dict) -> dict:
@@ -85,7 +99,7 @@ def risk_assessment(row: dict) -> dict:
         "identifier": [{"system": "urn:ehrlake:risk-score", "value": "/".join(about)}],
         "status": "final",
         "code": {"coding": [{"system": TASK_SYSTEM, "code": row["task"]}]},
-        **_subject(row["patient_key"]),
+        **_subject(row),
         "occurrenceDateTime": row["as_of"].isoformat(),
         "method": _model(row["model_id"], row["model_version"]),
         "prediction": [prediction],
@@ -106,7 +120,7 @@ def image_observation(row: dict) -> dict:
         "status": "final",
         "category": [{"coding": [{"system": OBSERVATION_CATEGORY, "code": "imaging"}]}],
         "code": {"coding": [{"system": TASK_SYSTEM, "code": row["task"]}], "text": row["task"]},
-        **_subject(row.get("patient_key")),
+        **_subject(row),
         "issued": _instant(row["scored_at"]),
         "method": _model(row["model_id"], row["model_version"]),
         "valueBoolean": bool(row["finding"]),
@@ -177,6 +191,7 @@ class Export:
     out: str
     files: list[dict]  # the manifest's output entries: type, url, count
     seconds: float
+    source_system: str | None = None  # subjects are this system's record ids
 
     def format(self) -> str:
         counts: dict[str, int] = {}
@@ -185,7 +200,8 @@ class Export:
         spread = ", ".join(f"{n:,} {t}" for t, n in counts.items()) or "nothing"
         return (
             f"exported {spread} in {len(self.files)} NDJSON file(s) to {self.out} in {self.seconds:.1f} s "
-            f"(FHIR R4, bulk-data layout; {MANIFEST} names each file); subjects are pseudonymous patient keys"
+            f"(FHIR R4, bulk-data layout; {MANIFEST} names each file); subjects are "
+            + (f"{self.source_system}'s record ids (audited)" if self.source_system else "pseudonymous keys")
         )
 
 
@@ -247,16 +263,49 @@ def _aggregates(df: DataFrame, table: str, made: dt.date) -> list[dict]:
     ]
 
 
+def source_ids(lake, system: str, role: str) -> DataFrame:
+    """``patient_key, source_id`` of the patients with a record in source system ``system``, from
+    the bronze patient tables (read under ``role``); a patient with several records there: the
+    least id."""
+    frames = []
+    for name in list_tables(lake.root):
+        table = str(name)
+        if name.layer != "bronze" or not (table.endswith("patients") or table == "bronze.fhir_patient"):
+            continue
+        if not {"patient_key", "id", "source_system"} <= set(lake.schema(table).fieldNames()):
+            continue
+        frames.append(
+            lake.read(table, role=role)
+            .where(F.col("source_system") == system)
+            .select("patient_key", F.col("id").cast("string").alias("source_id"))
+        )
+    if not frames:
+        raise EhrlakeError(f"no bronze patient table holds records of source system {system!r}")
+    every = functools.reduce(DataFrame.unionByName, frames)
+    return every.groupBy("patient_key").agg(F.min("source_id").alias("source_id"))
+
+
 def run(
-    lake, out: str, what: tuple[str, ...] = WHAT, task: str | None = None, role: str | None = None
+    lake,
+    out: str,
+    what: tuple[str, ...] = WHAT,
+    task: str | None = None,
+    role: str | None = None,
+    source_system: str | None = None,
+    purpose: str | None = None,
 ) -> Export:
     """Export ``what`` (of ``task`` where given) to ``out``, reading every table under ``role``'s
-    policy; each file written is audited."""
+    policy; each file written is audited. ``source_system``: the export back to that system (see
+    the module's docstring)."""
     unknown = [w for w in what if w not in WHAT]
     if unknown:
         raise EhrlakeError(f"nothing called {', '.join(unknown)} to export; choose from {', '.join(WHAT)}")
     started = dt.datetime.now(dt.UTC)
     role = role or lake.security.default_role
+    ids = None
+    if source_system:
+        lake.security.access.require_release(role, f"source ids of {source_system}", purpose or "")
+        ids = source_ids(lake, source_system, role)
     out = os.path.abspath(out.rstrip("/"))
     _check_out(out)
     final, out = out, f"{out}.partial"  # written here, then moved into place whole
@@ -272,6 +321,8 @@ def run(
         df = lake.read(table, role=role)
         if task:
             df = df.where(df["task"] == task)
+        if ids is not None:  # only the system's own patients, by their record id there
+            df = df.join(ids, "patient_key").withColumn("source_system_of_id", F.lit(source_system))
         files += _write(_lines(spark, df, build), out, resource_type)
         read.append(table)
     if "aggregates" in what:
@@ -294,7 +345,10 @@ def run(
     with open(os.path.join(out, MANIFEST), "w") as handle:
         json.dump(manifest, handle, indent=2)
     _publish(out, final)
-    lake.security.audit.record(
-        *[Event("export", role=role, table_name=t, detail=f"FHIR to {final}") for t in read], checkpoint=True
-    )
-    return Export(final, files, (dt.datetime.now(dt.UTC) - started).total_seconds())
+    events = [Event("export", role=role, table_name=t, detail=f"FHIR to {final}") for t in read]
+    if ids is not None:
+        released = sum(f["count"] for f in files if f["type"] in ("RiskAssessment", "Observation"))
+        detail = f"{purpose} | {released:,} resources with record ids of {source_system} to {final}"
+        events.append(Event("export.source_ids", role=role, detail=detail))
+    lake.security.audit.record(*events, checkpoint=True)
+    return Export(final, files, (dt.datetime.now(dt.UTC) - started).total_seconds(), source_system)

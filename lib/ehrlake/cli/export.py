@@ -27,6 +27,13 @@ def register(sub) -> None:
     )
     fhir.add_argument("--task", help="only this task's risk scores and findings")
     fhir.add_argument("--out", required=True, help="output folder")
+    fhir.add_argument(
+        "--source-ids",
+        metavar="SYSTEM",
+        help="the export back to a source system: only its patients, each subject its record id there "
+        "(a role that may reveal, with --purpose; audited)",
+    )
+    fhir.add_argument("--purpose", help="why record ids are released (with --source-ids; audited)")
     common.lake_options(fhir)
     common.role_option(fhir)
     fhir.set_defaults(handler=cmd_export_fhir)
@@ -37,5 +44,6 @@ def cmd_export_fhir(args) -> int:
 
     lake, _ = common.open_lake(args)
     what = tuple(w.strip() for w in args.what.split(",") if w.strip())
-    print(fhir_export.run(lake, args.out, what, args.task, args.role).format())
+    done = fhir_export.run(lake, args.out, what, args.task, args.role, args.source_ids, args.purpose)
+    print(done.format())
     return 0

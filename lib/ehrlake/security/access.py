@@ -151,6 +151,19 @@ class Access:
             raise AccessDenied(f"role {role.name} may not approve models (the policy's approve_models)")
         return role
 
+    def require_release(self, role_name: str | None, subject: str, purpose: str) -> Role:
+        """A role that may reveal, releasing source record ids (not sealed identifiers) with a stated
+        purpose, or :class:`AccessDenied` (audited): the export back to a source system."""
+        role = self.role(role_name, "export.source_ids")
+        event = Event("export.source_ids", role=role.name, detail=f"{purpose} | {subject}")
+        if not role.reveal:
+            self._deny(event)
+            raise AccessDenied(f"role {role.name} may not release source record ids (the policy's reveal)")
+        if not (purpose or "").strip():
+            self._deny(event)
+            raise AccessDenied("releasing source record ids needs a stated purpose (--purpose; audited)")
+        return role
+
     def read(self, lake, table: str, role_name: str | None, **at) -> DataFrame:
         """``table`` as ``role_name`` may see it: hidden columns dropped, identifiers never opened."""
         table = str(TableName.parse(table))
