@@ -209,6 +209,24 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     n = patients
     assert scores.where(F.col("model_version") == mv.version).count() == n
     assert scores.where(F.size("top_reasons") > 0).count() > 0
+    # the ANN keeps each input's training range, and scoring refuses a row far outside it
+    import dataclasses
+
+    from ehrlake.models import scope
+
+    accepts = mv.params["accepts"]
+    assert set(accepts) <= set(mv.features) and all(lo <= hi for lo, hi in accepts.values())
+    name = next(f for f, (lo, hi) in accepts.items() if hi > lo)
+    lo, hi = accepts[name]
+    narrow = {**accepts, name: [lo, lo + (hi - lo) / 100]}  # the same ranges, one of them a hundredth
+    outside = dataclasses.replace(mv, params={**mv.params, "accepts": narrow})
+    flagged = {
+        m.params["accepts"][name][1]: predict.ann_population(lake, m, dt.date(2026, 1, 1))
+        .where(F.size(scope.OUTSIDE) > 0)
+        .count()
+        for m in (mv, outside)
+    }
+    assert flagged[lo + (hi - lo) / 100] > flagged[hi] and run.refused == flagged[hi]
 
 
 def test_contrastive_pretraining_learns_to_pair_views_of_every_image(image_lake):

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.dl import datasets, runtime
-from ehrlake.models import evaluate
+from ehrlake.models import evaluate, scope
 
 FINDINGS = "gold.image_findings"
 FINDING_KEYS = ["source_system", "image_id", "model_id"]
@@ -214,7 +214,7 @@ def saliency_figure(
 # --- tabular ----------------------------------------------------------------------------------------
 
 
-def _tabular_scorer(path: str, inputs: int, reasons: int, names: list[str]):
+def _tabular_scorer(path: str, inputs: int, reasons: int, names: list[str], keep: tuple = ()):
     def score(rows):
         tf = runtime.tensorflow()
         model = None
@@ -229,21 +229,33 @@ def _tabular_scorer(path: str, inputs: int, reasons: int, names: list[str]):
             for r, s, c in zip(batch, p.numpy(), contrib, strict=True):
                 top = [i for i in np.argsort(-c)[:reasons] if c[i] > 0]
                 features, weights = [names[i] for i in top], [float(c[i]) for i in top]
-                yield (r["index_id"], r["patient_key"], r["split"], r["label"], float(s), features, weights)
+                yield (r["index_id"], r["patient_key"], r["split"], r["label"], float(s), features, weights,
+                       *[r[k] for k in keep])  # fmt: skip
 
     return score
 
 
-def tabular_scores(frame: DataFrame, path: str, inputs: list[str], reasons: int = 3) -> DataFrame:
-    """``frame`` (index_id, patient_key, split, label, x) with ``score`` and the top features raising it."""
-    rows = frame.select("index_id", "patient_key", "split", "label", "x").rdd.mapPartitions(
-        _tabular_scorer(path, len(inputs), reasons, inputs)
+def tabular_scores(
+    frame: DataFrame, path: str, inputs: list[str], reasons: int = 3, keep: tuple = ()
+) -> DataFrame:
+    """``frame`` (index_id, patient_key, split, label, x) with ``score`` and the top features raising
+    it; ``keep``: more columns of ``frame`` carried through as they are."""
+    rows = frame.select("index_id", "patient_key", "split", "label", "x", *keep).rdd.mapPartitions(
+        _tabular_scorer(path, len(inputs), reasons, inputs, tuple(keep))
     )
-    return frame.sparkSession.createDataFrame(
-        rows,
-        "index_id string, patient_key string, split string, label int, score double, "
-        "reason_features array<string>, reason_weights array<double>",
+    schema = T.StructType(
+        [
+            T.StructField("index_id", T.StringType()),
+            T.StructField("patient_key", T.StringType()),
+            T.StructField("split", T.StringType()),
+            T.StructField("label", T.IntegerType()),
+            T.StructField("score", T.DoubleType()),
+            T.StructField("reason_features", T.ArrayType(T.StringType())),
+            T.StructField("reason_weights", T.ArrayType(T.DoubleType())),
+            *[frame.schema[k] for k in keep],
+        ]
     )
+    return frame.sparkSession.createDataFrame(rows, schema)
 
 
 def sequence_scores(frame: DataFrame, path: str, length: int) -> DataFrame:
@@ -288,6 +300,8 @@ def ann_population(lake, mv, as_of: dt.date, patients: DataFrame | None = None) 
         F.lit("score").alias("split"),
         F.lit(None).cast("int").alias("label"),
         tensor({f: tuple(v) for f, v in mv.params["scaling"].items()}).alias("x"),
+        # inputs far outside the training range (models trained before ranges were kept: none)
+        scope.outside(mv.params.get("accepts") or {}).alias(scope.OUTSIDE),
     )
 
 
@@ -298,7 +312,7 @@ def ann_scores(lake, mv, as_of: dt.date, patients: DataFrame | None = None):
 
     descriptions = feats.descriptions(feats.task(mv.task))
     population = ann_population(lake, mv, as_of, patients)
-    scored = tabular_scores(population, mv.artifact_path(lake), mv.features)
+    scored = tabular_scores(population, mv.artifact_path(lake), mv.features, keep=(scope.OUTSIDE,))
     described = F.create_map(*[x for f in mv.features for x in (F.lit(f), F.lit(descriptions.get(f, f)))])
     reasons = F.transform(
         F.arrays_zip("reason_features", "reason_weights"),

@@ -12,6 +12,7 @@ from pyspark.sql import types as T
 
 from ehrlake import features as feats
 from ehrlake.lake import WriteMode
+from ehrlake.models import scope
 from ehrlake.models.train import split
 
 
@@ -55,10 +56,11 @@ def with_split(train_df, test_df):
     )
 
 
-def build(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], dict]:
+def build(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], dict, dict]:
     """The task's labelled rows as standardised float32 vectors in ``gold.tensors_<task>``: split by
     patient (``test`` as the Spark ML models, ``val`` = CV fold 0 of the rest), missing values set to
-    the training mean (0 after standardising). Returns the inputs and their training mean/sd."""
+    the training mean (0 after standardising). Returns the inputs, their training mean/sd and their
+    training ranges (what the model accepts at scoring: :mod:`ehrlake.models.scope`)."""
     t = feats.task(task_name)
     wanted = feats.model_inputs(t)
     df = feats.training_frame(lake, t, versions)
@@ -83,4 +85,4 @@ def build(lake, task_name: str, seed: int, versions: dict) -> tuple[list[str], d
         mode=WriteMode.OVERWRITE,
         commit_info={"ehrlakeJob": "train", "task": task_name},
     )
-    return inputs, scaling
+    return inputs, scaling, scope.ranges(train_df, inputs)

@@ -424,7 +424,7 @@ def train_tabular_ann(
     epochs = epochs or hyper.epochs
     data_versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     with lake.security.job("train", ["gold"], role) as (_, audit):
-        inputs, scaling = tensors.build(lake, task_name, seed, data_versions)
+        inputs, scaling, accepts = tensors.build(lake, task_name, seed, data_versions)
         table = tensors.table(task_name)
         snap = datasets.snapshot(lake.root, table)
         sel = Selection((("split", "=", "train"),), "x", (len(inputs),))
@@ -450,6 +450,7 @@ def train_tabular_ann(
             **dataclasses.asdict(hyper),
             "threshold": train_rate,
             "scaling": scaling,
+            "accepts": accepts,  # each input's training range: scoring refuses a patient far outside
             "tensors": {table: snap.version},
             "test_rows": int(n),
             "test_positives": int(positives or 0),

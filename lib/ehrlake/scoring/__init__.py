@@ -130,6 +130,7 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
             + "); evaluate per-stay models with ehrlake evaluate"
         )
     rules = review.rules()
+    accepts = mv.params.get("accepts")  # absent in models trained before ranges were recorded
     extra = []  # review cases only a Spark ML model's scoring can select: a challenger, weak subgroups
     if mv.algorithm == "ann":  # TensorFlow: scored on the executors in the deep-learning runtime
         from ehrlake.dl.predict import ann_scores
@@ -144,7 +145,6 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
         explain.prepare(mv.algorithm, model)
         importance = explain.importance(mv.algorithm, model, mv.features)
         population = feats.patient_features(lake, [as_of], patients=patients)
-        accepts = mv.params.get("accepts")  # absent in models trained before ranges were recorded
         population = population.withColumn(scope.OUTSIDE, scope.outside(accepts or {}))
         scored = model.transform(population).withColumn(
             "score", score_column(mv.params.get("pos_weight", 1.0))
@@ -197,6 +197,7 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
                     checked = f"not checked: {mv.label} was trained before input ranges were recorded"
                 audit.append((scope.TABLE, f"{task_name} as of {as_of}: {refused} patients refused"))
             else:
+                # a sequence model reads events, not values with a range
                 refused, checked = 0, f"not checked for {mv.algorithm} models"
             queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules, extra)
             audit.append((review.QUEUE, f"{task_name} as of {as_of}: {queued} new cases"))
