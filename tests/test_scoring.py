@@ -261,7 +261,9 @@ def test_scoring_queues_cases_and_a_clinicians_override_feeds_training(scored_la
     ]
     audited = lake.read("audit.events").where(f"table_name = '{review.DECISIONS}' AND action = 'write'")
     assert audited.count() == 1
-    assert [(r.risk_band, r.decided, r.overridden) for r in review.override_rates(lake)] == [("high", 1, 1)]
+    assert [(r.risk_band, r.rule, r.decided, r.overridden) for r in review.override_rates(lake)] == [
+        ("high", review.TOP, 1, 1)
+    ]
     assert "override rate" in report.review_section(lake)
 
     rows = lake.spark.createDataFrame(

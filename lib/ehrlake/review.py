@@ -323,17 +323,25 @@ def feedback(lake, task: str) -> DataFrame | None:
 
 
 def override_rates(lake) -> list:
-    """Per model, version and band: cases decided, overridden, and the share overridden."""
+    """Per model, version, band and the rule that queued the case (a challenger's or a subgroup's
+    cases: the rule's kind, without its details): cases decided, overridden, and the share
+    overridden, which tells whether a rule's cases are worth a clinician's time."""
     if not lake.exists(DECISIONS):
         return []
+    kind = F.regexp_replace(F.coalesce(F.col("rule"), F.lit("not in the queue")), r"\s*[(:].*$", "")
+    rules_of = lake.read(QUEUE).select("case_id", kind.alias("rule")) if lake.exists(QUEUE) else None
+    decided = _latest(lake.read(DECISIONS), ["case_id"])
+    if rules_of is not None:
+        decided = decided.join(rules_of, "case_id", "left")
+    else:
+        decided = decided.withColumn("rule", F.lit(None).cast("string"))
     return (
-        _latest(lake.read(DECISIONS), ["case_id"])
-        .groupBy("model_id", "model_version", "risk_band")
+        decided.groupBy("model_id", "model_version", "risk_band", "rule")
         .agg(
             F.count("*").alias("decided"),
             F.sum((F.col("decision") == "override").cast("int")).alias("overridden"),
         )
         .withColumn("override_rate", F.round(F.col("overridden") / F.col("decided"), 3))
-        .orderBy("model_id", "model_version", "risk_band")
+        .orderBy("model_id", "model_version", "risk_band", "rule")
         .collect()  # one row per model version and band
     )

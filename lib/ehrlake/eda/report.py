@@ -323,6 +323,7 @@ def review_section(lake) -> str:
         )
     rows = "".join(
         f"<tr><td>{html.escape(r.model_id)} v{r.model_version}</td><td>{html.escape(r.risk_band or '')}</td>"
+        f"<td>{html.escape(r.rule or '')}</td>"
         f"<td>{r.decided:,}</td><td>{r.overridden:,}</td><td>{r.override_rate:.0%}</td></tr>"
         for r in rates
     )
@@ -330,7 +331,7 @@ def review_section(lake) -> str:
         f"<p>Cases: {html.escape(counts)}. Decisions per model and band, and the share in which the "
         "clinician overrode the model's call (a high share in a band: the model is not trusted "
         "there; <code>train --with-feedback</code> learns from the reviewed labels).</p>"
-        "<table><tr><th>model</th><th>band</th><th>decided</th><th>overridden</th>"
+        "<table><tr><th>model</th><th>band</th><th>rule</th><th>decided</th><th>overridden</th>"
         f"<th>override rate</th></tr>{rows}</table>"
     )
 
