@@ -466,7 +466,15 @@ def test_a_declared_csv_note_table_reaches_silver_de_identified_with_its_multi_l
         )
         assert r.text_deid.count("\n") == 4 and 'said "no more pain"' in r.text_deid  # one note, whole
         for identifier in ("Okafor", "194-2761", "2024-03-05", "2024-03-12", "2024-03-19"):
-            assert identifier not in r.text_deid and identifier not in r.text
+            assert identifier not in r.text  # sealed
+        for identifier in ("Okafor", "194-2761"):
+            assert identifier not in r.text_deid
+        # each date moved by the patient's offset (never 0): a moved date may land on another one of
+        # the note's original dates (03-19 moved by -14 days is 03-05), so compare by position
+        sent = {"n1": ("2024-03-05", "2024-03-19"), "n2": ("2024-03-12", "2024-03-19")}[nid]
+        moved = [dt.date.fromisoformat(d) for d in re.findall(r"\d{4}-\d{2}-\d{2}", r.text_deid)]
+        was = [dt.date.fromisoformat(d) for d in sent]
+        assert len(moved) == 2 and moved[0] != was[0] and moved[1] - moved[0] == was[1] - was[0]
         assert [s.title for s in r.sections] == ["Chief Complaint", "Assessment and Plan"]
     assert got["n1"].patient_key == got["n2"].patient_key != got["n3"].patient_key
     assert got["n1"].date == dt.datetime(2024, 3, 5, 10, 0)

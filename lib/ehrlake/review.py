@@ -172,21 +172,12 @@ def challenger(lake, mv):
     return others[0] if others else None
 
 
-def disagreements(lake, population: DataFrame, production_high: DataFrame, rival) -> DataFrame:
-    """``(patient_key, rule)`` of the patients ``rival`` (a challenger) puts on the other side of its
-    high band's cut from the production model (``production_high``: patient_key, high)."""
-    from ehrlake.models import evaluate
-    from ehrlake.models.train import score_column
-
-    score = score_column(rival.params.get("pos_weight", 1.0))
-    theirs = (
-        rival.load(lake)
-        .transform(population)
-        .select("patient_key", (evaluate.risk_band(score, rival.bands) == "high").alias("theirs"))
-    )
-    rule = f"production and challenger disagree ({rival.label})"
+def disagreements(ours: DataFrame, theirs: DataFrame, label: str) -> DataFrame:
+    """``(patient_key, rule)`` of the patients a challenger (``label``) puts on the other side of
+    its high band's cut from the production model; ``ours`` and ``theirs``: patient_key, high."""
+    rule = f"production and challenger disagree ({label})"
     return (
-        production_high.join(theirs, "patient_key")
+        ours.join(theirs.withColumnRenamed("high", "theirs"), "patient_key")
         .where(F.col("high") != F.col("theirs"))
         .select("patient_key", F.lit(rule).alias("rule"))
     )

@@ -109,11 +109,16 @@ def review_selections(lake, mv, scored, inputs: list[str], rules) -> list:
     model ranks worse than overall."""
     extra = []
     rival = review.challenger(lake, mv) if rules.challenger else None
-    if rival is not None:
-        high = scored.select(
-            "patient_key", (evaluate.risk_band(F.col("score"), mv.bands) == "high").alias("high")
-        )
-        extra.append(review.disagreements(lake, scored.select(*inputs), high, rival))
+    if rival is not None:  # scored on the same cached inputs, its band by its own cut points
+
+        def high(frame, score, model):
+            called = evaluate.risk_band(score, model.bands) == "high"
+            return frame.select("patient_key", called.alias("high"))
+
+        theirs = rival.load(lake).transform(scored.select(*inputs))
+        ours_high = high(scored, F.col("score"), mv)
+        theirs_high = high(theirs, score_column(rival.params.get("pos_weight", 1.0)), rival)
+        extra.append(review.disagreements(ours_high, theirs_high, rival.label))
     weak = review.weak_subgroups(lake, mv, rules.subgroup_gap)
     return extra + review.weak_subgroup_cases(scored, weak, rules.subgroup_share, mv.bands.get("high"))
 
