@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from ehrlake.errors import EhrlakeError
-from ehrlake.lake.catalog import list_tables
+from ehrlake.lake.catalog import bronze_patient_tables, list_tables
 from ehrlake.security.audit import Event
 
 WHAT = ("risk", "findings", "aggregates")
@@ -268,10 +268,7 @@ def source_ids(lake, system: str, role: str) -> DataFrame:
     the bronze patient tables (read under ``role``); a patient with several records there: the
     least id."""
     frames = []
-    for name in list_tables(lake.root):
-        table = str(name)
-        if name.layer != "bronze" or not (table.endswith("patients") or table == "bronze.fhir_patient"):
-            continue
+    for table in bronze_patient_tables(lake.root):
         if not {"patient_key", "id", "source_system"} <= set(lake.schema(table).fieldNames()):
             continue
         frames.append(

@@ -251,14 +251,11 @@ def identity(lake, patient_key: str, role: str | None, purpose: str) -> list[dic
     """The patient's identifiers (their source id and the columns sealed to the reveal key, not
     the record as sent) for a reviewing clinician: a reveal (the policy's ``reveal``, a stated
     purpose, one patient, audited) of each bronze patient table that holds them."""
-    from ehrlake.lake.catalog import list_tables
+    from ehrlake.lake.catalog import bronze_patient_tables
     from ehrlake.security.protection import Sealing
 
     found = []
-    for name in list_tables(lake.root):
-        table = str(name)
-        if name.layer != "bronze" or not (table.endswith("patients") or table == "bronze.fhir_patient"):
-            continue
+    for table in bronze_patient_tables(lake.root):
         schema = lake.schema(table)
         sealing = Sealing.of(schema)
         if "patient_key" not in schema.fieldNames() or sealing is None or not sealing.to_reveal:

@@ -54,3 +54,13 @@ def list_tables(root: str) -> list[TableName]:
             if os.path.isdir(os.path.join(layer_dir, entry, "_delta_log")) and _NAME.match(entry):
                 found.append(TableName(layer, entry))
     return found
+
+
+def bronze_patient_tables(root: str) -> list[str]:
+    """The bronze tables of patient records: FHIR's ``bronze.fhir_patient`` and each extract's or
+    Synthea's ``bronze.<...>patients``, in name order."""
+    return [
+        str(n)
+        for n in list_tables(root)
+        if n.layer == "bronze" and (n.table.endswith("patients") or str(n) == "bronze.fhir_patient")
+    ]
