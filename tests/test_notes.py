@@ -409,6 +409,34 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     assert ids["DocumentReference/d1"] == "History and physical note"
 
 
+def test_a_document_bundles_composition_reaches_silver_with_the_entries_its_sections_point_at(lake, tmp_path):
+    """ABDM's OPConsultNote ingested as a document: the Composition's sections name entries of its
+    bundle (Conditions, an AllergyIntolerance...), whose narratives make the note's text; the bundle
+    rides beside the entry only into the sealing and is never written."""
+    from ehrlake import ingest
+    from ehrlake.clean import notes as silver_notes
+    from ehrlake.ingest.sources import SourceKind
+    from ehrlake.security import copies
+
+    (tmp_path / "in").mkdir()
+    source = shared("india_abdm_fhir", "OPConsultNote_for_ABDMTrack_usecase.json")
+    (tmp_path / "in" / source.name).write_bytes(source.read_bytes())
+    report = ingest.run(lake, SourceKind.FHIR_BUNDLES, str(tmp_path / "in"), source_system="abdm")
+    assert report.balanced and report.total.quarantined == 0, report.format()
+    bronze = lake.read("bronze.fhir_composition")
+    assert copies.NOTE_CONTEXT not in bronze.columns and copies.NOTE_TEXT in bronze.columns
+    assert all("Prakash" not in (r[0] or "") for r in bronze.select(copies.NOTE_TEXT).collect())
+
+    silver_notes.refresh(lake, "test-run")
+    (note,) = [r for r in lake.read("silver.note").collect() if r.note_id.startswith("Composition/")]
+    text = note.text_deid
+    assert "# Chief complaints\nIncreased frequency of urination\nHazy vision" in text
+    assert "# Family History\nMother had type 2 diabetes" in text
+    assert text.endswith("# Document Reference\nLaboratory report")  # an entry without narrative: its type
+    assert "Prakash" not in text and "Kumar" not in text
+    assert "Chief complaints" in [s.title for s in note.sections]
+
+
 WARD_NOTES = """extract: ward_notes
 source_system: district-hospital
 tables:

@@ -24,6 +24,7 @@ from ehrlake.ingest import fhir_model as model
 from ehrlake.ingest.fhir_views import BronzeView, load
 from ehrlake.ingest.lineage import lineage
 from ehrlake.ingest.quarantine import Reason, first_failure
+from ehrlake.security import copies
 
 CORRUPT = "_corrupt"
 JSON_OPTIONS = {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": CORRUPT}
@@ -117,6 +118,7 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
             "record_index",
             "bad_utf8",
             _document_scope().alias("_scope"),
+            F.when(_has_composition(), F.col("text")).alias("_bundle"),
             F.posexplode("_b.entry").alias("pos", "entry"),
         )
         .select(
@@ -130,6 +132,7 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
             F.when(F.col("_scope").isNotNull() & relative, F.regexp_extract(full_url, "/(.+)$", 1)).alias(
                 "_doc_local"
             ),
+            _note_context(F.col("entry.resource"), F.col("_bundle")).alias(NOTE_CONTEXT),
         )
     )
     singles = parsed.where(~is_bundle | is_bundle.isNull()).select(
@@ -143,8 +146,32 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
     return entries.unionByName(singles)
 
 
-ENTRY_COLUMNS = ("_entry_stub", "_doc_scope", "_doc_local")
+NOTE_CONTEXT = copies.NOTE_CONTEXT
+ENTRY_COLUMNS = ("_entry_stub", "_doc_scope", "_doc_local", NOTE_CONTEXT)
 ENTRY_STRIDE = 1_000_000  # entries per Bundle on one NDJSON line that keep distinct record indexes
+
+
+def _is_composition(resource: Column) -> Column:
+    named = F.get_json_object(resource, "$.resourceType") == "Composition"
+    return resource.contains('"Composition"') & named
+
+
+def _has_composition() -> Column:
+    """Whether the bundle holds a ``Composition`` (a FHIR document): only its entries carry the
+    bundle's text until :func:`_note_context` (a patient's export of thousands of entries does not)."""
+    held = F.exists("_b.entry", lambda e: _is_composition(e["resource"]))
+    return F.col("text").contains('"Composition"') & held
+
+
+def _note_context(resource: Column, bundle: Column) -> Column:
+    """For a ``Composition`` entry: ``{"resource": ..., "bundle": ...}``, the entry with its whole
+    bundle, whose other entries its sections point at (:func:`ehrlake.notes.documents.notes`); the
+    ``note_text`` copy is made from it at sealing (:mod:`ehrlake.security.copies`), and it is never
+    written. Null for every other entry."""
+    return F.when(
+        bundle.isNotNull() & _is_composition(resource),
+        F.concat(F.lit('{"resource":'), resource, F.lit(',"bundle":'), bundle, F.lit("}")),
+    )
 
 
 def _document_scope() -> Column:
@@ -181,6 +208,7 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         env.alias("_env"),
         "_doc_scope",
         "_doc_local",
+        NOTE_CONTEXT,
         F.when(
             scope.isNotNull(),
             F.regexp_replace("text", RELATIVE_REFERENCE, F.concat(F.lit("$1"), scope, F.lit(".$2"))),
@@ -241,6 +269,7 @@ def classify(records: DataFrame, source_system: str) -> DataFrame:
         )
         .alias("_envelope_issue"),
         "_typed_text",
+        NOTE_CONTEXT,
         F.when(known, entity).alias("entity"),
         reason.alias("_reason"),
         message.alias("_message"),
@@ -261,6 +290,7 @@ def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Co
         "record_index",
         "_envelope_issue",
         "_v",
+        NOTE_CONTEXT,
     )
     parsed = valid.withColumn("_v", F.try_parse_json(F.coalesce("_typed_text", "raw"))).withColumn(
         "_key", F.col("id")
@@ -295,6 +325,7 @@ def type_view(valid: DataFrame, bronze: BronzeView, run_id: str, ingested_at: Co
         "raw",
         F.sha2("raw", 256).alias("record_hash"),
         *lineage(run_id, ingested_at),
+        *([NOTE_CONTEXT] if copies.NOTE_TEXT in bronze.protection.copies else []),  # dropped at sealing
         reason.alias("_reason"),
         message.alias("_message"),
     )

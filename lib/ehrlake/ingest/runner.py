@@ -33,6 +33,7 @@ from ehrlake.ingest.sources import (
     new_files,
 )
 from ehrlake.lake.catalog import list_tables
+from ehrlake.security.copies import NOTE_CONTEXT
 from ehrlake.security.protection import Sealing
 from ehrlake.views import ISSUES
 
@@ -210,8 +211,9 @@ def _protector(lake, encrypt: bool):
 
 
 def _protect(protector, df: DataFrame, table: str, keys: list[str], spec=None) -> DataFrame:
-    """``df`` sealed for ``table``, sealed columns marked in the schema (unchanged without a protector)."""
-    return df if protector is None else protector.protect(df, table, keys, spec)[0]
+    """``df`` sealed for ``table``, sealed columns marked in the schema (unchanged without a protector,
+    but for the sealing's input :data:`~ehrlake.security.copies.NOTE_CONTEXT`, never written)."""
+    return df.drop(NOTE_CONTEXT) if protector is None else protector.protect(df, table, keys, spec)[0]
 
 
 def _quarantine(lake, protector, parts: list[DataFrame], commit_info: dict) -> dict[str, int]:

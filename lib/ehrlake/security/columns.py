@@ -128,12 +128,13 @@ def _sealer(
     reveal: RevealPublicKey | None,
     to_reveal: frozenset[str],
     deidentified: tuple[tuple[str, str], ...] = (),
+    inputs: tuple[str, ...] = (),
 ):
     """One Arrow UDF that seals ``names`` (those in ``to_reveal`` to the ``reveal`` public key, the
     rest under data key ``key_id``), then each ``deidentified`` (target, source) pair: the processing
     copy ``target`` of ``source`` (:mod:`ehrlake.security.copies`) under the data key; given a
-    linkage key id, it also computes patient_key. One Python round trip per batch for everything a
-    table needs."""
+    linkage key id, it also computes patient_key. ``inputs``: further plain columns copies are made
+    from, not sealed themselves. One Python round trip per batch for everything a table needs."""
     fields = [*names, *(t for t, _ in deidentified), *(["patient_key"] if linkage_id else [])]
 
     @F.arrow_udf(_struct_type(fields))
@@ -143,7 +144,7 @@ def _sealer(
         if names:
             key = _key(ref, key_id) if set(names) - to_reveal or deidentified else None
             ids = row_ids.cast(pa.binary()).to_pylist()
-            plain = {n: values.field(n).cast(pa.binary()).to_pylist() for n in names}  # UTF-8 bytes
+            plain = {n: values.field(n).cast(pa.binary()).to_pylist() for n in (*names, *inputs)}  # UTF-8
             for n in names:
                 if n in to_reveal:
                     sealed = crypto.seal_to(reveal, plain[n], ids, n, n in COMPRESSED)
@@ -193,23 +194,26 @@ def seal_columns(
     patient: tuple[str, str] | None = None,
     to_reveal: frozenset[str] = frozenset(),
     deidentified: dict[str, str] | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> DataFrame:
     """Replace each column of ``columns`` (name -> Spark type DDL) by its ciphertext under ``key_id``,
     bound to ``row`` (see :func:`row_id`); those in ``to_reveal`` are sealed to the key store's reveal
     public key instead. ``deidentified`` (target -> source column of ``columns``) adds each target
     after its source: the source's de-identified processing copy, under ``key_id``. With ``patient``
     = (linkage key id, patient id column), also add ``patient_key`` = HMAC-SHA256(linkage secret,
-    source_system | patient id). Every other column passes through unchanged."""
+    source_system | patient id). ``inputs`` (name -> DDL): plain columns that are only sources of
+    copies, read by the sealing and left out of the result. Every other column passes through
+    unchanged."""
+    inputs = inputs or {}
     if not columns and patient is None:
-        return df
-    copies = tuple((t, s) for t, s in (deidentified or {}).items() if s in columns)
+        return df.drop(*inputs)
+    read = columns | inputs
+    copies = tuple((t, s) for t, s in (deidentified or {}).items() if s in read)
     names = tuple(columns)
     linkage_id, patient_column = patient or (None, None)
-    values = (
-        F.struct(*[_as_text(n, t).alias(n) for n, t in columns.items()]) if names else F.struct(F.lit(None))
-    )
+    values = F.struct(*[_as_text(n, t).alias(n) for n, t in read.items()]) if read else F.struct(F.lit(None))
     reveal = require_public(ref.key_store) if to_reveal & set(names) else None
-    sealed = _sealer(ref, key_id, names, linkage_id, reveal, to_reveal & set(names), copies)(
+    sealed = _sealer(ref, key_id, names, linkage_id, reveal, to_reveal & set(names), copies, tuple(inputs))(
         row,
         values,
         F.col("source_system") if patient else F.lit(None).cast("string"),
@@ -217,7 +221,8 @@ def seal_columns(
     )
     kept = []
     for c in df.columns:
-        kept.append(F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`"))
+        if c not in inputs:
+            kept.append(F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`"))
         kept += [F.col(f"_ehrlake_sealed.`{t}`").alias(t) for t, s in copies if s == c]
     if patient:
         kept.append(F.col("_ehrlake_sealed.patient_key").alias("patient_key"))

@@ -35,6 +35,9 @@ from ehrlake.security import deidentify
 RAW_DEID = "raw_deid"
 NOTE_TEXT = "note_text"
 ID_PRINTS = "id_prints"
+# a plain column ingest adds beside a bundle's Composition: the entry with its bundle, which the
+# ``note_text`` copy is made from instead of ``raw``; read by the sealing UDF, never written
+NOTE_CONTEXT = "_note_context"
 # the copies a FHIR resource type's table keeps beside raw_deid
 BY_RESOURCE = {"Patient": (ID_PRINTS,), "DocumentReference": (NOTE_TEXT,), "Composition": (NOTE_TEXT,)}
 COMPRESSED = frozenset({RAW_DEID, NOTE_TEXT})
@@ -67,12 +70,17 @@ def _resource(text: bytes | str | None) -> dict | None:
 
 
 def note_text(text: bytes | str | None, linkage_secret: bytes | None = None) -> bytes | None:
-    """The notes of one ``DocumentReference`` or ``Composition`` and what was skipped, as JSON."""
+    """The notes of one ``DocumentReference`` or ``Composition`` and what was skipped, as JSON;
+    ``text`` is the resource, or (:data:`NOTE_CONTEXT`) the resource with its bundle."""
     resource = _resource(text)
     if resource is None:
         return None
+    bundle = None
+    if "resourceType" not in resource and isinstance(resource.get("resource"), dict):
+        resource, bundle = resource["resource"], resource.get("bundle")
     try:
-        found, skipped = documents.notes(resource)
+        in_bundle = documents.bundle_index(bundle) if isinstance(bundle, dict) else None
+        found, skipped = documents.notes(resource, in_bundle)
     except (AttributeError, TypeError, KeyError, ValueError) as exc:  # a shape FHIR does not allow
         found, skipped = [], [documents.Skipped(str(resource.get("id", "")), _unreadable(exc))]
     copy = {"notes": [asdict(n) for n in found], "skipped": [asdict(s) for s in skipped]}

@@ -31,6 +31,7 @@ from ehrlake.errors import SchemaMismatch
 from ehrlake.lake.modes import WriteMode
 from ehrlake.security.columns import KeyRef, key_errors, open_columns, row_id, seal_columns
 from ehrlake.security.copies import (  # processing copies: raw_deid, the record without direct identifiers
+    NOTE_CONTEXT,
     NOTE_TEXT,
     RAW_DEID,
     note_of_row,
@@ -107,6 +108,18 @@ for _name in (
 def declared(table: str) -> TableProtection:
     """The declaration for ``table``; tables not listed still get ``raw`` sealed."""
     return TABLES.get(table, TableProtection())
+
+
+def _note_context_beside_raw(df: DataFrame, wanted: bool) -> tuple[DataFrame, dict[str, str]]:
+    """Ingest's :data:`NOTE_CONTEXT` (a Composition with its bundle) as the ``note_text`` copy's
+    source: moved beside ``raw`` and filled with it where null (so the copy keeps its place in the
+    schema), as an input of the sealing only; dropped where the table makes no note copy."""
+    if not wanted or RAW not in df.columns:
+        return df.drop(NOTE_CONTEXT), {}
+    order = [c for c in df.columns if c != NOTE_CONTEXT]
+    at = order.index(RAW) + 1
+    context = F.coalesce(NOTE_CONTEXT, RAW).alias(NOTE_CONTEXT)
+    return df.select(*order[:at], context, *order[at:]), {NOTE_CONTEXT: "string"}
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,10 @@ class Protector:
         patient = (self.store.linkage_id(), spec.patient_id) if spec.patient_id in df.columns else None
         sealing = self.sealing(spec, df.schema, keys)
         copies = {c: RAW for c in (RAW_DEID, *spec.copies) if c in sealing.columns and c not in df.columns}
+        inputs = {}
+        if NOTE_CONTEXT in df.columns:  # plain text, never written
+            df, inputs = _note_context_beside_raw(df, NOTE_TEXT in copies)
+            copies |= dict.fromkeys([NOTE_TEXT] if inputs else [], NOTE_CONTEXT)
         sealed = seal_columns(
             df,
             self.ref,
@@ -222,6 +239,7 @@ class Protector:
             patient,
             sealing.to_reveal,
             copies,
+            inputs,
         )
         return sealing.mark(sealed), sealing
 
