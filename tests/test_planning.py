@@ -54,6 +54,8 @@ def test_weekly_demand_counts_stays_in_each_week_they_occupy_and_pools_small_uni
     got = {(r.unit, r.week): r.y for r in beds.where("y > 0").collect()}
     week1 = (w0 + dt.timedelta(weeks=1)).date()
     assert got == {("Bihar", w0.date()): 9.0, ("Bihar", week1): 3.0, (forecast.OTHER, w0.date()): 1.0}
+    series.unpersist()  # demand hands back its series cached, the encounters read once
+    beds.unpersist()
 
 
 def test_every_feature_is_known_at_the_origin_and_the_target_is_h_weeks_later(spark):

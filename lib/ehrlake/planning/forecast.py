@@ -77,25 +77,40 @@ def data_end(lake, role=None) -> dt.date:
 
 def demand(lake, s: Settings, resource: str, origin: dt.date, role=None) -> tuple[DataFrame, dict]:
     """Weekly demand ``(unit, week, y)`` for every unit and every week of the history up to the
-    origin week, zeros filled, and counts of the encounters read and left out."""
+    origin week, zeros filled (persisted: the caller unpersists it), and counts of the encounters
+    read and left out. The encounters are read once, into a narrow cached frame."""
     r = s.resource(resource)
     first = origin - dt.timedelta(weeks=s.history_weeks - 1)
     end = origin + dt.timedelta(days=6)
     unit_col = LEVELS[s.level]
-    enc = lake.read("silver.encounter", role=role).where(F.col("encounter_class").isin(list(r.classes)))
-    undated = F.col("start_at").isNull()
-    future = F.col("start_at") > F.current_timestamp()
-    counts = enc.agg(
-        F.count("*").alias("read"),
-        F.sum(undated.cast("int")).alias("undated"),
-        F.sum(future.cast("int")).alias("future"),
-    ).first()
-    enc = enc.where(~undated & ~future).select(
-        (F.coalesce(F.col(unit_col), F.lit("(unknown)")) if unit_col else F.lit("all")).alias("unit"),
-        F.to_date("start_at").alias("day"),
-        "end_at",
-        "length_of_stay_days",
+    read = (
+        lake.read("silver.encounter", role=role)
+        .where(F.col("encounter_class").isin(list(r.classes)))
+        .select(
+            (F.coalesce(F.col(unit_col), F.lit("(unknown)")) if unit_col else F.lit("all")).alias("unit"),
+            F.to_date("start_at").alias("day"),
+            "end_at",
+            "length_of_stay_days",
+            F.col("start_at").isNull().alias("undated"),
+            (F.col("start_at") > F.current_timestamp()).alias("future"),
+        )
+        .persist()
     )
+    try:
+        counts = read.agg(
+            F.count("*").alias("read"),
+            F.sum(F.col("undated").cast("int")).alias("undated"),
+            F.sum(F.col("future").cast("int")).alias("future"),
+        ).first()
+        series = _weekly(read.where(~F.col("undated") & ~F.col("future")), lake, s, r, first, end).persist()
+        series.count()
+    finally:
+        read.unpersist()
+    return series, {k: int(counts[k] or 0) for k in ("read", "undated", "future")}
+
+
+def _weekly(enc: DataFrame, lake, s: Settings, r, first: dt.date, end: dt.date) -> DataFrame:
+    """The zero-filled weekly series of dated encounters ``enc`` (unit, day, end_at, stay)."""
     if r.measure == "bed_days":
         stay = F.coalesce(
             F.datediff(F.to_date("end_at"), "day"), F.ceil("length_of_stay_days").cast("int"), F.lit(1)
@@ -123,8 +138,7 @@ def demand(lake, s: Settings, resource: str, origin: dt.date, role=None) -> tupl
         F.date_add(F.lit(first), (F.col("id") * 7).cast("int")).alias("week")
     )
     grid = weekly.select("unit").distinct().crossJoin(weeks)
-    series = grid.join(weekly, ["unit", "week"], "left").fillna(0.0, ["y"])
-    return series, {k: int(counts[k] or 0) for k in ("read", "undated", "future")}
+    return grid.join(weekly, ["unit", "week"], "left").fillna(0.0, ["y"])
 
 
 def rows(series: DataFrame, horizon: int) -> DataFrame:
@@ -311,7 +325,6 @@ def run(lake, resource: str, as_of: dt.date | None = None, role=None, s: Setting
     with lake.security.job("forecast", ["gold"], role) as (role, audit):
         origin = last_complete_week(as_of or data_end(lake, role))
         series, counts = demand(lake, s, resource, origin, role)
-        series = series.persist()
         all_rows = rows(series, s.horizon_weeks).persist()
         try:
             units = series.select("unit").distinct().count()
