@@ -403,10 +403,32 @@ def test_clean_writes_notes_de_identified_with_sections_and_concepts_and_keeps_w
     (tmp_path / "in2").mkdir()
     (tmp_path / "in2" / "more.ndjson").write_text(json.dumps(composition) + "\n")
     ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in2"))
-    assert clean.run(lake).rows["note"] == 4
+    report = clean.run(lake, incremental=True, rebuild_share=1.0)
+    assert report.rows["note"] == 4 and report.how["note"] == "rebuilt"  # a new source table
     ids = {r.note_id: r.note_type for r in lake.read("silver.note").collect()}
     assert ids["Composition/d1"] == "Clinical consultation note"
     assert ids["DocumentReference/d1"] == "History and physical note"
+
+    # an incremental clean recomputes only the changed patients' notes (here the only one: every
+    # patient may change), and gives what a rebuild gives
+    (tmp_path / "in3").mkdir()
+    later = _reference("d4", "p1", "2019-09-10T10:00:00Z", LAKE_NOTE.format(date="2019-09-10"))
+    (tmp_path / "in3" / "later.ndjson").write_text(json.dumps(later) + "\n")
+    ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "in3"))
+    report = clean.run(lake, incremental=True, rebuild_share=1.0)
+    assert report.rows["note"] == 5 and report.how["note"].startswith("merged +1 ")
+    assert report.how["note_concept"] == "merged +2 ~0 -0"  # the new note's two; the others as they were
+
+    def tables():
+        note = sorted(
+            (r.note_id, r.patient_key, r.text_deid, str(r.sections))
+            for r in lake.read("silver.note").collect()
+        )
+        return note, sorted(tuple(r) for r in lake.read("silver.note_concept").collect())
+
+    merged = tables()
+    assert clean.run(lake).how["note"] == "rebuilt" and tables() == merged
+    assert clean.run(lake, incremental=True).how["note"] == "unchanged"
 
 
 def test_a_document_bundles_composition_reaches_silver_with_the_entries_its_sections_point_at(lake, tmp_path):
@@ -481,7 +503,7 @@ def test_a_declared_csv_note_table_reaches_silver_de_identified_with_its_multi_l
 
     assert silver_notes.sources(lake) == ["bronze.ward_notes_discharge"]
     counts = silver_notes.refresh(lake, "test-run")
-    assert counts["note"] == (3, ["bronze.ward_notes_discharge"])
+    assert counts["note"] == (3, ["bronze.ward_notes_discharge"], "rebuilt")
     got = {r.note_id: r for r in lake.read("silver.note").collect()}
     assert sorted(got) == ["n1", "n2", "n3"]
     for nid in ("n1", "n2"):

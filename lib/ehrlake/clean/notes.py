@@ -17,20 +17,27 @@ executors (:mod:`ehrlake.notes`):
   negated / historical / family / hypothetical flags and the section.
 
 A record whose attachment holds no text (a PDF report) is a note row with ``no_text`` saying why:
-kept, not dropped. Both tables are rebuilt from bronze on every clean (the same input gives the
-same tables). The code list reaches the driver (one row per distinct code and name), the notes
-never do.
+kept, not dropped. Both tables are rebuilt from bronze (the same input gives the same tables), or,
+in an incremental clean, only the patients whose note records or identifiers changed since the
+versions the last run read are recomputed and their rows replaced (:mod:`ehrlake.lake.increments`);
+a changed code list (the concepts' targets), changed code, a changed note without a patient or
+too many patients changed rebuild instead. The code list reaches the driver (one row per distinct
+code and name), the notes never do.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_type
 
-from ehrlake.lake import WriteMode
+from ehrlake.lake import WriteMode, increments, watermarks
 from ehrlake.lake.catalog import list_tables
+from ehrlake.lake.increments import REBUILT, UNCHANGED
 from ehrlake.notes import concepts, deid
 from ehrlake.security import copies
 from ehrlake.security.columns import KeyRef
@@ -50,6 +57,8 @@ CODED = {
     "allergy": "silver.allergy",
 }
 NOTE_KEYS = ["source_system", "note_id"]
+CONCEPT_KEYS = [*NOTE_KEYS, "kind", "code_system", "code", "display", "start", "end"]  # a mention
+POPULATION = "silver.patient"  # the share of patients changed is taken of it
 SEALED_TEXT = TableProtection(("text",))  # the note as sent: to the reveal key
 _COPY = (
     "struct<notes:array<struct<note_id:string,encounter:string,date:string,kind:string,"
@@ -75,10 +84,10 @@ _RESULT = pa.struct(
 _RESULT_DDL = from_arrow_type(_RESULT).simpleString()  # the same type, for Spark
 
 
-def _opened(lake, table: str, column: str) -> DataFrame | None:
-    """``table`` with its sealed processing copy ``column`` opened; None where the table has none
-    (written before ingest kept it: re-ingest its files to read its notes)."""
-    df = lake.read(table)
+def _opened(lake, table: str, column: str, version: int | None = None) -> DataFrame | None:
+    """``table`` (at ``version``) with its sealed processing copy ``column`` opened; None where the
+    table has none (written before ingest kept it: re-ingest its files to read its notes)."""
+    df = lake.read(table, version=version)
     sealing = Sealing.of(df.schema)
     if sealing is None or column not in sealing.columns:
         return None
@@ -88,11 +97,10 @@ def _opened(lake, table: str, column: str) -> DataFrame | None:
 def sources(lake) -> list[str]:
     """The bronze tables with a ``note_text`` copy: FHIR's note resources, then any declared note
     table of a CSV extract (found by its sealed copy, so a declaration outside ``conf/extracts``
-    counts too)."""
-    found = [t for t in SOURCES if lake.exists(t)]
-    for name in list_tables(lake.root):
-        table = str(name)
-        if name.layer == "bronze" and table not in SOURCES:
+    counts too). A FHIR table written before ingest kept the copy has none: re-ingest its files."""
+    found = []
+    for table in [*[t for t in SOURCES if lake.exists(t)], *sorted(str(n) for n in list_tables(lake.root))]:
+        if table.startswith("bronze.") and table not in found:
             sealing = Sealing.of(lake.schema(table))
             if sealing is not None and copies.NOTE_TEXT in sealing.columns:
                 found.append(table)
@@ -104,15 +112,12 @@ def _header(df: DataFrame, name: str) -> F.Column:
     return F.col(name).cast("string") if name in df.columns else F.lit(None).cast("string")
 
 
-def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
-    """One row per note (or per record without readable text), with the text as sent; the
-    source tables read."""
-    parts, read = [], []
-    for table in sources(lake):
-        df = _opened(lake, table, copies.NOTE_TEXT)
-        if df is None:
-            continue
-        read.append(table)
+def _note_rows(lake, tables: list[str], read_at: dict[str, int]) -> DataFrame:
+    """One row per note (or per record without readable text), with the text as sent, from the
+    note ``tables`` at their versions in ``read_at``."""
+    parts = []
+    for table in tables:
+        df = _opened(lake, table, copies.NOTE_TEXT, read_at[table])
         copy = F.from_json(copies.NOTE_TEXT, _COPY)
         # a FHIR record's type and key (document-scoped where ingest made it so) name its notes
         if table in SOURCES:
@@ -148,21 +153,19 @@ def _note_rows(lake) -> tuple[DataFrame | None, list[str]]:
             F.col("s.reason").alias("no_text"),
         )
         parts += [found, skipped]
-    if not parts:
-        return None, read
     rows = parts[0]
     for part in parts[1:]:
         rows = rows.unionByName(part)
     # with the attachment's position where a record has several
     note_id = F.concat(F.col("_record"), F.regexp_extract("note_id", r"(#\d+)$", 1))
-    return rows.withColumn("note_id", F.coalesce(note_id, "note_id")).drop("_record"), read
+    return rows.withColumn("note_id", F.coalesce(note_id, "note_id")).drop("_record")
 
 
-def _prints(lake) -> DataFrame | None:
+def _prints(lake, read_at: dict[str, int]) -> DataFrame | None:
     """patient_key -> the patient's identifier fingerprints (their ``id_prints`` copy)."""
-    if not lake.exists(PATIENTS):
+    if PATIENTS not in read_at:
         return None
-    df = _opened(lake, PATIENTS, copies.ID_PRINTS)
+    df = _opened(lake, PATIENTS, copies.ID_PRINTS, read_at[PATIENTS])
     if df is None:
         return None
     return df.select("patient_key", copies.ID_PRINTS).dropDuplicates(["patient_key"])
@@ -223,18 +226,61 @@ def _reader(ref: KeyRef, linkage_id: str, found: list[concepts.Target]):
     return read
 
 
-def refresh(lake, run_id: str) -> dict[str, tuple[int, list[str]]] | None:
-    """Rewrite both tables from bronze; (rows, sources) per table name, None without note sources."""
-    rows, read = _note_rows(lake)
-    if rows is None:
+def refresh(
+    lake, run_id: str, incremental: float = 0.0, job: str = "clean"
+) -> dict[str, tuple[int, list[str], str]] | None:
+    """Bring both tables up to date with bronze: (rows, sources, what was done) per table name;
+    None without note sources. ``incremental``: the share of the patients changed above which to
+    rebuild (0: always rebuild); ``job``: whose watermarks (``ops.watermarks``) say what was read."""
+    tables = sources(lake)
+    if not tables:
         return None
-    prints = _prints(lake)
+    read_at = {t: lake.version(t) for t in [*tables, *([PATIENTS] if lake.exists(PATIENTS) else [])]}
+    found = targets(lake)
+    fp = watermarks.fingerprint(found, watermarks.code(sys.modules[__name__], Path(concepts.__file__).parent))
+    patients = _changed(lake, read_at, fp, incremental, job)
+    commit = {"ehrlakeJob": job, "ehrlakeRunId": run_id}
+    try:
+        if patients is not None and patients.isEmpty():
+            how = dict.fromkeys((NOTE, CONCEPT), UNCHANGED)
+        else:
+            how = _write(lake, tables, read_at, found, patients, commit)
+        watermarks.record(lake, [watermarks.Watermark(job, t, read_at, fp, run_id) for t in how], commit)
+    finally:
+        if patients is not None:
+            patients.unpersist()
+    return {t.split(".", 1)[1]: (lake.row_count(t), tables, how[t]) for t in how}
+
+
+def _changed(lake, read_at: dict[str, int], fp: str, share: float, job: str) -> DataFrame | None:
+    """The patients (persisted) whose note records or identifiers changed since the versions the
+    last run read, when an incremental run can bring the tables up to date with them; else None."""
+    if not share or not (lake.exists(NOTE) and lake.exists(CONCEPT)):
+        return None
+    mark = watermarks.read(lake, job).get(NOTE)
+    changed = increments.changed_patients(lake, mark, read_at, fp, unkeyed_rebuilds=True)
+    if changed is None:
+        return None
+    changed = changed.persist()
+    if increments.too_many(lake, changed, POPULATION, share):
+        changed.unpersist()
+        return None
+    return changed
+
+
+def _write(lake, tables, read_at, found, patients: DataFrame | None, commit: dict) -> dict[str, str]:
+    """Compute the notes of ``patients`` (None: of everyone) and write them: replaced patient by
+    patient, or the tables rewritten; what was done to each table."""
+    rows = _note_rows(lake, tables, read_at)
+    prints = _prints(lake, read_at)
+    if patients is not None:
+        rows = rows.join(F.broadcast(patients), "patient_key", "left_semi")
     if prints is None:
         rows = rows.withColumn(copies.ID_PRINTS, F.lit(None).cast("string"))
     else:
         rows = rows.join(prints, "patient_key", "left")
     protector = lake.security.protector
-    reader = _reader(protector.ref, protector.store.linkage_id(), targets(lake))
+    reader = _reader(protector.ref, protector.store.linkage_id(), found)
     done = (
         rows.withColumn("_r", reader("patient_key", "text", copies.ID_PRINTS))
         .withColumn("date", F.expr("try_cast(date AS TIMESTAMP)"))
@@ -256,16 +302,22 @@ def refresh(lake, run_id: str) -> dict[str, tuple[int, list[str]]] | None:
             "_r.sections",
         ).withColumn("encounter_id", F.nullif("encounter_id", F.lit("")))
         note, _ = protector.protect(note, NOTE, NOTE_KEYS, SEALED_TEXT)
-        mentions = done.select(
-            "source_system", "note_id", "patient_key", "date", F.explode("_r.mentions").alias("m")
-        ).select("source_system", "note_id", "patient_key", "date", "m.*")
-        commit = {"ehrlakeJob": "clean", "ehrlakeRunId": run_id}
-        lake.write(note, NOTE, mode=WriteMode.OVERWRITE, commit_info=commit)
-        lake.write(mentions, CONCEPT, mode=WriteMode.OVERWRITE, commit_info=commit)
-        counts = {
-            NOTE: lake.read(NOTE).count(),
-            CONCEPT: lake.read(CONCEPT).count(),
+        head = ["source_system", "note_id", "patient_key", "date"]
+        mentions = (
+            done.select(*head, F.explode("_r.mentions").alias("m"))
+            .select(*head, "m.*")
+            .dropDuplicates(CONCEPT_KEYS)  # one row per mention: the merge's key
+        )
+        if patients is None:
+            lake.write(note, NOTE, mode=WriteMode.OVERWRITE, commit_info=commit)
+            lake.write(mentions, CONCEPT, mode=WriteMode.OVERWRITE, commit_info=commit)
+            return dict.fromkeys((NOTE, CONCEPT), REBUILT)
+        # the sealed text is sealed afresh (a new nonce): a recomputed note is rewritten, a concept
+        # only where it differs
+        merged = {
+            table: increments.replace_patients(lake, frame, table, keys, patients, commit)
+            for table, frame, keys in ((NOTE, note, NOTE_KEYS), (CONCEPT, mentions, CONCEPT_KEYS))
         }
+        return {table: increments.describe(found) for table, found in merged.items()}
     finally:
         done.unpersist()
-    return {table.split(".", 1)[1]: (n, read) for table, n in counts.items()}

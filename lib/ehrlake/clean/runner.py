@@ -16,6 +16,7 @@ from ehrlake.clean.mappings import Mapping, load_mappings, mapping_files
 from ehrlake.clean.model import ENTITIES, Entity
 from ehrlake.errors import ConfigError
 from ehrlake.lake import WriteMode, increments, locks, watermarks
+from ehrlake.lake.increments import INCREMENTAL, REBUILT, UNCHANGED
 from ehrlake.security.protection import Sealing
 from ehrlake.views import ISSUES
 
@@ -41,7 +42,6 @@ class CleanReport:
         return "\n".join(lines)
 
 
-REBUILT, UNCHANGED, INCREMENTAL = "rebuilt", "unchanged", "incremental"
 JOB = "clean"
 BIRTH_DATES = {"bronze.fhir_patient": "birth_date", "bronze.synthea_patients": "birthdate"}
 HERE = Path(__file__).parent  # the clean package: its code is part of the fingerprint
@@ -123,8 +123,8 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
         if copies is not None:
             report.rows[origin.NAME], report.sources[origin.NAME] = copies, [origin.SOURCE]
             report.how[origin.NAME] = REBUILT
-        for name, (rows, sources) in (notes.refresh(lake, run_id) or {}).items():
-            report.rows[name], report.sources[name], report.how[name] = rows, sources, REBUILT
+        for name, (rows, sources, how) in (notes.refresh(lake, run_id, incremental, JOB) or {}).items():
+            report.rows[name], report.sources[name], report.how[name] = rows, sources, how
         watermarks.record(
             lake,
             [
