@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "scikit-learn==1.8.0",
     "scipy==1.17.1",  # linear programming audit of small-cell suppression
     "pulp==3.3.2",  # the resource allocation program (ehrlake plan), solved by its bundled CBC
+    "philter-ucsf==1.0.3",  # its name lists (BSD-3, data only): names no context marks, in notes
     "pyyaml==6.0.3",
     # zstd with a trained dictionary compresses each raw record ~5x before it is sealed (docs/security.md)
     "zstandard==0.25.0",

@@ -8,6 +8,8 @@ manual labels:
 - **leftover**: of the patient's own identifiers that occur in a note (each name part with and
   without Synthea's digits, street line, city, phone), the share still found in the de-identified
   text. Aim: 0.
+- **name list** (``deid.name_list``): the words it took as names. Every name Synthea writes
+  carries digits or is the patient's own, so each of them is a false alarm.
 - **clinical terms kept** (a precision proxy): of the display names of the patient's conditions,
   medications, procedures, immunizations and allergies that occur in the note, the share still
   found after. Aim: at least 0.99; a term lost is a clinical word a pattern took for an identifier.
@@ -221,7 +223,10 @@ def main() -> int:
     for path in sorted(args.bundles.glob("*.json*")):
         with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as f:
             bundles.append([e["resource"] for e in json.load(f).get("entry", [])])
-    matcher = concepts.Matcher(_targets(bundles))
+    targets = _targets(bundles)
+    matcher = concepts.Matcher(targets)
+    keep = deid.vocabulary(t.phrase for t in targets)  # what the clean job keeps: the lake's code words
+    listed: dict[str, int] = {}  # words the name list took: Synthea's names carry digits, so none is one
     scores: dict[str, list[int]] = {kind: [0, 0, 0, 0] for kind in KIND.values()}
     flagged = {flag: 0 for flag in concepts.FLAGS}
     mentions = 0
@@ -241,13 +246,16 @@ def main() -> int:
                 continue
             text = base64.b64decode(r["content"][0]["attachment"]["data"]).decode("utf-8", "replace")
             started = time.perf_counter()
-            done = deid.deidentify(text, prints, offset)
+            done = deid.deidentify(text, prints, offset, keep)
             seconds += time.perf_counter() - started
             out = done.text
             for span in done.spans:
                 kinds[span.kind] = kinds.get(span.kind, 0) + 1
+                words = text[span.start : span.end]
                 if span.kind != "DATE":
-                    replaced[text[span.start : span.end]] = replaced.get(text[span.start : span.end], 0) + 1
+                    replaced[words] = replaced.get(words, 0) + 1
+                if span.kind == "NAME" and words.lower() in deid.name_list():
+                    listed[words] = listed.get(words, 0) + 1
             notes += 1
             characters += len(text)
             for term in identifiers:
@@ -299,6 +307,8 @@ def main() -> int:
         "lost_terms": dict(sorted(lost.items(), key=lambda kv: -kv[1])[:20]),
         "replaced_by_kind": kinds,
         "most_replaced": dict(sorted(replaced.items(), key=lambda kv: -kv[1])[:25]),
+        "name_list_replacements": sum(listed.values()),
+        "name_list_words": dict(sorted(listed.items(), key=lambda kv: -kv[1])[:25]),
         "concepts": _concept_scores(scores),
         "mentions": mentions,
         "mentions_flagged": flagged,

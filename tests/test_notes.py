@@ -134,6 +134,17 @@ def test_patterns_replace_only_what_identifies(text, expected):
     assert deid.deidentify(text).text == expected
 
 
+def test_names_no_context_marks_come_out_by_the_name_list_but_the_lakes_clinical_words_stay():
+    text = "Priya Sharma called. Reviewed with Thomas; Will follow up. History of Parkinson disease."
+    assert deid.deidentify(text).text == (
+        "[NAME] [NAME] called. Reviewed with [NAME]; Will follow up. History of [NAME] disease."
+    )  # "Will" is a common word as much as a name: the list leaves it; an eponym is taken
+    keep = deid.vocabulary(["Parkinson's disease (disorder)"])
+    assert deid.deidentify(text, keep=keep).text.endswith("History of Parkinson disease.")
+    assert {"priya", "sharma", "thomas", "kumar"} <= deid.name_list()
+    assert not {"will", "patient", "diabetes", "chief", "may"} & deid.name_list()
+
+
 def _matcher():
     from ehrlake.notes import concepts
 

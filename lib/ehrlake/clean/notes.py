@@ -198,6 +198,7 @@ def _reader(ref: KeyRef, linkage_id: str, found: list[concepts.Target]):
         secret = ref.key(linkage_id).material
         shift = copies.shift_secret(secret)
         matcher = concepts.Matcher(found)
+        keep = deid.vocabulary(t.phrase for t in found)  # "Parkinson's disease" is no one's name
         out = []
         columns = (patients.to_pylist(), texts.to_pylist(), prints.to_pylist())
         for patient, text, copy in zip(*columns, strict=True):
@@ -205,7 +206,7 @@ def _reader(ref: KeyRef, linkage_id: str, found: list[concepts.Target]):
                 out.append(None)
                 continue
             offset = deid.date_offset(patient, shift) if patient else 0
-            clean = deid.deidentify(text, copies.read_prints(copy, secret), offset).text
+            clean = deid.deidentify(text, copies.read_prints(copy, secret), offset, keep).text
             mentions = [
                 {
                     "kind": m.target.kind,

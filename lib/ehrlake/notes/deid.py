@@ -11,8 +11,9 @@ typed placeholder (``[NAME]``, ``[ADDRESS]``, ``[PHONE]``...), except dates, whi
   Marquardt819") and Synthea's digit-suffixed ones, ages over 89 (written "90+"); and, by their
   context (:data:`IN_CONTEXT`, medspaCy-style rules), other persons' untitled names after a
   relation or role ("her husband Ravi", "seen by Anita Rao") and places after where someone lives
-  or comes from ("lives in Lucknow"): no name list or model holds every name, the words around
-  one say that it is one;
+  or comes from ("lives in Lucknow"); and untitled names that no context marks, by
+  :func:`name_list` (first and last names that no common English word shares: Philter's lists),
+  unless the word is one of the lake's clinical vocabulary (``keep``: "Parkinson", "Crohn");
 - **dates** moved by the patient's own offset (:func:`date_offset`: the same in every note of the
   patient, so intervals between notes and records still read true), written back in the format
   they came in; a date that cannot be read becomes ``[DATE]``.
@@ -25,11 +26,15 @@ measure what it missed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
+import importlib.util
+import json
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MAX_SHIFT_DAYS = 365
 MONTHS = (
@@ -255,6 +260,41 @@ def _pattern_spans(text: str) -> list[Span]:
     return spans
 
 
+NAME_LISTS = "philter_ucsf"  # UCSF's Philter (BSD-3): its name lists and its whitelist, as data
+_LISTED = re.compile(r"\b[A-Z][a-z]{2,}(?:'[A-Z]?[a-z]+)?\b(?!\d)")  # a capitalised word, 3+ letters
+
+
+@functools.cache
+def name_list() -> frozenset[str]:
+    """Lower-case first and last names (Philter's lists of about 97,000 and 161,000, from US census
+    and other sources, Indian names among them) less every word of its whitelist of about 195,000
+    common English and medical words: a word here is a name, seldom anything else. Read once per
+    process (about 240,000 words); the package is found, not imported (its code needs NLTK)."""
+    spec = importlib.util.find_spec(NAME_LISTS)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{NAME_LISTS} is not installed (make setup): its name lists de-identify notes")
+    root = Path(spec.submodule_search_locations[0]) / "filters"
+    words = lambda path: json.loads((root / path).read_text(encoding="utf-8"))  # noqa: E731
+    names = set(words("blacklists/firstnames_minus_fps.json"))
+    names |= set(words("blacklists/lastnames_minus_fps.json"))
+    return frozenset(names - set(words("whitelists/whitelist_plus_fps_091718_nonames.json")))
+
+
+def _listed_spans(text: str, keep: frozenset[str]) -> list[Span]:
+    names = name_list()
+    return [
+        Span(m.start(), m.end(), "NAME", "[NAME]")
+        for m in _LISTED.finditer(text)
+        if (word := m.group(0).lower()) in names and word not in keep
+    ]
+
+
+def vocabulary(phrases) -> frozenset[str]:
+    """The lower-case words of ``phrases`` (the display names of the lake's codes): kept by
+    :func:`deidentify` even where a name list holds them ("Parkinson's disease")."""
+    return frozenset(w for p in phrases for w in re.findall(r"[a-z]{3,}", p.lower()))
+
+
 def _month(name: str) -> int | None:
     name = name.lower().rstrip(".")
     return next((i + 1 for i, m in enumerate(MONTHS) if m.startswith(name[:3])), None)
@@ -295,15 +335,18 @@ def _merged(spans: list[Span]) -> list[Span]:
     return sorted(chosen, key=lambda s: s.start)
 
 
-def deidentify(text: str, known: Known | Fingerprints = Known(), offset: int = 0) -> Deidentified:
+def deidentify(
+    text: str, known: Known | Fingerprints = Known(), offset: int = 0, keep: frozenset[str] = frozenset()
+) -> Deidentified:
     """``text`` without the patient's ``known`` identifiers (as recorded, or as their
-    :func:`fingerprints`) and the patterns above, dates moved by ``offset`` days
-    (:func:`date_offset`)."""
+    :func:`fingerprints`), the patterns above and listed names (but the words of ``keep``:
+    :func:`vocabulary`), dates moved by ``offset`` days (:func:`date_offset`)."""
     if not text:
         return Deidentified(text or "")
     if isinstance(known, Known):  # one finder: the identifiers hashed under a key of this call
         known = fingerprints(known, os.urandom(16))
-    spans = _merged(_known_spans(text, known) + _pattern_spans(text) + _date_spans(text, offset))
+    found = _known_spans(text, known) + _pattern_spans(text) + _listed_spans(text, keep)
+    spans = _merged(found + _date_spans(text, offset))
     out, last = [], 0
     for s in spans:
         out.append(text[last : s.start])
