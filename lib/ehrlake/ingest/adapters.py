@@ -68,6 +68,15 @@ class Context:
     now: Column  # the run's start, as a timestamp literal (lineage)
     report: IngestReport
 
+    def shown(self, path: str) -> str:
+        """A file as the run's notes name it: its path under the input folder (two exports in
+        one input may both hold a ``patients.csv.gz``), else its name."""
+        root = os.path.abspath(self.input_path)
+        full = os.path.abspath(path)
+        if os.path.isdir(root) and full.startswith(root + os.sep):
+            return os.path.relpath(full, root)
+        return os.path.basename(path)
+
 
 def union(parts: list[DataFrame]) -> DataFrame:
     return functools.reduce(DataFrame.unionByName, parts)
@@ -199,7 +208,7 @@ class CsvSource(Adapter):
             header = tuple(parse_header(line)) if line.strip() else ()
             groups[(table_stem(f.path), header)].append(f.path)
             unknown, missing = column_drift(catalog.spec_for(table_stem(f.path)), list(header))
-            name = os.path.basename(f.path)
+            name = ctx.shown(f.path)
             if unknown:
                 report.notes.append(
                     f"{name}: column(s) not in the declaration, ignored: {', '.join(unknown)}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import uuid
 from dataclasses import asdict
 
@@ -119,7 +118,7 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
     if census.unreadable:
         report.notes.append(f"file(s) that could not be read (quarantined): {', '.join(census.unreadable)}")
     if census.files is not None:
-        report.empty_files = sorted(os.path.basename(f.path) for f in todo if f.path not in census.files)
+        report.empty_files = sorted(ctx.shown(f.path) for f in todo if f.path not in census.files)
     if report.empty_files:
         report.notes.append(
             f"file(s) without a single record (nothing to load): {', '.join(report.empty_files)}"

@@ -189,7 +189,8 @@ def run(
 
 
 def lines(plan: list[dict]) -> list[str]:
-    """The plan as a few printable lines: the placement per unit and what it changes."""
+    """The plan as a few printable lines: the placement per unit and what it changes (a unit with
+    no capacity, no placement and no demand even at its upper bound is counted, not listed)."""
     if not plan:
         return []
     p0 = plan[0]
@@ -201,7 +202,8 @@ def lines(plan: list[dict]) -> list[str]:
         f"{p0['first_week']} to {p0['last_week']}; expected unmet demand {before:.2f} -> {after:.2f} per "
         f"week ({(after / before - 1) if before else 0:+.0%}) -> {TABLE}"
     ]
-    for r in sorted(plan, key=lambda r: (-r["allocated"], -r["expected_demand"], r["unit"]))[:10]:
+    shown = [r for r in plan if r["allocated"] or r["capacity"] or r["peak_upper"]]  # not the idle ones
+    for r in sorted(shown, key=lambda r: (-r["allocated"], -r["expected_demand"], r["unit"]))[:10]:
         out.append(
             f"  {r['unit'][:32]:<32} capacity {r['capacity']:>7.0f}  +{r['allocated']:<5} demand "
             f"{r['expected_demand']:>7.1f} (upper {r['peak_upper']:.1f})  unmet "
