@@ -216,3 +216,41 @@ def test_sql_as_analyst_reads_what_the_policy_shows_and_nothing_else(loaded):
         for e in events
     )
     assert ("denied", "analyst", "bronze.fhir_patient", "SELECT * FROM bronze.fhir_patient") in events
+
+
+def test_a_site_role_reads_only_its_own_rows_and_no_table_that_cannot_tell_them(lake, tmp_path):
+    """A role limited to some rows (a federated client's site, issue 24): its own source system's
+    rows through the library and through SQL; a table without the condition's columns is refused,
+    not shown whole; every read records the condition, every refusal is audited."""
+    from ehrlake import sql
+    from ehrlake.lake import _native
+    from ehrlake.security.access import AccessPolicy, Role
+
+    for system, pid in (("hospital-a", "p1"), ("hospital-b", "p2")):
+        write_ndjson(tmp_path / system / "Patient.ndjson", [patient(pid)])
+        write_ndjson(tmp_path / system / "Condition.ndjson", [condition(f"c{pid}", pid)])
+        ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / system), source_system=system)
+    lake.write(
+        lake.spark.createDataFrame([("x", 1)], "k string, n int"), "gold.no_site", mode=WriteMode.OVERWRITE
+    )
+    access = lake.security.access
+    site = Role(name="site:hospital-a", read=("bronze.*", "gold.*"), rows="source_system = 'hospital-a'")
+    access.policy = AccessPolicy({**access.policy.roles, site.name: site})
+    access.grants = None  # the session's signed grants name the shipped roles only
+
+    assert [r.source_system for r in access.read(lake, "bronze.fhir_condition", site.name).collect()] == [
+        "hospital-a"
+    ]
+    assert access.read(lake, "bronze.fhir_condition", "engineer").count() == 2  # others unchanged
+    with pytest.raises(AccessDenied, match="reads only rows where source_system = 'hospital-a'"):
+        access.read(lake, "gold.no_site", site.name)
+    if _native.available(lake.spark):
+        statement = "SELECT source_system, count(*) AS n FROM bronze.fhir_condition GROUP BY source_system"
+        assert [tuple(r) for r in sql.query(lake, statement, site.name).collect()] == [("hospital-a", 1)]
+        with pytest.raises(AccessDenied, match="cannot tell"):
+            sql.query(lake, "SELECT * FROM gold.no_site", site.name)
+    reads = [e for e in _audit(lake, "read") if e["role"] == site.name]
+    assert reads and {e["detail"] for e in reads if e["outcome"] == "allowed"} == {
+        "rows: source_system = 'hospital-a'"
+    }
+    assert any(e["outcome"] == "denied" and e["table_name"] == "gold.no_site" for e in reads)

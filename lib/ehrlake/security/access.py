@@ -14,6 +14,7 @@ import fnmatch
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -41,6 +42,9 @@ class Role:
     deny_columns: tuple[str, ...] = ()
     reveal: bool = False
     approve_models: bool = False  # may approve or reject model versions for production
+    # a SQL condition on a table's columns: the only rows the role reads (a site's own, for a
+    # federated client: "source_system = 'hospital-a'"); a table it cannot apply to is not readable
+    rows: str = ""
 
     def validate(self) -> None:
         if self.sealed not in SEALED_MODES:
@@ -171,10 +175,24 @@ class Access:
         if not role.may_read(table):
             self._deny(Event("read", role=role.name, table_name=table))
             raise AccessDenied(f"role {role.name} may not read {table}")
-        df = lake.read(table, **at)
+        df = self.own_rows(lake.read(table, **at), role, table)
         df = df.select(*[f"`{c}`" for c in self.shown_columns(lake, table, role, df.columns)])
-        self.audit.record(Event("read", role=role.name, table_name=table, columns=df.columns))
+        rows = f"rows: {role.rows}" if role.rows else None
+        self.audit.record(Event("read", role=role.name, table_name=table, columns=df.columns, detail=rows))
         return df
+
+    def own_rows(self, df: DataFrame, role: Role, table: str) -> DataFrame:
+        """``df`` (rows of ``table``) narrowed to the rows ``role`` may read (all, without ``rows``);
+        a table the condition cannot apply to (it lacks the columns) is refused and audited."""
+        if not role.rows:
+            return df
+        try:
+            return df.where(F.expr(role.rows))
+        except AnalysisException:
+            self._deny(Event("read", role=role.name, table_name=table, detail=f"rows: {role.rows}"))
+            raise AccessDenied(
+                f"role {role.name} reads only rows where {role.rows}, which {table} cannot tell"
+            ) from None
 
     @staticmethod
     def shown_columns(lake, table: str, role: Role, columns: list[str] | None = None) -> list[str]:
@@ -209,7 +227,7 @@ class Access:
         df = lake.read(table)
         if "patient_key" not in df.columns:
             raise ConfigError(f"{table} has no patient_key column; nothing to reveal by patient")
-        df = df.where(F.col("patient_key") == patient_key)
+        df = self.own_rows(df.where(F.col("patient_key") == patient_key), role, table)
         if sealing:
             df = self.protector.revealing().open(df, table, sealing)
             event.columns = sorted(sealing.columns)

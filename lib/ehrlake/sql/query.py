@@ -55,6 +55,9 @@ def query(lake, statement: str, role: str) -> DataFrame:
             raise AccessDenied(f"{name} {why}")
     with RoleViews(lake, allowed) as views:
         views.add(names)
+        for name in set(names) - set(views.views):  # a row-limited role's condition cannot apply
+            access._deny(Event("sql", role=allowed.name, table_name=name, detail=f"rows: {allowed.rows}"))
+            raise AccessDenied(f"role {role} reads only rows where {allowed.rows}, which {name} cannot tell")
         result = spark.sql(statement)  # analysed now: the frame keeps what the views resolved to
         reason = guard.violation(result, views.views)
         shown = dict(views.columns)
@@ -63,7 +66,8 @@ def query(lake, statement: str, role: str) -> DataFrame:
         access._deny(event)
         raise AccessDenied(reason)
     # what each table showed the role, as a read through the policy records it; one commit
-    reads = [Event("read", role=allowed.name, table_name=n, columns=shown[n]) for n in names]
+    rows = f"rows: {allowed.rows}" if allowed.rows else None
+    reads = [Event("read", role=allowed.name, table_name=n, columns=shown[n], detail=rows) for n in names]
     access.audit.record(*reads, event)
     return result
 

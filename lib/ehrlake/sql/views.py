@@ -1,10 +1,11 @@
 """A role's view of the lake in Spark's catalog: ``silver.condition`` as the policy shows the role.
 
 Each table the role may read becomes a view under its own name holding exactly the columns the
-policy shows that role (hidden and, by policy, sealed columns are not there). The view reads the
-Delta table registered under a database name made up here (``_ehrlake_<hex>``), which the guard
-never lets a statement name. ``ehrlake sql`` keeps the views for one statement; ``ehrlake serve sql``
-for the server's life, adding tables as jobs create them.
+policy shows that role (hidden and, by policy, sealed columns are not there) and, for a role
+limited to some rows (a site's own), only those rows; a table the limit cannot apply to gets no
+view. The view reads the Delta table registered under a database name made up here
+(``_ehrlake_<hex>``), which the guard never lets a statement name. ``ehrlake sql`` keeps the views
+for one statement; ``ehrlake serve sql`` for the server's life, adding tables as jobs create them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import uuid
+
+from pyspark.errors import AnalysisException
 
 from ehrlake.errors import EnvironmentProblem
 from ehrlake.lake.catalog import TableName, list_tables
@@ -55,7 +58,13 @@ class RoleViews:
             self.spark.sql(f"CREATE TABLE {stored} USING delta LOCATION '{self.lake.path(name)}'")
             columns = self.lake.security.access.shown_columns(self.lake, name, self.role)
             listed = ", ".join(f"`{c}`" for c in columns)
-            self.spark.sql(f"CREATE VIEW {name} AS SELECT {listed} FROM {stored}")
+            rows = f" WHERE {self.role.rows}" if self.role.rows else ""  # a site's own rows only
+            try:
+                self.spark.sql(f"CREATE VIEW {name} AS SELECT {listed} FROM {stored}{rows}")
+            except AnalysisException:
+                if not rows:
+                    raise
+                continue  # the role's row condition cannot apply to this table: no view of it
             self.columns[name] = columns
             added.append(name)
         return added
