@@ -319,6 +319,6 @@ def _write(lake, tables, read_at, found, patients: DataFrame | None, commit: dic
             table: increments.replace_patients(lake, frame, table, keys, patients, commit)
             for table, frame, keys in ((NOTE, note, NOTE_KEYS), (CONCEPT, mentions, CONCEPT_KEYS))
         }
-        return {table: increments.describe(found) for table, found in merged.items()}
+        return {table: increments.describe(counts) for table, counts in merged.items()}
     finally:
         done.unpersist()
