@@ -113,12 +113,22 @@ def explode_bundles(docs: DataFrame) -> DataFrame:
     relative = full_url.rlike(RELATIVE_URL)
     entries = (
         parsed.where(is_bundle)
+        # per bundle, before the explode: a column computed beside it from ``text`` would keep the
+        # whole bundle's text on every entry's row (a patient export of 300 entries x 1 MB each)
         .select(
             "source_file",
             "record_index",
             "bad_utf8",
             _document_scope().alias("_scope"),
             F.when(_has_composition(), F.col("text")).alias("_bundle"),
+            "_b",
+        )
+        .select(
+            "source_file",
+            "record_index",
+            "bad_utf8",
+            "_scope",
+            "_bundle",
             F.posexplode("_b.entry").alias("pos", "entry"),
         )
         .select(
