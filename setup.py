@@ -12,7 +12,7 @@ INSTALL_REQUIRES = [
     "pyarrow==22.0.0",
     "pandas==2.3.3",
     "numpy==2.3.5",
-    "cryptography==46.0.3",
+    "cryptography==50.0.2",
     "xgboost==3.2.0",
     "scikit-learn==1.8.0",
     "scipy==1.17.1",  # linear programming audit of small-cell suppression
@@ -28,6 +28,10 @@ INSTALL_REQUIRES = [
     "grpcio==1.85.3",
     "grpcio-status==1.85.3",
     "googleapis-common-protos==1.76.0",
+    # federated learning across sites (ehrlake federated; docs/federated.md): Flower's SuperLink,
+    # SuperNodes and apps, and the privacy accountant (epsilon of the noise a run added)
+    "flwr==1.42.0",  # needs cryptography >= 50 (hence the pin above)
+    "dp-accounting==0.6.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -47,7 +51,7 @@ setup(
     description="EHR lakehouse on Apache Spark: ingest, clean, analyse and model health records in Delta tables",
     package_dir={"": "lib"},
     packages=find_packages("lib"),
-    package_data={"ehrlake.security": ["*.zdict"]},
+    package_data={"ehrlake.security": ["*.zdict"], "ehrlake.federated": ["app/*.toml", "app/ehrlake_fl/*.py"]},
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -12,7 +12,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE = REPO / "data" / "sample"
-ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "reviewer", "auditor")
+ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "reviewer", "auditor",
+             "site:emergency", "site:referral", "site:other")  # fmt: skip
 # Spark compiles generated code for every plan; on the suite's tiny tables compiling costs more than
 # it saves (two modules: 355 s with it, 281 s without, 2 cores). The suite runs Spark's interpreted
 # expressions, in process and in every CLI or spark-submit it starts ($EHRLAKE_CONF below); the demo

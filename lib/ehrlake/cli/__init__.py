@@ -2,9 +2,9 @@
 
 Every command: ``--help``; exit 0 on success; on failure one clear line on stderr and exit 1
 (2 for bad arguments, as argparse does). Each command lives in a module of this package beside its
-arguments (``stages``, ``access``, ``keys``, ``modelling``, ``views``, ``export``, ``review``,
-``planning``, ``pipeline``) and calls the library; this module builds the parser from them and runs
-the chosen command.
+arguments (``stages``, ``access``, ``keys``, ``modelling``, ``federated``, ``views``, ``export``,
+``review``, ``planning``, ``pipeline``) and calls the library; this module builds the parser from
+them and runs the chosen command.
 """
 
 from __future__ import annotations
@@ -14,7 +14,19 @@ import logging
 import os
 import sys
 
-from ehrlake.cli import access, common, export, keys, modelling, pipeline, planning, review, stages, views
+from ehrlake.cli import (
+    access,
+    common,
+    export,
+    federated,
+    keys,
+    modelling,
+    pipeline,
+    planning,
+    review,
+    stages,
+    views,
+)
 from ehrlake.errors import EhrlakeError
 
 
@@ -26,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--verbose", action="store_true", help="show Spark's own log and full stack traces on errors"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (stages, access, keys, modelling, views, export, review, planning):
+    for module in (stages, access, keys, modelling, federated, views, export, review, planning):
         module.register(sub)
     pipeline.register(sub, build_parser, dispatch)
     return parser

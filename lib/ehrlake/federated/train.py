@@ -1,0 +1,190 @@
+"""``ehrlake federated train``: an L1 logistic regression trained across sites with Flower.
+
+1. the task's federated table is written with each row's site and split (:func:`sites.prepare`);
+2. each site's client extracts its own training rows as its ``site:<name>`` role (:func:`sites.extract`),
+   to a folder only its SuperNode reads;
+3. Flower runs: a SuperLink, a SuperNode per site, the ServerApp pooling the sites' moments and
+   averaging their fitted weights round by round (FedAvg or FedProx), with clipping and Gaussian
+   noise when privacy is asked for (:mod:`runtime`, :mod:`flower_apps`);
+4. the final weights become the central logreg pipeline (:mod:`model`), evaluated on the held-out
+   patients of all sites by the same evaluation as central training, and registered as
+   ``<task>.logreg-federated`` with its strategy, rounds, sites, epsilon and delta.
+
+The sites' extracts are deleted when the run ends; only the model and its record remain.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pyspark.ml.evaluation import BinaryClassificationEvaluator
+from pyspark.sql import functions as F
+
+from ehrlake.errors import EhrlakeError
+from ehrlake.federated import learner, model, privacy, runtime, sites
+from ehrlake.models import evaluate, explain, registry, versions
+from ehrlake.models.train import DEFAULT_SEED, score_column
+
+STRATEGIES = ("fedavg", "fedprox")
+ALGORITHM = "logreg"
+TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class Run:
+    model: registry.ModelVersion
+    site_rows: dict[str, int]
+    round_auroc: list[float]
+    bytes_per_round: int
+    unsited: int
+    received: list[dict]  # what the server received from the sites: record names, shapes, bytes
+
+    def lines(self) -> list[str]:
+        p = self.model.params
+        privacy_ = (
+            f"{p['privacy']}-level epsilon {p['epsilon']:.2f} at delta {p['delta']:g} "
+            f"(noise {p['noise_multiplier']:.2f}, clip {p['clip']:g})"
+            if p["noise_multiplier"] else "no differential privacy"
+        )  # fmt: skip
+        out = [
+            f"{self.model.label}: {p['strategy']}, {p['rounds']} rounds over {len(self.site_rows)} sites "
+            f"({', '.join(f'{s} {n:,}' for s, n in self.site_rows.items())} training rows); {privacy_}",
+            f"  {self.model.headline()}; test AUROC by round: "
+            + " ".join(f"{a:.3f}" for a in self.round_auroc),
+            f"  each round the server received {self.bytes_per_round:,} bytes of model updates, no rows",
+        ]
+        if self.unsited:
+            out.append(
+                f"  {self.unsited:,} rows meet no site's condition ({sites.CONF.name}) and were left out"
+            )
+        return out
+
+
+def train(
+    lake,
+    task: str,
+    site_names: list[str] | None = None,
+    rounds: int | None = None,
+    strategy: str = "fedavg",
+    epsilon: float | None = None,
+    noise: float | None = None,
+    level: str = privacy.PATIENT,
+    seed: int = DEFAULT_SEED,
+    role: str | None = None,
+    bootstrap: int = evaluate.BOOTSTRAP,
+) -> Run:
+    """Train, evaluate and register one federated model of ``task`` (see the module)."""
+    conf = sites.settings()
+    declared = conf.of(task)
+    site_names = site_names or list(declared)
+    unknown = [s for s in site_names if s not in declared]
+    if unknown:
+        raise EhrlakeError(f"task {task} has no site {', '.join(unknown)} (its sites: {', '.join(declared)})")
+    if len(site_names) < 2:
+        raise EhrlakeError("a federation needs at least two sites")
+    if strategy not in STRATEGIES:
+        raise EhrlakeError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if epsilon is not None and noise is not None:
+        raise EhrlakeError("give --epsilon or --noise, not both")
+    rounds = rounds or conf.rounds
+    accounting = (level, rounds, conf.delta, conf.local_steps, conf.sample_rate)
+    if epsilon is not None:
+        noise = privacy.noise_for(epsilon, *accounting)
+    noise = float(noise or 0.0)
+    spent = privacy.epsilon(level, noise, *accounting[1:]) if noise else None
+
+    prepared = sites.prepare(lake, task, seed, role_name=role)
+    inputs = sites.inputs(task)
+    folder = Path(tempfile.mkdtemp(prefix="ehrlake-federated-"))
+    try:
+        extracts, site_rows = {}, {}
+        for site in site_names:
+            extracts[site] = folder / "sites" / f"{site}.npz"
+            site_rows[site] = sites.extract(lake, task, site, str(extracts[site]))
+        (folder / "server").mkdir()
+        plan = {"inputs": inputs, "rounds": rounds, "strategy": strategy, "l1": conf.l1,
+                "local_steps": conf.local_steps, "proximal_mu": conf.proximal_mu, "sites": len(site_names),
+                "privacy": level if noise else None, "noise": noise, "site_clip": conf.site_clip,
+                "patient_clip": conf.patient_clip, "sample_rate": conf.sample_rate,
+                "private_step": conf.private_step, "seed": seed}  # fmt: skip
+        (folder / "server" / "plan.json").write_text(json.dumps(plan))
+        started = dt.datetime.now(dt.UTC)
+        runtime.run(folder, extracts, TIMEOUT_S)
+        seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
+        out = folder / "server"
+        s = np.load(out / "scaling.npz")
+        scaling = learner.Scaling(s["mean"], s["std"], float(s["pos_weight"]))
+        final = np.load(out / "final.npz")["weights"]
+        history = np.load(out / "rounds.npz")
+        by_round, round_loss = history["weights"], [float(v) for v in history["train_loss"]]
+        received = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
+        accepts = {c: [float(lo), float(hi)] for c, lo, hi in zip(inputs, s["low"], s["high"], strict=True)
+                   if not np.isnan(lo)}  # fmt: skip
+        base_rate = float(s["positives"]) / float(s["rows"])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the sites' rows leave with the run
+
+    table = sites.table(task)
+    test = lake.read(table).where(F.col("split") == sites.TEST)
+    auroc = BinaryClassificationEvaluator(rawPredictionCol="_z", labelCol="label", metricName="areaUnderROC")
+    round_auroc = [float(auroc.evaluate(test.withColumn("_z", model.log_odds(inputs, scaling, w))))
+                   for w in by_round]  # fmt: skip
+    fitted = model.pipeline(lake.spark, inputs, scaling, final)
+    pred = fitted.transform(test).withColumn("score", score_column(scaling.pos_weight))
+    metrics = evaluate.metrics(pred, base_rate, bootstrap)
+    metrics["train_seconds"] = {"value": round(seconds, 1)}
+    train_bytes = [r["bytes"] for r in received if r["stage"] == "train"]
+    model_id = f"{task}.{ALGORITHM}-federated"
+    with lake.security.job("federated.train", ["gold"], role) as (_, audit):
+        version, artifact, path = versions.new_artifact(lake, model_id)
+        fitted.write().save(path)
+        params = {
+            "federated": True,
+            "strategy": strategy,
+            "rounds": rounds,
+            "sites": site_names,
+            "site_rows": site_rows,
+            "privacy": level if noise else None,  # the unit epsilon protects: a patient's row, or a site
+            "noise_multiplier": noise,
+            "clip": (conf.patient_clip if level == privacy.PATIENT else conf.site_clip) if noise else None,
+            "sample_rate": conf.sample_rate if noise and level == privacy.PATIENT else None,
+            "epsilon": spent,
+            "delta": conf.delta if noise else None,
+            "l1": conf.l1,
+            "local_steps": conf.local_steps,
+            "proximal_mu": conf.proximal_mu if strategy == "fedprox" else None,
+            "imputation": "federation's mean",
+            "round_auroc": round_auroc,
+            "round_train_loss": round_loss,  # the sites' mean training objective after each round
+            "bytes_per_round": sum(train_bytes) // max(rounds, 1),
+            "seed": seed,
+            "test_percent": 20,
+            "test_patients": "real",
+            "pos_weight": scaling.pos_weight,
+            "threshold": base_rate,
+            "accepts": accepts,
+            "trained_by": role or lake.security.default_role,
+        }
+        mv = registry.ModelVersion(
+            model_id=model_id,
+            version=version,
+            task=task,
+            algorithm=ALGORITHM,
+            params=params,
+            features=inputs,
+            training_data={**prepared["training_data"], table: lake.version(table)},
+            metrics=metrics,
+            bands=evaluate.risk_bands(pred),
+            artifact=artifact,
+            created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+            status=registry.CANDIDATE,
+        )
+        importance = explain.importance(ALGORITHM, fitted, inputs)
+        mv = versions.register(lake, audit, mv, pred, importance)
+    return Run(mv, site_rows, round_auroc, params["bytes_per_round"], prepared["unsited"], received)
