@@ -15,11 +15,12 @@ if [ -z "${EHRLAKE_MASTER_KEY:-}" ] && [ -z "${EHRLAKE_CONF:-}" ] && [ ! -f secr
 fi
 # Roles are bound to OS users by grants a key administrator signs (here: you, for every role).
 me="$(id -un)"
-if [ -z "${EHRLAKE_CONF:-}" ] && { [ ! -f secrets/grants/admin.pub ] || ! grep -q reviewer "secrets/grants/$me.grant.json" 2>/dev/null; }; then
-  # (a grant made before the reviewer role existed is issued again with it)
+if [ -z "${EHRLAKE_CONF:-}" ] && { [ ! -f secrets/grants/admin.pub ] || ! grep -q site:other "secrets/grants/$me.grant.json" 2>/dev/null; }; then
+  # (a grant made before the federated sites' roles existed is issued again with them)
   [ -f secrets/grants/admin.pub ] || { echo "\$ ehrlake grants init"; "$bin/ehrlake" grants init; }
-  echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role reviewer --role auditor"
-  "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role reviewer --role auditor
+  echo "\$ ehrlake grants add --user $me --role engineer --role analyst --role scheduler --role clinician --role reviewer --role auditor --role site:emergency --role site:referral --role site:other"
+  "$bin/ehrlake" grants add --user "$me" --role engineer --role analyst --role scheduler --role clinician --role reviewer --role auditor \
+    --role site:emergency --role site:referral --role site:other
 fi
 # The samples hold no Indian patients: 1,500 generated ones (copies of the sample patients, new ids and
 # dates, the four most populous states weighted by population) give the NFHS-5 comparison and state

@@ -146,6 +146,29 @@ def test_three_sites_two_rounds_over_flower_register_a_model_from_updates_only(p
 
 
 @pytest.mark.slow
+def test_a_federated_model_is_approved_promoted_and_evaluated_on_new_stays_like_any(prepared, tmp_path):
+    from ehrlake.models import evaluate_model, governance
+
+    lake, _ = prepared
+    mv = registry.get(lake, f"{TASK}.logreg-federated")  # trained by the test above, or here
+    if mv.params.get("epsilon") is not None:
+        mv = federated.train(lake, TASK, rounds=2, bootstrap=100).model
+    registry.nominate(lake, mv.model_id, mv.version)
+    promoted = governance.decide(
+        lake, mv.model_id, mv.version, "reviewer", "federated: card and subgroups read"
+    )
+    assert promoted.status == registry.PRODUCTION and registry.production(lake, TASK).model_id == mv.model_id
+    # stays of the extract the lake never held: the scoring path of an extract task
+    with gzip.open(SAMPLE / "diabetes_130_us" / "diabetic_data_dev.csv.gz", "rt") as src:
+        lines = list(src)
+    new_file = tmp_path / "hospital_c.csv.gz"
+    with gzip.open(new_file, "wt") as out:
+        out.writelines([lines[0], *lines[ROWS + 1 : ROWS + 4001]])
+    result = evaluate_model(lake, mv.model_id, mv.version, str(new_file))
+    assert result["dataset"] == "hospital_c" and 0.55 < result["metrics"]["auroc"]["value"] < 0.9
+
+
+@pytest.mark.slow
 def test_a_private_fedprox_run_spends_at_most_its_epsilon_and_records_it(prepared):
     lake, _ = prepared
     run = federated.train(lake, TASK, rounds=2, strategy="fedprox", epsilon=8.0, bootstrap=100)

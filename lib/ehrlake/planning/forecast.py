@@ -38,7 +38,7 @@ from pyspark.sql import types as T
 
 from ehrlake.errors import EhrlakeError
 from ehrlake.lake.modes import WriteMode
-from ehrlake.planning.settings import LEVELS, Settings, load
+from ehrlake.planning.settings import LEVELS, Resource, Settings, load
 
 FORECAST, BACKTEST = "gold.utilisation_forecast", "gold.forecast_backtest"
 OTHER = "(other)"
@@ -109,7 +109,7 @@ def demand(lake, s: Settings, resource: str, origin: dt.date, role=None) -> tupl
     return series, {k: int(counts[k] or 0) for k in ("read", "undated", "future")}
 
 
-def _weekly(enc: DataFrame, lake, s: Settings, r, first: dt.date, end: dt.date) -> DataFrame:
+def _weekly(enc: DataFrame, lake, s: Settings, r: Resource, first: dt.date, end: dt.date) -> DataFrame:
     """The zero-filled weekly series of dated encounters ``enc`` (unit, day, end_at, stay)."""
     if r.measure == "bed_days":
         stay = F.coalesce(

@@ -61,6 +61,15 @@ class Role:
             "." in pattern and fnmatch.fnmatchcase(target, pattern) for pattern in self.write
         )
 
+    @property
+    def rows_detail(self) -> str | None:
+        """What an audit event of this role's read records of its row limit (None: no limit)."""
+        return f"rows: {self.rows}" if self.rows else None
+
+    def rows_refusal(self, table: str) -> AccessDenied:
+        """The refusal of a table whose columns cannot answer this role's row limit."""
+        return AccessDenied(f"role {self.name} reads only rows where {self.rows}, which {table} cannot tell")
+
     def hidden(self, column: str, sealed: set[str]) -> bool:
         if column in sealed and self.sealed == "drop":
             return True
@@ -177,8 +186,9 @@ class Access:
             raise AccessDenied(f"role {role.name} may not read {table}")
         df = self.own_rows(lake.read(table, **at), role, table)
         df = df.select(*[f"`{c}`" for c in self.shown_columns(lake, table, role, df.columns)])
-        rows = f"rows: {role.rows}" if role.rows else None
-        self.audit.record(Event("read", role=role.name, table_name=table, columns=df.columns, detail=rows))
+        self.audit.record(
+            Event("read", role=role.name, table_name=table, columns=df.columns, detail=role.rows_detail)
+        )
         return df
 
     def own_rows(self, df: DataFrame, role: Role, table: str) -> DataFrame:
@@ -187,12 +197,12 @@ class Access:
         if not role.rows:
             return df
         try:
-            return df.where(F.expr(role.rows))
+            narrowed = df.where(F.expr(role.rows))
+            narrowed.schema  # noqa: B018 - analysed here (Spark Connect would wait for the first action)
+            return narrowed
         except AnalysisException:
-            self._deny(Event("read", role=role.name, table_name=table, detail=f"rows: {role.rows}"))
-            raise AccessDenied(
-                f"role {role.name} reads only rows where {role.rows}, which {table} cannot tell"
-            ) from None
+            self._deny(Event("read", role=role.name, table_name=table, detail=role.rows_detail))
+            raise role.rows_refusal(table) from None
 
     @staticmethod
     def shown_columns(lake, table: str, role: Role, columns: list[str] | None = None) -> list[str]:

@@ -56,8 +56,8 @@ def query(lake, statement: str, role: str) -> DataFrame:
     with RoleViews(lake, allowed) as views:
         views.add(names)
         for name in set(names) - set(views.views):  # a row-limited role's condition cannot apply
-            access._deny(Event("sql", role=allowed.name, table_name=name, detail=f"rows: {allowed.rows}"))
-            raise AccessDenied(f"role {role} reads only rows where {allowed.rows}, which {name} cannot tell")
+            access._deny(Event("sql", role=allowed.name, table_name=name, detail=allowed.rows_detail))
+            raise allowed.rows_refusal(name)
         result = spark.sql(statement)  # analysed now: the frame keeps what the views resolved to
         reason = guard.violation(result, views.views)
         shown = dict(views.columns)
@@ -66,8 +66,10 @@ def query(lake, statement: str, role: str) -> DataFrame:
         access._deny(event)
         raise AccessDenied(reason)
     # what each table showed the role, as a read through the policy records it; one commit
-    rows = f"rows: {allowed.rows}" if allowed.rows else None
-    reads = [Event("read", role=allowed.name, table_name=n, columns=shown[n], detail=rows) for n in names]
+    reads = [
+        Event("read", role=allowed.name, table_name=n, columns=shown[n], detail=allowed.rows_detail)
+        for n in names
+    ]
     access.audit.record(*reads, event)
     return result
 

@@ -1,0 +1,211 @@
+"""Benchmark: what federated learning costs in accuracy, and what privacy costs on top (issue 24).
+
+On Diabetes 130-US (the shared subset: real stays of 130 US hospitals) split into the sites of
+``conf/federated.yaml`` (by admission source: emergency, referral, other), with the patient-grouped
+split of central training (20% of patients held out, the same seed), every model below is the same
+L1 logistic regression on the same inputs, scored on the same held-out stays of all sites:
+
+- **central**: all sites' training rows pooled in one place, fitted by the same proximal gradient
+  descent (:func:`ehrlake.federated.learner.fit`) for as many steps as a federated run takes in
+  all (rounds x local steps), the federation's scaling;
+- **local only**: each site alone, with its own scaling (mean over the sites, and each);
+- **federated**: ``ehrlake federated train`` through Flower's real runtime (a SuperLink and a
+  SuperNode per site over 127.0.0.1): FedAvg and FedProx; with patient-level differential privacy
+  (DP-SGD at the sites) at epsilon 1, 3 and 8; with site-level privacy at epsilon 8;
+
+each with its held-out AUROC and a bootstrap interval (1,000 resamples of stays for the NumPy
+baselines, the product's evaluation for the registered federated models), the rounds until the
+test AUROC is within 0.005 of its last value, and the bytes the server received per round.
+Aims: federated within 0.01 AUROC of central; patient-level DP at epsilon 8 within 0.03.
+
+    .venv/bin/python bench/federated.py [--lake LAKE] [--out DIR]
+
+``--lake``: a lake with Diabetes 130-US ingested and its features built (ehrlake ingest --source
+csv-extract --extract diabetes130, ehrlake features); without it a scratch lake is built from the
+shared extract (or the bundled sample). Results: ``bench/results/federated-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "lib"))
+
+from _lake import machine, save_result, secured_lake  # noqa: E402
+
+from ehrlake import features, ingest  # noqa: E402
+from ehrlake.federated import learner, sites  # noqa: E402
+from ehrlake.federated import train as federated  # noqa: E402
+from ehrlake.ingest import SourceKind  # noqa: E402
+
+TASK = "diabetes130_readmission_30d"
+SHARED = REPO.parent / "shared" / "data" / "diabetes_130_us"
+SEED = 42
+
+
+def _auroc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def _with_interval(y: np.ndarray, score: np.ndarray, resamples: int = 1000) -> dict:
+    rng = np.random.default_rng(7)
+    draws = [_auroc(y[i], score[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(resamples))]
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return {"auroc": round(_auroc(y, score), 4), "ci": [round(float(low), 4), round(float(high), 4)]}
+
+
+def _rows(lake, split: str, site: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    import pandas as pd
+    from pyspark.sql import functions as F
+
+    names = sites.inputs(TASK)
+    df = lake.read(sites.table(TASK)).where(F.col("split") == split)
+    if site:
+        df = df.where(F.col("site") == site)
+    pdf = df.select(F.array(*[F.col(c).cast("double") for c in names]).alias("x"), "label").toPandas()
+    return pd.DataFrame(pdf["x"].tolist(), dtype=float).to_numpy(), pdf["label"].to_numpy(dtype=float)
+
+
+def _fit(parts: list[tuple[np.ndarray, np.ndarray]], scaling: learner.Scaling, steps: int, l1: float):
+    x = np.vstack([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    z = scaling.apply(x)
+    return learner.fit(np.zeros(x.shape[1] + 1), z, y, learner.weights_of(y, scaling.pos_weight), l1, steps)
+
+
+def _score(w: np.ndarray, scaling: learner.Scaling, x: np.ndarray) -> np.ndarray:
+    return scaling.apply(x) @ w[:-1] + w[-1]
+
+
+def _federated(lake, label: str, **kw) -> dict:
+    started = time.perf_counter()
+    run = federated.train(lake, TASK, seed=SEED, **kw)
+    p, a = run.model.params, run.model.metrics["auroc"]
+    rounds = p["round_auroc"]
+    converged = next(i + 1 for i, v in enumerate(rounds) if abs(v - rounds[-1]) <= 0.005)
+    out = {
+        "auroc": round(a["value"], 4),
+        "ci": [round(a["ci_low"], 4), round(a["ci_high"], 4)],
+        "round_auroc": [round(v, 4) for v in rounds],
+        "rounds_to_converge": converged,
+        "bytes_per_round": p["bytes_per_round"],
+        "epsilon": p["epsilon"],
+        "delta": p["delta"],
+        "privacy": p["privacy"],
+        "noise_multiplier": p["noise_multiplier"],
+        "model": run.model.label,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"{label:<28} AUROC {out['auroc']:.3f} ({out['ci'][0]:.3f}-{out['ci'][1]:.3f})  converged by round "
+          f"{converged}, {out['bytes_per_round']:,} B/round, {out['seconds']:.0f} s", flush=True)  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lake", help="a lake with Diabetes 130-US features (default: a scratch lake)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+
+    if args.lake:
+        from ehrlake import lake as lakes
+
+        lake = lakes.open(args.lake)
+    else:
+        from ehrlake import config
+        from ehrlake.session import get_spark
+
+        work = Path(tempfile.mkdtemp(prefix="bench-federated-"))
+        lake = secured_lake(work / "lake", get_spark(config.load()), work / "secrets")
+        source = SHARED if SHARED.exists() else REPO / "data" / "sample" / "diabetes_130_us"
+        ingest.run(lake, SourceKind.CSV_EXTRACT, str(source), extract="diabetes130")
+        features.run(lake)
+    conf = sites.settings()
+    site_names = list(conf.of(TASK))
+    sites.prepare(lake, TASK, SEED)
+    test_x, test_y = _rows(lake, sites.TEST)
+    train = {s: _rows(lake, sites.TRAIN, s) for s in site_names}
+    steps = conf.rounds * conf.local_steps
+    print(f"{TASK}: {', '.join(f'{s} {len(v[1]):,}' for s, v in train.items())} training stays; "
+          f"{len(test_y):,} held-out stays ({int(test_y.sum()):,} readmitted)", flush=True)  # fmt: skip
+
+    pooled = learner.pool([learner.Moments.of(*train[s]) for s in site_names])
+    scaling = learner.Scaling.of(pooled)
+    central = _with_interval(
+        test_y, _score(_fit(list(train.values()), scaling, steps, conf.l1), scaling, test_x)
+    )
+    print(
+        f"{'central':<28} AUROC {central['auroc']:.3f} ({central['ci'][0]:.3f}-{central['ci'][1]:.3f})",
+        flush=True,
+    )
+    local = {}
+    for s in site_names:
+        own = learner.Scaling.of(learner.Moments.of(*train[s]))
+        local[s] = _with_interval(test_y, _score(_fit([train[s]], own, steps, conf.l1), own, test_x))
+    local_mean = round(float(np.mean([v["auroc"] for v in local.values()])), 4)
+    print(
+        f"{'local only (mean of sites)':<28} AUROC {local_mean:.3f}  "
+        + ", ".join(f"{s} {v['auroc']:.3f}" for s, v in local.items()),
+        flush=True,
+    )
+
+    runs = {
+        "fedavg": _federated(lake, "federated FedAvg", strategy="fedavg"),
+        "fedprox": _federated(lake, "federated FedProx", strategy="fedprox"),
+    }
+    for eps in (8.0, 3.0, 1.0):
+        runs[f"fedavg+patient-dp-eps{eps:g}"] = _federated(
+            lake, f"FedAvg, patient DP eps {eps:g}", epsilon=eps
+        )
+    runs["fedavg+site-dp-eps8"] = _federated(lake, "FedAvg, site DP eps 8", epsilon=8.0, level="site")
+
+    gap = round(central["auroc"] - runs["fedavg"]["auroc"], 4)
+    dp_gap = round(central["auroc"] - runs["fedavg+patient-dp-eps8"]["auroc"], 4)
+    result = {
+        "task": TASK,
+        "sites": {
+            s: {"training_stays": len(train[s][1]), "positives": int(train[s][1].sum())} for s in site_names
+        },
+        "test_stays": len(test_y),
+        "settings": {
+            k: getattr(conf, k)
+            for k in (
+                "rounds",
+                "local_steps",
+                "l1",
+                "proximal_mu",
+                "delta",
+                "sample_rate",
+                "patient_clip",
+                "private_step",
+                "site_clip",
+            )
+        },  # fmt: skip
+        "central": central,
+        "local_only": {"mean_auroc": local_mean, "sites": local},
+        "federated": runs,
+        "aims": {
+            "federated_within_0.01_of_central": {"gap": gap, "met": gap <= 0.01},
+            "patient_dp_eps8_within_0.03_of_central": {"gap": dp_gap, "met": dp_gap <= 0.03},
+        },
+        "machine": machine(lake.spark),
+    }
+    path = save_result(args.out, "federated", result)
+    print(
+        f"central - FedAvg: {gap:+.3f} AUROC (aim <= 0.01); "
+        f"central - patient DP eps 8: {dp_gap:+.3f} (aim <= 0.03)"
+    )
+    print(f"-> {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+if __name__ == "__main__":
+    main()
