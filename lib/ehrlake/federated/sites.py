@@ -26,6 +26,7 @@ from ehrlake.errors import ConfigError, EhrlakeError
 CONF = Path(__file__).resolve().parents[3] / "conf" / "federated.yaml"
 SUBGROUPS = ("sex", "age_band", "race", "state")  # kept for the evaluation's subgroup metrics
 TRAIN, TEST = "train", "test"
+TEST_PERCENT = 20  # of patients held out, as central training's default
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ def inputs(task: str) -> list[str]:
     return feats.model_inputs(feats.task(task))
 
 
-def prepare(lake, task: str, seed: int, test_percent: int = 20, role_name: str | None = None) -> dict:
+def prepare(
+    lake, task: str, seed: int, test_percent: int = TEST_PERCENT, role_name: str | None = None
+) -> dict:
     """Write ``gold.federated_<task>`` from the task's training frame; returns rows per site and
     split, and the rows no site takes. Rebuilt whole each time (the same tables on a re-run)."""
     from ehrlake.lake import WriteMode

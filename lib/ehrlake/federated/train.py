@@ -101,90 +101,129 @@ def train(
 
     prepared = sites.prepare(lake, task, seed, role_name=role)
     inputs = sites.inputs(task)
+    plan = {"inputs": inputs, "rounds": rounds, "strategy": strategy, "l1": conf.l1,
+            "local_steps": conf.local_steps, "proximal_mu": conf.proximal_mu, "sites": len(site_names),
+            "privacy": level if noise else None, "noise": noise, "site_clip": conf.site_clip,
+            "patient_clip": conf.patient_clip, "sample_rate": conf.sample_rate,
+            "private_step": conf.private_step, "seed": seed}  # fmt: skip
+    fed = _federate(lake, task, site_names, plan)
+    scaling = fed.scaling
+    clip = (conf.patient_clip if level == privacy.PATIENT else conf.site_clip) if noise else None
+
+    table = sites.table(task)
+    # the held-out stays, read for every round's AUROC, the metrics, the bands and the evaluation
+    test = lake.read(table).where(F.col("split") == sites.TEST).persist()
+    try:
+        auroc = BinaryClassificationEvaluator(
+            rawPredictionCol="_z", labelCol="label", metricName="areaUnderROC"
+        )
+        round_auroc = [float(auroc.evaluate(test.withColumn("_z", model.log_odds(inputs, scaling, w))))
+                       for w in fed.by_round]  # fmt: skip
+        fitted = model.pipeline(lake.spark, inputs, scaling, fed.final)
+        pred = fitted.transform(test).withColumn("score", score_column(scaling.pos_weight))
+        metrics = evaluate.metrics(pred, fed.base_rate, bootstrap)
+        metrics["train_seconds"] = {"value": round(fed.seconds, 1)}
+        train_bytes = [r["bytes"] for r in fed.received if r["stage"] == "train"]
+        model_id = f"{task}.{ALGORITHM}-federated"
+        with lake.security.job("federated.train", ["gold"], role) as (_, audit):
+            version, artifact, path = versions.new_artifact(lake, model_id)
+            fitted.write().save(path)
+            params = {
+                "federated": True,
+                "strategy": strategy,
+                "rounds": rounds,
+                "sites": site_names,
+                "site_rows": fed.site_rows,
+                "privacy": level if noise else None,  # the unit epsilon protects: a patient's row, or a site
+                "noise_multiplier": noise,
+                "clip": clip,
+                "sample_rate": conf.sample_rate if noise and level == privacy.PATIENT else None,
+                "epsilon": spent,
+                "delta": conf.delta if noise else None,
+                "l1": conf.l1,
+                "local_steps": conf.local_steps,
+                "proximal_mu": conf.proximal_mu if strategy == "fedprox" else None,
+                "imputation": "federation's mean",
+                "round_auroc": round_auroc,
+                "round_train_loss": fed.round_loss,  # the sites' mean training objective after each round
+                "bytes_per_round": sum(train_bytes) // max(rounds, 1),
+                "seed": seed,
+                "test_percent": sites.TEST_PERCENT,
+                "test_patients": "real",
+                "pos_weight": scaling.pos_weight,
+                "threshold": fed.base_rate,
+                "accepts": fed.accepts,
+                "trained_by": role or lake.security.default_role,
+            }
+            mv = registry.ModelVersion(
+                model_id=model_id,
+                version=version,
+                task=task,
+                algorithm=ALGORITHM,
+                params=params,
+                features=inputs,
+                training_data={**prepared["training_data"], table: lake.version(table)},
+                metrics=metrics,
+                bands=evaluate.risk_bands(pred),
+                artifact=artifact,
+                created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                status=registry.CANDIDATE,
+            )
+            importance = explain.importance(ALGORITHM, fitted, inputs)
+            mv = versions.register(lake, audit, mv, pred, importance)
+        return Run(
+            mv, fed.site_rows, round_auroc, params["bytes_per_round"], prepared["unsited"], fed.received
+        )
+    finally:
+        test.unpersist()
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What a federation's run leaves: the pooled scaling, the weights, what the server received."""
+
+    scaling: learner.Scaling
+    final: np.ndarray
+    by_round: np.ndarray
+    round_loss: list[float]
+    received: list[dict]
+    accepts: dict[str, list[float]]
+    base_rate: float
+    seconds: float
+    site_rows: dict[str, int]
+
+
+def _federate(lake, task: str, site_names: list[str], plan: dict) -> _Outcome:
+    """Each site's extract as its role, then Flower's run over them, in a folder removed after."""
+    inputs = plan["inputs"]
     folder = Path(tempfile.mkdtemp(prefix="ehrlake-federated-"))
     try:
         extracts, site_rows = {}, {}
         for site in site_names:
             extracts[site] = folder / "sites" / f"{site}.npz"
             site_rows[site] = sites.extract(lake, task, site, str(extracts[site]))
-        (folder / "server").mkdir()
-        plan = {"inputs": inputs, "rounds": rounds, "strategy": strategy, "l1": conf.l1,
-                "local_steps": conf.local_steps, "proximal_mu": conf.proximal_mu, "sites": len(site_names),
-                "privacy": level if noise else None, "noise": noise, "site_clip": conf.site_clip,
-                "patient_clip": conf.patient_clip, "sample_rate": conf.sample_rate,
-                "private_step": conf.private_step, "seed": seed}  # fmt: skip
-        (folder / "server" / "plan.json").write_text(json.dumps(plan))
+        out = folder / "server"
+        out.mkdir()
+        (out / "plan.json").write_text(json.dumps(plan))
         started = dt.datetime.now(dt.UTC)
         runtime.run(folder, extracts, TIMEOUT_S)
         seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
-        out = folder / "server"
         s = np.load(out / "scaling.npz")
-        scaling = learner.Scaling(s["mean"], s["std"], float(s["pos_weight"]))
-        final = np.load(out / "final.npz")["weights"]
         history = np.load(out / "rounds.npz")
-        by_round, round_loss = history["weights"], [float(v) for v in history["train_loss"]]
-        received = [json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()]
-        accepts = {c: [float(lo), float(hi)] for c, lo, hi in zip(inputs, s["low"], s["high"], strict=True)
-                   if not np.isnan(lo)}  # fmt: skip
-        base_rate = float(s["positives"]) / float(s["rows"])
+        return _Outcome(
+            scaling=learner.Scaling(s["mean"], s["std"], float(s["pos_weight"])),
+            final=np.load(out / "final.npz")["weights"],
+            by_round=history["weights"],
+            round_loss=[float(v) for v in history["train_loss"]],
+            received=[json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()],
+            accepts={
+                c: [float(lo), float(hi)]
+                for c, lo, hi in zip(inputs, s["low"], s["high"], strict=True)
+                if not np.isnan(lo)
+            },  # fmt: skip
+            base_rate=float(s["positives"]) / float(s["rows"]),
+            seconds=seconds,
+            site_rows=site_rows,
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the sites' rows leave with the run
-
-    table = sites.table(task)
-    test = lake.read(table).where(F.col("split") == sites.TEST)
-    auroc = BinaryClassificationEvaluator(rawPredictionCol="_z", labelCol="label", metricName="areaUnderROC")
-    round_auroc = [float(auroc.evaluate(test.withColumn("_z", model.log_odds(inputs, scaling, w))))
-                   for w in by_round]  # fmt: skip
-    fitted = model.pipeline(lake.spark, inputs, scaling, final)
-    pred = fitted.transform(test).withColumn("score", score_column(scaling.pos_weight))
-    metrics = evaluate.metrics(pred, base_rate, bootstrap)
-    metrics["train_seconds"] = {"value": round(seconds, 1)}
-    train_bytes = [r["bytes"] for r in received if r["stage"] == "train"]
-    model_id = f"{task}.{ALGORITHM}-federated"
-    with lake.security.job("federated.train", ["gold"], role) as (_, audit):
-        version, artifact, path = versions.new_artifact(lake, model_id)
-        fitted.write().save(path)
-        params = {
-            "federated": True,
-            "strategy": strategy,
-            "rounds": rounds,
-            "sites": site_names,
-            "site_rows": site_rows,
-            "privacy": level if noise else None,  # the unit epsilon protects: a patient's row, or a site
-            "noise_multiplier": noise,
-            "clip": (conf.patient_clip if level == privacy.PATIENT else conf.site_clip) if noise else None,
-            "sample_rate": conf.sample_rate if noise and level == privacy.PATIENT else None,
-            "epsilon": spent,
-            "delta": conf.delta if noise else None,
-            "l1": conf.l1,
-            "local_steps": conf.local_steps,
-            "proximal_mu": conf.proximal_mu if strategy == "fedprox" else None,
-            "imputation": "federation's mean",
-            "round_auroc": round_auroc,
-            "round_train_loss": round_loss,  # the sites' mean training objective after each round
-            "bytes_per_round": sum(train_bytes) // max(rounds, 1),
-            "seed": seed,
-            "test_percent": 20,
-            "test_patients": "real",
-            "pos_weight": scaling.pos_weight,
-            "threshold": base_rate,
-            "accepts": accepts,
-            "trained_by": role or lake.security.default_role,
-        }
-        mv = registry.ModelVersion(
-            model_id=model_id,
-            version=version,
-            task=task,
-            algorithm=ALGORITHM,
-            params=params,
-            features=inputs,
-            training_data={**prepared["training_data"], table: lake.version(table)},
-            metrics=metrics,
-            bands=evaluate.risk_bands(pred),
-            artifact=artifact,
-            created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
-            status=registry.CANDIDATE,
-        )
-        importance = explain.importance(ALGORITHM, fitted, inputs)
-        mv = versions.register(lake, audit, mv, pred, importance)
-    return Run(mv, site_rows, round_auroc, params["bytes_per_round"], prepared["unsited"], received)
