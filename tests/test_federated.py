@@ -147,7 +147,8 @@ def test_three_sites_two_rounds_over_flower_register_a_model_from_updates_only(p
 
 @pytest.mark.slow
 def test_a_federated_model_is_approved_promoted_and_evaluated_on_new_stays_like_any(prepared, tmp_path):
-    from ehrlake.models import evaluate_model, governance
+    from ehrlake.models import card, evaluate_model, governance
+    from ehrlake.models.report import comparison_table
 
     lake, _ = prepared
     mv = registry.get(lake, f"{TASK}.logreg-federated")  # trained by the test above, or here
@@ -158,6 +159,9 @@ def test_a_federated_model_is_approved_promoted_and_evaluated_on_new_stays_like_
         lake, mv.model_id, mv.version, "reviewer", "federated: card and subgroups read"
     )
     assert promoted.status == registry.PRODUCTION and registry.production(lake, TASK).model_id == mv.model_id
+    written, _ = card.write(lake, mv.model_id, mv.version, str(tmp_path))
+    assert "Federated: fedavg, 2 rounds over 3 sites (emergency " in open(written).read()
+    assert "<td>logreg-federated</td>" in comparison_table([promoted])  # told apart from central logreg
     # stays of the extract the lake never held: the scoring path of an extract task
     with gzip.open(SAMPLE / "diabetes_130_us" / "diabetic_data_dev.csv.gz", "rt") as src:
         lines = list(src)

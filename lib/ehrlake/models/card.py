@@ -69,6 +69,18 @@ def sections(lake, mv) -> list[Section]:
                       f"`{mv.params.get('trained_by', 'not recorded')}`.")  # fmt: skip
     data.header = ["table", "Delta version"]
     data.rows = [[t, str(v)] for t, v in sorted(mv.training_data.items())]
+    p = mv.params
+    if p.get("federated"):  # docs/federated.md
+        rows = ", ".join(f"{s} {n:,}" for s, n in (p.get("site_rows") or {}).items())
+        private = (
+            f"{p['privacy']}-level differential privacy, epsilon {p['epsilon']:.2f} at delta {p['delta']:g}"
+            if p.get("epsilon") is not None
+            else "no differential privacy"
+        )
+        data.lines.append(
+            f"Federated: {p['strategy']}, {p['rounds']} rounds over {len(p['sites'])} sites ({rows} "
+            f"training rows), each site's rows read by its own role; {private}."
+        )
     test = mv.params.get("test_patients", "real")
     data.lines.append(f"Test patients: {test} (held out by patient, never seen in training).")
     metrics = Section("Performance on held-out patients", ["95% bootstrap intervals over patients."])

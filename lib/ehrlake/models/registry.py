@@ -93,6 +93,12 @@ class ModelVersion:
         return PipelineModel.load(self.artifact_path(lake))
 
     @property
+    def name(self) -> str:
+        """The model's name within its task (``logreg``, ``logreg-federated``, ``cnn_pretrained``):
+        what tells apart two models of one algorithm."""
+        return self.model_id.removeprefix(f"{self.task}.")
+
+    @property
     def label(self) -> str:
         return f"{self.model_id} v{self.version}"
 

@@ -70,14 +70,14 @@ def comparison_table(models: list[registry.ModelVersion]) -> str:
         return f"<td>{v['value']:.3f}{ci}</td>"
 
     rows = "".join(
-        f"<tr><td>{html.escape(m.task)}</td><td>{html.escape(m.algorithm)}</td><td>v{m.version}</td>"
+        f"<tr><td>{html.escape(m.task)}</td><td>{html.escape(m.name)}</td><td>v{m.version}</td>"
         f"<td>{html.escape(m.status)}</td>{cell(m.metrics, 'auroc')}{cell(m.metrics, 'auprc')}"
         f"{cell(m.metrics, 'brier')}{cell(m.metrics, 'accuracy')}{cell(m.metrics, 'recall')}</tr>"
         for m in sorted(models, key=lambda m: (m.task, -(m.metrics.get("auroc", {}).get("value") or 0)))
     )
     return (
         "<h2>Model comparison (held-out patients, 95% bootstrap intervals)</h2><table border='1' "
-        "cellpadding='4' style='border-collapse:collapse'><tr><th>task</th><th>algorithm</th><th>version</th>"
+        "cellpadding='4' style='border-collapse:collapse'><tr><th>task</th><th>model</th><th>version</th>"
         "<th>status</th><th>AUROC</th><th>AUPRC</th><th>Brier</th><th>accuracy</th><th>recall</th></tr>"
         + rows
         + "</table><p>Threshold of accuracy and recall: the training base rate (calibrated risks); image "
@@ -105,7 +105,7 @@ def figures(lake, png) -> list[tuple[str, str]]:
         for ev, m in evaluations.items():
             part = calib[calib["evaluation"] == ev].sort_values("bin")
             if m.task == task and not part.empty:
-                ax.plot(part["mean_predicted"], part["observed_rate"], marker="o", label=m.algorithm)
+                ax.plot(part["mean_predicted"], part["observed_rate"], marker="o", label=m.name)
         ax.set_xlabel("mean predicted risk")
         ax.set_ylabel("observed rate")
         ax.legend()
