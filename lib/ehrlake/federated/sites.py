@@ -21,9 +21,10 @@ import yaml
 from pyspark.sql import functions as F
 
 from ehrlake import features as feats
+from ehrlake import home
 from ehrlake.errors import ConfigError, EhrlakeError
 
-CONF = Path(__file__).resolve().parents[3] / "conf" / "federated.yaml"
+CONF = home.CONF / "federated.yaml"
 SUBGROUPS = ("sex", "age_band", "race", "state")  # kept for the evaluation's subgroup metrics
 TRAIN, TEST = "train", "test"
 TEST_PERCENT = 20  # of patients held out, as central training's default
@@ -50,6 +51,8 @@ class Settings:
 
 
 def settings(path: str | os.PathLike | None = None) -> Settings:
+    """``conf/federated.yaml``, or ``path``, or ``$EHRLAKE_FEDERATED_CONF`` (another set of sites,
+    e.g. a benchmark's)."""
     raw = yaml.safe_load(Path(path or os.environ.get("EHRLAKE_FEDERATED_CONF") or CONF).read_text()) or {}
     known = set(Settings.__dataclass_fields__) - {"sites"}
     extra = set(raw.get("defaults") or {}) - known
