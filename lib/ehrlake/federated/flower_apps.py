@@ -14,7 +14,6 @@ A site's ClientApp reads only the arrays its site extracted (``data`` of its nod
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -177,4 +176,3 @@ def run(grid: Grid, context: Context) -> None:
     ]
     np.savez(folder / "rounds.npz", weights=np.array(rounds), train_loss=np.array(losses))
     np.savez(folder / "final.npz", weights=result.arrays.to_numpy_ndarrays()[0])
-    os.sync()

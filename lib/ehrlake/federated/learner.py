@@ -102,6 +102,12 @@ def loss(w: np.ndarray, z: np.ndarray, y: np.ndarray, sample_weight: np.ndarray,
     return float(ll + l1 * np.abs(w[:-1]).sum())
 
 
+def _shrink(w: np.ndarray, by: float) -> None:
+    """The L1 penalty's proximal step on the coefficients (soft-thresholding; the intercept, last,
+    is not penalised), in place."""
+    w[:-1] = np.sign(w[:-1]) * np.maximum(np.abs(w[:-1]) - by, 0.0)
+
+
 def fit(
     w: np.ndarray,
     z: np.ndarray,
@@ -124,7 +130,7 @@ def fit(
         p = _sigmoid(design @ w)
         grad = design.T @ (sw * (p - y)) + proximal_mu * (w - start)
         w = w - step * grad
-        w[:-1] = np.sign(w[:-1]) * np.maximum(np.abs(w[:-1]) - step * l1, 0.0)
+        _shrink(w, step * l1)
     return w
 
 
@@ -159,5 +165,5 @@ def fit_private(
         g *= np.minimum(1.0, clip / np.maximum(norms, 1e-12))[:, None]
         grad = (g.sum(0) + rng.normal(0.0, noise * clip, size=w.shape)) / expected + proximal_mu * (w - start)
         w = w - step * grad
-        w[:-1] = np.sign(w[:-1]) * np.maximum(np.abs(w[:-1]) - step * l1, 0.0)
+        _shrink(w, step * l1)
     return w

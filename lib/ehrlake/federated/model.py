@@ -47,9 +47,7 @@ def pipeline(spark, inputs: list[str], scaling: Scaling, weights: np.ndarray) ->
     return PipelineModel([impute, assemble, scale, regression])
 
 
-def log_odds(
-    inputs: list[str], scaling: Scaling, weights: np.ndarray, pos_weight_undone: bool = True
-) -> Column:
+def log_odds(inputs: list[str], scaling: Scaling, weights: np.ndarray) -> Column:
     """The model's calibrated log-odds as a column (a round's weights scored without building a
     pipeline): the weighting of positives taken back out, as :func:`ehrlake.models.train.score_column`."""
     z = F.lit(float(weights[-1]))
@@ -58,4 +56,4 @@ def log_odds(
             z = z + F.lit(float(w)) * (
                 (F.coalesce(F.col(c).cast("double"), F.lit(float(m))) - float(m)) / float(s)
             )
-    return z - F.lit(float(np.log(scaling.pos_weight))) if pos_weight_undone else z
+    return z - F.lit(float(np.log(scaling.pos_weight)))
