@@ -18,11 +18,18 @@ baselines, the product's evaluation for the registered federated models), the ro
 test AUROC is within 0.005 of its last value, and the bytes the server received per round.
 Aims: federated within 0.01 AUROC of central; patient-level DP at epsilon 8 within 0.03.
 
+``--model ann`` (in the deep-learning runtime) does the same for the tabular ANN: central and
+local-only are the same network trained by the same local step (:func:`ehrlake.federated.ann.fit`:
+Adam on Poisson samples of the rows) for rounds x local steps on the pooled rows or one site's;
+federated FedAvg, FedProx and patient-level DP at epsilon 8 through Flower.
+
     .venv/bin/python bench/federated.py [--lake LAKE] [--out DIR]
+    .venv-dl/bin/python bench/federated.py --model ann [--lake LAKE] [--out DIR]
 
 ``--lake``: a lake with Diabetes 130-US ingested and its features built (ehrlake ingest --source
 csv-extract --extract diabetes130, ehrlake features); without it a scratch lake is built from the
-shared extract (or the bundled sample). Results: ``bench/results/federated-<date>.json``.
+shared extract (or the bundled sample). Results: ``bench/results/federated-<date>.json``
+(``federated-ann-<date>.json``).
 """
 
 from __future__ import annotations
@@ -75,15 +82,31 @@ def _rows(lake, split: str, site: str | None = None) -> tuple[np.ndarray, np.nda
     return pd.DataFrame(pdf["x"].tolist(), dtype=float).to_numpy(), pdf["label"].to_numpy(dtype=float)
 
 
-def _fit(parts: list[tuple[np.ndarray, np.ndarray]], scaling: learner.Scaling, steps: int, l1: float):
+def _logreg(parts: list[tuple[np.ndarray, np.ndarray]], scaling: learner.Scaling, conf, test_x: np.ndarray):
+    """The held-out log-odds of the logreg fitted on ``parts`` pooled, rounds x local steps."""
     x = np.vstack([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
-    z = scaling.apply(x)
-    return learner.fit(np.zeros(x.shape[1] + 1), z, y, learner.weights_of(y, scaling.pos_weight), l1, steps)
+    weights = learner.weights_of(y, scaling.pos_weight)
+    steps = conf.rounds * conf.local_steps
+    w = learner.fit(np.zeros(x.shape[1] + 1), scaling.apply(x), y, weights, conf.l1, steps)
+    return scaling.apply(test_x) @ w[:-1] + w[-1]
 
 
-def _score(w: np.ndarray, scaling: learner.Scaling, x: np.ndarray) -> np.ndarray:
-    return scaling.apply(x) @ w[:-1] + w[-1]
+def _ann(parts: list[tuple[np.ndarray, np.ndarray]], scaling: learner.Scaling, conf, test_x: np.ndarray):
+    """The held-out scores of the ANN trained on ``parts`` pooled by the sites' own local step,
+    rounds x local steps of it."""
+    from ehrlake.dl import runtime
+    from ehrlake.federated import ann
+
+    hyper = runtime.load().ann
+    x = np.vstack([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    start = ann.initial_weights(x.shape[1], list(hyper.hidden), hyper.dropout, SEED)
+    local = ann.Local(conf.rounds * conf.local_steps, conf.sample_rate, hyper.learning_rate)
+    w, _ = ann.fit(start, scaling.apply(x), y, list(hyper.hidden), hyper.dropout, local, [SEED])
+    net = ann.network(x.shape[1], list(hyper.hidden), hyper.dropout)
+    net.set_weights(w)
+    return net.predict(scaling.apply(test_x).astype("float32"), batch_size=4096, verbose=0)[:, 0]
 
 
 def _federated(lake, label: str, **kw) -> dict:
@@ -114,7 +137,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lake", help="a lake with Diabetes 130-US features (default: a scratch lake)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--model", choices=["logreg", "ann"], default="logreg",
+                        help="ann: the tabular ANN, in the deep-learning runtime (.venv-dl)")  # fmt: skip
     args = parser.parse_args()
+    fit_and_score = _ann if args.model == "ann" else _logreg
 
     if args.lake:
         from ehrlake import lake as lakes
@@ -134,15 +160,12 @@ def main() -> None:
     sites.prepare(lake, TASK, SEED)
     test_x, test_y = _rows(lake, sites.TEST)
     train = {s: _rows(lake, sites.TRAIN, s) for s in site_names}
-    steps = conf.rounds * conf.local_steps
     print(f"{TASK}: {', '.join(f'{s} {len(v[1]):,}' for s, v in train.items())} training stays; "
           f"{len(test_y):,} held-out stays ({int(test_y.sum()):,} readmitted)", flush=True)  # fmt: skip
 
     pooled = learner.pool([learner.Moments.of(*train[s]) for s in site_names])
     scaling = learner.Scaling.of(pooled)
-    central = _with_interval(
-        test_y, _score(_fit(list(train.values()), scaling, steps, conf.l1), scaling, test_x)
-    )
+    central = _with_interval(test_y, fit_and_score(list(train.values()), scaling, conf, test_x))
     print(
         f"{'central':<28} AUROC {central['auroc']:.3f} ({central['ci'][0]:.3f}-{central['ci'][1]:.3f})",
         flush=True,
@@ -150,7 +173,7 @@ def main() -> None:
     local = {}
     for s in site_names:
         own = learner.Scaling.of(learner.Moments.of(*train[s]))
-        local[s] = _with_interval(test_y, _score(_fit([train[s]], own, steps, conf.l1), own, test_x))
+        local[s] = _with_interval(test_y, fit_and_score([train[s]], own, conf, test_x))
     local_mean = round(float(np.mean([v["auroc"] for v in local.values()])), 4)
     print(
         f"{'local only (mean of sites)':<28} AUROC {local_mean:.3f}  "
@@ -158,20 +181,24 @@ def main() -> None:
         flush=True,
     )
 
+    model = {"algorithm": args.model}
     runs = {
-        "fedavg": _federated(lake, "federated FedAvg", strategy="fedavg"),
-        "fedprox": _federated(lake, "federated FedProx", strategy="fedprox"),
+        "fedavg": _federated(lake, "federated FedAvg", strategy="fedavg", **model),
+        "fedprox": _federated(lake, "federated FedProx", strategy="fedprox", **model),
     }
-    for eps in (8.0, 3.0, 1.0):
+    # the ANN's DP-SGD takes per-row gradients of every layer: one level, the aim's epsilon
+    for eps in (8.0, 3.0, 1.0) if args.model == "logreg" else (8.0,):
         runs[f"fedavg+patient-dp-eps{eps:g}"] = _federated(
-            lake, f"FedAvg, patient DP eps {eps:g}", epsilon=eps
+            lake, f"FedAvg, patient DP eps {eps:g}", epsilon=eps, **model
         )
-    runs["fedavg+site-dp-eps8"] = _federated(lake, "FedAvg, site DP eps 8", epsilon=8.0, level="site")
+    if args.model == "logreg":
+        runs["fedavg+site-dp-eps8"] = _federated(lake, "FedAvg, site DP eps 8", epsilon=8.0, level="site")
 
     gap = round(central["auroc"] - runs["fedavg"]["auroc"], 4)
     dp_gap = round(central["auroc"] - runs["fedavg+patient-dp-eps8"]["auroc"], 4)
     result = {
         "task": TASK,
+        "model": args.model,
         "sites": {
             s: {"training_stays": len(train[s][1]), "positives": int(train[s][1].sum())} for s in site_names
         },
@@ -199,7 +226,7 @@ def main() -> None:
         },
         "machine": machine(lake.spark),
     }
-    path = save_result(args.out, "federated", result)
+    path = save_result(args.out, "federated" if args.model == "logreg" else "federated-ann", result)
     print(
         f"central - FedAvg: {gap:+.3f} AUROC (aim <= 0.01); "
         f"central - patient DP eps 8: {dp_gap:+.3f} (aim <= 0.03)"

@@ -34,6 +34,8 @@ run pipeline conf/pipelines/demo.yaml
 if [ -x "$dlbin/ehrlake" ]; then
   # TensorFlow on Horovod-on-Spark (2 workers); short runs here, docs/deep_learning.md for the full ones
   dl train --task diabetes130_readmission_30d --algorithms ann --epochs 10
+  # the same ANN across the three sites with Flower, each SuperNode in this runtime (docs/federated.md)
+  dl federated train --task diabetes130_readmission_30d --model ann --rounds 5
   dl pretrain --epochs 5   # the sequence encoder, labels unused (docs/self_supervised.md)
   # decision support: the encoder fine-tuned for 30-day readmission, then one readmitted patient's
   # risk at discharge explained to a clinician. The samples' test patients hold no readmission (one

@@ -118,6 +118,21 @@ def shared(*parts: str) -> Path:
     return path
 
 
+def diabetes_extract(folder: Path, rows: int) -> Path:
+    """The shipped Diabetes 130-US extract cut to its first ``rows`` encounters, in ``folder``."""
+    import gzip
+    import shutil
+
+    extract = folder / "diabetes_130_us"
+    extract.mkdir()
+    shutil.copy(SAMPLE / "diabetes_130_us" / "IDs_mapping.csv", extract)
+    with gzip.open(SAMPLE / "diabetes_130_us" / "diabetic_data_dev.csv.gz", "rt") as src:
+        lines = [next(src) for _ in range(rows + 1)]
+    with gzip.open(extract / "diabetic_data_dev.csv.gz", "wt") as out:
+        out.writelines(lines)
+    return extract
+
+
 def opened(lake, table: str):
     """``table`` with its sealed columns opened, for tests that check what was stored round-trips.
 

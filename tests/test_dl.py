@@ -229,6 +229,76 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     assert flagged[lo + (hi - lo) / 100] > flagged[hi] and run.refused == flagged[hi]
 
 
+@pytest.mark.slow
+def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_patients(
+    spark, tmp_path, security_conf
+):
+    """Issue 24's ANN: three SuperNodes of this runtime train the central ANN's network (FedAvg, then
+    FedProx with patient-level DP-SGD); the server receives weight arrays of the network's shapes
+    only; the version is registered as an ANN and scores patients through ``scoring.score``."""
+    from conftest import diabetes_extract
+    from pyspark.sql import functions as F
+
+    from ehrlake import config, scoring
+    from ehrlake.federated import ann, sites
+    from ehrlake.federated import train as federated
+    from ehrlake.lake import Lake
+    from ehrlake.security import Security
+
+    task = "diabetes130_readmission_30d"
+    root = str(tmp_path / "lake")
+    _main_runtime("ingest", "--source", "csv-extract", "--extract", "diabetes130", "--input",
+                  str(diabetes_extract(tmp_path, 4000)), "--lake", root)  # fmt: skip
+    _main_runtime("features", "--lake", root)
+    lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
+    run = federated.train(lake, task, rounds=2, bootstrap=100, algorithm="ann")
+    mv = run.model
+    assert mv.model_id == f"{task}.ann-federated" and mv.algorithm == "ann"
+    assert set(mv.params["scaling"]) == set(mv.features) == set(sites.inputs(task))
+    losses = mv.params["round_train_loss"]
+    assert len(losses) == 2 and losses[1] < losses[0]  # the global model improves on round 1
+    assert len(run.round_auroc) == 2 and mv.metrics["auroc"]["value"] > 0.55
+    hyper = runtime.load().ann
+    shapes = [list(w.shape) for w in ann.initial_weights(len(mv.features), hyper.hidden, hyper.dropout, 1)]
+    trained = [r for r in run.received if r["stage"] == "train"]
+    assert len(trained) == 3 * 2 and all(r["arrays"] == {"arrays": shapes} for r in trained)
+    # scored like the central ANN: every patient of the extract once, with this version, but for
+    # those with an input outside the sites' pooled training range (refused, as the ANN refuses)
+    scored = scoring.score(lake, task, dt.date(2026, 1, 1), model_id=mv.model_id)
+    patients = lake.read("gold.features_diabetes130").select("patient_key").distinct().count()
+    written = lake.read("gold.risk_scores").where(F.col("model_id") == mv.model_id)
+    assert scored.scored == written.count() == patients - scored.refused and scored.scored > 0.9 * patients
+
+    private = federated.train(lake, task, rounds=2, strategy="fedprox", epsilon=8.0, bootstrap=100,
+                              algorithm="ann").model  # fmt: skip
+    p = private.params
+    assert (private.version, p["privacy"], p["strategy"]) == (mv.version + 1, "patient", "fedprox")
+    assert 7.9 < p["epsilon"] <= 8.0 and p["hidden"] == list(hyper.hidden)
+
+
+def test_dp_sgd_clips_every_rows_gradient_before_the_sum():
+    """With no noise, the private gradient's norm is at most clip x rows / expected rows, whatever
+    the rows; without clipping these rows' gradient is far larger."""
+    from ehrlake.federated import ann
+
+    tf = runtime.tensorflow()
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(scale=50.0, size=(40, 6)), tf.float32)
+    y = tf.constant((rng.random((40, 1)) < 0.5).astype("float32"))
+    model = ann.network(6, [8], 0.0)
+    bce = runtime.keras().losses.BinaryCrossentropy(reduction="none")
+    local = ann.Local(steps=1, rate=0.5, learning_rate=0.01, clip=0.1, noise=0.0)
+    with tf.GradientTape(persistent=True) as tape:
+        losses = bce(y, model(x, training=True))
+        total = tf.reduce_sum(losses)
+    clipped = ann._private(tape, losses, model.trainable_variables, local, 20.0, rng)
+    plain = tape.gradient(total, model.trainable_variables)
+    del tape
+    norm = float(tf.linalg.global_norm(clipped))
+    assert 0 < norm <= 0.1 * 40 / 20.0 + 1e-6
+    assert float(tf.linalg.global_norm(plain)) / 20.0 > 10 * norm
+
+
 def test_contrastive_pretraining_learns_to_pair_views_of_every_image(image_lake):
     """SimCLR on BreastMNIST and the DICOM frames together, labels unused, on two Horovod workers:
     the held-out images' views pair better than before, no test image is trained on, the saved

@@ -5,11 +5,10 @@ server receives model updates only, and differential privacy's epsilon is accoun
 from __future__ import annotations
 
 import gzip
-import shutil
 
 import numpy as np
 import pytest
-from conftest import SAMPLE
+from conftest import SAMPLE, diabetes_extract
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import functions as F
 
@@ -32,13 +31,7 @@ def prepared(spark, tmp_path_factory, security_conf):
     from ehrlake.security import Security
 
     folder = tmp_path_factory.mktemp("federated")
-    extract = folder / "diabetes_130_us"
-    extract.mkdir()
-    shutil.copy(SAMPLE / "diabetes_130_us" / "IDs_mapping.csv", extract)
-    with gzip.open(SAMPLE / "diabetes_130_us" / "diabetic_data_dev.csv.gz", "rt") as src:
-        lines = [next(src) for _ in range(ROWS + 1)]
-    with gzip.open(extract / "diabetic_data_dev.csv.gz", "wt") as out:
-        out.writelines(lines)
+    extract = diabetes_extract(folder, ROWS)
     root = str(folder / "lake")
     lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
     ingest.run(lake, SourceKind.CSV_EXTRACT, str(extract), extract="diabetes130")

@@ -43,7 +43,7 @@ def arrow_paths_supported() -> bool:
 # what the deep-learning runtime (.venv-dl) runs; every other command seals or opens columns with
 # Arrow UDFs, which need the main runtime's PyArrow
 DEEP_LEARNING_COMMANDS = frozenset(
-    {"train", "pretrain", "explain", "evaluate", "score", "score-images", "models", "lake"}
+    {"train", "pretrain", "explain", "evaluate", "score", "score-images", "models", "lake", "federated"}
 )
 
 

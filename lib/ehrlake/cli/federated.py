@@ -17,14 +17,20 @@ def register(sub) -> None:
     fed_sub = fed.add_subparsers(dest="federated_command", required=True, metavar="SUBCOMMAND")
     train = fed_sub.add_parser(
         "train",
-        help="L1 logistic regression over the sites (FedAvg or FedProx), optionally differentially private",
+        help="L1 logistic regression or the tabular ANN over the sites (FedAvg or FedProx), optionally "
+        "differentially private",
         description="Start a Flower SuperLink and one SuperNode per site on 127.0.0.1, train the task's "
-        "L1 logistic regression for --rounds rounds, evaluate it on the held-out patients of every site "
-        "and register it as <task>.logreg-federated (a candidate, like any trained model).",
+        "L1 logistic regression (or, --model ann in the deep-learning runtime, its ANN) for --rounds "
+        "rounds, evaluate it on the held-out patients of every site and register it as "
+        "<task>.<model>-federated (a candidate, like any trained model).",
     )
     train.add_argument("--task", required=True, help="a task with sites in conf/federated.yaml")
     train.add_argument("--sites", help="comma-separated sites (default: all of the task's)")
     train.add_argument("--rounds", type=int, help="federated rounds (default: conf/federated.yaml)")
+    train.add_argument(
+        "--model", choices=["logreg", "ann"], default="logreg",
+        help="logreg (default), or ann: the TensorFlow ANN (run by .venv-dl/bin/ehrlake)",
+    )  # fmt: skip
     train.add_argument("--strategy", choices=["fedavg", "fedprox"], default="fedavg")
     dp = train.add_mutually_exclusive_group()
     dp.add_argument("--epsilon", type=float, help="differential privacy: the noise that spends this epsilon")
@@ -44,7 +50,7 @@ def cmd_train(args) -> int:
     lake, _ = common.open_lake(args)
     names = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     run = train.train(lake, args.task, names, args.rounds, args.strategy, args.epsilon, args.noise,
-                      args.privacy, args.seed, args.role)  # fmt: skip
+                      args.privacy, args.seed, args.role, algorithm=args.model)  # fmt: skip
     for line in run.lines():
         print(line)
     return 0

@@ -3,12 +3,16 @@
 The server never reads the lake: it gets the run's plan (``plan.json`` in the run's folder: the
 inputs' names, rounds, strategy, privacy), asks every site for the moments of its training rows
 (counts, sums, squares, extremes: :class:`~ehrlake.federated.learner.Moments`), pools them into one
-scaling, and runs FedAvg or FedProx over the sites' fitted weights, wrapped in server-side
-clipping and Gaussian noise when the plan asks for privacy. It writes what it received (names,
-shapes, bytes: ``received.jsonl``), the global weights after every round (``rounds.npz``) and the
-final ones (``final.npz``) to the run's folder, where ``ehrlake federated train`` takes them.
+scaling, and runs FedAvg or FedProx over the sites' fitted weights from the round-0 model
+(``initial.npz``), wrapped in server-side clipping and Gaussian noise when the plan asks for
+privacy. The server only averages arrays, so it runs the same for the logreg (one vector) and the
+ANN (its layers' arrays). It writes what it received (names, shapes, bytes: ``received.jsonl``),
+the global weights after every round (``rounds.npz``) and the final ones (``final.npz``) to the
+run's folder, where ``ehrlake federated train`` takes them.
 
-A site's ClientApp reads only the arrays its site extracted (``data`` of its node's config).
+A site's ClientApp reads only the arrays its site extracted (``data`` of its node's config) and
+trains the plan's model: the logreg in NumPy (:mod:`learner`), the ANN in TensorFlow (:mod:`ann`,
+whose SuperNodes run in the deep-learning runtime).
 """
 
 from __future__ import annotations
@@ -53,24 +57,32 @@ def fit(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     scaling = learner.Scaling(np.array(config["mean"]), np.array(config["std"]), float(config["pos-weight"]))
     z = scaling.apply(x)
-    sample_weight = learner.weights_of(y, scaling.pos_weight)
-    start = msg.content["arrays"].to_numpy_ndarrays()[0]
-    l1, steps, mu = float(config["l1"]), int(config["local-steps"]), float(config.get("proximal-mu", 0.0))
-    if config["privacy"] == "patient":  # DP-SGD on the site's rows, its noise drawn afresh each round
-        rng = np.random.default_rng(
-            [int(config["seed"]), int(config["server-round"]), context.node_id % 2**32]
-        )
-        w = learner.fit_private(start, z, y, sample_weight, l1, steps, float(config["dp-rate"]),
-                                float(config["dp-clip"]), float(config["dp-noise"]), float(config["dp-step"]),
-                                rng, mu)  # fmt: skip
+    start = msg.content["arrays"].to_numpy_ndarrays()
+    private = config["privacy"] == "patient"  # DP-SGD on the site's rows, its noise drawn afresh each round
+    seed = [int(config["seed"]), int(config["server-round"]), context.node_id % 2**32]
+    mu = float(config.get("proximal-mu", 0.0))
+    if config["model"] == "ann":  # TensorFlow: this SuperNode runs in the deep-learning runtime
+        from ehrlake.federated import ann
+
+        clip = float(config["dp-clip"]) if private else None
+        local = ann.Local(int(config["local-steps"]), float(config["dp-rate"]),
+                          float(config["learning-rate"]), mu, clip, float(config["dp-noise"]))  # fmt: skip
+        hidden = [int(h) for h in config["hidden"]]
+        weights, train_loss = ann.fit(start, z, y, hidden, float(config["dropout"]), local, seed)
     else:
-        w = learner.fit(start, z, y, sample_weight, l1, steps, mu)
+        sample_weight = learner.weights_of(y, scaling.pos_weight)
+        l1, steps = float(config["l1"]), int(config["local-steps"])
+        if private:
+            w = learner.fit_private(start[0], z, y, sample_weight, l1, steps, float(config["dp-rate"]),
+                                    float(config["dp-clip"]), float(config["dp-noise"]),
+                                    float(config["dp-step"]), np.random.default_rng(seed), mu)  # fmt: skip
+        else:
+            w = learner.fit(start[0], z, y, sample_weight, l1, steps, mu)
+        weights, train_loss = [w], learner.loss(w, z, y, sample_weight, l1)
     # with site-level privacy every site counts the same (its noise is calibrated to an unweighted mean)
     weight = 1 if config["privacy"] == "site" else len(y)
-    metrics = MetricRecord(
-        {"num-examples": weight, "train-loss": learner.loss(w, z, y, sample_weight, float(config["l1"]))}
-    )
-    return Message(RecordDict({"arrays": ArrayRecord([w]), "metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord({"num-examples": weight, "train-loss": train_loss})
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics}), reply_to=msg)
 
 
 # ---- the server -------------------------------------------------------------------------------
@@ -151,11 +163,11 @@ def run(grid: Grid, context: Context) -> None:
                                           min_available_nodes=n, **options)  # fmt: skip
     if private:
         strategy = DifferentialPrivacyServerSideFixedClipping(strategy, plan["noise"], plan["site_clip"], n)
-    rounds: list[np.ndarray] = []
+    rounds: dict[str, np.ndarray] = {}
 
     def keep(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
         if round_ > 0:
-            rounds.append(arrays.to_numpy_ndarrays()[0])
+            rounds.update(named(arrays.to_numpy_ndarrays(), f"r{round_}_"))
         return None
 
     config = ConfigRecord({"mean": scaling.mean.tolist(), "std": scaling.std.tolist(),
@@ -163,10 +175,11 @@ def run(grid: Grid, context: Context) -> None:
                            "local-steps": plan["local_steps"], "privacy": plan["privacy"] or "",
                            "dp-noise": plan["noise"], "dp-clip": plan["patient_clip"],
                            "dp-rate": plan["sample_rate"], "dp-step": plan["private_step"],
-                           "seed": plan["seed"]})  # fmt: skip
+                           "seed": plan["seed"], "model": plan["model"],
+                           **plan.get("network", {})})  # fmt: skip
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord([np.zeros(len(plan["inputs"]) + 1)]),
+        initial_arrays=ArrayRecord(weights(np.load(folder / "initial.npz"))),
         num_rounds=plan["rounds"],
         train_config=config,
         evaluate_fn=keep,
@@ -174,5 +187,20 @@ def run(grid: Grid, context: Context) -> None:
     losses = [
         float(result.train_metrics_clientapp[r]["train-loss"]) for r in sorted(result.train_metrics_clientapp)
     ]
-    np.savez(folder / "rounds.npz", weights=np.array(rounds), train_loss=np.array(losses))
-    np.savez(folder / "final.npz", weights=result.arrays.to_numpy_ndarrays()[0])
+    np.savez(folder / "rounds.npz", train_loss=np.array(losses), **rounds)
+    np.savez(folder / "final.npz", **named(result.arrays.to_numpy_ndarrays()))
+
+
+def named(arrays: list[np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
+    """A model's arrays as ``.npz`` entries ``<prefix>w<i>`` (:func:`weights` reads them back)."""
+    return {f"{prefix}w{i}": a for i, a in enumerate(arrays)}
+
+
+def _order(name: str) -> int:
+    return int(name.rsplit("w", 1)[1])
+
+
+def weights(saved, prefix: str = "") -> list[np.ndarray]:
+    """The arrays :func:`_named` saved under ``prefix``, in order."""
+    names = [n for n in saved.files if n.startswith(prefix + "w") and n[len(prefix) + 1 :].isdigit()]
+    return [saved[n] for n in sorted(names, key=_order)]

@@ -1,4 +1,5 @@
-"""``ehrlake federated train``: an L1 logistic regression trained across sites with Flower.
+"""``ehrlake federated train``: an L1 logistic regression or the tabular ANN trained across sites
+with Flower.
 
 1. the task's federated table is written with each row's site and split (:func:`sites.prepare`);
 2. each site's client extracts its own training rows as its ``site:<name>`` role (:func:`sites.extract`),
@@ -6,9 +7,12 @@
 3. Flower runs: a SuperLink, a SuperNode per site, the ServerApp pooling the sites' moments and
    averaging their fitted weights round by round (FedAvg or FedProx), with clipping and Gaussian
    noise when privacy is asked for (:mod:`runtime`, :mod:`flower_apps`);
-4. the final weights become the central logreg pipeline (:mod:`model`), evaluated on the held-out
-   patients of all sites by the same evaluation as central training, and registered as
-   ``<task>.logreg-federated`` with its strategy, rounds, sites, epsilon and delta.
+4. the final weights become the central logreg pipeline (:mod:`model`), or the central ANN's saved
+   Keras network (``--model ann``, in the deep-learning runtime: :mod:`ann`), evaluated on the
+   held-out patients of all sites by the same evaluation as central training, and registered as
+   ``<task>.logreg-federated`` / ``<task>.ann-federated`` with its strategy, rounds, sites, epsilon
+   and delta. The ANN version is scored as the central ANN is (same artifact layout, ``scaling``
+   and ``accepts``).
 
 The sites' extracts are deleted when the run ends; only the model and its record remain.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,15 +29,16 @@ from pathlib import Path
 
 import numpy as np
 from pyspark.ml.evaluation import BinaryClassificationEvaluator
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.errors import EhrlakeError
-from ehrlake.federated import learner, model, privacy, runtime, sites
+from ehrlake.federated import flower_apps, learner, model, privacy, runtime, sites
 from ehrlake.models import evaluate, explain, registry, versions
 from ehrlake.models.train import DEFAULT_SEED, score_column
 
 STRATEGIES = ("fedavg", "fedprox")
-ALGORITHM = "logreg"
+ALGORITHMS = ("logreg", "ann")
 TIMEOUT_S = 1800
 
 
@@ -78,8 +84,19 @@ def train(
     seed: int = DEFAULT_SEED,
     role: str | None = None,
     bootstrap: int = evaluate.BOOTSTRAP,
+    algorithm: str = "logreg",
 ) -> Run:
     """Train, evaluate and register one federated model of ``task`` (see the module)."""
+    if algorithm not in ALGORITHMS:
+        raise EhrlakeError(f"unknown federated model {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+    network = None
+    if algorithm == "ann":  # before any work: a clear error outside the deep-learning runtime
+        from ehrlake.dl import runtime as dl_runtime
+
+        dl_runtime.tensorflow()
+        hyper = dl_runtime.load().ann
+        network = {"hidden": list(hyper.hidden), "dropout": hyper.dropout,
+                   "learning-rate": hyper.learning_rate}  # fmt: skip
     conf = sites.settings()
     declared = conf.of(task)
     site_names = site_names or list(declared)
@@ -105,29 +122,25 @@ def train(
             "local_steps": conf.local_steps, "proximal_mu": conf.proximal_mu, "sites": len(site_names),
             "privacy": level if noise else None, "noise": noise, "site_clip": conf.site_clip,
             "patient_clip": conf.patient_clip, "sample_rate": conf.sample_rate,
-            "private_step": conf.private_step, "seed": seed}  # fmt: skip
+            "private_step": conf.private_step, "seed": seed, "model": algorithm}  # fmt: skip
+    if network:
+        plan["network"] = network
     fed = _federate(lake, task, site_names, plan)
-    scaling = fed.scaling
     clip = (conf.patient_clip if level == privacy.PATIENT else conf.site_clip) if noise else None
 
     table = sites.table(task)
     # the held-out stays, read for every round's AUROC, the metrics, the bands and the evaluation
     test = lake.read(table).where(F.col("split") == sites.TEST).persist()
     try:
-        auroc = BinaryClassificationEvaluator(
-            rawPredictionCol="_z", labelCol="label", metricName="areaUnderROC"
-        )
-        round_auroc = [float(auroc.evaluate(test.withColumn("_z", model.log_odds(inputs, scaling, w))))
-                       for w in fed.by_round]  # fmt: skip
-        fitted = model.pipeline(lake.spark, inputs, scaling, fed.final)
-        pred = fitted.transform(test).withColumn("score", score_column(scaling.pos_weight))
-        metrics = evaluate.metrics(pred, fed.base_rate, bootstrap)
-        metrics["train_seconds"] = {"value": round(fed.seconds, 1)}
-        train_bytes = [r["bytes"] for r in fed.received if r["stage"] == "train"]
-        model_id = f"{task}.{ALGORITHM}-federated"
+        model_id = f"{task}.{algorithm}-federated"
         with lake.security.job("federated.train", ["gold"], role) as (_, audit):
             version, artifact, path = versions.new_artifact(lake, model_id)
-            fitted.write().save(path)
+            held_out = (_ann_held_out if algorithm == "ann" else _logreg_held_out)(
+                lake, test, inputs, fed, path, network
+            )
+            metrics = evaluate.metrics(held_out.scored, fed.base_rate, bootstrap)
+            metrics["train_seconds"] = {"value": round(fed.seconds, 1)}
+            train_bytes = [r["bytes"] for r in fed.received if r["stage"] == "train"]
             params = {
                 "federated": True,
                 "strategy": strategy,
@@ -140,42 +153,97 @@ def train(
                 "sample_rate": conf.sample_rate if noise and level == privacy.PATIENT else None,
                 "epsilon": spent,
                 "delta": conf.delta if noise else None,
-                "l1": conf.l1,
                 "local_steps": conf.local_steps,
                 "proximal_mu": conf.proximal_mu if strategy == "fedprox" else None,
                 "imputation": "federation's mean",
-                "round_auroc": round_auroc,
+                "round_auroc": held_out.round_auroc,
                 "round_train_loss": fed.round_loss,  # the sites' mean training objective after each round
                 "bytes_per_round": sum(train_bytes) // max(rounds, 1),
                 "seed": seed,
                 "test_percent": sites.TEST_PERCENT,
                 "test_patients": "real",
-                "pos_weight": scaling.pos_weight,
                 "threshold": fed.base_rate,
                 "accepts": fed.accepts,
                 "trained_by": role or lake.security.default_role,
+                **held_out.params,
             }
             mv = registry.ModelVersion(
                 model_id=model_id,
                 version=version,
                 task=task,
-                algorithm=ALGORITHM,
+                algorithm=algorithm,
                 params=params,
                 features=inputs,
                 training_data={**prepared["training_data"], table: lake.version(table)},
                 metrics=metrics,
-                bands=evaluate.risk_bands(pred),
+                bands=evaluate.risk_bands(held_out.scored),
                 artifact=artifact,
                 created_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
                 status=registry.CANDIDATE,
             )
-            importance = explain.importance(ALGORITHM, fitted, inputs)
-            mv = versions.register(lake, audit, mv, pred, importance)
-        return Run(
-            mv, fed.site_rows, round_auroc, params["bytes_per_round"], prepared["unsited"], fed.received
-        )
+            mv = versions.register(lake, audit, mv, held_out.scored, held_out.importance)
+        return Run(mv, fed.site_rows, held_out.round_auroc, params["bytes_per_round"], prepared["unsited"],
+                   fed.received)  # fmt: skip
     finally:
         test.unpersist()
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """A federated model saved and scored on the held-out stays: what registration needs of it."""
+
+    scored: DataFrame  # the test rows with ``score``
+    round_auroc: list[float]
+    params: dict  # the model kind's own parameters
+    importance: dict | None
+
+
+def _logreg_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, network) -> _HeldOut:
+    """The weights as central training's logreg pipeline, saved at ``path``; every round's AUROC
+    from its log-odds (no model written for them)."""
+    scaling = fed.scaling
+    auroc = BinaryClassificationEvaluator(rawPredictionCol="_z", labelCol="label", metricName="areaUnderROC")
+    round_auroc = [float(auroc.evaluate(test.withColumn("_z", model.log_odds(inputs, scaling, w[0]))))
+                   for w in fed.by_round]  # fmt: skip
+    fitted = model.pipeline(lake.spark, inputs, scaling, fed.final[0])
+    fitted.write().save(path)
+    scored = fitted.transform(test).withColumn("score", score_column(scaling.pos_weight))
+    conf = sites.settings()
+    params = {"l1": conf.l1, "pos_weight": scaling.pos_weight}
+    return _HeldOut(scored, round_auroc, params, explain.importance("logreg", fitted, inputs))
+
+
+def _ann_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, network: dict) -> _HeldOut:
+    """The weights in central training's ANN, saved as its Keras file at ``path`` (and each
+    round's under ``rounds/``), scored on the executors as the central ANN's test rows are."""
+    from ehrlake.dl import nets, predict
+    from ehrlake.dl.tensors import tensor
+    from ehrlake.federated import ann
+
+    mean_sd = zip(inputs, fed.scaling.mean, fed.scaling.std, strict=True)
+    scaling = {c: (float(m), float(s)) for c, m, s in mean_sd}
+    keep = tuple(c for c in sites.SUBGROUPS if c in test.columns)
+    rows = test.select(F.col("index_id").cast("string").alias("index_id"), "patient_key", "split",
+                       F.col("label").cast("int").alias("label"), tensor(scaling).alias("x"),
+                       *keep)  # fmt: skip
+
+    def save(weights: list[np.ndarray], folder: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        plain = ann.network(len(inputs), network["hidden"], network["dropout"])
+        nets.save_portable(plain, weights, os.path.join(folder, "model.keras"))
+
+    auroc = BinaryClassificationEvaluator(
+        rawPredictionCol="score", labelCol="label", metricName="areaUnderROC"
+    )
+    round_auroc = []
+    for r, weights in enumerate(fed.by_round, start=1):
+        folder = os.path.join(path, "rounds", f"r{r}")
+        save(weights, folder)
+        round_auroc.append(float(auroc.evaluate(predict.tabular_scores(rows, folder, inputs, reasons=0))))
+    save(fed.final, path)
+    scored = predict.tabular_scores(rows, path, inputs, keep=keep)
+    params = {**{k.replace("-", "_"): v for k, v in network.items()}, "scaling": scaling}
+    return _HeldOut(scored, round_auroc, params, None)
 
 
 @dataclass(frozen=True)
@@ -183,8 +251,8 @@ class _Outcome:
     """What a federation's run leaves: the pooled scaling, the weights, what the server received."""
 
     scaling: learner.Scaling
-    final: np.ndarray
-    by_round: np.ndarray
+    final: list[np.ndarray]  # the model's arrays (logreg: one vector, coefficients then intercept)
+    by_round: list[list[np.ndarray]]
     round_loss: list[float]
     received: list[dict]
     accepts: dict[str, list[float]]
@@ -205,6 +273,7 @@ def _federate(lake, task: str, site_names: list[str], plan: dict) -> _Outcome:
         out = folder / "server"
         out.mkdir()
         (out / "plan.json").write_text(json.dumps(plan))
+        np.savez(out / "initial.npz", **flower_apps.named(_initial(plan)))
         started = dt.datetime.now(dt.UTC)
         runtime.run(folder, extracts, TIMEOUT_S)
         seconds = (dt.datetime.now(dt.UTC) - started).total_seconds()
@@ -212,8 +281,8 @@ def _federate(lake, task: str, site_names: list[str], plan: dict) -> _Outcome:
         history = np.load(out / "rounds.npz")
         return _Outcome(
             scaling=learner.Scaling(s["mean"], s["std"], float(s["pos_weight"])),
-            final=np.load(out / "final.npz")["weights"],
-            by_round=history["weights"],
+            final=flower_apps.weights(np.load(out / "final.npz")),
+            by_round=[flower_apps.weights(history, f"r{r}_") for r in range(1, plan["rounds"] + 1)],
             round_loss=[float(v) for v in history["train_loss"]],
             received=[json.loads(line) for line in (out / "received.jsonl").read_text().splitlines()],
             accepts={
@@ -227,3 +296,13 @@ def _federate(lake, task: str, site_names: list[str], plan: dict) -> _Outcome:
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the sites' rows leave with the run
+
+
+def _initial(plan: dict) -> list[np.ndarray]:
+    """Round 0's global model: logreg's zeros, the ANN's seeded initialisation."""
+    if plan["model"] == "ann":
+        from ehrlake.federated import ann
+
+        net = plan["network"]
+        return ann.initial_weights(len(plan["inputs"]), net["hidden"], net["dropout"], plan["seed"])
+    return [np.zeros(len(plan["inputs"]) + 1)]
