@@ -173,3 +173,39 @@ def test_a_private_fedprox_run_spends_at_most_its_epsilon_and_records_it(prepare
     assert p["strategy"] == "fedprox" and p["privacy"] == "patient" and p["delta"] == 1e-5
     assert 7.9 < p["epsilon"] <= 8.0 and p["noise_multiplier"] > 0
     assert "patient-level epsilon 8.00" in run.lines()[0]
+
+
+@pytest.mark.slow
+def test_secure_aggregation_reaches_the_plain_model_and_shows_the_server_only_masked_updates(prepared):
+    """SecAgg+ (Flower's workflow and client mod): the server learns only the sum of the sites'
+    updates, so a secure FedAvg run lands on the plain run's weights (up to SecAgg+'s quantisation)
+    while no site's weights reach the server in the clear."""
+    from pyspark.ml import PipelineModel
+
+    lake, _ = prepared
+    with pytest.raises(EhrlakeError, match="use --privacy patient"):
+        federated.train(lake, TASK, rounds=2, epsilon=8.0, level="site", secure=True)
+    plain = [
+        m for m in registry.versions(lake, TASK)
+        if m.model_id == f"{TASK}.logreg-federated" and m.params["rounds"] == 2
+        and m.params["strategy"] == "fedavg" and not m.params["epsilon"] and not m.params.get("secure_aggregation")
+    ] or [federated.train(lake, TASK, rounds=2, bootstrap=100).model]  # fmt: skip
+    run = federated.train(lake, TASK, rounds=2, secure=True, bootstrap=100)
+    assert run.model.params["secure_aggregation"] is True and "SecAgg+" in run.lines()[2]
+
+    def weights(mv):
+        fitted = PipelineModel.load(mv.artifact_path(lake)).stages[-1]
+        return np.append(fitted.coefficients.toArray(), fitted.intercept)
+
+    np.testing.assert_allclose(weights(run.model), weights(plain[-1]), atol=1e-3)
+    trained = [r for r in run.received if r["stage"] == "train"]
+    assert trained and all("error" not in r for r in trained)
+    # each site's reply in every stage: the protocol's record (keys, shares, the masked vector), and
+    # array records emptied by the mod; what is in the clear is the fit's status and metrics
+    assert all("secaggplus_configs" in r["configs"] for r in trained)
+    assert all(not shapes for r in trained for shapes in r["arrays"].values())
+    assert {c for r in trained for c in r["configs"]} <= {
+        "secaggplus_configs",
+        "fitres.status",
+        "fitres.metrics",
+    }

@@ -38,6 +38,10 @@ def register(sub) -> None:
     train.add_argument("--privacy", choices=["patient", "site"], default="patient",
                        help="what epsilon protects: each patient's row (DP-SGD at the sites, default) or "
                        "a whole site (noise added by the server)")  # fmt: skip
+    train.add_argument(
+        "--secure-aggregation", action="store_true",
+        help="Flower's SecAgg+: the server learns only the sum of the sites' updates",
+    )  # fmt: skip
     train.add_argument("--seed", type=int, default=42, help="the split's seed (central training's default)")
     common.lake_options(train)
     common.role_option(train)
@@ -50,7 +54,8 @@ def cmd_train(args) -> int:
     lake, _ = common.open_lake(args)
     names = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else None
     run = train.train(lake, args.task, names, args.rounds, args.strategy, args.epsilon, args.noise,
-                      args.privacy, args.seed, args.role, algorithm=args.model)  # fmt: skip
+                      args.privacy, args.seed, args.role, algorithm=args.model,
+                      secure=args.secure_aggregation)  # fmt: skip
     for line in run.lines():
         print(line)
     return 0

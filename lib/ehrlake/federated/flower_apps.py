@@ -29,11 +29,28 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from ehrlake.federated import learner
 
+
+def _secure_when_asked(msg: Message, context: Context, call_next):
+    """Flower's SecAgg+ client mod for the messages of a secure run; other messages pass as they are
+    (the mod itself expects its protocol's records in every training message)."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 server = ServerApp()
-client = ClientApp()
+client = ClientApp(mods=[_secure_when_asked])
 
 QUERY = "query"
 WAIT_FOR_SITES_S = 120
+# SecAgg+: a site's private key is shared with every other site and this share of them rebuilds it
+# (a site that drops out is unmasked with the others' shares); updates are clipped to +-SECURE_RANGE
+# before they are quantised (weights of both models here are well inside it)
+SECURE_THRESHOLD = 0.6
+SECURE_RANGE = 8.0
 
 
 # ---- the site ---------------------------------------------------------------------------------
@@ -54,10 +71,21 @@ def moments(msg: Message, context: Context) -> Message:
 @client.train()
 def fit(msg: Message, context: Context) -> Message:
     x, y = _site_rows(context)
-    config = msg.content["config"]
+    # a secure run's instructions come in the legacy FitIns form of Flower's SecAgg+ workflow
+    legacy = "fitins.config" in msg.content.config_records
+    if legacy:
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common import recorddict_compat as compat
+
+        # read as records: the legacy converter refuses the config's lists (the scaling)
+        config = msg.content.config_records["fitins.config"]
+        start = parameters_to_ndarrays(
+            compat.arrayrecord_to_parameters(msg.content.array_records["fitins.parameters"], keep_input=True)
+        )
+    else:
+        config, start = msg.content["config"], msg.content["arrays"].to_numpy_ndarrays()
     scaling = learner.Scaling(np.array(config["mean"]), np.array(config["std"]), float(config["pos-weight"]))
     z = scaling.apply(x)
-    start = msg.content["arrays"].to_numpy_ndarrays()
     private = config["privacy"] == "patient"  # DP-SGD on the site's rows, its noise drawn afresh each round
     seed = [int(config["seed"]), int(config["server-round"]), context.node_id % 2**32]
     mu = float(config.get("proximal-mu", 0.0))
@@ -81,6 +109,11 @@ def fit(msg: Message, context: Context) -> Message:
         weights, train_loss = [w], learner.loss(w, z, y, sample_weight, l1)
     # with site-level privacy every site counts the same (its noise is calibrated to an unweighted mean)
     weight = 1 if config["privacy"] == "site" else len(y)
+    if legacy:
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), weight, {"train-loss": train_loss})
+        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
     metrics = MetricRecord({"num-examples": weight, "train-loss": train_loss})
     return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics}), reply_to=msg)
 
@@ -88,40 +121,62 @@ def fit(msg: Message, context: Context) -> Message:
 # ---- the server -------------------------------------------------------------------------------
 
 
-class _Recorder:
-    """Appends what the server receives (record names, array shapes, bytes) to ``received.jsonl``."""
+class _RecordingGrid(Grid):
+    """The ServerApp's grid, appending to ``received.jsonl`` what every reply brought the server:
+    record names, array shapes, bytes (arrays and byte strings). Every strategy and workflow talks
+    to the sites through it, so nothing reaches the server unrecorded."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, grid: Grid, folder: Path):
+        self._grid = grid
         self.path = folder / "received.jsonl"
+        self.round = 0  # the last round a message named (secure aggregation's key stages name none)
 
-    def __call__(self, stage: str, round_: int, replies: list[Message]) -> None:
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages):
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        for m in messages[:1]:
+            for record in m.content.config_records.values():
+                self.round = int(record.get("server-round", self.round))
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        stage = messages[0].metadata.message_type if messages else ""
         with self.path.open("a") as f:
             for reply in replies:
-                if reply.has_error():
-                    f.write(json.dumps({"stage": stage, "round": round_, "error": str(reply.error)}) + "\n")
-                    continue
-                arrays = {
-                    name: [list(a.shape) for a in record.to_numpy_ndarrays()]
-                    for name, record in reply.content.array_records.items()
-                }
-                size = sum(
-                    a.nbytes for r in reply.content.array_records.values() for a in r.to_numpy_ndarrays()
-                )
-                metrics = {
-                    k: list(v) for k, v in ((n, r.keys()) for n, r in reply.content.metric_records.items())
-                }
-                f.write(json.dumps({"stage": stage, "round": round_, "node": reply.metadata.src_node_id,
-                                    "arrays": arrays, "metrics": metrics, "bytes": size}) + "\n")  # fmt: skip
+                f.write(json.dumps({"stage": stage, "round": self.round, **_what(reply)}) + "\n")
+        return replies
 
 
-def _recording(base: type, recorder: _Recorder):
-    class Recorded(base):
-        def aggregate_train(self, server_round, replies):
-            replies = list(replies)
-            recorder("train", server_round, replies)
-            return super().aggregate_train(server_round, replies)
-
-    return Recorded
+def _what(reply: Message) -> dict:
+    if reply.has_error():
+        return {"error": str(reply.error)}
+    content = reply.content
+    records = content.array_records.items()
+    arrays = {name: [list(a.shape) for a in r.to_numpy_ndarrays()] for name, r in records}
+    size = sum(a.nbytes for _, r in records for a in r.to_numpy_ndarrays())
+    for record in content.config_records.values():  # secure aggregation's keys, shares, masked vectors
+        for v in record.values():
+            for b in v if isinstance(v, list) else [v]:
+                size += len(b) if isinstance(b, bytes) else 0
+    return {"node": reply.metadata.src_node_id, "arrays": arrays, "bytes": size,
+            "configs": sorted(content.config_records),
+            "metrics": {n: list(r.keys()) for n, r in content.metric_records.items()}}  # fmt: skip
 
 
 def _wait_for_sites(grid: Grid, sites: int) -> list[int]:
@@ -139,56 +194,93 @@ def _wait_for_sites(grid: Grid, sites: int) -> list[int]:
 def run(grid: Grid, context: Context) -> None:
     folder = Path(str(context.run_config["work"]))
     plan = json.loads((folder / "plan.json").read_text())
-    recorder = _Recorder(folder)
+    grid = _RecordingGrid(grid, folder)
     nodes = _wait_for_sites(grid, plan["sites"])
     ask = RecordDict({"config": ConfigRecord({"ask": "moments"})})
     asked = [Message(ask, dst_node_id=n, message_type=QUERY) for n in nodes]
     replies = list(grid.send_and_receive(asked))
-    recorder(QUERY, 0, replies)
     failed = [r for r in replies if r.has_error()]
     if failed:
         raise RuntimeError(f"{len(failed)} sites could not summarise their rows: {failed[0].error}")
-    pooled = learner.pool(
-        [learner.Moments.from_arrays(r.content["moments"].to_numpy_ndarrays()) for r in replies]
-    )
+    moments = [learner.Moments.from_arrays(r.content["moments"].to_numpy_ndarrays()) for r in replies]
+    pooled = learner.pool(moments)
     scaling = learner.Scaling.of(pooled)
     np.savez(folder / "scaling.npz", mean=scaling.mean, std=scaling.std, pos_weight=scaling.pos_weight,
              low=pooled.low, high=pooled.high, rows=pooled.rows, positives=pooled.positives)  # fmt: skip
 
-    private = plan["privacy"] == "site"  # patient-level noise is the sites' own
+    rounds: dict[str, np.ndarray] = {}
+
+    def keep(round_: int, arrays: list[np.ndarray]) -> None:
+        if round_ > 0:
+            rounds.update(named(arrays, f"r{round_}_"))
+
+    config = {"mean": scaling.mean.tolist(), "std": scaling.std.tolist(), "pos-weight": scaling.pos_weight,
+              "l1": plan["l1"], "local-steps": plan["local_steps"], "privacy": plan["privacy"] or "",
+              "dp-noise": plan["noise"], "dp-clip": plan["patient_clip"], "dp-rate": plan["sample_rate"],
+              "dp-step": plan["private_step"], "seed": plan["seed"], "model": plan["model"],
+              **plan.get("network", {})}  # fmt: skip
+    initial = weights(np.load(folder / "initial.npz"))
+    run_rounds = _secure_rounds if plan.get("secure_aggregation") else _plain_rounds
+    final, losses = run_rounds(grid, context, plan, config, initial, keep, max(m.rows for m in moments))
+    np.savez(folder / "rounds.npz", train_loss=np.array(losses), **rounds)
+    np.savez(folder / "final.npz", **named(final))
+
+
+def _plain_rounds(grid, context, plan, config, initial, keep, _largest) -> tuple[list, list[float]]:
+    """FedAvg / FedProx with Flower's strategies, wrapped in server-side clipping and noise for
+    site-level privacy: the server sees every site's update."""
     base = FedProx if plan["strategy"] == "fedprox" else FedAvg
     options = {"proximal_mu": plan["proximal_mu"]} if base is FedProx else {}
     n = plan["sites"]
-    strategy = _recording(base, recorder)(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-                                          min_available_nodes=n, **options)  # fmt: skip
-    if private:
+    strategy = base(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
+                    **options)  # fmt: skip
+    if plan["privacy"] == "site":  # patient-level noise is the sites' own
         strategy = DifferentialPrivacyServerSideFixedClipping(strategy, plan["noise"], plan["site_clip"], n)
-    rounds: dict[str, np.ndarray] = {}
-
-    def keep(round_: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if round_ > 0:
-            rounds.update(named(arrays.to_numpy_ndarrays(), f"r{round_}_"))
-        return None
-
-    config = ConfigRecord({"mean": scaling.mean.tolist(), "std": scaling.std.tolist(),
-                           "pos-weight": scaling.pos_weight, "l1": plan["l1"],
-                           "local-steps": plan["local_steps"], "privacy": plan["privacy"] or "",
-                           "dp-noise": plan["noise"], "dp-clip": plan["patient_clip"],
-                           "dp-rate": plan["sample_rate"], "dp-step": plan["private_step"],
-                           "seed": plan["seed"], "model": plan["model"],
-                           **plan.get("network", {})})  # fmt: skip
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(weights(np.load(folder / "initial.npz"))),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=plan["rounds"],
-        train_config=config,
-        evaluate_fn=keep,
+        train_config=ConfigRecord(config),
+        evaluate_fn=lambda r, arrays: keep(r, arrays.to_numpy_ndarrays()),
     )
-    losses = [
-        float(result.train_metrics_clientapp[r]["train-loss"]) for r in sorted(result.train_metrics_clientapp)
-    ]
-    np.savez(folder / "rounds.npz", train_loss=np.array(losses), **rounds)
-    np.savez(folder / "final.npz", **named(result.arrays.to_numpy_ndarrays()))
+    metrics = result.train_metrics_clientapp
+    return result.arrays.to_numpy_ndarrays(), [float(metrics[r]["train-loss"]) for r in sorted(metrics)]
+
+
+def _secure_rounds(grid, context, plan, config, initial, keep, largest: int) -> tuple[list, list[float]]:
+    """FedAvg / FedProx under SecAgg+ (Flower's workflow, the only form it has): each site sends its
+    rows-weighted update quantised and masked with pairwise and private masks, so the server learns
+    only the sum of the updates. FedProx is its sites' objective; the server averages the same way."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    n = plan["sites"]
+    state: dict = {}
+
+    def evaluate(round_: int, arrays: list[np.ndarray], _config):
+        keep(round_, arrays)
+        state["final"] = arrays
+        return None
+
+    def mean_loss(replies: list) -> dict:
+        total = sum(k for k, _ in replies)
+        return {"train-loss": sum(k * float(m["train-loss"]) for k, m in replies) / total}
+
+    proximal = {"proximal-mu": plan["proximal_mu"]} if plan["strategy"] == "fedprox" else {}
+    strategy = LegacyFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
+                            min_available_clients=n, initial_parameters=ndarrays_to_parameters(initial),
+                            on_fit_config_fn=lambda r: {**config, **proximal, "server-round": r},
+                            evaluate_fn=evaluate, fit_metrics_aggregation_fn=mean_loss)  # fmt: skip
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=plan["rounds"]), strategy=strategy)
+    secure = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=SECURE_THRESHOLD,
+                                max_weight=float(largest), clipping_range=SECURE_RANGE)  # fmt: skip
+    DefaultWorkflow(fit_workflow=secure)(grid, legacy)
+    losses = [float(v) for _, v in legacy.history.metrics_distributed_fit.get("train-loss", [])]
+    if len(losses) != plan["rounds"]:
+        raise RuntimeError(f"secure aggregation completed {len(losses)} of {plan['rounds']} rounds")
+    return state["final"], losses
 
 
 def named(arrays: list[np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:

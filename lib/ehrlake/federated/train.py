@@ -63,8 +63,11 @@ class Run:
             f"({', '.join(f'{s} {n:,}' for s, n in self.site_rows.items())} training rows); {privacy_}",
             f"  {self.model.headline()}; test AUROC by round: "
             + " ".join(f"{a:.3f}" for a in self.round_auroc),
-            f"  each round the server received {self.bytes_per_round:,} bytes of model updates, no rows",
-        ]
+            f"  each round the server received {self.bytes_per_round:,} bytes of "
+            + ("keys, key shares and masked updates (SecAgg+: it learnt only their sum)"
+               if p.get("secure_aggregation") else "model updates")
+            + ", no rows",
+        ]  # fmt: skip
         if self.unsited:
             out.append(
                 f"  {self.unsited:,} rows meet no site's condition ({sites.CONF.name}) and were left out"
@@ -85,10 +88,17 @@ def train(
     role: str | None = None,
     bootstrap: int = evaluate.BOOTSTRAP,
     algorithm: str = "logreg",
+    secure: bool = False,
 ) -> Run:
-    """Train, evaluate and register one federated model of ``task`` (see the module)."""
+    """Train, evaluate and register one federated model of ``task`` (see the module). ``secure``:
+    Flower's SecAgg+, so the server learns only the sum of the sites' updates each round."""
     if algorithm not in ALGORITHMS:
         raise EhrlakeError(f"unknown federated model {algorithm!r} (known: {', '.join(ALGORITHMS)})")
+    if secure and (epsilon is not None or noise) and level == privacy.SITE:
+        raise EhrlakeError(
+            "site-level privacy clips each site's update at the server, which secure aggregation hides "
+            "from it: use --privacy patient (noise added at the sites) with --secure-aggregation"
+        )
     network = None
     if algorithm == "ann":  # before any work: a clear error outside the deep-learning runtime
         from ehrlake.dl import runtime as dl_runtime
@@ -122,7 +132,8 @@ def train(
             "local_steps": conf.local_steps, "proximal_mu": conf.proximal_mu, "sites": len(site_names),
             "privacy": level if noise else None, "noise": noise, "site_clip": conf.site_clip,
             "patient_clip": conf.patient_clip, "sample_rate": conf.sample_rate,
-            "private_step": conf.private_step, "seed": seed, "model": algorithm}  # fmt: skip
+            "private_step": conf.private_step, "seed": seed, "model": algorithm,
+            "secure_aggregation": secure}  # fmt: skip
     if network:
         plan["network"] = network
     fed = _federate(lake, task, site_names, plan)
@@ -155,6 +166,7 @@ def train(
                 "delta": conf.delta if noise else None,
                 "local_steps": conf.local_steps,
                 "proximal_mu": conf.proximal_mu if strategy == "fedprox" else None,
+                "secure_aggregation": secure,  # SecAgg+: the server saw only the sum of the updates
                 "imputation": "federation's mean",
                 "round_auroc": held_out.round_auroc,
                 "round_train_loss": fed.round_loss,  # the sites' mean training objective after each round
