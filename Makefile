@@ -74,6 +74,9 @@ bench: setup dl-env pathling-env
 	$(PY) bench/eda.py
 	$(PY) bench/models.py
 	$(DLVENV)/bin/python bench/dl.py
+	$(PY) bench/federated.py
+	$(DLVENV)/bin/python bench/federated.py --model ann
+	$(PY) bench/federated_states.py
 
 bench-quick: setup
 	$(PY) bench/harness.py --quick

@@ -17,14 +17,15 @@ from ehrlake.security import init_keys
 REPO = Path(__file__).resolve().parents[1]
 
 
-def secured_lake(root: Path, spark, secrets: Path, engine: str = "auto") -> Lake:
-    """A lake whose keys live in ``secrets`` (created on first use), with the repository's policy,
-    committed by ``engine`` (``lake.engine``)."""
+def secured_lake(root: Path, spark, secrets: Path, engine: str = "auto", policy: Path | None = None) -> Lake:
+    """A lake whose keys live in ``secrets`` (created on first use), with the repository's policy
+    (or ``policy``) and no role grants of its own, committed by ``engine`` (``lake.engine``)."""
     security = SecurityConfig(
         master_key_file=str(secrets / "master.key"),
         key_store=str(secrets / "keystore"),
         reveal_key_file=str(secrets / "reveal.key"),
-        access_policy=str(REPO / "conf" / "access_policy.yaml"),
+        access_policy=str(policy or REPO / "conf" / "access_policy.yaml"),
+        grants=str(secrets / "grants"),  # none made: the benchmark's user acts as any role
     )
     init_keys(security)
     return ehrlake.lake.open(

@@ -65,6 +65,13 @@ def test_each_site_reads_only_its_own_rows_and_nothing_else(prepared):
         sites.extract(lake, TASK, "referral", "/tmp/never.npz", role_name="site:emergency")
 
 
+def test_a_lake_without_features_is_told_to_build_them(lake):
+    with pytest.raises(
+        EhrlakeError, match="no gold.features_diabetes130 / gold.labels yet: run ehrlake features"
+    ):
+        sites.prepare(lake, TASK, seed=42)
+
+
 def test_sites_moments_pool_to_the_whole_and_a_site_fit_lowers_its_objective():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(300, 4))

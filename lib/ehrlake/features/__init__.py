@@ -80,12 +80,17 @@ def descriptions(t: Task) -> dict[str, str]:
     return pointintime.descriptions(definitions.load())
 
 
+def require(lake, t: Task) -> None:
+    """Stop with one line when the task's feature table or the labels are not built yet."""
+    if not lake.exists(t.feature_table) or not lake.exists("gold.labels"):
+        raise EhrlakeError(f"no {t.feature_table} / gold.labels yet: run ehrlake features first")
+
+
 def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> DataFrame:
     """Labelled, non-excluded rows of task ``t``: features joined to labels, at the given Delta
     versions of the two tables (training pins them; default: the latest), with ``template_key``
     for generated patients (:func:`ehrlake.clean.origin.with_templates`, read by the split)."""
-    if not lake.exists(t.feature_table) or not lake.exists("gold.labels"):
-        raise EhrlakeError(f"no {t.feature_table} / gold.labels yet: run ehrlake features first")
+    require(lake, t)
     versions = versions or {}
     lab = (
         lake.read("gold.labels", version=versions.get("gold.labels"))

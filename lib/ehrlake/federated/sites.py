@@ -85,10 +85,11 @@ def prepare(
     """Write ``gold.federated_<task>`` from the task's training frame; returns rows per site and
     split, and the rows no site takes. Rebuilt whole each time (the same tables on a re-run)."""
     from ehrlake.lake import WriteMode
-    from ehrlake.models.train import split
+    from ehrlake.models.train import only_generated, split
 
     t = feats.task(task)
     conditions = settings().of(task)
+    feats.require(lake, t)  # before the versions: their lookup's error would name a path
     versions = {name: lake.version(name) for name in (t.feature_table, "gold.labels")}
     frame = feats.training_frame(lake, t, versions)
     which = F.lit(None).cast("string")
@@ -98,7 +99,8 @@ def prepare(
         which = F.when(taken, F.lit(site)).otherwise(which)
         matches = matches + taken.cast("int")
     frame = frame.withColumn("site", which).withColumn("_sites", matches)
-    train_rows, test_rows = split(frame, seed, test_percent)
+    generated_only = only_generated(frame)  # a throughput run: then the test rows are copies too
+    train_rows, test_rows = split(frame, seed, test_percent, generated_only=generated_only)
     keep = ["patient_key", "index_id", "site", "split", "label",
             *[c for c in SUBGROUPS if c in frame.columns], *inputs(task)]  # fmt: skip
     rows = (
@@ -124,7 +126,22 @@ def prepare(
         audit.append(
             (table(task), f"{sum(sum(v.values()) for v in per_site.values())} rows of {len(per_site)} sites")
         )
-    return {"sites": per_site, "unsited": unsited, "training_data": versions}
+    return {
+        "sites": per_site,
+        "unsited": unsited,
+        "training_data": versions,
+        "generated_only": generated_only,
+    }
+
+
+def arrays(rows, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``rows``' inputs ``names`` (a missing value: NaN) and labels as NumPy arrays, on the driver:
+    for one site's rows, or a benchmark's."""
+    pdf = rows.select(
+        F.array(*[F.col(c).cast("double") for c in names]).alias("x"), F.col("label").cast("double")
+    ).toPandas()
+    x = pd.DataFrame(pdf["x"].tolist(), dtype=float, columns=names).to_numpy()
+    return x, pdf["label"].to_numpy(float)
 
 
 def extract(lake, task: str, site: str, out: str, role_name: str | None = None) -> int:
@@ -133,16 +150,10 @@ def extract(lake, task: str, site: str, out: str, role_name: str | None = None) 
     (the site's own disk). Returns the rows; a site with none is an error."""
     role_name = role_name or role(site)
     names = inputs(task)
-    rows = (
-        lake.read(table(task), role=role_name)
-        .where((F.col("site") == site) & (F.col("split") == TRAIN))
-        .select(F.array(*[F.col(c).cast("double") for c in names]).alias("x"), F.col("label").cast("double"))
-    )
-    pdf = rows.toPandas()  # one site's training rows: what the site holds anyway
-    if pdf.empty:
+    rows = lake.read(table(task), role=role_name).where((F.col("site") == site) & (F.col("split") == TRAIN))
+    x, y = arrays(rows, names)  # one site's training rows: what the site holds anyway
+    if not len(y):
         raise EhrlakeError(f"role {role_name} reads no training rows of site {site} in {table(task)}")
-    x = pd.DataFrame(pdf["x"].tolist(), dtype=float).to_numpy()  # a missing value: NaN
-    y = pdf["label"].to_numpy(dtype=float)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(out, x=x, y=y, names=np.array(names))
     return len(y)

@@ -173,7 +173,7 @@ def train(
                 "bytes_per_round": sum(train_bytes) // max(rounds, 1),
                 "seed": seed,
                 "test_percent": sites.TEST_PERCENT,
-                "test_patients": "real",
+                "test_patients": "generated copies only" if prepared["generated_only"] else "real",
                 "threshold": fed.base_rate,
                 "accepts": fed.accepts,
                 "trained_by": role or lake.security.default_role,
