@@ -14,7 +14,7 @@ What it does not: accuracy. Generated patients are copies of the sample patients
 volume and never a test split (docs/features.md); Diabetes 130-US's real stays give the accuracy
 (``bench/federated.py``).
 
-    .venv/bin/python bench/federated_states.py [--patients 50000] [--rounds 10] [--out DIR]
+    .venv/bin/python bench/federated_states.py [--patients 20000] [--rounds 10] [--out DIR]
 
 Results: ``bench/results/federated-states-<date>.json``.
 """
@@ -74,7 +74,7 @@ def federation_files(work: Path, states: list[str]) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=50_000)
+    parser.add_argument("--patients", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -71,23 +72,43 @@ def moments(msg: Message, context: Context) -> Message:
 @client.train()
 def fit(msg: Message, context: Context) -> Message:
     x, y = _site_rows(context)
-    # a secure run's instructions come in the legacy FitIns form of Flower's SecAgg+ workflow
-    legacy = "fitins.config" in msg.content.config_records
+    config, start, legacy = _instructions(msg)
+    scaling = learner.Scaling(np.array(config["mean"]), np.array(config["std"]), float(config["pos-weight"]))
+    # the site's own noise and sampling: seeded by the run, the round and the site's name (a node's
+    # id is new every run), so a private run is repeatable
+    site = zlib.crc32(str(context.node_config["site"]).encode())
+    seed = [int(config["seed"]), int(config["server-round"]), site]
+    weights, train_loss = _local_fit(config, start, scaling.apply(x), y, scaling, seed)
+    # with site-level privacy every site counts the same (its noise is calibrated to an unweighted mean)
+    weight = 1 if config["privacy"] == "site" else len(y)
     if legacy:
-        from flwr.common import parameters_to_ndarrays
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
         from flwr.compat.common import recorddict_compat as compat
 
-        # read as records: the legacy converter refuses the config's lists (the scaling)
-        config = msg.content.config_records["fitins.config"]
-        start = parameters_to_ndarrays(
-            compat.arrayrecord_to_parameters(msg.content.array_records["fitins.parameters"], keep_input=True)
-        )
-    else:
-        config, start = msg.content["config"], msg.content["arrays"].to_numpy_ndarrays()
-    scaling = learner.Scaling(np.array(config["mean"]), np.array(config["std"]), float(config["pos-weight"]))
-    z = scaling.apply(x)
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), weight, {"train-loss": train_loss})
+        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
+    metrics = MetricRecord({"num-examples": weight, "train-loss": train_loss})
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics}), reply_to=msg)
+
+
+def _instructions(msg: Message) -> tuple[ConfigRecord, list[np.ndarray], bool]:
+    """A training message's config and global weights, and whether it came in the legacy FitIns
+    form (a secure run's: Flower's SecAgg+ workflow)."""
+    if "fitins.config" not in msg.content.config_records:
+        return msg.content["config"], msg.content["arrays"].to_numpy_ndarrays(), False
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    # read as records: the legacy converter refuses the config's lists (the scaling)
+    arrays = msg.content.array_records["fitins.parameters"]
+    start = parameters_to_ndarrays(compat.arrayrecord_to_parameters(arrays, keep_input=True))
+    return msg.content.config_records["fitins.config"], start, True
+
+
+def _local_fit(config, start, z, y, scaling, seed) -> tuple[list[np.ndarray], float]:
+    """The plan's model fitted on the site's standardised rows from the global weights: its new
+    weights and its training loss."""
     private = config["privacy"] == "patient"  # DP-SGD on the site's rows, its noise drawn afresh each round
-    seed = [int(config["seed"]), int(config["server-round"]), context.node_id % 2**32]
     mu = float(config.get("proximal-mu", 0.0))
     if config["model"] == "ann":  # TensorFlow: this SuperNode runs in the deep-learning runtime
         from ehrlake.federated import ann
@@ -96,26 +117,16 @@ def fit(msg: Message, context: Context) -> Message:
         local = ann.Local(int(config["local-steps"]), float(config["dp-rate"]),
                           float(config["learning-rate"]), mu, clip, float(config["dp-noise"]))  # fmt: skip
         hidden = [int(h) for h in config["hidden"]]
-        weights, train_loss = ann.fit(start, z, y, hidden, float(config["dropout"]), local, seed)
+        return ann.fit(start, z, y, hidden, float(config["dropout"]), local, seed)
+    sample_weight = learner.weights_of(y, scaling.pos_weight)
+    l1, steps = float(config["l1"]), int(config["local-steps"])
+    if private:
+        w = learner.fit_private(start[0], z, y, sample_weight, l1, steps, float(config["dp-rate"]),
+                                float(config["dp-clip"]), float(config["dp-noise"]), float(config["dp-step"]),
+                                np.random.default_rng(seed), mu)  # fmt: skip
     else:
-        sample_weight = learner.weights_of(y, scaling.pos_weight)
-        l1, steps = float(config["l1"]), int(config["local-steps"])
-        if private:
-            w = learner.fit_private(start[0], z, y, sample_weight, l1, steps, float(config["dp-rate"]),
-                                    float(config["dp-clip"]), float(config["dp-noise"]),
-                                    float(config["dp-step"]), np.random.default_rng(seed), mu)  # fmt: skip
-        else:
-            w = learner.fit(start[0], z, y, sample_weight, l1, steps, mu)
-        weights, train_loss = [w], learner.loss(w, z, y, sample_weight, l1)
-    # with site-level privacy every site counts the same (its noise is calibrated to an unweighted mean)
-    weight = 1 if config["privacy"] == "site" else len(y)
-    if legacy:
-        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-
-        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(weights), weight, {"train-loss": train_loss})
-        return Message(compat.fitres_to_recorddict(res, keep_input=False), reply_to=msg)
-    metrics = MetricRecord({"num-examples": weight, "train-loss": train_loss})
-    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": metrics}), reply_to=msg)
+        w = learner.fit(start[0], z, y, sample_weight, l1, steps, mu)
+    return [w], learner.loss(w, z, y, sample_weight, l1)
 
 
 # ---- the server -------------------------------------------------------------------------------

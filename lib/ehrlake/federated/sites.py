@@ -41,6 +41,7 @@ class Settings:
     patient_clip: float = 1.0  # patient-level: each row's gradient norm bound
     private_step: float = 2.0  # patient-level: the fixed step size
     site_clip: float = 1.0  # site-level: each site's update norm bound
+    ann_private_learning_rate: float = 0.005  # the ANN's Adam step under DP-SGD (plain: deep_learning.yaml)
     sites: dict[str, dict[str, str]] = field(default_factory=dict)  # task -> site -> SQL condition
 
     def of(self, task: str) -> dict[str, str]:

@@ -125,6 +125,8 @@ def train(
         noise = privacy.noise_for(epsilon, *accounting)
     noise = float(noise or 0.0)
     spent = privacy.epsilon(level, noise, *accounting[1:]) if noise else None
+    if network and noise and level == privacy.PATIENT:
+        network["learning-rate"] = conf.ann_private_learning_rate
 
     prepared = sites.prepare(lake, task, seed, role_name=role)
     inputs = sites.inputs(task)
