@@ -149,7 +149,7 @@ def train(
         with lake.security.job("federated.train", ["gold"], role) as (_, audit):
             version, artifact, path = versions.new_artifact(lake, model_id)
             held_out = (_ann_held_out if algorithm == "ann" else _logreg_held_out)(
-                lake, test, inputs, fed, path, network
+                lake, test, inputs, fed, path, plan
             )
             metrics = evaluate.metrics(held_out.scored, fed.base_rate, bootstrap)
             metrics["train_seconds"] = {"value": round(fed.seconds, 1)}
@@ -212,7 +212,7 @@ class _HeldOut:
     importance: dict | None
 
 
-def _logreg_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, network) -> _HeldOut:
+def _logreg_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, plan: dict) -> _HeldOut:
     """The weights as central training's logreg pipeline, saved at ``path``; every round's AUROC
     from its log-odds (no model written for them)."""
     scaling = fed.scaling
@@ -222,18 +222,18 @@ def _logreg_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, ne
     fitted = model.pipeline(lake.spark, inputs, scaling, fed.final[0])
     fitted.write().save(path)
     scored = fitted.transform(test).withColumn("score", score_column(scaling.pos_weight))
-    conf = sites.settings()
-    params = {"l1": conf.l1, "pos_weight": scaling.pos_weight}
+    params = {"l1": plan["l1"], "pos_weight": scaling.pos_weight}
     return _HeldOut(scored, round_auroc, params, explain.importance("logreg", fitted, inputs))
 
 
-def _ann_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, network: dict) -> _HeldOut:
+def _ann_held_out(lake, test: DataFrame, inputs, fed: _Outcome, path: str, plan: dict) -> _HeldOut:
     """The weights in central training's ANN, saved as its Keras file at ``path`` (and each
     round's under ``rounds/``), scored on the executors as the central ANN's test rows are."""
     from ehrlake.dl import nets, predict
     from ehrlake.dl.tensors import tensor
     from ehrlake.federated import ann
 
+    network = plan["network"]
     mean_sd = zip(inputs, fed.scaling.mean, fed.scaling.std, strict=True)
     scaling = {c: (float(m), float(s)) for c, m, s in mean_sd}
     keep = tuple(c for c in sites.SUBGROUPS if c in test.columns)
