@@ -148,3 +148,23 @@ def test_a_csv_file_that_cannot_be_read_is_quarantined_by_name_and_the_rest_load
     ]
     assert report.entities["bronze.synthea_conditions"].quarantined == 1
     assert "could not be read (quarantined): conditions.csv.gz" in report.format()
+
+
+def test_identical_lines_are_numbered_the_same_by_the_broadcast_split_and_by_the_window(spark, monkeypatch):
+    """``lineage.numbered`` sorts only repeated lines (few: a broadcast split; very many: every row
+    through the window); both give each line its place among identical lines of its file."""
+    from ehrlake.ingest import lineage
+
+    rows = [("a.csv", 1, "x"), ("a.csv", 2, "y"), ("a.csv", 3, "x"), ("b.csv", 1, "x"), ("a.csv", 4, "x")]
+    frame = spark.createDataFrame(rows, "source_file string, record_index long, text string")
+
+    def places():
+        out = lineage.numbered(frame, ["source_file", "text"], "place")
+        return sorted((r["source_file"], r["record_index"], r["place"]) for r in out.collect())
+
+    expected = [("a.csv", 1, 1), ("a.csv", 2, 1), ("a.csv", 3, 2), ("a.csv", 4, 3), ("b.csv", 1, 1)]
+    assert places() == expected
+    monkeypatch.setattr(lineage, "BROADCAST_REPEATS", 0)  # too many repeats to broadcast
+    assert places() == expected
+    unique = spark.createDataFrame(rows[:2], "source_file string, record_index long, text string")
+    assert {r["place"] for r in lineage.numbered(unique, ["source_file", "text"], "place").collect()} == {1}

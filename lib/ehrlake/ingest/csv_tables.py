@@ -16,10 +16,10 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from ehrlake.ingest.lineage import lineage
+from ehrlake.ingest.lineage import lineage, numbered
 from ehrlake.ingest.quarantine import Reason, first_failure
 from ehrlake.security.protection import TableProtection, declared
 
@@ -181,14 +181,15 @@ def type_rows(
             for c in columns
         ]
     reason, message = first_failure(checks)
-    hashed = F.sha2("text", 256)
-    occurrence = F.row_number().over(Window.partitionBy("source_file", hashed).orderBy("record_index"))
+    # identical lines of one file are kept apart by their place among them (a re-read, even of a
+    # copy under another name, gives the same keys)
+    parsed = numbered(parsed.withColumn("_hash", F.sha2("text", 256)), ["source_file", "_hash"], "_place")
     return parsed.select(
         F.lit(source_system).alias("source_system"),
-        F.concat(hashed, F.lit("#"), occurrence.cast("string")).alias("row_key"),
+        F.concat("_hash", F.lit("#"), F.col("_place").cast("string")).alias("row_key"),
         *typed,
         F.col("text").alias("raw"),
-        hashed.alias("record_hash"),
+        F.col("_hash").alias("record_hash"),
         *lineage(run_id, ingested_at),
         reason.alias("_reason"),
         message.alias("_message"),

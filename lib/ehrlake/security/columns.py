@@ -156,16 +156,10 @@ def _sealer(
                 copy = [make(v, secret) for v in plain[source]]
                 sealed = crypto.seal_many(key, copy, ids, target, compress=target in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
-        if linkage_id:
-            out.append(
-                pa.array(
-                    [
-                        None if p is None else patient_key(secret, s, p)
-                        for s, p in zip(systems.to_pylist(), patients.to_pylist(), strict=True)
-                    ],
-                    pa.string(),
-                )
-            )
+        if linkage_id:  # one HMAC per patient of the batch: a file holds a patient's rows together
+            pairs = list(zip(systems.to_pylist(), patients.to_pylist(), strict=True))
+            keyed = {pair: patient_key(secret, *pair) for pair in set(pairs) if pair[1] is not None}
+            out.append(pa.array([keyed.get(pair) for pair in pairs], pa.string()))
         return pa.StructArray.from_arrays(out, names=fields)
 
     return seal
