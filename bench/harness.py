@@ -9,6 +9,8 @@ score; the analyst's group-bys for quality/eda); the figure reported is the rati
 
 Memory: the Python driver's peak RSS (where anything collected would land) must stay flat as N
 grows; the JVM's peak RSS (in local mode the executors live in it) is reported beside it.
+``--quick`` also fails when ingest's ratio at 1,000 patients is 1.5x that of the newest committed
+quick result.
 Optionally (``--workers-compare N``) the ingest + clean stages run on a local standalone cluster with
 1 and then 2 workers at N patients (scaling efficiency).
 
@@ -39,6 +41,10 @@ STAGES = ("synth", "ingest", "clean", "quality", "eda", "features", "train", "sc
 EVENT_TABLES = ("encounters", "conditions", "observations", "medications", "procedures")
 AS_OF = dt.date(2022, 1, 1)
 FLAT_LIMIT_MB = 150  # the driver's peak RSS may not grow more than this from the smallest size
+# --quick fails when ingest's ratio to its bare pass at 1,000 patients is this much worse than in the
+# newest committed quick result (a fixed-cost regression shows there first; noise stays well inside)
+RATIO_REGRESSION = 1.5
+CHECKED_AT = 1000
 
 
 def _jvm_peak_mb(spark) -> float | None:
@@ -314,6 +320,22 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def ratio_regression(runs: list[dict], committed: Path | None) -> str | None:
+    """Why ingest's ratio at :data:`CHECKED_AT` patients is a regression against ``committed`` (the
+    newest earlier quick result), or None."""
+    if committed is None:
+        return None
+    before = {r["patients"]: r["ratio"].get("ingest") for r in json.loads(committed.read_text())["runs"]}
+    now = {r["patients"]: r["ratio"].get("ingest") for r in runs}
+    old, new = before.get(CHECKED_AT), now.get(CHECKED_AT)
+    if old and new and new > RATIO_REGRESSION * old:
+        return (
+            f"ingest at {CHECKED_AT:,} patients costs {new}x its bare pass, {new / old:.2f}x the {old}x of "
+            f"{committed.name} (limit {RATIO_REGRESSION}x)"
+        )
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated patient counts")
@@ -373,6 +395,8 @@ def main() -> int:
     name = "harness-quick" if args.quick else "harness"
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"{name}-{dt.date.today().isoformat()}"
+    earlier = sorted(p for p in RESULTS.glob("harness-quick-*.json") if p.stem != stem.name)
+    regression = ratio_regression(runs, earlier[-1] if earlier else None) if args.quick else None
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     plot(result, stem.with_suffix(".png"))
@@ -384,6 +408,9 @@ def main() -> int:
             f"patients (limit {FLAT_LIMIT_MB} MB): something collects data proportional to the rows",
             file=sys.stderr,
         )
+        return 1
+    if regression:
+        print(f"FAIL: {regression}: something in ingest got slower", file=sys.stderr)
         return 1
     return 0
 
