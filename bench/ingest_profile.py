@@ -148,7 +148,10 @@ def main() -> int:
                 capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "lib")},
             )  # fmt: skip
             if proc.returncode != 0:
-                print(proc.stderr[-4000:], file=sys.stderr)
+                log = Path(tempfile.gettempdir()) / f"ingest-profile-{n}.stderr"
+                log.write_text(proc.stderr)
+                causes = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "Exception:" in ln]
+                print("\n".join(causes[:10]), f"\n(whole output: {log})", file=sys.stderr)
                 return 1
             run = json.loads(proc.stdout.strip().splitlines()[-1])
             run["profile"] = profile_of(Path(run.pop("event_log")), args.top)

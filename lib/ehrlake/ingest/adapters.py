@@ -29,6 +29,12 @@ from ehrlake.ingest.report import UNPARSED, IngestReport
 from ehrlake.ingest.sources import UNREADABLE_INDEX, SourceKind, first_line, read_records, table_stem
 from ehrlake.security.protection import TableProtection
 
+# How a run keeps what it reads more than once (records; typed rows; failures). A task holds all the
+# records of its files (a gzip file is read by one task), and a cached partition is one block: in
+# memory, a 300,000-patient export's ~1 GB partitions ran the executors out of heap while being
+# unrolled. On disk a block is written and read back as a stream, so memory stays flat with size.
+CACHE = StorageLevel.DISK_ONLY
+
 
 @dataclass
 class Output:
@@ -125,7 +131,7 @@ class FhirSource(Adapter):
         whole = self.kind is SourceKind.FHIR_BUNDLES
         records = read_records(spark, todo, whole_file=whole, batch_lines=ctx.batch_lines)
         records = fhir.explode_bundles(records)  # NDJSON too: a Bundle exported as one line
-        return fhir.classify(records, ctx.source_system).persist(StorageLevel.MEMORY_AND_DISK)
+        return fhir.classify(records, ctx.source_system).persist(CACHE)
 
     def envelope_failures(self, records, ctx):
         failed = records.where("_reason IS NOT NULL")
@@ -184,9 +190,7 @@ class CsvSource(Adapter):
     def read(self, spark, todo, ctx):
         records = read_records(spark, todo, whole_file=False, batch_lines=ctx.batch_lines, quoted=True)
         # line 1 is the header; a file that cannot be read is one row at UNREADABLE_INDEX
-        return records.where("record_index > 1 OR read_error IS NOT NULL").persist(
-            StorageLevel.MEMORY_AND_DISK
-        )
+        return records.where("record_index > 1 OR read_error IS NOT NULL").persist(CACHE)
 
     def census(self, records):
         rows = records.groupBy("source_file", _unreadable()).count().collect()
@@ -262,7 +266,7 @@ class ImageSource(Adapter):
     def read(self, spark, todo, ctx):
         decoded = images.read_images(spark, todo, ctx.input_path, images.load_spec())
         typed = images.type_rows(decoded, ctx.source_system, ctx.run_id, ctx.now)
-        return typed.persist(StorageLevel.MEMORY_AND_DISK)
+        return typed.persist(CACHE)
 
     def census(self, records):
         total = records.count()

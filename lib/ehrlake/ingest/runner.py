@@ -13,7 +13,6 @@ import json
 import uuid
 from dataclasses import asdict
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -21,7 +20,7 @@ from ehrlake.config import source_system_name
 from ehrlake.errors import ConfigError
 from ehrlake.ingest import extract as extracts
 from ehrlake.ingest import generated, quarantine
-from ehrlake.ingest.adapters import Adapter, Census, Context, Output, adapter_for, union
+from ehrlake.ingest.adapters import CACHE, Adapter, Census, Context, Output, adapter_for, union
 from ehrlake.ingest.report import UNPARSED, IngestReport
 from ehrlake.ingest.sources import (
     FILE_LOG,
@@ -129,7 +128,7 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
     bad_parts = [early_bad] if early_bad is not None else []
     merged: dict[str, dict] = {}
     for out in outputs:  # cached by the outcome count, then reused by the merge and the quarantine
-        out.rows = out.rows.persist(StorageLevel.MEMORY_AND_DISK)
+        out.rows = out.rows.persist(CACHE)
     failed, with_issues = _outcomes(outputs)
     for out in outputs:
         if not out.quarantine_only:
@@ -219,7 +218,7 @@ def _quarantine(lake, protector, parts: list[DataFrame], commit_info: dict) -> d
     """Merge every failed record into ops.quarantine (raw payloads sealed); returns counts per table."""
     if not parts:
         return {}
-    frame = union(parts).persist(StorageLevel.MEMORY_AND_DISK)
+    frame = union(parts).persist(CACHE)
     per_entity = {r["entity"] or UNPARSED: r["count"] for r in frame.groupBy("entity").count().collect()}
     if per_entity:
         sealed = _protect(protector, frame, quarantine.TABLE, quarantine.KEYS)
