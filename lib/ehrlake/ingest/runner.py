@@ -150,7 +150,7 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
     if copies:
         report.notes.append(f"{copies:,} generated patients linked to their templates -> {generated.TABLE}")
     _mark_ingested(lake, adapter.kind, ctx.source_system, todo, ctx.run_id, ctx.now, commit_info)
-    records.unpersist()
+    adapter.release(records)
     for out in outputs:
         out.rows.unpersist()
 
