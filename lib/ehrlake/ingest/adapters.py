@@ -135,7 +135,9 @@ class FhirSource(Adapter):
         whole = self.kind is SourceKind.FHIR_BUNDLES
         records = read_records(spark, todo, whole_file=whole, batch_lines=ctx.batch_lines)
         records = fhir.explode_bundles(records)  # NDJSON too: a Bundle exported as one line
-        return fhir.classify(records, ctx.source_system).persist(CACHE)
+        # in memory, as before: each resource table filters this one cache by type, which batch
+        # statistics make cheap in memory and a full read on disk (CSV caches per table instead)
+        return fhir.classify(records, ctx.source_system).persist(StorageLevel.MEMORY_AND_DISK)
 
     def envelope_failures(self, records, ctx):
         failed = records.where("_reason IS NOT NULL")
