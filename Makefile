@@ -26,8 +26,9 @@ $(VENV)/.installed: setup.py
 	@touch $@
 
 # the native Delta engine's JARs (lake.engine: native; docs/operations.md), fetched once with Maven,
-# and ehrlake's Spark classes (infra/spark: the lake catalog, the policy guard) compiled against them
-.jars/delta/.fetched: infra/delta/pom.xml $(wildcard infra/spark/src/ehrlake/*.java) scripts/delta_jars.sh $(VENV)/.installed
+# and ehrlake's Spark classes (infra/spark: the lake catalog, the policy guard, the JVM column sealer)
+# compiled against them
+.jars/delta/.fetched: infra/delta/pom.xml $(wildcard infra/spark/src/ehrlake/*.java) lib/ehrlake/security/seal-v1.zdict scripts/delta_jars.sh $(VENV)/.installed
 	bash scripts/delta_jars.sh .jars/delta "$$($(PY) -c 'import os, pyspark; print(os.path.join(os.path.dirname(pyspark.__file__), "jars"))')"
 	@touch $@
 

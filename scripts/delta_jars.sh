@@ -22,10 +22,12 @@ for jar in "$tmp"/*.jar; do
   if ls "$spark_jars/$artifact"-[0-9]*.jar >/dev/null 2>&1; then rm "$jar"; fi
 done
 # ehrlake's own Spark classes (infra/spark): the lake catalog (tables known by name), the SQL server's
-# policy guard (every analysed statement checked against the role's views) and its token login (JDBC)
+# policy guard (every analysed statement checked against the role's views), its token login (JDBC) and
+# the column sealer (sealing and patient keys in the JVM, with the zstd dictionary Python seals with)
 if command -v javac >/dev/null 2>&1; then
   classes="$tmp/classes" && mkdir -p "$classes"
   javac -nowarn -source 17 -target 17 -d "$classes" -cp "$spark_jars/*:$tmp/*" infra/spark/src/ehrlake/*.java
+  cp lib/ehrlake/security/seal-v1.zdict "$classes/ehrlake/"
   jar cf "$tmp/ehrlake-spark.jar" -C "$classes" . && rm -rf "$classes"
 else
   echo "no Java compiler (javac): tables are not known by name in SQL and there is no SQL server (install a JDK, e.g. openjdk-17-jdk-headless)"

@@ -7,8 +7,19 @@ import base64
 import pytest
 from pyspark.sql import functions as F
 
-from ehrlake.security.columns import KeyRef, open_columns, row_id, seal_columns
+from ehrlake.errors import KeyAccessError
+from ehrlake.security.columns import (
+    SEAL_ENGINE,
+    KeyRef,
+    jvm_sealing,
+    key_errors,
+    open_columns,
+    row_id,
+    seal_columns,
+)
 from ehrlake.security.keys import FileKeyProvider
+from ehrlake.security.pseudonym import patient_key
+from ehrlake.session import delta_jars
 
 
 @pytest.fixture
@@ -55,3 +66,51 @@ def test_typed_columns_round_trip_through_their_text_form(spark, ref):
     assert all(t == "string" for _, t in sealed.select(*types).dtypes)
     back = open_columns(sealed, ref, types, row_id("bronze.t", ["id"])).first()
     assert (back.given, str(back.born), back.lat) == (["Asha", "K"], "1970-05-01", 18.52)
+
+
+@pytest.fixture(params=["jvm", "python"])
+def engine(request, spark, monkeypatch):
+    """Each sealing engine: ehrlake's JVM sealer (built by make setup) and the Arrow UDF."""
+    monkeypatch.setenv(SEAL_ENGINE, request.param)
+    if request.param == "jvm":
+        assert any(jar.endswith("ehrlake-spark.jar") for jar in delta_jars()), "make setup builds it"
+    assert jvm_sealing(spark) == (request.param == "jvm")
+    return request.param
+
+
+def test_both_engines_seal_records_and_patient_keys_python_opens(spark, ref, engine):
+    """The JVM sealer writes what Python opens: compressed records (zstd with the shipped
+    dictionary), plain values, non-ASCII text, and the same patient keys as pseudonym.patient_key."""
+    store = ref.store()
+    key_id, linkage_id = store.current_id("bronze.t"), store.linkage_id()
+    record = '{"resourceType": "Patient", "name": [{"family": "Rāo"}], "note": "' + "x" * 500 + '"}'
+    df = spark.createDataFrame(
+        [("p1", "s", "P-1", record, "Rāo"), ("p2", "s", "P-2", None, "Iyer"), ("p3", "s", None, "{}", "Das")],
+        "id string, source_system string, patient string, raw string, family string",
+    )
+    row = row_id("bronze.t", ["id"])
+    sealed = seal_columns(
+        df, ref, key_id, {"raw": "string", "family": "string"}, row, patient=(linkage_id, "patient")
+    )
+    rows = {r.id: r for r in sealed.collect()}
+    assert rows["p1"].raw.startswith(f"ek1z:{key_id}:") and rows["p1"].family.startswith(f"ek1:{key_id}:")
+    assert rows["p2"].raw is None and rows["p3"].patient_key is None
+    secret = store.get(linkage_id).material
+    assert rows["p1"].patient_key == patient_key(secret, "s", "P-1") != rows["p2"].patient_key
+    assert "Rāo" not in rows["p1"].raw + rows["p1"].family
+    opened = open_columns(sealed, ref, {"raw": "string", "family": "string"}, row).collect()
+    assert {(r.id, r.raw, r.family) for r in opened} == {
+        ("p1", record, "Rāo"),
+        ("p2", None, "Iyer"),
+        ("p3", "{}", "Das"),
+    }
+
+
+def test_jvm_sealer_with_the_wrong_master_key_fails_with_a_key_error(spark, ref, tmp_path, engine):
+    key_id = ref.store().current_id("bronze.t")
+    other = tmp_path / "other.key"
+    FileKeyProvider(str(other)).create()
+    df = spark.createDataFrame([("p1", "Rao")], "id string, family string")
+    wrong = KeyRef(ref.key_store, str(other))
+    with pytest.raises(KeyAccessError, match="cannot be unwrapped with the master key"), key_errors():
+        seal_columns(df, wrong, key_id, {"family": "string"}, row_id("t", ["id"])).collect()

@@ -1,9 +1,11 @@
-"""Sealing and opening DataFrame columns on the executors, one Arrow batch at a time.
+"""Sealing and opening DataFrame columns on the executors.
 
 The key never enters the query plan: the plan carries only the key store location and key ids, and
-each executor process unwraps the data key itself through the configured provider (as a KMS client
-would). All sealed columns of a row go through one Arrow UDF call, so a table pays one Python
-round trip per batch however many identifiers it has.
+each executor unwraps the data key itself through the configured provider (as a KMS client would).
+Where ehrlake's Spark classes are on the class path (``make setup`` builds them), columns under a
+data key and patient keys are sealed in the JVM (``infra/spark``: ``SealColumn``, ``PatientKey``),
+with no Python round trip; what only Python does (sealing to the reveal public key, de-identified
+copies) and opening go through one Arrow UDF call per batch, however many columns a table has.
 
 A sealed value is bound (AES-GCM associated data) to its *row id*: the table's logical name and
 its key columns joined by U+001F, plus the column name. Values of non-string columns are sealed as
@@ -26,6 +28,7 @@ from ehrlake.security import copies, crypto
 from ehrlake.security.keys import EnvKeyProvider, FileKeyProvider, KeyStore
 from ehrlake.security.pseudonym import patient_key
 from ehrlake.security.reveal_key import KEY_ID_PREFIX, RevealPublicKey, private_key, require_public
+from ehrlake.session import loads
 
 SEPARATOR = "\x1f"
 # records and texts: compressed before sealing (see crypto)
@@ -116,6 +119,26 @@ def _from_text(name: str, ddl: str) -> Column:
     return F.col(name).cast(ddl)
 
 
+# $EHRLAKE_SEAL_ENGINE=python seals in the Arrow UDF even where the JVM sealer loads (bench/crypto.py
+# compares the two); the ciphertext is the same format either way
+SEAL_ENGINE = "EHRLAKE_SEAL_ENGINE"
+JVM_SEALER = {"ehrlake_seal": "ehrlake.SealColumn", "ehrlake_patient_key": "ehrlake.PatientKey"}
+
+
+def jvm_sealing(spark) -> bool:
+    """Whether this session seals in the JVM (its functions registered here when it does)."""
+    if os.environ.get(SEAL_ENGINE, "jvm") == "python" or not loads(spark._jvm, JVM_SEALER["ehrlake_seal"]):
+        return False
+    for name, cls in JVM_SEALER.items():
+        spark.udf.registerJavaFunction(name, cls, "string")
+    return True
+
+
+def _spec(*parts: str | None) -> Column:
+    """A JVM sealer's settings as one literal: ids and locations, never key material."""
+    return F.lit(SEPARATOR.join(p or "" for p in parts))
+
+
 def _struct_type(names) -> str:
     return "struct<" + ",".join(f"`{n}`:string" for n in names) + ">"
 
@@ -129,13 +152,16 @@ def _sealer(
     to_reveal: frozenset[str],
     deidentified: tuple[tuple[str, str], ...] = (),
     inputs: tuple[str, ...] = (),
+    keyed: bool = True,
 ):
     """One Arrow UDF that seals ``names`` (those in ``to_reveal`` to the ``reveal`` public key, the
     rest under data key ``key_id``), then each ``deidentified`` (target, source) pair: the processing
     copy ``target`` of ``source`` (:mod:`ehrlake.security.copies`) under the data key; given a
-    linkage key id, it also computes patient_key. ``inputs``: further plain columns copies are made
-    from, not sealed themselves. One Python round trip per batch for everything a table needs."""
-    fields = [*names, *(t for t, _ in deidentified), *(["patient_key"] if linkage_id else [])]
+    linkage key id (the copies' secret), it also computes patient_key unless not ``keyed`` (the JVM
+    does). ``inputs``: further plain columns copies are made from, not sealed themselves. One Python
+    round trip per batch for everything a table needs."""
+    keyed = keyed and linkage_id is not None
+    fields = [*names, *(t for t, _ in deidentified), *(["patient_key"] if keyed else [])]
 
     @F.arrow_udf(_struct_type(fields))
     def seal(row_ids: pa.Array, values: pa.Array, systems: pa.Array, patients: pa.Array) -> pa.Array:
@@ -156,10 +182,10 @@ def _sealer(
                 copy = [make(v, secret) for v in plain[source]]
                 sealed = crypto.seal_many(key, copy, ids, target, compress=target in COMPRESSED)
                 out.append(pa.array(sealed, pa.binary()).cast(pa.string()))
-        if linkage_id:  # one HMAC per patient of the batch: a file holds a patient's rows together
+        if keyed:  # one HMAC per patient of the batch: a file holds a patient's rows together
             pairs = list(zip(systems.to_pylist(), patients.to_pylist(), strict=True))
-            keyed = {pair: patient_key(secret, *pair) for pair in set(pairs) if pair[1] is not None}
-            out.append(pa.array([keyed.get(pair) for pair in pairs], pa.string()))
+            by_pair = {pair: patient_key(secret, *pair) for pair in set(pairs) if pair[1] is not None}
+            out.append(pa.array([by_pair.get(pair) for pair in pairs], pa.string()))
         return pa.StructArray.from_arrays(out, names=fields)
 
     return seal
@@ -203,24 +229,51 @@ def seal_columns(
         return df.drop(*inputs)
     read = columns | inputs
     copies = tuple((t, s) for t, s in (deidentified or {}).items() if s in read)
-    names = tuple(columns)
     linkage_id, patient_column = patient or (None, None)
-    values = F.struct(*[_as_text(n, t).alias(n) for n, t in read.items()]) if read else F.struct(F.lit(None))
-    reveal = require_public(ref.key_store) if to_reveal & set(names) else None
-    sealed = _sealer(ref, key_id, names, linkage_id, reveal, to_reveal & set(names), copies, tuple(inputs))(
-        row,
-        values,
-        F.col("source_system") if patient else F.lit(None).cast("string"),
-        F.col(patient_column).cast("string") if patient else F.lit(None).cast("string"),
-    )
+    jvm = jvm_sealing(df.sparkSession)
+    in_jvm = {n: t for n, t in columns.items() if n not in to_reveal} if jvm else {}
+    names = tuple(n for n in columns if n not in in_jvm)  # sealed by the Arrow UDF
+    sealed: dict[str, Column] = {
+        n: F.call_function(
+            "ehrlake_seal",
+            row,
+            _as_text(n, t),
+            _spec(n, "1" if n in COMPRESSED else "0", key_id, ref.key_store, ref.master_key_file),
+        )
+        for n, t in in_jvm.items()
+    }
+    if patient and jvm:
+        sealed["patient_key"] = F.call_function(
+            "ehrlake_patient_key",
+            F.col("source_system"),
+            F.col(patient_column).cast("string"),
+            _spec(linkage_id, ref.key_store, ref.master_key_file),
+        )
+    in_python = [*names, *(t for t, _ in copies), *(["patient_key"] if patient and not jvm else [])]
+    if in_python:
+        values = F.struct(*[_as_text(n, t).alias(n) for n, t in read.items()] or [F.lit(None)])
+        revealed = to_reveal & set(names)
+        reveal = require_public(ref.key_store) if revealed else None
+        keyed = bool(patient) and not jvm
+        udf = _sealer(ref, key_id, names, linkage_id, reveal, revealed, copies, tuple(inputs), keyed)
+        df = df.withColumn(
+            "_ehrlake_sealed",
+            udf(
+                row,
+                values,
+                F.col("source_system") if keyed else F.lit(None).cast("string"),
+                F.col(patient_column).cast("string") if keyed else F.lit(None).cast("string"),
+            ),
+        )
+        sealed |= {n: F.col(f"_ehrlake_sealed.`{n}`") for n in in_python}
     kept = []
     for c in df.columns:
-        if c not in inputs:
-            kept.append(F.col(f"_ehrlake_sealed.`{c}`").alias(c) if c in columns else F.col(f"`{c}`"))
-        kept += [F.col(f"_ehrlake_sealed.`{t}`").alias(t) for t, s in copies if s == c]
+        if c not in inputs and c != "_ehrlake_sealed":
+            kept.append(sealed[c].alias(c) if c in columns else F.col(f"`{c}`"))
+        kept += [sealed[t].alias(t) for t, s in copies if s == c]
     if patient:
-        kept.append(F.col("_ehrlake_sealed.patient_key").alias("patient_key"))
-    return df.withColumn("_ehrlake_sealed", sealed).select(*kept)
+        kept.append(sealed["patient_key"].alias("patient_key"))
+    return df.select(*kept)
 
 
 def open_columns(df: DataFrame, ref: KeyRef, columns: dict[str, str], row: Column) -> DataFrame:
