@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 from pyspark.sql import functions as F
 
 from ehrlake.errors import KeyAccessError
+from ehrlake.security import reveal_key
 from ehrlake.security.columns import (
     SEAL_ENGINE,
     KeyRef,
@@ -78,9 +80,11 @@ def engine(request, spark, monkeypatch):
     return request.param
 
 
-def test_both_engines_seal_records_and_patient_keys_python_opens(spark, ref, engine):
-    """The JVM sealer writes what Python opens: compressed records (zstd with the shipped
-    dictionary), plain values, non-ASCII text, and the same patient keys as pseudonym.patient_key."""
+def test_both_engines_seal_records_and_patient_keys_python_opens(spark, ref, tmp_path, engine):
+    """The JVM sealer writes what Python opens: records sealed to the reveal public key and
+    compressed (zstd with the shipped dictionary), values under the data key, non-ASCII text, and
+    the same patient keys as pseudonym.patient_key."""
+    reveal_key.create(str(tmp_path / "reveal.key"), ref.key_store)
     store = ref.store()
     key_id, linkage_id = store.current_id("bronze.t"), store.linkage_id()
     record = '{"resourceType": "Patient", "name": [{"family": "Rāo"}], "note": "' + "x" * 500 + '"}'
@@ -89,16 +93,16 @@ def test_both_engines_seal_records_and_patient_keys_python_opens(spark, ref, eng
         "id string, source_system string, patient string, raw string, family string",
     )
     row = row_id("bronze.t", ["id"])
-    sealed = seal_columns(
-        df, ref, key_id, {"raw": "string", "family": "string"}, row, patient=(linkage_id, "patient")
-    )
+    columns = {"raw": "string", "family": "string"}
+    sealed = seal_columns(df, ref, key_id, columns, row, (linkage_id, "patient"), frozenset({"raw"}))
     rows = {r.id: r for r in sealed.collect()}
-    assert rows["p1"].raw.startswith(f"ek1z:{key_id}:") and rows["p1"].family.startswith(f"ek1:{key_id}:")
+    assert rows["p1"].raw.startswith("ek2z:reveal#") and rows["p1"].family.startswith(f"ek1:{key_id}:")
     assert rows["p2"].raw is None and rows["p3"].patient_key is None
     secret = store.get(linkage_id).material
     assert rows["p1"].patient_key == patient_key(secret, "s", "P-1") != rows["p2"].patient_key
     assert "Rāo" not in rows["p1"].raw + rows["p1"].family
-    opened = open_columns(sealed, ref, {"raw": "string", "family": "string"}, row).collect()
+    revealing = dataclasses.replace(ref, reveal_key_file=str(tmp_path / "reveal.key"))
+    opened = open_columns(sealed, revealing, columns, row).collect()
     assert {(r.id, r.raw, r.family) for r in opened} == {
         ("p1", record, "Rāo"),
         ("p2", None, "Iyer"),

@@ -2,10 +2,10 @@
 
 The key never enters the query plan: the plan carries only the key store location and key ids, and
 each executor unwraps the data key itself through the configured provider (as a KMS client would).
-Where ehrlake's Spark classes are on the class path (``make setup`` builds them), columns under a
-data key and patient keys are sealed in the JVM (``infra/spark``: ``SealColumn``, ``PatientKey``),
-with no Python round trip; what only Python does (sealing to the reveal public key, de-identified
-copies) and opening go through one Arrow UDF call per batch, however many columns a table has.
+Where ehrlake's Spark classes are on the class path (``make setup`` builds them), columns and
+patient keys are sealed in the JVM (``infra/spark``: ``SealColumn``, ``PatientKey``), with no
+Python round trip; what only Python does (processing copies, see :mod:`copies`) and opening go
+through one Arrow UDF call per batch, however many columns a table has.
 
 A sealed value is bound (AES-GCM associated data) to its *row id*: the table's logical name and
 its key columns joined by U+001F, plus the column name. Values of non-string columns are sealed as
@@ -14,6 +14,7 @@ their string (scalars) or JSON (arrays, structs) form and restored to their type
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import os
@@ -231,17 +232,24 @@ def seal_columns(
     copies = tuple((t, s) for t, s in (deidentified or {}).items() if s in read)
     linkage_id, patient_column = patient or (None, None)
     jvm = jvm_sealing(df.sparkSession)
-    in_jvm = {n: t for n, t in columns.items() if n not in to_reveal} if jvm else {}
-    names = tuple(n for n in columns if n not in in_jvm)  # sealed by the Arrow UDF
-    sealed: dict[str, Column] = {
-        n: F.call_function(
+    names = () if jvm else tuple(columns)  # sealed by the Arrow UDF
+    reveal = require_public(ref.key_store) if to_reveal & set(columns) else None
+    sealed: dict[str, Column] = {}
+    for n, t in columns.items() if jvm else ():
+        to = reveal if n in to_reveal else None
+        sealed[n] = F.call_function(
             "ehrlake_seal",
             row,
             _as_text(n, t),
-            _spec(n, "1" if n in COMPRESSED else "0", key_id, ref.key_store, ref.master_key_file),
+            _spec(
+                n,
+                "1" if n in COMPRESSED else "0",
+                to.key_id if to else key_id,
+                ref.key_store,
+                ref.master_key_file,
+                base64.b64encode(to.public).decode() if to else None,
+            ),
         )
-        for n, t in in_jvm.items()
-    }
     if patient and jvm:
         sealed["patient_key"] = F.call_function(
             "ehrlake_patient_key",
@@ -253,7 +261,6 @@ def seal_columns(
     if in_python:
         values = F.struct(*[_as_text(n, t).alias(n) for n, t in read.items()] or [F.lit(None)])
         revealed = to_reveal & set(names)
-        reveal = require_public(ref.key_store) if revealed else None
         keyed = bool(patient) and not jvm
         udf = _sealer(ref, key_id, names, linkage_id, reveal, revealed, copies, tuple(inputs), keyed)
         df = df.withColumn(

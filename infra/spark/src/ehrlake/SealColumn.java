@@ -4,11 +4,22 @@ import java.io.IOException;
 import java.io.InputStream;
 import java.io.UncheckedIOException;
 import java.nio.charset.StandardCharsets;
+import java.math.BigInteger;
 import java.security.GeneralSecurityException;
+import java.security.KeyFactory;
+import java.security.KeyPair;
+import java.security.KeyPairGenerator;
+import java.security.PublicKey;
 import java.security.SecureRandom;
+import java.security.interfaces.XECPublicKey;
+import java.security.spec.NamedParameterSpec;
+import java.security.spec.XECPublicKeySpec;
+import java.util.Arrays;
 import java.util.Base64;
 
 import javax.crypto.Cipher;
+import javax.crypto.KeyAgreement;
+import javax.crypto.Mac;
 import javax.crypto.spec.GCMParameterSpec;
 import javax.crypto.spec.SecretKeySpec;
 
@@ -18,24 +29,32 @@ import com.github.luben.zstd.ZstdDictCompress;
 import org.apache.spark.sql.api.java.UDF3;
 
 /**
- * {@code ehrlake_seal(row_id, value, spec)}: a column value sealed under a data key in the JVM, the
- * same ciphertext format {@code ehrlake.security.crypto.seal_many} writes (so Python opens it):
- * {@code ek1:<key id>:base64(nonce | AES-256-GCM(value, associated data = row id U+001F column))},
- * or {@code ek1z:...} of the value compressed first with zstd and the shipped dictionary.
+ * {@code ehrlake_seal(row_id, value, spec)}: a column value sealed in the JVM, in the ciphertext
+ * formats of {@code ehrlake.security.crypto} (so Python opens it): under a data key, {@code
+ * ek1:<key id>:base64(nonce | AES-256-GCM(value, associated data = row id U+001F column))}; to the
+ * reveal public key, {@code ek2:<reveal key id>:base64(ephemeral X25519 public key | nonce | ...)}
+ * under HKDF-SHA256 of the shared secret; {@code ek1z}/{@code ek2z} of the value compressed first
+ * with zstd and the shipped dictionary.
  *
  * <p>Why in the JVM: the Python UDF paid an Arrow round trip and a Python loop per value, about 11 us
  * a row, a fifth of ingest at 100,000 patients. {@code spec} is {@code column U+001F compress (0|1)
- * U+001F key id U+001F key store U+001F master key file (empty: $EHRLAKE_MASTER_KEY)}: locations and
- * ids only; each task unwraps the key itself ({@link DataKeys}), once.
+ * U+001F key id U+001F key store U+001F master key file (empty: $EHRLAKE_MASTER_KEY) U+001F the
+ * reveal public key in base64 (empty: seal under the data key)}: locations, ids and a public key
+ * only; a task unwraps its data key itself ({@link DataKeys}), once, or makes an ephemeral key
+ * (a fresh one every {@value #PER_EPHEMERAL} values).
  */
 public final class SealColumn implements UDF3<String, String, String, String> {
   private static final long serialVersionUID = 1L;
   private static final String SEPARATOR = "\u001f";
   private static final String DICTIONARY = "seal-v1.zdict";
+  private static final int PER_EPHEMERAL = 100_000;
   private static byte[] dictionary;
 
   private transient String spec;
   private transient byte[] head;
+  private transient byte[] lead;
+  private transient byte[] recipient;
+  private transient int sealed;
   private transient byte[] tail;
   private transient SecretKeySpec key;
   private transient Cipher aes;
@@ -51,18 +70,22 @@ public final class SealColumn implements UDF3<String, String, String, String> {
     if (!spec.equals(this.spec)) {
       open(spec);
     }
+    if (recipient != null && sealed++ % PER_EPHEMERAL == 0) {
+      ephemeral();
+    }
     byte[] plain = value.getBytes(StandardCharsets.UTF_8);
     if (zstd != null) {
       plain = zstd.compress(plain);
     }
-    byte[] sealed = new byte[12 + plain.length + 16];
+    byte[] blob = new byte[lead.length + 12 + plain.length + 16];
     random.nextBytes(nonce);
-    System.arraycopy(nonce, 0, sealed, 0, 12);
+    System.arraycopy(lead, 0, blob, 0, lead.length);
+    System.arraycopy(nonce, 0, blob, lead.length, 12);
     aes.init(Cipher.ENCRYPT_MODE, key, new GCMParameterSpec(128, nonce));
     aes.updateAAD(rowId.getBytes(StandardCharsets.UTF_8));
     aes.updateAAD(tail);
-    aes.doFinal(plain, 0, plain.length, sealed, 12);
-    byte[] text = Base64.getEncoder().encode(sealed);
+    aes.doFinal(plain, 0, plain.length, blob, lead.length + 12);
+    byte[] text = Base64.getEncoder().encode(blob);
     byte[] out = new byte[head.length + text.length];
     System.arraycopy(head, 0, out, 0, head.length);
     System.arraycopy(text, 0, out, head.length, text.length);
@@ -74,14 +97,62 @@ public final class SealColumn implements UDF3<String, String, String, String> {
     String column = parts[0];
     boolean compress = "1".equals(parts[1]);
     String keyId = parts[2];
-    key = new SecretKeySpec(DataKeys.unwrap(parts[3], parts[4].isEmpty() ? null : parts[4], keyId), "AES");
-    head = ((compress ? "ek1z" : "ek1") + ":" + keyId + ":").getBytes(StandardCharsets.UTF_8);
+    recipient = parts[5].isEmpty() ? null : Base64.getDecoder().decode(parts[5]);
+    String prefix = recipient == null ? "ek1" : "ek2";
+    if (recipient == null) {
+      key = new SecretKeySpec(DataKeys.unwrap(parts[3], parts[4].isEmpty() ? null : parts[4], keyId), "AES");
+      lead = new byte[0];
+    }
+    sealed = 0;
+    head = (prefix + (compress ? "z" : "") + ":" + keyId + ":").getBytes(StandardCharsets.UTF_8);
     tail = (SEPARATOR + column).getBytes(StandardCharsets.UTF_8);
     aes = Cipher.getInstance("AES/GCM/NoPadding");
     random = new SecureRandom();
     nonce = new byte[12];
     zstd = compress ? compressor() : null;
     this.spec = spec;
+  }
+
+  /** A fresh ephemeral X25519 key agreed with the reveal public key: the AES key is HKDF-SHA256 of
+   * the shared secret (no salt, info "ehrlake ek2" | ephemeral | recipient), as Python derives it. */
+  private void ephemeral() throws GeneralSecurityException {
+    KeyPairGenerator generator = KeyPairGenerator.getInstance("X25519");
+    KeyPair pair = generator.generateKeyPair();
+    lead = raw((XECPublicKey) pair.getPublic());
+    KeyAgreement agreement = KeyAgreement.getInstance("X25519");
+    agreement.init(pair.getPrivate());
+    agreement.doPhase(publicKey(recipient), true);
+    byte[] secret = agreement.generateSecret();
+    Mac hmac = Mac.getInstance("HmacSHA256");
+    hmac.init(new SecretKeySpec(new byte[32], "HmacSHA256"));
+    byte[] pseudorandom = hmac.doFinal(secret);
+    hmac.init(new SecretKeySpec(pseudorandom, "HmacSHA256"));
+    hmac.update("ehrlake ek2".getBytes(StandardCharsets.US_ASCII));
+    hmac.update(lead);
+    hmac.update(recipient);
+    hmac.update((byte) 1);
+    key = new SecretKeySpec(hmac.doFinal(), "AES");
+    Arrays.fill(secret, (byte) 0);
+  }
+
+  /** RFC 7748's 32-byte little-endian encoding of an X25519 public key. */
+  private static byte[] raw(XECPublicKey key) {
+    byte[] bigEndian = key.getU().toByteArray();
+    byte[] out = new byte[32];
+    for (int i = 0; i < 32 && i < bigEndian.length; i++) {
+      out[i] = bigEndian[bigEndian.length - 1 - i];
+    }
+    return out;
+  }
+
+  private static PublicKey publicKey(byte[] raw) throws GeneralSecurityException {
+    byte[] bigEndian = new byte[32];
+    for (int i = 0; i < 32; i++) {
+      bigEndian[31 - i] = raw[i];
+    }
+    bigEndian[0] &= 0x7f; // the unused top bit (RFC 7748)
+    return KeyFactory.getInstance("X25519")
+        .generatePublic(new XECPublicKeySpec(NamedParameterSpec.X25519, new BigInteger(1, bigEndian)));
   }
 
   /** zstd level 1 with the shipped dictionary, the content size in the frame and no dictionary id,
