@@ -168,10 +168,11 @@ def _sealer(
     def seal(row_ids: pa.Array, values: pa.Array, systems: pa.Array, patients: pa.Array) -> pa.Array:
         out = []
         secret = _key(ref, linkage_id).material if linkage_id else None  # copies' and patient_key's
-        if names:
+        if names or deidentified:
             key = _key(ref, key_id) if set(names) - to_reveal or deidentified else None
             ids = row_ids.cast(pa.binary()).to_pylist()
-            plain = {n: values.field(n).cast(pa.binary()).to_pylist() for n in (*names, *inputs)}  # UTF-8
+            read = dict.fromkeys([*names, *(s for _, s in deidentified), *inputs])
+            plain = {n: values.field(n).cast(pa.binary()).to_pylist() for n in read}  # UTF-8
             for n in names:
                 if n in to_reveal:
                     sealed = crypto.seal_to(reveal, plain[n], ids, n, n in COMPRESSED)
