@@ -52,6 +52,7 @@ def one_size(patients: int, work: Path, driver_memory: str) -> dict:
 
     from ehrlake import config, ingest
     from ehrlake.ingest import SourceKind
+    from ehrlake.security.columns import jvm_sealing
     from ehrlake.session import get_spark
 
     source = _input(patients)
@@ -87,6 +88,7 @@ def one_size(patients: int, work: Path, driver_memory: str) -> dict:
     seconds = time.perf_counter() - started
     after = bare("after")
     jvm = _jvm_peak_mb(spark)
+    engine = "jvm" if jvm_sealing(spark) else "python"
     spark.stop()
     return {
         "patients": patients,
@@ -97,6 +99,7 @@ def one_size(patients: int, work: Path, driver_memory: str) -> dict:
         "ratio": round(seconds / ((before + after) / 2), 2),
         "balanced": report.balanced,
         "jvm_peak_mb": jvm,
+        "seal_engine": engine,
         "event_log": str(logs),
     }
 
