@@ -2,7 +2,9 @@ package ehrlake;
 
 import java.nio.charset.StandardCharsets;
 import java.security.GeneralSecurityException;
+import java.util.HashMap;
 import java.util.HexFormat;
+import java.util.Map;
 
 import javax.crypto.Mac;
 import javax.crypto.spec.SecretKeySpec;
@@ -20,8 +22,9 @@ import org.apache.spark.sql.api.java.UDF3;
 public final class PatientKey implements UDF3<String, String, String, String> {
   private static final long serialVersionUID = 1L;
 
-  private transient String spec;
+  private transient Map<String, Mac> hmacs; // one per spec: a plan's calls share this instance
   private transient Mac hmac;
+  private transient String spec;
   private transient String lastSystem;
   private transient String lastPatient;
   private transient String lastKey;
@@ -32,9 +35,16 @@ public final class PatientKey implements UDF3<String, String, String, String> {
       return null;
     }
     if (!spec.equals(this.spec)) {
-      String[] parts = spec.split("\u001f", -1);
-      hmac = Mac.getInstance("HmacSHA256");
-      hmac.init(new SecretKeySpec(DataKeys.unwrap(parts[1], parts[2].isEmpty() ? null : parts[2], parts[0]), "HmacSHA256"));
+      if (hmacs == null) {
+        hmacs = new HashMap<>();
+      }
+      hmac = hmacs.get(spec);
+      if (hmac == null) {
+        String[] parts = spec.split("\u001f", -1);
+        hmac = Mac.getInstance("HmacSHA256");
+        hmac.init(new SecretKeySpec(DataKeys.unwrap(parts[1], parts[2].isEmpty() ? null : parts[2], parts[0]), "HmacSHA256"));
+        hmacs.put(spec, hmac);
+      }
       this.spec = spec;
       lastPatient = null;
     }

@@ -16,6 +16,8 @@ import java.security.spec.NamedParameterSpec;
 import java.security.spec.XECPublicKeySpec;
 import java.util.Arrays;
 import java.util.Base64;
+import java.util.HashMap;
+import java.util.Map;
 
 import javax.crypto.Cipher;
 import javax.crypto.KeyAgreement;
@@ -50,89 +52,97 @@ public final class SealColumn implements UDF3<String, String, String, String> {
   private static final int PER_EPHEMERAL = 100_000;
   private static byte[] dictionary;
 
-  private transient String spec;
-  private transient byte[] head;
-  private transient byte[] lead;
-  private transient byte[] recipient;
-  private transient int sealed;
-  private transient byte[] tail;
-  private transient SecretKeySpec key;
-  private transient Cipher aes;
-  private transient ZstdCompressCtx zstd;
-  private transient SecureRandom random;
-  private transient byte[] nonce;
+  /** One sealer per spec: every sealed column of a plan calls this one instance (Java
+   * serialization keeps it shared within a task), so each column keeps its own key and state. */
+  private transient Map<String, Sealer> sealers;
 
   @Override
   public String call(String rowId, String value, String spec) throws GeneralSecurityException {
     if (value == null) {
       return null;
     }
-    if (!spec.equals(this.spec)) {
-      open(spec);
+    if (sealers == null) {
+      sealers = new HashMap<>();
     }
-    if (recipient != null && sealed++ % PER_EPHEMERAL == 0) {
-      ephemeral();
+    Sealer sealer = sealers.get(spec);
+    if (sealer == null) {
+      sealer = new Sealer(spec);
+      sealers.put(spec, sealer);
     }
-    byte[] plain = value.getBytes(StandardCharsets.UTF_8);
-    if (zstd != null) {
-      plain = zstd.compress(plain);
-    }
-    byte[] blob = new byte[lead.length + 12 + plain.length + 16];
-    random.nextBytes(nonce);
-    System.arraycopy(lead, 0, blob, 0, lead.length);
-    System.arraycopy(nonce, 0, blob, lead.length, 12);
-    aes.init(Cipher.ENCRYPT_MODE, key, new GCMParameterSpec(128, nonce));
-    aes.updateAAD(rowId.getBytes(StandardCharsets.UTF_8));
-    aes.updateAAD(tail);
-    aes.doFinal(plain, 0, plain.length, blob, lead.length + 12);
-    byte[] text = Base64.getEncoder().encode(blob);
-    byte[] out = new byte[head.length + text.length];
-    System.arraycopy(head, 0, out, 0, head.length);
-    System.arraycopy(text, 0, out, head.length, text.length);
-    return new String(out, StandardCharsets.US_ASCII);
+    return sealer.seal(rowId, value);
   }
 
-  private void open(String spec) throws GeneralSecurityException {
-    String[] parts = spec.split(SEPARATOR, -1);
-    String column = parts[0];
-    boolean compress = "1".equals(parts[1]);
-    String keyId = parts[2];
-    recipient = parts[5].isEmpty() ? null : Base64.getDecoder().decode(parts[5]);
-    String prefix = recipient == null ? "ek1" : "ek2";
-    if (recipient == null) {
-      key = new SecretKeySpec(DataKeys.unwrap(parts[3], parts[4].isEmpty() ? null : parts[4], keyId), "AES");
-      lead = new byte[0];
-    }
-    sealed = 0;
-    head = (prefix + (compress ? "z" : "") + ":" + keyId + ":").getBytes(StandardCharsets.UTF_8);
-    tail = (SEPARATOR + column).getBytes(StandardCharsets.UTF_8);
-    aes = Cipher.getInstance("AES/GCM/NoPadding");
-    random = new SecureRandom();
-    nonce = new byte[12];
-    zstd = compress ? compressor() : null;
-    this.spec = spec;
-  }
+  private static final class Sealer {
+    private final byte[] head;
+    private final byte[] tail;
+    private final byte[] recipient;
+    private final Cipher aes;
+    private final ZstdCompressCtx zstd;
+    private final SecureRandom random = new SecureRandom();
+    private final byte[] nonce = new byte[12];
+    private byte[] lead;
+    private SecretKeySpec key;
+    private int sealed;
 
-  /** A fresh ephemeral X25519 key agreed with the reveal public key: the AES key is HKDF-SHA256 of
-   * the shared secret (no salt, info "ehrlake ek2" | ephemeral | recipient), as Python derives it. */
-  private void ephemeral() throws GeneralSecurityException {
-    KeyPairGenerator generator = KeyPairGenerator.getInstance("X25519");
-    KeyPair pair = generator.generateKeyPair();
-    lead = raw((XECPublicKey) pair.getPublic());
-    KeyAgreement agreement = KeyAgreement.getInstance("X25519");
-    agreement.init(pair.getPrivate());
-    agreement.doPhase(publicKey(recipient), true);
-    byte[] secret = agreement.generateSecret();
-    Mac hmac = Mac.getInstance("HmacSHA256");
-    hmac.init(new SecretKeySpec(new byte[32], "HmacSHA256"));
-    byte[] pseudorandom = hmac.doFinal(secret);
-    hmac.init(new SecretKeySpec(pseudorandom, "HmacSHA256"));
-    hmac.update("ehrlake ek2".getBytes(StandardCharsets.US_ASCII));
-    hmac.update(lead);
-    hmac.update(recipient);
-    hmac.update((byte) 1);
-    key = new SecretKeySpec(hmac.doFinal(), "AES");
-    Arrays.fill(secret, (byte) 0);
+    Sealer(String spec) throws GeneralSecurityException {
+      String[] parts = spec.split(SEPARATOR, -1);
+      boolean compress = "1".equals(parts[1]);
+      String keyId = parts[2];
+      recipient = parts[5].isEmpty() ? null : Base64.getDecoder().decode(parts[5]);
+      if (recipient == null) {
+        key = new SecretKeySpec(DataKeys.unwrap(parts[3], parts[4].isEmpty() ? null : parts[4], keyId), "AES");
+        lead = new byte[0];
+      }
+      String prefix = recipient == null ? "ek1" : "ek2";
+      head = (prefix + (compress ? "z" : "") + ":" + keyId + ":").getBytes(StandardCharsets.UTF_8);
+      tail = (SEPARATOR + parts[0]).getBytes(StandardCharsets.UTF_8);
+      aes = Cipher.getInstance("AES/GCM/NoPadding");
+      zstd = compress ? compressor() : null;
+    }
+
+    String seal(String rowId, String value) throws GeneralSecurityException {
+      if (recipient != null && sealed++ % PER_EPHEMERAL == 0) {
+        ephemeral();
+      }
+      byte[] plain = value.getBytes(StandardCharsets.UTF_8);
+      if (zstd != null) {
+        plain = zstd.compress(plain);
+      }
+      byte[] blob = new byte[lead.length + 12 + plain.length + 16];
+      random.nextBytes(nonce);
+      System.arraycopy(lead, 0, blob, 0, lead.length);
+      System.arraycopy(nonce, 0, blob, lead.length, 12);
+      aes.init(Cipher.ENCRYPT_MODE, key, new GCMParameterSpec(128, nonce));
+      aes.updateAAD(rowId.getBytes(StandardCharsets.UTF_8));
+      aes.updateAAD(tail);
+      aes.doFinal(plain, 0, plain.length, blob, lead.length + 12);
+      byte[] text = Base64.getEncoder().encode(blob);
+      byte[] out = new byte[head.length + text.length];
+      System.arraycopy(head, 0, out, 0, head.length);
+      System.arraycopy(text, 0, out, head.length, text.length);
+      return new String(out, StandardCharsets.US_ASCII);
+    }
+
+    /** A fresh ephemeral X25519 key agreed with the reveal public key: the AES key is HKDF-SHA256
+     * of the shared secret (no salt, info "ehrlake ek2" | ephemeral | recipient), as Python derives it. */
+    private void ephemeral() throws GeneralSecurityException {
+      KeyPair pair = KeyPairGenerator.getInstance("X25519").generateKeyPair();
+      lead = raw((XECPublicKey) pair.getPublic());
+      KeyAgreement agreement = KeyAgreement.getInstance("X25519");
+      agreement.init(pair.getPrivate());
+      agreement.doPhase(publicKey(recipient), true);
+      byte[] secret = agreement.generateSecret();
+      Mac hmac = Mac.getInstance("HmacSHA256");
+      hmac.init(new SecretKeySpec(new byte[32], "HmacSHA256"));
+      byte[] pseudorandom = hmac.doFinal(secret);
+      hmac.init(new SecretKeySpec(pseudorandom, "HmacSHA256"));
+      hmac.update("ehrlake ek2".getBytes(StandardCharsets.US_ASCII));
+      hmac.update(lead);
+      hmac.update(recipient);
+      hmac.update((byte) 1);
+      key = new SecretKeySpec(hmac.doFinal(), "AES");
+      Arrays.fill(secret, (byte) 0);
+    }
   }
 
   /** RFC 7748's 32-byte little-endian encoding of an X25519 public key. */
