@@ -164,6 +164,14 @@ def test_readmission_label_counts_a_stay_within_30_days_and_excludes_deaths(spar
     assert got["a"] == (1, None) and got["b"] == (0, None) and got["c"] == (0, None)
     assert got["q1"] == (None, "died on or before discharge")
     assert got["d"] == (None, "follow-up past the end of the data")
+    # the earlier readmissions a stay's features count: only those begun before its discharge
+    index = labels.readmission(lake, labels.data_end(lake)).where("index_time IS NOT NULL")
+    seen = {
+        r.index_id: r.readmissions_long
+        for r in pointintime.build(lake, index, definitions.load(), "encounter").collect()
+    }
+    # a's readmission (b) begins after a's discharge; b is one itself, known at its own discharge
+    assert seen == {"s/a": 0, "s/b": 1, "s/c": 1, "s/d": 1, "s/q1": 0}
 
 
 def _gold(lake) -> dict[str, list[tuple]]:

@@ -138,33 +138,15 @@ def _label(excluded: Column, outcome: Column) -> tuple[Column, Column]:
 def readmission(lake, end: dt.datetime, patients: DataFrame | None = None) -> DataFrame:
     """Index rows of ``readmission_30d``: inpatient stays, with ``source_system`` / ``encounter_id``;
     only of ``patients`` (a frame of ``patient_key``) where given."""
-    stays = (
-        _of(lake.read("silver.encounter"), patients)
-        .where(F.lower("encounter_class") == "inpatient")
-        .select("source_system", "encounter_id", "patient_key", "start_at", "end_at")
-    )
-    later = stays.select(
-        "patient_key", F.col("start_at").alias("next_start"), F.col("encounter_id").alias("next_id")
-    )
-    readmitted = (
-        stays.join(later, "patient_key")
-        .where(
-            (F.col("next_id") != F.col("encounter_id"))
-            & (F.col("next_start") > F.col("end_at"))
-            & (F.col("next_start") <= F.col("end_at") + _days(30))
-        )
-        .select("source_system", "encounter_id")
-        .distinct()
-        .withColumn("_readmitted", F.lit(True))
-    )
+    stays = pointintime.readmitted_stays(_of(lake.read("silver.encounter"), patients))
     deaths = _of(lake.read("silver.patient"), patients).select("patient_key", "death_date")
-    df = stays.join(readmitted, ["source_system", "encounter_id"], "left").join(deaths, "patient_key", "left")
+    df = stays.join(deaths, "patient_key", "left")
     excluded = (
         F.when(F.col("end_at").isNull(), F.lit("no discharge time"))
         .when(F.col("death_date") <= F.to_date("end_at"), F.lit("died on or before discharge"))
-        .when(F.col("end_at") + _days(30) > F.lit(end), F.lit(PAST_END))
+        .when(F.col("end_at") + _days(pointintime.READMISSION_DAYS) > F.lit(end), F.lit(PAST_END))
     )
-    label, excluded = _label(excluded, F.coalesce("_readmitted", F.lit(False)))
+    label, excluded = _label(excluded, F.col("readmitted_at").isNotNull())
     return df.select(
         F.lit("readmission_30d").alias("task"),
         "patient_key",

@@ -32,6 +32,33 @@ def _days(days: int) -> Column:
     return F.expr(f"INTERVAL {int(days)} DAYS")
 
 
+READMISSION_DAYS = 30
+
+
+def readmitted_stays(encounters: DataFrame) -> DataFrame:
+    """The inpatient stays of ``encounters`` (silver.encounter rows) with ``readmitted_at``: the start
+    of the first other inpatient stay that began after the stay's discharge and at most 30 days
+    after it, null when none. The one definition of a readmission: the ``readmission_30d`` label
+    reads it, and the ``readmissions_long`` feature counts it once the readmission has begun."""
+    stays = encounters.where(F.lower("encounter_class") == "inpatient").select(
+        "source_system", "encounter_id", "patient_key", "start_at", "end_at"
+    )
+    later = stays.select(
+        "patient_key", F.col("start_at").alias("next_start"), F.col("encounter_id").alias("next_id")
+    )
+    readmitted = (
+        stays.join(later, "patient_key")
+        .where(
+            (F.col("next_id") != F.col("encounter_id"))
+            & (F.col("next_start") > F.col("end_at"))
+            & (F.col("next_start") <= F.col("end_at") + _days(READMISSION_DAYS))
+        )
+        .groupBy("source_system", "encounter_id")
+        .agg(F.min("next_start").alias("readmitted_at"))
+    )
+    return stays.join(readmitted, ["source_system", "encounter_id"], "left")
+
+
 def silver(lake, entity: str) -> DataFrame:
     """A silver table, or an empty one of its schema where no source has produced it yet (a lake
     of extracts without medications still gets features, with zero medication counts)."""
@@ -119,6 +146,10 @@ def descriptions(defs: Definitions) -> dict[str, str]:
         "emergency_recent": f"emergency / urgent care visits in the last {w.recent_days} days",
         "ambulatory_recent": f"ambulatory / outpatient / wellness visits in the last {w.recent_days} days",
         "inpatient_days_recent": f"days in hospital in the last {w.recent_days} days",
+        "readmissions_long": (
+            f"earlier inpatient stays followed by a readmission within {READMISSION_DAYS} days, the "
+            f"readmission begun in the last {w.long_days} days"
+        ),
         "days_since_last_encounter": "days since the last encounter ended (capped at 3650)",
         "conditions_ever": "distinct conditions recorded before the index date",
         "medications_recent": f"distinct medications started in the last {w.recent_days} days",
@@ -266,6 +297,19 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
         )
     )
 
+    # a stay's readmission is known once the next stay has begun (the index stay itself counts
+    # where it is one: it began before its discharge, the index time)
+    readmitted = (
+        readmitted_stays(silver(lake, "encounter"))
+        .where(F.col("readmitted_at").isNotNull())
+        .select("patient_key", "readmitted_at")
+    )
+    readmissions = (
+        before(readmitted, "readmitted_at", w.long_days)
+        .groupBy(*INDEX)
+        .agg(F.count(F.lit(1)).alias("readmissions_long"))
+    )
+
     cond = silver(lake, "condition").select("patient_key", "onset_at", "code_system", "code")
     conditions = (
         before(cond, "onset_at")
@@ -307,7 +351,7 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
     )
     labs = labs.select(*INDEX, *[F.col(n).alias(f"last_{n}") for n in defs.labs])
 
-    parts = [utilisation, conditions, medications, procedures, labs]
+    parts = [utilisation, readmissions, conditions, medications, procedures, labs]
     if defs.note_features:
         parts.append(_notes(lake, before, defs))
     for part in parts:
