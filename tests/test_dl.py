@@ -17,7 +17,7 @@ from conftest import REPO, SAMPLE, shared
 
 pytest.importorskip("tensorflow", reason="deep-learning runtime only (make dl-env)")
 
-from ehrlake.dl import datasets, launch, predict, runtime  # noqa: E402
+from ehrlake.dl import _NOTICES, datasets, launch, predict, runtime  # noqa: E402
 from ehrlake.dl import train as dl_train  # noqa: E402
 from ehrlake.errors import EhrlakeError  # noqa: E402
 
@@ -631,4 +631,6 @@ def test_tensorflow_start_up_notices_are_filtered_and_other_output_kept():
     assert quiet.returncode == 0 and quiet.stderr.strip() == "kept", quiet.stderr[-2000:]
     env = {**os.environ, "EHRLAKE_DEBUG": "1", "TF_CPP_MIN_LOG_LEVEL": "0"}
     loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
-    assert "oneDNN custom operations are on" in loud.stderr
+    # Which notices TensorFlow prints depends on the CPU (oneDNN's only where it is on by default).
+    assert any(notice in loud.stderr for notice in _NOTICES), loud.stderr[-2000:]
+    assert "kept" in loud.stderr
