@@ -234,3 +234,35 @@ def test_readmission_by_facility_hides_small_stays_and_small_numerators(gold):
             if r.readmission_30d_rate is not None and r.stays:
                 readmissions = round(r.readmission_30d_rate * r.stays)
                 assert readmissions == 0 or readmissions >= 11
+
+
+def test_published_readmission_rates_are_the_labels_mean_over_the_stays_it_judges(gold):
+    """One definition (encounters.py): a facility's published rate is the ``readmission_30d``
+    label's mean over its stays the label does not exclude, so an overlapping stay or a transfer
+    is no readmission and a stay whose 30 days run past the data's end does not lower the rate."""
+    from pyspark.sql import functions as F
+
+    from ehrlake import encounters
+    from ehrlake.features import labels
+
+    lake, _ = gold
+    label = labels.readmission(lake, encounters.data_end(lake))
+    stays = lake.read("silver.encounter").select(
+        "source_system",
+        "encounter_id",
+        F.year("start_at").alias("year"),
+        F.coalesce("organization_id", F.lit(aggregates.UNKNOWN)).alias("facility"),
+    )
+    expected = {
+        (r.year, r.facility): r.rate
+        for r in label.join(stays, ["source_system", "encounter_id"])
+        .groupBy("year", "facility")
+        .agg(F.round(F.avg("label"), 4).alias("rate"))
+        .collect()
+    }
+    # unsuppressed (k = 1): the sample's published cells are all too small to show a rate
+    rows = aggregates.readmission_by_facility(lake, years=300, last_year=2300, k=1).collect()
+    published = [r for r in rows if r.readmission_30d_rate is not None]
+    assert published
+    for r in published:
+        assert r.readmission_30d_rate == expected[(r.year, r.facility)], (r.year, r.facility)

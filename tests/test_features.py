@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from ehrlake import features
+from ehrlake import encounters, features
 from ehrlake.clean.model import ENTITIES
 from ehrlake.features import definitions, labels, pointintime
 from ehrlake.lake import WriteMode
@@ -102,7 +102,7 @@ def test_future_events_do_not_change_point_in_time_features(twins):
 
 def test_features_at_discharge_see_the_stay_but_not_what_follows(twins):
     defs = definitions.load()
-    end = labels.data_end(twins)
+    end = encounters.data_end(twins)
     stays = labels.readmission(twins, end).where("index_time IS NOT NULL")
     rows = {r.index_id: r for r in pointintime.build(twins, stays, defs, "encounter").collect()}
     first = rows["test/future-e2"]
@@ -159,13 +159,13 @@ def test_readmission_label_counts_a_stay_within_30_days_and_excludes_deaths(spar
     )
     got = {
         r.encounter_id: (r.label, r.excluded)
-        for r in labels.readmission(lake, labels.data_end(lake)).collect()
+        for r in labels.readmission(lake, encounters.data_end(lake)).collect()
     }
     assert got["a"] == (1, None) and got["b"] == (0, None) and got["c"] == (0, None)
     assert got["q1"] == (None, "died on or before discharge")
     assert got["d"] == (None, "follow-up past the end of the data")
     # the earlier readmissions a stay's features count: only those begun before its discharge
-    index = labels.readmission(lake, labels.data_end(lake)).where("index_time IS NOT NULL")
+    index = labels.readmission(lake, encounters.data_end(lake)).where("index_time IS NOT NULL")
     seen = {
         r.index_id: r.readmissions_long
         for r in pointintime.build(lake, index, definitions.load(), "encounter").collect()
@@ -195,7 +195,7 @@ def test_incremental_features_equal_a_rebuild_also_when_the_data_end_moves(lake)
             for r in lake.read("gold.labels").collect()
         }[index]
 
-    assert label(index) == (None, labels.PAST_END)
+    assert label(index) == (None, encounters.PAST_END)
     again = features.run(lake, dates, incremental=True, rebuild_share=1.0)
     assert set(again["how"].values()) == {"merged +0 ~0 -0"}
     # a new patient whose visit in 2022 moves the data's end: the censored row of 'same' now has a label

@@ -140,7 +140,7 @@ def test_a_date_shifted_extract_alone_is_on_its_own_clock(lake, tmp_path):
     lake beside other sources those events lie past the data's end and stay out; in a lake of the
     extract alone its clock is the only one: the data's end is its latest encounter, and its
     events make sequences (they made none, and its stays no labels, before)."""
-    from ehrlake.features.labels import data_clock
+    from ehrlake.encounters import data_clock
     from ehrlake.lake import Lake
 
     assert data_clock(lake) == (T("2021-06-01 09:00"), False)  # the twins: a real clock

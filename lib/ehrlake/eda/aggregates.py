@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake import encounters
 from ehrlake.eda import nfhs
 from ehrlake.eda.suppression import suppress
 from ehrlake.lake import WriteMode
@@ -112,6 +113,24 @@ def _persons_seen(lake, where: list[str] | None = None) -> DataFrame:
     return enc.groupBy(*(where or ["year", "state"])).agg(F.countDistinct("patient_key").alias("persons"))
 
 
+def _readmissions(lake, years: int, last_year: int) -> DataFrame:
+    """The inpatient stays begun in the years shown, with ``year`` and ``_readmitted``: 1 or 0 as
+    the ``readmission_30d`` label has it, null where the label excludes the stay (no discharge
+    time, died by discharge, its 30 days past the end of the data): one definition, encounters.py.
+    A rate is then the label's mean over the stays it can judge, as a model's base rate is."""
+    if lake.exists("silver.patient"):
+        deaths = lake.read("silver.patient").select("patient_key", "death_date")
+    else:
+        deaths = lake.spark.createDataFrame([], "patient_key string, death_date date")
+    stays = encounters.readmitted_stays(lake.read("silver.encounter")).join(deaths, "patient_key", "left")
+    excluded = encounters.readmission_excluded(encounters.data_end(lake))
+    return (
+        stays.withColumn("year", F.year("start_at"))
+        .where(F.col("year").between(last_year - years + 1, last_year))
+        .withColumn("_readmitted", F.when(excluded.isNull(), F.col("readmitted_at").isNotNull().cast("int")))
+    )
+
+
 def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
     enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
     enc = enc.withColumn("year", F.year("start_at")).where(
@@ -120,14 +139,7 @@ def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
     enc = enc.withColumn("state", _region()).withColumn(
         "class", F.coalesce("encounter_class", F.lit(UNKNOWN))
     )
-    inpatient = enc.where("class = 'inpatient'")
-    nxt = Window.partitionBy("patient_key").orderBy("start_at")
-    readmit = inpatient.withColumn("_next", F.lead("start_at").over(nxt)).withColumn(
-        "_readmitted",
-        (F.col("_next").isNotNull() & (F.col("_next") <= F.col("end_at") + F.expr("INTERVAL 30 DAYS"))).cast(
-            "int"
-        ),
-    )
+    readmit = _readmissions(lake, years, last_year).withColumn("state", _region())
     per_class = enc.groupBy("year", "state", "class").agg(
         F.count("*").alias("encounters"),
         F.countDistinct("patient_key").alias("persons"),
@@ -158,26 +170,18 @@ def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
 
 def readmission_by_facility(lake, years: int, last_year: int, k: int) -> DataFrame:
     """Inpatient stays per facility and year, and the share followed by another inpatient stay of
-    the same person within 30 days of discharge (at any facility)."""
-    stays = lake.read("silver.encounter").where("encounter_class = 'inpatient' AND start_at IS NOT NULL")
-    nxt = Window.partitionBy("patient_key").orderBy("start_at")
-    stays = stays.withColumn("_next", F.lead("start_at").over(nxt)).withColumn(
-        "_readmitted",
-        (F.col("_next").isNotNull() & (F.col("_next") <= F.col("end_at") + F.expr("INTERVAL 30 DAYS"))).cast(
-            "int"
-        ),
-    )
-    stays = stays.withColumn("year", F.year("start_at")).where(
-        F.col("year").between(last_year - years + 1, last_year)
-    )
+    the same person within 30 days of discharge (at any facility), among the stays the
+    ``readmission_30d`` label can judge (:func:`_readmissions`)."""
+    stays = _readmissions(lake, years, last_year)
     stays = stays.withColumn("facility", F.coalesce("organization_id", F.lit(UNKNOWN)))
     per = stays.groupBy("year", "facility").agg(
         F.count("*").alias("stays"),
         F.sum("_readmitted").alias("_readmissions"),
+        F.count("_readmitted").alias("_judged"),
         F.first("state").alias("state"),
     )
     small = (F.col("_readmissions") >= 1) & (F.col("_readmissions") < k)
-    rate = F.round(F.col("_readmissions") / F.col("stays"), 4)
+    rate = F.round(F.col("_readmissions") / F.col("_judged"), 4)
     grid = _full_grid(per.drop("state"), ["year", "facility"], "stays")
     places = per.groupBy("facility").agg(F.first("state", ignorenulls=True).alias("state"))
     names = (
@@ -190,7 +194,7 @@ def readmission_by_facility(lake, years: int, last_year: int, k: int) -> DataFra
     out = (
         grid.join(places, "facility", "left")
         .withColumn("readmission_30d_rate", F.when(~F.coalesce(small, F.lit(False)), rate))
-        .drop("_readmissions")
+        .drop("_readmissions", "_judged")
     )
     return out.join(names, "facility", "left") if names is not None else out
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake import encounters
 from ehrlake.clean import origin
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions, diabetes130, labels, pointintime
@@ -146,7 +147,7 @@ def run(
     written: dict[str, DataFrame] = {}
     label_parts: list[DataFrame] = []
     summary: dict = {"as_of": [], "skipped": [], "how": {}}
-    end = labels.data_end(lake) if has_silver else None
+    end = encounters.data_end(lake) if has_silver else None
     if has_silver and end is None:
         undated = "silver.encounter has no dated encounters: cannot place an index date"
         if not has_d130:
@@ -244,13 +245,16 @@ def _scope(lake, sources: dict[str, int], fp: str, end: dt.datetime, share: floa
     for t in TASKS.values():
         if t.name in SILVER_TASKS:
             horizon = F.when(
-                F.col("task") == t.name, F.col("index_time") + F.expr(f"INTERVAL {t.horizon_days} DAYS")
+                F.col("task") == t.name, F.col("index_time") + encounters.days(t.horizon_days)
             ).otherwise(horizon)
     decided_by_end = (
         lake.snapshot(LABELS)  # this run writes LABELS, and the scope is cached
         .where(
             F.col("task").isin(*SILVER_TASKS)
-            & ((F.col("excluded") == labels.PAST_END) | (F.col("label").isNotNull() & (horizon > F.lit(end))))
+            & (
+                (F.col("excluded") == encounters.PAST_END)
+                | (F.col("label").isNotNull() & (horizon > F.lit(end)))
+            )
         )
         .select("patient_key")
     )

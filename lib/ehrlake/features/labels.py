@@ -4,11 +4,8 @@ A label row is an *index* (a patient as of a date, or an inpatient stay at disch
 outcome in the horizon after it. Indexes that cannot be labelled are kept with ``label`` null and an
 ``excluded`` reason (nothing is silently dropped): the follow-up runs past the end of the data, the
 patient died before the index, already has the disease, or was not seen recently enough to be
-"under observation" (a patient never seen cannot be at risk in the data).
-
-The end of the data (``data_end``) is the latest encounter start in silver that is not flagged
-``future_date``; in a lake where every dated encounter is so flagged (a date-shifted extract on its
-own, as MIMIC-IV's 2110-2201), the data's own clock is the only one and its latest start is the end.
+"under observation" (a patient never seen cannot be at risk in the data). The end of the data and
+a readmission are defined in ``ehrlake/encounters.py``, which the published rates read too.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from ehrlake.encounters import PAST_END, days, readmission_excluded, readmitted_stays
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import pointintime
 from ehrlake.features.definitions import Definitions
@@ -99,35 +97,8 @@ def task(name: str) -> Task:
     return TASKS[name]
 
 
-def data_end(lake) -> dt.datetime | None:
-    """The latest encounter start in silver not flagged as lying in the future; where every dated
-    one is (a date-shifted extract alone), the latest start. None without a dated encounter."""
-    return data_clock(lake)[0]
-
-
-def data_clock(lake) -> tuple[dt.datetime | None, bool]:
-    """(:func:`data_end`, whether it is a date-shifted extract's own clock: then events flagged
-    ``future_date`` are the data's present, not errors beyond its end)."""
-    future = F.array_contains(F.coalesce("quality_flags", F.array()), "future_date")
-    row = (
-        lake.read("silver.encounter")
-        .agg(F.max(F.when(~future, F.col("start_at"))).alias("now"), F.max("start_at").alias("shifted"))
-        .first()
-    )
-    if row["now"] is not None:
-        return row["now"], False
-    return row["shifted"], row["shifted"] is not None
-
-
-PAST_END = "follow-up past the end of the data"  # the one exclusion that the data's end decides
-
-
 def _of(table: DataFrame, patients: DataFrame | None) -> DataFrame:
     return table if patients is None else table.join(F.broadcast(patients), "patient_key", "left_semi")
-
-
-def _days(days: int) -> Column:
-    return F.expr(f"INTERVAL {int(days)} DAYS")
 
 
 def _label(excluded: Column, outcome: Column) -> tuple[Column, Column]:
@@ -138,15 +109,10 @@ def _label(excluded: Column, outcome: Column) -> tuple[Column, Column]:
 def readmission(lake, end: dt.datetime, patients: DataFrame | None = None) -> DataFrame:
     """Index rows of ``readmission_30d``: inpatient stays, with ``source_system`` / ``encounter_id``;
     only of ``patients`` (a frame of ``patient_key``) where given."""
-    stays = pointintime.readmitted_stays(_of(lake.read("silver.encounter"), patients))
+    stays = readmitted_stays(_of(lake.read("silver.encounter"), patients))
     deaths = _of(lake.read("silver.patient"), patients).select("patient_key", "death_date")
     df = stays.join(deaths, "patient_key", "left")
-    excluded = (
-        F.when(F.col("end_at").isNull(), F.lit("no discharge time"))
-        .when(F.col("death_date") <= F.to_date("end_at"), F.lit("died on or before discharge"))
-        .when(F.col("end_at") + _days(pointintime.READMISSION_DAYS) > F.lit(end), F.lit(PAST_END))
-    )
-    label, excluded = _label(excluded, F.col("readmitted_at").isNotNull())
+    label, excluded = _label(readmission_excluded(end), F.col("readmitted_at").isNotNull())
     return df.select(
         F.lit("readmission_30d").alias("task"),
         "patient_key",
@@ -181,7 +147,7 @@ def patient_index(
         .join(seen, "patient_key")
         .where(
             (F.col("ended_at") < F.col("index_time"))
-            & (F.col("ended_at") >= F.col("index_time") - _days(defs.windows.observed_days))
+            & (F.col("ended_at") >= F.col("index_time") - days(defs.windows.observed_days))
         )
         .select("patient_key", "as_of")
         .distinct()
@@ -208,7 +174,7 @@ def patient_index(
 
 def patient_labels(lake, index: DataFrame, t: Task, end: dt.datetime, defs: Definitions) -> DataFrame:
     """Labels of one patient-level task over :func:`patient_index` rows."""
-    horizon_end = F.col("index_time") + _days(t.horizon_days)
+    horizon_end = F.col("index_time") + days(t.horizon_days)
     past_end = horizon_end > F.lit(end)
     if t.group is None:  # mortality
         outcome = (F.col("death_date") >= F.col("as_of")) & (

@@ -17,6 +17,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake.eda.aggregates import age_band
+from ehrlake.encounters import READMISSION_DAYS, days, readmitted_stays
 from ehrlake.features.definitions import Definitions
 
 INDEX = ["patient_key", "index_id"]
@@ -26,37 +27,6 @@ ENCOUNTER_CLASSES = {
     "emergency": ("emergency", "urgentcare"),
     "ambulatory": ("ambulatory", "outpatient", "wellness", "home", "virtual"),
 }
-
-
-def _days(days: int) -> Column:
-    return F.expr(f"INTERVAL {int(days)} DAYS")
-
-
-READMISSION_DAYS = 30
-
-
-def readmitted_stays(encounters: DataFrame) -> DataFrame:
-    """The inpatient stays of ``encounters`` (silver.encounter rows) with ``readmitted_at``: the start
-    of the first other inpatient stay that began after the stay's discharge and at most 30 days
-    after it, null when none. The one definition of a readmission: the ``readmission_30d`` label
-    reads it, and the ``readmissions_long`` feature counts it once the readmission has begun."""
-    stays = encounters.where(F.lower("encounter_class") == "inpatient").select(
-        "source_system", "encounter_id", "patient_key", "start_at", "end_at"
-    )
-    later = stays.select(
-        "patient_key", F.col("start_at").alias("next_start"), F.col("encounter_id").alias("next_id")
-    )
-    readmitted = (
-        stays.join(later, "patient_key")
-        .where(
-            (F.col("next_id") != F.col("encounter_id"))
-            & (F.col("next_start") > F.col("end_at"))
-            & (F.col("next_start") <= F.col("end_at") + _days(READMISSION_DAYS))
-        )
-        .groupBy("source_system", "encounter_id")
-        .agg(F.min("next_start").alias("readmitted_at"))
-    )
-    return stays.join(readmitted, ["source_system", "encounter_id"], "left")
 
 
 def silver(lake, entity: str) -> DataFrame:
@@ -111,7 +81,7 @@ def with_estimates(lake, rows: DataFrame, defs: Definitions) -> DataFrame:
             .select("patient_key", "lab", F.col("as_of").alias("_at"), "value")
         )
         window = (F.col("_at") <= F.col("index_time")) & (
-            F.col("_at") > F.col("index_time") - _days(defs.windows.labs_days)
+            F.col("_at") > F.col("index_time") - days(defs.windows.labs_days)
         )
         latest = (
             rows.select(*INDEX, "index_time")
@@ -207,7 +177,7 @@ def _notes(lake, before, defs: Definitions) -> DataFrame:
         notes = lake.read("silver.note").select("patient_key", "note_id", "date")
     else:
         notes = lake.spark.createDataFrame([], "patient_key string, note_id string, date timestamp")
-    since = lambda days: F.col("date") >= F.col("index_time") - _days(days)  # noqa: E731
+    since = lambda n: F.col("date") >= F.col("index_time") - days(n)  # noqa: E731
     condition = F.col("kind") == "condition"
     found = (
         before(mentions, "date", max(w.long_days, w.recent_days))
@@ -257,10 +227,10 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
         F.coalesce(F.col("race"), F.lit("(unknown)")).alias("race"),
     )
 
-    def before(events: DataFrame, time: str, days: int | None = None) -> DataFrame:
+    def before(events: DataFrame, time: str, within: int | None = None) -> DataFrame:
         cond = F.col(time) < F.col("index_time")
-        if days is not None:
-            cond = cond & (F.col(time) >= F.col("index_time") - _days(days))
+        if within is not None:
+            cond = cond & (F.col(time) >= F.col("index_time") - days(within))
         return keys.join(events, "patient_key").where(cond)
 
     enc = silver(lake, "encounter").select(
@@ -269,7 +239,7 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
         F.lower("encounter_class").alias("class"),
         "length_of_stay_days",
     )
-    recent = F.col("ended_at") >= F.col("index_time") - _days(w.recent_days)
+    recent = F.col("ended_at") >= F.col("index_time") - days(w.recent_days)
 
     def in_class(name: str) -> Column:
         return F.col("class").isin(*ENCOUNTER_CLASSES[name])
@@ -281,9 +251,9 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
             F.sum(recent.cast("int")).alias("encounters_recent"),
             F.sum((recent & in_class("inpatient")).cast("int")).alias("inpatient_recent"),
             F.sum(
-                (
-                    in_class("inpatient") & (F.col("ended_at") >= F.col("index_time") - _days(w.long_days))
-                ).cast("int")
+                (in_class("inpatient") & (F.col("ended_at") >= F.col("index_time") - days(w.long_days))).cast(
+                    "int"
+                )
             ).alias("inpatient_long"),
             F.sum((recent & in_class("emergency")).cast("int")).alias("emergency_recent"),
             F.sum((recent & in_class("ambulatory")).cast("int")).alias("ambulatory_recent"),
@@ -329,7 +299,7 @@ def build(lake, index: DataFrame, defs: Definitions, level: str = "patient") -> 
         .groupBy(*INDEX)
         .agg(
             F.countDistinct(
-                F.when(F.col("start_at") >= F.col("index_time") - _days(w.recent_days), F.col("code"))
+                F.when(F.col("start_at") >= F.col("index_time") - days(w.recent_days), F.col("code"))
             ).alias("medications_recent"),
             F.countDistinct(
                 F.when(F.col("end_at").isNull() | (F.col("end_at") > F.col("index_time")), F.col("code"))

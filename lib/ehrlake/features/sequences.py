@@ -30,8 +30,8 @@ from pyspark.sql import functions as F
 
 from ehrlake.config import build as build_config
 from ehrlake.config import read_yaml
+from ehrlake.encounters import data_clock, data_end
 from ehrlake.errors import ConfigError, EhrlakeError
-from ehrlake.features.labels import data_clock, data_end
 from ehrlake.features.pointintime import INDEX, silver
 from ehrlake.home import CONF
 from ehrlake.lake import WriteMode
@@ -78,7 +78,7 @@ def events(lake) -> DataFrame:
     """Every event of silver: ``patient_key``, ``at``, ``kind``, ``text`` (system:code or class)
     and ``value`` (labs' numbers), one per patient, kind, text and day (the earliest time). Events
     dated in the future are left out, unless the lake's clock is a date-shifted extract's own
-    (:func:`~ehrlake.features.labels.data_clock`), where every event is."""
+    (:func:`~ehrlake.encounters.data_clock`), where every event is."""
     parts = []
     shifted = data_clock(lake)[1]
     for kind, (entity, at, text) in KINDS.items():
