@@ -26,8 +26,9 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 from scipy.optimize import linprog
-from scipy.sparse import csr_matrix
+from scipy.sparse import csr_matrix, hstack, identity, vstack
 from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import lsqr
 
 from ehrlake.config import SecurityConfig
 
@@ -101,9 +102,10 @@ def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> 
             through[cell].append(number)
     previous: list[int] = []
     unchanged = 0
+    free: set[int] = set()  # small cells proven not pinned: hiding more keeps them so
     for _ in range(len(n) + 1):
         _settle_lines(n, status, lines)
-        pinned = _pinned(n, status, lines)
+        pinned = _pinned(n, status, lines, free)
         # Cells still pinned after three rounds of complements through them are determined by the
         # true totals alone (e.g. a line of two cells whose partner's own line totals 0): hiding
         # more cannot protect them, only blank the table. Stop there.
@@ -156,8 +158,13 @@ def _complement(
     return _hide_smallest(through, n, status) or _hide_smallest(np.arange(len(n)), n, status)
 
 
-def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[int]:
-    """Small (primary) cells whose value the marginal totals and the visible cells determine exactly."""
+def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], free: set[int]) -> list[int]:
+    """Small (primary) cells whose value the marginal totals and the visible cells determine exactly.
+
+    ``free``: small cells already proven not pinned, which are not audited again and to which the
+    cells proven now are added. Hiding a further cell only widens what the others can be (the true
+    values, with any solution before, still solve the new constraints), so a free cell stays free
+    and each round audits only the cells that were pinned before it."""
     hidden = [i for i in range(len(n)) if status[i] is not None]
     if not hidden:
         return []
@@ -174,10 +181,11 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[
     a_eq = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(rhs), len(hidden)))
     x = np.array([n[i] for i in hidden])
     # The constraints split into independent blocks (hidden cells linked through shared lines); each
-    # is audited alone. In a block, a few LPs with random objectives reach vertices of the feasible
-    # set: a cell whose value differs there from its true value is proven not pinned. Only the cells
-    # left unproven get their own min/max LPs, so the audit's cost follows the pinned cells, not
-    # every hidden cell.
+    # is audited alone. In a block, the cells no solution can move are found at once (``_fixed``):
+    # pinned. Of the others, a few LPs with random objectives reach vertices of the feasible set: a
+    # cell whose value differs there from its true value by 1 or more is proven not pinned. Only the
+    # cells left unproven get their own min/max LPs (a range under 1 is pinned too), so the audit's
+    # cost follows the cells still in doubt, not every hidden cell.
     blocks, label = connected_components(a_eq.T @ a_eq, directed=False)
     rng = np.random.default_rng(0)
     pinned = []
@@ -186,11 +194,16 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[
         used = np.unique(a_eq[:, members].nonzero()[0])
         sub, b = a_eq[used][:, members], np.asarray(rhs)[used]
         # only small cells need protecting; the others stay in the constraints
-        unproven = np.array([status[hidden[m]] == PRIMARY for m in members], dtype=bool)
+        audited = np.array([status[hidden[m]] == PRIMARY and hidden[m] not in free for m in members])
+        if not audited.any():
+            continue
+        fixed = _fixed(sub, x[members])
+        pinned += [hidden[members[j]] for j in np.flatnonzero(audited & fixed)]
+        unproven = audited & ~fixed
         for _ in range(3):
-            _prove_free(sub, b, x[members], unproven, lambda m: rng.random(m))
             if not unproven.any():
                 break
+            _prove_free(sub, b, x[members], unproven, lambda m: rng.random(m))
         # then push all still unproven cells together, down and up, while that proves more of them
         while unproven.any() and _prove_free(sub, b, x[members], unproven, lambda m: unproven.astype(float)):
             pass
@@ -201,7 +214,54 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray]) -> list[
             high = linprog(-objective, A_eq=sub, b_eq=b, bounds=(0, None), method="highs")
             if low.status == 0 and high.status == 0 and (-high.fun) - low.fun < 1 - 1e-9:
                 pinned.append(hidden[members[j]])
+        free.update(set(hidden[m] for m in members[audited]) - set(pinned))
     return sorted(pinned)
+
+
+def _fixed(sub, x: np.ndarray) -> np.ndarray:
+    """Per cell: True where every solution of ``sub @ v = sub @ x, v >= 0`` has ``v = x`` there (a
+    range of exactly 0: pinned). One LP and one least-squares solve for the whole block, where two
+    LPs per cell found the same; a pinned cell stays pinned round after round until complements
+    free it, so this is most of the audit's work.
+
+    Another solution is ``x + t d`` for a direction ``d`` with ``sub @ d = 0`` that lowers no cell
+    holding 0. These directions form a cone, so one LP finds every zero cell that some direction
+    raises (the others stay 0 in every solution); the directions then span the subspace where
+    ``sub @ d = 0`` and the stuck zeros do not move, and a cell that no direction moves is one where
+    the projection of a random vector onto that subspace is 0. Where the numbers do not settle,
+    nothing is called fixed and every cell gets its own LPs."""
+    m, n = sub.shape
+    zero = np.flatnonzero(x == 0)
+    stuck = zero
+    if len(zero):
+        z = len(zero)
+        # maximise the sum of y, y_i <= d_i for the zero cells, 0 <= y <= 1: y_i = 1 where d_i can rise
+        bounds = [(None, None)] * n + [(0, 1)] * z
+        for i in zero:
+            bounds[i] = (0, None)
+        cone = linprog(
+            np.r_[np.zeros(n), -np.ones(z)],
+            A_ub=hstack([-_select(zero, n), identity(z)]),
+            b_ub=np.zeros(z),
+            A_eq=hstack([sub, csr_matrix((m, z))]),
+            b_eq=np.zeros(m),
+            bounds=bounds,
+            method="highs",
+        )
+        if cone.status != 0:
+            return np.zeros(n, dtype=bool)
+        stuck = zero[cone.x[n:] < 0.5]
+    held = vstack([sub, _select(stuck, n)])
+    r = np.random.default_rng(0).standard_normal(n)
+    projected = r - held.T @ lsqr(held.T.tocsr(), r, atol=1e-15, btol=1e-15, iter_lim=20 * n)[0]
+    if np.abs(held @ projected).max(initial=0.0) > 1e-7:  # not converged: no shortcut
+        return np.zeros(n, dtype=bool)
+    return np.abs(projected) < 1e-7
+
+
+def _select(cells: np.ndarray, n: int) -> csr_matrix:
+    """The rows picking ``cells`` out of a vector of ``n``."""
+    return csr_matrix((np.ones(len(cells)), (np.arange(len(cells)), cells)), shape=(len(cells), n))
 
 
 def _prove_free(sub, b, x: np.ndarray, unproven: np.ndarray, weights) -> bool:
