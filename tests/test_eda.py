@@ -246,7 +246,8 @@ def test_published_readmission_rates_are_the_labels_mean_over_the_stays_it_judge
     from ehrlake.features import labels
 
     lake, _ = gold
-    label = labels.readmission(lake, encounters.data_end(lake))
+    end = encounters.data_end(lake)
+    label = labels.readmission(lake, end)
     stays = lake.read("silver.encounter").select(
         "source_system",
         "encounter_id",
@@ -261,7 +262,7 @@ def test_published_readmission_rates_are_the_labels_mean_over_the_stays_it_judge
         .collect()
     }
     # unsuppressed (k = 1): the sample's published cells are all too small to show a rate
-    rows = aggregates.readmission_by_facility(lake, years=300, last_year=2300, k=1).collect()
+    rows = aggregates.readmission_by_facility(lake, years=300, last_year=2300, end=end, k=1).collect()
     published = [r for r in rows if r.readmission_30d_rate is not None]
     assert published
     for r in published:

@@ -70,7 +70,20 @@ def readmitted_stays(encounters: DataFrame) -> DataFrame:
     return stays.join(readmitted, ["source_system", "encounter_id"], "left")
 
 
-def readmission_excluded(end: dt.datetime) -> Column:
+def readmission_outcomes(encounters: DataFrame, deaths: DataFrame, end: dt.datetime | None) -> DataFrame:
+    """The inpatient stays of ``encounters`` (:func:`readmitted_stays`) with the patient's
+    ``death_date`` (from ``deaths``: ``patient_key``, ``death_date``), ``excluded`` (why the stay
+    cannot be judged, :func:`readmission_excluded`, or null) and ``readmitted``: 1 or 0, null where
+    excluded. The label's values and the published rates' numerators, one definition."""
+    stays = readmitted_stays(encounters).join(
+        deaths.select("patient_key", "death_date"), "patient_key", "left"
+    )
+    return stays.withColumn("excluded", readmission_excluded(end)).withColumn(
+        "readmitted", F.when(F.col("excluded").isNull(), F.col("readmitted_at").isNotNull().cast("int"))
+    )
+
+
+def readmission_excluded(end: dt.datetime | None) -> Column:
     """Why a stay (columns ``end_at``, ``death_date``) cannot count for or against a readmission,
     or null: no discharge time, died on or before discharge, or its 30 days run past ``end``."""
     return (

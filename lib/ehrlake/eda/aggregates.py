@@ -113,7 +113,7 @@ def _persons_seen(lake, where: list[str] | None = None) -> DataFrame:
     return enc.groupBy(*(where or ["year", "state"])).agg(F.countDistinct("patient_key").alias("persons"))
 
 
-def _readmissions(lake, years: int, last_year: int) -> DataFrame:
+def _readmissions(lake, years: int, last_year: int, end: dt.datetime | None) -> DataFrame:
     """The inpatient stays begun in the years shown, with ``year`` and ``_readmitted``: 1 or 0 as
     the ``readmission_30d`` label has it, null where the label excludes the stay (no discharge
     time, died by discharge, its 30 days past the end of the data): one definition, encounters.py.
@@ -122,16 +122,15 @@ def _readmissions(lake, years: int, last_year: int) -> DataFrame:
         deaths = lake.read("silver.patient").select("patient_key", "death_date")
     else:
         deaths = lake.spark.createDataFrame([], "patient_key string, death_date date")
-    stays = encounters.readmitted_stays(lake.read("silver.encounter")).join(deaths, "patient_key", "left")
-    excluded = encounters.readmission_excluded(encounters.data_end(lake))
+    stays = encounters.readmission_outcomes(lake.read("silver.encounter"), deaths, end)
     return (
         stays.withColumn("year", F.year("start_at"))
         .where(F.col("year").between(last_year - years + 1, last_year))
-        .withColumn("_readmitted", F.when(excluded.isNull(), F.col("readmitted_at").isNotNull().cast("int")))
+        .withColumnRenamed("readmitted", "_readmitted")
     )
 
 
-def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
+def utilisation(lake, years: int, last_year: int, end: dt.datetime | None, k: int) -> DataFrame:
     enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
     enc = enc.withColumn("year", F.year("start_at")).where(
         F.col("year").between(last_year - years + 1, last_year)
@@ -139,7 +138,7 @@ def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
     enc = enc.withColumn("state", _region()).withColumn(
         "class", F.coalesce("encounter_class", F.lit(UNKNOWN))
     )
-    readmit = _readmissions(lake, years, last_year).withColumn("state", _region())
+    readmit = _readmissions(lake, years, last_year, end).withColumn("state", _region())
     per_class = enc.groupBy("year", "state", "class").agg(
         F.count("*").alias("encounters"),
         F.countDistinct("patient_key").alias("persons"),
@@ -168,11 +167,11 @@ def utilisation(lake, years: int, last_year: int, k: int) -> DataFrame:
     )
 
 
-def readmission_by_facility(lake, years: int, last_year: int, k: int) -> DataFrame:
+def readmission_by_facility(lake, years: int, last_year: int, end: dt.datetime | None, k: int) -> DataFrame:
     """Inpatient stays per facility and year, and the share followed by another inpatient stay of
     the same person within 30 days of discharge (at any facility), among the stays the
     ``readmission_30d`` label can judge (:func:`_readmissions`)."""
-    stays = _readmissions(lake, years, last_year)
+    stays = _readmissions(lake, years, last_year, end)
     stays = stays.withColumn("facility", F.coalesce("organization_id", F.lit(UNKNOWN)))
     per = stays.groupBy("year", "facility").agg(
         F.count("*").alias("stays"),
@@ -233,8 +232,9 @@ def run(
         t: lake.exists(f"silver.{t}")
         for t in ("patient", "encounter", "condition", "observation", "note", "note_concept")
     }
-    last = reference.year
+    last, end = reference.year, None
     if has["encounter"]:
+        end = encounters.data_end(lake)  # the readmission label's clock, read once for both tables
         last = min(lake.read("silver.encounter").agg(F.max(F.year("start_at"))).first()[0] or last, last)
     utilisation_derived = [
         "encounters",
@@ -275,14 +275,14 @@ def run(
         ),
         "gold.eda_utilisation": (
             ["encounter"],
-            lambda: utilisation(lake, years, last, k),
+            lambda: utilisation(lake, years, last, end, k),
             ["year", "state", "class"],
             "persons",
             utilisation_derived,
         ),
         "gold.eda_readmission_by_facility": (
             ["encounter"],
-            lambda: readmission_by_facility(lake, years, last, k),
+            lambda: readmission_by_facility(lake, years, last, end, k),
             ["year", "facility"],
             "stays",
             ["readmission_30d_rate"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from ehrlake.encounters import PAST_END, days, readmission_excluded, readmitted_stays
+from ehrlake.encounters import PAST_END, days, readmission_outcomes
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import pointintime
 from ehrlake.features.definitions import Definitions
@@ -109,17 +109,16 @@ def _label(excluded: Column, outcome: Column) -> tuple[Column, Column]:
 def readmission(lake, end: dt.datetime, patients: DataFrame | None = None) -> DataFrame:
     """Index rows of ``readmission_30d``: inpatient stays, with ``source_system`` / ``encounter_id``;
     only of ``patients`` (a frame of ``patient_key``) where given."""
-    stays = readmitted_stays(_of(lake.read("silver.encounter"), patients))
-    deaths = _of(lake.read("silver.patient"), patients).select("patient_key", "death_date")
-    df = stays.join(deaths, "patient_key", "left")
-    label, excluded = _label(readmission_excluded(end), F.col("readmitted_at").isNotNull())
+    df = readmission_outcomes(
+        _of(lake.read("silver.encounter"), patients), _of(lake.read("silver.patient"), patients), end
+    )
     return df.select(
         F.lit("readmission_30d").alias("task"),
         "patient_key",
         F.concat_ws("/", "source_system", "encounter_id").alias("index_id"),
         F.col("end_at").alias("index_time"),
-        label.alias("label"),
-        excluded.alias("excluded"),
+        F.col("readmitted").alias("label"),
+        "excluded",
         "source_system",
         "encounter_id",
     )
