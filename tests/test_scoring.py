@@ -512,13 +512,19 @@ def test_a_shifted_input_is_flagged_and_a_stable_one_is_not(lake):
     mv = SimpleNamespace(model_id="t.logreg", version=1, features=["age", "flag", "lab"])
     as_of = dt.date(2024, 1, 1)
     for _ in range(2):  # a rerun of the date replaces its rows
-        shifted = drift.record(lake, "t", as_of, mv, then, moved, {"ehrlakeJob": "test"})
+        shifted = drift.record(lake, "t", as_of, mv, lambda: then, moved, {"ehrlakeJob": "test"})
     assert shifted == ["age", "flag", "lab"]
     rows = {r.input: r.status for r in lake.read(drift.TABLE).collect()}
     assert rows == {"score": "stable", "age": "shifted", "flag": "shifted", "lab": "shifted"}
     from ehrlake.eda import report  # the report's section: the latest date per model
 
-    drift.record(lake, "t", dt.date(2023, 1, 1), mv, then, same, {"ehrlakeJob": "test"})
+    # the version's later dates are binned by the reference its first scoring kept: the snapshot is
+    # not read again, and the same population reads stable against it
+    def unread():
+        raise AssertionError("the training snapshot was read again")
+
+    assert not drift.record(lake, "t", dt.date(2023, 1, 1), mv, unread, same, {"ehrlakeJob": "test"})
+    assert lake.read(drift.REFERENCE).count() == 4
     section = report.drift_section(lake)
     assert "t.logreg v1" in section and "2024-01-01" in section and "age, flag, lab" in section
     assert "2023-01-01" not in section

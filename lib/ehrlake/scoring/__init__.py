@@ -206,10 +206,13 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
                 refused, checked = 0, f"not checked for {mv.algorithm} models"
             queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules, extra)
             audit.append((review.QUEUE, f"{task_name} as of {as_of}: {queued} new cases"))
-            if drift_of is None:  # the training snapshot, scored by the same model, against today's
-                then = model.transform(feats.training_frame(lake, t, mv.training_data))
-                then = then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
-                shifted = drift.record(lake, task_name, as_of, mv, then, scored, commit)
+            if drift_of is None:  # today's population against the training snapshot's bins
+
+                def snapshot():  # scored by the same model; only where the version's bins are not kept
+                    then = model.transform(feats.training_frame(lake, t, mv.training_data))
+                    return then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
+
+                shifted = drift.record(lake, task_name, as_of, mv, snapshot, scored, commit)
                 drift_of = (
                     f"PSI of the score and {len(mv.features)} inputs against the training snapshot -> "
                     f"{drift.TABLE}: "

@@ -12,18 +12,28 @@ shift the model was not built for (Yurdakul 2018; Siddiqi, *Credit Risk Scorecar
 Only counts per (input, bin) reach the driver: (inputs + 1) x at most 12 rows a side. Rows go to
 ``gold.model_drift`` by merge on (task, as_of, model, version, input), so re-scoring a date
 replaces its figures.
+
+The training snapshot's side (its cut points and shares) is a property of the model version, not
+of the date scored: it is computed by the version's first full scoring and kept in
+``gold.model_drift_reference``, one row per input, so a nightly scoring bins today's population
+by the stored cut points instead of re-scoring the whole training snapshot (a third of a
+scoring's time on the test lake). Every later date of the version is measured against the same
+bins, so their figures compare with each other exactly.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 TABLE = "gold.model_drift"
 KEYS = ["task", "as_of", "model_id", "model_version", "input"]
+REFERENCE = "gold.model_drift_reference"  # the training snapshot's bins, once per model version
+REFERENCE_KEYS = ["model_id", "model_version", "input"]
 SCORE = "score"  # the score's own row, beside the inputs'
 BINS = 10
 FLOOR = 1e-4
@@ -82,12 +92,57 @@ def compare(
     return {c: psi(then[c], now[c]) for c in columns}, n_then, n_now
 
 
-def record(lake, task: str, as_of: dt.date, mv, reference: DataFrame, current: DataFrame, commit: dict):
-    """Compare ``current`` (the scored population: the model's inputs and ``score``) with
-    ``reference`` (the training snapshot, scored by the same model) and merge the figures into
-    :data:`TABLE`; returns the inputs above :data:`SHIFTED`, the score first."""
-    columns = [SCORE, *[c for c in mv.features if c in current.columns and c in reference.columns]]
-    figures, n_then, n_now = compare(reference, current, columns)
+def reference(
+    lake, mv, columns: list[str], snapshot: Callable[[], DataFrame], commit: dict
+) -> tuple[dict[str, list[float]], dict[str, dict[int, float]], int]:
+    """(cut points, shares and rows) of the training snapshot per column of ``columns``: read
+    from :data:`REFERENCE` where the model version's first full scoring stored them, else
+    computed from ``snapshot()`` (the training snapshot scored by the model) and stored."""
+    if lake.exists(REFERENCE):
+        this = (F.col("model_id") == mv.model_id) & (F.col("model_version") == mv.version)
+        kept = {r.input: r for r in lake.read(REFERENCE).where(this).collect()}  # one row per input
+        if kept and set(columns) <= set(kept):
+            cuts = {c: list(kept[c].cuts) for c in columns}
+            shares = {c: dict(zip(kept[c].bins, kept[c].shares, strict=True)) for c in columns}
+            return cuts, shares, int(kept[columns[0]].rows)
+    frame = snapshot()
+    cuts = cut_points(frame, columns)
+    shares, n = _shares(frame, cuts)
+    computed_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    rows = [
+        (mv.model_id, mv.version, c, cuts[c], sorted(shares[c]), [shares[c][b] for b in sorted(shares[c])], n,
+         computed_at)
+        for c in columns
+    ]  # fmt: skip
+    df = lake.spark.createDataFrame(
+        rows,
+        "model_id string, model_version int, input string, cuts array<double>, bins array<int>, "
+        "shares array<double>, rows long, computed_at timestamp",
+    )
+    lake.create(REFERENCE, df.schema)
+    lake.merge(df, REFERENCE, REFERENCE_KEYS, commit_info=commit)
+    return cuts, shares, n
+
+
+def record(
+    lake,
+    task: str,
+    as_of: dt.date,
+    mv,
+    snapshot: Callable[[], DataFrame],
+    current: DataFrame,
+    commit: dict,
+    columns: list[str] | None = None,
+):
+    """Compare ``current`` (the scored population: the model's inputs and ``score``) with the
+    model's training snapshot (``snapshot()``, scored by the same model; called only where
+    :func:`reference` has not kept its bins yet) and merge the figures into :data:`TABLE`; returns
+    the inputs above :data:`SHIFTED`, the score first. ``columns``: the inputs both sides hold
+    (default: the model's features ``current`` holds)."""
+    columns = columns or [SCORE, *[c for c in mv.features if c in current.columns]]
+    cuts, then, n_then = reference(lake, mv, columns, snapshot, commit)
+    now, n_now = _shares(current, cuts)
+    figures = {c: psi(then[c], now[c]) for c in columns}
     computed_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     rows = [
         (task, as_of, mv.model_id, mv.version, c, round(v, 6), status(v), n_then, n_now, computed_at)
