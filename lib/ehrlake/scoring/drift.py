@@ -114,14 +114,18 @@ def reference(
          computed_at)
         for c in columns
     ]  # fmt: skip
-    df = lake.spark.createDataFrame(
-        rows,
+    schema = (
         "model_id string, model_version int, input string, cuts array<double>, bins array<int>, "
-        "shares array<double>, rows long, computed_at timestamp",
+        "shares array<double>, rows long, computed_at timestamp"
     )
-    lake.create(REFERENCE, df.schema)
-    lake.merge(df, REFERENCE, REFERENCE_KEYS, commit_info=commit)
+    _merge(lake, REFERENCE, rows, schema, REFERENCE_KEYS, commit)
     return cuts, shares, n
+
+
+def _merge(lake, table: str, rows: list[tuple], schema: str, keys: list[str], commit: dict) -> None:
+    df = lake.spark.createDataFrame(rows, schema)
+    lake.create(table, df.schema)
+    lake.merge(df, table, keys, commit_info=commit)
 
 
 def record(
@@ -148,11 +152,9 @@ def record(
         (task, as_of, mv.model_id, mv.version, c, round(v, 6), status(v), n_then, n_now, computed_at)
         for c, v in figures.items()
     ]
-    df = lake.spark.createDataFrame(
-        rows,
+    schema = (
         "task string, as_of date, model_id string, model_version int, input string, psi double, "
-        "status string, reference_rows long, scored_rows long, computed_at timestamp",
+        "status string, reference_rows long, scored_rows long, computed_at timestamp"
     )
-    lake.create(TABLE, df.schema)
-    lake.merge(df, TABLE, KEYS, commit_info=commit)
+    _merge(lake, TABLE, rows, schema, KEYS, commit)
     return [c for c in columns if figures[c] > SHIFTED]
