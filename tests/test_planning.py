@@ -58,6 +58,27 @@ def test_weekly_demand_counts_stays_in_each_week_they_occupy_and_pools_small_uni
     beds.unpersist()
 
 
+def test_the_default_origin_keeps_the_labels_clock_a_date_shifted_extracts_own_included(lake):
+    """The forecast's data end is the labels' (ehrlake.encounters): the latest start not flagged
+    ``future_date``, and in a date-shifted extract alone (every start flagged, as MIMIC-IV's
+    2110-2201) the extract's own latest start, not "no dated encounters"."""
+    from ehrlake.lake.modes import WriteMode
+
+    schema = "encounter_id string, start_at timestamp, quality_flags array<string>"
+    shifted = [
+        ("x", dt.datetime(2150, 3, 9), ["future_date"]),
+        ("y", dt.datetime(2150, 3, 2), ["future_date"]),
+    ]
+    df = lake.spark.createDataFrame(
+        [("a", MONDAY, []), ("b", MONDAY + dt.timedelta(days=9), None), *shifted], schema
+    )
+    lake.create("silver.encounter", df.schema)
+    lake.write(df, "silver.encounter")
+    assert forecast.data_end(lake) == dt.date(2016, 1, 13)
+    lake.write(lake.spark.createDataFrame(shifted, schema), "silver.encounter", mode=WriteMode.OVERWRITE)
+    assert forecast.data_end(lake) == dt.date(2150, 3, 9)
+
+
 def test_every_feature_is_known_at_the_origin_and_the_target_is_h_weeks_later(spark):
     weeks = [(MONDAY + dt.timedelta(weeks=i)).date() for i in range(70)]
     series = spark.createDataFrame(

@@ -9,6 +9,7 @@ analyst's rate is the mean of the label a model learns, not a near-twin of it.
 The end of the data (:func:`data_end`) is the latest encounter start in silver that is not flagged
 ``future_date``; in a lake where every dated encounter is so flagged (a date-shifted extract on its
 own, as MIMIC-IV's 2110-2201), the data's own clock is the only one and its latest start is the end.
+The demand forecast's default origin is the last complete week before it.
 """
 
 from __future__ import annotations
@@ -27,18 +28,19 @@ def days(n: int) -> Column:
     return F.expr(f"INTERVAL {int(n)} DAYS")
 
 
-def data_end(lake) -> dt.datetime | None:
+def data_end(lake, role: str | None = None) -> dt.datetime | None:
     """The latest encounter start in silver not flagged as lying in the future; where every dated
-    one is (a date-shifted extract alone), the latest start. None without a dated encounter."""
-    return data_clock(lake)[0]
+    one is (a date-shifted extract alone), the latest start. None without a dated encounter.
+    ``role``: read under the access policy, audited (a job run by a role, as the forecast is)."""
+    return data_clock(lake, role)[0]
 
 
-def data_clock(lake) -> tuple[dt.datetime | None, bool]:
+def data_clock(lake, role: str | None = None) -> tuple[dt.datetime | None, bool]:
     """(:func:`data_end`, whether it is a date-shifted extract's own clock: then events flagged
     ``future_date`` are the data's present, not errors beyond its end)."""
     future = F.array_contains(F.coalesce("quality_flags", F.array()), "future_date")
     row = (
-        lake.read("silver.encounter")
+        lake.read("silver.encounter", role=role)
         .agg(F.max(F.when(~future, F.col("start_at"))).alias("now"), F.max("start_at").alias("shifted"))
         .first()
     )

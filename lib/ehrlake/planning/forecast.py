@@ -36,6 +36,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from ehrlake import encounters
 from ehrlake.errors import EhrlakeError
 from ehrlake.lake.modes import WriteMode
 from ehrlake.planning.settings import LEVELS, Resource, Settings, load
@@ -62,17 +63,13 @@ def last_complete_week(as_of: dt.date) -> dt.date:
 
 
 def data_end(lake, role=None) -> dt.date:
-    """The last encounter date not after today: the default forecast origin's week is the last
-    complete one before it."""
-    found = (
-        lake.read("silver.encounter", role=role)
-        .where(F.col("start_at") <= F.current_timestamp())
-        .agg(F.max(F.to_date("start_at")))
-        .first()[0]
-    )
+    """The day of the data's end (:func:`ehrlake.encounters.data_end`, the clock the labels and the
+    published rates keep, a date-shifted extract's own included): the default forecast origin's
+    week is the last complete one before it."""
+    found = encounters.data_end(lake, role)
     if found is None:
         raise EhrlakeError("silver.encounter holds no dated encounters: run ehrlake clean first")
-    return found
+    return found.date()
 
 
 def demand(lake, s: Settings, resource: str, origin: dt.date, role=None) -> tuple[DataFrame, dict]:
