@@ -53,7 +53,7 @@ demo: setup dl-env
 # files at a time (pytest-xdist, a SparkSession per worker: on the suite's small tables Spark waits
 # on itself more than on the two cores), then the deep-learning tests in the deep-learning runtime
 test: setup dl-env
-	$(PY) -m pytest -q -m "not heavy" -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not heavy" -n 2 --dist loadfile --no-loadscope-reorder
 	$(DLVENV)/bin/python -m pytest -q -m "not heavy" tests/test_dl.py
 
 # the crash, concurrency, cluster, whole-lake and whole-data-set tests (about 40 minutes on 2 cores,

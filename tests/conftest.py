@@ -21,6 +21,43 @@ ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "reviewer", "audit
 TEST_SPARK_CONF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
 
 
+# the files whose module fixtures build and train on a whole lake, longest first (minutes each in
+# CI): started before the many short files, so under `-n 2 --dist loadfile --no-loadscope-reorder`
+# the two workers end together instead of one running a long file alone at the end
+LONG_FILES = ("test_scoring.py", "test_models.py", "test_features.py", "test_federated.py",
+              "test_notes.py", "test_synth.py", "test_clean.py", "test_eda.py")  # fmt: skip
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long files first, in :data:`LONG_FILES`' order; the others after them, by how many
+    tests they hold (what xdist's own reordering would do), each file's tests in place."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+
+    def rank(item):
+        name = item.path.name
+        return (LONG_FILES.index(name), 0) if name in LONG_FILES else (len(LONG_FILES), -counts[name])
+
+    items.sort(key=rank)
+
+
+def pytest_runtest_logreport(report):
+    _seconds_per_file[report.nodeid.split("::")[0]] = (
+        _seconds_per_file.get(report.nodeid.split("::")[0], 0.0) + report.duration
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Seconds per file, the longest ten: what :data:`LONG_FILES` is ordered by."""
+    top = sorted(_seconds_per_file.items(), key=lambda kv: -kv[1])[:10]
+    if top:
+        terminalreporter.write_line(
+            "seconds per file: " + ", ".join(f"{Path(f).name} {s:.0f}" for f, s in top)
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def security_conf(tmp_path_factory):
     """One master key and key store for the session, outside every lake (as in production), and a
