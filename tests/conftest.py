@@ -44,9 +44,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_logreport(report):
-    _seconds_per_file[report.nodeid.split("::")[0]] = (
-        _seconds_per_file.get(report.nodeid.split("::")[0], 0.0) + report.duration
-    )
+    path = report.nodeid.split("::")[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
 
 
 def pytest_terminal_summary(terminalreporter):

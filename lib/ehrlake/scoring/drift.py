@@ -136,14 +136,13 @@ def record(
     snapshot: Callable[[], DataFrame],
     current: DataFrame,
     commit: dict,
-    columns: list[str] | None = None,
 ):
     """Compare ``current`` (the scored population: the model's inputs and ``score``) with the
     model's training snapshot (``snapshot()``, scored by the same model; called only where
     :func:`reference` has not kept its bins yet) and merge the figures into :data:`TABLE`; returns
-    the inputs above :data:`SHIFTED`, the score first. ``columns``: the inputs both sides hold
-    (default: the model's features ``current`` holds)."""
-    columns = columns or [SCORE, *[c for c in mv.features if c in current.columns]]
+    the inputs above :data:`SHIFTED`, the score first. The inputs compared: the model's features
+    that ``current`` holds (the snapshot, scored by the same model, holds them all)."""
+    columns = [SCORE, *[c for c in mv.features if c in current.columns]]
     cuts, then, n_then = reference(lake, mv, columns, snapshot, commit)
     now, n_now = _shares(current, cuts)
     figures = {c: psi(then[c], now[c]) for c in columns}
