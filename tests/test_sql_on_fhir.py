@@ -113,6 +113,35 @@ def test_tolerant_mode_reads_drifted_records_and_lists_the_problems(spark):
     assert rows["c2"][views.ISSUES] == []
 
 
+def test_tolerant_mode_evaluates_each_columns_path_once(spark):
+    """Listing a column's problem beside its value must not evaluate its path a second time (Spark
+    never shares a higher-order function between two uses): ingest types every FHIR record so."""
+    view = views.parse(
+        {
+            "resource": "Goal",
+            "select": [
+                {
+                    "column": [
+                        {"name": "id", "path": "getResourceKey()"},
+                        {"name": "achievement", "path": "achievementStatus.coding.first().code"},
+                        {"name": "start", "path": "start.ofType(date)", "type": "date"},
+                    ]
+                }
+            ],
+        }
+    )
+    frame = _frame(
+        spark, {"resourceType": "Goal", "id": "g", "achievementStatus": {"coding": [{"code": "x"}]}}
+    )
+
+    def lookups(tolerant: bool) -> int:
+        plan = views.run(view, frame, tolerant=tolerant)._jdf.queryExecution().optimizedPlan().toString()
+        return plan.count("$.achievementStatus")
+
+    assert lookups(tolerant=True) == lookups(tolerant=False) > 0
+    assert views.run(view, frame, tolerant=True).collect()[0]["achievement"] == "x"
+
+
 def test_the_conformance_report_in_the_docs_is_current():
     """docs/sql_on_fhir.md shows what the cases above assert (regenerate: scripts/sql_on_fhir_report.py)."""
     import importlib.util

@@ -61,14 +61,16 @@ class _Builder:
             return c.as_string(value)
         return F.try_variant_get(value, "$", t)
 
-    def value(self, col: ViewColumn, focus: Column, scope: c.Scope, at_root: bool) -> tuple[Column, Column]:
-        """The column's value and (tolerant mode) its problem, NULL when none; the path evaluated once."""
+    def value(self, col: ViewColumn, focus: Column, scope: c.Scope, at_root: bool) -> Column:
+        """``struct<f0: value, f1: problem>``, the problem (tolerant mode) NULL when none; the path
+        evaluated once. Read both fields inside one :func:`~ehrlake.views.compiler.let`: the struct
+        is a higher-order function, which Spark never shares between two uses, so ``packed.f0``
+        beside ``packed.f1`` would evaluate the whole path twice."""
         path_value = self.path(col.node, focus, scope, at_root)
-        packed = c.let(
+        return c.let(
             lambda coll: F.struct(*(x.alias(f"f{i}") for i, x in enumerate(self._typed_value(col, coll)))),
             path_value,
         )
-        return packed["f0"], packed["f1"]
 
     def _typed_value(self, col: ViewColumn, coll: Column) -> tuple[Column, Column]:
         label = f"{col.name} ({col.path})"
@@ -134,22 +136,25 @@ class _Builder:
         scope = dataclasses.replace(self.scope, row_index=row_index)
         parts: list[_Part] = []
         if sel.columns or not (sel.selects or sel.union_all):
-            fields, problems = [], []
-            for col in sel.columns:
-                value, problem = self.value(col, focus, scope, at_root)
-                fields.append(value.alias(col.name))
-                problems.append(problem)
+            packed = [self.value(col, focus, scope, at_root) for col in sel.columns]
             names = [col.name for col in sel.columns]
-            if self.tolerant:
-                fields.append(
-                    F.filter(F.array(*problems, F.lit(None).cast("string")), lambda p: p.isNotNull()).alias(
-                        _ISSUE
-                    )
-                )
-                names.append(_ISSUE)
-            if not fields:
-                fields, names = [F.lit(None).alias("_empty")], ["_empty"]
-            parts.append(_Part(F.array(F.struct(*fields)), names))
+
+            def row(*values: Column) -> Column:
+                fields = [v["f0"].alias(name) for v, name in zip(values, names, strict=True)]
+                if self.tolerant:
+                    problems = F.array(*[v["f1"] for v in values], F.lit(None).cast("string"))
+                    fields.append(F.filter(problems, lambda p: p.isNotNull()).alias(_ISSUE))
+                return F.struct(*fields)
+
+            if not packed and self.tolerant:
+                part = _Part(F.array(row()), [_ISSUE])
+            elif not packed:
+                part = _Part(F.array(F.struct(F.lit(None).alias("_empty"))), ["_empty"])
+            elif self.tolerant:  # each column's value and problem read from one evaluation
+                part = _Part(F.array(c.let(row, *packed)), names + [_ISSUE])
+            else:
+                part = _Part(F.array(row(*packed)), names)
+            parts.append(part)
         for s in sel.selects:
             parts.append(self.rows(s, focus, row_index, at_root))
         if sel.union_all:
