@@ -48,16 +48,21 @@ def path_of(name: str) -> str:
 def as_collection(value: Column) -> Column:
     """One variant (maybe a JSON array, JSON null or SQL NULL) as a FHIRPath collection. (FHIR JSON
     has no nulls inside arrays, save the ``_element`` extension arrays, which paths do not reach.)"""
-    return F.coalesce(
-        F.try_variant_get(value, "$", VARIANTS),
-        F.when(value.isNotNull() & ~F.is_variant_null(value), F.array(value)),
-        empty(),
-    )
+
+    # bound once: every member step of every path comes here, and ``value`` is a variant_get that
+    # copies its part of the record (read three times, Observation typing took 15% longer)
+    def collection(v: Column) -> Column:
+        present = F.when(v.isNotNull() & ~F.is_variant_null(v), F.array(v))
+        return F.coalesce(F.try_variant_get(v, "$", VARIANTS), present, empty())
+
+    return let(collection, value)
 
 
 def let(fn, *values: Column) -> Column:
     """``fn`` of ``values``, each evaluated once: Spark SQL has no LET, and a compiled path used
     several times in one expression would otherwise be copied (and analysed) once per use."""
+    if len(values) == 1:  # no struct around one value (a step of every path comes here)
+        return F.get(F.transform(F.array(values[0]), lambda v: fn(v)), 0)
     packed = F.array(F.struct(*[v.alias(f"v{i}") for i, v in enumerate(values)]))
     return F.get(F.transform(packed, lambda s: fn(*[s[f"v{i}"] for i in range(len(values))])), 0)
 
