@@ -61,7 +61,8 @@ def as_collection(value: Column) -> Column:
 def let(fn, *values: Column) -> Column:
     """``fn`` of ``values``, each evaluated once: Spark SQL has no LET, and a compiled path used
     several times in one expression would otherwise be copied (and analysed) once per use."""
-    if len(values) == 1:  # no struct around one value (a step of every path comes here)
+    if len(values) == 1:  # no struct around one value (a step of every path comes here); ``fn``
+        # wrapped, as transform would pass an index to a second parameter (one with a default)
         return F.get(F.transform(F.array(values[0]), lambda v: fn(v)), 0)
     packed = F.array(F.struct(*[v.alias(f"v{i}") for i, v in enumerate(values)]))
     return F.get(F.transform(packed, lambda s: fn(*[s[f"v{i}"] for i in range(len(values))])), 0)

@@ -146,15 +146,11 @@ class _Builder:
                     fields.append(F.filter(problems, lambda p: p.isNotNull()).alias(_ISSUE))
                 return F.struct(*fields)
 
-            if not packed and self.tolerant:
-                part = _Part(F.array(row()), [_ISSUE])
-            elif not packed:
-                part = _Part(F.array(F.struct(F.lit(None).alias("_empty"))), ["_empty"])
-            elif self.tolerant:  # each column's value and problem read from one evaluation
-                part = _Part(F.array(c.let(row, *packed)), names + [_ISSUE])
-            else:
-                part = _Part(F.array(row(*packed)), names)
-            parts.append(part)
+            if not (packed or self.tolerant):
+                parts.append(_Part(F.array(F.struct(F.lit(None).alias("_empty"))), ["_empty"]))
+            else:  # tolerant: each column's value and problem read from one evaluation of its path
+                one = c.let(row, *packed) if self.tolerant and packed else row(*packed)
+                parts.append(_Part(F.array(one), names + ([_ISSUE] if self.tolerant else [])))
         for s in sel.selects:
             parts.append(self.rows(s, focus, row_index, at_root))
         if sel.union_all:
