@@ -142,6 +142,52 @@ def test_tolerant_mode_evaluates_each_columns_path_once(spark):
     assert views.run(view, frame, tolerant=True).collect()[0]["achievement"] == "x"
 
 
+def test_a_member_path_is_one_deep_lookup_that_falls_back_step_by_step(spark):
+    """``code.coding.first().code`` reads ``$.code.coding[0].code`` in one lookup; where that finds
+    nothing (an array on the way, a drifted shape, the first item lacking the field) the steps are
+    walked one by one, so the result is FHIRPath's in every case."""
+    view = views.parse(
+        {
+            "resource": "Observation",
+            "select": [
+                {
+                    "column": [
+                        {"name": "id", "path": "getResourceKey()"},
+                        {"name": "code", "path": "code.coding.first().code"},
+                        {"name": "category", "path": "category.first().coding.first().code"},
+                        {"name": "all_categories", "path": "category.coding.code", "collection": True},
+                        {"name": "unit", "path": "value.ofType(Quantity).unit"},
+                    ]
+                },
+                {"forEach": "component", "column": [{"name": "part", "path": "code.coding.first().code"}]},
+            ],
+        }
+    )
+    concept = {"coding": [{"code": "a"}, {"code": "z"}]}
+    frame = _frame(
+        spark,
+        {  # R4 shapes: every lookup finds its value at once
+            "resourceType": "Observation", "id": "r4", "code": concept,
+            "category": [{"coding": [{"code": "c1"}, {"code": "c2"}]}, {"coding": [{"code": "c3"}]}],
+            "valueQuantity": {"unit": "mg"}, "component": [{"code": concept}, {"code": {"coding": [{"code": "b"}]}}],
+        },
+        {  # a concept as an array, a coding as an object, the first category without a coding
+            "resourceType": "Observation", "id": "drifted", "code": [{"coding": [{"code": "a"}]}],
+            "category": [{"text": "no coding"}, {"coding": {"code": "c3"}}],
+            "component": [{"code": {"coding": {"code": "b"}}}],
+        },
+    )  # fmt: skip
+    rows = {r["id"]: r for r in views.run(view, frame).collect()}
+    assert [(rows["r4"]["code"], rows["r4"]["category"], rows["r4"]["unit"])] == [("a", "c1", "mg")]
+    assert list(rows["r4"]["all_categories"]) == ["c1", "c2", "c3"]
+    assert [r["part"] for r in views.run(view, frame).where("id = 'r4'").collect()] == ["a", "b"]
+    drifted = rows["drifted"]
+    assert (drifted["code"], drifted["category"], drifted["unit"]) == ("a", None, None)
+    assert list(drifted["all_categories"]) == ["c3"] and drifted["part"] == "b"
+    plan = views.run(view, frame)._jdf.queryExecution().analyzed().toString()
+    assert "$.code.coding[0].code" in plan and "$.category[0].coding[0].code" in plan
+
+
 def test_the_conformance_report_in_the_docs_is_current():
     """docs/sql_on_fhir.md shows what the cases above assert (regenerate: scripts/sql_on_fhir_report.py)."""
     import importlib.util

@@ -34,6 +34,7 @@ _STRING_TYPES = {
 }  # fmt: skip
 _INTEGER_TYPES = {"integer", "positiveInt", "unsignedInt", "integer64"}
 _INTEGER_SCHEMAS = ("BIGINT", "INT", "SMALLINT", "TINYINT")
+_TYPED_REFERENCE = r"([A-Za-z]+)/([^/?]+)(/_history/[^/]+)?$"  # Patient/1, .../Patient/1/_history/2
 
 
 def empty() -> Column:
@@ -70,6 +71,85 @@ def let(fn, *values: Column) -> Column:
 
 def navigate(coll: Column, name: str) -> Column:
     return F.flatten(F.transform(coll, lambda x: as_collection(F.variant_get(x, path_of(name), "variant"))))
+
+
+def one(scope: Scope, item: Column) -> Column:
+    """``[item]``, a collection of one, recorded in ``scope`` so member paths from it can read the item
+    directly (see :func:`_walk`)."""
+    coll = F.array(item)
+    scope.items[id(coll)] = (coll, item)
+    return coll
+
+
+def _member_chain(node: fp.Member) -> tuple[list, object | None]:
+    """``a.b.ofType(T).first().c`` -> its steps in order (a name, or None for ``first()``) and the
+    node below them."""
+    steps: list = []
+    while True:
+        if isinstance(node, fp.Member):
+            steps.append(node.name)
+            node = node.target
+        elif _is_choice(node):
+            t = node.args[0].value
+            steps.append(node.target.name + t[0].upper() + t[1:])
+            node = node.target.target
+        elif isinstance(node, fp.Call) and node.name == "first" and not node.args and node.target is not None:
+            steps.append(None)
+            node = node.target
+        else:
+            return steps[::-1], node
+
+
+def _is_choice(node) -> bool:
+    """``x.ofType(T)`` where ``x`` is a member: a choice element, read by its typed name."""
+    return (
+        isinstance(node, fp.Call)
+        and node.name == "ofType"
+        and isinstance(node.target, fp.Member)
+        and len(node.args) == 1
+        and isinstance(node.args[0], fp.Literal)
+        and node.args[0].kind == "type"
+    )
+
+
+def _over(coll: Column, steps: list) -> Column:
+    """The collection ``steps`` reach from every item of ``coll``; a ``first()`` takes the first of
+    everything before it, so the steps after the last one start from (at most) one item."""
+    if None in steps:
+        k = len(steps) - 1 - steps[::-1].index(None)
+        head, steps = steps[:k], steps[k + 1 :]
+        coll = F.slice(_over(coll, head) if head else coll, 1, 1)
+    if not steps:
+        return coll
+    if len(steps) == 1:
+        return navigate(coll, steps[0])
+    return F.flatten(F.transform(coll, lambda x: _walk(x, steps)))
+
+
+def _walk(item: Column, steps: list) -> Column:
+    """The collection ``steps`` reach from one item. Tried first as one deep variant path
+    (``code.coding.first().code`` as ``$.code.coding[0].code``), which is right whenever it finds a
+    value: every step before then met an object, and every ``first()`` an array. Only when it finds
+    nothing (a step absent, a repeating element on the way, a drifted shape) are the steps walked one
+    by one. Each step is higher-order functions that Spark evaluates interpreted, so most columns'
+    paths cost one lookup instead of several."""
+    steps = [s for i, s in enumerate(steps) if s is not None or (i > 0 and steps[i - 1] is not None)]
+    if not steps:
+        return F.array(item)
+    if len(steps) == 1:
+        return as_collection(F.variant_get(item, path_of(steps[0]), "variant"))
+
+    def stepwise() -> Column:
+        coll = F.array(item)
+        for step in steps:
+            coll = F.slice(coll, 1, 1) if step is None else navigate(coll, step)
+        return coll
+
+    deep = "$" + "".join("[0]" if s is None else path_of(s)[1:] for s in steps)
+    return let(
+        lambda v: F.when(v.isNotNull(), as_collection(v)).otherwise(stepwise()),
+        F.variant_get(item, deep, "variant"),
+    )
 
 
 def first(coll: Column) -> Column:
@@ -176,6 +256,7 @@ class Scope:
     resource_type: str | None = None
     drift: Drift | None = None
     row_index: Column | None = None
+    items: dict = field(default_factory=dict)  # collections of one item (:func:`one`), by id
 
 
 class Compiler:
@@ -210,16 +291,20 @@ class Compiler:
         return focus
 
     def _member(self, node: fp.Member, focus, at_root) -> Column:
-        if node.target is None:
+        steps, below = _member_chain(node)
+        if below is None or isinstance(below, fp.This):
             base, root = focus, at_root
-            if root and node.name == self.scope.resource_type:
-                return focus  # Patient.name: the leading type names the resource itself
+            if root and below is None and steps[0] == self.scope.resource_type:
+                steps = steps[1:]  # Patient.name: the leading type names the resource itself
         else:
-            base, root = (
-                self.compile(node.target, focus, at_root),
-                isinstance(node.target, fp.This) and at_root,
-            )
-        return self.navigate(base, node.name, root)
+            base, root = self.compile(below, focus, at_root), False
+        drift = self.scope.drift
+        if root and drift and steps and (steps[0] in drift.renamed or steps[0] in drift.string_as_concept):
+            base, steps = self.navigate(base, steps[0], True), steps[1:]  # read as R4 first
+        if not steps:
+            return base
+        single = self.scope.items.get(id(base))
+        return _walk(single[1], steps) if single is not None and single[0] is base else _over(base, steps)
 
     def navigate(self, base: Column, name: str, at_root: bool) -> Column:
         out = navigate(base, name)
@@ -289,7 +374,7 @@ class Compiler:
             return F.size(base) > 0 if name == "exists" else F.lit(True)
 
         def pred(x: Column) -> Column:
-            return F.coalesce(self.compile_bool(args[0], F.array(x)), F.lit(False))
+            return F.coalesce(self.compile_bool(args[0], one(self.scope, x)), F.lit(False))
 
         return F.exists(base, pred) if name == "exists" else F.forall(base, pred)
 
@@ -327,11 +412,11 @@ class Compiler:
         if op in ("is", "as"):
             return self._type_op(left, node.right.value, op)
         right = self.compile(node.right, focus, at_root)
+        if op == "|":  # each side used once: no need to bind them
+            return F.concat(left, right)
         return let(lambda lc, rc: self._operate(op, lc, rc), left, right)
 
     def _operate(self, op: str, left: Column, right: Column) -> Column:
-        if op == "|":
-            return F.concat(left, right)
         lv, rv = first(left), first(right)
         both = lv.isNotNull() & rv.isNotNull()
         if op == "&":
@@ -390,17 +475,22 @@ class Compiler:
             return self._of_type(node, focus, at_root)
         if name == "getResourceKey":
             self._arity(node, 0)
-            base = focus if node.target is None else self.compile(node.target, focus, at_root)
-            return navigate(base, "id")
+            return self.compile(fp.Member(node.target, "id"), focus, at_root)
+        if name == "getReferenceKey":  # the reference read as a member of the path before it
+            return self._reference_key(
+                self.compile(fp.Member(node.target, "reference"), focus, at_root), node.args
+            )
         if name in _BOOLEAN_CALLS:
             return from_bool(self._bool_call(node, focus, at_root))
         base = focus if node.target is None else self.compile(node.target, focus, at_root)
         if name == "where":
             self._arity(node, 1)
-            return F.filter(base, lambda x: F.coalesce(self.compile_bool(args[0], F.array(x)), F.lit(False)))
+            return F.filter(
+                base, lambda x: F.coalesce(self.compile_bool(args[0], one(self.scope, x)), F.lit(False))
+            )
         if name == "select":
             self._arity(node, 1)
-            return F.flatten(F.transform(base, lambda x: self.compile(args[0], F.array(x))))
+            return F.flatten(F.transform(base, lambda x: self.compile(args[0], one(self.scope, x))))
         if name == "count":
             return from_scalar(F.size(base).cast("bigint"))
         if name == "first":
@@ -426,8 +516,6 @@ class Compiler:
             return F.filter(
                 navigate(base, "extension"), lambda e: as_string(F.variant_get(e, "$.url", "variant")) == url
             )
-        if name == "getReferenceKey":
-            return self._reference_key(base, args)
         if name == "iif":
             if len(args) not in (2, 3):
                 raise FhirPathError("iif() takes 2 or 3 arguments")
@@ -481,7 +569,7 @@ class Compiler:
         return self._type_op(base, type_name, "as")
 
     @staticmethod
-    def _reference_key(base: Column, args: tuple) -> Column:
+    def _reference_key(references: Column, args: tuple) -> Column:
         """The id a Reference points to (``Patient/1``, ``http://x/Patient/1/_history/2`` and
         ``urn:uuid:1`` give ``1``; a conditional reference is kept whole). With a type, references
         known to point elsewhere give nothing (a ``urn:uuid:`` reference carries no type: kept)."""
@@ -492,18 +580,20 @@ class Compiler:
             wanted = args[0].value
 
         def key(ref: Column) -> Column:
-            typed = F.regexp_extract(ref, r"([A-Za-z]+)/([^/?]+)(/_history/[^/]+)?$", 2)
-            kind = F.regexp_extract(ref, r"([A-Za-z]+)/([^/?]+)(/_history/[^/]+)?$", 1)
+            # the regular expression only where a slash can match it (not a urn:uuid: reference)
+            slash = ref.contains("/")
+            typed = F.when(slash, F.regexp_extract(ref, _TYPED_REFERENCE, 2)).otherwise(F.lit(""))
+            kind = F.when(slash, F.regexp_extract(ref, _TYPED_REFERENCE, 1)).otherwise(F.lit(""))
             k = (
                 F.when(ref.contains("?"), ref)
                 .when(typed != "", typed)
-                .when(ref.startswith("urn:"), F.regexp_extract(ref, r"([^:]+)$", 1))
+                .when(ref.startswith("urn:"), F.substring_index(ref, ":", -1))
             )
             if wanted is not None:
                 k = F.when((kind == wanted) | ((kind == "") & ~ref.contains("/")), k)
             return k
 
-        refs = F.transform(navigate(base, "reference"), lambda r: key(as_string(r)).cast("variant"))
+        refs = F.transform(references, lambda r: key(as_string(r)).cast("variant"))
         return F.filter(refs, lambda x: x.isNotNull() & ~F.is_variant_null(x))
 
     @staticmethod

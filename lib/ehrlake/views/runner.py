@@ -103,7 +103,9 @@ class _Builder:
             else:
                 items = self.repeat(sel.repeat, focus, row_index, at_root)
             names = self.names(sel)
-            out = F.flatten(F.transform(items, lambda x, i: self.body(sel, F.array(x), i, False).rows))
+            out = F.flatten(
+                F.transform(items, lambda x, i: self.body(sel, c.one(self.scope, x), i, False).rows)
+            )
             if sel.for_each_or_null is not None:
                 out = F.when(F.size(items) == 0, self.body(sel, c.empty(), F.lit(0), False).rows).otherwise(
                     out
@@ -123,7 +125,7 @@ class _Builder:
                 return coll
             return F.flatten(
                 F.transform(
-                    coll, lambda x: F.concat(F.array(x), expand(children(F.array(x), False), depth - 1))
+                    coll, lambda x: F.concat(F.array(x), expand(children(c.one(scope, x), False), depth - 1))
                 )
             )
 
@@ -252,9 +254,9 @@ def _compiled(
     if hit is not None and hit[0] is view and hit[1] is drift:
         return hit[2]
     r = F.col("_resource")
-    root = F.array(r)
     constants = {name: c.literal(value, kind) for name, (value, kind) in view.constants.items()}
-    scope = c.Scope(constants, root, view.resource, drift, F.lit(0))
+    scope = c.Scope(constants, None, view.resource, drift, F.lit(0))
+    root = scope.resource = c.one(scope, r)  # paths from the root read the resource itself
     builder = _Builder(scope, tolerant)
     condition = F.variant_get(r, "$.resourceType", "string") == view.resource
     if tolerant:  # an unparseable record stays, all null, for the caller to deal with (never dropped)
