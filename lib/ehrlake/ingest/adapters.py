@@ -135,9 +135,13 @@ class FhirSource(Adapter):
         whole = self.kind is SourceKind.FHIR_BUNDLES
         records = read_records(spark, todo, whole_file=whole, batch_lines=ctx.batch_lines)
         records = fhir.explode_bundles(records)  # NDJSON too: a Bundle exported as one line
+        # A bulk export is one file per resource type, and a file is read by one task: spread every
+        # type over all partitions (by a hash of where each record came from: the same on a retry),
+        # or typing Observations, the largest type, is one task's work while the other cores idle.
+        records = fhir.classify(records, ctx.source_system).repartition("source_file", "record_index")
         # in memory, as before: each resource table filters this one cache by type, which batch
         # statistics make cheap in memory and a full read on disk (CSV caches per table instead)
-        return fhir.classify(records, ctx.source_system).persist(StorageLevel.MEMORY_AND_DISK)
+        return records.persist(StorageLevel.MEMORY_AND_DISK)
 
     def envelope_failures(self, records, ctx):
         failed = records.where("_reason IS NOT NULL")
