@@ -188,6 +188,21 @@ def test_a_member_path_is_one_deep_lookup_that_falls_back_step_by_step(spark):
     assert "$.code.coding[0].code" in plan and "$.category[0].coding[0].code" in plan
 
 
+def test_view_expressions_are_sql_text_that_spark_reads_back_exactly(spark):
+    """Views compile to SQL text (no JVM round trip per function): every literal a view can hold
+    reads back as the same value, and a lambda inside a lambda keeps its own variables."""
+    from ehrlake.views import sqltext as S
+
+    values = ["O'Brien", "back\\slash \\d+ $", 'quote " and `tick`', "line\nbreak", "", "ünïcode ✓"]
+    values += [0, -7, 2**40, 1.5, -2.5e-07, True, False, None]
+    row = spark.range(1).select(*[S.column(S.lit(v)).alias(f"c{i}") for i, v in enumerate(values)]).first()
+    assert list(row) == values
+    nested = S.transform(
+        S.array(S.lit(1), S.lit(2)), lambda x: S.transform(S.array(S.lit(10)), lambda y: x + y)
+    )
+    assert spark.range(1).select(S.column(nested)).first()[0] == [[11], [12]]
+
+
 def test_the_conformance_report_in_the_docs_is_current():
     """docs/sql_on_fhir.md shows what the cases above assert (regenerate: scripts/sql_on_fhir_report.py)."""
     import importlib.util

@@ -18,11 +18,10 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from pyspark.sql import Column
-from pyspark.sql import functions as F
-
 from ehrlake.views import fhirpath as fp
+from ehrlake.views import sqltext as F  # pyspark's functions, written as SQL text (see sqltext)
 from ehrlake.views.fhirpath import FhirPathError
+from ehrlake.views.sqltext import Expr
 
 VARIANTS = "array<variant>"
 _SIMPLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -37,7 +36,7 @@ _INTEGER_SCHEMAS = ("BIGINT", "INT", "SMALLINT", "TINYINT")
 _TYPED_REFERENCE = r"([A-Za-z]+)/([^/?]+)(/_history/[^/]+)?$"  # Patient/1, .../Patient/1/_history/2
 
 
-def empty() -> Column:
+def empty() -> Expr:
     return F.array().cast(VARIANTS)
 
 
@@ -46,20 +45,20 @@ def path_of(name: str) -> str:
     return f"$.{name}" if _SIMPLE_NAME.match(name) else "$[" + json.dumps(name) + "]"
 
 
-def as_collection(value: Column) -> Column:
+def as_collection(value: Expr) -> Expr:
     """One variant (maybe a JSON array, JSON null or SQL NULL) as a FHIRPath collection. (FHIR JSON
     has no nulls inside arrays, save the ``_element`` extension arrays, which paths do not reach.)"""
 
     # bound once: every member step of every path comes here, and ``value`` is a variant_get that
     # copies its part of the record (read three times, Observation typing took 15% longer)
-    def collection(v: Column) -> Column:
+    def collection(v: Expr) -> Expr:
         present = F.when(v.isNotNull() & ~F.is_variant_null(v), F.array(v))
         return F.coalesce(F.try_variant_get(v, "$", VARIANTS), present, empty())
 
     return let(collection, value)
 
 
-def let(fn, *values: Column) -> Column:
+def let(fn, *values: Expr) -> Expr:
     """``fn`` of ``values``, each evaluated once: Spark SQL has no LET, and a compiled path used
     several times in one expression would otherwise be copied (and analysed) once per use."""
     if len(values) == 1:  # no struct around one value (a step of every path comes here); ``fn``
@@ -69,11 +68,11 @@ def let(fn, *values: Column) -> Column:
     return F.get(F.transform(packed, lambda s: fn(*[s[f"v{i}"] for i in range(len(values))])), 0)
 
 
-def navigate(coll: Column, name: str) -> Column:
+def navigate(coll: Expr, name: str) -> Expr:
     return F.flatten(F.transform(coll, lambda x: as_collection(F.variant_get(x, path_of(name), "variant"))))
 
 
-def one(scope: Scope, item: Column) -> Column:
+def one(scope: Scope, item: Expr) -> Expr:
     """``[item]``, a collection of one, recorded in ``scope`` so member paths from it can read the item
     directly (see :func:`_walk`)."""
     coll = F.array(item)
@@ -112,7 +111,7 @@ def _is_choice(node) -> bool:
     )
 
 
-def _over(coll: Column, steps: list) -> Column:
+def _over(coll: Expr, steps: list) -> Expr:
     """The collection ``steps`` reach from every item of ``coll``; a ``first()`` takes the first of
     everything before it, so the steps after the last one start from (at most) one item."""
     if None in steps:
@@ -126,7 +125,7 @@ def _over(coll: Column, steps: list) -> Column:
     return F.flatten(F.transform(coll, lambda x: _walk(x, steps)))
 
 
-def _walk(item: Column, steps: list) -> Column:
+def _walk(item: Expr, steps: list) -> Expr:
     """The collection ``steps`` reach from one item. Tried first as one deep variant path
     (``code.coding.first().code`` as ``$.code.coding[0].code``), which is right whenever it finds a
     value: every step before then met an object, and every ``first()`` an array. Only when it finds
@@ -139,7 +138,7 @@ def _walk(item: Column, steps: list) -> Column:
     if len(steps) == 1:
         return as_collection(F.variant_get(item, path_of(steps[0]), "variant"))
 
-    def stepwise() -> Column:
+    def stepwise() -> Expr:
         coll = F.array(item)
         for step in steps:
             coll = F.slice(coll, 1, 1) if step is None else navigate(coll, step)
@@ -152,54 +151,54 @@ def _walk(item: Column, steps: list) -> Column:
     )
 
 
-def first(coll: Column) -> Column:
+def first(coll: Expr) -> Expr:
     """The first item as a variant, NULL for the empty collection."""
     return F.get(coll, 0)
 
 
-def as_string(value: Column) -> Column:
+def as_string(value: Expr) -> Expr:
     return F.try_variant_get(value, "$", "string")
 
 
-def json_type(value: Column) -> Column:
+def json_type(value: Expr) -> Expr:
     return F.schema_of_variant(value)
 
 
-def is_boolean(value: Column) -> Column:
+def is_boolean(value: Expr) -> Expr:
     return json_type(value) == "BOOLEAN"
 
 
-def to_bool(coll: Column) -> Column:
+def to_bool(coll: Expr) -> Expr:
     """A collection as a three-valued SQL boolean: NULL when empty or not a boolean."""
     return let(lambda v: F.when(is_boolean(v), F.try_variant_get(v, "$", "boolean")), first(coll))
 
 
-def from_bool(b: Column) -> Column:
+def from_bool(b: Expr) -> Expr:
     return F.when(b.isNull(), empty()).otherwise(F.array(b.cast("variant")))
 
 
-def from_scalar(value: Column) -> Column:
+def from_scalar(value: Expr) -> Expr:
     """A SQL scalar (NULL: empty) as a collection."""
     return F.when(value.isNull(), empty()).otherwise(F.array(value.cast("variant")))
 
 
-def literal(value, kind: str = "") -> Column:
+def literal(value, kind: str = "") -> Expr:
     if value is None:
         return empty()
     return F.array(F.lit(value).cast("variant"))
 
 
-def _is_number(v: Column) -> Column:
+def _is_number(v: Expr) -> Expr:
     t = json_type(v)
     return t.isin(*_INTEGER_SCHEMAS, "DOUBLE", "FLOAT") | t.startswith("DECIMAL")
 
 
-def _is_integer(v: Column) -> Column:
+def _is_integer(v: Expr) -> Expr:
     t = json_type(v)
     return t.isin(*_INTEGER_SCHEMAS) | (t.startswith("DECIMAL(") & t.endswith(",0)"))
 
 
-def has_type(v: Column, type_name: str) -> Column | None:
+def has_type(v: Expr, type_name: str) -> Expr | None:
     """Whether a variant can be a value of FHIR type ``type_name``; None when the JSON type cannot
     tell (complex types are objects)."""
     t = json_type(v)
@@ -219,7 +218,7 @@ _COMPARISON = ("=", "!=", "~", "!~", "<", ">", "<=", ">=", "in", "contains")
 _BOOLEAN_CALLS = ("exists", "empty", "not", "all", "hasValue")
 
 
-def _logic(op: str, a: Column, b: Column) -> Column:
+def _logic(op: str, a: Expr, b: Expr) -> Expr:
     """FHIRPath's three-valued and / or / xor / implies over SQL booleans (NULL: empty)."""
     false, true = F.lit(False), F.lit(True)
     if op == "and":
@@ -239,7 +238,7 @@ class Drift:
     string_as_concept: tuple[str, ...] = ()  # CodeableConcept fields some exporters write as strings
 
 
-def _concept_from_string(v: Column) -> Column:
+def _concept_from_string(v: Expr) -> Expr:
     """A plain string where a CodeableConcept belongs -> ``{"coding": [{"code": s}], "text": s}``."""
     s = as_string(v)
     obj = F.to_json(F.struct(F.array(F.struct(s.alias("code"))).alias("coding"), s.alias("text")))
@@ -251,11 +250,11 @@ class Scope:
     """What a path may refer to besides its focus: constants (``%name``), the resource (``%resource``),
     the row index of the enclosing forEach/repeat (``%rowIndex``) and the resource type's drifts."""
 
-    constants: dict[str, Column] = field(default_factory=dict)
-    resource: Column | None = None
+    constants: dict[str, Expr] = field(default_factory=dict)
+    resource: Expr | None = None
     resource_type: str | None = None
     drift: Drift | None = None
-    row_index: Column | None = None
+    row_index: Expr | None = None
     items: dict = field(default_factory=dict)  # collections of one item (:func:`one`), by id
 
 
@@ -266,17 +265,17 @@ class Compiler:
         self.scope = scope
 
     # --- entry point ------------------------------------------------------------------------------
-    def compile(self, node, focus: Column, at_root: bool = False) -> Column:
+    def compile(self, node, focus: Expr, at_root: bool = False) -> Expr:
         method = getattr(self, f"_{type(node).__name__.lower()}")
         return method(node, focus, at_root)
 
     # --- terms ------------------------------------------------------------------------------------
-    def _literal(self, node: fp.Literal, focus, at_root) -> Column:
+    def _literal(self, node: fp.Literal, focus, at_root) -> Expr:
         if node.kind == "type":
             raise FhirPathError(f"a type name ({node.value}) is only allowed after is / as / ofType")
         return literal(node.value, node.kind)
 
-    def _constant(self, node: fp.Constant, focus, at_root) -> Column:
+    def _constant(self, node: fp.Constant, focus, at_root) -> Expr:
         if node.name == "rowIndex":
             return from_scalar(self.scope.row_index if self.scope.row_index is not None else F.lit(0))
         if node.name in ("resource", "rootResource"):
@@ -287,10 +286,10 @@ class Compiler:
             raise FhirPathError(f"undefined constant %{node.name}")
         return self.scope.constants[node.name]
 
-    def _this(self, node, focus, at_root) -> Column:
+    def _this(self, node, focus, at_root) -> Expr:
         return focus
 
-    def _member(self, node: fp.Member, focus, at_root) -> Column:
+    def _member(self, node: fp.Member, focus, at_root) -> Expr:
         steps, below = _member_chain(node)
         if below is None or isinstance(below, fp.This):
             base, root = focus, at_root
@@ -306,7 +305,7 @@ class Compiler:
         single = self.scope.items.get(id(base))
         return _walk(single[1], steps) if single is not None and single[0] is base else _over(base, steps)
 
-    def navigate(self, base: Column, name: str, at_root: bool) -> Column:
+    def navigate(self, base: Expr, name: str, at_root: bool) -> Expr:
         out = navigate(base, name)
         drift = self.scope.drift
         if not at_root or drift is None:
@@ -317,12 +316,12 @@ class Compiler:
             out = F.transform(out, _concept_from_string)
         return out
 
-    def _index(self, node: fp.Index, focus, at_root) -> Column:
+    def _index(self, node: fp.Index, focus, at_root) -> Expr:
         coll = self.compile(node.target, focus, at_root)
         i = F.try_variant_get(first(self.compile(node.index, focus, at_root)), "$", "int")
         return F.when(i >= 0, F.slice(coll, i + 1, F.lit(1))).otherwise(empty())
 
-    def _unary(self, node: fp.Unary, focus, at_root) -> Column:
+    def _unary(self, node: fp.Unary, focus, at_root) -> Expr:
         coll = self.compile(node.operand, focus, at_root)
         if node.op == "+":
             return coll
@@ -341,7 +340,7 @@ class Compiler:
             return node.name in _BOOLEAN_CALLS
         return isinstance(node, fp.Literal) and node.kind == "boolean"
 
-    def compile_bool(self, node, focus: Column, at_root: bool = False) -> Column:
+    def compile_bool(self, node, focus: Expr, at_root: bool = False) -> Expr:
         """``node`` as a SQL boolean: NULL when it is empty or not a boolean (FHIRPath's singleton
         evaluation); no round trip through a collection for what is a boolean anyway."""
         if isinstance(node, fp.Literal) and node.kind == "boolean":
@@ -358,7 +357,7 @@ class Compiler:
             return self._bool_call(node, focus, at_root)
         return to_bool(self.compile(node, focus, at_root))
 
-    def _bool_call(self, node: fp.Call, focus, at_root) -> Column:
+    def _bool_call(self, node: fp.Call, focus, at_root) -> Expr:
         name, args = node.name, node.args
         if name == "not":
             self._arity(node, 0)
@@ -373,12 +372,12 @@ class Compiler:
         if not args:
             return F.size(base) > 0 if name == "exists" else F.lit(True)
 
-        def pred(x: Column) -> Column:
+        def pred(x: Expr) -> Expr:
             return F.coalesce(self.compile_bool(args[0], one(self.scope, x)), F.lit(False))
 
         return F.exists(base, pred) if name == "exists" else F.forall(base, pred)
 
-    def _compare(self, op: str, left: Column, right: Column) -> Column:
+    def _compare(self, op: str, left: Expr, right: Expr) -> Expr:
         if op in ("in", "contains"):
             item, coll = (left, right) if op == "in" else (right, left)
             key = F.to_json(first(item))
@@ -404,7 +403,7 @@ class Compiler:
         return F.when(both & numeric, compare(ln, rn)).when(both, compare(ls, rs))
 
     # --- operators --------------------------------------------------------------------------------
-    def _binary(self, node: fp.Binary, focus, at_root) -> Column:
+    def _binary(self, node: fp.Binary, focus, at_root) -> Expr:
         op = node.op
         if self.is_boolean_node(node):
             return from_bool(self.compile_bool(node, focus, at_root))
@@ -416,7 +415,7 @@ class Compiler:
             return F.concat(left, right)
         return let(lambda lc, rc: self._operate(op, lc, rc), left, right)
 
-    def _operate(self, op: str, left: Column, right: Column) -> Column:
+    def _operate(self, op: str, left: Expr, right: Expr) -> Expr:
         lv, rv = first(left), first(right)
         both = lv.isNotNull() & rv.isNotNull()
         if op == "&":
@@ -425,7 +424,7 @@ class Compiler:
             )
         return self._arithmetic(op, lv, rv, both)
 
-    def _arithmetic(self, op: str, lv: Column, rv: Column, both: Column) -> Column:
+    def _arithmetic(self, op: str, lv: Expr, rv: Expr, both: Expr) -> Expr:
         ln, rn = F.try_variant_get(lv, "$", "double"), F.try_variant_get(rv, "$", "double")
         li, ri = F.try_variant_get(lv, "$", "bigint"), F.try_variant_get(rv, "$", "bigint")
         ints = _is_integer(lv) & _is_integer(rv)
@@ -460,7 +459,7 @@ class Compiler:
             return F.when(both & ints, from_scalar(F.try_mod(li, ri))).otherwise(empty())
         raise FhirPathError(f"operator {op} is not supported")
 
-    def _type_op(self, coll: Column, type_name: str, op: str) -> Column:
+    def _type_op(self, coll: Expr, type_name: str, op: str) -> Expr:
         test = has_type(first(coll), type_name)
         if test is None:
             raise FhirPathError(f"'{op} {type_name}' is supported for primitive types only")
@@ -469,7 +468,7 @@ class Compiler:
         return F.filter(coll, lambda x: F.coalesce(has_type(x, type_name), F.lit(False)))
 
     # --- functions --------------------------------------------------------------------------------
-    def _call(self, node: fp.Call, focus, at_root) -> Column:
+    def _call(self, node: fp.Call, focus, at_root) -> Expr:
         name, args = node.name, node.args
         if name == "ofType":
             return self._of_type(node, focus, at_root)
@@ -554,7 +553,7 @@ class Compiler:
         if len(node.args) != n:
             raise FhirPathError(f"{node.name}() takes {n} argument(s), got {len(node.args)}")
 
-    def _of_type(self, node: fp.Call, focus, at_root) -> Column:
+    def _of_type(self, node: fp.Call, focus, at_root) -> Expr:
         self._arity(node, 1)
         type_arg = node.args[0]
         type_name = type_arg.value if isinstance(type_arg, fp.Literal) else None
@@ -569,7 +568,7 @@ class Compiler:
         return self._type_op(base, type_name, "as")
 
     @staticmethod
-    def _reference_key(references: Column, args: tuple) -> Column:
+    def _reference_key(references: Expr, args: tuple) -> Expr:
         """The id a Reference points to (``Patient/1``, ``http://x/Patient/1/_history/2`` and
         ``urn:uuid:1`` give ``1``; a conditional reference is kept whole). With a type, references
         known to point elsewhere give nothing (a ``urn:uuid:`` reference carries no type: kept)."""
@@ -579,7 +578,7 @@ class Compiler:
                 raise FhirPathError("getReferenceKey() takes a resource type name")
             wanted = args[0].value
 
-        def key(ref: Column) -> Column:
+        def key(ref: Expr) -> Expr:
             # the regular expression only where a slash can match it (not a urn:uuid: reference)
             slash = ref.contains("/")
             typed = F.when(slash, F.regexp_extract(ref, _TYPED_REFERENCE, 2)).otherwise(F.lit(""))
@@ -597,11 +596,11 @@ class Compiler:
         return F.filter(refs, lambda x: x.isNotNull() & ~F.is_variant_null(x))
 
     @staticmethod
-    def _boundary(base: Column, low: bool, type_hint: str | None) -> Column:
+    def _boundary(base: Expr, low: bool, type_hint: str | None) -> Expr:
         return let(lambda b: Compiler._bounds(b, low, type_hint), base)
 
     @staticmethod
-    def _bounds(base: Column, low: bool, type_hint: str | None) -> Column:
+    def _bounds(base: Expr, low: bool, type_hint: str | None) -> Expr:
         """lowBoundary()/highBoundary() of decimals (by their precision), dates and times. A partial
         date stays a date unless the path says it is a dateTime (``ofType(dateTime)``)."""
         v = first(base)
@@ -655,7 +654,7 @@ class Compiler:
         )
 
 
-def compile_path(text_or_node, focus: Column, scope: Scope, at_root: bool = False) -> Column:
+def compile_path(text_or_node, focus: Expr, scope: Scope, at_root: bool = False) -> Expr:
     """The collection ``text_or_node`` evaluates to on ``focus`` (an ``array<variant>`` column)."""
     node = fp.parse(text_or_node) if isinstance(text_or_node, str) else text_or_node
     return Compiler(scope).compile(node, focus, at_root)
