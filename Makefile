@@ -68,7 +68,7 @@ test-fast: setup
 
 # every stage at 1k/10k/100k patients with baselines, slopes, memory, 1 vs 2 workers; then the
 # per-stage benchmarks. bench-quick: the harness at 200 and 1,000 patients; fails when the driver's
-# memory grows or ingest's ratio to its bare pass is 1.5x the committed quick result's (by hand: .ci/run)
+# memory grows or an ingest's (CSV, FHIR) ratio to its bare pass is 1.5x the committed quick result's (by hand: .ci/run)
 bench: setup dl-env pathling-env
 	$(PY) bench/harness.py --sizes 1000,10000,100000 --workers-compare 10000
 	$(PY) bench/ingest.py

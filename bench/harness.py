@@ -3,15 +3,17 @@ measured in the same run, with the cost-vs-size slope and the driver's peak memo
 
 Each size runs in its own process (so peak-memory readings belong to that size): synth -> ingest ->
 clean -> quality -> eda -> features -> train (mortality_12m, logistic regression) -> score -> the
-nightly score (the same date again, the version's drift bins kept). Each
+nightly score (the same date again, the version's drift bins kept); then, up to ``--fhir-max``
+patients, the same patients as bulk FHIR NDJSON into a lake of their own (ingest_fhir). Each
 stage's baseline is the plain Spark work over the same data a hand-written job would do at least
-(CSV -> Parquet for ingest; read the input tables and write them as Parquet for clean, features and
-score; the analyst's group-bys for quality/eda); the figure reported is the ratio.
+(CSV -> Parquet for ingest, NDJSON -> Parquet for ingest_fhir; read the input tables and write
+them as Parquet for clean, features and score; the analyst's group-bys for quality/eda); the
+figure reported is the ratio.
 
 Memory: the Python driver's peak RSS (where anything collected would land) must stay flat as N
 grows; the JVM's peak RSS (in local mode the executors live in it) is reported beside it.
-``--quick`` also fails when ingest's ratio at 1,000 patients is 1.5x that of the newest committed
-quick result.
+``--quick`` also fails when either ingest's ratio at 1,000 patients is 1.5x that of the newest
+committed quick result.
 Optionally (``--workers-compare N``) the ingest + clean stages run on a local standalone cluster with
 1 and then 2 workers at N patients (scaling efficiency).
 
@@ -40,7 +42,12 @@ sys.path.insert(0, str(REPO / "lib"))
 RESULTS = REPO / "bench" / "results"
 # score: a model version's first scoring (it bins the training snapshot for drift, once);
 # score_nightly: the scheduler's next full scoring of the date with the same version
-STAGES = ("synth", "ingest", "clean", "quality", "eda", "features", "train", "score", "score_nightly")
+# ingest_fhir: the same generated patients as bulk FHIR NDJSON, into a lake of their own, against
+# spark.read.json + write.parquet of the same files (sizes up to --fhir-max only: it is the slow format)
+STAGES = (
+    "synth", "ingest", "clean", "quality", "eda", "features", "train", "score", "score_nightly",
+    "ingest_fhir",
+)  # fmt: skip
 EVENT_TABLES = ("encounters", "conditions", "observations", "medications", "procedures")
 AS_OF = dt.date(2022, 1, 1)
 FLAT_LIMIT_MB = 150  # the driver's peak RSS may not grow more than this from the smallest size
@@ -72,7 +79,7 @@ def _timed(fn):
     return time.perf_counter() - started, value
 
 
-def one_size(patients: int, work: Path, driver_memory: str) -> dict:
+def one_size(patients: int, work: Path, driver_memory: str, fhir_max: int = 0) -> dict:
     """All stages at one size, in this process; returns seconds, baselines, counts and memory."""
     from _lake import secured_lake
 
@@ -152,6 +159,16 @@ def one_size(patients: int, work: Path, driver_memory: str) -> dict:
         out["score_nightly"], _ = _timed(lambda: scoring.score(lake, "mortality_12m", AS_OF))
     except Exception as exc:  # noqa: BLE001 - too few deaths at tiny sizes: reported, not fatal
         counts["train_skipped"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if patients <= fhir_max:
+        ndjson = work / "fhir"
+        synth.run(spark, patients, str(ndjson), seed=11, fmt="fhir-ndjson", tables=EVENT_TABLES)
+        files = str(ndjson / "*.ndjson*")
+        started = time.perf_counter()
+        spark.read.json(files).write.mode("overwrite").parquet(str(work / "baseline" / "fhir"))
+        base["ingest_fhir"] = time.perf_counter() - started
+        fhir_lake = secured_lake(work / "lake_fhir", spark, work / "secrets_fhir")
+        out["ingest_fhir"], run = _timed(lambda: ingest.run(fhir_lake, SourceKind.FHIR_NDJSON, str(ndjson)))
+        counts["fhir_resources"] = run.total.records_in
     result = {
         "patients": patients,
         "seconds": {k: round(v, 2) for k, v in out.items()},
@@ -285,6 +302,7 @@ def markdown(result: dict) -> str:
         return " | ".join(cells)
 
     lines.append(f"| ingest records/s per core | {per_core('ingest', 'records')} | |")
+    lines.append(f"| FHIR ingest resources/s per core | {per_core('ingest_fhir', 'fhir_resources')} | |")
     lines.append(f"| clean silver rows/s per core | {per_core('clean', 'silver_rows')} | |")
     lines.append(f"| score patients/s per core | {per_core('score', 'scored')} | |")
     lines.append(
@@ -326,18 +344,20 @@ def plot(result: dict, path: Path) -> None:
 
 
 def ratio_regression(runs: list[dict], committed: Path | None) -> str | None:
-    """Why ingest's ratio at :data:`CHECKED_AT` patients is a regression against ``committed`` (the
-    newest earlier quick result), or None."""
+    """Why an ingest's ratio (Synthea CSV, FHIR NDJSON) at :data:`CHECKED_AT` patients is a regression
+    against ``committed`` (the newest earlier quick result), or None."""
     if committed is None:
         return None
-    before = {r["patients"]: r["ratio"].get("ingest") for r in json.loads(committed.read_text())["runs"]}
-    now = {r["patients"]: r["ratio"].get("ingest") for r in runs}
-    old, new = before.get(CHECKED_AT), now.get(CHECKED_AT)
-    if old and new and new > RATIO_REGRESSION * old:
-        return (
-            f"ingest at {CHECKED_AT:,} patients costs {new}x its bare pass, {new / old:.2f}x the {old}x of "
-            f"{committed.name} (limit {RATIO_REGRESSION}x)"
-        )
+    earlier = json.loads(committed.read_text())["runs"]
+    for stage in ("ingest", "ingest_fhir"):
+        before = {r["patients"]: r["ratio"].get(stage) for r in earlier}
+        now = {r["patients"]: r["ratio"].get(stage) for r in runs}
+        old, new = before.get(CHECKED_AT), now.get(CHECKED_AT)
+        if old and new and new > RATIO_REGRESSION * old:
+            return (
+                f"{stage} at {CHECKED_AT:,} patients costs {new}x its bare pass, {new / old:.2f}x the {old}x "
+                f"of {committed.name} (limit {RATIO_REGRESSION}x)"
+            )
     return None
 
 
@@ -347,11 +367,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="CI: sizes 200,1000; no cluster comparison")
     parser.add_argument("--workers-compare", type=int, default=0, help="patients for the 1 vs 2 worker run")
     parser.add_argument("--driver-memory", default="8g")
+    parser.add_argument(
+        "--fhir-max", type=int, default=10_000, help="largest size that also times FHIR NDJSON ingest"
+    )
     parser.add_argument("--one-size", type=int, help=argparse.SUPPRESS)  # internal: run one size here
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one_size:
-        print(json.dumps(one_size(args.one_size, Path(args.work), args.driver_memory)))
+        print(json.dumps(one_size(args.one_size, Path(args.work), args.driver_memory, args.fhir_max)))
         return 0
     sizes = [200, 1000] if args.quick else [int(s) for s in args.sizes.split(",")]
     runs = []
@@ -368,6 +391,8 @@ def main() -> int:
                     str(work),
                     "--driver-memory",
                     args.driver_memory,
+                    "--fhir-max",
+                    str(args.fhir_max),
                 ],
                 capture_output=True,
                 text=True,
