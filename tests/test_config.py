@@ -31,6 +31,21 @@ def test_bad_configuration_names_the_key(tmp_path, text, message):
         config.load(path)
 
 
+def test_a_file_that_sets_some_spark_settings_keeps_the_built_in_ones(tmp_path):
+    """A site configuration that only turns on the event log still writes microsecond timestamps in
+    UTC: without them Parquet timestamps are INT96 and every commit of the lake fails."""
+    from ehrlake.session import spark_settings
+
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "spark:\n  conf:\n    spark.eventLog.enabled: 'true'\n    spark.sql.shuffle.partitions: '64'\n"
+    )
+    settings = spark_settings(config.load(path))
+    assert settings["spark.eventLog.enabled"] == "true" and settings["spark.sql.shuffle.partitions"] == "64"
+    assert settings["spark.sql.parquet.outputTimestampType"] == "TIMESTAMP_MICROS"
+    assert settings["spark.sql.session.timeZone"] == "UTC"
+
+
 def test_missing_file_and_lake_override(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         config.load(tmp_path / "absent.yaml")
