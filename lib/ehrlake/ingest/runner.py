@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
-from dataclasses import asdict
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -37,6 +39,7 @@ from ehrlake.views import ISSUES
 
 RUNS_TABLE = "ops.ingest_runs"
 PARTITION_BY = ["source_system"]  # merges and re-ingests of one hospital touch only its partition
+TABLES_AT_ONCE = 4  # tables counted and merged side by side (_load)
 
 
 def run(
@@ -126,26 +129,24 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
     outputs = [out for out in adapter.outputs(records, census, todo, ctx) if out.table in census.valid]
     early_bad = adapter.envelope_failures(records, ctx) if census.envelope_bad else None
     bad_parts = [early_bad] if early_bad is not None else []
-    merged: dict[str, dict] = {}
     for out in outputs:  # cached by the outcome count, then reused by the merge and the quarantine
         out.rows = out.rows.persist(CACHE)
-    failed, with_issues = _outcomes(outputs)
-    for out in outputs:
-        if not out.quarantine_only:
-            good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
-            good = _protect(protector, good, out.table, out.keys, out.protection)
-            lake.create(out.table, good.schema, PARTITION_BY)
-            result = lake.merge(
-                good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info
-            )
-            merged[out.table] = result.metrics
-        if failed.get(out.table):
-            bad = out.rows.where("_reason IS NOT NULL")
-            bad_parts.append(quarantine.rows(bad, adapter.kind.value, F.lit(out.table), ctx.run_id, ctx.now))
+    # Tables load side by side: a table's count and merge are several small Spark jobs whose
+    # planning (on the driver) and commits leave the cores idle; another table's tasks fill them.
+    with ThreadPoolExecutor(max_workers=TABLES_AT_ONCE, thread_name_prefix="ingest-table") as pool:
+        loaded = list(
+            pool.map(lambda out: _load_table(lake, out, protector, adapter, ctx, commit_info), outputs)
+        )
+    merged = {out.table: r.merged for out, r in zip(outputs, loaded, strict=True) if r.merged is not None}
+    bad_parts += [result.failed for result in loaded if result.failed is not None]
     quarantined = _quarantine(lake, protector, bad_parts, commit_info)
     _fill_report(report, census, merged, quarantined)
+    with_issues: dict[str, int] = defaultdict(int)  # a CSV table may have two outputs (unreadable files)
+    for out, result in zip(outputs, loaded, strict=True):
+        with_issues[out.table] += result.with_issues
     for table, count in with_issues.items():
-        report.entity(table).with_issues = count
+        if count:
+            report.entity(table).with_issues = count
     copies = generated.load(lake, protector, ctx, commit_info)
     if copies:
         report.notes.append(f"{copies:,} generated patients linked to their templates -> {generated.TABLE}")
@@ -155,27 +156,37 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
         out.rows.unpersist()
 
 
-def _outcomes(outputs: list[Output]) -> tuple[dict[str, int], dict[str, int]]:
-    """Per table, in one job: rows that failed typing (quarantined) and loaded rows with
-    conformance issues. Only tables with failures then take part in the quarantine write."""
-    if not outputs:
-        return {}, {}
-    parts = []
-    for out in outputs:
-        issue = F.size(ISSUES) > 0 if ISSUES in out.rows.columns else F.lit(False)
-        parts.append(
-            out.rows.select(
-                F.lit(out.table).alias("table"),
-                F.col("_reason").isNotNull().cast("int").alias("bad"),
-                (F.col("_reason").isNull() & issue).cast("int").alias("issue"),
-            )
-        )
-    rows = (
-        union(parts).groupBy("table").agg(F.sum("bad").alias("bad"), F.sum("issue").alias("issue")).collect()
-    )
-    return {r["table"]: int(r["bad"]) for r in rows}, {
-        r["table"]: int(r["issue"]) for r in rows if r["issue"]
-    }
+@dataclass
+class _Loaded:
+    """What loading one table's output gave: merge metrics (None: nothing to merge), its rows that
+    failed typing (None: none failed) and how many loaded rows carry conformance issues."""
+
+    merged: dict | None
+    failed: DataFrame | None
+    with_issues: int
+
+
+def _load_table(lake, out: Output, protector, adapter: Adapter, ctx: Context, commit_info: dict) -> _Loaded:
+    """Count the output's outcomes (one job, which fills its cache), merge its good rows, and
+    hand back its failures for the one quarantine write."""
+    issue = F.size(ISSUES) > 0 if ISSUES in out.rows.columns else F.lit(False)
+    counts = out.rows.select(
+        F.coalesce(F.sum(F.col("_reason").isNotNull().cast("int")), F.lit(0)).alias("bad"),
+        F.coalesce(F.sum((F.col("_reason").isNull() & issue).cast("int")), F.lit(0)).alias("issue"),
+    ).first()
+    merged = None
+    if not out.quarantine_only:
+        good = out.dedupe(out.rows.where("_reason IS NULL").drop("_reason", "_message"))
+        good = _protect(protector, good, out.table, out.keys, out.protection)
+        lake.create(out.table, good.schema, PARTITION_BY)
+        merged = lake.merge(
+            good, out.table, out.keys, out.update_when, evolve_schema=True, commit_info=commit_info
+        ).metrics
+    failed = None
+    if counts["bad"]:
+        bad = out.rows.where("_reason IS NOT NULL")
+        failed = quarantine.rows(bad, adapter.kind.value, F.lit(out.table), ctx.run_id, ctx.now)
+    return _Loaded(merged, failed, int(counts["issue"]))
 
 
 def _fill_report(
