@@ -134,19 +134,18 @@ class Expr:
 class _Case(Expr):
     """``CASE WHEN ... END`` that grows with :meth:`when` and closes with :meth:`otherwise`."""
 
-    __slots__ = ("branches",)
+    __slots__ = ("arms", "branches")
 
     def __init__(self, branches: tuple):
         self.branches = branches
-        arms = " ".join(f"WHEN {text(c)} THEN {text(v)}" for c, v in branches)
-        super().__init__(f"CASE {arms} END")
+        self.arms = " ".join(f"WHEN {text(c)} THEN {text(v)}" for c, v in branches)
+        super().__init__(f"CASE {self.arms} END")
 
     def when(self, condition, value) -> _Case:
         return _Case((*self.branches, (condition, value)))
 
     def otherwise(self, value) -> Expr:
-        arms = " ".join(f"WHEN {text(c)} THEN {text(v)}" for c, v in self.branches)
-        return Expr(f"CASE {arms} ELSE {text(value)} END")
+        return Expr(f"CASE {self.arms} ELSE {text(value)} END")
 
 
 def quote(name: str) -> str:
