@@ -328,3 +328,23 @@ def test_json_nested_too_deep_is_quarantined_as_too_deep(lake, tmp_path):
     report = ingest.run(lake, SourceKind.FHIR_NDJSON, str(tmp_path / "deep.ndjson"))
     assert report.balanced
     assert quarantine_reasons(lake) == {("deep.ndjson", 1): "too_deep", ("deep.ndjson", 3): "malformed_json"}
+
+
+def test_records_spread_over_partitions_by_input_size(spark):
+    """A small export is typed in one partition per core (every task reads a view's large plan, so
+    eight tasks for a few records cost more than they share); a large one in the shuffle partitions;
+    a gzipped file counts as the JSON it unpacks to."""
+    from ehrlake.ingest.adapters import BYTES_PER_PARTITION, GZIP_RATIO, record_partitions
+    from ehrlake.ingest.sources import InputFile
+
+    most = int(spark.conf.get("spark.sql.shuffle.partitions"))
+    cores = min(most, spark.sparkContext.defaultParallelism)
+    assert most > cores  # the test's session: 4 partitions, 2 cores
+    small = [InputFile("/x/Patient.ndjson", 2_000_000, 0)]
+    large = [InputFile(f"/x/{i}.ndjson", BYTES_PER_PARTITION, 0) for i in range(most + 5)]
+    assert record_partitions(spark, small) == cores
+    assert record_partitions(spark, large) == most
+    three = [InputFile("/x/Observation.ndjson", 3 * BYTES_PER_PARTITION, 0)]
+    assert record_partitions(spark, three) == min(most, max(cores, 3))
+    packed = [InputFile("/x/Observation.ndjson.gz", BYTES_PER_PARTITION // GZIP_RATIO * 3, 0)]
+    assert record_partitions(spark, packed) == record_partitions(spark, three)
