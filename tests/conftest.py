@@ -61,7 +61,7 @@ def pytest_terminal_summary(terminalreporter):
 def security_conf(tmp_path_factory):
     """One master key and key store for the session, outside every lake (as in production), and a
     configuration pointing at them that CLI and spark-submit subprocesses pick up via $EHRLAKE_CONF."""
-    from ehrlake.config import SecurityConfig, SparkConfig
+    from ehrlake.config import SecurityConfig
     from ehrlake.security import init_keys
     from ehrlake.security.grants import Grants, current_user
 
@@ -83,7 +83,7 @@ def security_conf(tmp_path_factory):
         f"  access_policy: {REPO / 'conf' / 'access_policy.yaml'}\n"
         f"  grants: {secrets / 'grants'}\n"
         f"  grant_admin_key: {secrets / 'grant-admin.key'}\n"
-        + yaml.safe_dump({"spark": {"conf": {**SparkConfig().conf, **TEST_SPARK_CONF}}})
+        + yaml.safe_dump({"spark": {"conf": TEST_SPARK_CONF}})
     )
     previous = os.environ.get("EHRLAKE_CONF")
     os.environ["EHRLAKE_CONF"] = str(conf)
@@ -100,10 +100,7 @@ def spark():
     from ehrlake.session import get_spark
 
     os.environ["PYSPARK_PYTHON"] = sys.executable
-    conf = dict(SparkConfig().conf)
-    conf["spark.sql.shuffle.partitions"] = "4"
-    conf["spark.driver.memory"] = "2g"
-    conf.update(TEST_SPARK_CONF)
+    conf = {"spark.sql.shuffle.partitions": "4", **TEST_SPARK_CONF}
     # the native engine's Delta JARs on the class path (where `make setup` fetched them): lakes use
     # delta-rs unless a test asks for native (tests/test_lake.py runs the lake layer on both)
     lake = LakeConfig(engine="native")

@@ -33,17 +33,19 @@ def test_bad_configuration_names_the_key(tmp_path, text, message):
 
 def test_a_file_that_sets_some_spark_settings_keeps_the_built_in_ones(tmp_path):
     """A site configuration that only turns on the event log still writes microsecond timestamps in
-    UTC: without them Parquet timestamps are INT96 and every commit of the lake fails."""
-    from ehrlake.session import spark_settings
-
+    UTC: without them Parquet timestamps are INT96 and every commit of the lake fails. The JVM's
+    launch arguments read the same settings: the built-in driver memory stays unless the file sets it."""
     path = tmp_path / "site.yaml"
     path.write_text(
         "spark:\n  conf:\n    spark.eventLog.enabled: 'true'\n    spark.sql.shuffle.partitions: '64'\n"
     )
-    settings = spark_settings(config.load(path))
+    settings = config.load(path).spark.conf
     assert settings["spark.eventLog.enabled"] == "true" and settings["spark.sql.shuffle.partitions"] == "64"
     assert settings["spark.sql.parquet.outputTimestampType"] == "TIMESTAMP_MICROS"
     assert settings["spark.sql.session.timeZone"] == "UTC"
+    assert settings["spark.driver.memory"] == "2g"
+    path.write_text("spark:\n  conf:\n    spark.driver.memory: 6g\n")
+    assert config.load(path).spark.conf["spark.driver.memory"] == "6g"
 
 
 def test_missing_file_and_lake_override(tmp_path):

@@ -32,25 +32,35 @@ class LakeConfig:
             raise ConfigError(f"lake.engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
 
 
+# Spark settings every session gets unless a configuration sets the key itself
+BUILT_IN_SPARK_CONF = {
+    "spark.sql.session.timeZone": "UTC",
+    # without it Parquet timestamps are INT96, which the lake's commits cannot read statistics from
+    "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.adaptive.enabled": "true",
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.driver.memory": "2g",
+    # FHIR records parse to VARIANT for the views (ehrlake.views); JSON allows a repeated
+    # key (the last wins, as in from_json), VARIANT refuses it unless told
+    "spark.sql.variant.allowDuplicateKeys": "true",
+}
+
+
 @dataclass(frozen=True)
 class SparkConfig:
+    """``conf`` is layered over :data:`BUILT_IN_SPARK_CONF`: a site file that sets only the event
+    log keeps UTC sessions, microsecond timestamps and the driver memory, and every reader of
+    ``conf`` (the session, the JVM's launch arguments) sees the same settings."""
+
     master: str = "local[*]"
     app_name: str = "ehrlake"
-    conf: dict[str, str] = field(
-        default_factory=lambda: {
-            "spark.sql.session.timeZone": "UTC",
-            "spark.sql.parquet.outputTimestampType": "TIMESTAMP_MICROS",
-            "spark.sql.shuffle.partitions": "8",
-            "spark.sql.adaptive.enabled": "true",
-            "spark.sql.execution.arrow.pyspark.enabled": "true",
-            "spark.ui.enabled": "false",
-            "spark.ui.showConsoleProgress": "false",
-            "spark.driver.memory": "2g",
-            # FHIR records parse to VARIANT for the views (ehrlake.views); JSON allows a repeated
-            # key (the last wins, as in from_json), VARIANT refuses it unless told
-            "spark.sql.variant.allowDuplicateKeys": "true",
-        }
-    )
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "conf", {**BUILT_IN_SPARK_CONF, **self.conf})
 
     def validate(self) -> None:
         for key, value in self.conf.items():

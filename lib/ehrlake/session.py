@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ehrlake.config import Config, SparkConfig
+from ehrlake.config import Config
 from ehrlake.errors import EnvironmentProblem
 from ehrlake.home import HOME
 
@@ -147,13 +147,6 @@ def launch_args(memory: str | None, jars: list[str] | None = None) -> str:
     return shlex.join([*args, "pyspark-shell"])
 
 
-def spark_settings(config: Config) -> dict[str, str]:
-    """The configuration's Spark settings over the built-in ones: a file whose ``spark.conf`` adds
-    only, say, the event log keeps UTC sessions and microsecond Parquet timestamps (without them
-    timestamps are written as INT96, which the lake's commits cannot read statistics from)."""
-    return {**SparkConfig().conf, **config.spark.conf}
-
-
 def get_spark(config: Config):
     """Return the active SparkSession or build one from ``config.spark``.
 
@@ -186,7 +179,7 @@ def get_spark(config: Config):
     builder = SparkSession.builder.appName(config.spark.app_name)
     if not submitted.contains("spark.master"):
         builder = builder.master(config.spark.master)
-    conf = spark_settings(config)
+    conf = dict(config.spark.conf)
     refuse_key_material([*submitted.getAll(), *conf.items()])
     conf.setdefault("spark.redaction.regex", REDACTION)
     if with_delta:
