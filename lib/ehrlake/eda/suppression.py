@@ -65,6 +65,9 @@ def suppress(
         raise ValueError(
             f"an aggregate of more than {max_cells} cells is not publishable: coarsen its dimensions"
         )
+    # which complement a line hides (the smallest, ties by position) and the audit's order follow
+    # the rows': in a shuffle's order, re-running a job would publish another pattern
+    cells = cells.sort_values(dims, kind="stable", na_position="last", ignore_index=True)
     status = pd.Series([None] * len(cells), index=cells.index, dtype=object)
     for column in [count, *(counts or [])]:
         status = status.where(status.notna(), _suppress_parts(cells, dims, column, k, independent or []))
