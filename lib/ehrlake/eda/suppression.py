@@ -58,6 +58,22 @@ def suppress(
 
     Zero counts stay visible unless a line has nothing else left to hide beside a small cell.
     """
+    cells = suppressed_cells(df, dims, count, k, derived, max_cells, independent, counts)
+    return as_spark(df, cells)
+
+
+def suppressed_cells(
+    df: DataFrame,
+    dims: list[str],
+    count: str = "n",
+    k: int = SecurityConfig.small_cell_k,
+    derived: list[str] | None = None,
+    max_cells: int = MAX_CELLS,
+    independent: list[str] | None = None,
+    counts: list[str] | None = None,
+) -> pd.DataFrame:
+    """:func:`suppress`'s table on the driver (``as_spark`` makes it a DataFrame again): for a job
+    that also reports how many cells it hid without reading the table back."""
     if k < 2:
         raise ValueError("k must be at least 2")
     cells = df.limit(max_cells + 1).toPandas()
@@ -75,7 +91,13 @@ def suppress(
     cells["suppressed"] = status
     for column in [count, *(counts or []), *(derived or [])]:
         cells[column] = cells[column].astype(object).where(~hidden, None)
-    fields = [T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema.fields]  # hidden = null
+    return cells
+
+
+def as_spark(df: DataFrame, cells: pd.DataFrame) -> DataFrame:
+    """``cells`` (from :func:`suppressed_cells` of ``df``) as a DataFrame of ``df``'s schema, every
+    column nullable (a hidden count is null), with ``suppressed`` added."""
+    fields = [T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema.fields]
     schema = T.StructType([*fields, T.StructField("suppressed", T.StringType())])
     return df.sparkSession.createDataFrame(cells.astype(object).where(cells.notna(), None), schema)
 
