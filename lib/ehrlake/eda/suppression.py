@@ -36,32 +36,6 @@ PRIMARY, COMPLEMENTARY = "primary", "complementary"
 MAX_CELLS = 200_000
 
 
-def suppress(
-    df: DataFrame,
-    dims: list[str],
-    count: str = "n",
-    k: int = SecurityConfig.small_cell_k,
-    derived: list[str] | None = None,
-    max_cells: int = MAX_CELLS,
-    independent: list[str] | None = None,
-    counts: list[str] | None = None,
-) -> DataFrame:
-    """``df`` (one row per combination of ``dims``) with ``count`` nulled where it must be hidden,
-    ``suppressed`` (null, ``primary`` or ``complementary``) added, and every column of ``derived``
-    (rates and percentages computed from the count) nulled with it.
-
-    ``independent``: dimensions along which cells do not add up (e.g. several indicators over the
-    same persons); each of their values is a table of its own, suppressed separately, since a total
-    across them means nothing an attacker could use. ``counts``: further person counts in the same
-    row (e.g. the denominator), each suppressed the same way; a row is hidden where any of them
-    must be (hiding more than one pattern needs can only widen what an attacker can infer).
-
-    Zero counts stay visible unless a line has nothing else left to hide beside a small cell.
-    """
-    cells = suppressed_cells(df, dims, count, k, derived, max_cells, independent, counts)
-    return as_spark(df, cells)
-
-
 def suppressed_cells(
     df: DataFrame,
     dims: list[str],
@@ -72,8 +46,19 @@ def suppressed_cells(
     independent: list[str] | None = None,
     counts: list[str] | None = None,
 ) -> pd.DataFrame:
-    """:func:`suppress`'s table on the driver (``as_spark`` makes it a DataFrame again): for a job
-    that also reports how many cells it hid without reading the table back."""
+    """``df`` (one row per combination of ``dims``), on the driver, with ``count`` nulled where it
+    must be hidden, ``suppressed`` (null, ``primary`` or ``complementary``) added, and every column
+    of ``derived`` (rates and percentages computed from the count) nulled with it; :func:`as_spark`
+    makes it a DataFrame again, :func:`suppress` does both.
+
+    ``independent``: dimensions along which cells do not add up (e.g. several indicators over the
+    same persons); each of their values is a table of its own, suppressed separately, since a total
+    across them means nothing an attacker could use. ``counts``: further person counts in the same
+    row (e.g. the denominator), each suppressed the same way; a row is hidden where any of them
+    must be (hiding more than one pattern needs can only widen what an attacker can infer).
+
+    Zero counts stay visible unless a line has nothing else left to hide beside a small cell.
+    """
     if k < 2:
         raise ValueError("k must be at least 2")
     cells = df.limit(max_cells + 1).toPandas()
@@ -92,6 +77,13 @@ def suppressed_cells(
     for column in [count, *(counts or []), *(derived or [])]:
         cells[column] = cells[column].astype(object).where(~hidden, None)
     return cells
+
+
+def suppress(
+    df: DataFrame, dims: list[str], count: str = "n", k: int = SecurityConfig.small_cell_k, **options
+) -> DataFrame:
+    """:func:`suppressed_cells` (``options``: its further arguments) as a DataFrame."""
+    return as_spark(df, suppressed_cells(df, dims, count, k, **options))
 
 
 def as_spark(df: DataFrame, cells: pd.DataFrame) -> DataFrame:
