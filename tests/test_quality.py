@@ -40,6 +40,23 @@ def test_check_results_count_the_rows_that_fail(silver):  # noqa: F811
     assert lake.read("gold.dq_results").where("run_id = 'r1'").count() == len(results)
 
 
+@pytest.mark.parametrize(
+    "where, expected",
+    [(None, {"a": (3, 3), "b": (2, 1)}), ("gender = 'female'", {"a": (2, 2), "b": (1, 0)})],
+)
+def test_a_key_held_twice_fails_every_row_holding_it_in_every_source(spark, where, expected):
+    """A uniqueness check counts, per source, the rows with a complete key that ``where`` applies
+    to, and fails those whose key another row holds too (in any source, whatever ``where`` says
+    of that row); a row without its key is not checked."""
+    rows = [("a", "p1", "female"), ("a", "p1", "male"), ("a", "p2", "female"), ("b", "p2", "male"),
+            ("b", "p3", "female"), ("b", None, "female")]  # fmt: skip
+    df = spark.createDataFrame(rows, "source_system string, patient_key string, gender string")
+    check = checks.Check(id="u", table="patient", field="patient_key", type="unique", fields=("patient_key",),
+                         where=where, category="conformance")  # fmt: skip
+    counted = {r.source_system: (r.checked, r.failed) for r in checks._duplicates(df, check).collect()}
+    assert counted == expected
+
+
 def test_readiness_score_is_the_documented_weighted_mean(silver):  # noqa: F811
     lake, _ = silver
     quality.run(lake, today=TODAY, run_id="r2")
