@@ -134,18 +134,21 @@ class Expr:
 class _Case(Expr):
     """``CASE WHEN ... END`` that grows with :meth:`when` and closes with :meth:`otherwise`."""
 
-    __slots__ = ("arms", "branches")
+    __slots__ = ("arms",)
 
-    def __init__(self, branches: tuple):
-        self.branches = branches
-        self.arms = " ".join(f"WHEN {text(c)} THEN {text(v)}" for c, v in branches)
-        super().__init__(f"CASE {self.arms} END")
+    def __init__(self, arms: str):
+        self.arms = arms  # ``WHEN c THEN v ...``: a further arm is appended, the others not re-written
+        super().__init__(f"CASE {arms} END")
 
     def when(self, condition, value) -> _Case:
-        return _Case((*self.branches, (condition, value)))
+        return _Case(f"{self.arms} {_arm(condition, value)}")
 
     def otherwise(self, value) -> Expr:
         return Expr(f"CASE {self.arms} ELSE {text(value)} END")
+
+
+def _arm(condition, value) -> str:
+    return f"WHEN {text(condition)} THEN {text(value)}"
 
 
 def quote(name: str) -> str:
@@ -192,7 +195,7 @@ def col(name: str) -> Expr:
 
 
 def when(condition, value) -> _Case:
-    return _Case(((condition, value),))
+    return _Case(_arm(condition, value))
 
 
 def struct(*fields: Expr) -> Expr:
