@@ -41,17 +41,21 @@ def test_check_results_count_the_rows_that_fail(silver):  # noqa: F811
 
 
 @pytest.mark.parametrize(
-    "where, expected",
-    [(None, {"a": (3, 3), "b": (2, 1)}), ("gender = 'female'", {"a": (2, 2), "b": (1, 0)})],
+    "fields, where, expected",
+    [
+        (("patient_key",), None, {"a": (3, 3), "b": (2, 1)}),
+        (("patient_key",), "gender = 'female'", {"a": (2, 2), "b": (1, 0)}),
+        (("source_system", "patient_key"), None, {"a": (3, 2), "b": (2, 0)}),  # p2 once in each source
+    ],
 )
-def test_a_key_held_twice_fails_every_row_holding_it_in_every_source(spark, where, expected):
+def test_a_key_held_twice_fails_every_row_holding_it_in_every_source(spark, fields, where, expected):
     """A uniqueness check counts, per source, the rows with a complete key that ``where`` applies
     to, and fails those whose key another row holds too (in any source, whatever ``where`` says
-    of that row); a row without its key is not checked."""
+    of that row); a row without its key is not checked. A key may name the source itself."""
     rows = [("a", "p1", "female"), ("a", "p1", "male"), ("a", "p2", "female"), ("b", "p2", "male"),
             ("b", "p3", "female"), ("b", None, "female")]  # fmt: skip
     df = spark.createDataFrame(rows, "source_system string, patient_key string, gender string")
-    check = checks.Check(id="u", table="patient", field="patient_key", type="unique", fields=("patient_key",),
+    check = checks.Check(id="u", table="patient", field="patient_key", type="unique", fields=fields,
                          where=where, category="conformance")  # fmt: skip
     counted = {r.source_system: (r.checked, r.failed) for r in checks._duplicates(df, check).collect()}
     assert counted == expected
