@@ -1,11 +1,12 @@
-"""Configuration: the shipped YAML equals the built-in defaults, and bad keys fail naming the key."""
+"""Configuration: the shipped YAML equals the built-in defaults, and bad keys fail naming the key;
+the session's helper for working on tables side by side."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import REPO
 
-from ehrlake import config
+from ehrlake import config, session
 from ehrlake.errors import ConfigError
 
 
@@ -94,3 +95,23 @@ def test_an_optional_scalar_is_checked_as_its_type():
     ):
         with pytest.raises(ConfigError, match=says):
             config.build(Spec, bad, "spec")
+
+
+def test_tables_side_by_side_keep_their_order_and_raise_the_first_error():
+    """Jobs that work on tables side by side (ingest, quality, EDA) zip the results back onto the
+    tables: a result out of order would be published under another table's name."""
+    import time
+
+    def slow_for_early(n: int) -> int:
+        time.sleep(0.05 * (5 - n))  # the first table finishes last
+        return n * n
+
+    assert session.side_by_side(slow_for_early, range(6), "t") == [0, 1, 4, 9, 16, 25]
+
+    def fails_on_three(n: int) -> int:
+        if n == 3:
+            raise ValueError("table 3 is broken")
+        return n
+
+    with pytest.raises(ValueError, match="table 3 is broken"):
+        session.side_by_side(fails_on_three, range(6), "t")

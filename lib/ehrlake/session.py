@@ -12,11 +12,29 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from ehrlake.config import Config
 from ehrlake.errors import EnvironmentProblem
 from ehrlake.home import HOME
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+TABLES_AT_ONCE = 4  # tables a job works on side by side (side_by_side)
+
+
+def side_by_side(work: Callable[[T], R], tables: Iterable[T], name: str) -> list[R]:
+    """``work`` over each table, up to TABLES_AT_ONCE at a time, results in the tables' order.
+
+    A small table's Spark jobs are mostly planning and commits on the driver and a few short tasks,
+    which leave the cores idle; another table's jobs fill them. The first error is raised, after
+    the tables already started have finished."""
+    with ThreadPoolExecutor(max_workers=TABLES_AT_ONCE, thread_name_prefix=name) as pool:
+        return list(pool.map(work, tables))
 
 
 def require_java() -> None:

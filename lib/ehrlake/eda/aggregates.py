@@ -18,7 +18,6 @@ hidden together with enough other cells that no hidden count can be recovered fr
 from __future__ import annotations
 
 import datetime as dt
-from concurrent.futures import ThreadPoolExecutor
 
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
@@ -27,6 +26,7 @@ from ehrlake import encounters
 from ehrlake.eda import nfhs
 from ehrlake.eda.suppression import as_spark, suppressed_cells
 from ehrlake.lake import WriteMode
+from ehrlake.session import side_by_side
 
 AGE_BANDS = ((0, 4), (5, 14), (15, 24), (25, 44), (45, 64), (65, 74), (75, 84), (85, 200))
 UNKNOWN = "(unknown)"
@@ -49,7 +49,6 @@ def _region(column: str = "state") -> F.Column:
 # table is known, and a national cell is exactly such a total. Without them, a country-wide figure
 # drawn from the state table would add up hidden cells as zeros (or hide nearly everything).
 NATIONAL = "_national"
-TABLES_AT_ONCE = 4  # gold tables built side by side (run)
 
 
 def demographics(lake, reference: dt.date, by_state: bool = True) -> DataFrame:
@@ -332,10 +331,9 @@ def run(
         return {"cells": len(cells), "hidden": int(cells["suppressed"].notna().sum())}
 
     with lake.security.job("eda", ["gold"], role) as (_, written):
-        # Tables are built side by side: each is a few small Spark jobs and then the suppression's
-        # linear programs on the driver; another table's jobs keep the cores busy meanwhile.
-        with ThreadPoolExecutor(max_workers=TABLES_AT_ONCE, thread_name_prefix="eda-table") as pool:
-            summary = dict(zip(tables, pool.map(publish, tables), strict=True))
+        # each table is a few small Spark jobs and then the suppression's linear programs on the
+        # driver: tables are built side by side
+        summary = dict(zip(tables, side_by_side(publish, tables, "eda-table"), strict=True))
         for name, shown in summary.items():
             written.append((name, f"{shown['cells']} cells, {shown['hidden']} suppressed (k={k})"))
     return summary

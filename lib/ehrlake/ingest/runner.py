@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import uuid
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from pyspark.sql import DataFrame
@@ -35,11 +34,11 @@ from ehrlake.ingest.sources import (
 from ehrlake.lake.catalog import list_tables
 from ehrlake.security.copies import NOTE_CONTEXT
 from ehrlake.security.protection import Sealing
+from ehrlake.session import side_by_side
 from ehrlake.views import ISSUES
 
 RUNS_TABLE = "ops.ingest_runs"
 PARTITION_BY = ["source_system"]  # merges and re-ingests of one hospital touch only its partition
-TABLES_AT_ONCE = 4  # tables counted and merged side by side (_load)
 
 
 def run(
@@ -131,12 +130,10 @@ def _load(lake, adapter: Adapter, ctx: Context, todo: list, protector, commit_in
     bad_parts = [early_bad] if early_bad is not None else []
     for out in outputs:  # cached by the outcome count, then reused by the merge and the quarantine
         out.rows = out.rows.persist(CACHE)
-    # Tables load side by side: a table's count and merge are several small Spark jobs whose
-    # planning (on the driver) and commits leave the cores idle; another table's tasks fill them.
-    with ThreadPoolExecutor(max_workers=TABLES_AT_ONCE, thread_name_prefix="ingest-table") as pool:
-        loaded = list(
-            pool.map(lambda out: _load_table(lake, out, protector, adapter, ctx, commit_info), outputs)
-        )
+    # a table's count and merge are several small Spark jobs: tables load side by side
+    loaded = side_by_side(
+        lambda out: _load_table(lake, out, protector, adapter, ctx, commit_info), outputs, "ingest-table"
+    )
     merged = {out.table: r.merged for out, r in zip(outputs, loaded, strict=True) if r.merged is not None}
     bad_parts += [result.failed for result in loaded if result.failed is not None]
     quarantined = _quarantine(lake, protector, bad_parts, commit_info)

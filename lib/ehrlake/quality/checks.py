@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import operator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,12 @@ from ehrlake.clean.model import ENTITIES
 from ehrlake.config import build, read_yaml
 from ehrlake.errors import ConfigError
 from ehrlake.home import CONF
+from ehrlake.session import side_by_side
 
 CHECKS_FILE = CONF / "quality_checks.yaml"
 TYPES = ("not_null", "in_set", "pattern", "references", "range", "not_future", "no_flag", "unique")
 CATEGORIES = ("completeness", "conformance", "plausibility")
 RESULTS = "gold.dq_results"
-TABLES_AT_ONCE = 4  # silver tables counted side by side (run)
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,10 @@ def run(lake, checks: list[Check], run_id: str, today: dt.date) -> DataFrame:
     for check in checks:
         by_table.setdefault(check.table, []).append(check)
     present = {t: c for t, c in by_table.items() if lake.exists(ENTITIES[t].table)}
-    # tables are counted side by side: a small table's pass is mostly planning on the driver and a
-    # few short tasks, which leave the cores to another table's scan meanwhile
-    with ThreadPoolExecutor(max_workers=TABLES_AT_ONCE, thread_name_prefix="quality-table") as pool:
-        counted = pool.map(lambda item: _count_table(lake, *item, run_id, today), present.items())
-        results = [row for rows in counted for row in rows]
+    counted = side_by_side(
+        lambda item: _count_table(lake, *item, run_id, today), present.items(), "quality-table"
+    )
+    results = [row for rows in counted for row in rows]
     schema = (
         "run_id string, check_id string, category string, check_type string, source_system string, "
         "table_name string, field string, rows_checked long, rows_failed long, failed_share double, "
