@@ -91,15 +91,13 @@ def reasons(
                 for f in top
             ]
         )
-    items = F.array(
-        *[
-            F.struct(
-                F.lit(descriptions.get(f, f)).alias("what"),
-                F.col(f).cast("double").alias("value"),
-                contrib[i].alias("c"),
-            )
-            for i, f in enumerate(features)
-        ]
+    # One struct per feature, zipped from three arrays so the contributions are computed once a
+    # row: taking ``contrib[i]`` for each feature evaluates the whole array once per feature (49
+    # times a row for the mortality model: 25 of a nightly scoring's 38 s at 100,000 patients).
+    items = F.arrays_zip(
+        F.array(*[F.lit(descriptions.get(f, f)) for f in features]).alias("what"),
+        F.array(*[F.col(f).cast("double") for f in features]).alias("value"),
+        F.slice(contrib, 1, len(features)).alias("c"),  # XGBoost's last one is the bias: no reason
     )
     raising = F.filter(items, lambda s: s["c"] > 0)
     ordered = F.array_sort(
