@@ -267,3 +267,21 @@ def test_published_readmission_rates_are_the_labels_mean_over_the_stays_it_judge
     assert published
     for r in published:
         assert r.readmission_30d_rate == expected[(r.year, r.facility)], (r.year, r.facility)
+
+
+def test_the_full_grid_has_every_combination_with_zero_where_none_came(spark):
+    """Suppression must see the zeros a published table shows: a year x state cell no record fell
+    into is a row with count 0 (its other figures missing), of the aggregate's own column types."""
+    counts = spark.createDataFrame(
+        [(2020, "Goa", 12, 1.5), (2021, "Kerala", 3, None), (2021, "Goa", 0, 2.0)],
+        "year int, state string, persons long, mean_stay double",
+    )
+    grid = aggregates._full_grid(counts, ["year", "state"], "persons")
+    assert [(f.name, f.dataType.simpleString()) for f in grid.schema.fields] == [
+        ("year", "int"), ("state", "string"), ("persons", "bigint"), ("mean_stay", "double")
+    ]  # fmt: skip
+    rows = {(r.year, r.state): (r.persons, r.mean_stay) for r in grid.collect()}
+    assert rows == {
+        (2020, "Goa"): (12, 1.5), (2020, "Kerala"): (0, None),
+        (2021, "Goa"): (0, 2.0), (2021, "Kerala"): (3, None),
+    }  # fmt: skip

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from ehrlake import encounters
 from ehrlake.eda import nfhs
-from ehrlake.eda.suppression import as_spark, suppressed_cells
+from ehrlake.eda.suppression import as_spark, bounded_cells, local_frame, suppressed_cells
 from ehrlake.lake import WriteMode
 from ehrlake.session import side_by_side
 
@@ -65,11 +66,17 @@ def demographics(lake, reference: dt.date, by_state: bool = True) -> DataFrame:
 
 def _full_grid(df: DataFrame, dims: list[str], count: str) -> DataFrame:
     """Every combination of the dimensions' values, zero where absent: suppression must see the
-    zeros a published table would show (a small cell beside zeros is otherwise easy to solve)."""
-    grid = df.select(dims[0]).distinct()
-    for d in dims[1:]:
-        grid = grid.crossJoin(df.select(d).distinct())
-    return grid.join(df, dims, "left").fillna({count: 0})
+    zeros a published table would show (a small cell beside zeros is otherwise easy to solve).
+
+    The aggregate ``df`` is computed once, on the driver (bounded: a table of more cells is not
+    publishable), and the grid built there: crossing each dimension's distinct values in Spark ran
+    the aggregate again for every dimension and the join (utilisation: nine scans of encounters)."""
+    cells = bounded_cells(df)
+    values = [cells[d].drop_duplicates() for d in dims]
+    grid = pd.MultiIndex.from_product(values, names=dims).to_frame(index=False)
+    full = grid.merge(cells, on=dims, how="left")
+    full[count] = full[count].fillna(0)
+    return local_frame(df, full[df.columns])
 
 
 # SNOMED semantic tags of records that are not diseases: Synthea records employment, education,
@@ -319,13 +326,14 @@ def run(
         "gold.eda_note_concepts": {"independent": ["kind", "concept"]},
     }
     tables = {  # a table whose silver inputs do not exist yet is skipped, not failed
-        name: (build(), dims, count, derived)
+        name: (build, dims, count, derived)
         for name, (inputs, build, dims, count, derived) in specs.items()
         if all(has[t] for t in inputs)
     }
 
     def publish(name: str) -> dict:
-        frame, dims, count, derived = tables[name]
+        build, dims, count, derived = tables[name]
+        frame = build()  # its aggregate is computed here, beside the other tables'
         cells = suppressed_cells(frame, dims, count, k, derived=derived, **options.get(name, {}))
         lake.write(as_spark(frame, cells), name, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "eda"})
         return {"cells": len(cells), "hidden": int(cells["suppressed"].notna().sum())}

@@ -61,11 +61,7 @@ def suppressed_cells(
     """
     if k < 2:
         raise ValueError("k must be at least 2")
-    cells = df.limit(max_cells + 1).toPandas()
-    if len(cells) > max_cells:
-        raise ValueError(
-            f"an aggregate of more than {max_cells} cells is not publishable: coarsen its dimensions"
-        )
+    cells = bounded_cells(df, max_cells)
     # which complement a line hides (the smallest, ties by position) and the audit's order follow
     # the rows': in a shuffle's order, re-running a job would publish another pattern
     cells = cells.sort_values(dims, kind="stable", na_position="last", ignore_index=True)
@@ -86,11 +82,28 @@ def suppress(
     return as_spark(df, suppressed_cells(df, dims, count, k, **options))
 
 
+def bounded_cells(df: DataFrame, max_cells: int = MAX_CELLS) -> pd.DataFrame:
+    """An aggregate's cells on the driver: at most ``max_cells``, else a one-line error."""
+    cells = df.limit(max_cells + 1).toPandas()
+    if len(cells) > max_cells:
+        raise ValueError(
+            f"an aggregate of more than {max_cells} cells is not publishable: coarsen its dimensions"
+        )
+    return cells
+
+
 def as_spark(df: DataFrame, cells: pd.DataFrame) -> DataFrame:
     """``cells`` (from :func:`suppressed_cells` of ``df``) as a DataFrame of ``df``'s schema, every
     column nullable (a hidden count is null), with ``suppressed`` added."""
+    return local_frame(df, cells, [T.StructField("suppressed", T.StringType())])
+
+
+def local_frame(df: DataFrame, cells: pd.DataFrame, extra: list[T.StructField] = ()) -> DataFrame:
+    """``cells`` (``df``'s columns, on the driver) as a DataFrame of ``df``'s schema and ``extra``
+    fields, every column nullable; a missing value (NaN in a float column pandas made of a long
+    one) is null."""
     fields = [T.StructField(f.name, f.dataType, True, f.metadata) for f in df.schema.fields]
-    schema = T.StructType([*fields, T.StructField("suppressed", T.StringType())])
+    schema = T.StructType([*fields, *extra])
     return df.sparkSession.createDataFrame(cells.astype(object).where(cells.notna(), None), schema)
 
 
