@@ -31,8 +31,9 @@ def side_by_side(work: Callable[[T], R], tables: Iterable[T], name: str) -> list
     """``work`` over each table, up to TABLES_AT_ONCE at a time, results in the tables' order.
 
     A small table's Spark jobs are mostly planning and commits on the driver and a few short tasks,
-    which leave the cores idle; another table's jobs fill them. The first error is raised, after
-    the tables already started have finished."""
+    which leave the cores idle; another table's jobs fill them. Every table is submitted at once:
+    when one fails the others still run to their end, then the error of the first failing table
+    (in the tables' order) is raised."""
     with ThreadPoolExecutor(max_workers=TABLES_AT_ONCE, thread_name_prefix=name) as pool:
         return list(pool.map(work, tables))
 
