@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,18 @@ def _main_runtime(*args: str) -> None:
     subprocess.run([str(MAIN_CLI), *args], check=True, env=env, capture_output=True, timeout=600)
 
 
+def _prepare(lake, *steps: list[str]) -> None:
+    """The lake prepared as production prepares it: the main runtime's steps (each an ehrlake command
+    line) run by ``ehrlake pipeline`` in one process, one JVM start for them all, not one per step."""
+    import shlex
+
+    import yaml
+
+    pipeline = Path(lake).parent / "prepare.yaml"
+    pipeline.write_text(yaml.safe_dump({"steps": [shlex.join(step) for step in steps]}))
+    _main_runtime("pipeline", str(pipeline), "--lake", str(lake))
+
+
 @pytest.fixture(scope="module")
 def image_lake(spark, tmp_path_factory, security_conf):
     """BreastMNIST and the shared DICOM files in silver.imaging, written by the main runtime."""
@@ -42,11 +55,21 @@ def image_lake(spark, tmp_path_factory, security_conf):
     root = tmp_path_factory.mktemp("dl") / "lake"
     npz = tmp_path_factory.mktemp("npz")
     os.symlink(shared("medmnist", "breastmnist.npz"), npz / "breastmnist.npz")
-    _main_runtime("ingest", "--source", "images", "--input", str(npz), "--source-system", "breastmnist",
-                  "--follow-links", "--lake", str(root))  # fmt: skip
-    _main_runtime("ingest", "--source", "images", "--input", str(shared("dicom")), "--source-system", "pacs",
-                  "--lake", str(root))  # fmt: skip
-    _main_runtime("clean", "--lake", str(root))
+    _prepare(
+        root,
+        [
+            "ingest",
+            "--source",
+            "images",
+            "--input",
+            str(npz),
+            "--source-system",
+            "breastmnist",
+            "--follow-links",
+        ],
+        ["ingest", "--source", "images", "--input", str(shared("dicom")), "--source-system", "pacs"],
+        ["clean"],
+    )
     return Lake(
         str(root), spark, security=Security.from_config(config.load(security_conf).security, str(root))
     )
@@ -191,9 +214,13 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     from ehrlake.security import Security
 
     root = str(tmp_path / "lake")
-    _main_runtime("ingest", "--source", "csv-extract", "--extract", "diabetes130", "--input",
-                  str(SAMPLE / "diabetes_130_us"), "--lake", root)  # fmt: skip
-    _main_runtime("features", "--lake", root)  # the extract's own rows (gold.features_diabetes130)
+    # features: the extract's own rows (gold.features_diabetes130)
+    extract = str(SAMPLE / "diabetes_130_us")
+    _prepare(
+        root,
+        ["ingest", "--source", "csv-extract", "--extract", "diabetes130", "--input", extract],
+        ["features"],
+    )
     lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
     mv = dl_train.train_tabular_ann(lake, "diabetes130_readmission_30d", epochs=2, workers=2)
     assert mv.algorithm == "ann" and mv.features and set(mv.params["scaling"]) == set(mv.features)
@@ -229,28 +256,41 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
     assert flagged[lo + (hi - lo) / 100] > flagged[hi] and run.refused == flagged[hi]
 
 
-@pytest.mark.slow
-def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_patients(
-    spark, tmp_path, security_conf
-):
-    """Issue 24's ANN: three SuperNodes of this runtime train the central ANN's network (FedAvg, then
-    FedProx with patient-level DP-SGD); the server receives weight arrays of the network's shapes
-    only; the version is registered as an ANN and scores patients through ``scoring.score``."""
+@pytest.fixture(scope="module")
+def federated_ann_lake(spark, tmp_path_factory, security_conf):
+    """The Diabetes 130-US extract's first 4,000 stays and their features, written by the main runtime."""
     from conftest import diabetes_extract
-    from pyspark.sql import functions as F
 
-    from ehrlake import config, scoring
-    from ehrlake.federated import ann, sites
-    from ehrlake.federated import train as federated
+    from ehrlake import config
     from ehrlake.lake import Lake
     from ehrlake.security import Security
 
-    task = "diabetes130_readmission_30d"
-    root = str(tmp_path / "lake")
-    _main_runtime("ingest", "--source", "csv-extract", "--extract", "diabetes130", "--input",
-                  str(diabetes_extract(tmp_path, 4000)), "--lake", root)  # fmt: skip
-    _main_runtime("features", "--lake", root)
-    lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
+    folder = tmp_path_factory.mktemp("federated_ann")
+    root = str(folder / "lake")
+    extract = str(diabetes_extract(folder, 4000))
+    _prepare(
+        root,
+        ["ingest", "--source", "csv-extract", "--extract", "diabetes130", "--input", extract],
+        ["features"],
+    )
+    return Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
+
+
+FEDERATED_TASK = "diabetes130_readmission_30d"
+
+
+@pytest.mark.slow
+def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_patients(federated_ann_lake):
+    """Issue 24's ANN: three SuperNodes of this runtime train the central ANN's network (FedAvg); the
+    server receives weight arrays of the network's shapes only; the version is registered as an ANN
+    and scores patients through ``scoring.score``."""
+    from pyspark.sql import functions as F
+
+    from ehrlake import scoring
+    from ehrlake.federated import ann, sites
+    from ehrlake.federated import train as federated
+
+    lake, task = federated_ann_lake, FEDERATED_TASK
     run = federated.train(lake, task, rounds=4, bootstrap=100, algorithm="ann")
     mv = run.model
     assert mv.model_id == f"{task}.ann-federated" and mv.algorithm == "ann"
@@ -259,6 +299,7 @@ def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_p
     assert len(losses) == 4 and losses[1] < losses[0] and losses[-1] < losses[1]
     assert len(run.round_auroc) == 4 and run.round_auroc[-1] > run.round_auroc[0]
     assert mv.metrics["auroc"]["value"] > 0.55
+    assert mv.params["learning_rate"] == runtime.load().ann.learning_rate
     hyper = runtime.load().ann
     shapes = [list(w.shape) for w in ann.initial_weights(len(mv.features), hyper.hidden, hyper.dropout, 1)]
     trained = [r for r in run.received if r["stage"] == "train"]
@@ -270,12 +311,22 @@ def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_p
     written = lake.read("gold.risk_scores").where(F.col("model_id") == mv.model_id)
     assert scored.scored == written.count() == patients - scored.refused and scored.scored > 0.9 * patients
 
-    private = federated.train(lake, task, rounds=2, strategy="fedprox", epsilon=8.0, bootstrap=100,
-                              algorithm="ann").model  # fmt: skip
-    p = private.params
-    assert (private.version, p["privacy"], p["strategy"]) == (mv.version + 1, "patient", "fedprox")
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_a_private_federated_ann_spends_at_most_its_epsilon_at_its_own_learning_rate(federated_ann_lake):
+    """FedProx with patient-level DP-SGD at the sites: the ANN's private learning rate, its epsilon
+    spent and recorded (the DP-SGD step itself: the clipping test below, in CI; the accounting: the
+    main suite's private FedProx run of the logistic regression)."""
+    from ehrlake.federated import sites
+    from ehrlake.federated import train as federated
+
+    private = federated.train(federated_ann_lake, FEDERATED_TASK, rounds=2, strategy="fedprox", epsilon=8.0,
+                              bootstrap=100, algorithm="ann").model  # fmt: skip
+    p, hyper = private.params, runtime.load().ann
+    assert (private.algorithm, p["privacy"], p["strategy"]) == ("ann", "patient", "fedprox")
     assert 7.9 < p["epsilon"] <= 8.0 and p["hidden"] == list(hyper.hidden)
-    assert p["learning_rate"] == sites.settings().ann_private_learning_rate != mv.params["learning_rate"]
+    assert p["learning_rate"] == sites.settings().ann_private_learning_rate != hyper.learning_rate
 
 
 def test_dp_sgd_clips_every_rows_gradient_before_the_sum():
@@ -378,11 +429,11 @@ def sequence_models(spark, tmp_path_factory, security_conf):
     from ehrlake.security import Security
 
     root = str(tmp_path_factory.mktemp("sequences") / "lake")
-    _main_runtime("ingest", "--source", "fhir-ndjson", "--input", str(SAMPLE / "fhir_ndjson" / "server_import_100p"),
-                  "--lake", root)  # fmt: skip
-    _main_runtime("clean", "--lake", root)
-    _main_runtime("features", "--lake", root)  # the task indexes the fine-tuned models are labelled at
-    _main_runtime("sequences", "--lake", root)
+    # features: the task indexes the fine-tuned models are labelled at
+    ndjson = str(SAMPLE / "fhir_ndjson" / "server_import_100p")
+    _prepare(
+        root, ["ingest", "--source", "fhir-ndjson", "--input", ndjson], ["clean"], ["features"], ["sequences"]
+    )
     lake = Lake(root, spark, security=Security.from_config(config.load(security_conf).security, root))
     cfg = runtime.load()
     tiny = dataclasses.replace(cfg.encoder, length=48, dim=16, layers=1, heads=2, batch_size=16)
