@@ -58,7 +58,7 @@ test: setup dl-env
 
 # the crash, concurrency, cluster, whole-lake and whole-data-set tests (about 40 minutes on 2 cores,
 # which CI's limit has no room for): run them before changing ingest, the lake's commits, the security
-# of what is written, features or scoring
+# of what is written, features, scoring or federated training
 test-heavy: setup dl-env
 	$(PY) -m pytest -q -m heavy
 	$(DLVENV)/bin/python -m pytest -q -m heavy tests/test_dl.py
