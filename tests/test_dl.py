@@ -299,8 +299,8 @@ def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_p
     assert len(losses) == 4 and losses[1] < losses[0] and losses[-1] < losses[1]
     assert len(run.round_auroc) == 4 and run.round_auroc[-1] > run.round_auroc[0]
     assert mv.metrics["auroc"]["value"] > 0.55
-    assert mv.params["learning_rate"] == runtime.load().ann.learning_rate
     hyper = runtime.load().ann
+    assert mv.params["learning_rate"] == hyper.learning_rate
     shapes = [list(w.shape) for w in ann.initial_weights(len(mv.features), hyper.hidden, hyper.dropout, 1)]
     trained = [r for r in run.received if r["stage"] == "train"]
     assert len(trained) == 3 * 4 and all(r["arrays"] == {"arrays": shapes} for r in trained)
