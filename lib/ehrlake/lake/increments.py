@@ -91,12 +91,12 @@ def replace_patients(
     the table. A caller that knows which recomputed patients are new to the table passes only the
     others as ``patients``: none, and the table is not read at all. Returns the counts of each,
     for the job's report."""
+    if patients is not None and patients.isEmpty():
+        return _append_new(lake, rows, table, commit_info)
     current = lake.read(table)
     if where is not None:
         current = current.where(where)
-    if patients is not None and patients.isEmpty():
-        current = current.limit(0)  # new patients only: nothing of theirs to compare with
-    elif patients is not None:
+    if patients is not None:
         current = current.join(F.broadcast(patients), "patient_key", "left_semi")
     rows, current = rows.persist(), current.persist()
     try:
@@ -126,6 +126,18 @@ def replace_patients(
         rows.unpersist()
         current.unpersist()
     return {s: found[s] for s in STATUSES}
+
+
+def _append_new(lake, rows: DataFrame, table: str, commit_info: dict) -> dict[str, int]:
+    """Every row of patients new to ``table``: appended with no comparison (the usual increment)."""
+    rows = rows.persist()
+    try:
+        inserted = rows.count()
+        if inserted:
+            lake.write(rows, table, mode=WriteMode.APPEND, commit_info=commit_info)
+    finally:
+        rows.unpersist()
+    return {"inserted": inserted, "updated": 0, "deleted": 0}
 
 
 def describe(found: dict[str, int]) -> str:
