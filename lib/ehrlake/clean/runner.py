@@ -18,6 +18,7 @@ from ehrlake.errors import ConfigError
 from ehrlake.lake import WriteMode, increments, locks, watermarks
 from ehrlake.lake.increments import INCREMENTAL, REBUILT, UNCHANGED
 from ehrlake.security.protection import Sealing
+from ehrlake.session import side_by_side
 from ehrlake.views import ISSUES
 
 
@@ -173,11 +174,17 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     # the latest version counted the patients the run had just appended as known once its cache was
     # rebuilt, and the event tables that followed took no rows of the batch's new patients
     # (bench/engines.py at 10,000 patients lost them all).
-    silver = [lake.snapshot(ENTITIES[n].table).select("patient_key") for n in tables if n != "organization"]
-    held = silver[0]
-    for frame in silver[1:]:
-        held = held.unionByName(frame)
-    plan.known = plan.patients.join(held.distinct(), "patient_key", "left_semi").persist()
+    # Each table's keys are semi-joined to the few changed patients (broadcast), so only matches
+    # are shuffled: a distinct over every key of silver first cost more as the lake grew.
+    held = [
+        lake.snapshot(ENTITIES[n].table).select("patient_key").join(plan.patients, "patient_key", "left_semi")
+        for n in tables
+        if n != "organization"
+    ]
+    known = held[0]
+    for frame in held[1:]:
+        known = known.unionByName(frame)
+    plan.known = known.distinct().persist()
     plan.known_count = plan.known.count()
     return plan
 
@@ -334,15 +341,19 @@ def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -
         "ehrlakeRunId": run_id,
         "ehrlakeSources": json.dumps(read_at, sort_keys=True),
     }
-    for name, frame in tables.items():
+
+    def one(item: tuple[str, DataFrame]) -> tuple[str, int, int]:
+        """Write one table; (what was done, rows, flagged rows) after it."""
+        name, frame = item
         entity = ENTITIES[name]
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
-        if how[name] == INCREMENTAL:  # organizations (no patient_key): the whole small table compared
+        done = how[name]
+        if done == INCREMENTAL:  # organizations (no patient_key): the whole small table compared
             # only the recomputed patients silver holds have rows there to compare with
             patients = clinical.known if "patient_key" in out.columns else None
             found = increments.replace_patients(lake, out, entity.table, list(entity.keys), patients, commit)
-            how[name] = increments.describe(found)
-        elif how[name] == REBUILT:
+            done = increments.describe(found)
+        elif done == REBUILT:
             if name == "imaging":
                 out = _image_layout(out)
             elif cluster and "patient_key" in out.columns:
@@ -358,7 +369,15 @@ def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -
             )
             .first()
         )
-        report.rows[name], report.flagged[name] = int(counts["rows"]), int(counts["flagged"] or 0)
+        return done, int(counts["rows"]), int(counts["flagged"] or 0)
+
+    # An increment's tables are small: each one's jobs are mostly planning and commits, so they
+    # run side by side. A rebuild's each fill the cores (and sort by patient), so one at a time.
+    items = list(tables.items())
+    merging = INCREMENTAL in how.values()
+    done = side_by_side(one, items, "clean-table") if merging else [one(item) for item in items]
+    for (name, _), (what, rows, flagged) in zip(items, done, strict=True):
+        how[name], report.rows[name], report.flagged[name] = what, rows, flagged
     report.how = {name: how[name] for name in report.rows}
 
 
