@@ -21,7 +21,7 @@ STATUSES = ("inserted", "updated", "deleted")
 # what a job did to a derived table, as its report says it (a merge says its counts: :func:`describe`)
 REBUILT, UNCHANGED, INCREMENTAL = "rebuilt", "unchanged", "incremental"
 # Above this share of the patients to recompute, a job rebuilds instead. A bound, not a measurement:
-# a 1% incremental clean cost 0.95x a rebuild at 10k patients and 0.31x at 100k (bench/engines.py).
+# a 1% incremental clean cost 0.95x a rebuild at 10k patients and 0.25x at 100k (bench/engines.py).
 REBUILD_SHARE = 0.2
 
 
