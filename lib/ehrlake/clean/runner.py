@@ -174,8 +174,9 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     # the latest version counted the patients the run had just appended as known once its cache was
     # rebuilt, and the event tables that followed took no rows of the batch's new patients
     # (bench/engines.py at 10,000 patients lost them all).
-    # Each table's keys are semi-joined to the few changed patients (broadcast), so only matches
-    # are shuffled: a distinct over every key of silver first cost more as the lake grew.
+    # Each table's keys are semi-joined to the changed patients (persisted and counted, so Spark
+    # broadcasts them when few), and only the matches are made distinct: a distinct over every key
+    # of silver first cost more as the lake grew.
     held = [
         lake.snapshot(ENTITIES[n].table).select("patient_key").join(plan.patients, "patient_key", "left_semi")
         for n in tables
