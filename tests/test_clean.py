@@ -10,6 +10,7 @@ from fhir_fixtures import condition, observation, patient, write_ndjson
 
 from ehrlake import clean, ingest
 from ehrlake.ingest import SourceKind
+from ehrlake.lake import watermarks
 
 TODAY = dt.date(2026, 11, 24)
 
@@ -196,14 +197,47 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
         "future_date",
     ]
 
+    # the report's counts are the last run's carried forward with what the merge changed: a scan's
+    assert _counts(report) == _scanned(lake) and report.flagged["condition"] == 2  # c4, c5: after death
+
     versions = {t: lake.version(f"silver.{t}") for t in SILVER}
     again = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)
     assert set(again.how.values()) == {"unchanged"}
     assert {t: lake.version(f"silver.{t}") for t in SILVER} == versions  # nothing to do, nothing committed
+    assert _counts(again) == _counts(report)
+    mark = watermarks.read(lake, "clean")["silver.condition"]  # what the next run starts from
+    assert mark.counts == watermarks.Counts(versions["condition"], *_counts(report)["condition"])
+
+    # another writer (a record deleted from silver, as forgetting a patient does): counted again
+    c5 = lake.read("silver.condition").where("condition_id = 'c5'").select("source_system", "condition_id")
+    lake.merge(
+        lake.read("silver.condition").limit(0),
+        "silver.condition",
+        ["source_system", "condition_id"],
+        delete=c5,
+    )
+    after = clean.run(lake, today=TODAY, incremental=True, rebuild_share=5.0)
+    assert after.how["condition"] == "unchanged" and _counts(after) == _scanned(lake)
+    assert after.rows["condition"] == report.rows["condition"] - 1
 
     rebuilt = clean.run(lake, today=TODAY)
     assert set(rebuilt.how.values()) == {"rebuilt"}
     assert {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER} == merged
+    assert _counts(rebuilt) == _counts(report)
+
+
+def _counts(report) -> dict[str, tuple[int, int]]:
+    return {t: (report.rows[t], report.flagged[t]) for t in SILVER}
+
+
+def _scanned(lake) -> dict[str, tuple[int, int]]:
+    """Each silver table's rows and flagged rows, counted over the table."""
+    counts = {}
+    for t in SILVER:
+        table = lake.read(f"silver.{t}")
+        flagged = "count_if(size(quality_flags) > 0)" if "quality_flags" in table.columns else "0"
+        counts[t] = tuple(table.selectExpr("count(*)", flagged).first())
+    return counts
 
 
 def test_a_second_clean_on_the_same_lake_is_refused_while_one_runs(silver):

@@ -528,3 +528,25 @@ def test_a_job_fingerprint_changes_with_the_code_that_derives_its_rows(tmp_path,
     assert watermarks.code(module) == before
     (package / "rules.py").write_text("FLAG = 'after_death_or_burial'\n")
     assert watermarks.code(module) != before
+
+
+def test_watermarks_of_an_older_lake_gain_the_counts_column(lake):
+    """A lake whose ``ops.watermarks`` predates the counts keeps its marks and gains the column on
+    the next record; a mark without counts reads as None (the job then counts its table)."""
+    from ehrlake.lake import watermarks
+
+    old = "job string, table string, sources string, fingerprint string, run_id string, recorded_at timestamp"
+    now = dt.datetime(2026, 12, 1)
+    lake.write(
+        lake.spark.createDataFrame(
+            [("clean", "silver.patient", '{"bronze.fhir_patient": 3}', "f", "r1", now)], old
+        ),
+        watermarks.TABLE,
+    )
+    assert watermarks.read(lake, "clean")["silver.patient"].counts is None
+    counts = watermarks.Counts(version=4, rows=120, flagged=7)
+    mark = watermarks.Watermark("clean", "silver.encounter", {"bronze.fhir_encounter": 2}, "f", "r2", counts)
+    watermarks.record(lake, [mark], {})
+    marks = watermarks.read(lake, "clean")
+    assert marks["silver.encounter"] == mark and marks["silver.patient"].sources == {"bronze.fhir_patient": 3}
+    assert marks["silver.patient"].counts is None

@@ -129,7 +129,8 @@ def test_copies_are_linked_to_their_templates_and_never_reach_the_test_split(spa
     ingest.run(lake, SourceKind.SYNTHEA_CSV, str(samples), source_system="local")
     report = ingest.run(lake, SourceKind.SYNTHEA_CSV, out, source_system="gen")
     assert any("400 generated patients" in n for n in report.notes)
-    assert origin.refresh(lake, "test") == 400
+    how, copies, mark = origin.refresh(lake, "test", "clean", None, "fp")
+    assert (how, copies, mark.counts.rows) == ("rebuilt", 400, 400)
     people = lake.read("bronze.synthea_patients").select("patient_key", "source_system")
     links = lake.read(origin.TABLE).drop("source_system").join(people, "patient_key").toPandas()
     assert len(links) == 400 and set(links["source_system"]) == {"gen"}
@@ -147,6 +148,25 @@ def test_copies_are_linked_to_their_templates_and_never_reach_the_test_split(spa
     dropped = {p for p, t in template.items() if t in test}
     assert dropped and not dropped & (set(train) | test)
     assert len(train) + len(test) + len(dropped) == len(real) + 400
+
+    # a new batch of copies: appended to what the last refresh left; nothing new, nothing written
+    synth.run(spark, 30, str(tmp_path / "more"), seed=12, tables=(), template_source_system="local")
+    ingest.run(lake, SourceKind.SYNTHEA_CSV, str(tmp_path / "more"), source_system="gen2")
+    how, copies, mark = origin.refresh(lake, "test2", "clean", mark, "fp")
+    assert (how, copies) == ("merged +30 ~0 -0", 430) and _same(lake, origin.TABLE, origin.SOURCE)
+    version = lake.version(origin.TABLE)
+    assert origin.refresh(lake, "test3", "clean", mark, "fp")[:2] == ("unchanged", 430)
+    assert lake.version(origin.TABLE) == version
+    # another writer since (a copy forgotten): rewritten from bronze, not appended to
+    gone = lake.read(origin.TABLE).limit(1).select("patient_key")
+    lake.merge(lake.read(origin.TABLE).limit(0), origin.TABLE, ["patient_key"], delete=gone)
+    assert origin.refresh(lake, "test4", "clean", mark, "fp")[:2] == ("rebuilt", 430)
+    assert _same(lake, origin.TABLE, origin.SOURCE)
+
+
+def _same(lake, table: str, source: str) -> bool:
+    columns = lake.read(table).columns
+    return sorted(lake.read(table).collect()) == sorted(lake.read(source).select(*columns).collect())
 
 
 def test_bad_arguments_are_refused(spark, tmp_path):

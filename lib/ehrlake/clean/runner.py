@@ -29,6 +29,7 @@ class CleanReport:
     flagged: dict[str, int] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)  # entity -> sources that fed it
     how: dict[str, str] = field(default_factory=dict)  # entity -> rebuilt / unchanged / what a merge did
+    versions: dict[str, int] = field(default_factory=dict)  # entity -> the table version counted
 
     def format(self) -> str:
         lines = [
@@ -119,20 +120,28 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
         for imaging in (True, False)
     ]
     try:
-        report = _build(lake, mappings, read_at, plans, run_id, today, cluster)
-        copies = origin.refresh(lake, run_id)
+        report = _build(lake, mappings, read_at, plans, marks, run_id, today, cluster)
+        copies = origin.refresh(lake, run_id, JOB, marks.get(origin.TABLE), fp)
         if copies is not None:
-            report.rows[origin.NAME], report.sources[origin.NAME] = copies, [origin.SOURCE]
-            report.how[origin.NAME] = REBUILT
+            report.how[origin.NAME], report.rows[origin.NAME], _ = copies
+            report.sources[origin.NAME] = [origin.SOURCE]
         for name, (rows, sources, how) in (notes.refresh(lake, run_id, incremental, JOB) or {}).items():
             report.rows[name], report.sources[name], report.how[name] = rows, sources, how
         watermarks.record(
             lake,
             [
-                watermarks.Watermark(JOB, ENTITIES[name].table, plan.sources, fp, run_id)
+                watermarks.Watermark(
+                    JOB,
+                    ENTITIES[name].table,
+                    plan.sources,
+                    fp,
+                    run_id,
+                    watermarks.Counts(report.versions[name], report.rows[name], report.flagged[name]),
+                )
                 for plan in plans
                 for name in plan.tables
-            ],
+            ]
+            + ([copies[2]] if copies is not None else []),
             {"ehrlakeJob": JOB, "ehrlakeRunId": run_id},
         )
         return report
@@ -288,7 +297,7 @@ def _sources(mappings: list[Mapping], read_at: _Pinned, imaging: bool) -> _Pinne
     return read_at.only(tables)
 
 
-def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) -> CleanReport:
+def _build(lake, mappings, read_at, plans: list[_Plan], marks, run_id, today, cluster) -> CleanReport:
     report = CleanReport(run_id)
     clinical = plans[1]  # imaging has no patients to scope
     scope = clinical.patients if INCREMENTAL in clinical.how.values() else None
@@ -320,7 +329,7 @@ def _build(lake, mappings, read_at, plans: list[_Plan], run_id, today, cluster) 
     try:
         if "patient" in frames:
             _clinical(lake, frames, tables, today, read_at, clinical if scope is not None else None, held)
-        _write(lake, tables, plans, read_at, run_id, cluster, report)
+        _write(lake, tables, plans, marks, read_at, run_id, cluster, report)
     finally:
         for frame in held:
             frame.unpersist()
@@ -334,7 +343,7 @@ def _narrows(plan: _Plan, mapping: Mapping) -> _Plan | None:
     return plan if scoped and mapping.columns.get("patient_key") == "patient_key" else None
 
 
-def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -> None:
+def _write(lake, tables, plans, marks, read_at, run_id, cluster, report: CleanReport) -> None:
     how = {name: h for plan in plans for name, h in plan.how.items()}
     clinical = plans[1]  # the one group that merges (imaging has no patients to scope)
     commit = {
@@ -343,16 +352,19 @@ def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -
         "ehrlakeSources": json.dumps(read_at, sort_keys=True),
     }
 
-    def one(item: tuple[str, DataFrame]) -> tuple[str, int, int]:
-        """Write one table; (what was done, rows, flagged rows) after it."""
+    def one(item: tuple[str, DataFrame]) -> tuple[str, watermarks.Counts]:
+        """Write one table; (what was done, its counts after it)."""
         name, frame = item
         entity = ENTITIES[name]
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
-        done = how[name]
+        flagged = F.size("quality_flags") > 0 if "quality_flags" in out.columns else None
+        done, found = how[name], None
         if done == INCREMENTAL:  # organizations (no patient_key): the whole small table compared
             # only the recomputed patients silver holds have rows there to compare with
             patients = clinical.known if "patient_key" in out.columns else None
-            found = increments.replace_patients(lake, out, entity.table, list(entity.keys), patients, commit)
+            found = increments.replace_patients(
+                lake, out, entity.table, list(entity.keys), patients, commit, tally=flagged
+            )
             done = increments.describe(found)
         elif done == REBUILT:
             if name == "imaging":
@@ -360,26 +372,49 @@ def _write(lake, tables, plans, read_at, run_id, cluster, report: CleanReport) -
             elif cluster and "patient_key" in out.columns:
                 out = _by_patient(out)
             lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
-        counts = (
-            lake.read(entity.table)
-            .agg(
-                F.count("*").alias("rows"),
-                F.sum(F.when(F.size("quality_flags") > 0, 1).otherwise(0)).alias("flagged")
-                if "quality_flags" in out.columns
-                else F.lit(0).alias("flagged"),
-            )
-            .first()
-        )
-        return done, int(counts["rows"]), int(counts["flagged"] or 0)
+        mark = marks.get(entity.table) if done != REBUILT else None
+        counts = _carried(lake, entity.table, mark, found) or _counted(lake, entity.table, flagged)
+        return done, counts
 
     # An increment's tables are small: each one's jobs are mostly planning and commits, so they
     # run side by side. A rebuild's each fill the cores (and sort by patient), so one at a time.
     items = list(tables.items())
     merging = INCREMENTAL in how.values()
     done = side_by_side(one, items, "clean-table") if merging else [one(item) for item in items]
-    for (name, _), (what, rows, flagged) in zip(items, done, strict=True):
-        how[name], report.rows[name], report.flagged[name] = what, rows, flagged
+    for (name, _), (what, counts) in zip(items, done, strict=True):
+        how[name], report.rows[name], report.flagged[name] = what, counts.rows, counts.flagged
+        report.versions[name] = counts.version
     report.how = {name: how[name] for name in report.rows}
+
+
+def _carried(lake, table: str, mark, found: dict[str, int] | None) -> watermarks.Counts | None:
+    """The counts the table's ``mark`` recorded, plus what this run's merge ``found`` changed
+    (None: the table was left as it was; its ``tallied``: the flagged rows it added, less those it
+    removed), when the table's log shows no other writer since: it is at the mark's version, plus
+    the one commit of this run's merge if that changed anything. Otherwise None: count it."""
+    if mark is None or mark.counts is None:
+        return None
+    changes = found or dict.fromkeys(increments.STATUSES, 0)
+    wrote = any(changes[s] for s in increments.STATUSES)
+    version = lake.version(table)
+    if version != mark.counts.version + wrote:
+        return None
+    rows = mark.counts.rows + changes["inserted"] - changes["deleted"]
+    return watermarks.Counts(version, rows, mark.counts.flagged + changes.get("tallied", 0))
+
+
+def _counted(lake, table: str, flagged: Column | None) -> watermarks.Counts:
+    """The table's rows, and those where ``flagged`` holds, counted at its latest version."""
+    version = lake.version(table)
+    counts = (
+        lake.read(table, version=version)
+        .agg(
+            F.count("*"),
+            F.sum(F.coalesce(flagged, F.lit(False)).cast("int")) if flagged is not None else F.lit(0),
+        )
+        .first()
+    )
+    return watermarks.Counts(version, int(counts[0]), int(counts[1] or 0))
 
 
 def _by_patient(table: DataFrame) -> DataFrame:

@@ -219,15 +219,21 @@ class Lake:
         columns: list[str] | None = None,
         until: int | None = None,
         added_only: bool = False,
+        appends_only: bool = False,
     ) -> DataFrame | None:
         """``columns`` (default all) of every row in the data files that commits after version
         ``since`` (up to ``until``, default the latest) added or removed: a superset of the rows
         that changed (:mod:`ehrlake.lake.changes`); ``added_only``: of the files added, which are
-        rows of the table at ``until``. ``None`` when the log no longer holds that range."""
+        rows of the table at ``until``. ``None`` when the log no longer holds that range; with
+        ``appends_only``, also when a file the table held at ``since`` was removed, so that the
+        rows given (of the files added) are all the table gained and none of what it held changed."""
         until = self.version(table) if until is None else until
         changes = file_changes(self.path(table), since, until)
-        if changes is None or (added_only and changes.deletion_vectors):
+        if changes is None or (added_only or appends_only) and changes.deletion_vectors:
             return None
+        if appends_only and changes.removed:
+            return None
+        added_only = added_only or appends_only
         columns = self.schema(table).fieldNames() if columns is None else columns
         wanted = T.StructType([f for f in self.schema(table).fields if f.name in columns])
         unknown = set(columns) - set(wanted.fieldNames())

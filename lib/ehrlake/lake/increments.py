@@ -82,6 +82,7 @@ def replace_patients(
     commit_info: dict,
     where: Column | None = None,
     ignore: tuple[str, ...] = (),
+    tally: Column | None = None,
 ) -> dict[str, int]:
     """Make ``table``'s rows of ``patients`` (a frame of ``patient_key``; None: every row) that
     ``where`` selects equal to ``rows``, in one commit: new rows inserted, rows that differ (in any
@@ -90,9 +91,11 @@ def replace_patients(
     (a new batch of visits, the usual increment) the commit is an append, with no merge join over
     the table. A caller that knows which recomputed patients are new to the table passes only the
     others as ``patients``: none, and the table is not read at all. Returns the counts of each,
-    for the job's report."""
+    for the job's report; with ``tally`` (a condition over the table's columns, such as "flagged"),
+    also ``tallied``: by how many the table's rows where it holds grew (or shrank), so that the
+    report need not count them over the whole table."""
     if patients is not None and patients.isEmpty():
-        return _append_new(lake, rows, table, commit_info)
+        return _append_new(lake, rows, table, commit_info, tally)
     current = lake.read(table)
     if where is not None:
         current = current.where(where)
@@ -100,8 +103,9 @@ def replace_patients(
         current = current.join(F.broadcast(patients), "patient_key", "left_semi")
     rows, current = rows.persist(), current.persist()
     try:
-        r = rows.withColumn(_IN_NEW, F.lit(True)).alias("r")
-        c = current.withColumn(_IN_OLD, F.lit(True)).alias("c")
+        held = F.coalesce(tally, F.lit(False)).cast("int") if tally is not None else F.lit(0)
+        r = rows.withColumn(_IN_NEW, F.lit(True)).withColumn(_HELD_NEW, held).alias("r")
+        c = current.withColumn(_IN_OLD, F.lit(True)).withColumn(_HELD_OLD, held).alias("c")
         compared = [n for n in rows.columns if n not in ignore]
         same = F.lit(True)
         for name in compared:
@@ -113,8 +117,12 @@ def replace_patients(
             .when(same, "unchanged")
             .otherwise("updated")
         )
-        found = dict.fromkeys(STATUSES, 0)
-        found.update({s: n for s, n in r.join(c, on, "full_outer").groupBy(status).count().collect()})
+        found, tallied = dict.fromkeys(STATUSES, 0), 0
+        # per status: rows, and the rows where ``tally`` holds after the change less before it
+        change = F.coalesce(F.col(_HELD_NEW), F.lit(0)) - F.coalesce(F.col(_HELD_OLD), F.lit(0))
+        outcome = r.join(c, on, "full_outer").groupBy(status.alias("s")).agg(F.count("*"), F.sum(change))
+        for s, n, grew in outcome.collect():
+            found[s], tallied = n, tallied + (grew or 0)
         if found["updated"] or found["deleted"]:
             gone = c.join(r, on, "left_anti").select(*[F.col(f"c.`{k}`") for k in keys])
             differs = "NOT (" + " AND ".join(f"t.`{n}` <=> s.`{n}`" for n in compared) + ")"
@@ -125,19 +133,21 @@ def replace_patients(
     finally:
         rows.unpersist()
         current.unpersist()
-    return {s: found[s] for s in STATUSES}
+    return {s: found[s] for s in STATUSES} | ({"tallied": tallied} if tally is not None else {})
 
 
-def _append_new(lake, rows: DataFrame, table: str, commit_info: dict) -> dict[str, int]:
+def _append_new(lake, rows: DataFrame, table: str, commit_info: dict, tally: Column | None) -> dict[str, int]:
     """Every row of patients new to ``table``: appended with no comparison (the usual increment)."""
     rows = rows.persist()
     try:
-        inserted = rows.count()
+        held = F.coalesce(tally, F.lit(False)).cast("int") if tally is not None else F.lit(0)
+        inserted, tallied = rows.agg(F.count("*"), F.sum(held)).first()
         if inserted:
             lake.write(rows, table, mode=WriteMode.APPEND, commit_info=commit_info)
     finally:
         rows.unpersist()
-    return {"inserted": inserted, "updated": 0, "deleted": 0}
+    found = {"inserted": inserted, "updated": 0, "deleted": 0}
+    return found | ({"tallied": tallied or 0} if tally is not None else {})
 
 
 def describe(found: dict[str, int]) -> str:
@@ -146,6 +156,7 @@ def describe(found: dict[str, int]) -> str:
 
 
 _IN_NEW, _IN_OLD = "_ehrlake_in_new", "_ehrlake_in_old"
+_HELD_NEW, _HELD_OLD = "_ehrlake_tally_new", "_ehrlake_tally_old"
 
 __all__ = [
     "REBUILT",

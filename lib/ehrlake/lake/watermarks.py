@@ -5,6 +5,11 @@ since the versions its last run read; this table remembers those versions, one r
 derived table, with a fingerprint of the job's configuration (a changed mapping means rebuild).
 A job records its marks after its writes have committed: a crash in between leaves the old marks,
 so the next run recomputes a little more than it needs to, never less.
+
+A mark may also say what the job left in its table (:class:`Counts`: the table's version after the
+write, its rows and flagged rows), so that the next run's report adds what it changed to those
+counts instead of scanning the whole table; any other writer since (a patient forgotten, keys
+rotated) moves the version on, and the counts are then taken by a scan again.
 """
 
 from __future__ import annotations
@@ -12,14 +17,26 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
 from pyspark.sql import functions as F
 
 TABLE = "ops.watermarks"
-SCHEMA = "job string, table string, sources string, fingerprint string, run_id string, recorded_at timestamp"
+SCHEMA = (
+    "job string, table string, sources string, fingerprint string, run_id string, recorded_at timestamp, "
+    "counts string"  # added after the first lakes were written: an older table gains it on the next record
+)
+
+
+@dataclass(frozen=True)
+class Counts:
+    """A derived table's rows and flagged rows at ``version``, as the job that wrote it counted them."""
+
+    version: int
+    rows: int
+    flagged: int = 0
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,7 @@ class Watermark:
     sources: dict[str, int]  # source table -> the version the job read
     fingerprint: str  # of what else decides the output (mappings): a change means rebuild
     run_id: str
+    counts: Counts | None = None  # what the job left in the table, when it says
 
 
 def read(lake, job: str) -> dict[str, Watermark]:
@@ -38,7 +56,12 @@ def read(lake, job: str) -> dict[str, Watermark]:
     rows = lake.read(TABLE).where(F.col("job") == job).collect()  # one row per derived table
     return {
         r.table: Watermark(
-            r.job, r.table, {k: int(v) for k, v in json.loads(r.sources).items()}, r.fingerprint, r.run_id
+            r.job,
+            r.table,
+            {k: int(v) for k, v in json.loads(r.sources).items()},
+            r.fingerprint,
+            r.run_id,
+            Counts(**json.loads(r.counts)) if getattr(r, "counts", None) else None,
         )
         for r in rows
     }
@@ -50,11 +73,20 @@ def record(lake, marks: list[Watermark], commit_info: dict) -> None:
         return
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     rows = [
-        (m.job, m.table, json.dumps(m.sources, sort_keys=True), m.fingerprint, m.run_id, now) for m in marks
+        (
+            m.job,
+            m.table,
+            json.dumps(m.sources, sort_keys=True),
+            m.fingerprint,
+            m.run_id,
+            now,
+            json.dumps(asdict(m.counts)) if m.counts else None,
+        )
+        for m in marks
     ]
     frame = lake.spark.createDataFrame(rows, SCHEMA)
     lake.create(TABLE, frame.schema)
-    lake.merge(frame, TABLE, ["job", "table"], commit_info=commit_info)
+    lake.merge(frame, TABLE, ["job", "table"], evolve_schema=True, commit_info=commit_info)
 
 
 def fingerprint(*parts) -> str:
@@ -75,4 +107,4 @@ def code(*modules: ModuleType | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-__all__ = ["TABLE", "Watermark", "read", "record", "fingerprint", "code"]
+__all__ = ["TABLE", "Counts", "Watermark", "read", "record", "fingerprint", "code"]
