@@ -544,7 +544,7 @@ def test_watermarks_of_an_older_lake_gain_the_counts_column(lake):
         watermarks.TABLE,
     )
     assert watermarks.read(lake, "clean")["silver.patient"].counts is None
-    counts = watermarks.Counts(version=4, rows=120, flagged=7)
+    counts = watermarks.Counts(version=4, rows=120, tallies={"flagged": 7})
     mark = watermarks.Watermark("clean", "silver.encounter", {"bronze.fhir_encounter": 2}, "f", "r2", counts)
     watermarks.record(lake, [mark], {})
     marks = watermarks.read(lake, "clean")

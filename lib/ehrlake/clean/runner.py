@@ -29,7 +29,8 @@ class CleanReport:
     flagged: dict[str, int] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)  # entity -> sources that fed it
     how: dict[str, str] = field(default_factory=dict)  # entity -> rebuilt / unchanged / what a merge did
-    versions: dict[str, int] = field(default_factory=dict)  # entity -> the table version counted
+    # entity -> what rows and flagged say, at the table version they were counted at, for the next run
+    counts: dict[str, watermarks.Counts] = field(default_factory=dict)
 
     def format(self) -> str:
         lines = [
@@ -136,7 +137,7 @@ def _clean(lake, mappings, run_id: str, today: dt.date, cluster: bool, increment
                     plan.sources,
                     fp,
                     run_id,
-                    watermarks.Counts(report.versions[name], report.rows[name], report.flagged[name]),
+                    report.counts[name],
                 )
                 for plan in plans
                 for name in plan.tables
@@ -173,7 +174,9 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
         plan.how = dict.fromkeys(tables, REBUILT)
         return plan
     plan.patients = changed[0].persist()
-    if increments.too_many(lake, plan.patients, ENTITIES["patient"].table, incremental):
+    population = ENTITIES["patient"].table
+    counted = _carried(lake, population, marks.get(population), None, {})  # the last run's, if still so
+    if increments.too_many(lake, plan.patients, population, incremental, counted and counted.rows):
         plan.how = dict.fromkeys(tables, REBUILT)
         return plan
     if not changed[1] and "organization" in tables:
@@ -186,10 +189,12 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     # Each table's keys are semi-joined to the changed patients (persisted and counted, so Spark
     # broadcasts them when few), and only the matches are made distinct: a distinct over every key
     # of silver first cost more as the lake grew.
+    # Every row of an event table is of a patient silver.patient holds, or flagged unknown_patient:
+    # a table whose last counts hold no such row (and that no one wrote since) need not be read.
     held = [
         lake.snapshot(ENTITIES[n].table).select("patient_key").join(plan.patients, "patient_key", "left_semi")
         for n in tables
-        if n != "organization"
+        if n == "patient" or n != "organization" and not _all_known(lake, marks.get(ENTITIES[n].table))
     ]
     known = held[0]
     for frame in held[1:]:
@@ -197,6 +202,15 @@ def _plan(lake, mappings, tables: list[str], sources: dict[str, int], fp: str, m
     plan.known = known.distinct().persist()
     plan.known_count = plan.known.count()
     return plan
+
+
+def _all_known(lake, mark) -> bool:
+    """Whether every row of ``mark``'s table is of a patient silver.patient holds: the last run
+    counted none flagged unknown_patient, and the table is still at the version it counted."""
+    counts = mark.counts if mark is not None else None
+    return (
+        counts is not None and counts.tallies.get(UNKNOWN) == 0 and lake.version(mark.table) == counts.version
+    )
 
 
 def _bronze(lake, table: str, read_at: _Pinned, plan: _Plan | None) -> DataFrame:
@@ -357,13 +371,13 @@ def _write(lake, tables, plans, marks, read_at, run_id, cluster, report: CleanRe
         name, frame = item
         entity = ENTITIES[name]
         out = frame.select(*[F.col(f.name).cast(f.type).alias(f.name) for f in entity.fields])
-        flagged = F.size("quality_flags") > 0 if "quality_flags" in out.columns else None
+        tally = _tallies(out.columns)
         done, found = how[name], None
         if done == INCREMENTAL:  # organizations (no patient_key): the whole small table compared
             # only the recomputed patients silver holds have rows there to compare with
             patients = clinical.known if "patient_key" in out.columns else None
             found = increments.replace_patients(
-                lake, out, entity.table, list(entity.keys), patients, commit, tally=flagged
+                lake, out, entity.table, list(entity.keys), patients, commit, tally=tally
             )
             done = increments.describe(found)
         elif done == REBUILT:
@@ -373,7 +387,7 @@ def _write(lake, tables, plans, marks, read_at, run_id, cluster, report: CleanRe
                 out = _by_patient(out)
             lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
         mark = marks.get(entity.table) if done != REBUILT else None
-        counts = _carried(lake, entity.table, mark, found) or _counted(lake, entity.table, flagged)
+        counts = _carried(lake, entity.table, mark, found, tally) or _counted(lake, entity.table, tally)
         return done, counts
 
     # An increment's tables are small: each one's jobs are mostly planning and commits, so they
@@ -382,17 +396,33 @@ def _write(lake, tables, plans, marks, read_at, run_id, cluster, report: CleanRe
     merging = INCREMENTAL in how.values()
     done = side_by_side(one, items, "clean-table") if merging else [one(item) for item in items]
     for (name, _), (what, counts) in zip(items, done, strict=True):
-        how[name], report.rows[name], report.flagged[name] = what, counts.rows, counts.flagged
-        report.versions[name] = counts.version
+        how[name], report.rows[name], report.flagged[name] = what, counts.rows, counts.tallies.get(FLAGGED, 0)
+        report.counts[name] = counts
     report.how = {name: how[name] for name in report.rows}
 
 
-def _carried(lake, table: str, mark, found: dict[str, int] | None) -> watermarks.Counts | None:
-    """The counts the table's ``mark`` recorded, plus what this run's merge ``found`` changed
-    (None: the table was left as it was; its ``tallied``: the flagged rows it added, less those it
-    removed), when the table's log shows no other writer since: it is at the mark's version, plus
-    the one commit of this run's merge if that changed anything. Otherwise None: count it."""
-    if mark is None or mark.counts is None:
+def _tallies(columns: list[str]) -> dict[str, Column]:
+    """What is counted in a table besides its rows: the rows with any quality flag (the report's),
+    and those of patients silver.patient does not hold (the next incremental plan's)."""
+    if "quality_flags" not in columns:
+        return {}
+    return {
+        FLAGGED: F.size("quality_flags") > 0,
+        UNKNOWN: F.array_contains("quality_flags", "unknown_patient"),
+    }
+
+
+FLAGGED, UNKNOWN = "flagged", "unknown_patient"
+
+
+def _carried(
+    lake, table: str, mark, found: dict | None, tally: dict[str, Column]
+) -> watermarks.Counts | None:
+    """The counts ``mark`` recorded, plus what this run's merge ``found`` changed (None: the table
+    was left as it was; its ``tallied``: each tally's rows added less those removed), when the
+    table's log shows no other writer since: it is at the mark's version, plus the one commit of
+    this run's merge if that changed anything. Otherwise None: count it."""
+    if mark is None or mark.counts is None or not set(tally) <= set(mark.counts.tallies):
         return None
     changes = found or dict.fromkeys(increments.STATUSES, 0)
     wrote = any(changes[s] for s in increments.STATUSES)
@@ -400,21 +430,16 @@ def _carried(lake, table: str, mark, found: dict[str, int] | None) -> watermarks
     if version != mark.counts.version + wrote:
         return None
     rows = mark.counts.rows + changes["inserted"] - changes["deleted"]
-    return watermarks.Counts(version, rows, mark.counts.flagged + changes.get("tallied", 0))
+    grew = changes.get("tallied", {})
+    return watermarks.Counts(version, rows, {n: mark.counts.tallies[n] + grew.get(n, 0) for n in tally})
 
 
-def _counted(lake, table: str, flagged: Column | None) -> watermarks.Counts:
-    """The table's rows, and those where ``flagged`` holds, counted at its latest version."""
+def _counted(lake, table: str, tally: dict[str, Column]) -> watermarks.Counts:
+    """The table's rows, and those where each ``tally`` holds, counted at its latest version."""
     version = lake.version(table)
-    counts = (
-        lake.read(table, version=version)
-        .agg(
-            F.count("*"),
-            F.sum(F.coalesce(flagged, F.lit(False)).cast("int")) if flagged is not None else F.lit(0),
-        )
-        .first()
-    )
-    return watermarks.Counts(version, int(counts[0]), int(counts[1] or 0))
+    sums = [F.sum(F.coalesce(c, F.lit(False)).cast("int")) for c in tally.values()]
+    rows, *held = lake.read(table, version=version).agg(F.count("*"), *sums).first()
+    return watermarks.Counts(version, int(rows), {n: int(h or 0) for n, h in zip(tally, held, strict=True)})
 
 
 def _by_patient(table: DataFrame) -> DataFrame:

@@ -66,10 +66,13 @@ def changed_patients(
     return union.where(F.col("patient_key").isNotNull()).distinct()
 
 
-def too_many(lake, patients: DataFrame, population: str, share: float = REBUILD_SHARE) -> bool:
+def too_many(
+    lake, patients: DataFrame, population: str, share: float = REBUILD_SHARE, rows: int | None = None
+) -> bool:
     """Whether ``patients`` (a persisted frame of ``patient_key``) are more than ``share`` of the
-    rows of ``population`` (a table of one row per patient; none yet counts as one): rebuild then."""
-    total = lake.row_count(population) if lake.exists(population) else 0
+    rows of ``population`` (a table of one row per patient; none yet counts as one): rebuild then.
+    ``rows``: the population's, when the caller knows them (from its watermark's counts)."""
+    total = rows if rows is not None else lake.row_count(population) if lake.exists(population) else 0
     return patients.count() > share * max(1, total)
 
 
@@ -82,8 +85,8 @@ def replace_patients(
     commit_info: dict,
     where: Column | None = None,
     ignore: tuple[str, ...] = (),
-    tally: Column | None = None,
-) -> dict[str, int]:
+    tally: dict[str, Column] | None = None,
+) -> dict:
     """Make ``table``'s rows of ``patients`` (a frame of ``patient_key``; None: every row) that
     ``where`` selects equal to ``rows``, in one commit: new rows inserted, rows that differ (in any
     column but ``ignore``) updated, rows no longer derived (a record withdrawn, two merged into one,
@@ -91,9 +94,9 @@ def replace_patients(
     (a new batch of visits, the usual increment) the commit is an append, with no merge join over
     the table. A caller that knows which recomputed patients are new to the table passes only the
     others as ``patients``: none, and the table is not read at all. Returns the counts of each,
-    for the job's report; with ``tally`` (a condition over the table's columns, such as "flagged"),
-    also ``tallied``: by how many the table's rows where it holds grew (or shrank), so that the
-    report need not count them over the whole table."""
+    for the job's report; with ``tally`` (name -> a condition over the table's columns, such as
+    "flagged"), also ``tallied``: name -> by how many the table's rows where it holds grew (or
+    shrank), so that the report need not count them over the whole table."""
     if patients is not None and patients.isEmpty():
         return _append_new(lake, rows, table, commit_info, tally)
     current = lake.read(table)
@@ -103,7 +106,7 @@ def replace_patients(
         current = current.join(F.broadcast(patients), "patient_key", "left_semi")
     rows, current = rows.persist(), current.persist()
     try:
-        held = F.coalesce(tally, F.lit(False)).cast("int") if tally is not None else F.lit(0)
+        held = _held(tally or {})
         r = rows.withColumn(_IN_NEW, F.lit(True)).withColumn(_HELD_NEW, held).alias("r")
         c = current.withColumn(_IN_OLD, F.lit(True)).withColumn(_HELD_OLD, held).alias("c")
         compared = [n for n in rows.columns if n not in ignore]
@@ -117,12 +120,19 @@ def replace_patients(
             .when(same, "unchanged")
             .otherwise("updated")
         )
-        found, tallied = dict.fromkeys(STATUSES, 0), 0
-        # per status: rows, and the rows where ``tally`` holds after the change less before it
-        change = F.coalesce(F.col(_HELD_NEW), F.lit(0)) - F.coalesce(F.col(_HELD_OLD), F.lit(0))
-        outcome = r.join(c, on, "full_outer").groupBy(status.alias("s")).agg(F.count("*"), F.sum(change))
-        for s, n, grew in outcome.collect():
-            found[s], tallied = n, tallied + (grew or 0)
+        found, tallied = dict.fromkeys(STATUSES, 0), dict.fromkeys(tally or {}, 0)
+        # per status: rows, and for each tally the rows where it holds after the change less before
+        changes = [
+            F.sum(
+                F.coalesce(F.col(f"{_HELD_NEW}.`{n}`"), F.lit(0))
+                - F.coalesce(F.col(f"{_HELD_OLD}.`{n}`"), F.lit(0))
+            )
+            for n in tallied
+        ]
+        outcome = r.join(c, on, "full_outer").groupBy(status.alias("s")).agg(F.count("*"), *changes)
+        for s, n, *grew in outcome.collect():
+            found[s] = n
+            tallied = {name: t + (g or 0) for (name, t), g in zip(tallied.items(), grew, strict=True)}
         if found["updated"] or found["deleted"]:
             gone = c.join(r, on, "left_anti").select(*[F.col(f"c.`{k}`") for k in keys])
             differs = "NOT (" + " AND ".join(f"t.`{n}` <=> s.`{n}`" for n in compared) + ")"
@@ -136,18 +146,32 @@ def replace_patients(
     return {s: found[s] for s in STATUSES} | ({"tallied": tallied} if tally is not None else {})
 
 
-def _append_new(lake, rows: DataFrame, table: str, commit_info: dict, tally: Column | None) -> dict[str, int]:
+def _append_new(
+    lake, rows: DataFrame, table: str, commit_info: dict, tally: dict[str, Column] | None
+) -> dict:
     """Every row of patients new to ``table``: appended with no comparison (the usual increment)."""
     rows = rows.persist()
     try:
-        held = F.coalesce(tally, F.lit(False)).cast("int") if tally is not None else F.lit(0)
-        inserted, tallied = rows.agg(F.count("*"), F.sum(held)).first()
+        names = list(tally or {})
+        inserted, *held = rows.agg(F.count("*"), *[F.sum(_int(tally[n])) for n in names]).first()
         if inserted:
             lake.write(rows, table, mode=WriteMode.APPEND, commit_info=commit_info)
     finally:
         rows.unpersist()
     found = {"inserted": inserted, "updated": 0, "deleted": 0}
-    return found | ({"tallied": tallied or 0} if tally is not None else {})
+    return found | (
+        {"tallied": {n: h or 0 for n, h in zip(names, held, strict=True)}} if tally is not None else {}
+    )
+
+
+def _int(condition: Column) -> Column:
+    """1 where ``condition`` holds, else 0 (null counts as not holding)."""
+    return F.coalesce(condition, F.lit(False)).cast("int")
+
+
+def _held(tally: dict[str, Column]) -> Column:
+    """A struct of 1/0, one field per tally: which of them hold on a row."""
+    return F.struct(*[_int(c).alias(n) for n, c in tally.items()]) if tally else F.lit(None)
 
 
 def describe(found: dict[str, int]) -> str:

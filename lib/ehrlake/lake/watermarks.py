@@ -7,9 +7,9 @@ A job records its marks after its writes have committed: a crash in between leav
 so the next run recomputes a little more than it needs to, never less.
 
 A mark may also say what the job left in its table (:class:`Counts`: the table's version after the
-write, its rows and flagged rows), so that the next run's report adds what it changed to those
-counts instead of scanning the whole table; any other writer since (a patient forgotten, keys
-rotated) moves the version on, and the counts are then taken by a scan again.
+write, its rows and the rows each of its conditions selects), so that the next run adds what it
+changed to those counts instead of scanning the whole table; any other writer since (a patient
+forgotten, keys rotated) moves the version on, and the counts are then taken by a scan again.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 
@@ -32,11 +32,12 @@ SCHEMA = (
 
 @dataclass(frozen=True)
 class Counts:
-    """A derived table's rows and flagged rows at ``version``, as the job that wrote it counted them."""
+    """A derived table's rows at ``version``, and its rows that each of the job's conditions
+    selects (``tallies``: clean's flagged rows, say), as the job that wrote it counted them."""
 
     version: int
     rows: int
-    flagged: int = 0
+    tallies: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,19 @@ def read(lake, job: str) -> dict[str, Watermark]:
             {k: int(v) for k, v in json.loads(r.sources).items()},
             r.fingerprint,
             r.run_id,
-            Counts(**json.loads(r.counts)) if getattr(r, "counts", None) else None,
+            _counts(getattr(r, "counts", None)),
         )
         for r in rows
     }
+
+
+def _counts(text: str | None) -> Counts | None:
+    """A mark's counts, from its JSON (none before the column existed)."""
+    if not text:
+        return None
+    data = json.loads(text)
+    tallies = {name: int(n) for name, n in data.get("tallies", {}).items()}
+    return Counts(int(data["version"]), int(data["rows"]), tallies)
 
 
 def record(lake, marks: list[Watermark], commit_info: dict) -> None:
