@@ -76,6 +76,7 @@ bench: setup dl-env pathling-env
 	$(PY) bench/views.py
 	$(PY) bench/eda.py
 	$(PY) bench/models.py
+	$(PY) bench/xgboost_scale.py --rows 1000000,3000000,10000000
 	$(DLVENV)/bin/python bench/dl.py
 	$(PY) bench/federated.py
 	$(DLVENV)/bin/python bench/federated.py --model ann

@@ -3,7 +3,8 @@
 1. Diabetes 130-US (shipped extract -> features): ``xgboost.spark`` with 2 workers against
    single-process ``xgboost`` (2 threads) on the same training rows and parameters: fit seconds and
    held-out AUROC, median of ``--repeats`` runs each. The single-process baseline needs the training
-   rows in one Python process (fine at 24k rows; the reason the distributed path exists at scale).
+   rows in one Python process (fine at 24k rows; ``bench/xgboost_scale.py`` measures the two
+   up to 10 million rows).
 2. Scoring: a generated population of ``--patients`` (default 100,000) -> ingest -> clean ->
    features -> a mortality_12m model (logistic regression) -> ``scoring.score`` as of a date:
    patients/second, against a plain Spark baseline over the same patients (read silver.patient and
