@@ -41,6 +41,7 @@ def test_three_learners_from_one_feature_table_beat_chance(trained):
         and 0.08 < counts["positive"] / counts["labelled"] < 0.15
     )
     assert [m.algorithm for m in models] == ["xgboost", "logreg", "rf"]
+    assert models[0].params["fitted_on"].startswith("driver, ")  # ~24,000 rows: below the driver bound
     for m in models:
         auroc = m.metrics["auroc"]
         assert 0.6 < auroc["value"] < 0.8, m.label  # published range on this data: 0.64-0.70
@@ -428,3 +429,45 @@ def test_a_fold_encoded_learner_is_fitted_out_of_fold_and_saves_its_encoding(spa
     got = {r.code: r.te_code for r in again.transform(new).collect()}
     assert got["c1"] == pytest.approx((1 + 20 * 0.5) / 21) and got["c2"] == pytest.approx(10 / 21)
     assert got["never"] == pytest.approx(0.5) and got[None] == pytest.approx(0.5)
+
+
+def test_xgboost_fits_few_rows_on_the_driver_into_the_same_model_class_as_spark(spark, tmp_path):
+    """Below ``driver_rows`` the fit is one xgboost process on the driver; above it xgboost.spark's.
+    Both give a SparkXGBClassifierModel that scores, saves and loads alike, and learn the same trees
+    up to the quantile sketch (one process's instead of two workers')."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.evaluation import BinaryClassificationEvaluator
+    from pyspark.sql import functions as F
+    from xgboost.spark import SparkXGBClassifierModel
+
+    from ehrlake.models import algorithms
+
+    rows = (
+        spark.range(3000)
+        .select(
+            F.rand(1).alias("a"),
+            F.rand(2).alias("b"),
+            F.when(F.rand(3) > 0.9, None).otherwise(F.rand(4)).alias("c"),
+        )
+        .withColumn("label", (F.col("a") + F.col("b") + F.rand(5) / 2 > 1.2).cast("int"))
+        .withColumn("weight", F.lit(1.0))
+        .persist()
+    )
+    auroc = BinaryClassificationEvaluator(rawPredictionCol="rawPrediction")
+    found, fitted = {}, {}
+    try:
+        for bound in (10_000, 2_999, 0):  # 3,000 rows: on the driver, then on Spark twice
+            pipe, _ = algorithms.pipeline("xgboost", ["a", "b", "c"], seed=42, grid="tiny", driver_rows=bound)
+            model = pipe.fit(rows)
+            learner = model.stages[-1]
+            assert isinstance(learner, SparkXGBClassifierModel)
+            found[bound], fitted[bound] = (learner.fitted_on, auroc.evaluate(model.transform(rows))), model
+        assert found[10_000][0].startswith("driver, ")
+        assert found[2_999][0] == found[0][0] == "spark, 2 workers"
+        assert found[10_000][1] > 0.9 and found[10_000][1] == pytest.approx(found[0][1], abs=0.01)
+        fitted[10_000].save(str(tmp_path / "m"))
+        again = PipelineModel.load(str(tmp_path / "m"))
+        reloaded = auroc.evaluate(again.transform(rows))
+        assert reloaded == pytest.approx(found[10_000][1], abs=1e-5)  # to the saved floats' precision
+    finally:
+        rows.unpersist()

@@ -56,6 +56,7 @@ def train_task(
     deep: DeepLearningOptions | None = None,
     promote: bool = False,
     with_feedback: bool = False,
+    xgboost_driver_rows: int | None = None,
 ) -> Trained:
     """Train ``task`` with ``algorithms`` (ignored for image tasks: a CNN); see the module docstring."""
     from ehrlake.dl import runtime
@@ -82,7 +83,7 @@ def train_task(
         if spark_ml:
             result.models += train_spark_ml(
                 lake, task, spark_ml, grid=grid, folds=folds, seed=seed, num_workers=workers, role=role,
-                with_feedback=with_feedback,
+                with_feedback=with_feedback, xgboost_driver_rows=xgboost_driver_rows,
             )  # fmt: skip
         if "ann" in algorithms:
             from ehrlake.dl.train import train_tabular_ann

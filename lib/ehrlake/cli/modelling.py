@@ -30,6 +30,13 @@ def register(sub) -> None:
     train_cmd.add_argument("--folds", type=int, default=3, help="cross-validation folds (default 3)")
     train_cmd.add_argument("--seed", type=int, default=42, help="split, folds and learners' seed")
     train_cmd.add_argument("--workers", type=int, default=2, help="xgboost.spark workers (default 2)")
+    train_cmd.add_argument(
+        "--xgboost-on",
+        choices=["auto", "spark"],
+        default="auto",
+        help="auto: XGBoost fits on at most 1,000,000 rows run on the driver, larger ones on --workers "
+        "Spark tasks (docs/features.md measures why); spark: on Spark at every size",
+    )
     train_cmd.add_argument("--epochs", type=int, help="ann / cnn: epochs (default: conf/deep_learning.yaml)")
     train_cmd.add_argument(
         "--launcher", choices=["horovod", "barrier", "local"], help="ann / cnn: how training is distributed"
@@ -262,6 +269,7 @@ def cmd_train(args) -> int:
             args.epochs, args.launcher, args.backend, args.label_fraction, args.label_seed
         ),
         promote=args.promote, with_feedback=args.with_feedback,
+        xgboost_driver_rows=0 if args.xgboost_on == "spark" else None,
     )  # fmt: skip
     value = evaluate.format_value
     print(f"{'model':<44} {'AUROC (95% CI)':<22} {'AUPRC':>6} {'Brier':>6} {'accuracy':>8}")

@@ -1,7 +1,8 @@
 """The three learners on one feature table, as Spark ML pipelines with their search grids.
 
-- ``xgboost``: distributed gradient-boosted trees (``xgboost.spark``, ``num_workers`` Spark tasks
-  in barrier mode); missing values stay missing (NaN), which trees handle natively.
+- ``xgboost``: gradient-boosted trees (``xgboost.spark``, ``num_workers`` Spark tasks in barrier
+  mode; a fit on few rows on the driver: :mod:`ehrlake.models.sized_xgboost`); missing values
+  stay missing (NaN), which trees handle natively.
 - ``logreg``: L1-regularised logistic regression (Spark ML, ``elasticNetParam=1``) on median-imputed,
   standardised features, so coefficients compare across features and read as reasons.
 - ``rf``: random forest (Spark ML) on median-imputed features.
@@ -27,8 +28,18 @@ SEQUENCE_TRANSFORMER = "sequence-transformer"
 GRIDS = ("tiny", "small", "full")
 
 
-def pipeline(algorithm: str, features: list[str], seed: int, num_workers: int = 2, grid: str = "small"):
-    """(Pipeline, param maps to search) for one algorithm over ``features`` (columns of doubles)."""
+def pipeline(
+    algorithm: str,
+    features: list[str],
+    seed: int,
+    num_workers: int = 2,
+    grid: str = "small",
+    driver_rows: int | None = None,
+):
+    """(Pipeline, param maps to search) for one algorithm over ``features`` (columns of doubles).
+    ``driver_rows``: XGBoost fits on at most so many rows run on the driver, larger ones on
+    ``num_workers`` Spark tasks (:mod:`ehrlake.models.sized_xgboost`: its ``DRIVER_ROWS`` when
+    None; 0: always on Spark)."""
     if algorithm not in ALGORITHMS:
         raise EhrlakeError(f"unknown algorithm {algorithm!r} (known: {', '.join(ALGORITHMS)})")
     if grid not in GRIDS:
@@ -36,14 +47,15 @@ def pipeline(algorithm: str, features: list[str], seed: int, num_workers: int = 
     imputed = [f"_imp_{c}" for c in features]
     impute = Imputer(inputCols=features, outputCols=imputed, strategy="median")
     if algorithm == "xgboost":
-        from xgboost.spark import SparkXGBClassifier
+        from ehrlake.models import sized_xgboost  # xgboost.spark: imported by the fits that use it
 
         # xgboost.spark logs every fit at INFO on the driver's stderr; the job reports its own result
         if not os.environ.get("EHRLAKE_DEBUG"):
             logging.getLogger("XGBoost-PySpark").setLevel(logging.WARNING)
 
         assemble = VectorAssembler(inputCols=features, outputCol="features", handleInvalid="keep")
-        model = SparkXGBClassifier(
+        model = sized_xgboost.SizedXGBClassifier(
+            driver_rows=sized_xgboost.DRIVER_ROWS if driver_rows is None else driver_rows,
             features_col="features",
             label_col="label",
             weight_col="weight",

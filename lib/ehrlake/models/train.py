@@ -140,10 +140,14 @@ def train(
     role: str | None = None,
     bootstrap: int = evaluate.BOOTSTRAP,
     with_feedback: bool = False,
+    xgboost_driver_rows: int | None = None,
 ) -> list[registry.ModelVersion]:
     """Train each algorithm for a task; every fitted model is registered as a candidate and
     evaluated on the held-out patients (gold.model_metrics and friends). ``with_feedback``: the
-    training rows a clinician reviewed take the reviewed label, weighted (:mod:`ehrlake.review`)."""
+    training rows a clinician reviewed take the reviewed label, weighted (:mod:`ehrlake.review`).
+    ``xgboost_driver_rows``: XGBoost fits on at most so many rows run on the driver, larger ones
+    on ``num_workers`` Spark tasks (None: :data:`ehrlake.models.sized_xgboost.DRIVER_ROWS`; 0: on
+    Spark at every size)."""
     t = feats.task(task_name)
     data_versions = {table: lake.version(table) for table in (t.feature_table, "gold.labels")}
     wanted = feats.model_inputs(t)
@@ -185,7 +189,9 @@ def train(
     trained = []
     with lake.security.job("train", ["gold"], role) as (_, audit):
         for algorithm in algorithms_:
-            pipe, grid_maps = algorithms.pipeline(algorithm, inputs, seed, num_workers, grid)
+            pipe, grid_maps = algorithms.pipeline(
+                algorithm, inputs, seed, num_workers, grid, driver_rows=xgboost_driver_rows
+            )
             if codes:  # encoded inside every fit's rows, so no row's label reaches its own features
                 pipe = target_encoding.FoldEncoded(pipe, codes, seed)
             search = CrossValidator(
@@ -209,7 +215,10 @@ def train(
             model_id = f"{task_name}.{algorithm}"
             version, artifact, path = versions.new_artifact(lake, model_id)
             model.save(path)
-            params = algorithms.params_of(explain.learner(model))
+            learner = explain.learner(model)
+            params = algorithms.params_of(learner)
+            if hasattr(learner, "fitted_on"):  # XGBoost: on the driver or on Spark's workers
+                params["fitted_on"] = learner.fitted_on
             params.update(
                 {
                     "grid": grid,
