@@ -437,9 +437,8 @@ def _carried(
 def _counted(lake, table: str, tally: dict[str, Column]) -> watermarks.Counts:
     """The table's rows, and those where each ``tally`` holds, counted at its latest version."""
     version = lake.version(table)
-    sums = [F.sum(F.coalesce(c, F.lit(False)).cast("int")) for c in tally.values()]
-    rows, *held = lake.read(table, version=version).agg(F.count("*"), *sums).first()
-    return watermarks.Counts(version, int(rows), {n: int(h or 0) for n, h in zip(tally, held, strict=True)})
+    rows, held = increments.counted(lake.read(table, version=version), tally)
+    return watermarks.Counts(version, rows, held)
 
 
 def _by_patient(table: DataFrame) -> DataFrame:

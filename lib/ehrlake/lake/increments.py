@@ -152,16 +152,19 @@ def _append_new(
     """Every row of patients new to ``table``: appended with no comparison (the usual increment)."""
     rows = rows.persist()
     try:
-        names = list(tally or {})
-        inserted, *held = rows.agg(F.count("*"), *[F.sum(_int(tally[n])) for n in names]).first()
+        inserted, held = counted(rows, tally or {})
         if inserted:
             lake.write(rows, table, mode=WriteMode.APPEND, commit_info=commit_info)
     finally:
         rows.unpersist()
     found = {"inserted": inserted, "updated": 0, "deleted": 0}
-    return found | (
-        {"tallied": {n: h or 0 for n, h in zip(names, held, strict=True)}} if tally is not None else {}
-    )
+    return found | ({"tallied": held} if tally is not None else {})
+
+
+def counted(frame: DataFrame, tally: dict[str, Column]) -> tuple[int, dict[str, int]]:
+    """(rows of ``frame``, and for each of ``tally`` the rows where it holds), in one pass."""
+    rows, *held = frame.agg(F.count("*"), *[F.sum(_int(c)) for c in tally.values()]).first()
+    return int(rows), {n: int(h or 0) for n, h in zip(tally, held, strict=True)}
 
 
 def _int(condition: Column) -> Column:
@@ -191,5 +194,6 @@ __all__ = [
     "changed_patients",
     "too_many",
     "replace_patients",
+    "counted",
     "describe",
 ]
