@@ -117,6 +117,27 @@ def test_overwrite_whole_table_and_time_travel(lake, spark):
     assert history[0]["ehrlakeOperation"] == "OVERWRITE"
 
 
+def test_native_overwrite_of_an_empty_table_is_an_append_unless_a_writer_came_between(
+    lake, spark, monkeypatch
+):
+    """The native engine writes an overwrite of a table without files as an append (no state
+    reconstruction); when another commit lands between its look and its append, it overwrites again."""
+    if lake.engine.name != "native":
+        pytest.skip("the native engine's shortcut")
+    from ehrlake.lake import _native
+
+    first = lake.write(sample(spark), "bronze.things", mode=WriteMode.OVERWRITE)
+    assert first.operation == "OVERWRITE" and first.rows_written == 3
+    assert lake.history("bronze.things")[0]["operationParameters"]["mode"] == "Append"
+    # the look saw the table empty at version 0, but a writer's three rows landed at version 1 since
+    monkeypatch.setattr(_native, "_empty_version", lambda path: 0)
+    late = lake.write(rows(spark, [("z", "DL", 9, None, None)]), "bronze.things", mode=WriteMode.OVERWRITE)
+    assert [r.id for r in lake.read("bronze.things").collect()] == ["z"]
+    assert (
+        late.version == 3 and lake.history("bronze.things")[0]["operationParameters"]["mode"] == "Overwrite"
+    )
+
+
 def test_overwrite_one_partition_keeps_the_others(lake, spark):
     lake.write(sample(spark), "bronze.things", partition_by=["region"])
     lake.write(

@@ -167,9 +167,34 @@ class NativeDeltaEngine:
         check_write(table, parts, mode, partition_by, where)
         aligned, new_fields = _schema.align(df, current.toDF().schema, table, evolve)
         token, operation = uuid.uuid4().hex, "OVERWRITE" if mode is WriteMode.OVERWRITE else "APPEND"
+        empty_at = _empty_version(path) if mode is WriteMode.OVERWRITE and not where else None
+        commit = self._save(
+            aligned, path, table, mode, where, new_fields, commit_info, operation, token, empty_at
+        )
+        if empty_at is not None and int(commit["version"]) != empty_at + 1:
+            # another writer committed between the look and the append: overwrite after it, as a
+            # serial order of the two writes would
+            token = uuid.uuid4().hex
+            commit = self._save(aligned, path, table, mode, where, new_fields, commit_info, operation, token)
+        metrics = commit.get("operationMetrics") or {}
+        return CommitResult(
+            table,
+            int(commit["version"]),
+            operation,
+            files_added=int(metrics.get("numFiles", 0)),
+            rows_written=int(metrics.get("numOutputRows", 0)),
+        )
+
+    def _save(
+        self, aligned, path, table, mode, where, new_fields, commit_info, operation, token, empty_at=None
+    ) -> dict:
+        """One Delta write of ``aligned``; its commit. An overwrite of a table that holds no file
+        (``empty_at``: its version) is written as an append, which replaces the same nothing
+        without the overwrite's reconstruction of the table's state (three Spark jobs, ~0.6 s a
+        write on 2 cores, paid by every table of a new lake)."""
         writer = (
             aligned.write.format("delta")
-            .mode(mode.value)
+            .mode("append" if empty_at is not None else mode.value)
             .options(**parquet_options(aligned.schema))
             .option("mergeSchema", str(bool(new_fields)).lower())
             .option("userMetadata", _metadata(commit_info, operation, token))
@@ -186,15 +211,7 @@ class NativeDeltaEngine:
                     ) from None
                 _raise_known(exc, table)
                 raise
-            commit = self._commit_of(path, token)
-        metrics = commit.get("operationMetrics") or {}
-        return CommitResult(
-            table,
-            int(commit["version"]),
-            operation,
-            files_added=int(metrics.get("numFiles", 0)),
-            rows_written=int(metrics.get("numOutputRows", 0)),
-        )
+            return self._commit_of(path, token)
 
     def merge(self, df, path, table, keys, update_when, evolve, commit_info, delete=None) -> CommitResult:
         """Upsert by key (``df`` has at most one row per key), planned again when another writer
@@ -326,6 +343,12 @@ class NativeDeltaEngine:
             if commit.get(_TOKEN) == token:
                 return commit
         return self.history(path, 1)[0]  # a write of nothing commits nothing: the table as it is
+
+
+def _empty_version(path: str) -> int | None:
+    """The table's version when it holds no data file (read from its log: a few ms), else None."""
+    log = DeltaLog(path)
+    return None if log.file_uris() else log.version()
 
 
 def _metadata(commit_info: dict, operation: str, token: str) -> str:
