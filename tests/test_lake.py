@@ -138,6 +138,32 @@ def test_native_overwrite_of_an_empty_table_is_an_append_unless_a_writer_came_be
     )
 
 
+def test_native_merge_into_an_empty_table_inserts_and_catches_up_with_a_writer_between(
+    lake, spark, monkeypatch
+):
+    """A merge into a table without files is an insert-only MERGE (its source read once); when a
+    writer's rows landed between the look and the merge, a full MERGE of the same rows follows."""
+    if lake.engine.name != "native":
+        pytest.skip("the native engine's shortcut")
+    from ehrlake.lake import _native
+
+    lake.create("bronze.things", SCHEMA)
+    first = lake.merge(sample(spark), "bronze.things", keys=["id"])
+    assert first.metrics == {"inserted": 3, "updated": 0, "unchanged": 0, "deleted": 0}
+    assert lake.history("bronze.things")[0]["operationParameters"]["matchedPredicates"] == "[]"
+    # the look saw the table empty at version 0; since then a writer's three rows landed
+    monkeypatch.setattr(_native, "_empty_version", lambda path: 0)
+    changed = [
+        ("a", "KA", 100, None, None),
+        ("b", "MH", 2, dt.datetime(2021, 6, 1), []),
+        ("d", "DL", 4, None, None),
+    ]
+    late = lake.merge(rows(spark, changed), "bronze.things", keys=["id"], update_when="s.n <> t.n")
+    assert late.metrics == {"inserted": 1, "updated": 1, "unchanged": 1, "deleted": 0}
+    found = sorted((r.id, r.n) for r in lake.read("bronze.things").collect())
+    assert found == [("a", 100), ("b", 2), ("c", 3), ("d", 4)]
+
+
 def test_overwrite_one_partition_keeps_the_others(lake, spark):
     lake.write(sample(spark), "bronze.things", partition_by=["region"])
     lake.write(

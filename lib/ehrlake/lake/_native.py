@@ -233,8 +233,39 @@ class NativeDeltaEngine:
         raise AssertionError("unreachable")
 
     def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info, delete) -> CommitResult:
+        """One MERGE; into a table holding no file, an insert-only MERGE. Delta's full MERGE reads
+        its source twice (to find the files it touches, then to write), which evaluated an ingest's
+        typing and sealing twice on a new lake (bench/engines.py, 100,000 patients: native ingest
+        1.47x delta-rs); an insert-only one reads it once. Where another writer committed between
+        the look and the merge, the rows it matched were left as they were: a full MERGE of the
+        same rows follows, which finds the inserted ones unchanged and updates or deletes the rest."""
+        empty_at = _empty_version(path)
+        first = self._merge_planned(df, path, table, keys, update_when, evolve, commit_info, delete, empty_at)
+        if empty_at is None or first.version == empty_at + 1:
+            return first
+        again = self._merge_planned(df, path, table, keys, update_when, evolve, commit_info, delete, None)
+        inserted = first.metrics["inserted"]
+        return CommitResult(
+            table,
+            again.version,
+            "MERGE",
+            files_added=first.files_added + again.files_added,
+            files_removed=again.files_removed,
+            rows_written=first.rows_written + again.rows_written,
+            metrics={
+                **again.metrics,
+                "inserted": inserted + again.metrics["inserted"],
+                "unchanged": again.metrics["unchanged"] - inserted,
+            },
+        )
+
+    def _merge_planned(
+        self, df, path, table, keys, update_when, evolve, commit_info, delete, empty_at
+    ) -> CommitResult:
         target = self._table(path)
         source, new_fields = _schema.align(df, target.toDF().schema, table, evolve)
+        if empty_at is not None:
+            delete = None  # nothing to delete from a table without rows
         columns = source.columns
         if delete is not None:  # rows to delete ride in the source, marked, so one MERGE commits both
             source = source.withColumn(_GONE, F.lit(False)).unionByName(
@@ -250,7 +281,9 @@ class NativeDeltaEngine:
         builder = target.alias("t").merge(source.alias("s"), on)
         if new_fields:
             builder = builder.withSchemaEvolution()
-        if delete is None:
+        if empty_at is not None:
+            builder = builder.whenNotMatchedInsertAll()
+        elif delete is None:
             builder = (
                 builder.whenMatchedUpdateAll(condition=update_when)
                 if update_when
