@@ -302,6 +302,23 @@ def in_threads(writer, tags: str = "pq") -> list[str]:
     return errors
 
 
+def test_merges_into_two_tables_at_once_each_commit_their_own_information(lake, spark):
+    """Ingest loads its tables side by side: two merges at once in one process, each commit carries
+    its own writer's information (the native engine gives each MERGE its own session settings)."""
+    for tag in "pq":
+        lake.write(sample(spark), f"bronze.things_{tag}")
+
+    def writer(tag):
+        changed = rows(spark, [(f"{tag}{i}", "KA", i, None, None) for i in range(50)])
+        lake.merge(changed, f"bronze.things_{tag}", keys=["id"], commit_info={"ehrlakeJob": f"job-{tag}"})
+
+    assert not in_threads(writer)
+    for tag in "pq":
+        latest = lake.history(f"bronze.things_{tag}")[0]
+        assert (latest["ehrlakeOperation"], latest["ehrlakeJob"]) == ("MERGE", f"job-{tag}")
+        assert lake.read(f"bronze.things_{tag}").count() == 53
+
+
 def test_concurrent_appends_from_threads_all_survive(lake, spark):
     lake.create("bronze.things", SCHEMA)
 

@@ -9,15 +9,15 @@ columns carry no statistics (``stats.stats_columns`` becomes ``delta.dataSkippin
 Concurrency: Delta's optimistic commits refuse a merge whose snapshot another writer changed; the
 merge is then planned again, up to :data:`MERGE_ATTEMPTS` times, as the delta-rs engine does. Two
 first writes at once both create the table: the one that loses waits for the other's first commit.
-Within one process, writes go one at a time: a merge's commit metadata is a session setting, and
-each commit is found again by the token in it to report its own version, not a racing writer's.
+Within one process, tables are written side by side (ingest's and an incremental clean's): a merge's
+commit metadata is a session setting, so each merge runs in its own clone of the session, and each
+commit is found again by the token in it to report its own version, not a racing writer's.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -62,7 +62,6 @@ def available(spark: SparkSession) -> bool:
 
 class NativeDeltaEngine:
     name = "native"
-    _lock = threading.Lock()  # one write at a time in this process (see the module docstring)
 
     def __init__(self, spark: SparkSession):
         from delta.tables import DeltaTable
@@ -77,10 +76,16 @@ class NativeDeltaEngine:
         first writes at once then saw a table that was not there yet (DELTA_TABLE_NOT_FOUND)."""
         return DeltaLog.is_deltatable(path)
 
-    def _table(self, path: str):
+    def _table(self, path: str, session: SparkSession | None = None):
         if not self.exists(path):
             raise TableNotFound(f"no Delta table at {path}")
-        return self._DeltaTable.forPath(self.spark, path)
+        return self._DeltaTable.forPath(session or self.spark, path)
+
+    def _own_session(self) -> SparkSession:
+        """A clone of the session (its settings, ~3 ms) for one command that passes its commit
+        metadata as a session setting: a MERGE has no per-command option for it, and two merges of
+        two tables at once in one session would each commit the other's (both measured)."""
+        return type(self.spark)(self.spark.sparkContext, self.spark._jsparkSession.cloneSession())
 
     def schema(self, path: str) -> T.StructType:
         return self._table(path).toDF().schema
@@ -201,17 +206,16 @@ class NativeDeltaEngine:
         )
         if where:
             writer = writer.option("replaceWhere", " AND ".join(f"`{k}` = '{v}'" for k, v in where.items()))
-        with self._lock:
-            try:
-                writer.save(path)
-            except Exception as exc:
-                if where and "DELTA_REPLACE_WHERE_MISMATCH" in str(exc):
-                    raise SchemaMismatch(
-                        f"rows outside the partition {where} were given to overwrite {table}"
-                    ) from None
-                _raise_known(exc, table)
-                raise
-            return self._commit_of(path, token)
+        try:
+            writer.save(path)
+        except Exception as exc:
+            if where and "DELTA_REPLACE_WHERE_MISMATCH" in str(exc):
+                raise SchemaMismatch(
+                    f"rows outside the partition {where} were given to overwrite {table}"
+                ) from None
+            _raise_known(exc, table)
+            raise
+        return self._commit_of(path, token)
 
     def merge(self, df, path, table, keys, update_when, evolve, commit_info, delete=None) -> CommitResult:
         """Upsert by key (``df`` has at most one row per key), planned again when another writer
@@ -262,7 +266,8 @@ class NativeDeltaEngine:
     def _merge_planned(
         self, df, path, table, keys, update_when, evolve, commit_info, delete, empty_at
     ) -> CommitResult:
-        target = self._table(path)
+        session = self._own_session()
+        target = self._table(path, session)
         source, new_fields = _schema.align(df, target.toDF().schema, table, evolve)
         if empty_at is not None:
             delete = None  # nothing to delete from a table without rows
@@ -301,13 +306,9 @@ class NativeDeltaEngine:
                 .whenNotMatchedInsert(condition=kept, values=values)
             )
         token = uuid.uuid4().hex
-        with self._lock:
-            self.spark.conf.set(_USER_METADATA, _metadata(commit_info, "MERGE", token))
-            try:
-                builder.execute()
-            finally:
-                self.spark.conf.unset(_USER_METADATA)
-            commit = self._commit_of(path, token)
+        session.conf.set(_USER_METADATA, _metadata(commit_info, "MERGE", token))
+        builder.execute()
+        commit = self._commit_of(path, token)
         m = commit.get("operationMetrics") or {}
         inserted, updated = int(m.get("numTargetRowsInserted", 0)), int(m.get("numTargetRowsUpdated", 0))
         deleted = int(m.get("numTargetRowsDeleted", 0))
@@ -333,11 +334,9 @@ class NativeDeltaEngine:
         data; (files removed, files added)."""
         self._table(path)
         by = f" ZORDER BY ({', '.join(f'`{c}`' for c in zorder)})" if zorder else ""
-        self.spark.conf.set(_USER_METADATA, _metadata(commit_info, "OPTIMIZE", uuid.uuid4().hex))
-        try:
-            metrics = self.spark.sql(f"OPTIMIZE delta.`{path}`{by}").first()["metrics"]
-        finally:
-            self.spark.conf.unset(_USER_METADATA)
+        session = self._own_session()
+        session.conf.set(_USER_METADATA, _metadata(commit_info, "OPTIMIZE", uuid.uuid4().hex))
+        metrics = session.sql(f"OPTIMIZE delta.`{path}`{by}").first()["metrics"]
         return int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"])
 
     def set_properties(self, path: str, properties: dict[str, str]) -> None:
@@ -348,22 +347,18 @@ class NativeDeltaEngine:
         """Delete files not in the current snapshot and older than the retention; the files (those
         that would go, with ``dry_run``)."""
         self._table(path)
-        self.spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        session = self._own_session()
+        session.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
         # Delta lists the table's directories in a job of spark.sql.sources.parallelPartitionDiscovery
         # .parallelism tasks: Spark's default, 10,000, made each VACUUM of even a one-file table ~20 s
         # of empty tasks on two cores. The cluster's own parallelism lists any table as fast.
         listing = "spark.sql.sources.parallelPartitionDiscovery.parallelism"
-        configured = self.spark.conf.get(listing, None)
-        if configured is None:
-            self.spark.conf.set(listing, str(self.spark.sparkContext.defaultParallelism))
-        try:
-            listed = self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS DRY RUN")
-            files = [r[0] for r in listed.collect()]
-            if not dry_run and files:
-                self.spark.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS").collect()
-        finally:
-            if configured is None:
-                self.spark.conf.unset(listing)
+        if self.spark.conf.get(listing, None) is None:
+            session.conf.set(listing, str(self.spark.sparkContext.defaultParallelism))
+        listed = session.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS DRY RUN")
+        files = [r[0] for r in listed.collect()]
+        if not dry_run and files:
+            session.sql(f"VACUUM delta.`{path}` RETAIN {retention_hours} HOURS").collect()
         return files
 
     # ----------------------------------------------------------------- internals
