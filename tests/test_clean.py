@@ -7,10 +7,11 @@ import datetime as dt
 
 import pytest
 from fhir_fixtures import condition, observation, patient, write_ndjson
+from pyspark.sql import functions as F
 
 from ehrlake import clean, ingest
 from ehrlake.ingest import SourceKind
-from ehrlake.lake import watermarks
+from ehrlake.lake import increments, watermarks
 
 TODAY = dt.date(2026, 11, 24)
 
@@ -227,7 +228,23 @@ def test_incremental_clean_merges_only_changed_patients_and_equals_a_rebuild(sil
     rebuilt = clean.run(lake, today=TODAY)
     assert set(rebuilt.how.values()) == {"rebuilt"}
     assert {t: sorted(map(str, lake.read(f"silver.{t}").collect())) for t in SILVER} == merged
-    assert _counts(rebuilt) == _counts(report)
+    assert _counts(rebuilt) == _counts(report) == _scanned(lake)  # counted as written
+    marks = watermarks.read(lake, "clean")
+    assert {t: marks[f"silver.{t}"].counts.version for t in SILVER} == {
+        t: lake.version(f"silver.{t}") for t in SILVER
+    }
+
+
+def test_a_written_frame_is_counted_by_the_write_and_only_once_it_ran(spark):
+    """A rebuilt table's counts come from the write itself (observed metrics); a frame no action
+    ran yet has none to give (the caller counts the table instead), rather than waiting forever."""
+    tally = {"even": F.col("id") % 2 == 0, "big": F.col("id") >= 90}
+    frame = spark.range(100).repartitionByRange(3, "id").sortWithinPartitions("id")
+    observed, observation = increments.observed(frame, tally)
+    assert increments.observed_counts(observation, tally) is None
+    observed.write.format("noop").mode("overwrite").save()
+    assert increments.observed_counts(observation, tally) == (100, {"even": 50, "big": 10})
+    assert increments.counted(frame, tally) == (100, {"even": 50, "big": 10})
 
 
 def _counts(report) -> dict[str, tuple[int, int]]:

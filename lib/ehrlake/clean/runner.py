@@ -385,7 +385,11 @@ def _write(lake, tables, plans, marks, read_at, run_id, cluster, report: CleanRe
                 out = _image_layout(out)
             elif cluster and "patient_key" in out.columns:
                 out = _by_patient(out)
-            lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
+            out, observation = increments.observed(out, tally)
+            written = lake.write(out, entity.table, mode=WriteMode.OVERWRITE, commit_info=commit)
+            seen = increments.observed_counts(observation, tally)
+            if seen is not None:  # what the overwrite wrote is the table at its version
+                return done, watermarks.Counts(written.version, seen[0], seen[1])
         mark = marks.get(entity.table) if done != REBUILT else None
         counts = _carried(lake, entity.table, mark, found, tally) or _counted(lake, entity.table, tally)
         return done, counts

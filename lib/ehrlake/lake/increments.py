@@ -12,7 +12,9 @@ source rows changed and replacing their rows. Two steps, both here:
 
 from __future__ import annotations
 
-from pyspark.sql import Column, DataFrame
+import uuid
+
+from pyspark.sql import Column, DataFrame, Observation
 from pyspark.sql import functions as F
 
 from ehrlake.lake import WriteMode
@@ -167,6 +169,27 @@ def counted(frame: DataFrame, tally: dict[str, Column]) -> tuple[int, dict[str, 
     return int(rows), {n: int(h or 0) for n, h in zip(tally, held, strict=True)}
 
 
+def observed(frame: DataFrame, tally: dict[str, Column]) -> tuple[DataFrame, Observation]:
+    """``frame`` counting, as the write that runs it passes its rows, what :func:`counted` counts
+    (Spark's observed metrics): a rebuilt table's counts with no second read of it, which on the
+    native engine also reconstructs the new version's state (bench/engines.py). Observe the frame
+    as written: a step above it that samples its input (a range partitioning) would count twice."""
+    observation = Observation(f"ehrlake-tally-{uuid.uuid4().hex}")
+    sums = [F.sum(_int(c)).alias(f"tally{i}") for i, c in enumerate(tally.values())]
+    return frame.observe(observation, F.count("*").alias("rows"), *sums), observation
+
+
+def observed_counts(observation: Observation, tally: dict[str, Column]) -> tuple[int, dict[str, int]] | None:
+    """What :func:`observed` counted, once the observed frame's first action finished; None when
+    none did (nothing ran it as one query), for the caller to count the table instead. Never
+    waits: the Python API's ``get`` blocks until an action finishes."""
+    jvm_observation = observation._jo  # no public way to ask without blocking
+    if jvm_observation is None or not jvm_observation.future().isCompleted():
+        return None
+    metrics = observation.get
+    return int(metrics["rows"]), {n: int(metrics[f"tally{i}"] or 0) for i, n in enumerate(tally)}
+
+
 def _int(condition: Column) -> Column:
     """1 where ``condition`` holds, else 0 (null counts as not holding)."""
     return F.coalesce(condition, F.lit(False)).cast("int")
@@ -195,5 +218,7 @@ __all__ = [
     "too_many",
     "replace_patients",
     "counted",
+    "observed",
+    "observed_counts",
     "describe",
 ]
