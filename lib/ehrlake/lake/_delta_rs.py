@@ -112,7 +112,20 @@ class DeltaRsEngine:
     ) -> None:
         """Create an empty table; a no-op when it exists already (so jobs can call it every run, and
         two jobs creating it at once both go on with the one that won)."""
-        create_table(path, schema, partition_by, description)
+        missing = [c for c in partition_by if c not in schema.fieldNames()]
+        if missing:
+            raise SchemaMismatch(f"partition columns {missing} are not in the schema of {path}")
+        try:
+            DeltaTable.create(
+                path,
+                Schema.from_json(_schema.to_delta_json(schema)),
+                partition_by=partition_by or None,
+                mode="ignore",
+                description=description,
+            )
+        except CommitFailedError:
+            if not self.exists(path):
+                raise
 
     def write(
         self,
@@ -436,30 +449,3 @@ def _partition_values(rel: str, partition_by: list[str]) -> dict[str, str | None
 
 def _rows(adds: list[AddAction]) -> int:
     return sum(json.loads(a.stats)["numRecords"] for a in adds)
-
-
-def create_table(
-    path: str,
-    schema: T.StructType,
-    partition_by: list[str],
-    description: str | None = None,
-    configuration: dict[str, str] | None = None,
-) -> None:
-    """Commit an empty table's first version (every column nullable: :mod:`._schema`); a no-op when
-    the table exists, also when another writer's create just won the race. Both engines create so:
-    it is a log entry, written here in milliseconds (Delta's own CREATE plans Spark jobs, ~0.3 s)."""
-    missing = [c for c in partition_by if c not in schema.fieldNames()]
-    if missing:
-        raise SchemaMismatch(f"partition columns {missing} are not in the schema of {path}")
-    try:
-        DeltaTable.create(
-            path,
-            Schema.from_json(_schema.to_delta_json(schema)),
-            partition_by=partition_by or None,
-            mode="ignore",
-            description=description,
-            configuration=configuration,
-        )
-    except CommitFailedError:
-        if not DeltaTable.is_deltatable(path):
-            raise

@@ -8,7 +8,7 @@ columns carry no statistics (``stats.stats_columns`` becomes ``delta.dataSkippin
 
 Concurrency: Delta's optimistic commits refuse a merge whose snapshot another writer changed; the
 merge is then planned again, up to :data:`MERGE_ATTEMPTS` times, as the delta-rs engine does. Two
-first writes at once both create the table: the one whose create loses goes on with the other's.
+first writes at once both create the table: the one that loses waits for the other's first commit.
 Within one process, tables are written side by side (ingest's and an incremental clean's): a merge's
 commit metadata is a session setting, so each merge runs in its own clone of the session, and each
 commit is found again by the token in it to report its own version, not a racing writer's.
@@ -29,11 +29,12 @@ from pyspark.sql import types as T
 
 from ehrlake.errors import CommitConflict, SchemaMismatch, TableNotFound
 from ehrlake.lake import _schema
-from ehrlake.lake._delta_rs import create_table
 from ehrlake.lake.modes import CommitResult, WriteMode, check_write
 from ehrlake.lake.stats import parquet_options, stats_columns
 
 MERGE_ATTEMPTS = 8
+CREATE_WAIT_S = 10.0
+_CREATING = "DELTA_CREATE_TABLE_WITH_NON_EMPTY_LOCATION"  # another writer's create is under way
 _CONFLICTS = (
     "ConcurrentAppendException",
     "ConcurrentDeleteReadException",
@@ -123,14 +124,44 @@ class NativeDeltaEngine:
 
     # ----------------------------------------------------------------- writes
     def create(self, path, schema, partition_by, description=None) -> None:
-        """Create an empty table (a no-op when it exists, also when another writer just made it),
-        its first commit written as Delta's CREATE TABLE writes it (protocol, metadata and the
-        statistics columns as a table property) but by delta-rs: ~10 ms against ~0.3 s of Spark
-        jobs, paid by every table of a new lake."""
+        """Create an empty table (a no-op when it exists, also when another writer just made it)."""
+        missing = [c for c in partition_by if c not in schema.fieldNames()]
+        if missing:
+            raise SchemaMismatch(f"partition columns {missing} are not in the schema of {path}")
         if self.exists(path):
             return
-        stats = ",".join(f"`{c}`" for c in stats_columns(schema, booleans=False))
-        create_table(path, schema, partition_by, description, {"delta.dataSkippingStatsColumns": stats})
+        columns = T.StructType(
+            [T.StructField(f.name, _schema.nullable(f.dataType), True, f.metadata) for f in schema]
+        )
+        builder = (
+            self._DeltaTable.createIfNotExists(self.spark)
+            .location(path)
+            .addColumns(columns)
+            .property(
+                "delta.dataSkippingStatsColumns",
+                ",".join(f"`{c}`" for c in stats_columns(schema, booleans=False)),
+            )
+        )
+        if partition_by:
+            builder = builder.partitionedBy(*partition_by)
+        if description:
+            builder = builder.comment(description)
+        try:
+            builder.execute()
+        except Exception as exc:
+            if not ((_is_conflict(exc) or _CREATING in str(exc)) and self._created_by_another(path)):
+                raise
+
+    def _created_by_another(self, path: str, wait_s: float = CREATE_WAIT_S) -> bool:
+        """Whether another writer's first commit of the table lands within ``wait_s``: a create that
+        lost the race finds the log folder made but not yet committed to. A folder that stays
+        without a commit is no Delta table, and the create's own error stands."""
+        deadline = time.monotonic() + wait_s
+        while not self.exists(path):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def write(self, df, path, table, mode, partition_by, where, evolve, commit_info) -> CommitResult:
         self.create(path, df.schema, list(partition_by or []))  # a no-op when the table exists
