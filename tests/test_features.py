@@ -128,6 +128,10 @@ def test_labels_follow_their_definitions(twins):
     assert got[("readmission_30d", "future", "test/future-e2")] == (0, None)
     assert got[("readmission_30d", "same", "test/same-e2")] == (0, None)
     assert summary["tasks"]["mortality_12m"] == {"labelled": 2, "positive": 1, "excluded": 0}
+    # a rebuilt table's rows, as the job's summary and audit say them, are the table's
+    assert summary["gold.labels"] == len(got) and summary["gold.features_patient"] == twins.row_count(
+        "gold.features_patient"
+    )
 
 
 def test_readmission_label_counts_a_stay_within_30_days_and_excludes_deaths(spark, lake):

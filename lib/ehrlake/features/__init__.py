@@ -188,15 +188,17 @@ def run(
         with lake.security.job(JOB, ["gold"], role, run_id) as (_, audit):
             for table, df in written.items():
                 if scope is None:  # a feature added to the definitions is a new column
-                    lake.write(df, table, mode=WriteMode.OVERWRITE, evolve_schema=True, commit_info=commit)
-                    how = "rebuilt"
+                    result = lake.write(
+                        df, table, mode=WriteMode.OVERWRITE, evolve_schema=True, commit_info=commit
+                    )
+                    rows, how = result.rows_written, "rebuilt"  # the table is what the overwrite wrote
                 else:
                     silver_tasks = F.col("task").isin(*SILVER_TASKS) if table == LABELS else None
                     found = increments.replace_patients(
                         lake, df, table, KEYS[table], scope, commit, where=silver_tasks
                     )
                     how = increments.describe(found)
-                rows = lake.row_count(table)
+                    rows = lake.row_count(table)
                 summary[table], summary["how"][table] = rows, how
                 audit.append((table, f"{rows} rows, {how}"))
             watermarks.record(lake, [watermarks.Watermark(JOB, LABELS, sources, fp, run_id)], commit)
