@@ -395,7 +395,8 @@ def _write(lake, tables, plans, marks, read_at, run_id, cluster, report: CleanRe
         return done, counts
 
     # An increment's tables are small: each one's jobs are mostly planning and commits, so they
-    # run side by side. A rebuild's each fill the cores (and sort by patient), so one at a time.
+    # run side by side. A rebuild's each fill the cores (and sort by patient), so one at a time:
+    # side by side, a 100,000-patient rebuild took 82.4-82.6 s against 81.5-81.8 s (2026-12-06).
     items = list(tables.items())
     merging = INCREMENTAL in how.values()
     done = side_by_side(one, items, "clean-table") if merging else [one(item) for item in items]
