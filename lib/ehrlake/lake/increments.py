@@ -165,7 +165,20 @@ def _append_new(
 
 def counted(frame: DataFrame, tally: dict[str, Column]) -> tuple[int, dict[str, int]]:
     """(rows of ``frame``, and for each of ``tally`` the rows where it holds), in one pass."""
-    rows, *held = frame.agg(F.count("*"), *[F.sum(_int(c)) for c in tally.values()]).first()
+    return _as_counts(frame.agg(*_counts(tally)).first(), tally)
+
+
+def _counts(tally: dict[str, Column]) -> list[Column]:
+    """The rows, then for each of ``tally`` (in its order) the rows where it holds."""
+    return [
+        F.count("*").alias("rows"),
+        *[F.sum(_int(c)).alias(f"tally{i}") for i, c in enumerate(tally.values())],
+    ]
+
+
+def _as_counts(values, tally: dict[str, Column]) -> tuple[int, dict[str, int]]:
+    """The values of :func:`_counts`, in its order, as (rows, tally name -> rows)."""
+    rows, *held = values
     return int(rows), {n: int(h or 0) for n, h in zip(tally, held, strict=True)}
 
 
@@ -175,8 +188,7 @@ def observed(frame: DataFrame, tally: dict[str, Column]) -> tuple[DataFrame, Obs
     native engine also reconstructs the new version's state (bench/engines.py). Observe the frame
     as written: a step above it that samples its input (a range partitioning) would count twice."""
     observation = Observation(f"ehrlake-tally-{uuid.uuid4().hex}")
-    sums = [F.sum(_int(c)).alias(f"tally{i}") for i, c in enumerate(tally.values())]
-    return frame.observe(observation, F.count("*").alias("rows"), *sums), observation
+    return frame.observe(observation, *_counts(tally)), observation
 
 
 def observed_counts(observation: Observation, tally: dict[str, Column]) -> tuple[int, dict[str, int]] | None:
@@ -186,8 +198,7 @@ def observed_counts(observation: Observation, tally: dict[str, Column]) -> tuple
     jvm_observation = observation._jo  # no public way to ask without blocking
     if jvm_observation is None or not jvm_observation.future().isCompleted():
         return None
-    metrics = observation.get
-    return int(metrics["rows"]), {n: int(metrics[f"tally{i}"] or 0) for i, n in enumerate(tally)}
+    return _as_counts(observation.get.values(), tally)
 
 
 def _int(condition: Column) -> Column:
