@@ -251,6 +251,9 @@ def test_cli_view_run_on_files_and_on_a_lake_table(lake, capsys, tmp_path):
     assert stored[0].what != "fall risk" and stored[0].patient_key  # sealed; linked by patient_key
     events = lake.read("audit.events").where("job = 'view'").collect()
     assert any(e.table_name == "silver.flags" for e in events)
+    assert [e.detail for e in events if e.table_name == "silver.flags" and e.detail] == [
+        "view flag over bronze.fhir_other: 1 rows"
+    ]  # the rows written, as the table holds them
     assert cli.main([*args, "--table", "bronze.fhir_other"]) == 1  # sealed records need --out
     # a job reads each record's processing copy: a view asking for names gets none
     people = tmp_path / "people.json"

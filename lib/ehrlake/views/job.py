@@ -72,8 +72,10 @@ def write_output(lake, out: str, role: str | None, source: str, rows: Callable[[
     from ehrlake.lake.modes import WriteMode
 
     with lake.security.job("view", [TableName.parse(out).layer], role) as (_, written):
-        lake.write(rows(), out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"})
-        count = lake.row_count(out)
+        # the table is what the overwrite wrote: its commit's rows, not a count of it read again
+        count = lake.write(
+            rows(), out, mode=WriteMode.OVERWRITE, commit_info={"ehrlakeJob": "view"}
+        ).rows_written
         written.append((out, f"{source}: {count} rows"))
     return count
 
