@@ -68,6 +68,27 @@ def test_prevalence_and_utilisation_rates_are_hidden_with_their_counts(gold):
     )
 
 
+def test_national_prevalence_is_per_1000_distinct_persons_seen_that_year(gold):
+    """The national table's denominator comes from the same persisted rollup as the state table's
+    (aggregates.Shared, computed once per run; conftest checks a run leaves no cached frame): the
+    distinct persons with an encounter that year, not a sum over states."""
+    from pyspark.sql import functions as F
+
+    lake, _ = gold
+    enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
+    seen = {
+        r.year: r.n
+        for r in enc.groupBy(F.year("start_at").alias("year"))
+        .agg(F.countDistinct("patient_key").alias("n"))
+        .collect()
+    }
+    table = f"gold.eda_condition_prevalence{aggregates.NATIONAL}"
+    shown = [r for r in lake.read(table).collect() if r.per_1000_seen is not None]
+    assert shown
+    for r in shown:  # Spark rounds half up, Python half to even: within a hundredth
+        assert r.per_1000_seen == pytest.approx(r.persons * 1000 / seen[r.year], abs=0.006)
+
+
 def test_analysts_read_gold_and_the_reads_are_audited(gold):
     lake, _ = gold
     assert lake.read("gold.eda_demographics", role="analyst").count() > 0

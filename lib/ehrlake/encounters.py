@@ -38,15 +38,23 @@ def data_end(lake, role: str | None = None) -> dt.datetime | None:
 def data_clock(lake, role: str | None = None) -> tuple[dt.datetime | None, bool]:
     """(:func:`data_end`, whether it is a date-shifted extract's own clock: then events flagged
     ``future_date`` are the data's present, not errors beyond its end)."""
+    now, latest = start_bounds(lake, role)
+    if now is not None:
+        return now, False
+    return latest, latest is not None
+
+
+def start_bounds(lake, role: str | None = None) -> tuple[dt.datetime | None, dt.datetime | None]:
+    """(the latest encounter start not flagged ``future_date``, the latest start of all), in one
+    pass over silver.encounter: a job that needs both (the EDA: the data's end and the last year it
+    shows) reads the table once."""
     future = F.array_contains(F.coalesce("quality_flags", F.array()), "future_date")
     row = (
         lake.read("silver.encounter", role=role)
-        .agg(F.max(F.when(~future, F.col("start_at"))).alias("now"), F.max("start_at").alias("shifted"))
+        .agg(F.max(F.when(~future, F.col("start_at"))).alias("now"), F.max("start_at").alias("latest"))
         .first()
     )
-    if row["now"] is not None:
-        return row["now"], False
-    return row["shifted"], row["shifted"] is not None
+    return row["now"], row["latest"]
 
 
 def readmitted_stays(encounters: DataFrame) -> DataFrame:

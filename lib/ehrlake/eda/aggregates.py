@@ -18,6 +18,7 @@ hidden together with enough other cells that no hidden count can be recovered fr
 from __future__ import annotations
 
 import datetime as dt
+import threading
 
 import pandas as pd
 from pyspark.sql import DataFrame
@@ -84,41 +85,111 @@ def _full_grid(df: DataFrame, dims: list[str], count: str) -> DataFrame:
 NOT_DISEASES = r"\((finding|situation|person|event|regime/therapy|procedure)\)\s*$"
 
 
-def condition_prevalence(lake, years: int, top: int, last_year: int, by_state: bool = True) -> DataFrame:
+class Shared:
+    """What several tables of one run read, computed once: the persons seen per year (and state),
+    three tables' denominator; the top conditions' persons at both levels (two tables); the
+    inpatient stays of the years shown with their readmission outcome (two tables).
+
+    Each is a frame made on first use, persisted when ``cache`` (a run; it ends with
+    :meth:`close`). Tables are built side by side, so under a lock; Spark then computes a
+    persisted frame's partitions once even where two tables' jobs ask at the same time. Before, each
+    table computed its own and evaluated its joins twice (once for the full grid, once for the
+    suppression): silver.encounter was read about eight times a run."""
+
+    def __init__(self, lake, years: int, last_year: int, end: dt.datetime | None, cache: bool = True):
+        self.lake, self.years, self.last_year, self.end, self.cache = lake, years, last_year, end, cache
+        self._frames: dict[str, DataFrame] = {}
+        self._lock = threading.Lock()
+
+    def shown(self, column: str = "year") -> F.Column:
+        """Whether a row's ``column`` (a year) is one of the years the tables show."""
+        return F.col(column).between(self.last_year - self.years + 1, self.last_year)
+
+    def seen(self, where: list[str]) -> DataFrame:
+        """Distinct persons with an encounter in a year shown, per ``where`` (year and state, or year)."""
+        level = 0 if "state" in where else 1  # grouping_id of rollup(year, state)
+        return self._once("seen", self._seen).where(F.col("_level") == level).select(*where, "persons")
+
+    def conditions(self, top: int) -> DataFrame:
+        """Persons with each of the ``top`` conditions (:func:`condition_prevalence`) per year,
+        condition and state (``_level`` 0) and per year and condition (``_level`` 1), with the
+        condition's ``display``."""
+        return self._once(f"conditions-{top}", lambda: self._conditions(top))
+
+    def stays(self) -> DataFrame:
+        """The inpatient stays begun in the years shown (:func:`_readmissions`): year, state,
+        organization_id and ``_readmitted``."""
+        stays = lambda: _readmissions(self.lake, self.years, self.last_year, self.end)  # noqa: E731
+        return self._once("stays", lambda: stays().select("year", "state", "organization_id", "_readmitted"))
+
+    def close(self) -> None:
+        """Drop the persisted frames (the run is over)."""
+        for frame in self._frames.values():
+            frame.unpersist()
+        self._frames.clear()
+
+    def _once(self, name: str, build) -> DataFrame:
+        with self._lock:
+            if name not in self._frames:
+                frame = build()
+                self._frames[name] = frame.persist() if self.cache else frame
+            return self._frames[name]
+
+    def _seen(self) -> DataFrame:
+        enc = self.lake.read("silver.encounter").where(F.col("start_at").isNotNull())
+        enc = enc.select("patient_key", F.year("start_at").alias("year"), _region().alias("state"))
+        return (
+            enc.where(self.shown())
+            .rollup("year", "state")
+            .agg(F.countDistinct("patient_key").alias("persons"), F.grouping_id().alias("_level"))
+            .where(F.col("_level") < 2)
+        )
+
+    def _conditions(self, top: int) -> DataFrame:
+        cond = self.lake.read("silver.condition").where(F.col("onset_at").isNotNull())
+        cond = cond.where(~F.coalesce(F.col("display").rlike(NOT_DISEASES), F.lit(False)))
+        cond = cond.withColumn("year", F.year("onset_at")).where(self.shown())
+        people = self.lake.read("silver.patient").select("patient_key", _region().alias("state"))
+        cond = cond.join(people, "patient_key", "left").fillna({"state": UNKNOWN})
+        top_codes = (
+            cond.groupBy("code_system", "code")
+            .agg(F.countDistinct("patient_key").alias("_n"), F.min("display").alias("display"))
+            .orderBy(F.desc("_n"), "code")
+            .limit(top)
+            .drop("_n")
+        )
+        condition = F.concat_ws(":", "code_system", "code").alias("condition")
+        return (
+            cond.drop("display")
+            .join(F.broadcast(top_codes), ["code_system", "code"])
+            .select("year", condition, "state", "patient_key", "display")
+            .rollup("year", "condition", "state")
+            .agg(
+                F.countDistinct("patient_key").alias("persons"),
+                F.first("display").alias("display"),
+                F.grouping_id().alias("_level"),
+            )
+            .where(F.col("_level") < 2)
+        )
+
+
+def condition_prevalence(
+    lake, years: int, top: int, last_year: int, by_state: bool = True, shared: Shared | None = None
+) -> DataFrame:
     """Persons with each of the ``top`` most frequent diseases (SNOMED findings and situations left
-    out, see ``NOT_DISEASES``), per year and state (or the whole country), last ``years`` years."""
-    cond = lake.read("silver.condition").where(F.col("onset_at").isNotNull())
-    cond = cond.where(~F.coalesce(F.col("display").rlike(NOT_DISEASES), F.lit(False)))
-    cond = cond.withColumn("year", F.year("onset_at")).where(
-        F.col("year").between(last_year - years + 1, last_year)
-    )
-    people = lake.read("silver.patient").select("patient_key", _region().alias("state"))
-    cond = cond.join(people, "patient_key", "left").fillna({"state": UNKNOWN})
+    out, see ``NOT_DISEASES``), per year and state (or the whole country), last ``years`` years;
+    ``shared``: the run's :class:`Shared` inputs."""
+    shared = shared or Shared(lake, years, last_year, None, cache=False)
     where = ["year", "state"] if by_state else ["year"]
-    top_codes = (
-        cond.groupBy("code_system", "code").agg(F.countDistinct("patient_key").alias("_n"))
-        .orderBy(F.desc("_n"), "code").limit(top).select("code_system", "code")
-    )  # fmt: skip
-    names = cond.groupBy("code_system", "code").agg(F.min("display").alias("display"))
-    counts = (
-        cond.join(top_codes, ["code_system", "code"])
-        .groupBy(*where, "code_system", "code")
-        .agg(F.countDistinct("patient_key").alias("persons"))
-    )
-    condition = F.concat_ws(":", "code_system", "code")
-    counts = counts.withColumn("condition", condition).drop("code_system", "code")
+    conditions = shared.conditions(top)
+    level = F.col("_level") == (0 if by_state else 1)
+    counts = conditions.where(level).select(*where, "persons", "condition")
     grid = _full_grid(counts, [*where, "condition"], "persons")
-    seen = _persons_seen(lake, where).withColumnRenamed("persons", "population")
+    seen = shared.seen(where).withColumnRenamed("persons", "population")
     per_1000 = F.round(F.col("persons") * 1000 / F.col("population"), 2)
     out = grid.join(seen, where, "left").withColumn("per_1000_seen", per_1000)
-    return out.join(names.select(condition.alias("condition"), "display"), "condition", "left")
-
-
-def _persons_seen(lake, where: list[str] | None = None) -> DataFrame:
-    """Distinct persons with any encounter, per year and state (or ``where``): the denominator of rates."""
-    enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
-    enc = enc.select("patient_key", F.year("start_at").alias("year"), _region().alias("state"))
-    return enc.groupBy(*(where or ["year", "state"])).agg(F.countDistinct("patient_key").alias("persons"))
+    names = conditions.select("condition", "display").dropDuplicates(["condition"])
+    return out.join(names, "condition", "left")
 
 
 def _readmissions(lake, years: int, last_year: int, end: dt.datetime | None) -> DataFrame:
@@ -138,15 +209,16 @@ def _readmissions(lake, years: int, last_year: int, end: dt.datetime | None) -> 
     )
 
 
-def utilisation(lake, years: int, last_year: int, end: dt.datetime | None, k: int) -> DataFrame:
+def utilisation(
+    lake, years: int, last_year: int, end: dt.datetime | None, k: int, shared: Shared | None = None
+) -> DataFrame:
+    shared = shared or Shared(lake, years, last_year, end, cache=False)
     enc = lake.read("silver.encounter").where(F.col("start_at").isNotNull())
-    enc = enc.withColumn("year", F.year("start_at")).where(
-        F.col("year").between(last_year - years + 1, last_year)
-    )
+    enc = enc.withColumn("year", F.year("start_at")).where(shared.shown())
     enc = enc.withColumn("state", _region()).withColumn(
         "class", F.coalesce("encounter_class", F.lit(UNKNOWN))
     )
-    readmit = _readmissions(lake, years, last_year, end).withColumn("state", _region())
+    readmit = shared.stays().withColumn("state", _region())
     per_class = enc.groupBy("year", "state", "class").agg(
         F.count("*").alias("encounters"),
         F.countDistinct("patient_key").alias("persons"),
@@ -160,7 +232,7 @@ def utilisation(lake, years: int, last_year: int, end: dt.datetime | None, k: in
         F.sum("_readmitted").alias("_readmissions"),
     )
     grid = _full_grid(per_class, ["year", "state", "class"], "persons").fillna({"encounters": 0})
-    seen = _persons_seen(lake).withColumnRenamed("persons", "population")
+    seen = shared.seen(["year", "state"]).withColumnRenamed("persons", "population")
     out = grid.join(seen, ["year", "state"], "left").withColumn(
         "encounters_per_1000", F.round(F.col("encounters") * 1000 / F.col("population"), 1)
     )
@@ -175,11 +247,14 @@ def utilisation(lake, years: int, last_year: int, end: dt.datetime | None, k: in
     )
 
 
-def readmission_by_facility(lake, years: int, last_year: int, end: dt.datetime | None, k: int) -> DataFrame:
+def readmission_by_facility(
+    lake, years: int, last_year: int, end: dt.datetime | None, k: int, shared: Shared | None = None
+) -> DataFrame:
     """Inpatient stays per facility and year, and the share followed by another inpatient stay of
     the same person within 30 days of discharge (at any facility), among the stays the
     ``readmission_30d`` label can judge (:func:`_readmissions`)."""
-    stays = _readmissions(lake, years, last_year, end)
+    shared = shared or Shared(lake, years, last_year, end, cache=False)
+    stays = shared.stays()
     stays = stays.withColumn("facility", F.coalesce("organization_id", F.lit(UNKNOWN)))
     per = stays.groupBy("year", "facility").agg(
         F.count("*").alias("stays"),
@@ -242,8 +317,11 @@ def run(
     }
     last, end = reference.year, None
     if has["encounter"]:
-        end = encounters.data_end(lake)  # the readmission label's clock, read once for both tables
-        last = min(lake.read("silver.encounter").agg(F.max(F.year("start_at"))).first()[0] or last, last)
+        # the readmission label's clock (encounters.data_end) and the last year shown, one pass
+        now, latest = encounters.start_bounds(lake)
+        end = now if now is not None else latest
+        last = min(latest.year, last) if latest is not None else last
+    shared = Shared(lake, years, last, end)
     utilisation_derived = [
         "encounters",
         "encounters_per_1000",
@@ -269,28 +347,28 @@ def run(
         ),
         "gold.eda_condition_prevalence": (
             ["patient", "condition", "encounter"],
-            lambda: condition_prevalence(lake, years, top, last),
+            lambda: condition_prevalence(lake, years, top, last, shared=shared),
             ["year", "state", "condition"],
             "persons",
             ["per_1000_seen"],
         ),
         f"gold.eda_condition_prevalence{NATIONAL}": (
             ["patient", "condition", "encounter"],
-            lambda: condition_prevalence(lake, years, top, last, by_state=False),
+            lambda: condition_prevalence(lake, years, top, last, by_state=False, shared=shared),
             ["year", "condition"],
             "persons",
             ["per_1000_seen"],
         ),
         "gold.eda_utilisation": (
             ["encounter"],
-            lambda: utilisation(lake, years, last, end, k),
+            lambda: utilisation(lake, years, last, end, k, shared),
             ["year", "state", "class"],
             "persons",
             utilisation_derived,
         ),
         "gold.eda_readmission_by_facility": (
             ["encounter"],
-            lambda: readmission_by_facility(lake, years, last, end, k),
+            lambda: readmission_by_facility(lake, years, last, end, k, shared),
             ["year", "facility"],
             "stays",
             ["readmission_30d_rate"],
@@ -341,7 +419,10 @@ def run(
     with lake.security.job("eda", ["gold"], role) as (_, written):
         # each table is a few small Spark jobs and then the suppression's linear programs on the
         # driver: tables are built side by side
-        summary = dict(zip(tables, side_by_side(publish, tables, "eda-table"), strict=True))
+        try:
+            summary = dict(zip(tables, side_by_side(publish, tables, "eda-table"), strict=True))
+        finally:
+            shared.close()
         for name, shown in summary.items():
             written.append((name, f"{shown['cells']} cells, {shown['hidden']} suppressed (k={k})"))
     return summary
