@@ -48,30 +48,35 @@ def survey(spark) -> DataFrame:
 
 
 def comparison(lake, survey_df: DataFrame) -> DataFrame:
-    """Per state, sex and indicator: persons measured, persons meeting it, percent, NFHS-5 percent."""
+    """Per state, sex and indicator: persons measured, persons meeting it, percent, NFHS-5 percent.
+
+    One pass over the observations: the latest measurement of each indicator code per person (one
+    window over every indicator's codes), then per person whether each indicator is met (null where
+    the person has none of its codes), stacked into one row per person and indicator measured.
+    Three passes, one per indicator, read and shuffled the largest silver table three times."""
     people = lake.read("silver.patient").select("patient_key", "state", F.col("gender").alias("sex"))
+    codes = [code for codes, *_ in INDICATORS.values() for code in codes]
     obs = lake.read("silver.observation").where(F.col("value_number").isNotNull())
-    obs = obs.where(F.col("age_at_event") >= 15)
+    obs = obs.where((F.col("age_at_event") >= 15) & F.col("code").isin(*codes))
     latest = Window.partitionBy("patient_key", "code").orderBy(F.desc("effective_at"))
     obs = obs.withColumn("_rank", F.row_number().over(latest)).where("_rank = 1")
-    parts = []
-    for name, (codes, condition, _, _, definition) in INDICATORS.items():
-        rows = obs.where(F.col("code").isin(*codes)).select(
-            "patient_key", "code", F.col("value_number").alias("value")
-        )
+    obs = obs.select("patient_key", "code", F.col("value_number").alias("value"))
+    met = []
+    for name, (codes, condition, *_) in INDICATORS.items():
         if condition is None:  # blood pressure: either reading over its threshold
             hit = ((F.col("code") == "8480-6") & (F.col("value") >= 140)) | (
                 (F.col("code") == "8462-4") & (F.col("value") >= 90)
             )
         else:
             hit = F.expr(condition)
-        per_person = rows.groupBy("patient_key").agg(F.max(hit.cast("int")).alias("meets"))
-        parts.append(
-            per_person.withColumn("indicator", F.lit(name)).withColumn("definition", F.lit(definition))
-        )
-    measured = parts[0]
-    for p in parts[1:]:
-        measured = measured.unionByName(p)
+        met.append(F.max(F.when(F.col("code").isin(*codes), hit.cast("int"))).alias(name))
+    per_person = obs.groupBy("patient_key").agg(*met)
+    pairs = ", ".join(f"'{name}', `{name}`" for name in INDICATORS)
+    measured = per_person.select(
+        "patient_key", F.expr(f"stack({len(INDICATORS)}, {pairs}) AS (indicator, meets)")
+    ).where(F.col("meets").isNotNull())
+    definitions = F.create_map(*[F.lit(v) for name, (*_, d) in INDICATORS.items() for v in (name, d)])
+    measured = measured.withColumn("definition", definitions[F.col("indicator")])
     counts = (
         measured.join(people, "patient_key")
         .groupBy("state", "sex", "indicator", "definition")
