@@ -117,10 +117,9 @@ class Shared:
         return self._once(f"conditions-{top}", lambda: self._conditions(top))
 
     def stays(self) -> DataFrame:
-        """The inpatient stays begun in the years shown (:func:`_readmissions`): year, state,
+        """The inpatient stays begun in the years shown (:meth:`_stays`): year, state,
         organization_id and ``_readmitted``."""
-        stays = lambda: _readmissions(self.lake, self.years, self.last_year, self.end)  # noqa: E731
-        return self._once("stays", lambda: stays().select("year", "state", "organization_id", "_readmitted"))
+        return self._once("stays", self._stays)
 
     def close(self) -> None:
         """Drop the persisted frames (the run is over)."""
@@ -172,6 +171,22 @@ class Shared:
             .where(F.col("_level") < 2)
         )
 
+    def _stays(self) -> DataFrame:
+        """``_readmitted``: 1 or 0 as the ``readmission_30d`` label has it, null where the label
+        excludes the stay (no discharge time, died by discharge, its 30 days past the end of the
+        data): one definition, encounters.py. A rate is then the label's mean over the stays it can
+        judge, as a model's base rate is."""
+        if self.lake.exists("silver.patient"):
+            deaths = self.lake.read("silver.patient").select("patient_key", "death_date")
+        else:
+            deaths = self.lake.spark.createDataFrame([], "patient_key string, death_date date")
+        stays = encounters.readmission_outcomes(self.lake.read("silver.encounter"), deaths, self.end)
+        return (
+            stays.withColumn("year", F.year("start_at"))
+            .where(self.shown())
+            .select("year", "state", "organization_id", F.col("readmitted").alias("_readmitted"))
+        )
+
 
 def condition_prevalence(
     lake, years: int, top: int, last_year: int, by_state: bool = True, shared: Shared | None = None
@@ -190,23 +205,6 @@ def condition_prevalence(
     out = grid.join(seen, where, "left").withColumn("per_1000_seen", per_1000)
     names = conditions.select("condition", "display").dropDuplicates(["condition"])
     return out.join(names, "condition", "left")
-
-
-def _readmissions(lake, years: int, last_year: int, end: dt.datetime | None) -> DataFrame:
-    """The inpatient stays begun in the years shown, with ``year`` and ``_readmitted``: 1 or 0 as
-    the ``readmission_30d`` label has it, null where the label excludes the stay (no discharge
-    time, died by discharge, its 30 days past the end of the data): one definition, encounters.py.
-    A rate is then the label's mean over the stays it can judge, as a model's base rate is."""
-    if lake.exists("silver.patient"):
-        deaths = lake.read("silver.patient").select("patient_key", "death_date")
-    else:
-        deaths = lake.spark.createDataFrame([], "patient_key string, death_date date")
-    stays = encounters.readmission_outcomes(lake.read("silver.encounter"), deaths, end)
-    return (
-        stays.withColumn("year", F.year("start_at"))
-        .where(F.col("year").between(last_year - years + 1, last_year))
-        .withColumnRenamed("readmitted", "_readmitted")
-    )
 
 
 def utilisation(
@@ -252,7 +250,7 @@ def readmission_by_facility(
 ) -> DataFrame:
     """Inpatient stays per facility and year, and the share followed by another inpatient stay of
     the same person within 30 days of discharge (at any facility), among the stays the
-    ``readmission_30d`` label can judge (:func:`_readmissions`)."""
+    ``readmission_30d`` label can judge (:meth:`Shared._stays`)."""
     shared = shared or Shared(lake, years, last_year, end, cache=False)
     stays = shared.stays()
     stays = stays.withColumn("facility", F.coalesce("organization_id", F.lit(UNKNOWN)))
