@@ -192,3 +192,36 @@ def test_the_audits_shortcut_finds_exactly_the_cells_whose_range_is_one_value():
             assert bool(fixed[j]) == (high - low < 1e-9), (shape, cell, ranges[cell])
             seen[bool(fixed[j])] += 1
     assert seen[True] > 20 and seen[False] > 20  # both kinds met, many times
+
+
+def test_a_box_move_frees_only_cells_whose_range_is_at_least_one():
+    """``_BoxMoves`` proves cells not pinned without an LP: each cell it frees must have a range (two
+    LPs) of 1 or more, and on tables with many hidden cells it must free most of those that do."""
+    import pandas as pd
+
+    from ehrlake.eda.suppression import _BoxMoves
+
+    rng = random.Random(5)
+    freed = {True: 0, False: 0}
+    for _ in range(40):
+        shape = [rng.randint(2, 4) for _ in range(rng.choice([1, 2, 3]))]
+        cells = {
+            c: (0 if rng.random() < 0.2 else rng.randint(1, 12))
+            for c in itertools.product(*[range(s) for s in shape])
+        }
+        hidden = {c for c in cells if rng.random() < 0.6}
+        if not hidden:
+            continue
+        frame = pd.DataFrame([(*map(str, c), n) for c, n in cells.items()])
+        moves = _BoxMoves(frame, list(frame.columns[:-1]))
+        order = list(cells)
+        is_hidden = np.array([c in hidden for c in order])
+        verdicts = moves.freed(np.arange(len(order)), is_hidden, np.array([float(cells[c]) for c in order]))
+        ranges = _feasible_ranges(cells, hidden, len(shape))
+        for cell, free in zip(order, verdicts, strict=True):
+            if free:
+                low, high = ranges[cell]
+                assert high - low >= 1 - 1e-9, (shape, cell, ranges[cell])
+            if cell in hidden and ranges[cell][1] - ranges[cell][0] >= 1 - 1e-9:
+                freed[bool(free)] += 1
+    assert freed[True] > 3 * freed[False]  # most free cells have a box

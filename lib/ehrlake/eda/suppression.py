@@ -126,6 +126,7 @@ def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> 
     n = cells[count].fillna(0).to_numpy(dtype=float)
     status = np.where((n >= 1) & (n < k), PRIMARY, None).astype(object)
     lines = _lines(cells, dims)
+    moves = _BoxMoves(cells, dims)
     through: list[list[int]] = [[] for _ in range(len(n))]  # cell -> the lines crossing it
     for number, line in enumerate(lines):
         for cell in line:
@@ -135,7 +136,7 @@ def suppress_frame(cells: pd.DataFrame, dims: list[str], count: str, k: int) -> 
     free: set[int] = set()  # small cells proven not pinned: hiding more keeps them so
     for _ in range(len(n) + 1):
         _settle_lines(n, status, lines)
-        pinned = _pinned(n, status, lines, free)
+        pinned = _pinned(n, status, lines, free, moves)
         # Cells still pinned after three rounds of complements through them are determined by the
         # true totals alone (e.g. a line of two cells whose partner's own line totals 0): hiding
         # more cannot protect them, only blank the table. Stop there.
@@ -188,14 +189,17 @@ def _complement(
     return _hide_smallest(through, n, status) or _hide_smallest(np.arange(len(n)), n, status)
 
 
-def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], free: set[int]) -> list[int]:
+def _pinned(
+    n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], free: set[int], moves: _BoxMoves
+) -> list[int]:
     """Small (primary) cells whose value the marginal totals and the visible cells determine exactly.
 
     ``free``: small cells already proven not pinned, which are not audited again and to which the
     cells proven now are added. Hiding a further cell only widens what the others can be (the true
     values, with any solution before, still solve the new constraints), so a free cell stays free
     and each round audits only the cells that were pinned before it."""
-    hidden = [i for i in range(len(n)) if status[i] is not None]
+    is_hidden = status != None  # noqa: E711 - elementwise on objects
+    hidden = np.flatnonzero(is_hidden).tolist()
     if not hidden:
         return []
     column = {cell: j for j, cell in enumerate(hidden)}
@@ -212,10 +216,11 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], free: se
     x = np.array([n[i] for i in hidden])
     # The constraints split into independent blocks (hidden cells linked through shared lines); each
     # is audited alone. In a block, the cells no solution can move are found at once (``_fixed``):
-    # pinned. Of the others, a few LPs with random objectives reach vertices of the feasible set: a
-    # cell whose value differs there from its true value by 1 or more is proven not pinned. Only the
-    # cells left unproven get their own min/max LPs (a range under 1 is pinned too), so the audit's
-    # cost follows the cells still in doubt, not every hidden cell.
+    # pinned. Of the others, most are proven not pinned by a box move (``moves``), the rest by a few
+    # LPs with random objectives that reach vertices of the feasible set: a cell whose value differs
+    # there from its true value by 1 or more. Only the cells left unproven get their own min/max LPs
+    # (a range under 1 is pinned too), so the audit's cost follows the cells still in doubt, not
+    # every hidden cell. Moves and vertices only witness freedom, so the verdicts are the LPs'.
     blocks, label = connected_components(a_eq.T @ a_eq, directed=False)
     rng = np.random.default_rng(0)
     pinned = []
@@ -230,6 +235,8 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], free: se
         fixed = _fixed(sub, x[members])
         pinned += [hidden[members[j]] for j in np.flatnonzero(audited & fixed)]
         unproven = audited & ~fixed
+        candidates = np.flatnonzero(unproven)
+        unproven[candidates] = ~moves.freed(np.asarray(hidden)[members[candidates]], is_hidden, n)
         for _ in range(3):
             if not unproven.any():
                 break
@@ -246,6 +253,52 @@ def _pinned(n: np.ndarray, status: np.ndarray, lines: list[np.ndarray], free: se
                 pinned.append(hidden[members[j]])
         free.update(set(hidden[m] for m in members[audited]) - set(pinned))
     return sorted(pinned)
+
+
+class _BoxMoves:
+    """Moves of hidden cells that keep every line's total, found without an LP.
+
+    Pick, along every dimension, another value than a cell's: the 2^d cells of that box, +1 where an
+    even number of the cell's coordinates were changed and -1 where an odd number were, keep every
+    line's total (a line crosses the box in pairs of cells, one of each sign). If every cell of the
+    box is hidden and those to lower hold at least 1, the attacker's constraints allow the cell 1
+    more (or, the signs swapped, 1 less): it is not pinned. Most small cells the LPs used to prove
+    free have such a box; the cells without one go to the LPs as before."""
+
+    MAX_BOXES = 200_000  # per cell; beyond, no shortcut
+
+    def __init__(self, cells: pd.DataFrame, dims: list[str]):
+        codes = [pd.factorize(cells[d], use_na_sentinel=False)[0] for d in dims]
+        self.shape = tuple(int(c.max()) + 1 if len(c) else 0 for c in codes)
+        self.coords = np.stack(codes, axis=1) if dims else np.zeros((len(cells), 0), dtype=int)
+        self.index = np.full(self.shape, -1, dtype=np.int64)
+        if len(cells) and dims:
+            self.index[tuple(codes)] = np.arange(len(cells))
+
+    def freed(self, cells: np.ndarray, hidden: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Per cell of ``cells``: whether a box through it (every cell ``hidden``, counts ``n``)
+        moves it by 1."""
+        # position -1 (no such cell) reads the appended False / 0
+        hidden, n = np.append(hidden, False), np.append(n, 0.0)
+        return np.array([self._moves(cell, hidden, n) for cell in cells], dtype=bool)
+
+    def _moves(self, cell: int, hidden: np.ndarray, n: np.ndarray) -> bool:
+        d = len(self.shape)
+        if d == 0 or not hidden[cell]:
+            return False
+        own = self.coords[cell]
+        others = [np.delete(np.arange(size), own[k]) for k, size in enumerate(self.shape)]
+        if any(len(o) == 0 for o in others) or np.prod([len(o) for o in others]) > self.MAX_BOXES:
+            return False
+        axes = [o.reshape([-1 if a == k else 1 for a in range(d)]) for k, o in enumerate(others)]
+        up = down = np.bool_(True)  # per box: the cell can rise by 1 / fall by 1
+        for corner in range(1, 2**d):
+            changed = [k for k in range(d) if corner >> k & 1]
+            at = self.index[tuple(axes[k] if k in changed else own[k] for k in range(d))]
+            lowered_up = len(changed) % 2 == 1  # -1 on this corner when the cell rises
+            up = up & hidden[at] & ((n[at] >= 1) if lowered_up else True)
+            down = down & hidden[at] & (True if lowered_up else (n[at] >= 1))
+        return bool(np.any(up) or (n[cell] >= 1 and np.any(down)))
 
 
 def _fixed(sub, x: np.ndarray) -> np.ndarray:
