@@ -54,6 +54,19 @@ def _feasible_ranges(
     return ranges
 
 
+def _random_table(
+    rng: random.Random, ndims: list[int], longest: int, zeros: float, high: int, hidden: float
+) -> tuple[list[int], dict[tuple, int], set[tuple]]:
+    """A table of random shape (``ndims`` dimensions of 2 to ``longest`` values): its cells, a
+    share ``zeros`` of them 0 and the others 1 to ``high``, and a random share ``hidden`` hidden."""
+    shape = [rng.randint(2, longest) for _ in range(rng.choice(ndims))]
+    cells = {
+        c: (0 if rng.random() < zeros else rng.randint(1, high))
+        for c in itertools.product(*[range(s) for s in shape])
+    }
+    return shape, cells, {c for c in cells if rng.random() < hidden}
+
+
 def _run(spark, cells: dict[tuple, int], dims: list[str], k: int = 11):
     df = spark.createDataFrame([(*c, n) for c, n in cells.items()], [*dims, "n"])
     out = suppress(df, dims, "n", k).collect()
@@ -176,12 +189,7 @@ def test_the_audits_shortcut_finds_exactly_the_cells_whose_range_is_one_value():
     rng = random.Random(3)
     seen = {True: 0, False: 0}
     for _ in range(40):
-        shape = [rng.randint(2, 5) for _ in range(rng.choice([2, 3]))]
-        cells = {
-            c: (0 if rng.random() < 0.3 else rng.randint(1, 30))
-            for c in itertools.product(*[range(s) for s in shape])
-        }
-        hidden = {c for c in cells if rng.random() < 0.35}
+        shape, cells, hidden = _random_table(rng, [2, 3], 5, zeros=0.3, high=30, hidden=0.35)
         if not hidden:
             continue
         order, rows, _ = _constraints(cells, hidden, len(shape))
@@ -204,12 +212,7 @@ def test_a_box_move_frees_only_cells_whose_range_is_at_least_one():
     rng = random.Random(5)
     freed = {True: 0, False: 0}
     for _ in range(40):
-        shape = [rng.randint(2, 4) for _ in range(rng.choice([1, 2, 3]))]
-        cells = {
-            c: (0 if rng.random() < 0.2 else rng.randint(1, 12))
-            for c in itertools.product(*[range(s) for s in shape])
-        }
-        hidden = {c for c in cells if rng.random() < 0.6}
+        shape, cells, hidden = _random_table(rng, [1, 2, 3], 4, zeros=0.2, high=12, hidden=0.6)
         if not hidden:
             continue
         frame = pd.DataFrame([(*map(str, c), n) for c, n in cells.items()])
