@@ -258,7 +258,7 @@ def test_tabular_ann_is_compared_and_scores_patients(spark, tmp_path, security_c
 
 @pytest.fixture(scope="module")
 def federated_ann_lake(spark, tmp_path_factory, security_conf):
-    """The Diabetes 130-US extract's first 4,000 stays and their features, written by the main runtime."""
+    """The Diabetes 130-US extract's first 8,000 stays and their features, written by the main runtime."""
     from conftest import diabetes_extract
 
     from ehrlake import config
@@ -267,7 +267,7 @@ def federated_ann_lake(spark, tmp_path_factory, security_conf):
 
     folder = tmp_path_factory.mktemp("federated_ann")
     root = str(folder / "lake")
-    extract = str(diabetes_extract(folder, 4000))
+    extract = str(diabetes_extract(folder, 8000))
     _prepare(
         root,
         ["ingest", "--source", "csv-extract", "--extract", "diabetes130", "--input", extract],
@@ -298,10 +298,12 @@ def test_the_tabular_ann_trains_over_flower_sites_from_updates_only_and_scores_p
     losses = mv.params["round_train_loss"]  # the global model improves on round 1, and on
     assert len(losses) == 4 and losses[1] < losses[0] and losses[-1] < losses[1]
     assert len(run.round_auroc) == 4 and run.round_auroc[-1] > run.round_auroc[0]
-    # better than chance on the 820 held-out stays: the sites' training is not bit-reproducible
-    # (separate processes, TensorFlow on CPU threads), and its AUROC after 4 rounds has ranged from
-    # 0.533 (a CI run, 2026-12-07) to 0.604 alone; the model's quality is bench/federated.py's
-    assert mv.metrics["auroc"]["value"] > 0.5
+    # better than chance on ~1,600 held-out stays (~180 readmitted). The split is by patient key,
+    # and the keys are the test session's own, so each session holds out other stays: two sessions
+    # gave 0.637 (CI 0.595-0.681) and 0.617 (0.582-0.657); two trainings in one session, the same
+    # AUROC to 1e-15. On 4,000 stays (~90 readmitted) sessions ranged 0.533-0.636
+    auroc = mv.metrics["auroc"]
+    assert auroc["value"] > 0.55 and auroc["ci_low"] > 0.5, auroc
     hyper = runtime.load().ann
     assert mv.params["learning_rate"] == hyper.learning_rate
     shapes = [list(w.shape) for w in ann.initial_weights(len(mv.features), hyper.hidden, hyper.dropout, 1)]
