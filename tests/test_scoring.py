@@ -530,6 +530,20 @@ def test_a_shifted_input_is_flagged_and_a_stable_one_is_not(lake):
     assert "2023-01-01" not in section
 
 
+def test_a_values_bin_is_how_many_cut_points_it_lies_above_and_missing_is_its_own(spark):
+    """A value on a cut point is in the bin below it; null and NaN count as missing (-1); each
+    column's shares are its own, whatever the other columns hold."""
+    from ehrlake.scoring import drift
+
+    rows = [(None, 5.0), (float("nan"), 5.0), (0.5, 5.0), (1.0, None), (1.5, 5.0), (2.0, 6.0), (3.0, 7.0),
+            (2.5, 5.0)]  # fmt: skip
+    frame = spark.createDataFrame(rows, "a double, b double")
+    shares, n = drift._shares(frame, {"a": [2.0, 1.0], "b": []})
+    assert n == 8
+    assert shares["a"] == {-1: 2 / 8, 0: 2 / 8, 1: 2 / 8, 2: 2 / 8}
+    assert shares["b"] == {-1: 1 / 8, 0: 7 / 8}
+
+
 def test_an_input_is_out_of_scope_past_a_tenth_of_its_range_and_a_constant_one_never(spark):
     from ehrlake.models import scope
 
