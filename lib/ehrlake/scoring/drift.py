@@ -79,6 +79,20 @@ def _shares(df: DataFrame, cuts: dict[str, list[float]]) -> tuple[dict[str, dict
     return {c: {b: k / n for b, k in s.items()} for c, s in shares.items()} if n else shares, n
 
 
+def _binned(
+    reference: DataFrame, columns: list[str]
+) -> tuple[dict[str, list[float]], dict[str, dict[int, float]], int]:
+    """(cut points, shares, rows) of ``reference`` per column: read twice (cut points, then
+    shares), so its columns are kept for both and the plan under them (the training snapshot's
+    join and model transform) runs once."""
+    frame = reference.select(*columns).persist()
+    try:
+        cuts = cut_points(frame, columns)
+        return (cuts, *_shares(frame, cuts))
+    finally:
+        frame.unpersist()
+
+
 def psi(then: dict[int, float], now: dict[int, float]) -> float:
     """Population stability index of two bin -> share maps (floored shares)."""
     total = 0.0
@@ -92,8 +106,7 @@ def compare(
     reference: DataFrame, current: DataFrame, columns: list[str]
 ) -> tuple[dict[str, float], int, int]:
     """(PSI per column, reference rows, current rows), bins from the reference."""
-    cuts = cut_points(reference, columns)
-    then, n_then = _shares(reference, cuts)
+    cuts, then, n_then = _binned(reference, columns)
     now, n_now = _shares(current, cuts)
     return {c: psi(then[c], now[c]) for c in columns}, n_then, n_now
 
@@ -111,13 +124,7 @@ def reference(
             cuts = {c: list(kept[c].cuts) for c in columns}
             shares = {c: dict(zip(kept[c].bins, kept[c].shares, strict=True)) for c in columns}
             return cuts, shares, int(kept[columns[0]].rows)
-    # read twice (cut points, then shares): the snapshot's join and transform once, kept for both
-    frame = snapshot().select(*columns).persist()
-    try:
-        cuts = cut_points(frame, columns)
-        shares, n = _shares(frame, cuts)
-    finally:
-        frame.unpersist()
+    cuts, shares, n = _binned(snapshot(), columns)
     computed_at = dt.datetime.now(dt.UTC).replace(tzinfo=None)
     rows = [
         (mv.model_id, mv.version, c, cuts[c], sorted(shares[c]), [shares[c][b] for b in sorted(shares[c])], n,
