@@ -544,6 +544,30 @@ def test_a_values_bin_is_how_many_cut_points_it_lies_above_and_missing_is_its_ow
     assert shares["b"] == {-1: 1 / 8, 0: 7 / 8}
 
 
+def test_a_large_training_snapshot_is_binned_from_a_reproducible_sample_of_its_rows(spark):
+    """Past the cap a reference is a hashed share of the rows: about cap rows, the same ones on
+    every call, and bins whose PSI against the whole snapshot's stays far below a shift; up to
+    the cap the snapshot is taken whole."""
+    from pyspark.sql import functions as F
+
+    from ehrlake.scoring import drift
+
+    frame = spark.range(20_000).select(
+        F.col("id").cast("string").alias("patient_key"),
+        F.lit("i").alias("index_id"),
+        (F.col("id") % 97).cast("double").alias("age"),
+    )
+    assert drift.sample(frame, 20_000, ["patient_key", "index_id"], cap=20_000) is frame
+    drawn = drift.sample(frame, 20_000, ["patient_key", "index_id"], cap=4_000)
+    keys = sorted(r.patient_key for r in drawn.select("patient_key").collect())
+    assert abs(len(keys) - 4_000) < 300  # binomial: sd ~57
+    assert keys == sorted(r.patient_key for r in drawn.select("patient_key").collect())
+    assert keys != sorted(r.patient_key for r in frame.limit(len(keys)).collect())  # not the first rows
+    cuts, shares, n = drift._binned(drawn, ["age"])
+    whole, _ = drift._shares(frame, cuts)
+    assert n == len(keys) and drift.psi(shares["age"], whole["age"]) < 0.01
+
+
 def test_an_input_is_out_of_scope_past_a_tenth_of_its_range_and_a_constant_one_never(spark):
     from ehrlake.models import scope
 

@@ -93,15 +93,26 @@ def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> Dat
     for generated patients (:func:`ehrlake.clean.origin.with_templates`, read by the split)."""
     require(lake, t)
     versions = versions or {}
-    lab = (
+    rows = lake.read(t.feature_table, version=versions.get(t.feature_table)).join(
+        _labelled(lake, t, versions), ["patient_key", "index_id"]
+    )
+    return origin.with_templates(lake, rows)
+
+
+def training_rows(lake, t: Task, versions: dict[str, int] | None = None) -> int:
+    """How many rows :func:`training_frame` holds at most: the task's labelled rows, counted in
+    the labels table alone (no join: ~0.2 s where the training frame's count takes ~2 s at
+    100,000 patients)."""
+    require(lake, t)
+    return _labelled(lake, t, versions or {}).count()
+
+
+def _labelled(lake, t: Task, versions: dict[str, int]) -> DataFrame:
+    return (
         lake.read("gold.labels", version=versions.get("gold.labels"))
         .where((F.col("task") == t.name) & F.col("label").isNotNull())
         .select("patient_key", "index_id", "label")
     )
-    rows = lake.read(t.feature_table, version=versions.get(t.feature_table)).join(
-        lab, ["patient_key", "index_id"]
-    )
-    return origin.with_templates(lake, rows)
 
 
 def patient_features(lake, as_of: list[dt.date], defs=None, patients: DataFrame | None = None) -> DataFrame:

@@ -116,10 +116,16 @@ def resampling(pred: DataFrame, bootstrap: int = BOOTSTRAP, seed: int = 7) -> np
     return patient_draws(pred, bootstrap, seed) if keyed == rows and patients < rows else None
 
 
+def hashed_uniform(*keys: Column, seed: int) -> Column:
+    """A uniform in [0, 1) from xxhash64 of ``keys`` and ``seed``: seeded, no shuffle, the same
+    on every executor and every run, so a draw made with it is reproducible."""
+    return F.pmod(F.xxhash64(*keys, F.lit(seed)), F.lit(1 << 31)) / float(1 << 31)
+
+
 def poisson_weight(*keys: Column, seed: int) -> Column:
     """How many times a bootstrap draws what ``keys`` name: Poisson(1), by the inverse CDF of a
-    uniform from xxhash64 of the keys and ``seed`` (seeded, no shuffle, the same on every executor)."""
-    u = F.pmod(F.xxhash64(*keys, F.lit(seed)), F.lit(1 << 31)) / float(1 << 31)
+    :func:`hashed_uniform` of the keys and ``seed``."""
+    u = hashed_uniform(*keys, seed=seed)
     return sum((u >= c).cast("int") for c in POISSON_1_CDF)
 
 

@@ -209,7 +209,12 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
             if drift_of is None:  # today's population against the training snapshot's bins
 
                 def snapshot():  # scored by the same model; only where the version's bins are not kept
-                    then = model.transform(feats.training_frame(lake, t, mv.training_data))
+                    then = drift.sample(
+                        feats.training_frame(lake, t, mv.training_data),
+                        feats.training_rows(lake, t, mv.training_data),
+                        ["patient_key", "index_id"],
+                    )
+                    then = model.transform(then)
                     return then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
 
                 shifted = drift.record(lake, task_name, as_of, mv, snapshot, scored, commit)
