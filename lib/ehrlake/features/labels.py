@@ -132,8 +132,8 @@ def patient_index(
 
     The dates are a literal array exploded on each patient's row, a narrow step: as a joined
     frame of dates made on the driver, Spark knew no size for it and planned a Cartesian product
-    over every partition, three times per build (~3.5 of a nightly scoring's ~25 task-seconds of
-    features at 100,000 patients)."""
+    over every partition, three times per build (3.5 of the ~19 task-seconds of a nightly
+    scoring's features at 100,000 patients)."""
     dates = F.explode(F.array(*[F.lit(d) for d in sorted(set(as_of))])).alias("as_of")
     people = _of(lake.read("silver.patient"), patients).select("patient_key", "birth_year", "death_date")
     seen = _of(lake.read("silver.encounter"), patients).select(

@@ -90,8 +90,8 @@ def _shares(df: DataFrame, cuts: dict[str, list[float]]) -> tuple[dict[str, dict
 def sample(frame: DataFrame, rows: int, keys: list[str], cap: int = REFERENCE_ROWS) -> DataFrame:
     """``frame`` (``rows`` rows) itself up to ``cap`` rows, else a share ``cap / rows`` of it
     drawn by a hash of each row's ``keys``: the same rows on every run, no shuffle, nothing
-    counted twice. A reference's shares then err by about sqrt(p(1 - p) / cap), under 0.0016
-    for a decile at 100,000 rows."""
+    counted twice. A reference's shares then err by about sqrt(p(1 - p) / cap): at 100,000
+    rows ~0.001 for a decile, at most 0.0016."""
     if rows <= cap:
         return frame
     return frame.where(hashed_uniform(*[F.col(k) for k in keys], seed=SAMPLE_SEED) < F.lit(cap / rows))
