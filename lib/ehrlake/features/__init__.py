@@ -25,6 +25,7 @@ from ehrlake.clean import origin
 from ehrlake.errors import EhrlakeError
 from ehrlake.features import definitions, diabetes130, labels, pointintime
 from ehrlake.features.labels import LABEL_COLUMNS, TASKS, Task, task
+from ehrlake.features.pointintime import INDEX
 from ehrlake.lake import WriteMode, increments, watermarks
 from ehrlake.lake.provenance import ESTIMATES
 
@@ -94,7 +95,7 @@ def training_frame(lake, t: Task, versions: dict[str, int] | None = None) -> Dat
     require(lake, t)
     versions = versions or {}
     rows = lake.read(t.feature_table, version=versions.get(t.feature_table)).join(
-        _labelled(lake, t, versions), ["patient_key", "index_id"]
+        _labelled(lake, t, versions), INDEX
     )
     return origin.with_templates(lake, rows)
 

@@ -212,7 +212,7 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
                     then = drift.sample(
                         feats.training_frame(lake, t, mv.training_data),
                         feats.training_rows(lake, t, mv.training_data),
-                        ["patient_key", "index_id"],
+                        feats.INDEX,
                     )
                     then = model.transform(then)
                     return then.withColumn("score", score_column(mv.params.get("pos_weight", 1.0)))
