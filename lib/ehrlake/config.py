@@ -46,6 +46,10 @@ BUILT_IN_SPARK_CONF = {
     # FHIR records parse to VARIANT for the views (ehrlake.views); JSON allows a repeated
     # key (the last wins, as in from_json), VARIANT refuses it unless told
     "spark.sql.variant.allowDuplicateKeys": "true",
+    # PySpark's DataFrame debugging records the Python call site of every Column and DataFrame call
+    # (a stack capture and two JVM calls each, ~70% of the py4j calls that plan a feature build) to
+    # show it in a failed query's error; off, a plan is built with a third of the calls
+    "spark.python.sql.dataFrameDebugging.enabled": "false",
 }
 
 
