@@ -352,6 +352,59 @@ def test_concurrent_merges_of_the_same_keys_never_duplicate_a_key(lake, spark, f
         assert inserted == 20 + 2 * 5, f"round {round_}: {[r.metrics for r in results.values()]}"
 
 
+ROWS_SCHEMA = "job string, part string, n long, cuts array<double>, at timestamp"
+
+
+def test_merge_rows_upserts_what_the_driver_holds_as_a_spark_merge_would(lake, spark):
+    """A job's bookkeeping rows (a watermark, drift figures) merged from the driver: the table is
+    created, matched keys (a null key too) updated, new ones inserted, a new column added only when
+    asked; Spark reads back the values given, timestamps included, and the commit says who wrote it."""
+    at = dt.datetime(2026, 12, 7, 13, 45, 1, 123456)
+    first = [("clean", "silver.a", 1, [0.5, 1.5], at), ("clean", None, 2, [], None)]
+    result = lake.merge_rows(
+        first, ROWS_SCHEMA, "ops.marks", ["job", "part"], commit_info={"ehrlakeJob": "t"}
+    )
+    assert (result.operation, result.metrics["inserted"], result.metrics["updated"]) == ("MERGE", 2, 0)
+    latest = lake.history("ops.marks", limit=1)[0]
+    assert (latest["ehrlakeOperation"], latest["ehrlakeJob"]) == ("MERGE", "t")
+    later = at + dt.timedelta(days=1)
+    again = [("clean", None, 3, [2.0], later), ("score", "gold.b", 4, None, later)]
+    result = lake.merge_rows(again, ROWS_SCHEMA, "ops.marks", ["job", "part"])
+    assert (result.metrics["inserted"], result.metrics["updated"]) == (1, 1)
+    got = {(r.job, r.part): (r.n, r.cuts, r.at) for r in lake.read("ops.marks").collect()}
+    assert got == {
+        ("clean", "silver.a"): (1, [0.5, 1.5], at),
+        ("clean", None): (3, [2.0], later),
+        ("score", "gold.b"): (4, None, later),
+    }
+    wider = ROWS_SCHEMA + ", note string"
+    with pytest.raises(SchemaMismatch, match="note"):
+        lake.merge_rows([("clean", "silver.a", 5, None, at, "x")], wider, "ops.marks", ["job", "part"])
+    lake.merge_rows([("clean", "silver.a", 5, None, at, "x")], wider, "ops.marks", ["job", "part"], True)
+    noted = {(r.job, r.part): (r.n, r.note) for r in lake.read("ops.marks").collect()}
+    assert noted == {
+        ("clean", "silver.a"): (5, "x"),
+        ("clean", None): (3, None),
+        ("score", "gold.b"): (4, None),
+    }
+
+
+def test_concurrent_merge_rows_of_the_same_keys_never_duplicate_a_key(lake):
+    """Two jobs recording their marks at once: each key ends up once, with one writer's row."""
+    at = dt.datetime(2026, 12, 7)
+    for round_ in range(3):
+
+        def writer(tag, round_=round_):
+            marks = [("score", f"t{i}", round_, None, at) for i in range(3)] + [
+                (tag, "own", round_, None, at)
+            ]
+            lake.merge_rows(marks, ROWS_SCHEMA, "ops.marks", ["job", "part"])
+
+        assert not in_threads(writer)
+        keys = [(r.job, r.part) for r in lake.read("ops.marks").collect()]
+        assert len(keys) == len(set(keys)) == 5, f"round {round_}: {sorted(keys)}"
+
+
 def test_conflicting_commit_from_a_stale_snapshot_fails_loudly_and_loses_nothing(lake, spark):
     """Two merges planned against the same version both rewrite the same file: one must lose."""
     if lake.engine.name != "delta-rs":

@@ -212,6 +212,25 @@ class Lake:
             delete,
         )
 
+    def merge_rows(
+        self,
+        rows: list[tuple],
+        schema: T.StructType | str,
+        table: str,
+        keys: list[str],
+        evolve_schema: bool = False,
+        commit_info: dict | None = None,
+    ) -> CommitResult:
+        """:meth:`merge` for a few rows the driver holds (``rows``: tuples in ``schema``'s order, at
+        most one per key; ``schema`` a StructType or DDL), creating the table where it is absent:
+        a job's watermark, a model's drift figures. The delta-rs engine merges them in Arrow
+        without a Spark job; the native engine runs its MERGE."""
+        name = str(TableName.parse(table))
+        struct = T.DataType.fromDDL(schema) if isinstance(schema, str) else schema
+        return self.engine.merge_rows(
+            list(rows), struct, self.path(name), name, list(keys), evolve_schema, _commit_info(commit_info)
+        )
+
     def changed_rows(
         self,
         table: str,

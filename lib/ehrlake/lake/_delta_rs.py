@@ -280,6 +280,64 @@ class DeltaRsEngine:
             if to_update is not None:
                 to_update.unpersist()
 
+    def merge_rows(
+        self,
+        rows: list[tuple],
+        schema: T.StructType,
+        path: str,
+        table: str,
+        keys: list[str],
+        evolve: bool,
+        commit_info: dict,
+    ) -> CommitResult:
+        """Upsert a few rows the driver holds (at most one per key) with delta-rs's own merge, in
+        Arrow on the driver: no Spark job. A job's watermark or a model's drift figures took ~1.1 s
+        as a Spark merge (ten jobs for one row), ~0.03 s so. Keys match null-safely; matched rows
+        are updated, the rest inserted. Planned again when another writer committed first."""
+        if not self.exists(path):
+            self.create(path, schema, [])
+        on = " AND ".join(f'(t."{k}" IS NOT DISTINCT FROM s."{k}")' for k in keys)  # DataFusion SQL
+        for attempt in range(1, MERGE_ATTEMPTS + 1):
+            dt = self._open(path)
+            new = _schema.new_columns(schema, _schema.from_delta_json(dt.schema().to_json()), table, evolve)
+            if new:
+                dt = self._add_columns(dt, path, new)
+            named = [dict(zip(schema.fieldNames(), r, strict=True)) for r in rows]
+            source = pa.Table.from_pylist(named, schema=pa.schema(dt.schema().to_arrow()))
+            props = CommitProperties(
+                custom_metadata=_custom_metadata("MERGE", commit_info), max_commit_retries=0
+            )
+            try:
+                done = (
+                    dt.merge(source, on, source_alias="s", target_alias="t", commit_properties=props)
+                    .when_matched_update_all()
+                    .when_not_matched_insert_all()
+                    .execute()
+                )
+            except CommitFailedError:
+                if attempt == MERGE_ATTEMPTS:
+                    raise CommitConflict(
+                        f"{table}: {MERGE_ATTEMPTS} attempts lost to other writers' conflicting changes"
+                    ) from None
+                time.sleep(random.uniform(0.05, 0.25) * attempt)
+                continue
+            metrics = {
+                "inserted": int(done["num_target_rows_inserted"]),
+                "updated": int(done["num_target_rows_updated"]),
+                "unchanged": 0,  # every matched row is written again
+                "deleted": 0,
+            }
+            return CommitResult(
+                table,
+                self._open(path).version(),
+                "MERGE",
+                int(done["num_target_files_added"]),
+                int(done["num_target_files_removed"]),
+                int(done["num_output_rows"]),
+                metrics,
+            )
+        raise AssertionError("unreachable")
+
     def optimize(self, path: str, zorder: list[str], commit_info: dict) -> tuple[int, int]:
         """Small files bin-packed into larger ones (or all rewritten Z-ordered on ``zorder``) by
         delta-rs, in one commit that changes no data; (files removed, files added)."""
@@ -317,9 +375,13 @@ class DeltaRsEngine:
         table_schema = _schema.from_delta_json(dt.schema().to_json())
         aligned, new_fields = _schema.align(df, table_schema, table, evolve)
         if new_fields:
-            dt.alter.add_columns([Field.from_json(json.dumps(f.jsonValue())) for f in new_fields])
-            dt = self._open(path)
+            dt = self._add_columns(dt, path, new_fields)
         return dt, aligned
+
+    def _add_columns(self, dt: DeltaTable, path: str, fields: list[T.StructField]) -> DeltaTable:
+        """The table with ``fields`` added (schema evolution), opened again."""
+        dt.alter.add_columns([Field.from_json(json.dumps(f.jsonValue())) for f in fields])
+        return self._open(path)
 
     def _stage(self, df: DataFrame, path: str, partition_by: list[str]) -> list[AddAction]:
         """Phase 1: write Parquet with Spark, move files into the table, return their AddActions."""

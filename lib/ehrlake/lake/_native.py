@@ -217,6 +217,11 @@ class NativeDeltaEngine:
             raise
         return self._commit_of(path, token)
 
+    def merge_rows(self, rows, schema, path, table, keys, evolve, commit_info) -> CommitResult:
+        """A few rows the driver holds, merged as a frame by Delta's MERGE."""
+        df = self.spark.createDataFrame(rows, schema)
+        return self.merge(df, path, table, keys, None, evolve, commit_info)
+
     def merge(self, df, path, table, keys, update_when, evolve, commit_info, delete=None) -> CommitResult:
         """Upsert by key (``df`` has at most one row per key), planned again when another writer
         committed first; matched rows are updated where ``update_when`` (over ``t``/``s``) holds."""

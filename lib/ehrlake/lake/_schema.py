@@ -64,8 +64,22 @@ def align(
     Missing columns become nulls (like Delta); a column with another type, or a new column without
     ``evolve``, raises :class:`SchemaMismatch` naming the columns.
     """
+    incoming = {f.name for f in df.schema.fields}
+    new = new_columns(df.schema, table_schema, table, evolve)
+    columns = [
+        F.col(f"`{f.name}`") if f.name in incoming else F.lit(None).cast(f.dataType).alias(f.name)
+        for f in table_schema.fields
+    ] + [F.col(f"`{f.name}`") for f in new]
+    return df.select(*columns), new
+
+
+def new_columns(
+    schema: T.StructType, table_schema: T.StructType, table: str, evolve: bool
+) -> list[T.StructField]:
+    """The columns of ``schema`` that the table lacks, to add (only when ``evolve``); a column with
+    another type, or a new column without ``evolve``, raises :class:`SchemaMismatch`."""
     existing = {f.name: f for f in table_schema.fields}
-    incoming = {f.name: f for f in df.schema.fields}
+    incoming = {f.name: f for f in schema.fields}
     wrong = [
         f"{n} ({incoming[n].dataType.simpleString()} vs table {existing[n].dataType.simpleString()})"
         for n in incoming
@@ -79,8 +93,4 @@ def align(
             f"cannot write to {table}: new columns {', '.join(f.name for f in new)} are not in the table; "
             "pass evolve_schema=True to add them"
         )
-    columns = [
-        F.col(f"`{f.name}`") if f.name in incoming else F.lit(None).cast(f.dataType).alias(f.name)
-        for f in table_schema.fields
-    ] + [F.col(f"`{f.name}`") for f in new]
-    return df.select(*columns), [T.StructField(f.name, nullable(f.dataType), True, f.metadata) for f in new]
+    return [T.StructField(f.name, nullable(f.dataType), True, f.metadata) for f in new]

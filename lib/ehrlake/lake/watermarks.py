@@ -94,9 +94,7 @@ def record(lake, marks: list[Watermark], commit_info: dict) -> None:
         )
         for m in marks
     ]
-    frame = lake.spark.createDataFrame(rows, SCHEMA)
-    lake.create(TABLE, frame.schema)
-    lake.merge(frame, TABLE, ["job", "table"], evolve_schema=True, commit_info=commit_info)
+    lake.merge_rows(rows, SCHEMA, TABLE, ["job", "table"], evolve_schema=True, commit_info=commit_info)
 
 
 def fingerprint(*parts) -> str:

@@ -153,14 +153,8 @@ def reference(
         "model_id string, model_version int, input string, cuts array<double>, bins array<int>, "
         "shares array<double>, rows long, computed_at timestamp"
     )
-    _merge(lake, REFERENCE, rows, schema, REFERENCE_KEYS, commit)
+    lake.merge_rows(rows, schema, REFERENCE, REFERENCE_KEYS, commit_info=commit)
     return cuts, shares, n
-
-
-def _merge(lake, table: str, rows: list[tuple], schema: str, keys: list[str], commit: dict) -> None:
-    df = lake.spark.createDataFrame(rows, schema)
-    lake.create(table, df.schema)
-    lake.merge(df, table, keys, commit_info=commit)
 
 
 def record(
@@ -190,5 +184,5 @@ def record(
         "task string, as_of date, model_id string, model_version int, input string, psi double, "
         "status string, reference_rows long, scored_rows long, computed_at timestamp"
     )
-    _merge(lake, TABLE, rows, schema, KEYS, commit)
+    lake.merge_rows(rows, schema, TABLE, KEYS, commit_info=commit)
     return [c for c in columns if figures[c] > SHIFTED]
