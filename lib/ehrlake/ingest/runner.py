@@ -256,25 +256,22 @@ RUNNING, FINISHED, FAILED = "running", "finished", "failed"
 def _record_run(lake, report: IngestReport, started: dt.datetime, commit_info: dict, status: str) -> None:
     """Insert or update the run's row in ``ops.ingest_runs`` (keyed by run id)."""
     done = status != RUNNING
-    frame = lake.spark.createDataFrame(
-        [
-            (
-                report.run_id,
-                report.source_kind,
-                report.source_system,
-                report.input,
-                status,
-                started,
-                dt.datetime.now(dt.UTC) if done else None,
-                report.files_new,
-                report.records_read,
-                report.balanced if done else None,
-                json.dumps(report.as_dict()) if done else None,
-            )
-        ],
+    row = (
+        report.run_id,
+        report.source_kind,
+        report.source_system,
+        report.input,
+        status,
+        started,
+        dt.datetime.now(dt.UTC) if done else None,
+        report.files_new,
+        report.records_read,
+        report.balanced if done else None,
+        json.dumps(report.as_dict()) if done else None,
+    )
+    schema = (
         "run_id string, source_kind string, source_system string, input string, status string, "
         "started_at timestamp, finished_at timestamp, files int, records_read long, balanced boolean, "
-        "report string",
+        "report string"
     )
-    lake.create(RUNS_TABLE, frame.schema)
-    lake.merge(frame, RUNS_TABLE, ["run_id"], "true", evolve_schema=True, commit_info=commit_info)
+    lake.merge_rows([row], schema, RUNS_TABLE, ["run_id"], evolve_schema=True, commit_info=commit_info)

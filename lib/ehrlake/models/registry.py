@@ -133,12 +133,7 @@ def register(lake, mv: ModelVersion) -> None:
         mv.status,
     )
     _table(lake)
-    lake.merge(
-        lake.spark.createDataFrame([row], SCHEMA),
-        TABLE,
-        keys=["model_id", "version"],
-        commit_info={"ehrlakeJob": "train"},
-    )
+    lake.merge_rows([row], SCHEMA, TABLE, keys=["model_id", "version"], commit_info={"ehrlakeJob": "train"})
 
 
 def versions(lake, task: str | None = None) -> list[ModelVersion]:
