@@ -224,7 +224,8 @@ class Lake:
         """:meth:`merge` for a few rows the driver holds (``rows``: tuples in ``schema``'s order, at
         most one per key; ``schema`` a StructType or DDL), creating the table where it is absent:
         a job's watermark, a model's drift figures. The delta-rs engine merges them in Arrow
-        without a Spark job; the native engine runs its MERGE."""
+        without a Spark job, reading the table on the driver: for bookkeeping tables of thousands
+        of rows, not a patient table; the native engine runs its MERGE."""
         name = str(TableName.parse(table))
         struct = T.DataType.fromDDL(schema) if isinstance(schema, str) else schema
         return self.engine.merge_rows(
