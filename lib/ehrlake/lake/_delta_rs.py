@@ -26,6 +26,7 @@ import random
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -182,14 +183,9 @@ class DeltaRsEngine:
         """
         if not self.exists(path):
             self.create(path, df.schema, [])
-        for attempt in range(1, MERGE_ATTEMPTS + 1):
-            try:
-                return self._merge_once(df, path, table, keys, update_when, evolve, commit_info, delete)
-            except CommitConflict:
-                if attempt == MERGE_ATTEMPTS:
-                    raise
-                time.sleep(random.uniform(0.05, 0.25) * attempt)  # jitter: racing writers spread out
-        raise AssertionError("unreachable")
+        return _planned_again(
+            lambda: self._merge_once(df, path, table, keys, update_when, evolve, commit_info, delete)
+        )
 
     def _merge_once(self, df, path, table, keys, update_when, evolve, commit_info, delete) -> CommitResult:
         dt, source = self._prepare(df, path, table, evolve)
@@ -297,46 +293,45 @@ class DeltaRsEngine:
         if not self.exists(path):
             self.create(path, schema, [])
         on = " AND ".join(f'(t."{k}" IS NOT DISTINCT FROM s."{k}")' for k in keys)  # DataFusion SQL
-        for attempt in range(1, MERGE_ATTEMPTS + 1):
-            dt = self._open(path)
-            new = _schema.new_columns(schema, _schema.from_delta_json(dt.schema().to_json()), table, evolve)
-            if new:
-                dt = self._add_columns(dt, path, new)
-            named = [dict(zip(schema.fieldNames(), r, strict=True)) for r in rows]
-            source = pa.Table.from_pylist(named, schema=pa.schema(dt.schema().to_arrow()))
-            props = CommitProperties(
-                custom_metadata=_custom_metadata("MERGE", commit_info), max_commit_retries=0
+        named = [dict(zip(schema.fieldNames(), r, strict=True)) for r in rows]
+        return _planned_again(
+            lambda: self._merge_rows_once(named, schema, path, table, on, evolve, commit_info)
+        )
+
+    def _merge_rows_once(self, named, schema, path, table, on, evolve, commit_info) -> CommitResult:
+        dt = self._open(path)
+        new = _schema.new_columns(schema, _schema.from_delta_json(dt.schema().to_json()), table, evolve)
+        if new:
+            dt = self._add_columns(dt, path, new)
+        source = pa.Table.from_pylist(named, schema=pa.schema(dt.schema().to_arrow()))
+        props = CommitProperties(custom_metadata=_custom_metadata("MERGE", commit_info), max_commit_retries=0)
+        try:
+            done = (
+                dt.merge(source, on, source_alias="s", target_alias="t", commit_properties=props)
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
             )
-            try:
-                done = (
-                    dt.merge(source, on, source_alias="s", target_alias="t", commit_properties=props)
-                    .when_matched_update_all()
-                    .when_not_matched_insert_all()
-                    .execute()
-                )
-            except CommitFailedError:
-                if attempt == MERGE_ATTEMPTS:
-                    raise CommitConflict(
-                        f"{table}: {MERGE_ATTEMPTS} attempts lost to other writers' conflicting changes"
-                    ) from None
-                time.sleep(random.uniform(0.05, 0.25) * attempt)
-                continue
-            metrics = {
-                "inserted": int(done["num_target_rows_inserted"]),
-                "updated": int(done["num_target_rows_updated"]),
-                "unchanged": 0,  # every matched row is written again
-                "deleted": 0,
-            }
-            return CommitResult(
-                table,
-                self._open(path).version(),
-                "MERGE",
-                int(done["num_target_files_added"]),
-                int(done["num_target_files_removed"]),
-                int(done["num_output_rows"]),
-                metrics,
-            )
-        raise AssertionError("unreachable")
+        except CommitFailedError as exc:
+            raise CommitConflict(
+                f"{table}: another writer committed a conflicting change first; this MERGE was not "
+                f"committed and can be retried ({exc})"
+            ) from exc
+        metrics = {
+            "inserted": int(done["num_target_rows_inserted"]),
+            "updated": int(done["num_target_rows_updated"]),
+            "unchanged": 0,  # every matched row is written again
+            "deleted": 0,
+        }
+        return CommitResult(
+            table,
+            self._open(path).version(),
+            "MERGE",
+            int(done["num_target_files_added"]),
+            int(done["num_target_files_removed"]),
+            int(done["num_output_rows"]),
+            metrics,
+        )
 
     def optimize(self, path: str, zorder: list[str], commit_info: dict) -> tuple[int, int]:
         """Small files bin-packed into larger ones (or all rewritten Z-ordered on ``zorder``) by
@@ -476,6 +471,19 @@ class DeltaRsEngine:
     def _hadoop_fs(self, path: str):
         conf = self.spark._jsc.hadoopConfiguration()
         return self._jpath(path).getFileSystem(conf)
+
+
+def _planned_again(attempt: Callable[[], CommitResult]) -> CommitResult:
+    """``attempt()`` (a merge planned on the snapshot it reads), again on a newer snapshot each time
+    it loses to another writer (:class:`CommitConflict`), up to :data:`MERGE_ATTEMPTS` times."""
+    for n in range(1, MERGE_ATTEMPTS + 1):
+        try:
+            return attempt()
+        except CommitConflict:
+            if n == MERGE_ATTEMPTS:
+                raise
+            time.sleep(random.uniform(0.05, 0.25) * n)  # jitter: racing writers spread out
+    raise AssertionError("unreachable")
 
 
 def _norm(uri: str) -> str:
