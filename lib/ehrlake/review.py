@@ -111,18 +111,20 @@ def enqueue(
     commit: dict,
     found: Rules | None = None,
     extra: list[DataFrame] = (),
+    scored: int | None = None,
 ) -> tuple[int, int]:
     """Queue the task's scores of the date that the rules select (inside the scoring job); returns
     (cases new to the queue, cases the rules selected before the cap). ``extra``: frames of
     ``(patient_key, rule)`` that scoring selected (:func:`disagreements`, :func:`weak_subgroup_cases`);
-    a patient selected by several rules is one case, under the first rule."""
+    a patient selected by several rules is one case, under the first rule. ``scored``: the task's
+    scores of the date, where the caller counted them (else counted here)."""
     found = found or rules()
     scores = lake.read(SCORES).where((F.col("task") == task) & (F.col("as_of") == F.lit(as_of)))
     parts = []
     if found.top_band:
         parts.append(scores.where(F.col("risk_band") == "high").withColumn("rule", F.lit(TOP)))
     if "high" in cuts and found.near_cut_share > 0:  # the highest scores below the line, ranked
-        near = math.ceil(found.near_cut_share * scores.count())
+        near = math.ceil(found.near_cut_share * (scored if scored is not None else scores.count()))
         below = (
             scores.where(F.col("score") < cuts["high"]).orderBy(F.desc("score"), "patient_key").limit(near)
         )
@@ -137,23 +139,26 @@ def enqueue(
         .withColumn("_n", F.row_number().over(first))
         .where("_n = 1")
         .drop("_n", "_rule_order")
-    )
-    total = selected.count()
-    chosen = selected.orderBy(F.desc("score"), "patient_key").limit(found.max_cases)
+    ).persist()  # counted, then capped: the union and its window computed once
     now = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    cases = chosen.select(
-        case_id().alias("case_id"), "task", "as_of", "patient_key", "score", "risk_band", "rule",
-        "top_reasons", "model_id", "model_version", F.lit("open").alias("status"),
-        F.lit(now).cast("timestamp").alias("queued_at"),
-    )  # fmt: skip
-    lake.create(QUEUE, QUEUE_SCHEMA, description="cases scoring put before a clinician")
-    new = cases.join(lake.read(QUEUE).select("case_id"), "case_id", "left_anti").persist()
+    new = None
     try:
+        total = selected.count()
+        chosen = selected.orderBy(F.desc("score"), "patient_key").limit(found.max_cases)
+        cases = chosen.select(
+            case_id().alias("case_id"), "task", "as_of", "patient_key", "score", "risk_band", "rule",
+            "top_reasons", "model_id", "model_version", F.lit("open").alias("status"),
+            F.lit(now).cast("timestamp").alias("queued_at"),
+        )  # fmt: skip
+        lake.create(QUEUE, QUEUE_SCHEMA, description="cases scoring put before a clinician")
+        new = cases.join(lake.read(QUEUE).select("case_id"), "case_id", "left_anti").persist()
         added = new.count()
         if added:
             lake.write(new, QUEUE, mode=WriteMode.APPEND, commit_info=commit)
     finally:
-        new.unpersist()
+        selected.unpersist()
+        if new is not None:
+            new.unpersist()
     return added, total
 
 

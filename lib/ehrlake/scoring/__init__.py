@@ -204,7 +204,12 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
             else:
                 # a sequence model reads events, not values with a range
                 refused, checked = 0, f"not checked for {mv.algorithm} models"
-            queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules, extra)
+            counts = (
+                lake.read(TABLE).where(slice_).groupBy("risk_band").count().collect()  # one row per band
+            )
+            bands = {r.risk_band or "none": int(r["count"]) for r in counts}
+            total = sum(bands.values())
+            queued, selected = review.enqueue(lake, task_name, as_of, mv.bands, commit, rules, extra, total)
             audit.append((review.QUEUE, f"{task_name} as of {as_of}: {queued} new cases"))
             if drift_of is None:  # today's population against the training snapshot's bins
 
@@ -224,11 +229,6 @@ def _score(lake, t, mv, as_of, role, started, job, sources, fp, patients) -> Sco
                     + (f"shifted (> {drift.SHIFTED}): {', '.join(shifted)}" if shifted else "none shifted")
                 )
             watermarks.record(lake, [watermarks.Watermark(job, TABLE, sources, fp, run_id)], commit)
-            counts = (
-                lake.read(TABLE).where(slice_).groupBy("risk_band").count().collect()  # one row per band
-            )
-            bands = {r.risk_band or "none": int(r["count"]) for r in counts}
-            total = sum(bands.values())
             audit.append((TABLE, f"{task_name} as of {as_of}: {total} patients scored with {mv.label}"))
     finally:
         scored.unpersist()  # a no-op where it was not persisted
