@@ -159,8 +159,8 @@ def same_rows(new: DataFrame, old: DataFrame, columns: list[str]) -> bool:
     """Whether ``new`` and ``old`` hold the same rows of ``columns`` (as multisets), told from their
     row counts and sums of two row hashes (96 bits: a chance of about 1e-29 that different rows
     pass) in one query with no join: aggregated where the rows lie, where a full comparison
-    shuffles both sides. False also where a column
-    cannot be hashed (a map) or ``old`` lacks one; the caller then compares row by row."""
+    shuffles both sides. False also where a column cannot be hashed (a map) or ``old`` lacks one;
+    the caller then compares row by row."""
     if not set(columns) <= set(old.columns) or any(_has_map(new.schema[n].dataType) for n in columns):
         return False
     # a null flag beside each value: Spark's hashes skip nulls, so (null, x) and (x, null) would collide
