@@ -48,6 +48,7 @@ from ehrlake.lake.stats import parquet_options, stats_json
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 _FILE_COL = "_ehrlake_source_file"
 _GONE = "_ehrlake_deleted"  # a merge's row to delete, not to update
+_UPDATES = "_ehrlake_updates"  # a merge's source row that matched and meets update_when
 MERGE_ATTEMPTS = 8  # a merge that keeps losing the race to other writers gives up after this many
 APPEND_RETRIES = 5  # blind appends and overwrites may be rebased onto newer snapshots
 
@@ -197,18 +198,24 @@ class DeltaRsEngine:
             )
             metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0, "deleted": 0}
             return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
-        source, to_update = source.persist(), None
+        source, looked_up, to_update = source.persist(), None, None
         try:
             source_rows = source.count()
             target, by_abs = self._read_with_file(dt, path)
             t, s = target.alias("t"), source.alias("s")
             on = [F.col(f"t.`{k}`").eqNullSafe(F.col(f"s.`{k}`")) for k in keys]
-            matched = t.join(s, on, "inner")
-            to_update = matched.where(F.expr(update_when)) if update_when else matched
-            to_update = to_update.select(
+            # each source row looked up in the table once: its target's file (null: an insert) and
+            # whether it updates; one join of the whole table where a join for the matches and an
+            # anti-join for the inserts read and shuffled it twice
+            updates = F.coalesce(F.expr(update_when), F.lit(False)) if update_when else F.lit(True)
+            looked_up = s.join(t, on, "left").select(
                 F.col(f"t.{_FILE_COL}").alias(_FILE_COL),
-                F.lit(False).alias(_GONE),
+                updates.alias(_UPDATES),
                 *[F.col(f"s.`{n}`").alias(n) for n in source.columns],
+            )
+            looked_up = looked_up.persist()
+            to_update = looked_up.where(F.col(_FILE_COL).isNotNull() & F.col(_UPDATES)).select(
+                _FILE_COL, F.lit(False).alias(_GONE), *[F.col(f"`{n}`") for n in source.columns]
             )
             if delete is not None:  # rows to delete ride along, marked, with nulls for their values
                 gone = t.join(
@@ -237,7 +244,9 @@ class DeltaRsEngine:
             unknown = [f for f in touched if f not in by_abs]
             if unknown:
                 raise CommitConflict(f"{table}: data files {unknown[:3]} are not in snapshot {dt.version()}")
-            inserts = s.join(t, on, "left_anti").select(*[F.col(f"s.`{n}`") for n in source.columns])
+            inserts = looked_up.where(F.col(_FILE_COL).isNull()).select(
+                *[F.col(f"`{n}`") for n in source.columns]
+            )
             keep = (
                 (
                     target.where(F.col(_FILE_COL).isin(list(touched_raw)))
@@ -273,8 +282,9 @@ class DeltaRsEngine:
             return CommitResult(table, version, "MERGE", len(adds), len(removes), _rows(adds), metrics)
         finally:  # a conflict retries: what this attempt cached goes either way
             source.unpersist()
-            if to_update is not None:
-                to_update.unpersist()
+            for cached in (looked_up, to_update):
+                if cached is not None:
+                    cached.unpersist()
 
     def merge_rows(
         self,
