@@ -198,23 +198,24 @@ class DeltaRsEngine:
             )
             metrics = {"inserted": _rows(adds), "updated": 0, "unchanged": 0, "deleted": 0}
             return CommitResult(table, version, "MERGE", len(adds), 0, _rows(adds), metrics)
-        source, looked_up, to_update = source.persist(), None, None
+        source, found, to_update = source.persist(), None, None
         try:
             source_rows = source.count()
             target, by_abs = self._read_with_file(dt, path)
             t, s = target.alias("t"), source.alias("s")
             on = [F.col(f"t.`{k}`").eqNullSafe(F.col(f"s.`{k}`")) for k in keys]
-            # each source row looked up in the table once: its target's file (null: an insert) and
-            # whether it updates; one join of the whole table where a join for the matches and an
-            # anti-join for the inserts read and shuffled it twice
+            # the table is joined once, for the source rows it holds (their file, whether they
+            # update): an inner join, so a small source can be broadcast and the table is read
+            # without a shuffle. The inserts are the source rows not among those found, a join of
+            # two small sides; an anti-join of the source with the whole table read it again.
             updates = F.coalesce(F.expr(update_when), F.lit(False)) if update_when else F.lit(True)
-            looked_up = s.join(t, on, "left").select(
+            found = t.join(s, on, "inner").select(
                 F.col(f"t.{_FILE_COL}").alias(_FILE_COL),
                 updates.alias(_UPDATES),
                 *[F.col(f"s.`{n}`").alias(n) for n in source.columns],
             )
-            looked_up = looked_up.persist()
-            to_update = looked_up.where(F.col(_FILE_COL).isNotNull() & F.col(_UPDATES)).select(
+            found = found.persist()
+            to_update = found.where(F.col(_UPDATES)).select(
                 _FILE_COL, F.lit(False).alias(_GONE), *[F.col(f"`{n}`") for n in source.columns]
             )
             if delete is not None:  # rows to delete ride along, marked, with nulls for their values
@@ -244,9 +245,10 @@ class DeltaRsEngine:
             unknown = [f for f in touched if f not in by_abs]
             if unknown:
                 raise CommitConflict(f"{table}: data files {unknown[:3]} are not in snapshot {dt.version()}")
-            inserts = looked_up.where(F.col(_FILE_COL).isNull()).select(
-                *[F.col(f"`{n}`") for n in source.columns]
-            )
+            held = found.select(*[F.col(f"`{k}`") for k in keys]).alias("h")
+            inserts = s.join(
+                held, [F.col(f"s.`{k}`").eqNullSafe(F.col(f"h.`{k}`")) for k in keys], "left_anti"
+            ).select(*[F.col(f"s.`{n}`") for n in source.columns])
             keep = (
                 (
                     target.where(F.col(_FILE_COL).isin(list(touched_raw)))
@@ -282,7 +284,7 @@ class DeltaRsEngine:
             return CommitResult(table, version, "MERGE", len(adds), len(removes), _rows(adds), metrics)
         finally:  # a conflict retries: what this attempt cached goes either way
             source.unpersist()
-            for cached in (looked_up, to_update):
+            for cached in (found, to_update):
                 if cached is not None:
                     cached.unpersist()
 
