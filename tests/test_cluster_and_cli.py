@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from conftest import REPO, shared
 from deltalake import DeltaTable
 
+from ehrlake.ports import free_port
 from ehrlake.security.crypto import decrypt_batch, key_id_of
 
 PYTHON = sys.executable
@@ -337,20 +337,14 @@ def test_ingest_killed_mid_run_then_rerun_equals_uninterrupted_run(cli_ingested,
     assert named and named <= set(status) and sorted(status.values()) == ["finished", "running"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.heavy
 def test_spark_submit_ingest_on_a_standalone_cluster_with_two_workers(tmp_path):
     cluster = {
         "EHRLAKE_CLUSTER_DIR": str(tmp_path / "cluster"),
         "PYTHON": PYTHON,
-        "SPARK_MASTER_PORT": str(_free_port()),
-        "SPARK_MASTER_WEBUI_PORT": str(_free_port()),
+        "SPARK_MASTER_PORT": str(free_port()),
+        "SPARK_MASTER_WEBUI_PORT": str(free_port()),
         "SPARK_WORKER_MEMORY": "1g",
     }
     start = subprocess.run(

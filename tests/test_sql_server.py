@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pyspark.sql import functions as F
 
 from ehrlake import ingest
 from ehrlake.ingest import SourceKind
+from ehrlake.ports import free_port
 from ehrlake.security.audit import TABLE as AUDIT
 
 CLIENT = r"""
@@ -35,12 +35,6 @@ for name, code in attempts.items():
         out[name] = {"error": str(exc).strip().splitlines()[0][:400]}
 print("RESULT " + json.dumps(out, default=str))
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _beeline(url: str, password: str, statements: list[str]) -> subprocess.CompletedProcess:
@@ -82,7 +76,7 @@ def served(lake, tmp_path):
     lake.write(conditions.groupBy("code").agg(F.count("*").alias("n")), "gold.condition_counts")
     # source_file is among the columns the policy hides from analysts
     lake.write(conditions.select("patient_key", "code", "source_file"), "silver.condition_rows")
-    port, jdbc_port, token_file = _free_port(), _free_port(), tmp_path / "server.token"
+    port, jdbc_port, token_file = free_port(), free_port(), tmp_path / "server.token"
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "ehrlake"), "serve", "sql", "--role", "analyst", "--lake", lake.root,
          "--port", str(port), "--jdbc-port", str(jdbc_port), "--token-file", str(token_file), "--for", "600"],

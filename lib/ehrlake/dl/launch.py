@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ehrlake.dl.runtime import LAUNCHERS, has_horovod
 from ehrlake.errors import EhrlakeError
+from ehrlake.ports import free_port
 
 
 @dataclass
@@ -121,9 +122,7 @@ def _barrier_main(fn, payload):
     from pyspark import BarrierTaskContext
 
     ctx = BarrierTaskContext.get()
-    with socket.socket() as s:  # a free port for this worker's gRPC server
-        s.bind(("", 0))
-        port = s.getsockname()[1]
+    port = free_port(host="")  # this worker's gRPC server, on every address its peers may use
     host = socket.gethostbyname(socket.gethostname())
     addresses = ctx.allGather(f"{host}:{port}")
     rank = ctx.partitionId()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -20,39 +19,11 @@ import time
 from pathlib import Path
 
 from ehrlake.errors import EhrlakeError
+from ehrlake.ports import free_port
 
 APP = Path(__file__).parent / "app"
 FEDERATION = "ehrlake"
 START_TIMEOUT_S = 60
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    """The ports the kernel hands out itself (to bind(0) and to every outgoing connection)."""
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 49152, 65535  # IANA's dynamic range: macOS and Windows use it
-
-
-def _free_port(taken: set[int]) -> int:
-    """A port free on 127.0.0.1, not in ``taken`` (added to it), below the kernel's ephemeral range:
-    a port the kernel chose could be handed to another socket, such as a SuperNode's own connection
-    to the SuperLink, before its server bound it (seen once in CI: a SuperNode's HTTP API failed to
-    start and the run waited for a site that never came)."""
-    low = _ephemeral_range()[0]
-    for _ in range(100):
-        port = random.randint(10000, low - 1) if low > 10001 else 0
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            port = s.getsockname()[1]
-        if port not in taken:
-            taken.add(port)
-            return port
-    raise EhrlakeError("no free port on 127.0.0.1 for the federated run")
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
@@ -84,7 +55,7 @@ def run(folder: Path, sites: dict[str, Path], timeout_s: int) -> None:
     (folder / "flwr").mkdir(parents=True, exist_ok=True)
     (folder / "server").mkdir(exist_ok=True)
     ports: set[int] = set()
-    port = _free_port(ports)
+    port = free_port(taken=ports)
     (folder / "flwr" / "config.toml").write_text(
         f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -107,7 +78,7 @@ def run(folder: Path, sites: dict[str, Path], timeout_s: int) -> None:
         _wait_for_port(port, link, folder / "superlink.log")
         for site, data in sites.items():
             start(f"site-{site}", [str(bin_dir / "flower-supernode"), "--insecure",
-                                   "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port(ports)),
+                                   "--superlink", f"127.0.0.1:{port}", "--port", str(free_port(taken=ports)),
                                    "--node-config", f"site='{site}' data='{data}'"])  # fmt: skip
         log = folder / "flwr-run.log"
         logs.append(log)
