@@ -18,7 +18,17 @@ ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "reviewer", "audit
 # it saves (two modules: 355 s with it, 281 s without, 2 cores). The suite runs Spark's interpreted
 # expressions, in process and in every CLI or spark-submit it starts ($EHRLAKE_CONF below); the demo
 # and the benches run generated code, as production does.
-TEST_SPARK_CONF = {"spark.sql.codegen.wholeStage": "false", "spark.sql.codegen.factoryMode": "NO_CODEGEN"}
+# Spark sizes the pages of its sorts and hash aggregations from the heap (16 MB on a 2 GB driver
+# with two cores), and every task of every operator takes at least one: the suite's many small
+# queries, several at a time (side_by_side), held up to 1.1 GB of pages for rows of kilobytes, and
+# a broadcast of a few rows, which is built outside that memory, once failed for want of heap (CI,
+# late in tests/test_eda.py). With 1 MB pages, tests/test_scoring.py and test_eda.py peak at
+# 1.15 GB instead of 1.85 GB, with no full collection instead of eight.
+TEST_SPARK_CONF = {
+    "spark.sql.codegen.wholeStage": "false",
+    "spark.sql.codegen.factoryMode": "NO_CODEGEN",
+    "spark.buffer.pageSize": "1m",
+}
 
 
 # the files whose module fixtures build and train on a whole lake, longest first (minutes each in
