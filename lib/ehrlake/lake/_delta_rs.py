@@ -234,7 +234,9 @@ class DeltaRsEngine:
                         ],
                     )
                 )
-            to_update = to_update.persist()
+                # the deletions' join read once for the count below and the rewrite; without
+                # them, to_update is a filter of the cached found and is not cached again
+                to_update = to_update.persist()
             # One row per touched data file: bounded by the file count, never by rows.
             per_file = to_update.groupBy(_FILE_COL).agg(
                 F.sum((~F.col(_GONE)).cast("int")).alias("updated"),
