@@ -23,7 +23,7 @@ ALL_ROLES = ("engineer", "analyst", "scheduler", "clinician", "reviewer", "audit
 # queries, several at a time (side_by_side), held up to 1.1 GB of pages for rows of kilobytes, and
 # a broadcast of a few rows, which is built outside that memory, once failed for want of heap (CI,
 # late in tests/test_eda.py). With 1 MB pages, tests/test_scoring.py and test_eda.py peak at
-# 1.15 GB instead of 1.85 GB, with no full collection instead of eight.
+# 1.15 GB instead of 1.82 GB, with no full collection instead of nine.
 TEST_SPARK_CONF = {
     "spark.sql.codegen.wholeStage": "false",
     "spark.sql.codegen.factoryMode": "NO_CODEGEN",
